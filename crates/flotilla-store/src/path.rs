@@ -163,7 +163,8 @@ mod tests {
 
     #[test]
     fn prefix_splits_sub_path() {
-        let (p, rest) = StorePath::parse_prefix(&format!("{P}/bin/sh")).unwrap();
+        let sub = format!("{P}/bin/sh");
+        let (p, rest) = StorePath::parse_prefix(&sub).unwrap();
         assert_eq!(p.to_string(), P);
         assert_eq!(rest, "/bin/sh");
         assert!(StorePath::parse(&format!("{P}/bin/sh")).is_err());
