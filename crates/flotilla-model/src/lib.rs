@@ -1,1 +1,22 @@
-//! placeholder
+//! The vocabulary of a deployment: names, `--on` selections, the machine option schema and its
+//! checker, and the typed machine config shared by the deployer and the agent.
+//!
+//! Pure: no I/O, no processes. Everything here is checked once where it enters and then
+//! carried in a type.
+
+mod config;
+mod names;
+mod schema;
+mod select;
+
+pub use config::{
+    etc_relative, start_order, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
+    MachineConfig, Platform, PortForward, QemuPlatform, RestartPolicy, ServiceSpec, SshPlatform,
+    SystemConfig, SystemOptions, UploadAt, UserSpec, BUILTIN_GROUPS, BUILTIN_USERS,
+};
+pub use names::{DeploymentName, MachineName, NameError};
+pub use schema::{
+    check_against_schema, describe_value, did_you_mean, ConfigError, OptionDecl, OptionPath,
+    OptionType, Schema,
+};
+pub use select::{Selection, SelectionError};

@@ -1,0 +1,546 @@
+//! A machine's checked configuration as typed values, and the checks that need more than one
+//! option at a time (references between services, users, keys; paths under /etc).
+//!
+//! The same types describe the system manifest that `flotilla-agent build-system` turns into
+//! a toplevel, so the deployer and the agent cannot disagree on what a field means.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{did_you_mean, ConfigError, OptionPath};
+
+/// Users that exist on every machine without being declared.
+pub const BUILTIN_USERS: &[&str] = &["root", "nobody"];
+/// Groups that exist on every machine without being declared.
+pub const BUILTIN_GROUPS: &[&str] = &["root", "nogroup", "nobody"];
+
+/// Where a machine runs; the tag is `type`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Platform {
+    /// A namespace container on this host.
+    Local(LocalPlatform),
+    /// An existing host reached with OpenSSH.
+    Ssh(SshPlatform),
+    /// A local QEMU virtual machine.
+    Qemu(QemuPlatform),
+}
+
+impl Platform {
+    /// The platform's name as written in `platform.type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Platform::Local(_) => "local",
+            Platform::Ssh(_) => "ssh",
+            Platform::Qemu(_) => "qemu",
+        }
+    }
+}
+
+/// Options of the `local` platform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalPlatform {
+    /// Fixed IPv4 address, or `None` to allocate one.
+    pub address: Option<String>,
+    /// The deployment's bridge subnet (CIDR).
+    pub subnet: String,
+    /// Host loopback port → machine port forwards.
+    pub forward_ports: Vec<PortForward>,
+}
+
+/// One forwarded port.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortForward {
+    /// Port on the host's loopback.
+    pub host: u16,
+    /// Port on the machine.
+    pub guest: u16,
+}
+
+/// Options of the `ssh` platform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SshPlatform {
+    /// Host to connect to.
+    pub host: String,
+    /// Port, if not ssh's default.
+    pub port: Option<u16>,
+    /// Login user.
+    pub user: Option<String>,
+    /// Private key file on the deployer.
+    pub identity_file: Option<String>,
+    /// Extra ssh arguments.
+    pub ssh_options: Vec<String>,
+}
+
+/// Options of the `qemu` platform.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct QemuPlatform {
+    /// Memory in MiB.
+    pub memory: u32,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Disk size in MiB.
+    pub disk_size: u32,
+}
+
+/// A machine's whole checked config, as the deployer sees it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Where it runs.
+    pub platform: Platform,
+    /// Tags for `--on @tag`.
+    pub tags: Vec<String>,
+    /// The system itself.
+    #[serde(flatten)]
+    pub system: SystemOptions,
+    /// Secrets, with their material (never part of the toplevel).
+    pub keys: BTreeMap<String, KeySpec>,
+}
+
+/// The options that make up the system (everything but platform, tags and key material).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SystemOptions {
+    /// Store paths whose `bin/` goes on the PATH.
+    pub packages: Vec<String>,
+    /// The shell for `/bin/sh`.
+    pub binsh: Option<String>,
+    /// Files under /etc, by absolute path.
+    pub files: BTreeMap<String, FileSpec>,
+    /// Users to create.
+    pub users: BTreeMap<String, UserSpec>,
+    /// Groups to create.
+    pub groups: BTreeMap<String, GroupSpec>,
+    /// Supervised services.
+    pub services: BTreeMap<String, ServiceSpec>,
+}
+
+/// A file under /etc.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FileSpec {
+    /// Literal content.
+    pub text: Option<String>,
+    /// A store path to use as content.
+    pub source: Option<String>,
+    /// Octal mode; `None` links the entry into the current system instead of copying.
+    pub mode: Option<String>,
+    /// Owner of a copied file.
+    pub user: String,
+    /// Group of a copied file.
+    pub group: String,
+}
+
+/// A user account.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UserSpec {
+    /// Fixed uid, or `None` to allocate.
+    pub uid: Option<u32>,
+    /// Primary group; `None` means a group of the user's name.
+    pub group: Option<String>,
+    /// Supplementary groups.
+    pub extra_groups: Vec<String>,
+    /// Home directory.
+    pub home: String,
+    /// Login shell.
+    pub shell: String,
+    /// GECOS.
+    pub description: String,
+}
+
+/// A group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    /// Fixed gid, or `None` to allocate.
+    pub gid: Option<u32>,
+}
+
+/// When a service is restarted after it exits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Whatever the exit status.
+    Always,
+    /// Only after a non-zero exit or a signal.
+    OnFailure,
+    /// Never.
+    Never,
+}
+
+/// A supervised service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// Program and arguments. In a system manifest this is always set (scripts are resolved).
+    pub command: Option<Vec<String>>,
+    /// A shell script (only in the deployer's view; the manifest has `command`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub script: Option<String>,
+    /// Environment variables.
+    pub environment: BTreeMap<String, String>,
+    /// User to run as.
+    pub user: String,
+    /// Group to run as; `None` is the user's primary group.
+    pub group: Option<String>,
+    /// Working directory.
+    pub working_directory: Option<String>,
+    /// Restart policy.
+    pub restart: RestartPolicy,
+    /// Services started before this one.
+    pub after: Vec<String>,
+    /// Keys that must be present before it starts.
+    pub keys: Vec<String>,
+    /// How to tell it works.
+    pub health_check: Option<HealthCheck>,
+}
+
+/// A service health check: exactly one of `http`, `tcp`, `command`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HealthCheck {
+    /// URL that must answer 2xx.
+    pub http: Option<String>,
+    /// Port that must accept.
+    pub tcp: Option<u16>,
+    /// Command that must exit 0.
+    pub command: Option<Vec<String>>,
+    /// Seconds per probe.
+    pub timeout: u32,
+    /// Seconds between probes.
+    pub interval: u32,
+    /// Failed probes allowed.
+    pub retries: u32,
+}
+
+/// When a key is uploaded relative to activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UploadAt {
+    /// Before the new generation is activated.
+    PreActivation,
+    /// After it.
+    PostActivation,
+}
+
+/// A secret: where it comes from on the deployer, and how it lands on the machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct KeySpec {
+    /// The secret itself (deployer side only).
+    #[serde(default)]
+    pub text: Option<String>,
+    /// A file on the deployer holding it.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// A command on the deployer printing it.
+    #[serde(default)]
+    pub command: Option<Vec<String>>,
+    /// Owner.
+    pub user: String,
+    /// Group.
+    pub group: String,
+    /// Octal mode.
+    pub mode: String,
+    /// Directory it is written to.
+    pub dest_dir: String,
+    /// When it is uploaded.
+    pub upload_at: UploadAt,
+}
+
+impl KeySpec {
+    /// The same key without its secret material, as it may appear in output and manifests.
+    pub fn redacted(&self) -> KeySpec {
+        KeySpec {
+            text: self.text.as_ref().map(|_| "<redacted>".to_owned()),
+            ..self.clone()
+        }
+    }
+}
+
+/// What the toplevel derivation is built from: a machine's system, keys without material,
+/// scripts already written to the store. `flotilla-agent build-system` reads this.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SystemConfig {
+    /// The machine's name (its hostname).
+    pub name: String,
+    /// Everything else.
+    #[serde(flatten)]
+    pub system: SystemOptions,
+    /// Key metadata (no material).
+    pub keys: BTreeMap<String, KeySpec>,
+}
+
+fn valid_account_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 32
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_' || *c == b'-')
+}
+
+fn valid_unit_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter().all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(c))
+}
+
+impl MachineConfig {
+    /// The checks between options. Call after the schema check passed.
+    pub fn check(&self, machine: &str) -> Vec<ConfigError> {
+        let mut errors = Vec::new();
+        let mut err = |option: OptionPath, problem: String| {
+            errors.push(ConfigError { machine: machine.to_owned(), option, problem })
+        };
+        let sys = &self.system;
+
+        let users: BTreeSet<&str> =
+            sys.users.keys().map(String::as_str).chain(BUILTIN_USERS.iter().copied()).collect();
+        let mut groups: BTreeSet<&str> =
+            sys.groups.keys().map(String::as_str).chain(BUILTIN_GROUPS.iter().copied()).collect();
+        // A user without a declared primary group gets a group of its own name.
+        groups.extend(sys.users.iter().filter(|(_, u)| u.group.is_none()).map(|(n, _)| n.as_str()));
+
+        let check_user = |err: &mut dyn FnMut(OptionPath, String), at: OptionPath, user: &str| {
+            if !users.contains(user) {
+                let hint = did_you_mean(user, users.iter().copied())
+                    .map(|u| format!("did you mean \"{u}\", or "))
+                    .unwrap_or_default();
+                err(at, format!("names user \"{user}\", which this machine does not have; {hint}declare it in `users.{user}`"));
+            }
+        };
+        let check_group = |err: &mut dyn FnMut(OptionPath, String), at: OptionPath, group: &str| {
+            if !groups.contains(group) {
+                err(at, format!("names group \"{group}\", which this machine does not have; declare it in `groups.{group}`"));
+            }
+        };
+
+        for (name, u) in &sys.users {
+            let at = OptionPath::root("users").child(name);
+            if !valid_account_name(name) {
+                err(at.clone(), "is not a valid user name: use lower-case letters, digits, `_` and `-`, starting with a letter or `_`, at most 32".into());
+            }
+            if let Some(g) = &u.group {
+                check_group(&mut err, at.child("group"), g);
+            }
+            for g in &u.extra_groups {
+                check_group(&mut err, at.child("extraGroups"), g);
+            }
+        }
+        for name in sys.groups.keys() {
+            if !valid_account_name(name) {
+                err(OptionPath::root("groups").child(name), "is not a valid group name: use lower-case letters, digits, `_` and `-`, starting with a letter or `_`".into());
+            }
+        }
+
+        if let Some(sh) = &sys.binsh {
+            if flotilla_store::StorePath::parse_prefix(sh).is_err() {
+                err(OptionPath::root("binsh"), format!("is \"{sh}\", which is not in the Nix store; use a package's shell, e.g. \"${{pkgs.busybox}}/bin/sh\""));
+            }
+        }
+
+        for (path, f) in &sys.files {
+            let at = OptionPath::root("files").child(path);
+            match etc_relative(path) {
+                Some(_) => {}
+                None => err(at.clone(), format!("is outside /etc: flotilla manages files under /etc only; write it as `files.\"/etc/{}\"`", path.trim_start_matches('/'))),
+            }
+            match (&f.text, &f.source) {
+                (Some(_), Some(_)) => err(at.clone(), "sets both `text` and `source`; keep one".into()),
+                (None, None) => err(at.clone(), "sets neither `text` nor `source`; give the file its content with one of them".into()),
+                _ => {}
+            }
+            if f.mode.is_some() {
+                check_user(&mut err, at.child("user"), &f.user);
+                check_group(&mut err, at.child("group"), &f.group);
+            }
+        }
+
+        let mut lower: BTreeMap<String, &str> = BTreeMap::new();
+        for (name, s) in &sys.services {
+            let at = OptionPath::root("services").child(name);
+            if !valid_unit_name(name) {
+                err(at.clone(), "is not a valid service name: use letters, digits and `-_.@`, starting with a letter or digit".into());
+            }
+            if let Some(other) = lower.insert(name.to_lowercase(), name) {
+                err(at.clone(), format!("and `services.{other}` are two services on one name (names are compared ignoring case); rename one"));
+            }
+            match (&s.command, &s.script) {
+                (Some(_), Some(_)) => err(at.clone(), "sets both `command` and `script`; keep one".into()),
+                (None, None) => err(at.clone(), "sets neither `command` nor `script`; say what to run".into()),
+                (Some(cmd), None) if cmd.first().is_none_or(|p| !p.starts_with('/')) => {
+                    err(at.child("command"), "must start with an absolute path to the program, e.g. [ \"${pkgs.busybox}/bin/httpd\" \"-f\" ]".into())
+                }
+                _ => {}
+            }
+            check_user(&mut err, at.child("user"), &s.user);
+            if let Some(g) = &s.group {
+                check_group(&mut err, at.child("group"), g);
+            }
+            for dep in &s.after {
+                if dep == name {
+                    err(at.child("after"), "names the service itself".into());
+                } else if !sys.services.contains_key(dep) {
+                    let hint = did_you_mean(dep, sys.services.keys().map(String::as_str))
+                        .map(|d| format!("; did you mean \"{d}\"?"))
+                        .unwrap_or_else(|| format!("; services of this machine: {}", sys.services.keys().cloned().collect::<Vec<_>>().join(", ")));
+                    err(at.child("after"), format!("names service \"{dep}\", which this machine does not have{hint}"));
+                }
+            }
+            for key in &s.keys {
+                if !self.keys.contains_key(key) {
+                    err(at.child("keys"), format!("names key \"{key}\", which this machine does not declare; add `keys.{key}`"));
+                }
+            }
+            if let Some(hc) = &s.health_check {
+                let n = [hc.http.is_some(), hc.tcp.is_some(), hc.command.is_some()].iter().filter(|b| **b).count();
+                if n != 1 {
+                    err(at.child("healthCheck"), "must set exactly one of `http`, `tcp`, `command`".into());
+                }
+                if let Some(url) = &hc.http {
+                    if !url.starts_with("http://") {
+                        err(at.child("healthCheck").child("http"), format!("is \"{url}\"; the agent probes plain http:// URLs"));
+                    }
+                }
+            }
+        }
+        if let Some(cycle) = after_cycle(&sys.services) {
+            err(OptionPath::root("services"), format!("have an `after` cycle: {}; break it", cycle.join(" → ")));
+        }
+
+        for (name, k) in &self.keys {
+            let at = OptionPath::root("keys").child(name);
+            if !valid_unit_name(name) {
+                err(at.clone(), "is not a valid key name: it becomes a file name; use letters, digits and `-_.@`".into());
+            }
+            let n = [k.text.is_some(), k.file.is_some(), k.command.is_some()].iter().filter(|b| **b).count();
+            if n != 1 {
+                err(at.clone(), "must set exactly one of `text`, `file`, `command`".into());
+            }
+            check_user(&mut err, at.child("user"), &k.user);
+            check_group(&mut err, at.child("group"), &k.group);
+        }
+        errors
+    }
+}
+
+/// The part of `path` below `/etc/`, if it names a file there (no `.`/`..` components).
+pub fn etc_relative(path: &str) -> Option<&str> {
+    let rel = path.strip_prefix("/etc/")?;
+    let ok = !rel.is_empty() && rel.split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    ok.then_some(rel)
+}
+
+/// One cycle in the services' `after` graph, if there is one.
+fn after_cycle(services: &BTreeMap<String, ServiceSpec>) -> Option<Vec<String>> {
+    fn visit<'a>(
+        n: &'a str,
+        services: &'a BTreeMap<String, ServiceSpec>,
+        state: &mut BTreeMap<&'a str, u8>,
+        stack: &mut Vec<&'a str>,
+    ) -> Option<Vec<String>> {
+        match state.get(n) {
+            Some(2) => return None,
+            Some(1) => {
+                let start = stack.iter().position(|s| *s == n).unwrap_or(0);
+                let mut cycle: Vec<String> = stack[start..].iter().map(|s| s.to_string()).collect();
+                cycle.push(n.to_owned());
+                return Some(cycle);
+            }
+            _ => {}
+        }
+        state.insert(n, 1);
+        stack.push(n);
+        for dep in services.get(n).map(|s| s.after.as_slice()).unwrap_or_default() {
+            if dep != n && services.contains_key(dep.as_str()) {
+                if let Some(c) = visit(dep, services, state, stack) {
+                    return Some(c);
+                }
+            }
+        }
+        stack.pop();
+        state.insert(n, 2);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for n in services.keys() {
+        if let Some(c) = visit(n, services, &mut state, &mut Vec::new()) {
+            return Some(c);
+        }
+    }
+    None
+}
+
+/// Services in an order that honours `after` (dependencies first), ties by name.
+pub fn start_order(services: &BTreeMap<String, ServiceSpec>) -> Vec<String> {
+    let mut done: BTreeSet<&str> = BTreeSet::new();
+    let mut out = Vec::new();
+    while out.len() < services.len() {
+        let before = out.len();
+        for (name, s) in services {
+            if !done.contains(name.as_str())
+                && s.after.iter().all(|d| done.contains(d.as_str()) || !services.contains_key(d))
+            {
+                done.insert(name);
+                out.push(name.clone());
+            }
+        }
+        if out.len() == before {
+            // A cycle (refused at check time); append the rest rather than loop forever.
+            out.extend(services.keys().filter(|n| !done.contains(n.as_str())).cloned());
+            break;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn svc(after: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            command: Some(vec!["/nix/store/x/bin/a".into()]),
+            script: None,
+            environment: BTreeMap::new(),
+            user: "root".into(),
+            group: None,
+            working_directory: None,
+            restart: RestartPolicy::OnFailure,
+            after: after.iter().map(|s| s.to_string()).collect(),
+            keys: vec![],
+            health_check: None,
+        }
+    }
+
+    #[test]
+    fn order_honours_after() {
+        let mut s = BTreeMap::new();
+        s.insert("web".to_string(), svc(&["db"]));
+        s.insert("db".to_string(), svc(&[]));
+        s.insert("api".to_string(), svc(&["web", "db"]));
+        assert_eq!(start_order(&s), ["db", "web", "api"]);
+        assert!(after_cycle(&s).is_none());
+        s.insert("db".to_string(), svc(&["api"]));
+        assert_eq!(after_cycle(&s).unwrap(), ["api", "web", "db", "api"]);
+    }
+
+    #[test]
+    fn etc_paths() {
+        assert_eq!(etc_relative("/etc/motd"), Some("motd"));
+        assert_eq!(etc_relative("/etc/a/b"), Some("a/b"));
+        for bad in ["/etc", "/etc/", "/var/x", "/etc/../x", "/etc/a//b", "etc/x"] {
+            assert_eq!(etc_relative(bad), None, "{bad}");
+        }
+    }
+}

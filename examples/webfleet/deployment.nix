@@ -1,0 +1,69 @@
+# Three machines on the local platform: two web servers serving a page built by Nix, and a
+# monitor that polls web1 at the address web1 got when it was provisioned (`nodes.web1.ip`).
+#
+#   flotilla deploy -f examples/webfleet/deployment.nix
+#
+# Written against nixpkgs' names; the README runs it with `-I nixpkgs=nix/demo-pkgs.nix`.
+{
+  meta = {
+    name = "webfleet";
+    description = "two busybox web servers and a monitor";
+  };
+
+  # Every machine starts from these; a machine's own settings are merged over them.
+  defaults = { pkgs, ... }: {
+    packages = [ pkgs.busybox ];
+    binsh = "${pkgs.busybox}/bin/sh";
+    files."/etc/motd".text = "Managed by flotilla. Changes here are lost at the next deploy.\n";
+  };
+
+  machines =
+    let
+      webServer = { name, pkgs, ... }:
+        let
+          site = pkgs.writeTextDir "index.html" ''
+            <!doctype html>
+            <title>${name}</title>
+            <h1>Hello from ${name}</h1>
+          '';
+        in
+        {
+          tags = [ "web" ];
+          users.www = { home = "/var/empty"; };
+          services.httpd = {
+            command = [ "${pkgs.busybox}/bin/httpd" "-f" "-p" "80" "-h" "${site}" ];
+            user = "www";
+            healthCheck = { http = "http://127.0.0.1:80/"; timeout = 3; };
+          };
+        };
+    in
+    {
+      web1 = webServer;
+      web2 = webServer;
+
+      monitor = { nodes, pkgs, ... }: {
+        tags = [ "ops" ];
+        files."/etc/monitor/targets".text = ''
+          http://${nodes.web1.ip}/
+          http://${nodes.web2.ip}/
+        '';
+        keys.alert-token = {
+          text = "example-token-not-a-real-secret";
+          destDir = "/run/keys";
+        };
+        services.poll = {
+          script = ''
+            while true; do
+              for url in $(cat /etc/monitor/targets); do
+                if wget -q -O /dev/null "$url"; then echo "up   $url"; else echo "DOWN $url"; fi
+              done
+              sleep 10
+            done
+          '';
+          environment.PATH = "${pkgs.busybox}/bin";
+          keys = [ "alert-token" ];
+          restart = "always";
+        };
+      };
+    };
+}

@@ -1,0 +1,140 @@
+# flotilla's entry point into Nix: evaluates a deployment file into machine configs and
+# toplevel derivations. flotilla calls it with nix-instantiate; nothing else should.
+#
+#   deployment  absolute path of the user's deployment file
+#   factsJson   JSON { <machine> = { ip = ...; ... }; } of deploy-time facts (may be "{}")
+#   agent       absolute path of the static flotilla-agent binary (only for `toplevels`)
+#   only        comma-separated machine names whose toplevels are wanted ("" = all)
+#
+# Checking happens in flotilla (Rust) against `options`, between evaluating `configs` and
+# instantiating `toplevels`; this file only applies defaults, resolves what only Nix can
+# resolve, and refuses the few mistakes only Nix can see (a secret with store context).
+{ deployment
+, factsJson ? "{}"
+, agent ? null
+, only ? ""
+}:
+let
+  inherit (builtins)
+    attrNames concatStringsSep filter hasContext isAttrs isFunction isList isPath
+    listToAttrs mapAttrs removeAttrs split typeOf;
+
+  options = import ./options.nix;
+  facts = builtins.fromJSON factsJson;
+
+  isDerivation = v: isAttrs v && (v.type or null) == "derivation";
+
+  # Later definitions win; attribute sets merge recursively; lists concatenate.
+  merge = a: b:
+    if isAttrs a && isAttrs b && !(isDerivation a) && !(isDerivation b) then
+      a // mapAttrs (n: v: if a ? ${n} then merge a.${n} v else v) b
+    else if isList a && isList b then a ++ b
+    else b;
+
+  call = m: args: if isFunction m then m args else m;
+
+  # The deployment file: an attribute set, or a function of { pkgs, ... } returning one.
+  file = import (/. + deployment);
+  raw = call file { inherit pkgs; lib = flotillaLib; };
+  meta = raw.meta or { };
+  defaults = raw.defaults or { };
+  machineDefs = raw.machines or { };
+
+  pkgs =
+    let src = meta.nixpkgs or <nixpkgs>;
+    in if isAttrs src then src else call (import src) { };
+
+  # Small helpers machine configs may use, so examples need no nixpkgs lib.
+  flotillaLib = { inherit merge; };
+
+  nodeFacts = name: (facts.${name} or { }) // { inherit name; };
+  nodes = mapAttrs (name: _: nodeFacts name) machineDefs;
+
+  # Applies option defaults along the schema, keeping anything unknown for the checker.
+  withDefaults = type: v:
+    if type.kind == "submodule" && isAttrs v && !(isDerivation v) then
+      v // mapAttrs (n: o: withDefaults o.type (v.${n} or o.default))
+        (removeAttrs type.options (filter (n: (type.options.${n}.required or false) && !(v ? ${n}))
+          (attrNames type.options)))
+    else if type.kind == "tagged" && isAttrs v then
+      let tag = v.${type.tag} or type.defaultTag; in
+      if type.variants ? ${tag} then withDefaults { kind = "submodule"; options = type.variants.${tag}; } v else v
+    else if type.kind == "attrsOf" && isAttrs v && !(isDerivation v) then mapAttrs (_: withDefaults type.elem) v
+    else if type.kind == "listOf" && isList v then map (withDefaults type.elem) v
+    else if type.kind == "nullOr" && v != null then withDefaults type.elem v
+    else v;
+
+  machineOptions = { kind = "submodule"; inherit options; };
+
+  # A key's secret must never reach the store: a path literal is read as a plain path string,
+  # and text carrying store context (it interpolated a path or package) is refused.
+  sanitiseKey = machine: keyName: key:
+    if !(isAttrs key) then key
+    else if key ? text && builtins.isString key.text && hasContext key.text then
+      throw "machine ${machine}: keys.${keyName}.text refers to the Nix store (it interpolates a path or package), so the secret would be copied into the store; read it at deploy time instead with keys.${keyName}.file = \"/path/on/deployer\" or keys.${keyName}.command"
+    else if key ? file && isPath key.file then key // { file = toString key.file; }
+    else key;
+
+  configOf = name:
+    let
+      args = { inherit name nodes pkgs; lib = flotillaLib; };
+      merged = merge (call defaults args) (call machineDefs.${name} args);
+      cfg = withDefaults machineOptions merged;
+    in
+    if isAttrs merged && isAttrs (merged.keys or null)
+    then cfg // { keys = mapAttrs (sanitiseKey name) cfg.keys; }
+    else cfg;
+
+  configs = mapAttrs (name: _: configOf name) machineDefs;
+
+  # What the toplevel is built from: no platform or tags (they are the deployer's concern and
+  # must not change the system), no secret material, services' scripts written to the store.
+  systemConfig = name: cfg:
+    removeAttrs cfg [ "platform" "tags" ] // {
+      inherit name;
+      keys = mapAttrs (_: k: removeAttrs k [ "text" "file" "command" ]) cfg.keys;
+      services = mapAttrs
+        (svc: s:
+          if s.script != null
+          then removeAttrs s [ "script" ] // { command = [ "${pkgs.writeShellScript "${name}-${svc}" s.script}" ]; }
+          else removeAttrs s [ "script" ])
+        cfg.services;
+    };
+
+  agentPath =
+    if agent == null then throw "flotilla: internal error: the agent binary was not passed to eval.nix"
+    else builtins.path { path = /. + agent; name = "flotilla-agent"; };
+
+  toplevel = name: derivation {
+    name = "flotilla-system-${name}";
+    system = builtins.currentSystem;
+    builder = agentPath;
+    args = [ "build-system" ];
+    agent = agentPath;
+    manifest = builtins.toJSON (systemConfig name configs.${name});
+    passAsFile = [ "manifest" ];
+  };
+
+  selected =
+    if only == "" then attrNames machineDefs
+    else filter (s: builtins.isString s && s != "") (split "," only);
+in
+{
+  # Phase 1: what provisioning needs; it must not depend on facts.
+  phase1 = {
+    name = meta.name or null;
+    description = meta.description or "";
+    machines = mapAttrs
+      (_: cfg: if isAttrs cfg then { platform = cfg.platform or { }; tags = cfg.tags or [ ]; } else { })
+      configs;
+    inherit options;
+  };
+
+  # Phase 2: every machine's config with defaults, evaluated with facts.
+  inherit configs;
+
+  # Phase 3: the selected machines' toplevel derivations.
+  toplevels = listToAttrs (map
+    (name: { inherit name; value = let d = toplevel name; in { inherit (d) drvPath outPath; }; })
+    selected);
+}
