@@ -135,6 +135,6 @@ in
 
   # Phase 3: the selected machines' toplevel derivations.
   toplevels = listToAttrs (map
-    (name: { inherit name; value = let d = toplevel name; in { inherit (d) drvPath outPath; }; })
+    (name: { inherit name; value = let d = toplevel name; in { drv = d.drvPath; out = d.outPath; }; })
     selected);
 }

@@ -1,0 +1,6 @@
+//! flotilla-agent: the static binary that runs on every target. It builds toplevels inside
+//! Nix builds (`build-system`), and on a machine receives closures, activates generations and
+//! supervises services. It must stay small and static: it is copied to every machine.
+
+pub mod build_system;
+pub mod supervisor;
