@@ -1,0 +1,95 @@
+use super::*;
+use serde_json::json;
+
+fn open() -> (tempfile::TempDir, State) {
+    let dir = tempfile::tempdir().unwrap();
+    let state = State::open(&dir.path().join("sub/state.db")).unwrap();
+    (dir, state)
+}
+
+fn evaluate(state: &mut State, ip: &str) {
+    let spec = json!({ "type": "local", "subnet": "10.1.0.0/24" });
+    let tags = vec!["web".to_owned()];
+    let facts: BTreeMap<String, Value> = [("ip".to_owned(), json!(ip))].into();
+    let m = MachineUpsert { name: "web1", platform: "local", platform_spec: &spec, tags: &tags, facts: &facts };
+    let dep = DeploymentUpsert { name: "webfleet", file: Some("/x/deployment.nix"), description: "d" };
+    state.record_evaluation(&dep, &[m]).unwrap();
+}
+
+#[test]
+fn migrates_an_empty_file_to_the_newest_schema() {
+    let (dir, state) = open();
+    assert_eq!(state.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    drop(state);
+    // Opening again applies nothing and keeps the version.
+    let again = State::open(&dir.path().join("sub/state.db")).unwrap();
+    assert_eq!(again.schema_version().unwrap(), MIGRATIONS.len() as i64);
+}
+
+#[test]
+fn refuses_a_newer_schema() {
+    let (dir, state) = open();
+    state.conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(state);
+    let err = State::open(&dir.path().join("sub/state.db")).err().unwrap();
+    assert!(err.to_string().contains("upgrade flotilla"), "{err}");
+}
+
+#[test]
+fn round_trips_deployments_machines_facts_and_builds() {
+    let (_dir, mut state) = open();
+    evaluate(&mut state, "10.1.0.2");
+    evaluate(&mut state, "10.1.0.3");
+    let deps = state.deployments().unwrap();
+    assert_eq!(deps.len(), 1);
+    assert_eq!(deps[0].name, "webfleet");
+    assert_eq!(deps[0].machines, 1);
+    assert_eq!(deps[0].file.as_deref(), Some("/x/deployment.nix"));
+
+    let machines = state.machines("webfleet").unwrap();
+    assert_eq!(machines[0].tags, ["web"]);
+    assert_eq!(machines[0].facts["ip"], json!("10.1.0.3"));
+    assert_eq!(machines[0].platform_spec["subnet"], json!("10.1.0.0/24"));
+    assert!(machines[0].last_build.is_none());
+    assert_eq!(state.facts("webfleet").unwrap()["web1"]["ip"], json!("10.1.0.3"));
+
+    state.record_builds("webfleet", "root@host", &[("web1", "/nix/store/a-x", "/nix/store/a-x.drv")]).unwrap();
+    state.record_builds("webfleet", "root@host", &[("web1", "/nix/store/a-x", "/nix/store/a-x.drv")]).unwrap();
+    let build = state.machines("webfleet").unwrap()[0].last_build.clone().unwrap();
+    assert_eq!(build.toplevel, "/nix/store/a-x");
+    assert_eq!(build.status, "built");
+    let n: i64 = state.conn.query_row("SELECT COUNT(*) FROM generations", [], |r| r.get(0)).unwrap();
+    assert_eq!(n, 1, "rebuilding the same toplevel adds no generation");
+
+    let events = state.events(Some("webfleet"), 10).unwrap();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0].kind, "build");
+}
+
+#[test]
+fn delete_forgets_everything_but_the_ledger() {
+    let (_dir, mut state) = open();
+    evaluate(&mut state, "10.1.0.2");
+    state.record_builds("webfleet", "me", &[("web1", "/nix/store/a-x", "/nix/store/a-x.drv")]).unwrap();
+    assert!(state.delete_deployment("webfleet", "me").unwrap());
+    assert!(!state.delete_deployment("webfleet", "me").unwrap());
+    assert!(state.deployments().unwrap().is_empty());
+    for table in ["machines", "facts", "generations"] {
+        let n: i64 = state.conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap();
+        assert_eq!(n, 0, "{table} emptied by cascade");
+    }
+    let events = state.events(Some("webfleet"), 10).unwrap();
+    assert_eq!(events.last().unwrap().kind, "delete");
+    assert!(matches!(state.machines("webfleet"), Err(StateError::NoDeployment(_))));
+}
+
+#[test]
+fn a_failed_write_leaves_nothing_behind() {
+    let (_dir, mut state) = open();
+    evaluate(&mut state, "10.1.0.2");
+    // web9 does not exist: the whole batch fails and web1's build is not recorded either.
+    let err = state.record_builds("webfleet", "me", &[("web1", "/nix/store/a-x", "d"), ("web9", "/nix/store/b-y", "d")]);
+    assert!(err.is_err());
+    assert!(state.machines("webfleet").unwrap()[0].last_build.is_none());
+    assert!(state.events(Some("webfleet"), 10).unwrap().is_empty());
+}
