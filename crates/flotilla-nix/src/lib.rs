@@ -1,1 +1,378 @@
-//! placeholder
+//! The Nix layer: the only place in flotilla that runs `nix-*` commands.
+//!
+//! It evaluates deployments through the project's Nix library (`nix/`, embedded in the binary
+//! and written to a cache directory on first use), instantiates and realises toplevels, and
+//! queries path info for copying. Errors carry Nix's own message, trimmed of noise, so a user
+//! sees the file and line Nix points at.
+
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use flotilla_store::StorePath;
+use serde_json::Value;
+
+/// The Nix library, embedded so an installed `flotilla` needs no source tree.
+const LIBRARY: &[(&str, &str)] = &[
+    ("eval.nix", include_str!("../../../nix/eval.nix")),
+    ("options.nix", include_str!("../../../nix/options.nix")),
+    ("demo-pkgs.nix", include_str!("../../../nix/demo-pkgs.nix")),
+];
+
+/// Everything that can go wrong talking to Nix.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    /// A Nix command could not be started at all.
+    #[error("cannot run `{program}`: {source}; is Nix installed (Debian: apt-get install nix-bin)?")]
+    Spawn {
+        /// The command.
+        program: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Evaluation failed: Nix's message.
+    #[error("{0}")]
+    Eval(String),
+    /// A build failed: Nix's message.
+    #[error("{0}")]
+    Build(String),
+    /// Nix printed something flotilla cannot read.
+    #[error("unexpected output from `{command}`: {detail}")]
+    Output {
+        /// The command.
+        command: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The embedded Nix library could not be written out.
+    #[error("cannot write flotilla's Nix library to {path}: {source}")]
+    Library {
+        /// Where.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// This crate's result type.
+pub type Result<T, E = NixError> = std::result::Result<T, E>;
+
+/// How flotilla runs Nix.
+#[derive(Debug, Clone, Default)]
+pub struct NixOptions {
+    /// `-I` search path entries, e.g. `nixpkgs=./nix/demo-pkgs.nix`.
+    pub include: Vec<String>,
+    /// `--option substituters VALUE` when set (`Some("")` disables substitution: offline).
+    pub substituters: Option<String>,
+    /// Pass `--show-trace`.
+    pub show_trace: bool,
+    /// Use this directory as the Nix library instead of the embedded copy.
+    pub library: Option<PathBuf>,
+}
+
+/// A handle on the local Nix installation.
+#[derive(Debug, Clone)]
+pub struct Nix {
+    opts: NixOptions,
+    library: PathBuf,
+}
+
+/// Arguments to `nix/eval.nix`.
+#[derive(Debug, Clone)]
+pub struct EvalArgs<'a> {
+    /// The deployment file (absolute).
+    pub deployment: &'a Path,
+    /// Facts as JSON.
+    pub facts_json: String,
+    /// The static agent binary, for toplevels.
+    pub agent: Option<&'a Path>,
+    /// Machine names whose toplevels are wanted.
+    pub only: Vec<String>,
+}
+
+/// A derivation and its output.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct Toplevel {
+    /// The `.drv`.
+    pub drv: StorePath,
+    /// Its output, the toplevel.
+    pub out: StorePath,
+}
+
+/// What `realise` learned: which outputs exist now, and Nix's complaints if any failed.
+#[derive(Debug, Clone, Default)]
+pub struct RealiseOutcome {
+    /// Errors Nix printed (each `error: ...` paragraph), empty when all built.
+    pub errors: Vec<String>,
+}
+
+/// A store path's metadata, for copying.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathInfo {
+    /// The path.
+    pub path: StorePath,
+    /// Its direct references.
+    pub references: Vec<StorePath>,
+    /// SHA-256 of its NAR, base16, as Nix's database holds it.
+    pub nar_hash_base16: String,
+    /// NAR size in bytes.
+    pub nar_size: u64,
+}
+
+impl Nix {
+    /// Prepares to run Nix with `opts`, writing out the Nix library if needed.
+    pub fn new(opts: NixOptions) -> Result<Nix> {
+        let library = match &opts.library {
+            Some(dir) => dir.clone(),
+            None => materialise_library()?,
+        };
+        Ok(Nix { opts, library })
+    }
+
+    /// The directory holding `eval.nix`.
+    pub fn library(&self) -> &Path {
+        &self.library
+    }
+
+    fn common_args(&self, cmd: &mut Command) {
+        for i in &self.opts.include {
+            cmd.arg("-I").arg(i);
+        }
+        if let Some(s) = &self.opts.substituters {
+            cmd.args(["--option", "substituters", s]);
+        }
+        if self.opts.show_trace {
+            cmd.arg("--show-trace");
+        }
+    }
+
+    /// Evaluates attribute `attr` of `eval.nix` to JSON. `write` allows Nix to write to the
+    /// store (derivations, imported paths); without it evaluation only computes paths.
+    pub fn eval_json(&self, attr: &str, args: &EvalArgs<'_>, write: bool) -> Result<Value> {
+        let mut cmd = Command::new("nix-instantiate");
+        cmd.args(["--eval", "--strict", "--json"]);
+        if write {
+            cmd.arg("--read-write-mode");
+        }
+        cmd.arg(self.library.join("eval.nix"));
+        cmd.arg("--argstr").arg("deployment").arg(args.deployment);
+        cmd.arg("--argstr").arg("factsJson").arg(&args.facts_json);
+        if let Some(agent) = args.agent {
+            cmd.arg("--argstr").arg("agent").arg(agent);
+        }
+        cmd.arg("--argstr").arg("only").arg(args.only.join(","));
+        cmd.arg("-A").arg(attr);
+        self.common_args(&mut cmd);
+        let out = run(&mut cmd, "nix-instantiate")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| NixError::Output {
+            command: "nix-instantiate --eval --json".into(),
+            detail: e.to_string(),
+        })
+    }
+
+    /// Realises `drvs` in one `nix-store --realise --keep-going` call, so Nix schedules all
+    /// builds together and one failure does not stop the others. Nix's progress lines go to
+    /// `on_line`. Which outputs exist afterwards is for the caller to check.
+    pub fn realise(&self, drvs: &[StorePath], on_line: &mut dyn FnMut(&str)) -> Result<RealiseOutcome> {
+        if drvs.is_empty() {
+            return Ok(RealiseOutcome::default());
+        }
+        let mut cmd = Command::new("nix-store");
+        cmd.args(["--realise", "--keep-going"]);
+        self.common_args(&mut cmd);
+        cmd.args(drvs.iter().map(StorePath::to_absolute));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| NixError::Spawn { program: "nix-store".into(), source })?;
+        let mut stdout = child.stdout.take().expect("piped");
+        let drain = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stdout.read_to_end(&mut s);
+        });
+        let mut errors: Vec<String> = Vec::new();
+        let mut in_error = false;
+        for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
+            let Ok(line) = line else { break };
+            if line.starts_with("error:") {
+                errors.push(line.clone());
+                in_error = true;
+            } else if in_error && (line.starts_with(' ') || line.is_empty()) {
+                if let Some(last) = errors.last_mut() {
+                    last.push('\n');
+                    last.push_str(&line);
+                }
+            } else {
+                in_error = false;
+            }
+            on_line(&line);
+        }
+        let _ = drain.join();
+        let status = child.wait().map_err(|source| NixError::Spawn { program: "nix-store".into(), source })?;
+        if !status.success() && errors.is_empty() {
+            errors.push(format!("nix-store --realise failed with {status}"));
+        }
+        Ok(RealiseOutcome { errors })
+    }
+
+    /// The derivations in the closure of `drv` (to tell which failed build belongs to which
+    /// machine).
+    pub fn drv_closure(&self, drv: &StorePath) -> Result<Vec<StorePath>> {
+        let mut cmd = Command::new("nix-store");
+        cmd.args(["--query", "--requisites"]).arg(drv.to_absolute());
+        let out = run(&mut cmd, "nix-store")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        parse_paths(&out.stdout, "nix-store --query --requisites")
+    }
+
+    /// Path info of every path in the closure of `roots`, references first, in two
+    /// process spawns whatever the closure's size.
+    pub fn closure_info(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>> {
+        let mut cmd = Command::new("nix-store");
+        cmd.args(["--query", "--requisites"]).args(roots.iter().map(StorePath::to_absolute));
+        let out = run(&mut cmd, "nix-store")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        let paths = parse_paths(&out.stdout, "nix-store --query --requisites")?;
+        // `--dump-db` prints the registration of each path: hash, size, references.
+        let mut cmd = Command::new("nix-store");
+        cmd.arg("--dump-db").args(paths.iter().map(StorePath::to_absolute));
+        let out = run(&mut cmd, "nix-store")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let mut infos = parse_dump_db(&text).map_err(|detail| NixError::Output { command: "nix-store --dump-db".into(), detail })?;
+        // Order as --requisites does: dependencies before dependents.
+        let order: std::collections::HashMap<&StorePath, usize> = paths.iter().enumerate().map(|(i, p)| (p, i)).collect();
+        infos.sort_by_key(|i| order.get(&i.path).copied().unwrap_or(usize::MAX));
+        Ok(infos)
+    }
+}
+
+/// Parses `nix-store --dump-db` output: per path, `path`, `sha256:hash`, `size`, deriver,
+/// reference count, then the references.
+fn parse_dump_db(text: &str) -> Result<Vec<PathInfo>, String> {
+    let mut lines = text.lines();
+    let mut out = Vec::new();
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let mut next = |what: &str| lines.next().ok_or_else(|| format!("truncated record for {path}: no {what}"));
+        let path = StorePath::parse(path).map_err(|e| e.to_string())?;
+        let nar_hash_base16 = next("hash")?.to_owned();
+        let nar_size = next("size")?.parse::<u64>().map_err(|e| format!("{path}: size: {e}"))?;
+        let _deriver = next("deriver")?;
+        let n = next("reference count")?.parse::<usize>().map_err(|e| format!("{path}: count: {e}"))?;
+        let mut references = Vec::with_capacity(n);
+        for _ in 0..n {
+            references.push(StorePath::parse(next("reference")?).map_err(|e| e.to_string())?);
+        }
+        out.push(PathInfo { path, references, nar_hash_base16, nar_size });
+    }
+    Ok(out)
+}
+
+fn parse_paths(stdout: &[u8], command: &str) -> Result<Vec<StorePath>> {
+    String::from_utf8_lossy(stdout)
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| StorePath::parse(l).map_err(|e| NixError::Output { command: command.into(), detail: e.to_string() }))
+        .collect()
+}
+
+fn run(cmd: &mut Command, program: &str) -> Result<std::process::Output> {
+    cmd.stdin(Stdio::null())
+        .output()
+        .map_err(|source| NixError::Spawn { program: program.into(), source })
+}
+
+/// Nix's stderr without the lines that only add noise for a flotilla user.
+pub fn clean_error(stderr: &[u8]) -> String {
+    let text = String::from_utf8_lossy(stderr);
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.contains("use '--show-trace' to show detailed location information"))
+        .filter(|l| !l.starts_with("warning: unable to download") && !l.contains("retrying in"))
+        .collect();
+    let msg = kept.join("\n").trim().to_owned();
+    let msg = msg.strip_prefix("error: ").unwrap_or(&msg).to_owned();
+    if msg.contains("file 'nixpkgs' was not found in the Nix search path") {
+        format!("{msg}\nhint: set `meta.nixpkgs` in the deployment, or pass `-I nixpkgs=PATH` (this repository ships a small offline set: -I nixpkgs=nix/demo-pkgs.nix)")
+    } else {
+        msg
+    }
+}
+
+/// Writes the embedded Nix library to `$XDG_CACHE_HOME/flotilla/nix-<hash>` (or under
+/// `~/.cache`) unless it is there already; a new flotilla gets a new directory.
+fn materialise_library() -> Result<PathBuf> {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    LIBRARY.hash(&mut h);
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| "/root".into()).join(".cache"));
+    let dir = base.join("flotilla").join(format!("nix-{:016x}", h.finish()));
+    if dir.join("eval.nix").exists() {
+        return Ok(dir);
+    }
+    let err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| NixError::Library { path, source }
+    };
+    let parent = dir.parent().expect("has a parent");
+    std::fs::create_dir_all(parent).map_err(err(parent))?;
+    let tmp = tempdir_in(parent).map_err(err(parent))?;
+    for (name, text) in LIBRARY {
+        std::fs::write(tmp.join(name), text).map_err(err(&tmp.join(name)))?;
+    }
+    match std::fs::rename(&tmp, &dir) {
+        Ok(()) => Ok(dir),
+        // Another flotilla wrote it first: theirs is identical.
+        Err(_) if dir.join("eval.nix").exists() => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            Ok(dir)
+        }
+        Err(e) => Err(NixError::Library { path: dir, source: e }),
+    }
+}
+
+fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
+    for i in 0..100u32 {
+        let p = parent.join(format!(".tmp-{}-{i}", std::process::id()));
+        match std::fs::create_dir(&p) {
+            Ok(()) => return Ok(p),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free temporary directory name"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dump_db_parses() {
+        let text = "/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\n827ac6f6a6781282e42bb2f0ffafc23871b9e6cf4ed4cfdb30f4674b6887f636\n123\n/nix/store/lqyqgm6dylqgkgshgv1d4y2mii3zlrnj-busybox.drv\n1\n/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\n";
+        let infos = parse_dump_db(text).unwrap();
+        assert_eq!(infos.len(), 1);
+        assert_eq!(infos[0].nar_size, 123);
+        assert_eq!(infos[0].references, [infos[0].path.clone()]);
+        assert!(parse_dump_db("/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\nab\n").is_err());
+    }
+
+    #[test]
+    fn errors_lose_the_show_trace_hint() {
+        let e = clean_error(b"error: undefined variable 'x'\n\n       at /a.nix:1:1:\n(use '--show-trace' to show detailed location information)\n");
+        assert_eq!(e, "undefined variable 'x'\n\n       at /a.nix:1:1:");
+    }
+}
