@@ -1,1 +1,428 @@
-//! placeholder
+//! The deployment engine: the pipeline of DESIGN.md, machine by machine.
+//!
+//! Evaluate (phase 1: platforms), plan facts, evaluate again with facts, check every machine
+//! against the option schema, instantiate and realise the selected toplevels in one Nix call,
+//! and record it all. A per-machine failure is a row in the report, never an early return;
+//! an `Err` means the deployment as a whole could not run (bad input, Nix missing, ...), and
+//! then nothing was built and nothing written to the state DB.
+
+pub mod facts;
+mod gcroots;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use flotilla_model::{
+    check_against_schema, ConfigError, DeploymentName, MachineConfig, MachineName, Schema, Selection,
+    SelectionError,
+};
+use flotilla_nix::{EvalArgs, Nix, NixError};
+use flotilla_state::{DeploymentUpsert, MachineUpsert, State, StateError};
+use flotilla_store::StorePath;
+use serde::Serialize;
+use serde_json::Value;
+
+/// Why a command could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Nix failed (evaluation error, Nix missing).
+    #[error(transparent)]
+    Nix(#[from] NixError),
+    /// The state DB failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// Machines' configs are wrong; every problem found.
+    #[error("{}", join_lines(.0))]
+    Config(Vec<String>),
+    /// `--on` matched nothing.
+    #[error(transparent)]
+    Selection(#[from] SelectionError),
+    /// The agent binary is missing or unusable.
+    #[error("{0}")]
+    Agent(String),
+    /// A filesystem operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+fn join_lines(v: &[String]) -> String {
+    v.join("\n")
+}
+
+/// This crate's result type.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// A step of the pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Evaluating the deployment.
+    Eval,
+    /// Building toplevels.
+    Build,
+}
+
+/// Something the engine reports while it works; renderers, JSON printers and the ledger all
+/// consume the same stream.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum EngineEvent {
+    /// A phase started, for some machines (all when empty).
+    PhaseStarted {
+        /// Which.
+        phase: Phase,
+        /// For which machines.
+        machines: Vec<String>,
+    },
+    /// A line of Nix's build output.
+    NixLog {
+        /// The line.
+        line: String,
+    },
+    /// One machine finished a phase.
+    MachineDone {
+        /// The machine.
+        machine: String,
+        /// The phase.
+        phase: Phase,
+        /// Whether it worked.
+        ok: bool,
+        /// The toplevel or the reason.
+        detail: String,
+    },
+}
+
+/// Where events go.
+pub type Listener<'a> = &'a mut dyn FnMut(&EngineEvent);
+
+/// A deployment file evaluated and checked.
+#[derive(Debug, Clone)]
+pub struct Evaluated {
+    /// `meta.name`.
+    pub name: DeploymentName,
+    /// `meta.description`.
+    pub description: String,
+    /// The deployment file (absolute).
+    pub file: PathBuf,
+    /// The option schema it was checked against.
+    pub schema: Schema,
+    /// Each machine's checked config.
+    pub machines: BTreeMap<MachineName, MachineConfig>,
+    /// The facts it was evaluated with.
+    pub facts: BTreeMap<MachineName, BTreeMap<String, Value>>,
+}
+
+impl Evaluated {
+    /// The machines `sel` picks.
+    pub fn select(&self, sel: &Selection) -> Result<Vec<MachineName>> {
+        let it = self.machines.iter().map(|(n, c)| (n, c.tags.as_slice()));
+        Ok(sel.apply(it)?.into_iter().collect())
+    }
+
+    /// The checked configs as JSON, with key material redacted: what `flotilla eval` prints.
+    pub fn to_json(&self) -> Value {
+        let machines: serde_json::Map<String, Value> = self
+            .machines
+            .iter()
+            .map(|(n, c)| {
+                let mut c = c.clone();
+                for k in c.keys.values_mut() {
+                    *k = k.redacted();
+                }
+                (n.to_string(), serde_json::to_value(&c).expect("config serialises"))
+            })
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "description": self.description,
+            "machines": machines,
+            "facts": self.facts,
+        })
+    }
+}
+
+/// One machine's build result.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineBuild {
+    /// The machine.
+    pub machine: String,
+    /// Its toplevel, when built.
+    pub toplevel: Option<StorePath>,
+    /// Why not, when not.
+    pub error: Option<String>,
+}
+
+/// The outcome of `build`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    /// The deployment.
+    pub deployment: String,
+    /// Per machine.
+    pub machines: Vec<MachineBuild>,
+    /// Wall time.
+    #[serde(serialize_with = "secs")]
+    pub elapsed: Duration,
+}
+
+fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
+}
+
+impl BuildReport {
+    /// Whether every machine built.
+    pub fn all_ok(&self) -> bool {
+        self.machines.iter().all(|m| m.error.is_none())
+    }
+}
+
+/// The engine: Nix, the state DB and who is acting.
+pub struct Engine {
+    nix: Nix,
+    state: State,
+    actor: String,
+}
+
+impl Engine {
+    /// An engine over a Nix handle and an open state DB; `actor` is recorded in the ledger.
+    pub fn new(nix: Nix, state: State, actor: String) -> Engine {
+        Engine { nix, state, actor }
+    }
+
+    /// The state DB.
+    pub fn state(&mut self) -> &mut State {
+        &mut self.state
+    }
+
+    /// Evaluates and checks a deployment file. Nothing is written anywhere.
+    pub fn evaluate(&self, file: &Path) -> Result<Evaluated> {
+        let file = std::path::absolute(file).map_err(|source| EngineError::Io { what: "cannot resolve", path: file.to_owned(), source })?;
+        if !file.is_file() {
+            return Err(EngineError::Config(vec![format!(
+                "deployment file {} does not exist; pass the file that defines your machines with -f",
+                file.display()
+            )]));
+        }
+        let mut args = EvalArgs { deployment: &file, facts_json: "{}".into(), agent: None, only: vec![] };
+
+        // Phase 1: names and platforms, without facts.
+        let phase1 = self.nix.eval_json("phase1", &args, false)?;
+        let raw_name = phase1.get("name").and_then(Value::as_str).ok_or_else(|| {
+            EngineError::Config(vec![format!(
+                "{}: the deployment sets no `meta.name`; add `meta.name = \"my-fleet\";` (it names the deployment in the state DB)",
+                file.display()
+            )])
+        })?;
+        let name = DeploymentName::new(raw_name).map_err(|e| EngineError::Config(vec![format!("option `meta.name`: {e}")]))?;
+        let description = phase1.get("description").and_then(Value::as_str).unwrap_or("").to_owned();
+        let schema: Schema = serde_json::from_value(phase1["options"].clone())
+            .map_err(|e| EngineError::Nix(NixError::Output { command: "eval.nix phase1".into(), detail: format!("option schema: {e}") }))?;
+
+        let mut errors = Vec::new();
+        let mut platforms = BTreeMap::new();
+        let empty = serde_json::Map::new();
+        let machines1 = phase1.get("machines").and_then(Value::as_object).unwrap_or(&empty);
+        if machines1.is_empty() {
+            errors.push(format!("deployment {name}: `machines` is empty; declare at least one machine"));
+        }
+        for (raw, m) in machines1 {
+            let machine = match MachineName::new(raw) {
+                Ok(n) => n,
+                Err(e) => {
+                    errors.push(format!("machine {raw}: {e}"));
+                    continue;
+                }
+            };
+            // Platform errors surface in the full check below; here only a usable one counts.
+            let platform_value = m.get("platform").cloned().unwrap_or(Value::Null);
+            let platform_errors = schema
+                .get("platform")
+                .map(|decl| check_against_schema(raw, &Schema::from([("platform".to_owned(), decl.clone())]), &serde_json::json!({ "platform": platform_value })))
+                .unwrap_or_default();
+            if platform_errors.is_empty() {
+                if let Ok(p) = serde_json::from_value(platform_value) {
+                    platforms.insert(machine, p);
+                }
+            }
+        }
+
+        let stored = self.state.facts(name.as_str())?;
+        let facts = match facts::plan(&platforms, &stored) {
+            Ok(f) => f,
+            Err(e) => {
+                errors.extend(e);
+                BTreeMap::new()
+            }
+        };
+        if !errors.is_empty() {
+            return Err(EngineError::Config(errors));
+        }
+
+        // Phase 2: full configs with facts.
+        args.facts_json = serde_json::to_string(&facts).expect("facts serialise");
+        let configs = self.nix.eval_json("configs", &args, false)?;
+        let mut machines = BTreeMap::new();
+        for (raw, value) in configs.as_object().unwrap_or(&empty) {
+            let Ok(machine) = MachineName::new(raw) else { continue };
+            let found = check_against_schema(raw, &schema, value);
+            if !found.is_empty() {
+                errors.extend(found.iter().map(ConfigError::to_string));
+                continue;
+            }
+            match serde_json::from_value::<MachineConfig>(value.clone()) {
+                Ok(cfg) => {
+                    errors.extend(cfg.check(raw).iter().map(ConfigError::to_string));
+                    machines.insert(machine, cfg);
+                }
+                Err(e) => errors.push(format!("machine {raw}: {e} (the option schema and flotilla disagree: please report this)")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EngineError::Config(errors));
+        }
+        Ok(Evaluated { name, description, file, schema, machines, facts })
+    }
+
+    /// Builds the selected machines' toplevels in one Nix call and records the deployment,
+    /// its machines, facts and builds. Machines that fail to build are reported, not fatal.
+    pub fn build(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, listen: Listener<'_>) -> Result<BuildReport> {
+        let start = Instant::now();
+        check_agent(agent)?;
+        let args = EvalArgs {
+            deployment: &ev.file,
+            facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
+            agent: Some(agent),
+            only: selected.iter().map(ToString::to_string).collect(),
+        };
+        listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: args.only.clone() });
+        let toplevels: BTreeMap<String, flotilla_nix::Toplevel> = serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
+            .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?;
+
+        // Roots first: a GC running while we build must not take what we are building.
+        let roots = gcroots::Roots::new(self.state.path(), ev.name.as_str());
+        for (machine, t) in &toplevels {
+            roots.set(machine, &t.out)?;
+        }
+
+        let drvs: Vec<StorePath> = toplevels.values().map(|t| t.drv.clone()).collect();
+        let outcome = self.nix.realise(&drvs, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+
+        let mut results = Vec::new();
+        for machine in selected {
+            let Some(t) = toplevels.get(machine.as_str()) else { continue };
+            let built = Path::new(&t.out.to_absolute()).exists();
+            let error = if built {
+                None
+            } else {
+                Some(self.failure_reason(&t.drv, &outcome.errors))
+            };
+            listen(&EngineEvent::MachineDone {
+                machine: machine.to_string(),
+                phase: Phase::Build,
+                ok: built,
+                detail: error.clone().unwrap_or_else(|| t.out.to_string()),
+            });
+            results.push(MachineBuild { machine: machine.to_string(), toplevel: built.then(|| t.out.clone()), error });
+        }
+
+        self.record(ev, &toplevels, &results)?;
+        Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed() })
+    }
+
+    /// Forgets a deployment: its state DB records (the ledger keeps its events) and the GC
+    /// roots of its builds. Returns whether the state DB knew it.
+    pub fn delete(&mut self, name: &str) -> Result<bool> {
+        let existed = self.state.delete_deployment(name, &self.actor)?;
+        gcroots::Roots::new(self.state.path(), name).remove_all()?;
+        Ok(existed)
+    }
+
+    fn failure_reason(&self, drv: &StorePath, errors: &[String]) -> String {
+        let closure = self.nix.drv_closure(drv).unwrap_or_default();
+        let mine: Vec<&str> = errors
+            .iter()
+            .filter(|e| closure.iter().any(|d| e.contains(&d.to_absolute())))
+            .map(String::as_str)
+            .collect();
+        let text = if mine.is_empty() { errors.join("\n") } else { mine.join("\n") };
+        let text = text.trim();
+        text.strip_prefix("error: ").unwrap_or(text).to_owned()
+    }
+
+    fn record(&mut self, ev: &Evaluated, toplevels: &BTreeMap<String, flotilla_nix::Toplevel>, results: &[MachineBuild]) -> Result<()> {
+        let file = ev.file.to_string_lossy();
+        let specs: Vec<(String, Value, &MachineConfig)> = ev
+            .machines
+            .iter()
+            .map(|(n, c)| (n.to_string(), serde_json::to_value(&c.platform).expect("serialises"), c))
+            .collect();
+        let empty = BTreeMap::new();
+        let upserts: Vec<MachineUpsert<'_>> = specs
+            .iter()
+            .map(|(n, spec, c)| MachineUpsert {
+                name: n,
+                platform: c.platform.kind(),
+                platform_spec: spec,
+                tags: &c.tags,
+                facts: ev.facts.iter().find(|(m, _)| m.as_str() == n).map(|(_, f)| f).unwrap_or(&empty),
+            })
+            .collect();
+        let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
+        let builds: Vec<(&str, String, String)> = results
+            .iter()
+            .filter_map(|r| {
+                let t = toplevels.get(&r.machine)?;
+                r.toplevel.as_ref().map(|out| (r.machine.as_str(), out.to_string(), t.drv.to_string()))
+            })
+            .collect();
+        let builds: Vec<(&str, &str, &str)> = builds.iter().map(|(m, o, d)| (*m, o.as_str(), d.as_str())).collect();
+        self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failed_events(results))?;
+        Ok(())
+    }
+}
+
+fn failed_events(results: &[MachineBuild]) -> Vec<(&str, &str)> {
+    results
+        .iter()
+        .filter_map(|r| r.error.as_deref().map(|e| (r.machine.as_str(), e)))
+        .collect()
+}
+
+/// Refuses an agent that is missing or dynamically linked: it runs inside Nix builds and on
+/// targets that have no libc of ours.
+pub fn check_agent(agent: &Path) -> Result<()> {
+    let bytes = std::fs::read(agent).map_err(|e| {
+        EngineError::Agent(format!(
+            "cannot read the agent binary {}: {e}; build it with `cargo build -p flotilla-agent` or point FLOTILLA_AGENT at it",
+            agent.display()
+        ))
+    })?;
+    if has_interpreter(&bytes) {
+        return Err(EngineError::Agent(format!(
+            "the agent binary {} is dynamically linked; build it statically (this repository's .cargo/config.toml does)",
+            agent.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Whether an ELF64 little-endian file asks for a program interpreter (is dynamically linked).
+fn has_interpreter(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| elf.get(o..o + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize);
+    if elf.get(..5) != Some(b"\x7fELF\x02") {
+        return true; // not a 64-bit ELF: treat as unusable
+    }
+    let (Some(phoff), Some(phentsize), Some(phnum)) = (u64_at(0x20), u16_at(0x36), u16_at(0x38)) else {
+        return true;
+    };
+    (0..phnum).any(|i| u32_at(phoff + i * phentsize) == Some(3))
+}

@@ -312,65 +312,48 @@ impl State {
     /// updated, in one transaction. Machines no longer in the file are kept: they may still
     /// exist somewhere, and only `destroy` or `delete` forgets them.
     pub fn record_evaluation(&mut self, dep: &DeploymentUpsert<'_>, machines: &[MachineUpsert<'_>]) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        write_evaluation(&tx, dep, machines, now())?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Records a build run in one transaction: the evaluation (as `record_evaluation`), the
+    /// toplevels built `(machine, toplevel, drv)`, and a ledger event per machine, failures
+    /// `(machine, reason)` included. Building the same toplevel again adds no generation.
+    pub fn record_build_run(
+        &mut self,
+        dep: &DeploymentUpsert<'_>,
+        machines: &[MachineUpsert<'_>],
+        actor: &str,
+        builds: &[(&str, &str, &str)],
+        failures: &[(&str, &str)],
+    ) -> Result<()> {
         let t = now();
         let tx = self.conn.transaction()?;
-        let dep_id = upsert_deployment(&tx, dep, t)?;
-        for m in machines {
-            tx.execute(
-                "INSERT INTO machines (deployment_id, name, platform, platform_spec, tags, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
-                 ON CONFLICT (deployment_id, name) DO UPDATE SET
-                   platform = excluded.platform, platform_spec = excluded.platform_spec,
-                   tags = excluded.tags, updated_at = excluded.updated_at",
-                params![dep_id, m.name, m.platform, m.platform_spec.to_string(), json(m.tags), t],
-            )?;
-            let machine_id: i64 = tx.query_row(
-                "SELECT id FROM machines WHERE deployment_id = ?1 AND name = ?2",
-                params![dep_id, m.name],
-                |r| r.get(0),
-            )?;
-            for (key, value) in m.facts {
-                tx.execute(
-                    "INSERT INTO facts (machine_id, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-                    params![machine_id, key, value.to_string(), t],
-                )?;
-            }
+        write_evaluation(&tx, dep, machines, t)?;
+        write_builds(&tx, dep.name, actor, builds, t)?;
+        for (machine, reason) in failures {
+            insert_event(&tx, &Event {
+                deployment: dep.name.to_owned(),
+                machine: Some((*machine).to_owned()),
+                at: t,
+                actor: actor.to_owned(),
+                kind: "build".into(),
+                status: "failed".into(),
+                message: (*reason).to_owned(),
+                details: None,
+            })?;
         }
         tx.commit()?;
         Ok(())
     }
 
-    /// Records built toplevels `(machine, toplevel, drv)` and one event per machine, in one
-    /// transaction. Building the same toplevel again only touches its `built_at`.
+    /// Records built toplevels `(machine, toplevel, drv)` of machines already recorded, with
+    /// one event each, in one transaction.
     pub fn record_builds(&mut self, deployment: &str, actor: &str, builds: &[(&str, &str, &str)]) -> Result<()> {
-        let t = now();
         let tx = self.conn.transaction()?;
-        for (machine, toplevel, drv) in builds {
-            let machine_id = machine_id(&tx, deployment, machine)?;
-            let updated = tx.execute(
-                "UPDATE generations SET built_at = ?3
-                 WHERE id = (SELECT id FROM generations WHERE machine_id = ?1 ORDER BY id DESC LIMIT 1)
-                   AND toplevel = ?2",
-                params![machine_id, toplevel, t],
-            )?;
-            if updated == 0 {
-                tx.execute(
-                    "INSERT INTO generations (machine_id, toplevel, drv, status, built_at) VALUES (?1, ?2, ?3, 'built', ?4)",
-                    params![machine_id, toplevel, drv, t],
-                )?;
-            }
-            insert_event(&tx, &Event {
-                deployment: deployment.to_owned(),
-                machine: Some((*machine).to_owned()),
-                at: t,
-                actor: actor.to_owned(),
-                kind: "build".into(),
-                status: "ok".into(),
-                message: (*toplevel).to_owned(),
-                details: None,
-            })?;
-        }
+        write_builds(&tx, deployment, actor, builds, now())?;
         tx.commit()?;
         Ok(())
     }
@@ -470,6 +453,62 @@ impl State {
             )
             .optional()?)
     }
+}
+
+fn write_evaluation(tx: &Transaction<'_>, dep: &DeploymentUpsert<'_>, machines: &[MachineUpsert<'_>], t: i64) -> Result<()> {
+    let dep_id = upsert_deployment(tx, dep, t)?;
+    for m in machines {
+        tx.execute(
+            "INSERT INTO machines (deployment_id, name, platform, platform_spec, tags, created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+             ON CONFLICT (deployment_id, name) DO UPDATE SET
+               platform = excluded.platform, platform_spec = excluded.platform_spec,
+               tags = excluded.tags, updated_at = excluded.updated_at",
+            params![dep_id, m.name, m.platform, m.platform_spec.to_string(), json(m.tags), t],
+        )?;
+        let machine_id: i64 = tx.query_row(
+            "SELECT id FROM machines WHERE deployment_id = ?1 AND name = ?2",
+            params![dep_id, m.name],
+            |r| r.get(0),
+        )?;
+        for (key, value) in m.facts {
+            tx.execute(
+                "INSERT INTO facts (machine_id, key, value, updated_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (machine_id, key) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+                params![machine_id, key, value.to_string(), t],
+            )?;
+        }
+    }
+    Ok(())
+}
+
+fn write_builds(tx: &Transaction<'_>, deployment: &str, actor: &str, builds: &[(&str, &str, &str)], t: i64) -> Result<()> {
+    for (machine, toplevel, drv) in builds {
+        let machine_id = machine_id(tx, deployment, machine)?;
+        let updated = tx.execute(
+            "UPDATE generations SET built_at = ?3
+             WHERE id = (SELECT id FROM generations WHERE machine_id = ?1 ORDER BY id DESC LIMIT 1)
+               AND toplevel = ?2",
+            params![machine_id, toplevel, t],
+        )?;
+        if updated == 0 {
+            tx.execute(
+                "INSERT INTO generations (machine_id, toplevel, drv, status, built_at) VALUES (?1, ?2, ?3, 'built', ?4)",
+                params![machine_id, toplevel, drv, t],
+            )?;
+        }
+        insert_event(tx, &Event {
+            deployment: deployment.to_owned(),
+            machine: Some((*machine).to_owned()),
+            at: t,
+            actor: actor.to_owned(),
+            kind: "build".into(),
+            status: "ok".into(),
+            message: (*toplevel).to_owned(),
+            details: None,
+        })?;
+    }
+    Ok(())
 }
 
 fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRecord> {
