@@ -197,8 +197,8 @@ impl Engine {
     }
 
     /// The state DB.
-    pub fn state(&mut self) -> &mut State {
-        &mut self.state
+    pub fn state(&self) -> &State {
+        &self.state
     }
 
     /// Evaluates and checks a deployment file. Nothing is written anywhere.

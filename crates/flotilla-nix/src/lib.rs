@@ -134,9 +134,13 @@ impl Nix {
         &self.library
     }
 
-    fn common_args(&self, cmd: &mut Command) {
-        for i in &self.opts.include {
-            cmd.arg("-I").arg(i);
+    /// Options every Nix command takes; `eval` adds the search path, which only evaluation
+    /// reads (`nix-store` refuses `-I`).
+    fn common_args(&self, cmd: &mut Command, eval: bool) {
+        if eval {
+            for i in &self.opts.include {
+                cmd.arg("-I").arg(i);
+            }
         }
         if let Some(s) = &self.opts.substituters {
             cmd.args(["--option", "substituters", s]);
@@ -162,7 +166,7 @@ impl Nix {
         }
         cmd.arg("--argstr").arg("only").arg(args.only.join(","));
         cmd.arg("-A").arg(attr);
-        self.common_args(&mut cmd);
+        self.common_args(&mut cmd, true);
         let out = run(&mut cmd, "nix-instantiate")?;
         if !out.status.success() {
             return Err(NixError::Eval(clean_error(&out.stderr)));
@@ -182,7 +186,7 @@ impl Nix {
         }
         let mut cmd = Command::new("nix-store");
         cmd.args(["--realise", "--keep-going"]);
-        self.common_args(&mut cmd);
+        self.common_args(&mut cmd, false);
         cmd.args(drvs.iter().map(StorePath::to_absolute));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|source| NixError::Spawn { program: "nix-store".into(), source })?;

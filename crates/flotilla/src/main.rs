@@ -1,1 +1,161 @@
-fn main() {}
+//! `flotilla`: the command-line front of the deployment engine. It parses arguments, wires
+//! the Nix layer, state DB and engine together, renders progress, tables and `--json`, and
+//! chooses the exit status: 0 all good, 1 some machines failed, 2 could not run.
+
+mod cli;
+mod output;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{CommandFactory, Parser};
+use flotilla_engine::{Engine, EngineEvent};
+use flotilla_model::Selection;
+use flotilla_nix::{Nix, NixOptions};
+use flotilla_state::State;
+
+use cli::{Cli, Command, Global, Target};
+
+/// How a command ended, as an exit status.
+enum Outcome {
+    Ok,
+    SomeFailed,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(Outcome::Ok) => ExitCode::SUCCESS,
+        Ok(Outcome::SomeFailed) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<Outcome> {
+    let g = &cli.global;
+    match &cli.command {
+        Command::Completions { shell } => {
+            clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
+            Ok(Outcome::Ok)
+        }
+        Command::Man => {
+            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            Ok(Outcome::Ok)
+        }
+        Command::List { json } => {
+            let state = open_state(g)?;
+            output::deployments(&state.deployments()?, *json);
+            Ok(Outcome::Ok)
+        }
+        Command::Log { deployment, limit, json } => {
+            let state = open_state(g)?;
+            output::events(&state.events(deployment.as_deref(), *limit)?, *json);
+            Ok(Outcome::Ok)
+        }
+        Command::Info { target, json } => {
+            let engine = engine(g, open_state(g)?)?;
+            let name = deployment_name(&engine, target)?;
+            let state = engine.state();
+            let dep = state.deployment(&name)?.ok_or_else(|| anyhow!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones"))?;
+            output::info(&dep, &state.machines(&name)?, *json);
+            Ok(Outcome::Ok)
+        }
+        Command::Delete { target } => {
+            let mut engine = engine(g, open_state(g)?)?;
+            let name = deployment_name(&engine, target)?;
+            if !engine.delete(&name)? {
+                bail!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones");
+            }
+            eprintln!("deleted deployment {name}");
+            Ok(Outcome::Ok)
+        }
+        Command::Eval { target, json } => {
+            let state = open_state(g)?;
+            let file = deployment_file(&state, target)?;
+            let engine = engine(g, state)?;
+            let ev = engine.evaluate(&file)?;
+            if *json {
+                output::json(&ev.to_json());
+            } else {
+                output::evaluated(&ev);
+            }
+            Ok(Outcome::Ok)
+        }
+        Command::Build { target, on, json } => {
+            let state = open_state(g)?;
+            let file = deployment_file(&state, target)?;
+            let mut engine = engine(g, state)?;
+            let ev = engine.evaluate(&file)?;
+            let selected = ev.select(&Selection::parse(on))?;
+            let agent = agent_path()?;
+            let verbose = g.verbose;
+            let mut listen = |e: &EngineEvent| output::progress(e, verbose);
+            let report = engine.build(&ev, &selected, &agent, &mut listen)?;
+            output::build_report(&report, *json);
+            Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
+        }
+    }
+}
+
+fn open_state(g: &Global) -> Result<State> {
+    let path = g.state.clone().unwrap_or_else(flotilla_state::default_path);
+    Ok(State::open(&path)?)
+}
+
+fn engine(g: &Global, state: State) -> Result<Engine> {
+    let nix = Nix::new(NixOptions {
+        include: g.include.clone(),
+        substituters: g.substituters.clone(),
+        show_trace: g.show_trace,
+        library: std::env::var_os("FLOTILLA_NIX_LIB").map(PathBuf::from),
+    })?;
+    Ok(Engine::new(nix, state, actor()))
+}
+
+/// The deployment file: `-f`, or the file `-d NAME` was last evaluated from.
+fn deployment_file(state: &State, t: &Target) -> Result<PathBuf> {
+    match (&t.file, &t.deployment) {
+        (Some(f), _) => Ok(f.clone()),
+        (None, Some(name)) => {
+            let dep = state.deployment(name)?.ok_or_else(|| anyhow!("no deployment named `{name}` in the state database; pass its file with -f"))?;
+            dep.file.map(PathBuf::from).ok_or_else(|| anyhow!("deployment `{name}` has no recorded file; pass it with -f"))
+        }
+        (None, None) => bail!("say which deployment: -f FILE (a deployment file) or -d NAME (a deployment in the state database)"),
+    }
+}
+
+/// The deployment's name: `-d`, or the `meta.name` of `-f FILE` (evaluated).
+fn deployment_name(engine: &Engine, t: &Target) -> Result<String> {
+    match (&t.deployment, &t.file) {
+        (Some(name), _) => Ok(name.clone()),
+        (None, Some(file)) => Ok(engine.evaluate(file)?.name.to_string()),
+        (None, None) => bail!("say which deployment: -d NAME or -f FILE"),
+    }
+}
+
+/// The static agent binary: `$FLOTILLA_AGENT`, else `flotilla-agent` beside this program.
+fn agent_path() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("FLOTILLA_AGENT").filter(|p| !p.is_empty()) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
+    let dir = exe.parent().unwrap_or(Path::new("."));
+    // Test binaries live one level down (target/<profile>/deps).
+    for candidate in [dir.join("flotilla-agent"), dir.join("../flotilla-agent")] {
+        if candidate.exists() {
+            return Ok(candidate);
+        }
+    }
+    Ok(dir.join("flotilla-agent"))
+}
+
+/// Who is acting, for the ledger: `user@host`.
+fn actor() -> String {
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "root".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{user}@{}", host.trim())
+}

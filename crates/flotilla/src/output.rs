@@ -1,0 +1,171 @@
+//! Everything `flotilla` prints: tables for people, `--json` for programs, progress lines on
+//! stderr. Results go to stdout; progress and errors to stderr, so `--json | jq` works.
+
+use std::fmt::Write as _;
+
+use flotilla_engine::{BuildReport, EngineEvent, Evaluated};
+use flotilla_state::{DeploymentRecord, Event, MachineRecord};
+use serde::Serialize;
+use serde_json::Value;
+
+/// Prints any value as pretty JSON on stdout.
+pub fn json<T: Serialize + ?Sized>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).expect("output serialises"));
+}
+
+/// A left-aligned text table.
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (i, cell) in row.iter().enumerate() {
+            widths[i] = widths[i].max(cell.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
+        let mut l = String::new();
+        for (i, c) in cells.enumerate() {
+            if i + 1 == widths.len() {
+                l.push_str(c);
+            } else {
+                let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+            }
+        }
+        out.push_str(l.trim_end());
+        out.push('\n');
+    };
+    line(&mut header.iter().copied());
+    for row in rows {
+        line(&mut row.iter().map(String::as_str));
+    }
+    out
+}
+
+/// "12s ago", "5m ago", ...
+fn ago(t: i64) -> String {
+    let d = (flotilla_state::now() - t).max(0);
+    match d {
+        0..=59 => format!("{d}s ago"),
+        60..=3599 => format!("{}m ago", d / 60),
+        3600..=86399 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
+}
+
+pub fn deployments(deps: &[DeploymentRecord], as_json: bool) {
+    if as_json {
+        return json(deps);
+    }
+    if deps.is_empty() {
+        eprintln!("no deployments yet; `flotilla build -f FILE` records one");
+        return;
+    }
+    let rows: Vec<Vec<String>> = deps
+        .iter()
+        .map(|d| vec![d.name.clone(), d.machines.to_string(), ago(d.updated_at), d.file.clone().unwrap_or_default()])
+        .collect();
+    print!("{}", table(&["DEPLOYMENT", "MACHINES", "UPDATED", "FILE"], &rows));
+}
+
+pub fn info(dep: &DeploymentRecord, machines: &[MachineRecord], as_json: bool) {
+    if as_json {
+        return json(&serde_json::json!({ "deployment": dep, "machines": machines }));
+    }
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            let ip = m.facts.get("ip").and_then(Value::as_str).unwrap_or("-").to_owned();
+            let build = match &m.last_build {
+                Some(b) => format!("{} {} ({})", b.status, short_path(&b.toplevel), ago(b.built_at)),
+                None => "-".into(),
+            };
+            vec![m.name.clone(), m.platform.clone(), ip, m.tags.join(","), build]
+        })
+        .collect();
+    println!("deployment {} ({} machines){}", dep.name, dep.machines, if dep.description.is_empty() { String::new() } else { format!(": {}", dep.description) });
+    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "LAST BUILD"], &rows));
+}
+
+pub fn events(events: &[Event], as_json: bool) {
+    if as_json {
+        return json(events);
+    }
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                ago(e.at),
+                e.deployment.clone(),
+                e.machine.clone().unwrap_or_else(|| "-".into()),
+                e.kind.clone(),
+                e.status.clone(),
+                e.actor.clone(),
+                e.message.lines().next().unwrap_or("").to_owned(),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["WHEN", "DEPLOYMENT", "MACHINE", "WHAT", "RESULT", "WHO", "DETAIL"], &rows));
+}
+
+pub fn evaluated(ev: &Evaluated) {
+    println!("deployment {}: {} machines, all checked", ev.name, ev.machines.len());
+    let rows: Vec<Vec<String>> = ev
+        .machines
+        .iter()
+        .map(|(n, c)| {
+            let ip = ev.facts.get(n).and_then(|f| f.get("ip")).and_then(Value::as_str).unwrap_or("-").to_owned();
+            vec![
+                n.to_string(),
+                c.platform.kind().to_owned(),
+                ip,
+                c.tags.join(","),
+                c.system.services.keys().cloned().collect::<Vec<_>>().join(","),
+            ]
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "SERVICES"], &rows));
+}
+
+pub fn build_report(r: &BuildReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    let rows: Vec<Vec<String>> = r
+        .machines
+        .iter()
+        .map(|m| match (&m.toplevel, &m.error) {
+            (Some(t), _) => vec![m.machine.clone(), "built".into(), t.to_string()],
+            (None, e) => vec![m.machine.clone(), "FAILED".into(), first_line(e.as_deref().unwrap_or("unknown error"))],
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "RESULT", "TOPLEVEL / REASON"], &rows));
+    let failed = r.machines.iter().filter(|m| m.error.is_some()).count();
+    eprintln!("{} built, {failed} failed in {:.1}s", r.machines.len() - failed, r.elapsed.as_secs_f64());
+    for m in r.machines.iter().filter(|m| m.error.is_some()) {
+        eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
+    }
+}
+
+pub fn progress(e: &EngineEvent, verbose: bool) {
+    match e {
+        EngineEvent::PhaseStarted { phase, machines } => {
+            eprintln!("{}: {}", serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(), machines.join(", "))
+        }
+        EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {line}"),
+        EngineEvent::NixLog { .. } => {}
+        EngineEvent::MachineDone { .. } => {}
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_owned()
+}
+
+/// `/nix/store/hash-name` shortened to `hash[..8]-name` for tables.
+fn short_path(p: &str) -> String {
+    let base = p.rsplit('/').next().unwrap_or(p);
+    match base.split_once('-') {
+        Some((h, rest)) if h.len() == 32 => format!("{}…-{rest}", &h[..7]),
+        _ => base.to_owned(),
+    }
+}
