@@ -1,0 +1,128 @@
+//! Every kind of bad input ends in one clear message naming the machine and the option,
+//! exit status 2, nothing built and nothing recorded in the state DB.
+
+mod common;
+
+use common::{Fl, Run};
+
+/// Runs `flotilla build` on a deployment file and checks the refusal.
+fn refused(body: &str) -> (Fl, Run) {
+    refused_in(Fl::new(), body)
+}
+
+fn refused_in(fl: Fl, body: &str) -> (Fl, Run) {
+    let file = fl.file("deployment.nix", body);
+    let run = fl.run(&["build", "-f", &file]);
+    assert_eq!(run.code(), 2, "expected exit 2\nstdout:\n{}\nstderr:\n{}", run.stdout(), run.stderr());
+    // Nothing recorded, nothing rooted.
+    assert_eq!(fl.run(&["list", "--json"]).ok().json(), serde_json::json!([]));
+    assert!(!fl.state().parent().unwrap().join("gcroots").exists());
+    (fl, run)
+}
+
+#[track_caller]
+fn says(run: &Run, text: &str) {
+    assert!(run.stderr().contains(text), "stderr lacks {text:?}:\n{}", run.stderr());
+}
+
+#[test]
+fn unknown_option_suggests_the_nearest() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { servics.a.command = [ "/bin/true" ]; }; }"#);
+    says(&run, "machine web1: unknown option `servics`; did you mean `services`?");
+}
+
+#[test]
+fn unknown_nested_option_suggests_the_nearest() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { services.a = { comand = [ "/bin/true" ]; }; }; }"#);
+    says(&run, "machine web1: unknown option `services.a.comand`; did you mean `services.a.command`?");
+}
+
+#[test]
+fn wrong_type() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { tags = "web"; }; }"#);
+    says(&run, "machine web1: option `tags` must be a list of strings, not a string (\"web\")");
+}
+
+#[test]
+fn bad_machine_name() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines."web_1" = { }; }"#);
+    says(&run, "machine web_1: `web_1` is not a valid machine name");
+}
+
+#[test]
+fn service_after_a_missing_service() {
+    let (_, run) = refused(
+        r#"{ meta.name = "t"; machines.web1 = { services.api = { command = [ "/bin/true" ]; after = [ "dbb" ]; }; services.db.command = [ "/bin/true" ]; }; }"#,
+    );
+    says(&run, "machine web1: option `services.api.after` names service \"dbb\", which this machine does not have; did you mean \"db\"?");
+}
+
+#[test]
+fn two_services_on_one_name() {
+    let (_, run) = refused(
+        r#"{ meta.name = "t"; machines.web1 = { services.web.command = [ "/bin/true" ]; services.Web.command = [ "/bin/true" ]; }; }"#,
+    );
+    says(&run, "are two services on one name");
+}
+
+#[test]
+fn a_service_defined_twice_is_nix_s_own_error_with_its_location() {
+    let (fl, run) = refused("{\n  meta.name = \"t\";\n  machines.web1 = {\n    services.web.command = [ \"/bin/true\" ];\n    services.web.command = [ \"/bin/false\" ];\n  };\n}\n");
+    says(&run, "already defined");
+    says(&run, &format!("{}:5", fl.dir.path().join("deployment.nix").display()));
+}
+
+#[test]
+fn file_outside_etc() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/var/motd".text = "hi"; }; }"#);
+    says(&run, "machine web1: option `files.\"/var/motd\"` is outside /etc");
+}
+
+#[test]
+fn key_text_that_would_land_in_the_store() {
+    let fl = Fl::new();
+    let secret = format!("flotilla-test-secret-{}.txt", std::process::id());
+    fl.file(&secret, "hunter2");
+    let (_fl, run) = refused_in(fl, &format!(r#"{{ meta.name = "t"; machines.web1 = {{ keys.db.text = "${{./{secret}}}"; }}; }}"#));
+    says(&run, "machine web1: keys.db.text refers to the Nix store");
+    says(&run, "keys.db.file");
+    // Refused before anything reached the store.
+    let leaked: Vec<_> = std::fs::read_dir("/nix/store")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(&secret))
+        .collect();
+    assert!(leaked.is_empty(), "the secret file was copied into the store: {leaked:?}");
+}
+
+#[test]
+fn unknown_key_owner() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.db = { text = "s"; user = "postgres"; }; }; }"#);
+    says(&run, "machine web1: option `keys.db.user` names user \"postgres\", which this machine does not have");
+}
+
+#[test]
+fn nix_evaluation_error_shows_the_file_and_line() {
+    let (fl, run) = refused("{\n  meta.name = \"t\";\n  machines.web1 = { pkgs, ... }: {\n    packages = [ pkgs.no-such-package ];\n  };\n}\n");
+    says(&run, "attribute 'no-such-package' missing");
+    says(&run, &format!("{}:4", fl.dir.path().join("deployment.nix").display()));
+}
+
+#[test]
+fn missing_meta_name() {
+    let (_, run) = refused(r#"{ machines.web1 = { }; }"#);
+    says(&run, "sets no `meta.name`");
+}
+
+#[test]
+fn wrong_platform_type_suggests_the_nearest() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { platform.type = "shh"; }; }"#);
+    says(&run, "machine web1: option `platform.type` is \"shh\", which is not one of local, qemu, ssh; did you mean \"ssh\"?");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.a = { tags = 1; }; machines.b = { packagez = [ ]; }; }"#);
+    says(&run, "machine a: option `tags`");
+    says(&run, "machine b: unknown option `packagez`; did you mean `packages`?");
+}
