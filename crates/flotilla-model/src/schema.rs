@@ -115,13 +115,21 @@ impl fmt::Display for OptionType {
     }
 }
 
-/// "a string" → "strings", for "a list of strings".
+/// The plural of a type's description, for "a list of strings".
 fn plural(t: &OptionType) -> String {
-    let s = t.to_string();
-    let s = s.strip_prefix("a ").or_else(|| s.strip_prefix("an ")).unwrap_or(&s).to_owned();
-    match s.split_once(' ') {
-        Some((head, rest)) => format!("{head}s {rest}"),
-        None => format!("{s}s"),
+    match t {
+        OptionType::Str => "strings".into(),
+        OptionType::Bool => "booleans".into(),
+        OptionType::Int => "integers".into(),
+        OptionType::Port => "port numbers (1 to 65535)".into(),
+        OptionType::Mode => "octal mode strings".into(),
+        OptionType::Package => "packages".into(),
+        OptionType::AbsPath => "absolute paths".into(),
+        OptionType::Submodule { .. } | OptionType::Tagged { .. } => "attribute sets".into(),
+        OptionType::ListOf { elem } => format!("lists of {}", plural(elem)),
+        OptionType::AttrsOf { elem } => format!("attribute sets of {}", plural(elem)),
+        OptionType::NullOr { elem } => format!("{} or nulls", plural(elem)),
+        other => format!("values that are {other}"),
     }
 }
 

@@ -177,6 +177,17 @@ impl Nix {
         })
     }
 
+    /// The machine option schema (`nix/options.nix`) as JSON, without any deployment.
+    pub fn options_schema(&self) -> Result<Value> {
+        let mut cmd = Command::new("nix-instantiate");
+        cmd.args(["--eval", "--strict", "--json"]).arg(self.library.join("options.nix"));
+        let out = run(&mut cmd, "nix-instantiate")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        serde_json::from_slice(&out.stdout).map_err(|e| NixError::Output { command: "nix-instantiate options.nix".into(), detail: e.to_string() })
+    }
+
     /// Realises `drvs` in one `nix-store --realise --keep-going` call, so Nix schedules all
     /// builds together and one failure does not stop the others. Nix's progress lines go to
     /// `on_line`. Which outputs exist afterwards is for the caller to check.

@@ -98,6 +98,8 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Print the machine options as Markdown (docs/options.md is this output)
+    Options,
     /// Print shell completions
     Completions {
         /// The shell

@@ -46,6 +46,12 @@ fn run(cli: Cli) -> Result<Outcome> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(Outcome::Ok)
         }
+        Command::Options => {
+            let nix = nix(g)?;
+            let schema: flotilla_model::Schema = serde_json::from_value(nix.options_schema()?)?;
+            print!("{}", output::options_markdown(&schema));
+            Ok(Outcome::Ok)
+        }
         Command::List { json } => {
             let state = open_state(g)?;
             output::deployments(&state.deployments()?, *json);
@@ -106,14 +112,17 @@ fn open_state(g: &Global) -> Result<State> {
     Ok(State::open(&path)?)
 }
 
-fn engine(g: &Global, state: State) -> Result<Engine> {
-    let nix = Nix::new(NixOptions {
+fn nix(g: &Global) -> Result<Nix> {
+    Ok(Nix::new(NixOptions {
         include: g.include.clone(),
         substituters: g.substituters.clone(),
         show_trace: g.show_trace,
         library: std::env::var_os("FLOTILLA_NIX_LIB").map(PathBuf::from),
-    })?;
-    Ok(Engine::new(nix, state, actor()))
+    })?)
+}
+
+fn engine(g: &Global, state: State) -> Result<Engine> {
+    Ok(Engine::new(nix(g)?, state, actor()))
 }
 
 /// The deployment file: `-f`, or the file `-d NAME` was last evaluated from.

@@ -155,3 +155,17 @@ fn completions_and_man_page_come_from_the_cli_definition() {
     let man = fl.run(&["man"]).ok().stdout();
     assert!(man.contains(".TH flotilla"), "{man}");
 }
+
+#[test]
+fn docs_options_md_is_the_generated_reference() {
+    let fl = Fl::new();
+    let generated = fl.run(&["options"]).ok().stdout();
+    let doc = repo().join("docs/options.md");
+    if std::env::var_os("FLOTILLA_BLESS").is_some() {
+        std::fs::write(&doc, &generated).unwrap();
+    }
+    assert_eq!(std::fs::read_to_string(&doc).unwrap(), generated, "docs/options.md is stale: regenerate with `flotilla options > docs/options.md`");
+    for option in ["services.<name>.healthCheck", "keys.<name>.destDir", "files.<name>.mode", "platform"] {
+        assert!(generated.contains(&format!("### `{option}`")), "{option} undocumented");
+    }
+}
