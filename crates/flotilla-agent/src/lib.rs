@@ -2,5 +2,10 @@
 //! Nix builds (`build-system`), and on a machine receives closures, activates generations and
 //! supervises services. It must stay small and static: it is copied to every machine.
 
+pub mod activate;
 pub mod build_system;
+mod etc;
+pub mod machine;
+pub mod server;
 pub mod supervisor;
+mod users;

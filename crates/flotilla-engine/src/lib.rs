@@ -8,6 +8,7 @@
 
 pub mod facts;
 mod gcroots;
+pub mod remote;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

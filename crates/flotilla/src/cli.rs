@@ -100,6 +100,12 @@ pub enum Command {
     },
     /// Print the machine options as Markdown (docs/options.md is this output)
     Options,
+    /// Developer commands: drive an agent that manages a plain directory as a machine's root
+    #[command(hide = true)]
+    Debug {
+        #[command(subcommand)]
+        command: DebugCommand,
+    },
     /// Print shell completions
     Completions {
         /// The shell
@@ -107,4 +113,74 @@ pub enum Command {
     },
     /// Print the man page (roff)
     Man,
+}
+
+/// What activation should do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Goal {
+    /// Copy the closure only
+    Copy,
+    /// Make it the current generation and run it now
+    Switch,
+    /// Make it the current generation for the next start only
+    Boot,
+    /// Run it now without making it a generation
+    Test,
+    /// Say what activation would change, change nothing
+    DryActivate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DebugCommand {
+    /// Build one machine and push its system into DIR through a local agent, then activate it
+    PushToRoot {
+        /// The directory standing for the machine's root
+        dir: PathBuf,
+        #[command(flatten)]
+        target: Target,
+        /// The machine whose system to push
+        #[arg(long)]
+        machine: String,
+        /// What to do once copied
+        #[arg(long, value_enum, default_value = "switch")]
+        goal: Goal,
+        /// Compress the stream with zstd (worth it on slow links only)
+        #[arg(long)]
+        compress: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask the agent managing DIR
+    Root {
+        /// The directory standing for the machine's root
+        dir: PathBuf,
+        #[command(subcommand)]
+        op: RootOp,
+        /// Print JSON
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RootOp {
+    /// Current generation, running system, services
+    Status,
+    /// Every generation
+    Generations,
+    /// Re-activate an earlier generation (default: the previous one)
+    Rollback {
+        /// The generation
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Delete old generations, keeping the newest N and the current one
+    DeleteGenerations {
+        /// How many to keep
+        #[arg(long)]
+        keep_last: u32,
+    },
+    /// Remove store paths no generation needs
+    Gc,
 }

@@ -3,6 +3,7 @@
 //! chooses the exit status: 0 all good, 1 some machines failed, 2 could not run.
 
 mod cli;
+mod debug;
 mod output;
 
 use std::path::{Path, PathBuf};
@@ -18,7 +19,7 @@ use flotilla_state::State;
 use cli::{Cli, Command, Global, Target};
 
 /// How a command ended, as an exit status.
-enum Outcome {
+pub(crate) enum Outcome {
     Ok,
     SomeFailed,
 }
@@ -91,6 +92,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
+        Command::Debug { command } => debug::run(g, command),
         Command::Build { target, on, json } => {
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
@@ -107,12 +109,12 @@ fn run(cli: Cli) -> Result<Outcome> {
     }
 }
 
-fn open_state(g: &Global) -> Result<State> {
+pub(crate) fn open_state(g: &Global) -> Result<State> {
     let path = g.state.clone().unwrap_or_else(flotilla_state::default_path);
     Ok(State::open(&path)?)
 }
 
-fn nix(g: &Global) -> Result<Nix> {
+pub(crate) fn nix(g: &Global) -> Result<Nix> {
     Ok(Nix::new(NixOptions {
         include: g.include.clone(),
         substituters: g.substituters.clone(),
@@ -121,12 +123,12 @@ fn nix(g: &Global) -> Result<Nix> {
     })?)
 }
 
-fn engine(g: &Global, state: State) -> Result<Engine> {
+pub(crate) fn engine(g: &Global, state: State) -> Result<Engine> {
     Ok(Engine::new(nix(g)?, state, actor()))
 }
 
 /// The deployment file: `-f`, or the file `-d NAME` was last evaluated from.
-fn deployment_file(state: &State, t: &Target) -> Result<PathBuf> {
+pub(crate) fn deployment_file(state: &State, t: &Target) -> Result<PathBuf> {
     match (&t.file, &t.deployment) {
         (Some(f), _) => Ok(f.clone()),
         (None, Some(name)) => {
@@ -147,7 +149,7 @@ fn deployment_name(engine: &Engine, t: &Target) -> Result<String> {
 }
 
 /// The static agent binary: `$FLOTILLA_AGENT`, else `flotilla-agent` beside this program.
-fn agent_path() -> Result<PathBuf> {
+pub(crate) fn agent_path() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("FLOTILLA_AGENT").filter(|p| !p.is_empty()) {
         return Ok(PathBuf::from(p));
     }

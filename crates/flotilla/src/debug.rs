@@ -1,0 +1,175 @@
+//! `flotilla debug`: developer commands that run a real agent on a plain directory standing
+//! for a machine's root, so copying and activation can be exercised without a platform.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use flotilla_engine::remote::AgentClient;
+use flotilla_engine::EngineEvent;
+use flotilla_model::{MachineName, Selection};
+use flotilla_protocol::{ActivationGoal, ActivationReport, Compression};
+
+use crate::cli::{DebugCommand, Global, Goal, RootOp};
+use crate::{agent_path, deployment_file, engine, nix, open_state, output, Outcome};
+
+pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
+    match command {
+        DebugCommand::PushToRoot { dir, target, machine, goal, compress, json } => {
+            let machine = MachineName::new(machine)?;
+            let state = open_state(g)?;
+            let file = deployment_file(&state, target)?;
+            let mut engine = engine(g, state)?;
+            let ev = engine.evaluate(&file)?;
+            let selected = ev.select(&Selection::parse(machine.as_str()))?;
+            let agent = agent_path()?;
+            let verbose = g.verbose;
+            let mut listen = |e: &EngineEvent| output::progress(e, verbose);
+            let report = engine.build(&ev, &selected, &agent, &mut listen)?;
+            let built = &report.machines[0];
+            let toplevel = built
+                .toplevel
+                .clone()
+                .ok_or_else(|| anyhow!("machine {machine} did not build: {}", built.error.as_deref().unwrap_or("")))?;
+
+            let mut client = connect_or_start(dir, &agent)?;
+            let nix = nix(g)?;
+            let compression = if *compress { Compression::Zstd } else { Compression::None };
+            let copy = client.copy_closure(&nix, &[toplevel.clone()], compression, &mut |_, _| {})?;
+            let activation = match goal {
+                Goal::Copy => None,
+                Goal::Switch => Some(client.activate(&toplevel, ActivationGoal::Switch)?),
+                Goal::Boot => Some(client.activate(&toplevel, ActivationGoal::Boot)?),
+                Goal::Test => Some(client.activate(&toplevel, ActivationGoal::Test)?),
+                Goal::DryActivate => Some(client.activate(&toplevel, ActivationGoal::DryActivate)?),
+            };
+            if *json {
+                output::json(&serde_json::json!({
+                    "machine": machine,
+                    "toplevel": toplevel,
+                    "copy": copy,
+                    "generation": activation.as_ref().map(|a| a.0),
+                    "report": activation.as_ref().map(|a| &a.1),
+                }));
+            } else {
+                println!(
+                    "{machine}: copied {} of {} paths ({} bytes) in {:.2}s",
+                    copy.paths_sent, copy.closure_paths, copy.bytes_sent, copy.seconds
+                );
+                if let Some((generation, report)) = &activation {
+                    print_report(*generation, report);
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+        DebugCommand::Root { dir, op, json } => {
+            let mut client = AgentClient::connect_unix(&socket(dir))?;
+            match op {
+                RootOp::Status => {
+                    let (generation, toplevel, services) = client.status()?;
+                    if *json {
+                        output::json(&serde_json::json!({ "generation": generation, "toplevel": toplevel, "services": services }));
+                    } else {
+                        println!("generation {}: {}", generation.map(|n| n.to_string()).unwrap_or("-".into()), toplevel.map(|t| t.to_string()).unwrap_or("-".into()));
+                        for s in services {
+                            println!("  {:<16} {:?} pid {} restarts {}", s.name, s.state, s.pid.map(|p| p.to_string()).unwrap_or("-".into()), s.restarts);
+                        }
+                    }
+                }
+                RootOp::Generations => {
+                    let gens = client.generations()?;
+                    if *json {
+                        output::json(&gens);
+                    } else {
+                        for gen in gens {
+                            println!("{:>4}{} {} {}", gen.number, if gen.current { "*" } else { " " }, gen.created_unix, gen.toplevel);
+                        }
+                    }
+                }
+                RootOp::Rollback { to } => {
+                    let (generation, report) = client.rollback(*to)?;
+                    if *json {
+                        output::json(&serde_json::json!({ "generation": generation, "report": report }));
+                    } else {
+                        print_report(generation, &report);
+                    }
+                }
+                RootOp::DeleteGenerations { keep_last } => {
+                    let deleted = client.delete_generations(Some(*keep_last), None)?;
+                    if *json {
+                        output::json(&deleted);
+                    } else {
+                        println!("deleted generations {deleted:?}");
+                    }
+                }
+                RootOp::Gc => {
+                    let (paths, bytes) = client.collect_garbage()?;
+                    if *json {
+                        output::json(&serde_json::json!({ "paths": paths, "bytes": bytes }));
+                    } else {
+                        println!("removed {paths} store paths, {bytes} bytes");
+                    }
+                }
+            }
+            Ok(Outcome::Ok)
+        }
+    }
+}
+
+fn socket(dir: &Path) -> std::path::PathBuf {
+    dir.join("run/flotilla/agent.sock")
+}
+
+/// Connects to the agent of `dir`, starting one (detached, logging beside its services) when
+/// none answers.
+fn connect_or_start(dir: &Path, agent: &Path) -> Result<AgentClient> {
+    let sock = socket(dir);
+    if let Ok(c) = AgentClient::connect_unix(&sock) {
+        return Ok(c);
+    }
+    std::fs::create_dir_all(dir.join("var/log/flotilla")).with_context(|| format!("cannot create {}", dir.display()))?;
+    let log = std::fs::File::create(dir.join("var/log/flotilla/agent.log"))?;
+    use std::os::unix::process::CommandExt;
+    Command::new(agent)
+        .arg("init")
+        .arg("--root")
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("cannot start the agent {}", agent.display()))?;
+    let start = Instant::now();
+    loop {
+        match AgentClient::connect_unix(&sock) {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => bail!("the agent started for {} does not answer: {e}", dir.display()),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+fn print_report(generation: u64, r: &ActivationReport) {
+    let mut parts = Vec::new();
+    for (what, list) in [
+        ("started", &r.services_started),
+        ("restarted", &r.services_restarted),
+        ("stopped", &r.services_stopped),
+        ("unchanged", &r.services_unchanged),
+        ("etc added", &r.etc_added),
+        ("etc changed", &r.etc_changed),
+        ("etc removed", &r.etc_removed),
+        ("users added", &r.users_added),
+        ("users removed", &r.users_removed),
+    ] {
+        if !list.is_empty() {
+            parts.push(format!("{what} {}", list.join(",")));
+        }
+    }
+    println!("{}generation {generation}: {}", if r.dry_run { "would activate " } else { "" }, if parts.is_empty() { "nothing changed".into() } else { parts.join("; ") });
+    for m in &r.messages {
+        println!("  {m}");
+    }
+}

@@ -1,0 +1,150 @@
+//! The agent on a plain directory standing for a machine's root: copy, activate, restart only
+//! what changed, roll back, supervise, stop cleanly. Real Nix, real agent, real busybox httpd.
+
+mod common;
+
+use std::path::Path;
+
+use common::{alive, free_port, http_get, Fl, RunningAgent};
+use serde_json::Value;
+
+/// A one-machine deployment: an httpd serving `page` on `port`, an idle service that must
+/// survive page changes, and a service that keeps exiting.
+fn deployment(port: u16, page: &str) -> String {
+    format!(
+        r#"{{
+  meta.name = "pushtest";
+  machines.box = {{ pkgs, ... }}: {{
+    packages = [ pkgs.busybox ];
+    files."/etc/motd".text = "page {page}\n";
+    services.web.command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "127.0.0.1:{port}" "-h" "${{pkgs.writeTextDir "index.html" "{page}"}}" ];
+    services.idle = {{ command = [ "${{pkgs.busybox}}/bin/sleep" "100000" ]; }};
+    services.flaky = {{ script = "exit 3"; restart = "always"; }};
+  }};
+}}"#
+    )
+}
+
+fn push(fl: &Fl, root: &Path, file: &str, goal: &str) -> Value {
+    fl.run(&["debug", "push-to-root", root.to_str().unwrap(), "-f", file, "--machine", "box", "--goal", goal, "--json"]).ok().json()
+}
+
+fn status(fl: &Fl, root: &Path) -> Value {
+    fl.run(&["debug", "root", root.to_str().unwrap(), "status", "--json"]).ok().json()
+}
+
+fn pid_of(status: &Value, service: &str) -> u32 {
+    let s = status["services"].as_array().unwrap().iter().find(|s| s["name"] == service).unwrap_or_else(|| panic!("no {service} in {status}"));
+    s["pid"].as_u64().unwrap_or_else(|| panic!("{service} has no pid: {s}")) as u32
+}
+
+fn strs(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn push_activate_change_rollback_and_stop() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let mut agent = RunningAgent::start(&root);
+    let port = free_port();
+    let file = fl.file("deployment.nix", &deployment(port, "one"));
+
+    // First push: the closure is copied and the services start.
+    let first = push(&fl, &root, &file, "switch");
+    assert!(first["copy"]["paths_sent"].as_u64().unwrap() >= 3, "{first}");
+    assert_eq!(first["generation"], 1);
+    assert_eq!(strs(&first["report"]["services_started"]), ["flaky", "idle", "web"]);
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    assert_eq!(std::fs::read_to_string(root.join("etc/motd")).unwrap(), "page one\n");
+    let toplevel = first["toplevel"].as_str().unwrap();
+    assert!(root.join(toplevel.trim_start_matches('/')).join("manifest.json").exists(), "the closure is in the machine's own store");
+
+    // Second push of the same system: nothing sent, nothing restarted, same generation.
+    let before = status(&fl, &root);
+    let again = push(&fl, &root, &file, "switch");
+    assert_eq!(again["copy"]["paths_sent"], 0, "{again}");
+    assert_eq!(again["generation"], 1);
+    assert!(strs(&again["report"]["services_restarted"]).is_empty(), "{again}");
+    assert_eq!(pid_of(&status(&fl, &root), "web"), pid_of(&before, "web"));
+
+    // Change the page: only the web service restarts.
+    let file = fl.file("deployment.nix", &deployment(port, "two"));
+    let idle_pid = pid_of(&before, "idle");
+    let changed = push(&fl, &root, &file, "switch");
+    assert_eq!(changed["generation"], 2);
+    assert_eq!(strs(&changed["report"]["services_restarted"]), ["web"]);
+    assert_eq!(strs(&changed["report"]["etc_changed"]), ["/etc/motd"]);
+    assert_eq!(http_get(port).as_deref(), Some("two"));
+    assert_eq!(pid_of(&status(&fl, &root), "idle"), idle_pid, "idle kept running");
+
+    // Dry activation of the old page says what would change and changes nothing.
+    let file_one = fl.file("deployment.nix", &deployment(port, "one"));
+    let dry = push(&fl, &root, &file_one, "dry-activate");
+    assert_eq!(dry["report"]["dry_run"], true);
+    assert_eq!(strs(&dry["report"]["services_restarted"]), ["web"]);
+    assert_eq!(http_get(port).as_deref(), Some("two"));
+
+    // Roll back: the old page is served again, and both generations are listed.
+    let rb = fl.run(&["debug", "root", root.to_str().unwrap(), "rollback", "--json"]).ok().json();
+    assert_eq!(rb["generation"], 1);
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    let gens = fl.run(&["debug", "root", root.to_str().unwrap(), "generations", "--json"]).ok().json();
+    let gens = gens.as_array().unwrap();
+    assert_eq!(gens.len(), 2);
+    assert_eq!(gens[0]["current"], true);
+    assert_eq!(gens[1]["current"], false);
+
+    // The service that keeps exiting is restarted by its policy.
+    let st = status(&fl, &root);
+    let flaky = st["services"].as_array().unwrap().iter().find(|s| s["name"] == "flaky").unwrap();
+    assert!(flaky["restarts"].as_u64().unwrap() >= 1, "{flaky}");
+
+    // SIGTERM stops every service, then the agent.
+    let pids = [pid_of(&st, "web"), pid_of(&st, "idle")];
+    let exit = agent.terminate();
+    assert!(exit.success(), "agent exit: {exit}");
+    for pid in pids {
+        assert!(!alive(pid), "service pid {pid} survived the agent");
+    }
+    assert!(http_get_once(port).is_none(), "the web service still answers");
+}
+
+fn http_get_once(port: u16) -> Option<()> {
+    std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
+}
+
+#[test]
+fn the_agent_restarts_services_of_the_current_system_when_it_starts_again() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let port = free_port();
+    let file = fl.file("deployment.nix", &deployment(port, "again"));
+    {
+        let _agent = RunningAgent::start(&root);
+        push(&fl, &root, &file, "switch");
+        assert_eq!(http_get(port).as_deref(), Some("again"));
+    }
+    let _agent = RunningAgent::start(&root);
+    assert_eq!(http_get(port).as_deref(), Some("again"));
+}
+
+#[test]
+fn gc_keeps_what_generations_need() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let _agent = RunningAgent::start(&root);
+    let port = free_port();
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "a")), "switch");
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "b")), "switch");
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    let r = root.to_str().unwrap();
+    let deleted = fl.run(&["debug", "root", r, "delete-generations", "--keep-last", "1", "--json"]).ok().json();
+    assert_eq!(deleted, serde_json::json!([1, 2]));
+    let gc = fl.run(&["debug", "root", r, "gc", "--json"]).ok().json();
+    assert!(gc["paths"].as_u64().unwrap() >= 2, "old toplevels and pages collected: {gc}");
+    // The current system still works, and pushing it again sends nothing.
+    assert_eq!(http_get(port).as_deref(), Some("c"));
+    let again = push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    assert_eq!(again["copy"]["paths_sent"], 0);
+}
