@@ -65,6 +65,19 @@ pub struct CopyStats {
     pub seconds: f64,
 }
 
+/// How far a copy is.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CopyProgress {
+    /// Paths sent so far.
+    pub paths: u64,
+    /// Paths to send.
+    pub total_paths: u64,
+    /// NAR bytes sent so far.
+    pub bytes: u64,
+    /// NAR bytes to send.
+    pub total_bytes: u64,
+}
+
 /// A conversation with one agent.
 pub struct AgentClient {
     conn: BoxedConnection,
@@ -100,13 +113,13 @@ impl AgentClient {
     }
 
     /// Copies the closure of `roots` from the local store, sending only the paths the machine
-    /// lacks. `progress(paths_done, bytes_done)` is called after each path.
+    /// lacks. `progress` is called after each path with what is done and what is to send.
     pub fn copy_closure(
         &mut self,
         nix: &Nix,
         roots: &[StorePath],
         compression: Compression,
-        progress: &mut dyn FnMut(u64, u64),
+        progress: &mut dyn FnMut(&CopyProgress),
     ) -> Result<CopyStats, RemoteError> {
         let start = Instant::now();
         let infos = nix.closure_info(roots)?;
@@ -130,6 +143,8 @@ impl AgentClient {
             return Ok(stats);
         }
         self.conn.send(&Request::AddPaths { paths: send.clone(), compression })?;
+        let total_paths = send.len() as u64;
+        let total_bytes: u64 = send.iter().map(|i| i.nar_size).sum();
         {
             let mut writer = self.conn.bulk_writer(compression)?;
             for info in &send {
@@ -137,7 +152,7 @@ impl AgentClient {
                     .map_err(|source| RemoteError::Local { path: info.path.clone(), source })?;
                 stats.paths_sent += 1;
                 stats.bytes_sent += n;
-                progress(stats.paths_sent, stats.bytes_sent);
+                progress(&CopyProgress { paths: stats.paths_sent, total_paths, bytes: stats.bytes_sent, total_bytes });
             }
             writer.finish()?;
         }

@@ -151,6 +151,20 @@ pub enum DebugCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Copy the closures of store paths into DIR through a local agent (no activation)
+    CopyToRoot {
+        /// The directory standing for the machine's root
+        dir: PathBuf,
+        /// Store paths whose closures to copy
+        #[arg(required = true)]
+        paths: Vec<String>,
+        /// Compress the stream with zstd
+        #[arg(long)]
+        compress: bool,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Ask the agent managing DIR
     Root {
         /// The directory standing for the machine's root

@@ -6,10 +6,11 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use flotilla_engine::remote::AgentClient;
+use flotilla_engine::remote::{AgentClient, CopyProgress};
 use flotilla_engine::EngineEvent;
 use flotilla_model::{MachineName, Selection};
 use flotilla_protocol::{ActivationGoal, ActivationReport, Compression};
+use flotilla_store::StorePath;
 
 use crate::cli::{DebugCommand, Global, Goal, RootOp};
 use crate::{agent_path, deployment_file, engine, nix, open_state, output, Outcome};
@@ -36,7 +37,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let mut client = connect_or_start(dir, &agent)?;
             let nix = nix(g)?;
             let compression = if *compress { Compression::Zstd } else { Compression::None };
-            let copy = client.copy_closure(&nix, &[toplevel.clone()], compression, &mut |_, _| {})?;
+            let copy = client.copy_closure(&nix, &[toplevel.clone()], compression, &mut progress_printer())?;
             let activation = match goal {
                 Goal::Copy => None,
                 Goal::Switch => Some(client.activate(&toplevel, ActivationGoal::Switch)?),
@@ -60,6 +61,21 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 if let Some((generation, report)) = &activation {
                     print_report(*generation, report);
                 }
+            }
+            Ok(Outcome::Ok)
+        }
+        DebugCommand::CopyToRoot { dir, paths, compress, json } => {
+            let roots = paths
+                .iter()
+                .map(|p| StorePath::parse(p).map_err(|e| anyhow!("{e}: pass store paths, e.g. $(nix-build ...)")))
+                .collect::<Result<Vec<_>>>()?;
+            let mut client = connect_or_start(dir, &agent_path()?)?;
+            let compression = if *compress { Compression::Zstd } else { Compression::None };
+            let copy = client.copy_closure(&nix(g)?, &roots, compression, &mut progress_printer())?;
+            if *json {
+                output::json(&copy);
+            } else {
+                println!("copied {} of {} paths ({} bytes) in {:.2}s", copy.paths_sent, copy.closure_paths, copy.bytes_sent, copy.seconds);
             }
             Ok(Outcome::Ok)
         }
@@ -113,6 +129,23 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 }
             }
             Ok(Outcome::Ok)
+        }
+    }
+}
+
+/// Prints copy progress on stderr at most once a second, so large copies show they move.
+fn progress_printer() -> impl FnMut(&CopyProgress) {
+    let mut last = Instant::now();
+    move |p: &CopyProgress| {
+        if last.elapsed() >= Duration::from_secs(1) || (p.paths == p.total_paths && p.total_bytes > 64 << 20) {
+            last = Instant::now();
+            eprintln!(
+                "copy: {}/{} paths, {:.1}/{:.1} MiB",
+                p.paths,
+                p.total_paths,
+                p.bytes as f64 / 1048576.0,
+                p.total_bytes as f64 / 1048576.0
+            );
         }
     }
 }

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): copying closures into a fresh machine root.
+#
+# Builds two closures in the local store, then times side by side, on the same paths:
+#   flotilla   `flotilla debug copy-to-root` (a real agent on a fresh root, NARs over a socket)
+#   nix copy   `nix copy --to 'local?root=DIR'` (Nix's own copy into a chroot store)
+#   cp -a      copying the store paths' directories (the floor: no hashing, no protocol)
+# and prints each time with its ratio to the others. Each figure is the best of $RUNS runs.
+#
+#   bash bench/copy.sh            # about 1 GB of /usr/lib plus 2,000 small paths
+#   BIG_MB=200 bash bench/copy.sh # a smaller big closure
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIG_MB=${BIG_MB:-1024}
+SMALL_PATHS=${SMALL_PATHS:-2000}
+RUNS=${RUNS:-3}
+
+bash scripts/install-deps.sh
+cargo build --release --workspace -q
+flotilla=$PWD/target/x86_64-unknown-linux-gnu/release/flotilla
+export FLOTILLA_SUBSTITUTERS="" FLOTILLA_STATE
+work=$(mktemp -d /var/tmp/flotilla-bench.XXXXXX)
+FLOTILLA_STATE=$work/state.db
+cleanup() {
+    pkill -f "flotilla-agent init --root $work" 2>/dev/null || true
+    chmod -R u+w "$work" 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+
+echo "== preparing closures" >&2
+# Big: real files from /usr/lib, about BIG_MB MiB, imported as one store path.
+stage=$work/stage/usr-lib-sample
+mkdir -p "$stage"
+find /usr/lib -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null | sort -k2 |
+    awk -v limit=$((BIG_MB * 1048576)) '{ if (total >= limit) exit; total += $1; print $2 }' |
+    xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
+big=$(nix-store --add "$stage")
+# Many: SMALL_PATHS small store paths (2-6 KiB each), all referenced by one root.
+many=$(nix-build --no-out-link --option substituters '' -E "
+  let p = import $PWD/nix/demo-pkgs.nix { };
+      body = i: builtins.concatStringsSep \"\" (builtins.genList (j: \"line \${toString j} of file \${toString i}\\n\") (100 + (i - (i / 200) * 200)));
+      files = builtins.genList (i: builtins.toFile \"small-\${toString i}\" (body i)) $SMALL_PATHS;
+  in p.writeText \"many-small-paths\" (builtins.concatStringsSep \"\\n\" files)")
+
+size_of() { nix-store -qR "$1" | xargs nix-store -q --size | awk '{ s += $1 } END { printf "%.1f MiB", s / 1048576 }'; }
+
+best() { sort -g | head -1; }
+
+run_flotilla() { # root-path dir
+    local t0 t1
+    t0=$(now)
+    "$flotilla" debug copy-to-root "$2" "$1" >/dev/null
+    t1=$(now)
+    pkill -f "flotilla-agent init --root $2" 2>/dev/null || true
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+}
+
+run_nix() {
+    local t0 t1
+    t0=$(now)
+    nix --extra-experimental-features nix-command copy --no-check-sigs --option substituters '' --to "local?root=$2" "$1"
+    t1=$(now)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+}
+
+run_cp() {
+    local t0 t1
+    mkdir -p "$2/nix/store"
+    t0=$(now)
+    nix-store -qR "$1" | xargs cp -a -t "$2/nix/store"
+    sync -f "$2/nix/store" 2>/dev/null || true
+    t1=$(now)
+    awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f\n", b - a }'
+}
+
+printf '\n%-22s %10s %10s %10s %12s %12s\n' closure flotilla "nix copy" "cp -a" "fl/nix" "fl/cp"
+for name in big many; do
+    root=${!name}
+    n=$(nix-store -qR "$root" | wc -l)
+    declare -a tf=() tn=() tc=()
+    for i in $(seq "$RUNS"); do
+        tf+=("$(run_flotilla "$root" "$work/fl-$name-$i")")
+        tn+=("$(run_nix "$root" "$work/nix-$name-$i")")
+        tc+=("$(run_cp "$root" "$work/cp-$name-$i")")
+        chmod -R u+w "$work/fl-$name-$i" "$work/nix-$name-$i" "$work/cp-$name-$i"
+        rm -rf "$work/fl-$name-$i" "$work/nix-$name-$i" "$work/cp-$name-$i"
+    done
+    f=$(printf '%s\n' "${tf[@]}" | best)
+    x=$(printf '%s\n' "${tn[@]}" | best)
+    c=$(printf '%s\n' "${tc[@]}" | best)
+    label="$name ($n paths, $(size_of "$root"))"
+    printf '%-22s %9.2fs %9.2fs %9.2fs %11.2fx %11.2fx\n' "$label" "$f" "$x" "$c" "$(awk -v a="$f" -v b="$x" 'BEGIN { print a / b }')" "$(awk -v a="$f" -v b="$c" 'BEGIN { print a / b }')"
+done
+echo
+echo "fl/nix < 1 means flotilla is faster than nix copy; fl/cp is flotilla's time over the cp -a floor." >&2
