@@ -61,7 +61,11 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
         Request::AddPaths { paths, compression } => {
             let mut reader = conn.bulk_reader(compression)?;
             let result = agent.root().receive(&paths, &mut reader);
-            reader.finish()?;
+            // Read the stream to its end whatever happened, so the answer can be sent.
+            match &result {
+                Ok(_) => reader.finish()?,
+                Err(_) => reader.drain()?,
+            };
             match result {
                 Ok((paths, bytes)) => Response::PathsAdded { paths, bytes },
                 Err(e @ crate::machine::ReceiveError::Integrity { .. }) => Response::error(ErrorKind::Integrity, e.to_string()),

@@ -1,1 +1,39 @@
-//! placeholder
+//! The conversation between the flotilla deployer and `flotilla-agent`, the static binary on
+//! every target machine: the messages, their framing on a byte stream, the version handshake,
+//! and bulk streams for NARs. It exists as one crate so both sides compile against the same
+//! definition, and it stays pure: it never spawns a process and never touches the filesystem,
+//! except for opening a transport in [`Connection`]'s constructors.
+//!
+//! A conversation: the client calls [`client_handshake`] and the agent [`server_handshake`];
+//! then the client sends [`Request`]s and the agent answers each with [`Response`]s
+//! (see [`message`] for the pairs), with one bulk stream after an `AddPaths` request.
+
+mod connection;
+mod data;
+mod error;
+pub mod frame;
+mod handshake;
+pub mod message;
+
+pub use connection::{BoxedConnection, Connection, IO_BUFFER_SIZE};
+pub use data::{
+    BulkReader, BulkStats, BulkWriter, DataReader, DataWriter, DATA_CHUNK_SIZE, ZSTD_LEVEL,
+    ZSTD_WINDOW_LOG_MAX,
+};
+pub use error::{ProtocolError, Result};
+pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
+pub use handshake::{client_handshake, server_handshake};
+pub use message::{
+    ActivationGoal, ActivationReport, Compression, ErrorKind, GenerationInfo, HandshakeReply,
+    Hello, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Welcome,
+    MAGIC,
+};
+
+/// The protocol version this build speaks best; bump it on any incompatible message change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The oldest protocol version this build still speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+#[cfg(test)]
+mod tests;

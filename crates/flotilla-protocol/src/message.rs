@@ -1,0 +1,483 @@
+//! The messages the deployer and the agent exchange, as plain serde types. This module exists
+//! so that both sides compile against one definition of the conversation; it must never do
+//! I/O, and its JSON shape must never change without a new [`crate::PROTOCOL_VERSION`]
+//! (unknown fields are rejected so that a mismatch shows up as an error, not as a silently
+//! ignored option).
+//!
+//! Every request has exactly one final response; before it the agent may send any number of
+//! [`Response::Progress`]. The pairs are:
+//!
+//! | request | final response |
+//! | --- | --- |
+//! | `QueryMissing` | `Missing` |
+//! | `AddPaths` (+ one bulk stream) | `PathsAdded` |
+//! | `Activate` | `Activated` |
+//! | `Confirm` | `Confirmed` |
+//! | `Rollback` | `Activated` (the generation rolled back to) |
+//! | `ListGenerations` | `Generations` |
+//! | `DeleteGenerations` | `GenerationsDeleted` |
+//! | `CollectGarbage` | `GarbageCollected` |
+//! | `Status` | `Status` |
+//! | `Goodbye` | none: the agent closes the connection |
+//!
+//! and any request may instead be answered by `Error`.
+
+use std::fmt;
+
+use flotilla_store::{NarHash, StorePath};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A type that travels in a `Message` frame. Sealed: only this module's messages are sent.
+pub trait Message: Serialize + DeserializeOwned + sealed::Sealed {
+    /// What to call this message in errors, e.g. "request".
+    const WHAT: &'static str;
+    /// The same with an article, e.g. "a request".
+    const A_WHAT: &'static str;
+}
+
+mod sealed {
+    /// Keeps [`super::Message`] to the types of this module.
+    pub trait Sealed {}
+}
+
+macro_rules! message {
+    ($ty:ty, $a:literal, $what:literal) => {
+        impl sealed::Sealed for $ty {}
+        impl Message for $ty {
+            const WHAT: &'static str = $what;
+            const A_WHAT: &'static str = concat!($a, " ", $what);
+        }
+    };
+}
+
+message!(Hello, "a", "hello");
+message!(HandshakeReply, "a", "handshake reply");
+message!(Request, "a", "request");
+message!(Response, "a", "response");
+
+/// The magic string a client's [`Hello`] carries, so an agent can tell flotilla from noise.
+pub const MAGIC: &str = "flotilla";
+
+/// The first message of every connection, sent by the client (the deployer).
+///
+/// The handshake messages are the one part of the protocol every version must understand,
+/// so unlike the others they ignore unknown fields: a later version may add some.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "hello")]
+pub struct Hello {
+    /// Always [`MAGIC`].
+    pub magic: String,
+    /// The lowest protocol version the client speaks.
+    pub min_version: u32,
+    /// The highest protocol version the client speaks.
+    pub max_version: u32,
+    /// The client's name and version, for the agent's log, e.g. "flotilla 0.1.0".
+    pub client: String,
+}
+
+/// The agent's acceptance of a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Welcome {
+    /// The protocol version both sides speak from now on: the highest in both ranges.
+    pub version: u32,
+    /// The agent's software version, e.g. "0.1.0".
+    pub agent_version: String,
+    /// The root directory the agent manages (`/` on a real machine, the machine's root
+    /// directory for a local container).
+    pub root: String,
+}
+
+/// The agent's refusal of a [`Hello`]; the agent closes the connection after sending it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    /// Why, in words naming the versions each side speaks.
+    pub reason: String,
+    /// The agent's software version, e.g. "0.1.0".
+    pub agent_version: String,
+    /// The lowest protocol version the agent speaks.
+    pub min_version: u32,
+    /// The highest protocol version the agent speaks.
+    pub max_version: u32,
+}
+
+/// The agent's answer to a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum HandshakeReply {
+    /// The agent accepts; the conversation continues.
+    Welcome(Welcome),
+    /// The agent refuses and closes.
+    Refused(Refused),
+}
+
+/// How a bulk stream is compressed; the sender chooses per stream and says so in the request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// Raw bytes: best on fast links (local sockets), where compressing costs more than it saves.
+    #[default]
+    None,
+    /// One zstd stream: best on slow links.
+    Zstd,
+}
+
+/// A store path to add on the target, with what is needed to verify and register it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PathInfo {
+    /// The path.
+    pub path: StorePath,
+    /// The store paths its contents refer to (itself included if it refers to itself).
+    pub references: Vec<StorePath>,
+    /// The sha256 of its NAR serialisation; on the wire `sha256:<nix-base32>`.
+    pub nar_hash: NarHash,
+    /// The size of its NAR serialisation in bytes.
+    pub nar_size: u64,
+}
+
+/// What an activation should do, as `nixos-rebuild` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ActivationGoal {
+    /// Make it the current generation, activate it now and on boot.
+    Switch,
+    /// Make it the boot default only.
+    Boot,
+    /// Activate it now without making it the boot default.
+    Test,
+    /// Report what activation would change, changing nothing.
+    #[serde(alias = "dry-activate")]
+    DryActivate,
+}
+
+impl fmt::Display for ActivationGoal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ActivationGoal::Switch => "switch",
+            ActivationGoal::Boot => "boot",
+            ActivationGoal::Test => "test",
+            ActivationGoal::DryActivate => "dry-activate",
+        })
+    }
+}
+
+/// A request from the deployer to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Which of these paths does the target lack? Answered by [`Response::Missing`].
+    QueryMissing {
+        /// The paths to check, usually a whole closure.
+        paths: Vec<StorePath>,
+    },
+    /// Add these paths. Followed by one bulk stream holding their NARs back to back, in this
+    /// order. The agent must read the whole stream (to its end) before it answers, even when
+    /// it will answer `Error`, and must send nothing (not even `Progress`) while it reads:
+    /// otherwise both sides can block writing to each other. Answered by
+    /// [`Response::PathsAdded`].
+    AddPaths {
+        /// The paths, in the order of the stream; references before referrers.
+        paths: Vec<PathInfo>,
+        /// How the stream is compressed.
+        compression: Compression,
+    },
+    /// Activate a system toplevel that is already in the target's store. Answered by
+    /// [`Response::Activated`].
+    Activate {
+        /// The toplevel store path.
+        toplevel: StorePath,
+        /// What to do with it.
+        goal: ActivationGoal,
+        /// If set, the agent rolls back by itself unless a [`Request::Confirm`] for the new
+        /// generation arrives within this many seconds (after its health checks passed).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        confirm_within_secs: Option<u64>,
+    },
+    /// Keep the generation just activated: cancels the automatic rollback. Answered by
+    /// [`Response::Confirmed`].
+    Confirm {
+        /// The generation that `Activated` reported.
+        generation: u64,
+    },
+    /// Switch back to an earlier generation: the given one, or the one before the current.
+    /// Answered by [`Response::Activated`].
+    Rollback {
+        /// The generation number to switch to; `None` for the previous one.
+        to: Option<u64>,
+    },
+    /// List the system generations. Answered by [`Response::Generations`].
+    ListGenerations,
+    /// Delete old generations (never the current one). Answered by
+    /// [`Response::GenerationsDeleted`].
+    DeleteGenerations {
+        /// Keep at least this many of the newest generations.
+        keep_last: Option<u32>,
+        /// Delete only generations older than this many seconds.
+        older_than_secs: Option<u64>,
+    },
+    /// Delete store paths no generation needs. Answered by [`Response::GarbageCollected`].
+    CollectGarbage,
+    /// Report the current generation and the services. Answered by [`Response::Status`].
+    Status,
+    /// End the conversation; there is no answer, the agent closes the connection.
+    Goodbye,
+}
+
+impl Request {
+    /// Whether `response` is a valid final answer to this request (see the module table).
+    /// `Error` answers every request; `Progress` is never final; `Goodbye` has no answer.
+    pub fn is_answered_by(&self, response: &Response) -> bool {
+        matches!(
+            (self, response),
+            (Request::QueryMissing { .. }, Response::Missing { .. })
+                | (Request::AddPaths { .. }, Response::PathsAdded { .. })
+                | (Request::Activate { .. }, Response::Activated { .. })
+                | (Request::Confirm { .. }, Response::Confirmed { .. })
+                | (Request::Rollback { .. }, Response::Activated { .. })
+                | (Request::ListGenerations, Response::Generations { .. })
+                | (
+                    Request::DeleteGenerations { .. },
+                    Response::GenerationsDeleted { .. }
+                )
+                | (Request::CollectGarbage, Response::GarbageCollected { .. })
+                | (Request::Status, Response::Status { .. })
+        ) || (matches!(response, Response::Error { .. }) && *self != Request::Goodbye)
+    }
+
+    /// The request's name on the wire, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::QueryMissing { .. } => "query_missing",
+            Request::AddPaths { .. } => "add_paths",
+            Request::Activate { .. } => "activate",
+            Request::Confirm { .. } => "confirm",
+            Request::Rollback { .. } => "rollback",
+            Request::ListGenerations => "list_generations",
+            Request::DeleteGenerations { .. } => "delete_generations",
+            Request::CollectGarbage => "collect_garbage",
+            Request::Status => "status",
+            Request::Goodbye => "goodbye",
+        }
+    }
+}
+
+/// A message from the agent to the deployer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The paths of a `QueryMissing` the target lacks, in the order asked.
+    Missing {
+        /// The missing paths.
+        paths: Vec<StorePath>,
+    },
+    /// The paths of an `AddPaths` are in the store, verified and registered.
+    PathsAdded {
+        /// How many paths were added.
+        paths: u64,
+        /// How many NAR bytes they held.
+        bytes: u64,
+    },
+    /// A generation is active (after `Activate` or `Rollback`).
+    Activated {
+        /// Its number.
+        generation: u64,
+        /// What activation changed.
+        report: ActivationReport,
+    },
+    /// The generation is kept; no automatic rollback will happen.
+    Confirmed {
+        /// The generation confirmed.
+        generation: u64,
+    },
+    /// The system generations, oldest first.
+    Generations {
+        /// The generations.
+        generations: Vec<GenerationInfo>,
+    },
+    /// The generations a `DeleteGenerations` removed.
+    GenerationsDeleted {
+        /// Their numbers.
+        deleted: Vec<u64>,
+    },
+    /// What a `CollectGarbage` freed.
+    GarbageCollected {
+        /// How many store paths were deleted.
+        paths: u64,
+        /// How many bytes that freed.
+        bytes: u64,
+    },
+    /// The machine's state.
+    Status {
+        /// The current generation, if any.
+        generation: Option<u64>,
+        /// The current toplevel, if any.
+        toplevel: Option<StorePath>,
+        /// The supervised services.
+        services: Vec<ServiceStatus>,
+    },
+    /// A step of work in progress, for the user to see; not a final answer.
+    Progress {
+        /// What the agent is doing, e.g. "restarting nginx".
+        message: String,
+    },
+    /// The request failed.
+    Error {
+        /// The class of failure.
+        kind: ErrorKind,
+        /// What happened and what to do, for users: never internals such as backtraces.
+        message: String,
+    },
+}
+
+impl Response {
+    /// The response's name on the wire, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Response::Missing { .. } => "missing",
+            Response::PathsAdded { .. } => "paths_added",
+            Response::Activated { .. } => "activated",
+            Response::Confirmed { .. } => "confirmed",
+            Response::Generations { .. } => "generations",
+            Response::GenerationsDeleted { .. } => "generations_deleted",
+            Response::GarbageCollected { .. } => "garbage_collected",
+            Response::Status { .. } => "status",
+            Response::Progress { .. } => "progress",
+            Response::Error { .. } => "error",
+        }
+    }
+
+    /// An `Error` response; `message` is shown to users as is.
+    pub fn error(kind: ErrorKind, message: impl Into<String>) -> Response {
+        Response::Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The class of an [`Response::Error`], so the deployer can react without parsing text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request is invalid (e.g. a path whose references are not present).
+    BadRequest,
+    /// Something the request names does not exist (a generation, a store path).
+    NotFound,
+    /// The request conflicts with the machine's state (e.g. another activation is running).
+    Conflict,
+    /// The agent could not read or write what it needed (disk full, permissions).
+    Io,
+    /// Received data did not match its announced hash or size.
+    Integrity,
+    /// Activation failed; the agent has rolled back.
+    Activation,
+    /// The agent does not support this on this machine.
+    Unsupported,
+    /// A kind this side does not know (sent by a newer peer); the message still explains it.
+    #[serde(other)]
+    Other,
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ErrorKind::BadRequest => "bad request",
+            ErrorKind::NotFound => "not found",
+            ErrorKind::Conflict => "conflict",
+            ErrorKind::Io => "I/O",
+            ErrorKind::Integrity => "integrity",
+            ErrorKind::Activation => "activation",
+            ErrorKind::Unsupported => "unsupported",
+            ErrorKind::Other => "other",
+        })
+    }
+}
+
+/// What an activation changed (or, for a dry run, would change).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActivationReport {
+    /// True if nothing was changed (goal `DryActivate`).
+    pub dry_run: bool,
+    /// `/etc` entries created, relative to `/etc`.
+    pub etc_added: Vec<String>,
+    /// `/etc` entries whose target changed.
+    pub etc_changed: Vec<String>,
+    /// `/etc` entries removed.
+    pub etc_removed: Vec<String>,
+    /// Users created.
+    pub users_added: Vec<String>,
+    /// Users removed.
+    pub users_removed: Vec<String>,
+    /// Services started (new).
+    pub services_started: Vec<String>,
+    /// Services stopped (removed).
+    pub services_stopped: Vec<String>,
+    /// Services restarted (changed).
+    pub services_restarted: Vec<String>,
+    /// Services left running as they were.
+    pub services_unchanged: Vec<String>,
+    /// Other notes for the user, e.g. "a reboot is needed for the new kernel".
+    pub messages: Vec<String>,
+}
+
+/// One system generation on the target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationInfo {
+    /// Its number, increasing with each activation.
+    pub number: u64,
+    /// Its toplevel store path.
+    pub toplevel: StorePath,
+    /// When it was created, in seconds since the Unix epoch.
+    pub created_unix: u64,
+    /// True for the generation that is active now.
+    pub current: bool,
+}
+
+/// The state of one service the agent supervises.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceStatus {
+    /// The service's name.
+    pub name: String,
+    /// What it is doing.
+    pub state: ServiceState,
+    /// Its main process, if running.
+    pub pid: Option<u32>,
+    /// How many times the agent restarted it since the generation was activated.
+    pub restarts: u32,
+    /// How its last process ended, e.g. "exit status 1" or "signal 9 (SIGKILL)".
+    pub last_exit: Option<String>,
+    /// Since when it is in this state, in seconds since the Unix epoch.
+    pub since_unix: u64,
+}
+
+/// The state of a supervised service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceState {
+    /// Started, not yet ready.
+    Starting,
+    /// Running and ready.
+    Running,
+    /// Stopped on purpose.
+    Stopped,
+    /// Gave up after failing.
+    Failed,
+    /// Failed and waiting before the next restart.
+    Backoff,
+}
+
+impl fmt::Display for ServiceState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceState::Starting => "starting",
+            ServiceState::Running => "running",
+            ServiceState::Stopped => "stopped",
+            ServiceState::Failed => "failed",
+            ServiceState::Backoff => "backoff",
+        })
+    }
+}

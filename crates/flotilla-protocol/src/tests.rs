@@ -1,0 +1,937 @@
+//! Tests of the whole conversation through real framing: over an in-memory buffer and over a
+//! connected `UnixStream` pair, with the two sides in two threads where the stream would
+//! otherwise fill up. They must never depend on timing beyond generous read timeouts that turn
+//! a hang (e.g. an unflushed message) into a failure.
+
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::thread;
+use std::time::Duration;
+
+use flotilla_store::StorePath;
+use proptest::prelude::*;
+
+use crate::frame::{self, FrameKind};
+use crate::handshake::{client_handshake_range, server_handshake_range};
+use crate::*;
+
+type Unix = Connection<UnixStream, UnixStream>;
+
+const P1: &str = "/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-busybox-static";
+const P2: &str = "/nix/store/0c0rd7r1g5vj3d5y5ij1yl0vj8pk3c8a-hello-2.12";
+const HASH: &str = "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s";
+const MIB: usize = 1024 * 1024;
+
+fn sp(s: &str) -> StorePath {
+    StorePath::parse(s).unwrap()
+}
+
+/// Two connected ends; reads time out so a protocol hang fails the test instead.
+fn pair() -> (Unix, Unix) {
+    let (a, b) = UnixStream::pair().unwrap();
+    for s in [&a, &b] {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    }
+    (Connection::unix(a).unwrap(), Connection::unix(b).unwrap())
+}
+
+/// Bytes that compress somewhat but not trivially, like a NAR.
+fn sample(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if i % 3 == 0 {
+                b'a' + (i % 7) as u8
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+/// Splits wire bytes into their frames' kinds and payload sizes.
+fn frames_of(mut wire: &[u8]) -> Vec<(FrameKind, usize)> {
+    let mut out = Vec::new();
+    let mut buf = Vec::new();
+    while let Some(kind) = frame::read_frame(&mut wire, &mut buf).unwrap() {
+        out.push((kind, buf.len()));
+    }
+    out
+}
+
+fn activation_report() -> ActivationReport {
+    ActivationReport {
+        dry_run: false,
+        etc_added: vec!["hosts".into()],
+        etc_changed: vec!["nginx/nginx.conf".into()],
+        etc_removed: vec!["motd".into()],
+        users_added: vec!["nginx".into()],
+        users_removed: vec!["old".into()],
+        services_started: vec!["nginx".into()],
+        services_stopped: vec!["apache".into()],
+        services_restarted: vec!["sshd".into()],
+        services_unchanged: vec!["cron".into()],
+        messages: vec!["a reboot is needed for the new kernel".into()],
+    }
+}
+
+/// One of every request. The match makes adding a variant without a test a compile error.
+fn all_requests() -> Vec<Request> {
+    let all = vec![
+        Request::QueryMissing {
+            paths: vec![sp(P1), sp(P2)],
+        },
+        Request::AddPaths {
+            paths: vec![PathInfo {
+                path: sp(P2),
+                references: vec![sp(P1), sp(P2)],
+                nar_hash: HASH.parse().unwrap(),
+                nar_size: 12_345,
+            }],
+            compression: Compression::Zstd,
+        },
+        Request::Activate {
+            toplevel: sp(P2),
+            goal: ActivationGoal::DryActivate,
+            confirm_within_secs: Some(30),
+        },
+        Request::Confirm { generation: 7 },
+        Request::Rollback { to: Some(3) },
+        Request::ListGenerations,
+        Request::DeleteGenerations {
+            keep_last: Some(5),
+            older_than_secs: None,
+        },
+        Request::CollectGarbage,
+        Request::Status,
+        Request::Goodbye,
+    ];
+    for r in &all {
+        match r {
+            Request::QueryMissing { .. }
+            | Request::AddPaths { .. }
+            | Request::Activate { .. }
+            | Request::Confirm { .. }
+            | Request::Rollback { .. }
+            | Request::ListGenerations
+            | Request::DeleteGenerations { .. }
+            | Request::CollectGarbage
+            | Request::Status
+            | Request::Goodbye => {}
+        }
+    }
+    all
+}
+
+/// One of every response. The match makes adding a variant without a test a compile error.
+fn all_responses() -> Vec<Response> {
+    let all = vec![
+        Response::Missing {
+            paths: vec![sp(P1)],
+        },
+        Response::PathsAdded {
+            paths: 2,
+            bytes: 1 << 33,
+        },
+        Response::Activated {
+            generation: 8,
+            report: activation_report(),
+        },
+        Response::Confirmed { generation: 8 },
+        Response::Generations {
+            generations: vec![
+                GenerationInfo {
+                    number: 7,
+                    toplevel: sp(P1),
+                    created_unix: 1_700_000_000,
+                    current: false,
+                },
+                GenerationInfo {
+                    number: 8,
+                    toplevel: sp(P2),
+                    created_unix: 1_700_000_100,
+                    current: true,
+                },
+            ],
+        },
+        Response::GenerationsDeleted {
+            deleted: vec![1, 2, 3],
+        },
+        Response::GarbageCollected {
+            paths: 40,
+            bytes: 123_456_789,
+        },
+        Response::Status {
+            generation: Some(8),
+            toplevel: Some(sp(P2)),
+            services: vec![
+                ServiceStatus {
+                    name: "nginx".into(),
+                    state: ServiceState::Running,
+                    pid: Some(42),
+                    restarts: 0,
+                    last_exit: None,
+                    since_unix: 1_700_000_101,
+                },
+                ServiceStatus {
+                    name: "worker".into(),
+                    state: ServiceState::Backoff,
+                    pid: None,
+                    restarts: 3,
+                    last_exit: Some("exit status 1".into()),
+                    since_unix: 1_700_000_150,
+                },
+            ],
+        },
+        Response::Progress {
+            message: "restarting nginx".into(),
+        },
+        Response::error(ErrorKind::NotFound, "generation 99 does not exist"),
+    ];
+    for r in &all {
+        match r {
+            Response::Missing { .. }
+            | Response::PathsAdded { .. }
+            | Response::Activated { .. }
+            | Response::Confirmed { .. }
+            | Response::Generations { .. }
+            | Response::GenerationsDeleted { .. }
+            | Response::GarbageCollected { .. }
+            | Response::Status { .. }
+            | Response::Progress { .. }
+            | Response::Error { .. } => {}
+        }
+    }
+    all
+}
+
+#[test]
+fn every_message_round_trips_through_an_in_memory_buffer() {
+    let mut wire = Vec::new();
+    {
+        let mut conn = Connection::new(io::empty(), &mut wire);
+        for r in all_requests() {
+            conn.send(&r).unwrap();
+        }
+        for r in all_responses() {
+            conn.send(&r).unwrap();
+        }
+    }
+    let frames = frames_of(&wire);
+    assert_eq!(frames.len(), all_requests().len() + all_responses().len());
+    assert!(frames.iter().all(|(k, _)| *k == FrameKind::Message));
+
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    for r in all_requests() {
+        assert_eq!(conn.recv::<Request>().unwrap(), r);
+    }
+    for r in all_responses() {
+        assert_eq!(conn.recv::<Response>().unwrap(), r);
+    }
+    assert!(matches!(conn.recv::<Request>(), Err(ProtocolError::Closed)));
+}
+
+#[test]
+fn every_message_round_trips_through_a_unix_socket() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || {
+        for expected in all_requests() {
+            assert_eq!(agent.recv::<Request>().unwrap(), expected);
+        }
+        for r in all_responses() {
+            agent.send(&r).unwrap();
+        }
+        // Stay open until the deployer has read everything: each message must arrive
+        // because `send` flushed it, not because the connection closed.
+        assert!(matches!(agent.recv::<Request>(), Ok(Request::Goodbye)));
+    });
+    for r in all_requests() {
+        deployer.send(&r).unwrap();
+    }
+    for expected in all_responses() {
+        assert_eq!(deployer.recv::<Response>().unwrap(), expected);
+    }
+    deployer.goodbye().unwrap();
+    agent_side.join().unwrap();
+}
+
+#[test]
+fn json_shape_is_tagged_snake_case() {
+    let json = serde_json::to_string(&Request::QueryMissing {
+        paths: vec![sp(P1)],
+    })
+    .unwrap();
+    assert_eq!(
+        json,
+        format!(r#"{{"type":"query_missing","paths":["{P1}"]}}"#)
+    );
+    assert_eq!(
+        serde_json::to_string(&Request::ListGenerations).unwrap(),
+        r#"{"type":"list_generations"}"#
+    );
+    let hello = Hello {
+        magic: MAGIC.into(),
+        min_version: 1,
+        max_version: 1,
+        client: "flotilla 0.1.0".into(),
+    };
+    assert_eq!(
+        serde_json::to_string(&hello).unwrap(),
+        r#"{"type":"hello","magic":"flotilla","min_version":1,"max_version":1,"client":"flotilla 0.1.0"}"#
+    );
+    let welcome = HandshakeReply::Welcome(Welcome {
+        version: 1,
+        agent_version: "0.1.0".into(),
+        root: "/".into(),
+    });
+    assert_eq!(
+        serde_json::to_string(&welcome).unwrap(),
+        r#"{"type":"welcome","version":1,"agent_version":"0.1.0","root":"/"}"#
+    );
+}
+
+#[test]
+fn activation_goal_accepts_both_spellings_of_dry_activate() {
+    for s in [r#""dry_activate""#, r#""dry-activate""#] {
+        assert_eq!(
+            serde_json::from_str::<ActivationGoal>(s).unwrap(),
+            ActivationGoal::DryActivate
+        );
+    }
+    assert_eq!(
+        serde_json::to_string(&ActivationGoal::DryActivate).unwrap(),
+        r#""dry_activate""#
+    );
+    assert_eq!(ActivationGoal::DryActivate.to_string(), "dry-activate");
+}
+
+#[test]
+fn strict_messages_reject_unknown_fields_and_bad_paths() {
+    let unknown = r#"{"type":"rollback","to":null,"force":true}"#;
+    assert!(serde_json::from_str::<Request>(unknown).is_err());
+    let bad_path = r#"{"type":"query_missing","paths":["/usr/bin/sh"]}"#;
+    let err = serde_json::from_str::<Request>(bad_path).unwrap_err();
+    assert!(err.to_string().contains("is not in /nix/store"), "{err}");
+    // The handshake is the forward-compatible part: a later client may add fields.
+    let later = r#"{"type":"hello","magic":"flotilla","min_version":1,"max_version":9,"client":"x","features":["y"]}"#;
+    assert_eq!(serde_json::from_str::<Hello>(later).unwrap().max_version, 9);
+    // An error kind from a newer agent still arrives, with its message.
+    let newer = r#"{"type":"error","kind":"quota_exceeded","message":"disk quota"}"#;
+    assert_eq!(
+        serde_json::from_str::<Response>(newer).unwrap(),
+        Response::error(ErrorKind::Other, "disk quota")
+    );
+}
+
+#[test]
+fn answers_match_their_requests() {
+    let status = Response::Status {
+        generation: None,
+        toplevel: None,
+        services: vec![],
+    };
+    assert!(Request::Status.is_answered_by(&status));
+    assert!(!Request::ListGenerations.is_answered_by(&status));
+    assert!(Request::Status.is_answered_by(&Response::error(ErrorKind::Io, "x")));
+    assert!(!Request::Status.is_answered_by(&Response::Progress {
+        message: "x".into()
+    }));
+    assert!(!Request::Goodbye.is_answered_by(&Response::error(ErrorKind::Io, "x")));
+}
+
+#[test]
+fn handshake_accepts_a_matching_client() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || server_handshake(&mut agent, "0.1.0", "/machines/web1"));
+    let welcome = client_handshake(&mut deployer, "flotilla 0.1.0").unwrap();
+    assert_eq!(
+        welcome,
+        Welcome {
+            version: PROTOCOL_VERSION,
+            agent_version: "0.1.0".into(),
+            root: "/machines/web1".into(),
+        }
+    );
+    assert_eq!(agent_side.join().unwrap().unwrap(), PROTOCOL_VERSION);
+}
+
+#[test]
+fn handshake_picks_the_highest_common_version() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || server_handshake_range(&mut agent, "0.3.0", "/", 2, 4));
+    let welcome = client_handshake_range(&mut deployer, "flotilla 0.2.0", 1, 3).unwrap();
+    assert_eq!(welcome.version, 3);
+    assert_eq!(agent_side.join().unwrap().unwrap(), 3);
+}
+
+#[test]
+fn handshake_refuses_an_old_agent_and_both_sides_say_why() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || server_handshake_range(&mut agent, "0.1.0", "/", 1, 1));
+    let err = client_handshake_range(&mut deployer, "flotilla 0.5.0", 2, 3).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the agent (version 0.1.0) refused this flotilla: it speaks protocol version 1, \
+         this flotilla speaks protocol versions 2 to 3; the agent is older than this flotilla: \
+         redeploy the agent so that it matches"
+    );
+    let err = agent_side.join().unwrap().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "refused client `flotilla 0.5.0`: it speaks protocol versions 2 to 3, \
+         this agent speaks protocol version 1"
+    );
+}
+
+#[test]
+fn handshake_refuses_a_newer_agent_with_the_other_advice() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || server_handshake_range(&mut agent, "0.9.0", "/", 3, 4));
+    let err = client_handshake(&mut deployer, "flotilla 0.1.0").unwrap_err();
+    match &err {
+        ProtocolError::AgentRefused {
+            reason,
+            agent_min: 3,
+            agent_max: 4,
+            ..
+        } => assert!(reason.contains("client `flotilla 0.1.0` speaks protocol version 1")),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        err.to_string()
+            .ends_with("upgrade flotilla, or redeploy the agent from this one"),
+        "{err}"
+    );
+    assert!(agent_side.join().unwrap().is_err());
+}
+
+#[test]
+fn server_rejects_a_hello_without_magic() {
+    let (mut client, mut agent) = pair();
+    let agent_side = thread::spawn(move || server_handshake(&mut agent, "0.1.0", "/"));
+    client
+        .send(&Hello {
+            magic: "nixops".into(),
+            min_version: 1,
+            max_version: 1,
+            client: "?".into(),
+        })
+        .unwrap();
+    let err = agent_side.join().unwrap().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"the client is not flotilla (its hello carried magic "nixops")"#
+    );
+    assert!(matches!(
+        client.recv::<HandshakeReply>().unwrap(),
+        HandshakeReply::Refused(_)
+    ));
+}
+
+#[test]
+fn handshake_with_something_that_is_not_an_agent_shows_what_it_said() {
+    let (mut deployer, agent) = pair();
+    let (_, mut raw) = agent.into_inner().unwrap();
+    raw.write_all(b"Welcome to Ubuntu 24.04 LTS\nLast login: yesterday\n")
+        .unwrap();
+    let err = client_handshake(&mut deployer, "flotilla").unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, ProtocolError::NotAnAgent { .. }), "{msg}");
+    assert!(
+        msg.contains(r#"it sent "Welcome to Ubuntu 24.04 LTS\nLast login: yesterday\n""#),
+        "{msg}"
+    );
+}
+
+#[test]
+fn handshake_preview_covers_short_text_and_foreign_json() {
+    let (mut deployer, agent) = pair();
+    let (_, mut raw) = agent.into_inner().unwrap();
+    raw.write_all(b"hi\n").unwrap();
+    drop(raw);
+    let err = client_handshake(&mut deployer, "flotilla").unwrap_err();
+    assert!(err.to_string().contains(r#"it sent "hi\n""#), "{err}");
+
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Message, br#"{"type":"hola"}"#).unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let err = client_handshake(&mut conn, "flotilla").unwrap_err();
+    assert!(
+        err.to_string().contains(r#"it sent "{\"type\":\"hola\"}""#),
+        "{err}"
+    );
+}
+
+#[test]
+fn handshake_with_a_peer_that_closes_says_the_agent_did_not_answer() {
+    let (mut deployer, agent) = pair();
+    drop(agent);
+    let err = client_handshake(&mut deployer, "flotilla").unwrap_err();
+    assert!(matches!(err, ProtocolError::HandshakeClosed), "{err:?}");
+    assert!(
+        err.to_string().contains("is flotilla-agent installed"),
+        "{err}"
+    );
+}
+
+#[test]
+fn call_passes_progress_on_and_returns_the_final_answer() {
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || {
+        assert_eq!(agent.recv::<Request>().unwrap(), Request::Status);
+        for m in ["reading state", "asking services"] {
+            agent
+                .send(&Response::Progress { message: m.into() })
+                .unwrap();
+        }
+        agent
+            .send(&Response::Status {
+                generation: None,
+                toplevel: None,
+                services: vec![],
+            })
+            .unwrap();
+        assert_eq!(agent.recv::<Request>().unwrap(), Request::CollectGarbage);
+        agent
+            .send(&Response::error(
+                ErrorKind::Conflict,
+                "an activation is running",
+            ))
+            .unwrap();
+        assert_eq!(agent.recv::<Request>().unwrap(), Request::ListGenerations);
+        agent.send(&Response::Confirmed { generation: 1 }).unwrap();
+    });
+    let mut seen = Vec::new();
+    let answer = deployer
+        .call(&Request::Status, |m| seen.push(m.to_owned()))
+        .unwrap();
+    assert!(matches!(answer, Response::Status { .. }));
+    assert_eq!(seen, ["reading state", "asking services"]);
+
+    let err = deployer.call(&Request::CollectGarbage, |_| {}).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the agent reported an error (conflict): an activation is running"
+    );
+    let err = deployer
+        .call(&Request::ListGenerations, |_| {})
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the agent answered a `list_generations` request with `confirmed`; \
+         the agent and flotilla disagree about the protocol"
+    );
+    agent_side.join().unwrap();
+}
+
+/// Sends `data` through a bulk stream in writes of `write_size`, returns the wire bytes.
+fn write_stream(data: &[u8], write_size: usize, compression: Compression) -> (Vec<u8>, BulkStats) {
+    let mut wire = Vec::new();
+    let mut conn = Connection::new(io::empty(), &mut wire);
+    let mut w = conn.bulk_writer(compression).unwrap();
+    for piece in data.chunks(write_size.max(1)) {
+        w.write_all(piece).unwrap();
+    }
+    let stats = w.finish().unwrap();
+    drop(conn);
+    (wire, stats)
+}
+
+/// Reads one bulk stream from `wire` and checks it holds `data` and nothing more.
+fn read_stream(wire: &[u8], compression: Compression, data: &[u8]) {
+    let mut conn = Connection::new(wire, io::sink());
+    let mut r = conn.bulk_reader(compression).unwrap();
+    // Read exactly the expected bytes, as a NAR parser does; `finish` must then find the end.
+    let mut got = vec![0; data.len()];
+    r.read_exact(&mut got).unwrap();
+    assert!(got == data, "stream differs");
+    let stats = r.finish().unwrap();
+    assert_eq!(stats.bytes, data.len() as u64);
+    assert!(matches!(conn.recv::<Request>(), Err(ProtocolError::Closed)));
+}
+
+#[test]
+fn bulk_streams_round_trip_at_every_size_and_compression() {
+    let cases: [(&str, usize, usize); 5] = [
+        ("many small writes", 3 * MIB + 17, 37),
+        ("exactly 1 MiB", MIB, MIB),
+        ("0 bytes", 0, 1),
+        ("several MiB in one write", 5 * MIB + 3, 5 * MIB + 3),
+        ("several MiB in odd writes", 5 * MIB + 3, 100_003),
+    ];
+    for (name, len, write_size) in cases {
+        let data = sample(len);
+        for compression in [Compression::None, Compression::Zstd] {
+            let (wire, stats) = write_stream(&data, write_size, compression);
+            assert_eq!(stats.bytes, len as u64, "{name} {compression:?}");
+            let frames = frames_of(&wire);
+            assert_eq!(frames.last(), Some(&(FrameKind::DataEnd, 0)), "{name}");
+            let data_frames = &frames[..frames.len() - 1];
+            assert!(
+                data_frames
+                    .iter()
+                    .all(|&(k, n)| k == FrameKind::Data && (1..=MIB).contains(&n)),
+                "{name} {compression:?}: {frames:?}"
+            );
+            let payload: usize = data_frames.iter().map(|f| f.1).sum();
+            assert_eq!(payload as u64, stats.wire_bytes, "{name}");
+            if compression == Compression::None {
+                // Small writes are gathered: only full frames, then the rest.
+                assert_eq!(data_frames.len(), len.div_ceil(MIB), "{name}: {frames:?}");
+            } else {
+                assert!(stats.wire_bytes < len as u64 || len == 0, "{name}: no gain");
+            }
+            read_stream(&wire, compression, &data);
+        }
+    }
+}
+
+#[test]
+fn bulk_stream_then_messages_over_a_unix_socket() {
+    let data = sample(9 * MIB + 5);
+    let expected = data.clone();
+    let (mut deployer, mut agent) = pair();
+    let agent_side = thread::spawn(move || {
+        let Request::AddPaths { compression, .. } = agent.recv::<Request>().unwrap() else {
+            panic!("expected add_paths");
+        };
+        let mut r = agent.bulk_reader(compression).unwrap();
+        let mut got = Vec::new();
+        r.read_to_end(&mut got).unwrap();
+        let stats = r.finish().unwrap();
+        assert!(got == expected);
+        agent
+            .send(&Response::PathsAdded {
+                paths: 1,
+                bytes: stats.bytes,
+            })
+            .unwrap();
+    });
+    deployer
+        .send(&Request::AddPaths {
+            paths: vec![],
+            compression: Compression::Zstd,
+        })
+        .unwrap();
+    let mut w = deployer.bulk_writer(Compression::Zstd).unwrap();
+    io::copy(&mut data.as_slice(), &mut w).unwrap();
+    w.finish().unwrap();
+    let answer = deployer.wait_response(|_| {}).unwrap();
+    assert_eq!(
+        answer,
+        Response::PathsAdded {
+            paths: 1,
+            bytes: data.len() as u64
+        }
+    );
+    agent_side.join().unwrap();
+}
+
+#[test]
+fn data_writer_flush_delivers_a_partial_frame_now() {
+    let (mut a, mut b) = pair();
+    let reader = thread::spawn(move || {
+        let mut r = b.data_reader();
+        let mut got = [0u8; 5];
+        r.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        assert_eq!(rest, b" world");
+        r.finish().unwrap()
+    });
+    let mut w = a.data_writer();
+    w.write_all(b"hello").unwrap();
+    w.flush().unwrap();
+    // The reader has its five bytes before any more are written: with a lost flush this
+    // sleep would not help and the read timeout would fail the test.
+    thread::sleep(Duration::from_millis(50));
+    w.write_all(b" world").unwrap();
+    assert_eq!(w.finish().unwrap(), 11);
+    assert_eq!(reader.join().unwrap(), 11);
+}
+
+#[test]
+fn message_in_the_middle_of_a_data_stream_is_rejected() {
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Data, b"half a NAR").unwrap();
+    frame::write_frame(&mut wire, FrameKind::Message, br#"{"type":"status"}"#).unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let mut r = conn.data_reader();
+    let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+    let err = ProtocolError::from_io("reading", err);
+    assert_eq!(
+        err.to_string(),
+        "expected more bulk data or its end, but the other side sent a message frame; \
+         the two sides are out of step"
+    );
+    drop(r);
+    let err = conn.recv::<Request>().unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the connection is unusable: a bulk data stream was read before its end"
+    );
+}
+
+#[test]
+fn data_where_a_message_belongs_is_rejected() {
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Data, b"x").unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let err = conn.recv::<Request>().unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("expected a request, but the other side sent a data frame"),
+        "{err}"
+    );
+}
+
+#[test]
+fn trailing_data_is_reported_by_finish() {
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Data, b"0123456789").unwrap();
+    frame::write_frame(&mut wire, FrameKind::DataEnd, b"").unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let mut r = conn.bulk_reader(Compression::None).unwrap();
+    let mut four = [0u8; 4];
+    r.read_exact(&mut four).unwrap();
+    assert!(matches!(
+        r.finish(),
+        Err(ProtocolError::TrailingData { extra: 6 })
+    ));
+}
+
+#[test]
+fn zstd_frames_demanding_a_huge_window_are_refused() {
+    let mut compressed = Vec::new();
+    let mut enc = zstd::stream::write::Encoder::new(&mut compressed, 3).unwrap();
+    enc.window_log(27).unwrap();
+    enc.long_distance_matching(true).unwrap();
+    enc.write_all(&sample(1000)).unwrap();
+    enc.finish().unwrap();
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Data, &compressed).unwrap();
+    frame::write_frame(&mut wire, FrameKind::DataEnd, b"").unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let mut r = conn.bulk_reader(Compression::Zstd).unwrap();
+    let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+    assert!(err.to_string().contains("too much memory"), "{err}");
+}
+
+#[test]
+fn drain_skips_the_rest_so_an_answer_can_follow() {
+    for compression in [Compression::None, Compression::Zstd] {
+        let data = sample(3 * MIB + 1);
+        let (mut wire, _) = write_stream(&data, MIB, compression);
+        frame::write_frame(&mut wire, FrameKind::Message, br#"{"type":"status"}"#).unwrap();
+        let mut conn = Connection::new(wire.as_slice(), io::sink());
+        let mut r = conn.bulk_reader(compression).unwrap();
+        let mut first = [0u8; 1000];
+        r.read_exact(&mut first).unwrap();
+        let stats = r.drain().unwrap();
+        assert_eq!(stats.bytes, 1000, "{compression:?}");
+        assert_eq!(conn.recv::<Request>().unwrap(), Request::Status);
+    }
+}
+
+#[test]
+fn truncated_streams_are_errors_not_short_data() {
+    // Cut inside a data frame's payload.
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::Data, &[1; 100]).unwrap();
+    wire.truncate(wire.len() - 90);
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let err = conn.data_reader().read_to_end(&mut Vec::new()).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    assert_eq!(
+        ProtocolError::from_io("x", err).to_string(),
+        "the connection ended in the middle of a bulk data stream, after 10 bytes"
+    );
+
+    // Cut between frames, before DataEnd, in a compressed stream.
+    let data = sample(3 * MIB);
+    let (wire, _) = write_stream(&data, MIB, Compression::Zstd);
+    let frames = frames_of(&wire);
+    let first = frame::HEADER_LEN + frames[0].1;
+    let mut conn = Connection::new(&wire[..first], io::sink());
+    let mut r = conn.bulk_reader(Compression::Zstd).unwrap();
+    assert!(r.read_to_end(&mut Vec::new()).is_err());
+
+    // Ended early by the sender, inside a zstd frame: short data must not pass as complete.
+    let mut wire = wire[..first].to_vec();
+    frame::write_frame(&mut wire, FrameKind::DataEnd, b"").unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let mut r = conn.bulk_reader(Compression::Zstd).unwrap();
+    let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{err}");
+
+    // Cut inside a header.
+    let mut conn = Connection::new(&[0u8, 0][..], io::sink());
+    let err = conn.recv::<Request>().unwrap_err();
+    assert!(
+        matches!(err, ProtocolError::Truncated { part: "header", .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn oversize_frame_is_rejected_by_the_connection() {
+    let mut wire = u32::MAX.to_be_bytes().to_vec();
+    wire.push(FrameKind::Message.to_byte());
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let err = conn.recv::<Response>().unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ProtocolError::FrameTooLarge {
+                len: u32::MAX,
+                max: MAX_FRAME_PAYLOAD
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn oversize_message_is_refused_before_sending() {
+    let paths = vec![sp(P1); 300_000];
+    let mut wire = Vec::new();
+    let mut conn = Connection::new(io::empty(), &mut wire);
+    let err = conn.send(&Request::QueryMissing { paths }).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("cannot encode the request: it takes 18"),
+        "{err}"
+    );
+    assert!(
+        err.to_string()
+            .ends_with("one frame may carry; send it in parts"),
+        "{err}"
+    );
+    drop(conn);
+    assert!(wire.is_empty());
+}
+
+#[test]
+fn abandoned_data_writer_makes_the_connection_refuse_to_send() {
+    let mut wire = Vec::new();
+    let mut conn = Connection::new(io::empty(), &mut wire);
+    let mut w = conn.data_writer();
+    w.write_all(b"partial").unwrap();
+    drop(w);
+    let err = conn.send(&Request::Status).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the connection is unusable: a bulk data stream was written before its end"
+    );
+}
+
+#[test]
+fn boxed_and_stdio_constructors_build_connections() {
+    let (a, b) = UnixStream::pair().unwrap();
+    let mut left = Connection::boxed(Box::new(a.try_clone().unwrap()), Box::new(a));
+    let mut right = Connection::boxed(Box::new(b.try_clone().unwrap()), Box::new(b));
+    left.send(&Request::Status).unwrap();
+    assert_eq!(right.recv::<Request>().unwrap(), Request::Status);
+    // Only built, never used: the test harness owns this process's stdout.
+    let stdio = Connection::stdio().unwrap();
+    drop(stdio);
+}
+
+#[test]
+fn connect_unix_names_the_socket_when_it_fails() {
+    let path = std::env::temp_dir().join(format!("flotilla-no-agent-{}.sock", std::process::id()));
+    let err = Connection::connect_unix(&path).unwrap_err();
+    assert!(
+        err.to_string().starts_with(&format!(
+            "cannot connect to the agent socket {}",
+            path.display()
+        )),
+        "{err}"
+    );
+
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut conn = Connection::unix(stream).unwrap();
+        server_handshake(&mut conn, "0.1.0", "/")
+    });
+    let mut conn = Connection::connect_unix(&path).unwrap();
+    client_handshake(&mut conn, "flotilla").unwrap();
+    server.join().unwrap().unwrap();
+    std::fs::remove_file(&path).unwrap();
+}
+
+/// Feeds `bytes` as a peer's output to every reading entry point; none may panic.
+fn decode_everything(bytes: &[u8]) {
+    let mut conn = Connection::new(bytes, io::sink());
+    while conn.recv::<Request>().is_ok() {}
+    let mut conn = Connection::new(bytes, io::sink());
+    while conn.recv::<Response>().is_ok() {}
+    let mut conn = Connection::new(bytes, io::sink());
+    let _ = server_handshake(&mut conn, "0", "/");
+    let mut conn = Connection::new(bytes, io::sink());
+    let _ = client_handshake(&mut conn, "fuzz");
+    for compression in [Compression::None, Compression::Zstd] {
+        let mut conn = Connection::new(bytes, io::sink());
+        if let Ok(mut r) = conn.bulk_reader(compression) {
+            let _ = io::copy(&mut r, &mut io::sink());
+            let _ = r.finish();
+        }
+        let _ = conn.recv::<Request>();
+    }
+}
+
+/// Arbitrary frames: mostly valid headers, so the fuzzing reaches past the header checks.
+fn arb_wire() -> impl Strategy<Value = Vec<u8>> {
+    let frame = (0u8..5, prop::collection::vec(any::<u8>(), 0..64)).prop_map(|(kind, payload)| {
+        let mut f = (payload.len() as u32).to_be_bytes().to_vec();
+        f.push(kind);
+        f.extend(payload);
+        f
+    });
+    prop::collection::vec(frame, 0..6).prop_map(|fs| fs.concat())
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        decode_everything(&bytes);
+    }
+
+    #[test]
+    fn arbitrary_frames_never_panic_the_decoder(wire in arb_wire()) {
+        decode_everything(&wire);
+    }
+
+    #[test]
+    fn arbitrary_json_messages_never_panic(json in "\\{\"type\":\"[a-z_]{0,20}\".{0,80}\\}") {
+        let mut wire = Vec::new();
+        frame::write_frame(&mut wire, FrameKind::Message, json.as_bytes()).unwrap();
+        decode_everything(&wire);
+    }
+
+    #[test]
+    fn bulk_stream_survives_any_write_pattern(
+        sizes in prop::collection::vec(0usize..300_000, 0..12),
+        zstd in any::<bool>(),
+    ) {
+        let compression = if zstd { Compression::Zstd } else { Compression::None };
+        let data = sample(sizes.iter().sum());
+        let mut wire = Vec::new();
+        let mut conn = Connection::new(io::empty(), &mut wire);
+        let mut w = conn.bulk_writer(compression).unwrap();
+        let mut rest = data.as_slice();
+        for n in sizes {
+            let (piece, tail) = rest.split_at(n);
+            w.write_all(piece).unwrap();
+            rest = tail;
+        }
+        w.finish().unwrap();
+        drop(conn);
+        read_stream(&wire, compression, &data);
+    }
+}
