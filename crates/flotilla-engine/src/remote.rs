@@ -65,6 +65,17 @@ pub struct CopyStats {
     pub seconds: f64,
 }
 
+/// What an agent says of its machine.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineStatus {
+    /// The current generation.
+    pub generation: Option<u64>,
+    /// The running system.
+    pub toplevel: Option<StorePath>,
+    /// Its services.
+    pub services: Vec<ServiceStatus>,
+}
+
 /// How far a copy is.
 #[derive(Debug, Clone, Copy, Serialize)]
 pub struct CopyProgress {
@@ -206,9 +217,9 @@ impl AgentClient {
     }
 
     /// The current generation, running system and services.
-    pub fn status(&mut self) -> Result<(Option<u64>, Option<StorePath>, Vec<ServiceStatus>), RemoteError> {
+    pub fn status(&mut self) -> Result<MachineStatus, RemoteError> {
         match self.call(&Request::Status)? {
-            Response::Status { generation, toplevel, services } => Ok((generation, toplevel, services)),
+            Response::Status { generation, toplevel, services } => Ok(MachineStatus { generation, toplevel, services }),
             other => Err(RemoteError::Unexpected { request: "status", got: other.name() }),
         }
     }

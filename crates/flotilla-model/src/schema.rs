@@ -240,8 +240,8 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
@@ -375,11 +375,8 @@ impl Checker<'_> {
                     }
                 };
                 match variants.get(chosen) {
-                    Some(options) => {
-                        if report {
-                            self.options(at, options, v);
-                        }
-                    }
+                    Some(options) if report => self.options(at, options, v),
+                    Some(_) => {}
                     None if report => {
                         let names: Vec<&str> = variants.keys().map(String::as_str).collect();
                         let hint = did_you_mean(chosen, names.iter().copied())

@@ -37,7 +37,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let mut client = connect_or_start(dir, &agent)?;
             let nix = nix(g)?;
             let compression = if *compress { Compression::Zstd } else { Compression::None };
-            let copy = client.copy_closure(&nix, &[toplevel.clone()], compression, &mut progress_printer())?;
+            let copy = client.copy_closure(&nix, std::slice::from_ref(&toplevel), compression, &mut progress_printer())?;
             let activation = match goal {
                 Goal::Copy => None,
                 Goal::Switch => Some(client.activate(&toplevel, ActivationGoal::Switch)?),
@@ -83,10 +83,11 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let mut client = AgentClient::connect_unix(&socket(dir))?;
             match op {
                 RootOp::Status => {
-                    let (generation, toplevel, services) = client.status()?;
+                    let status = client.status()?;
                     if *json {
-                        output::json(&serde_json::json!({ "generation": generation, "toplevel": toplevel, "services": services }));
+                        output::json(&status);
                     } else {
+                        let (generation, toplevel, services) = (status.generation, status.toplevel, status.services);
                         println!("generation {}: {}", generation.map(|n| n.to_string()).unwrap_or("-".into()), toplevel.map(|t| t.to_string()).unwrap_or("-".into()));
                         for s in services {
                             println!("  {:<16} {:?} pid {} restarts {}", s.name, s.state, s.pid.map(|p| p.to_string()).unwrap_or("-".into()), s.restarts);

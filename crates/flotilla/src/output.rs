@@ -178,7 +178,7 @@ pub fn options_markdown(schema: &flotilla_model::Schema) -> String {
             let path = if prefix.is_empty() { name.clone() } else { format!("{prefix}.{name}") };
             let _ = writeln!(out, "### `{path}`\n");
             let _ = writeln!(out, "{}\n", decl.description);
-            let _ = write!(out, "- type: {}\n", decl.ty);
+            let _ = writeln!(out, "- type: {}", decl.ty);
             if decl.required {
                 out.push_str("- required\n");
             } else {
