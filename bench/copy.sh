@@ -20,7 +20,10 @@ bash scripts/install-deps.sh
 cargo build --release --workspace -q
 flotilla=$PWD/target/x86_64-unknown-linux-gnu/release/flotilla
 export FLOTILLA_SUBSTITUTERS="" FLOTILLA_STATE
-work=$(mktemp -d /var/tmp/flotilla-bench.XXXXXX)
+# All three copy into the same directory tree (on this machine /var/tmp made metadata-heavy
+# writes 4x slower than the checkout's filesystem for every tool; BENCH_DIR picks another).
+mkdir -p "${BENCH_DIR:-$PWD/target/bench}"
+work=$(mktemp -d "${BENCH_DIR:-$PWD/target/bench}/copy.XXXXXX")
 FLOTILLA_STATE=$work/state.db
 cleanup() {
     pkill -f "flotilla-agent init --root $work" 2>/dev/null || true
@@ -52,6 +55,7 @@ best() { sort -g | head -1; }
 
 run_flotilla() { # root-path dir
     local t0 t1
+    sync  # start each run with no dirty pages of the previous one being written back
     t0=$(now)
     "$flotilla" debug copy-to-root "$2" "$1" >/dev/null
     t1=$(now)
@@ -61,6 +65,7 @@ run_flotilla() { # root-path dir
 
 run_nix() {
     local t0 t1
+    sync  # start each run with no dirty pages of the previous one being written back
     t0=$(now)
     nix --extra-experimental-features nix-command copy --no-check-sigs --option substituters '' --to "local?root=$2" "$1"
     t1=$(now)
@@ -70,6 +75,7 @@ run_nix() {
 run_cp() {
     local t0 t1
     mkdir -p "$2/nix/store"
+    sync
     t0=$(now)
     nix-store -qR "$1" | xargs cp -a -t "$2/nix/store"
     t1=$(now)
