@@ -6,10 +6,9 @@ use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 
-use flotilla_protocol::{server_handshake, Connection, ErrorKind, ProtocolError, Request, Response, ServiceState, ServiceStatus};
+use flotilla_protocol::{server_handshake, Connection, ErrorKind, ProtocolError, Request, Response};
 
 use crate::activate::{Agent, AgentError};
-use crate::supervisor;
 
 /// The agent's version, told to deployers in the handshake.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -100,7 +99,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
         Request::Status => Response::Status {
             generation: agent.current_generation(),
             toplevel: agent.running_system(),
-            services: agent.supervisor().status().into_iter().map(service_status).collect(),
+            services: agent.supervisor().status(),
         },
         Request::Confirm { .. } => Response::error(ErrorKind::Unsupported, "this agent does not support confirmed (magic-rollback) activation yet"),
         Request::Goodbye => unreachable!("handled by the caller"),
@@ -114,21 +113,4 @@ fn error(e: AgentError) -> Response {
         AgentError::Activation(_) => ErrorKind::Activation,
     };
     Response::error(kind, e.to_string())
-}
-
-fn service_status(s: supervisor::ServiceStatus) -> ServiceStatus {
-    ServiceStatus {
-        name: s.name,
-        state: match s.state {
-            supervisor::ServiceState::Starting => ServiceState::Starting,
-            supervisor::ServiceState::Running => ServiceState::Running,
-            supervisor::ServiceState::Stopped => ServiceState::Stopped,
-            supervisor::ServiceState::Failed => ServiceState::Failed,
-            supervisor::ServiceState::Backoff => ServiceState::Backoff,
-        },
-        pid: s.pid,
-        restarts: s.restarts,
-        last_exit: s.last_exit,
-        since_unix: s.since_unix,
-    }
 }

@@ -56,39 +56,9 @@ pub struct SupervisorConfig {
     pub log_keep: usize,
 }
 
-/// Where a service is in its life.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ServiceState {
-    /// Being spawned.
-    Starting,
-    /// Its process is running.
-    Running,
-    /// Stopped on purpose, or exited cleanly with nothing to restart it.
-    Stopped,
-    /// Exited unsuccessfully (or could not start) and will not be restarted.
-    Failed,
-    /// Exited; waiting out the back-off delay before a restart.
-    Backoff,
-}
-
-/// A snapshot of one service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ServiceStatus {
-    /// The service's name.
-    pub name: String,
-    /// Its state.
-    pub state: ServiceState,
-    /// Pid of its main process (also its process group id) while it has one.
-    pub pid: Option<u32>,
-    /// How many times it was restarted after exiting.
-    pub restarts: u32,
-    /// How its last process ended: `exit 3`, `signal 9`, or why it could not start.
-    pub last_exit: Option<String>,
-    /// When it entered `state` (seconds since the Unix epoch).
-    pub since_unix: u64,
-}
+// A service's state and status are the protocol's own types: the agent reports them to the
+// deployer as they are.
+pub use flotilla_protocol::{ServiceState, ServiceStatus};
 
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
