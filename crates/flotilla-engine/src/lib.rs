@@ -65,10 +65,17 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
-    /// Evaluating the deployment.
-    Eval,
     /// Building toplevels.
     Build,
+}
+
+impl Phase {
+    /// The phase's name as users see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Build => "build",
+        }
+    }
 }
 
 /// Something the engine reports while it works; renderers, JSON printers and the ledger all
@@ -241,16 +248,11 @@ impl Engine {
                     continue;
                 }
             };
-            // Platform errors surface in the full check below; here only a usable one counts.
+            // A platform that does not parse is reported, with its option path, by the full
+            // check after phase 2; until then the machine simply gets no planned facts.
             let platform_value = m.get("platform").cloned().unwrap_or(Value::Null);
-            let platform_errors = schema
-                .get("platform")
-                .map(|decl| check_against_schema(raw, &Schema::from([("platform".to_owned(), decl.clone())]), &serde_json::json!({ "platform": platform_value })))
-                .unwrap_or_default();
-            if platform_errors.is_empty() {
-                if let Ok(p) = serde_json::from_value(platform_value) {
-                    platforms.insert(machine, p);
-                }
+            if let Ok(p) = serde_json::from_value(platform_value) {
+                platforms.insert(machine, p);
             }
         }
 
@@ -359,47 +361,40 @@ impl Engine {
 
     fn record(&mut self, ev: &Evaluated, toplevels: &BTreeMap<String, flotilla_nix::Toplevel>, results: &[MachineBuild]) -> Result<()> {
         let file = ev.file.to_string_lossy();
-        let specs: Vec<(String, Value, &MachineConfig)> = ev
+        let specs: Vec<Value> = ev.machines.values().map(|c| serde_json::to_value(&c.platform).expect("serialises")).collect();
+        let no_facts = BTreeMap::new();
+        let upserts: Vec<MachineUpsert<'_>> = ev
             .machines
             .iter()
-            .map(|(n, c)| (n.to_string(), serde_json::to_value(&c.platform).expect("serialises"), c))
-            .collect();
-        let empty = BTreeMap::new();
-        let upserts: Vec<MachineUpsert<'_>> = specs
-            .iter()
-            .map(|(n, spec, c)| MachineUpsert {
-                name: n,
+            .zip(&specs)
+            .map(|((name, c), spec)| MachineUpsert {
+                name: name.as_str(),
                 platform: c.platform.kind(),
                 platform_spec: spec,
                 tags: &c.tags,
-                facts: ev.facts.iter().find(|(m, _)| m.as_str() == n).map(|(_, f)| f).unwrap_or(&empty),
+                facts: ev.facts.get(name).unwrap_or(&no_facts),
             })
             .collect();
         let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
-        let builds: Vec<(&str, String, String)> = results
+        let paths: Vec<(&str, String, String)> = results
             .iter()
-            .filter_map(|r| {
-                let t = toplevels.get(&r.machine)?;
-                r.toplevel.as_ref().map(|out| (r.machine.as_str(), out.to_string(), t.drv.to_string()))
-            })
+            .filter_map(|r| Some((r.machine.as_str(), r.toplevel.as_ref()?.to_string(), toplevels.get(&r.machine)?.drv.to_string())))
             .collect();
-        let builds: Vec<(&str, &str, &str)> = builds.iter().map(|(m, o, d)| (*m, o.as_str(), d.as_str())).collect();
-        self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failed_events(results))?;
+        let builds: Vec<(&str, &str, &str)> = paths.iter().map(|(m, o, d)| (*m, o.as_str(), d.as_str())).collect();
+        let failures: Vec<(&str, &str)> = results.iter().filter_map(|r| Some((r.machine.as_str(), r.error.as_deref()?))).collect();
+        self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failures)?;
         Ok(())
     }
-}
-
-fn failed_events(results: &[MachineBuild]) -> Vec<(&str, &str)> {
-    results
-        .iter()
-        .filter_map(|r| r.error.as_deref().map(|e| (r.machine.as_str(), e)))
-        .collect()
 }
 
 /// Refuses an agent that is missing or dynamically linked: it runs inside Nix builds and on
 /// targets that have no libc of ours.
 pub fn check_agent(agent: &Path) -> Result<()> {
-    let bytes = std::fs::read(agent).map_err(|e| {
+    use std::io::Read as _;
+    // The ELF header and program headers sit at the start of the file; 64 KiB covers them.
+    let mut bytes = Vec::with_capacity(64 << 10);
+    let read = std::fs::File::open(agent).and_then(|f| f.take(64 << 10).read_to_end(&mut bytes));
+    read.map_err(|e| {
         EngineError::Agent(format!(
             "cannot read the agent binary {}: {e}; build it with `cargo build -p flotilla-agent` or point FLOTILLA_AGENT at it",
             agent.display()

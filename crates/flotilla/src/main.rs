@@ -154,14 +154,7 @@ pub(crate) fn agent_path() -> Result<PathBuf> {
         return Ok(PathBuf::from(p));
     }
     let exe = std::env::current_exe().context("cannot find the flotilla executable")?;
-    let dir = exe.parent().unwrap_or(Path::new("."));
-    // Test binaries live one level down (target/<profile>/deps).
-    for candidate in [dir.join("flotilla-agent"), dir.join("../flotilla-agent")] {
-        if candidate.exists() {
-            return Ok(candidate);
-        }
-    }
-    Ok(dir.join("flotilla-agent"))
+    Ok(exe.parent().unwrap_or(Path::new(".")).join("flotilla-agent"))
 }
 
 /// Who is acting, for the ledger: `user@host`.

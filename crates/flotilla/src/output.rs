@@ -149,7 +149,7 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
 pub fn progress(e: &EngineEvent, verbose: bool) {
     match e {
         EngineEvent::PhaseStarted { phase, machines } => {
-            eprintln!("{}: {}", serde_json::to_value(phase).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(), machines.join(", "))
+            eprintln!("{}: {}", phase.as_str(), machines.join(", "))
         }
         EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {line}"),
         EngineEvent::NixLog { .. } => {}
