@@ -15,7 +15,10 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// The migrations, in order; entry `i` brings the schema to version `i + 1`.
-const MIGRATIONS: &[&str] = &[include_str!("../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../migrations/0001_initial.sql"),
+    include_str!("../migrations/0002_deploy_locks.sql"),
+];
 
 /// Everything that can go wrong with the state DB.
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,14 @@ pub enum StateError {
     /// The named deployment is not in the state DB.
     #[error("no deployment named `{0}` in the state database; `flotilla list` shows the known ones")]
     NoDeployment(String),
+    /// Another live process holds the deployment's lock.
+    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
+    Locked {
+        /// The deployment.
+        deployment: String,
+        /// Who holds it.
+        holder: Lock,
+    },
     /// Any other SQLite error.
     #[error("state database error: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -192,6 +203,49 @@ pub struct Event {
     pub message: String,
     /// Structured details.
     pub details: Option<Value>,
+}
+
+/// Who holds a deployment's lock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Lock {
+    /// user@host.
+    pub holder: String,
+    /// The host the holder runs on.
+    pub host: String,
+    /// Its process id.
+    pub pid: i64,
+    /// Its process start time (clock ticks after boot; 0 when unknown).
+    pub pid_start: i64,
+    /// What it is doing (`deploy`, `destroy`, ...).
+    pub command: String,
+    /// Since when (Unix seconds).
+    pub since: i64,
+}
+
+/// How a lock was taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Acquired {
+    /// It was free.
+    Free,
+    /// A stale lock of a dead process was taken over.
+    TookOver(Lock),
+}
+
+/// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
+pub fn format_time(t: i64) -> String {
+    let days = t.div_euclid(86_400);
+    let secs = t.rem_euclid(86_400);
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC", secs / 3600, secs / 60 % 60, secs % 60)
 }
 
 /// An open state DB.
@@ -418,6 +472,129 @@ impl State {
         Ok(n > 0)
     }
 
+    /// Takes the lock of `deployment` for `me`. A lock held by another process is refused with
+    /// [`StateError::Locked`] unless `is_dead` says its holder is gone, in which case it is
+    /// taken over (and said so). Check and take are one immediate transaction, so two
+    /// processes racing for a free lock cannot both win.
+    pub fn acquire_lock(&mut self, deployment: &str, me: &Lock, is_dead: impl Fn(&Lock) -> bool) -> Result<Acquired> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let held = lock_row(&tx, deployment)?;
+        let outcome = match held {
+            None => Acquired::Free,
+            Some(h) if h.host == me.host && h.pid == me.pid && h.pid_start == me.pid_start => Acquired::Free,
+            Some(h) if is_dead(&h) => Acquired::TookOver(h),
+            Some(h) => return Err(StateError::Locked { deployment: deployment.to_owned(), holder: h }),
+        };
+        tx.execute(
+            "INSERT OR REPLACE INTO locks (deployment, holder, host, pid, pid_start, command, since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            params![deployment, me.holder, me.host, me.pid, me.pid_start, me.command, me.since],
+        )?;
+        if let Acquired::TookOver(old) = &outcome {
+            insert_event(&tx, &Event {
+                deployment: deployment.to_owned(),
+                machine: None,
+                at: now(),
+                actor: me.holder.clone(),
+                kind: "lock".into(),
+                status: "taken-over".into(),
+                message: format!("took over the stale lock of pid {} on {} ({}), which is no longer running", old.pid, old.host, old.holder),
+                details: None,
+            })?;
+        }
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// Releases the lock of `deployment` if `me` holds it.
+    pub fn release_lock(&mut self, deployment: &str, me: &Lock) -> Result<()> {
+        self.conn.execute(
+            "DELETE FROM locks WHERE deployment = ?1 AND host = ?2 AND pid = ?3 AND pid_start = ?4",
+            params![deployment, me.host, me.pid, me.pid_start],
+        )?;
+        Ok(())
+    }
+
+    /// Who holds the lock of `deployment`, if anyone.
+    pub fn lock(&self, deployment: &str) -> Result<Option<Lock>> {
+        let tx = self.conn.unchecked_transaction()?;
+        lock_row(&tx, deployment)
+    }
+
+    /// Records that `machine` now runs `toplevel` as generation `number`: its build row becomes
+    /// `active` (a row is added when the toplevel was never built here) and the previously
+    /// active one `superseded`, with one ledger event; in one transaction.
+    pub fn record_activation(&mut self, deployment: &str, machine: &str, actor: &str, toplevel: &str, number: i64, message: &str) -> Result<()> {
+        let t = now();
+        let tx = self.conn.transaction()?;
+        let machine_id = machine_id(&tx, deployment, machine)?;
+        tx.execute(
+            "UPDATE generations SET status = 'superseded' WHERE machine_id = ?1 AND status = 'active' AND toplevel <> ?2",
+            params![machine_id, toplevel],
+        )?;
+        let updated = tx.execute(
+            "UPDATE generations SET status = 'active', number = ?3, activated_at = COALESCE(
+                 CASE WHEN status = 'active' AND number = ?3 THEN activated_at END, ?4)
+             WHERE id = (SELECT id FROM generations WHERE machine_id = ?1 AND toplevel = ?2 ORDER BY id DESC LIMIT 1)",
+            params![machine_id, toplevel, number, t],
+        )?;
+        if updated == 0 {
+            tx.execute(
+                "INSERT INTO generations (machine_id, number, toplevel, status, built_at, activated_at)
+                 VALUES (?1, ?2, ?3, 'active', ?4, ?4)",
+                params![machine_id, number, toplevel, t],
+            )?;
+        }
+        insert_event(&tx, &Event {
+            deployment: deployment.to_owned(),
+            machine: Some(machine.to_owned()),
+            at: t,
+            actor: actor.to_owned(),
+            kind: "activate".into(),
+            status: "ok".into(),
+            message: message.to_owned(),
+            details: Some(serde_json::json!({ "generation": number, "toplevel": toplevel })),
+        })?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The generation `machine` was last recorded running (status `active`), if any.
+    pub fn active_generation(&self, deployment: &str, machine: &str) -> Result<Option<GenerationRecord>> {
+        let tx = self.conn.unchecked_transaction()?;
+        let Ok(machine_id) = machine_id(&tx, deployment, machine) else { return Ok(None) };
+        Ok(tx
+            .query_row(
+                "SELECT number, toplevel, drv, status, built_at, activated_at FROM generations
+                 WHERE machine_id = ?1 AND status = 'active' ORDER BY id DESC LIMIT 1",
+                [machine_id],
+                generation_row,
+            )
+            .optional()?)
+    }
+
+    /// Forgets one machine of a deployment (its facts and generations) after it was
+    /// destroyed, with a ledger event. Returns whether it was known.
+    pub fn remove_machine(&mut self, deployment: &str, machine: &str, actor: &str) -> Result<bool> {
+        let tx = self.conn.transaction()?;
+        let n = tx.execute(
+            "DELETE FROM machines WHERE name = ?2 AND deployment_id = (SELECT id FROM deployments WHERE name = ?1)",
+            params![deployment, machine],
+        )?;
+        insert_event(&tx, &Event {
+            deployment: deployment.to_owned(),
+            machine: Some(machine.to_owned()),
+            at: now(),
+            actor: actor.to_owned(),
+            kind: "destroy".into(),
+            status: "ok".into(),
+            message: "machine destroyed".into(),
+            details: None,
+        })?;
+        tx.commit()?;
+        Ok(n > 0)
+    }
+
     fn deployment_id(&self, name: &str) -> Result<Option<i64>> {
         Ok(self.conn.query_row("SELECT id FROM deployments WHERE name = ?1", [name], |r| r.get(0)).optional()?)
     }
@@ -440,16 +617,7 @@ impl State {
                 "SELECT number, toplevel, drv, status, built_at, activated_at FROM generations
                  WHERE machine_id = ?1 ORDER BY id DESC LIMIT 1",
                 [machine_id],
-                |r| {
-                    Ok(GenerationRecord {
-                        number: r.get(0)?,
-                        toplevel: r.get(1)?,
-                        drv: r.get(2)?,
-                        status: r.get(3)?,
-                        built_at: r.get(4)?,
-                        activated_at: r.get(5)?,
-                    })
-                },
+                generation_row,
             )
             .optional()?)
     }
@@ -509,6 +677,36 @@ fn write_builds(tx: &Transaction<'_>, deployment: &str, actor: &str, builds: &[(
         })?;
     }
     Ok(())
+}
+
+fn generation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationRecord> {
+    Ok(GenerationRecord {
+        number: r.get(0)?,
+        toplevel: r.get(1)?,
+        drv: r.get(2)?,
+        status: r.get(3)?,
+        built_at: r.get(4)?,
+        activated_at: r.get(5)?,
+    })
+}
+
+fn lock_row(tx: &Transaction<'_>, deployment: &str) -> Result<Option<Lock>> {
+    Ok(tx
+        .query_row(
+            "SELECT holder, host, pid, pid_start, command, since FROM locks WHERE deployment = ?1",
+            [deployment],
+            |r| {
+                Ok(Lock {
+                    holder: r.get(0)?,
+                    host: r.get(1)?,
+                    pid: r.get(2)?,
+                    pid_start: r.get(3)?,
+                    command: r.get(4)?,
+                    since: r.get(5)?,
+                })
+            },
+        )
+        .optional()?)
 }
 
 fn deployment_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<DeploymentRecord> {

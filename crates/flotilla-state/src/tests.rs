@@ -93,3 +93,49 @@ fn a_failed_write_leaves_nothing_behind() {
     assert!(state.machines("webfleet").unwrap()[0].last_build.is_none());
     assert!(state.events(Some("webfleet"), 10).unwrap().is_empty());
 }
+
+fn holder(pid: i64) -> Lock {
+    Lock { holder: "alice@here".into(), host: "here".into(), pid, pid_start: 7, command: "deploy".into(), since: 1_700_000_000 }
+}
+
+#[test]
+fn a_held_lock_is_refused_with_its_holder_and_a_dead_one_taken_over() {
+    let (_dir, mut state) = open();
+    assert_eq!(state.acquire_lock("web", &holder(1), |_| false).unwrap(), Acquired::Free);
+    let err = state.acquire_lock("web", &holder(2), |_| false).unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("locked by alice@here (pid 1 on here, `deploy`) since 2023-11-14 22:13:20 UTC"), "{msg}");
+    // Another deployment is independent.
+    assert_eq!(state.acquire_lock("db", &holder(2), |_| false).unwrap(), Acquired::Free);
+    // The holder is gone: taken over, and the ledger says so.
+    assert_eq!(state.acquire_lock("web", &holder(2), |l| l.pid == 1).unwrap(), Acquired::TookOver(holder(1)));
+    assert!(state.events(Some("web"), 10).unwrap().iter().any(|e| e.kind == "lock" && e.message.contains("pid 1")));
+    // Only the holder releases it.
+    state.release_lock("web", &holder(1)).unwrap();
+    assert_eq!(state.lock("web").unwrap().map(|l| l.pid), Some(2));
+    state.release_lock("web", &holder(2)).unwrap();
+    assert_eq!(state.lock("web").unwrap(), None);
+}
+
+#[test]
+fn activation_marks_one_generation_active_and_supersedes_the_last() {
+    let (_dir, mut state) = open();
+    evaluate(&mut state, "10.0.0.2");
+    state.record_builds("webfleet", "alice", &[("web1", "/nix/store/a", "/nix/store/a.drv")]).unwrap();
+    state.record_activation("webfleet", "web1", "alice", "/nix/store/a", 1, "switched").unwrap();
+    state.record_builds("webfleet", "alice", &[("web1", "/nix/store/b", "/nix/store/b.drv")]).unwrap();
+    state.record_activation("webfleet", "web1", "alice", "/nix/store/b", 2, "switched").unwrap();
+    let active = state.active_generation("webfleet", "web1").unwrap().unwrap();
+    assert_eq!((active.number, active.toplevel.as_str()), (Some(2), "/nix/store/b"));
+    // Rolled back by hand on the machine to a path never built here: still recorded.
+    state.record_activation("webfleet", "web1", "alice", "/nix/store/c", 3, "rolled back").unwrap();
+    assert_eq!(state.active_generation("webfleet", "web1").unwrap().unwrap().toplevel, "/nix/store/c");
+    assert!(state.remove_machine("webfleet", "web1", "alice").unwrap());
+    assert!(state.active_generation("webfleet", "web1").unwrap().is_none());
+}
+
+#[test]
+fn times_format_as_utc() {
+    assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
+    assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
+}
