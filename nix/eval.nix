@@ -75,10 +75,21 @@ let
     else if key ? file && isPath key.file then key // { file = toString key.file; }
     else key;
 
+  # Local machines resolve each other by name: every one gets an /etc/hosts naming all the
+  # deployment's local machines, unless its config sets /etc/hosts itself.
+  isLocal = cfg: ((cfg.platform or { }).type or "local") == "local";
+  localNodes = filter (n: (facts.${n}.platform or null) == "local" && facts.${n} ? ip) (attrNames machineDefs);
+  hostsText = concatStringsSep "" ([ "127.0.0.1 localhost\n" "::1 localhost\n" ]
+    ++ map (n: "${facts.${n}.ip} ${n}\n") localNodes);
+  withHosts = merged:
+    if isAttrs merged && isLocal merged && !((merged.files or { }) ? "/etc/hosts")
+    then merged // { files = (merged.files or { }) // { "/etc/hosts".text = hostsText; }; }
+    else merged;
+
   configOf = name:
     let
       args = { inherit name nodes pkgs; lib = flotillaLib; };
-      merged = merge (call defaults args) (call machineDefs.${name} args);
+      merged = withHosts (merge (call defaults args) (call machineDefs.${name} args));
       cfg = withDefaults machineOptions merged;
     in
     if isAttrs merged && isAttrs (merged.keys or null)

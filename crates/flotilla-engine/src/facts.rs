@@ -40,6 +40,13 @@ impl Subnet {
         off > 0 && off < size - 1
     }
 
+    /// Whether the two subnets share any address.
+    pub fn overlaps(&self, other: &Subnet) -> bool {
+        let prefix = self.prefix.min(other.prefix);
+        let mask = u32::MAX << (32 - prefix);
+        u32::from(self.network) & mask == u32::from(other.network) & mask
+    }
+
     /// The bridge's own address: the first host.
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::from(u32::from(self.network) + 1)

@@ -6,8 +6,12 @@
 //! an `Err` means the deployment as a whole could not run (bad input, Nix missing, ...), and
 //! then nothing was built and nothing written to the state DB.
 
+pub mod deploy;
 pub mod facts;
+pub mod fleet;
 mod gcroots;
+pub mod platform;
+pub mod procfs;
 pub mod remote;
 
 use std::collections::BTreeMap;
@@ -65,15 +69,27 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
+    /// Creating or starting machines.
+    Provision,
     /// Building toplevels.
     Build,
+    /// Copying closures.
+    Copy,
+    /// Activating generations.
+    Activate,
+    /// Checking that services came up.
+    Check,
 }
 
 impl Phase {
     /// The phase's name as users see it.
     pub fn as_str(self) -> &'static str {
         match self {
+            Phase::Provision => "provision",
             Phase::Build => "build",
+            Phase::Copy => "copy",
+            Phase::Activate => "activate",
+            Phase::Check => "check",
         }
     }
 }
@@ -89,6 +105,31 @@ pub enum EngineEvent {
         phase: Phase,
         /// For which machines.
         machines: Vec<String>,
+    },
+    /// One machine entered a phase.
+    MachinePhase {
+        /// The machine.
+        machine: String,
+        /// The phase.
+        phase: Phase,
+    },
+    /// How far a machine's copy is.
+    CopyProgress {
+        /// The machine.
+        machine: String,
+        /// NAR bytes sent.
+        bytes: u64,
+        /// NAR bytes to send.
+        total_bytes: u64,
+        /// Paths sent.
+        paths: u64,
+        /// Paths to send.
+        total_paths: u64,
+    },
+    /// Something the user should know that is not a failure.
+    Note {
+        /// What.
+        message: String,
     },
     /// A line of Nix's build output.
     NixLog {
@@ -180,7 +221,7 @@ pub struct BuildReport {
     pub elapsed: Duration,
 }
 
-fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_f64((d.as_secs_f64() * 1000.0).round() / 1000.0)
 }
 
@@ -339,6 +380,55 @@ impl Engine {
         Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed() })
     }
 
+    /// Takes the deployment's lock for `command`, taking over a stale one (said so through
+    /// `listen`); released when the guard drops.
+    pub fn lock(&mut self, deployment: &str, command: &str, listen: Listener<'_>) -> Result<LockGuard> {
+        let pid = std::process::id() as i32;
+        let me = flotilla_state::Lock {
+            holder: self.actor.clone(),
+            host: procfs::hostname(),
+            pid: i64::from(pid),
+            pid_start: procfs::start_time(pid).unwrap_or(0) as i64,
+            command: command.to_owned(),
+            since: flotilla_state::now(),
+        };
+        let here = me.host.clone();
+        // A holder on this host that no longer runs (or whose pid now names another process)
+        // is dead; one on another host cannot be checked from here.
+        let dead = |l: &flotilla_state::Lock| {
+            l.host == here && procfs::start_time(l.pid as i32).is_none_or(|t| l.pid_start != 0 && t as i64 != l.pid_start)
+        };
+        if let flotilla_state::Acquired::TookOver(old) = self.state.acquire_lock(deployment, &me, dead)? {
+            listen(&EngineEvent::Note {
+                message: format!(
+                    "took over the lock of deployment `{deployment}` left by pid {} ({}, `{}`), which is no longer running",
+                    old.pid, old.holder, old.command
+                ),
+            });
+        }
+        Ok(LockGuard { state: self.state.path().to_owned(), deployment: deployment.to_owned(), me })
+    }
+
+    /// What platforms need to know to act for `deployment`.
+    pub fn context(&self, deployment: &str, agent: &Path) -> platform::Context {
+        platform::Context { state_path: self.state.path().to_owned(), deployment: deployment.to_owned(), agent: agent.to_owned() }
+    }
+
+    /// Appends a ledger event.
+    pub fn event(&mut self, deployment: &str, machine: Option<&str>, kind: &str, status: &str, message: &str) -> Result<()> {
+        self.state.add_event(&flotilla_state::Event {
+            deployment: deployment.to_owned(),
+            machine: machine.map(str::to_owned),
+            at: flotilla_state::now(),
+            actor: self.actor.clone(),
+            kind: kind.to_owned(),
+            status: status.to_owned(),
+            message: message.to_owned(),
+            details: None,
+        })?;
+        Ok(())
+    }
+
     /// Forgets a deployment: its state DB records (the ledger keeps its events) and the GC
     /// roots of its builds. Returns whether the state DB knew it.
     pub fn delete(&mut self, name: &str) -> Result<bool> {
@@ -357,6 +447,28 @@ impl Engine {
         let text = if mine.is_empty() { errors.join("\n") } else { mine.join("\n") };
         let text = text.trim();
         text.strip_prefix("error: ").unwrap_or(text).to_owned()
+    }
+
+    /// Records the deployment and its machines with their facts.
+    pub fn record_evaluation(&mut self, ev: &Evaluated) -> Result<()> {
+        let file = ev.file.to_string_lossy();
+        let specs: Vec<Value> = ev.machines.values().map(|c| serde_json::to_value(&c.platform).expect("serialises")).collect();
+        let no_facts = BTreeMap::new();
+        let upserts: Vec<MachineUpsert<'_>> = ev
+            .machines
+            .iter()
+            .zip(&specs)
+            .map(|((name, c), spec)| MachineUpsert {
+                name: name.as_str(),
+                platform: c.platform.kind(),
+                platform_spec: spec,
+                tags: &c.tags,
+                facts: ev.facts.get(name).unwrap_or(&no_facts),
+            })
+            .collect();
+        let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
+        self.state.record_evaluation(&dep, &upserts)?;
+        Ok(())
     }
 
     fn record(&mut self, ev: &Evaluated, toplevels: &BTreeMap<String, flotilla_nix::Toplevel>, results: &[MachineBuild]) -> Result<()> {
@@ -384,6 +496,24 @@ impl Engine {
         let failures: Vec<(&str, &str)> = results.iter().filter_map(|r| Some((r.machine.as_str(), r.error.as_deref()?))).collect();
         self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failures)?;
         Ok(())
+    }
+}
+
+/// A held deployment lock; dropping it releases it.
+#[derive(Debug)]
+pub struct LockGuard {
+    state: PathBuf,
+    deployment: String,
+    me: flotilla_state::Lock,
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        // A second connection: the engine's may be mid-transaction or gone. If this fails the
+        // lock stays, and the next run takes it over as stale (this process will be gone).
+        if let Ok(mut state) = State::open(&self.state) {
+            let _ = state.release_lock(&self.deployment, &self.me);
+        }
     }
 }
 

@@ -67,16 +67,115 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Deploy: provision what is missing, build, copy, activate and check every selected machine
+    Deploy {
+        #[command(flatten)]
+        target: Target,
+        /// Machines: comma-separated names, globs (web*) and @tags
+        #[arg(long, value_name = "SELECTION", default_value = "")]
+        on: String,
+        /// How far to go
+        #[arg(long, value_enum, default_value = "switch")]
+        goal: DeployGoal,
+        /// Machines worked on at once
+        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: u16,
+        /// Print events as JSON lines, then the report as one JSON object
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start stopped machines
+    Start {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+    },
+    /// Stop machines; their agents stop every service cleanly first
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+    },
+    /// Stop, then start machines; they come back on their current generation
+    Reboot {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+    },
+    /// Remove machines entirely: processes, network, disk; their records are forgotten
+    Destroy {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+        /// Do not ask for confirmation
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
+    /// Compare machines' live state with what was deployed; differences are recorded as drift
+    Check {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Run a command in a machine (or in all of them, output prefixed by machine name)
+    Exec {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        #[arg(required_unless_present_any = ["all", "on"], conflicts_with_all = ["all", "on"])]
+        machine: Option<String>,
+        /// Run it in every machine of the deployment
+        #[arg(long)]
+        all: bool,
+        /// Run it in these machines (names, globs, @tags)
+        #[arg(long, value_name = "SELECTION")]
+        on: Option<String>,
+        /// The command and its arguments
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Open an interactive shell in a machine
+    Shell {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        machine: String,
+    },
+    /// Show a machine's service logs
+    Logs {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        machine: String,
+        /// The service (default: all of them)
+        service: Option<String>,
+        /// Keep printing new lines
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines to show from the end of each log
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
     /// List the deployments in the state database
     List {
         /// Print JSON
         #[arg(long)]
         json: bool,
     },
-    /// Show a deployment's machines: platform, address, tags, last build
+    /// Show a deployment's machines, live: platform, address, state, generation, services, health
     Info {
         #[command(flatten)]
         target: Target,
+        #[command(flatten)]
+        on: On,
         /// Print JSON
         #[arg(long)]
         json: bool,
@@ -113,6 +212,31 @@ pub enum Command {
     },
     /// Print the man page (roff)
     Man,
+}
+
+/// Which machines an operation acts on.
+#[derive(Debug, Args, Clone)]
+pub struct On {
+    /// Machines: comma-separated names, globs (web*) and @tags [default: all]
+    #[arg(long, value_name = "SELECTION", default_value = "")]
+    pub on: String,
+}
+
+/// How far `deploy` goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeployGoal {
+    /// Activate now and make it the boot default
+    Switch,
+    /// Make it the boot default only (it runs from the next start)
+    Boot,
+    /// Activate now, not as the boot default
+    Test,
+    /// Say what activation would change, change nothing
+    DryActivate,
+    /// Build only: nothing is provisioned or copied
+    Build,
+    /// Build and copy; activate nothing
+    Copy,
 }
 
 /// What activation should do.

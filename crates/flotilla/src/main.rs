@@ -4,13 +4,16 @@
 
 mod cli;
 mod debug;
+mod fleet;
 mod output;
+mod progress;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser};
+use flotilla_engine::fleet::Operation;
 use flotilla_engine::{Engine, EngineEvent};
 use flotilla_model::Selection;
 use flotilla_nix::{Nix, NixOptions};
@@ -22,6 +25,8 @@ use cli::{Cli, Command, Global, Target};
 pub(crate) enum Outcome {
     Ok,
     SomeFailed,
+    /// A command run in a machine ended with this status.
+    Code(u8),
 }
 
 fn main() -> ExitCode {
@@ -29,6 +34,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::SomeFailed) => ExitCode::from(1),
+        Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
@@ -63,14 +69,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             output::events(&state.events(deployment.as_deref(), *limit)?, *json);
             Ok(Outcome::Ok)
         }
-        Command::Info { target, json } => {
-            let engine = engine(g, open_state(g)?)?;
-            let name = deployment_name(&engine, target)?;
-            let state = engine.state();
-            let dep = state.deployment(&name)?.ok_or_else(|| anyhow!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones"))?;
-            output::info(&dep, &state.machines(&name)?, *json);
-            Ok(Outcome::Ok)
-        }
+        Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
+        Command::Deploy { target, on, goal, parallel, json } => fleet::deploy(g, target, on, *goal, *parallel, *json),
+        Command::Start { target, on } => fleet::operate(g, target, &on.on, Operation::Start, true),
+        Command::Stop { target, on } => fleet::operate(g, target, &on.on, Operation::Stop, true),
+        Command::Reboot { target, on } => fleet::operate(g, target, &on.on, Operation::Reboot, true),
+        Command::Destroy { target, on, yes } => fleet::operate(g, target, &on.on, Operation::Destroy, *yes),
+        Command::Check { target, on, json } => fleet::check(g, target, &on.on, *json),
+        Command::Exec { target, machine, all, on, command } => fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command),
+        Command::Shell { target, machine } => fleet::shell(g, target, machine),
+        Command::Logs { target, machine, service, follow, lines } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines),
         Command::Delete { target } => {
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;
@@ -139,12 +147,20 @@ pub(crate) fn deployment_file(state: &State, t: &Target) -> Result<PathBuf> {
     }
 }
 
-/// The deployment's name: `-d`, or the `meta.name` of `-f FILE` (evaluated).
-fn deployment_name(engine: &Engine, t: &Target) -> Result<String> {
+/// The deployment's name: `-d`, the `meta.name` of `-f FILE` (evaluated), or the only
+/// deployment in the state DB.
+pub(crate) fn deployment_name(engine: &Engine, t: &Target) -> Result<String> {
     match (&t.deployment, &t.file) {
         (Some(name), _) => Ok(name.clone()),
         (None, Some(file)) => Ok(engine.evaluate(file)?.name.to_string()),
-        (None, None) => bail!("say which deployment: -d NAME or -f FILE"),
+        (None, None) => match engine.state().deployments()?.as_slice() {
+            [only] => Ok(only.name.clone()),
+            [] => bail!("no deployments yet; deploy one with `flotilla deploy -f FILE`"),
+            many => bail!(
+                "say which deployment with -d NAME or -f FILE; the state database has {}",
+                many.iter().map(|d| d.name.as_str()).collect::<Vec<_>>().join(", ")
+            ),
+        },
     }
 }
 

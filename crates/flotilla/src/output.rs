@@ -3,8 +3,11 @@
 
 use std::fmt::Write as _;
 
+use flotilla_engine::deploy::{DeployReport, Outcome};
+use flotilla_engine::fleet::{MachineInfo, Operation, OperationResult};
+use flotilla_engine::platform::MachineState;
 use flotilla_engine::{BuildReport, EngineEvent, Evaluated};
-use flotilla_state::{DeploymentRecord, Event, MachineRecord};
+use flotilla_state::{DeploymentRecord, Event};
 use serde::Serialize;
 use serde_json::Value;
 
@@ -67,23 +70,77 @@ pub fn deployments(deps: &[DeploymentRecord], as_json: bool) {
     print!("{}", table(&["DEPLOYMENT", "MACHINES", "UPDATED", "FILE"], &rows));
 }
 
-pub fn info(dep: &DeploymentRecord, machines: &[MachineRecord], as_json: bool) {
+pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: bool) {
     if as_json {
         return json(&serde_json::json!({ "deployment": dep, "machines": machines }));
     }
     let rows: Vec<Vec<String>> = machines
         .iter()
         .map(|m| {
-            let ip = m.facts.get("ip").and_then(Value::as_str).unwrap_or("-").to_owned();
-            let build = match &m.last_build {
-                Some(b) => format!("{} {} ({})", b.status, short_path(&b.toplevel), ago(b.built_at)),
-                None => "-".into(),
-            };
-            vec![m.name.clone(), m.platform.clone(), ip, m.tags.join(","), build]
+            let services = if m.state == MachineState::Running { format!("{}/{}", m.services_up, m.services_total) } else { "-".into() };
+            vec![
+                m.machine.clone(),
+                m.platform.clone(),
+                m.ip.clone().unwrap_or_else(|| "-".into()),
+                m.state.as_str().to_owned(),
+                m.generation.map_or_else(|| "-".into(), |g| g.to_string()),
+                services,
+                m.health.clone(),
+                m.tags.join(","),
+            ]
         })
         .collect();
     println!("deployment {} ({} machines){}", dep.name, dep.machines, if dep.description.is_empty() { String::new() } else { format!(": {}", dep.description) });
-    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "LAST BUILD"], &rows));
+    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "STATE", "GEN", "SERVICES", "HEALTH", "TAGS"], &rows));
+    for m in machines.iter().filter(|m| !m.problems.is_empty() && m.state == MachineState::Running) {
+        eprintln!("{}: {}", m.machine, m.problems.join("; "));
+    }
+}
+
+pub fn drift(machines: &[MachineInfo], as_json: bool) {
+    if as_json {
+        return json(machines);
+    }
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            let (result, detail) = if m.problems.is_empty() { ("ok", "as deployed".to_owned()) } else { ("DRIFT", m.problems.join("; ")) };
+            vec![m.machine.clone(), result.into(), detail]
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "CHECK", "DETAIL"], &rows));
+}
+
+pub fn deploy_report(r: &DeployReport) {
+    let rows: Vec<Vec<String>> = r
+        .machines
+        .iter()
+        .map(|m| {
+            let result = if m.outcome == Outcome::Failed { "FAILED".to_owned() } else { m.outcome.as_str().to_owned() };
+            let detail = match &m.error {
+                Some(e) => format!("{}: {}", m.failed_phase.map_or("deploy", |p| p.as_str()), first_line(e)),
+                None => m.summary.clone(),
+            };
+            vec![m.machine.clone(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
+    let failed = r.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
+    eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), serde_json::to_value(r.goal).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(), r.elapsed.as_secs_f64());
+    for m in r.machines.iter().filter(|m| m.error.as_deref().is_some_and(|e| e.contains('\n'))) {
+        eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
+    }
+}
+
+pub fn operation_results(op: Operation, results: &[OperationResult]) {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| match &r.error {
+            None => vec![r.machine.clone(), "ok".into(), r.state.as_str().into()],
+            Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", op.as_str().to_uppercase().as_str(), "STATE / REASON"], &rows));
 }
 
 pub fn events(events: &[Event], as_json: bool) {
@@ -153,21 +210,12 @@ pub fn progress(e: &EngineEvent, verbose: bool) {
         }
         EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {line}"),
         EngineEvent::NixLog { .. } => {}
-        EngineEvent::MachineDone { .. } => {}
+        _ => {}
     }
 }
 
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_owned()
-}
-
-/// `/nix/store/hash-name` shortened to `hash[..8]-name` for tables.
-fn short_path(p: &str) -> String {
-    let base = p.rsplit('/').next().unwrap_or(p);
-    match base.split_once('-') {
-        Some((h, rest)) if h.len() == 32 => format!("{}…-{rest}", &h[..7]),
-        _ => base.to_owned(),
-    }
 }
 
 /// The option reference, generated from the schema in `nix/options.nix`.

@@ -1,0 +1,530 @@
+//! `deploy`: provision what is missing, build every selected toplevel in one Nix call, then
+//! per machine in parallel copy, activate and check. One machine's failure never stops the
+//! others; it becomes a row of the report. The whole run holds the deployment's lock.
+
+use std::collections::BTreeMap;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use flotilla_model::MachineName;
+use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ServiceState};
+use flotilla_store::StorePath;
+use serde::Serialize;
+
+use crate::platform::{self, Machine, PlatformError};
+use crate::remote::{CopyStats, RemoteError};
+use crate::{Engine, EngineEvent, Evaluated, Listener, Phase, Result};
+
+/// How far a deploy goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Goal {
+    /// Build only; nothing is provisioned or copied.
+    Build,
+    /// Build and copy the closures; activate nothing.
+    Copy,
+    /// Activate now and make it the boot default.
+    Switch,
+    /// Make it the boot default only.
+    Boot,
+    /// Activate now, not as the boot default.
+    Test,
+    /// Report what activation would change.
+    DryActivate,
+}
+
+impl Goal {
+    /// Parses `switch`, `boot`, `test`, `dry-activate`, `build` or `copy`.
+    pub fn parse(s: &str) -> Option<Goal> {
+        Some(match s {
+            "build" => Goal::Build,
+            "copy" => Goal::Copy,
+            "switch" => Goal::Switch,
+            "boot" => Goal::Boot,
+            "test" => Goal::Test,
+            "dry-activate" => Goal::DryActivate,
+            _ => return None,
+        })
+    }
+
+    fn activation(self) -> Option<ActivationGoal> {
+        match self {
+            Goal::Build | Goal::Copy => None,
+            Goal::Switch => Some(ActivationGoal::Switch),
+            Goal::Boot => Some(ActivationGoal::Boot),
+            Goal::Test => Some(ActivationGoal::Test),
+            Goal::DryActivate => Some(ActivationGoal::DryActivate),
+        }
+    }
+}
+
+/// Options of a deploy.
+#[derive(Debug, Clone, Copy)]
+pub struct DeployOptions {
+    /// How far to go.
+    pub goal: Goal,
+    /// Machines worked on at once.
+    pub parallel: usize,
+    /// How long services get to come up before the check calls them failed.
+    pub settle: Duration,
+}
+
+/// How one machine's deploy ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// A new system was copied or activated.
+    Deployed,
+    /// It already ran this system: nothing copied, nothing restarted.
+    Unchanged,
+    /// Something failed; see the error.
+    Failed,
+}
+
+impl Outcome {
+    /// As users read it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Deployed => "deployed",
+            Outcome::Unchanged => "unchanged",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// One machine's row of the report.
+#[derive(Debug, Clone, Serialize)]
+pub struct MachineDeploy {
+    /// The machine.
+    pub machine: String,
+    /// How it ended.
+    pub outcome: Outcome,
+    /// The phase it failed in.
+    pub failed_phase: Option<Phase>,
+    /// The generation it runs now.
+    pub generation: Option<u64>,
+    /// Its toplevel.
+    pub toplevel: Option<StorePath>,
+    /// What the copy did.
+    pub copy: Option<CopyStats>,
+    /// What activation changed.
+    pub activation: Option<ActivationReport>,
+    /// Seconds spent on this machine after the build.
+    pub seconds: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// A one-line summary.
+    pub summary: String,
+}
+
+/// The outcome of `deploy`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DeployReport {
+    /// The deployment.
+    pub deployment: String,
+    /// The goal.
+    pub goal: Goal,
+    /// Per machine.
+    pub machines: Vec<MachineDeploy>,
+    /// Wall time.
+    #[serde(serialize_with = "crate::secs")]
+    pub elapsed: Duration,
+}
+
+impl DeployReport {
+    /// Whether every machine made it.
+    pub fn all_ok(&self) -> bool {
+        self.machines.iter().all(|m| m.outcome != Outcome::Failed)
+    }
+}
+
+fn failed(machine: &str, phase: Phase, error: String) -> MachineDeploy {
+    MachineDeploy {
+        machine: machine.to_owned(),
+        outcome: Outcome::Failed,
+        failed_phase: Some(phase),
+        generation: None,
+        toplevel: None,
+        copy: None,
+        activation: None,
+        seconds: 0.0,
+        summary: format!("{} failed", phase.as_str()),
+        error: Some(error),
+    }
+}
+
+/// Runs `work` on every item with at most `parallel` at once, sending what it reports to the
+/// caller's thread, where `listen` sees each event in order; returns the results in the
+/// order of `items`.
+pub(crate) fn fan_out<T: Sync, R: Send>(
+    items: &[T],
+    parallel: usize,
+    listen: Listener<'_>,
+    work: impl Fn(&T, &dyn Fn(EngineEvent)) -> R + Sync,
+) -> Vec<R> {
+    let (tx, rx) = mpsc::channel::<EngineEvent>();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
+    std::thread::scope(|s| {
+        for _ in 0..parallel.clamp(1, items.len().max(1)) {
+            let tx = tx.clone();
+            let (next, results, work) = (&next, &results, &work);
+            s.spawn(move || loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(item) = items.get(i) else { break };
+                let send = |e: EngineEvent| {
+                    let _ = tx.send(e);
+                };
+                let r = work(item, &send);
+                *results[i].lock().expect("result slot") = Some(r);
+            });
+        }
+        drop(tx);
+        for event in rx {
+            listen(&event);
+        }
+    });
+    results.into_iter().map(|r| r.into_inner().expect("result slot").expect("every item worked on")).collect()
+}
+
+impl Engine {
+    /// Deploys the selected machines of an evaluated deployment.
+    pub fn deploy(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &std::path::Path, opts: DeployOptions, listen: Listener<'_>) -> Result<DeployReport> {
+        let _lock = self.lock(ev.name.as_str(), "deploy", listen)?;
+        let start = Instant::now();
+        crate::check_agent(agent)?;
+        let ctx = self.context(ev.name.as_str(), agent);
+
+        // Facts first: a machine keeps its address even when its build fails later.
+        self.record_evaluation(ev)?;
+
+        // Provision.
+        let mut failures: BTreeMap<String, MachineDeploy> = BTreeMap::new();
+        let mut machines: BTreeMap<String, Box<dyn Machine>> = BTreeMap::new();
+        if opts.goal != Goal::Build {
+            listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: names(selected) });
+            let mut handles = Vec::new();
+            for name in selected {
+                let cfg = &ev.machines[name];
+                let facts = ev.facts.get(name).cloned().unwrap_or_default();
+                match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
+                    Ok(m) => handles.push(m),
+                    Err(e) => {
+                        listen(&done(name.as_str(), Phase::Provision, Err(&e.message)));
+                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Provision, e.message));
+                    }
+                }
+            }
+            let provisioned = fan_out(&handles, opts.parallel, listen, |m, send| {
+                send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Provision });
+                let r = m.provision();
+                let detail = match &r {
+                    Ok(true) => Ok("started"),
+                    Ok(false) => Ok("running"),
+                    Err(e) => Err(e.message.as_str()),
+                };
+                send(done(m.name(), Phase::Provision, detail));
+                r
+            });
+            for (m, r) in handles.into_iter().zip(provisioned) {
+                match r {
+                    Ok(_) => {
+                        machines.insert(m.name().to_owned(), m);
+                    }
+                    Err(PlatformError { machine, message }) => {
+                        self.event(ev.name.as_str(), Some(&machine), "provision", "failed", &message)?;
+                        failures.insert(machine.clone(), failed(&machine, Phase::Provision, message));
+                    }
+                }
+            }
+        }
+
+        // Build everything selected in one Nix call, provisioned or not: a build failure is
+        // worth knowing even on a machine that is down.
+        let build = self.build(ev, selected, agent, listen)?;
+        let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
+        for b in &build.machines {
+            match (&b.toplevel, &b.error) {
+                (Some(t), _) => {
+                    toplevels.insert(b.machine.clone(), t.clone());
+                }
+                (None, error) => {
+                    failures.entry(b.machine.clone()).or_insert_with(|| {
+                        failed(&b.machine, Phase::Build, error.clone().unwrap_or_else(|| "the build failed".into()))
+                    });
+                }
+            }
+        }
+
+        // Copy, activate, check: per machine, in parallel.
+        let work: Vec<(&dyn Machine, StorePath)> = machines
+            .values()
+            .filter(|m| !failures.contains_key(m.name()))
+            .filter_map(|m| Some((m.as_ref(), toplevels.get(m.name())?.clone())))
+            .collect();
+        let nix = &self.nix;
+        let results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| roll_out(nix, *m, toplevel, opts, send));
+
+        let mut rows: BTreeMap<String, MachineDeploy> = failures;
+        for mut r in results {
+            match (&r.outcome, r.generation) {
+                (Outcome::Failed, _) => {
+                    let phase = r.failed_phase.map_or("deploy", Phase::as_str);
+                    self.event(ev.name.as_str(), Some(&r.machine), phase, "failed", r.error.as_deref().unwrap_or(""))?;
+                }
+                (_, Some(generation)) if opts.goal.activation() != Some(ActivationGoal::DryActivate) => {
+                    let toplevel = r.toplevel.as_ref().expect("an activated machine has a toplevel").to_absolute();
+                    self.state.record_activation(ev.name.as_str(), &r.machine, &self.actor, &toplevel, generation as i64, &r.summary)?;
+                }
+                _ => {
+                    let machine = r.machine.clone();
+                    self.event(ev.name.as_str(), Some(&machine), opts.goal_name(), "ok", &r.summary)?;
+                }
+            }
+            r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
+            rows.insert(r.machine.clone(), r);
+        }
+        if opts.goal == Goal::Build {
+            for (machine, t) in &toplevels {
+                rows.entry(machine.clone()).or_insert_with(|| MachineDeploy {
+                    machine: machine.clone(),
+                    outcome: Outcome::Deployed,
+                    failed_phase: None,
+                    generation: None,
+                    toplevel: Some(t.clone()),
+                    copy: None,
+                    activation: None,
+                    seconds: 0.0,
+                    error: None,
+                    summary: "built".into(),
+                });
+            }
+        }
+        let report = DeployReport {
+            deployment: ev.name.to_string(),
+            goal: opts.goal,
+            machines: selected.iter().filter_map(|n| rows.remove(n.as_str())).collect(),
+            elapsed: start.elapsed(),
+        };
+        let failed_count = report.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
+        let status = if failed_count == 0 { "ok" } else { "failed" };
+        let message = format!("{} of {} machines deployed ({})", report.machines.len() - failed_count, report.machines.len(), opts.goal_name());
+        self.event(ev.name.as_str(), None, "deploy", status, &message)?;
+        Ok(report)
+    }
+}
+
+impl DeployOptions {
+    fn goal_name(&self) -> &'static str {
+        match self.goal {
+            Goal::Build => "build",
+            Goal::Copy => "copy",
+            Goal::Switch => "switch",
+            Goal::Boot => "boot",
+            Goal::Test => "test",
+            Goal::DryActivate => "dry-activate",
+        }
+    }
+}
+
+fn names(selected: &[MachineName]) -> Vec<String> {
+    selected.iter().map(ToString::to_string).collect()
+}
+
+pub(crate) fn done(machine: &str, phase: Phase, r: std::result::Result<&str, &str>) -> EngineEvent {
+    EngineEvent::MachineDone {
+        machine: machine.to_owned(),
+        phase,
+        ok: r.is_ok(),
+        detail: match r {
+            Ok(s) | Err(s) => s.to_owned(),
+        },
+    }
+}
+
+/// Copy, activate and check one machine.
+fn roll_out(nix: &flotilla_nix::Nix, m: &dyn Machine, toplevel: &StorePath, opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
+    let start = Instant::now();
+    let name = m.name();
+    let mut row = MachineDeploy {
+        machine: name.to_owned(),
+        outcome: Outcome::Deployed,
+        failed_phase: None,
+        generation: None,
+        toplevel: Some(toplevel.clone()),
+        copy: None,
+        activation: None,
+        seconds: 0.0,
+        error: None,
+        summary: String::new(),
+    };
+    let fail = |mut row: MachineDeploy, phase: Phase, e: String| {
+        send(done(name, phase, Err(&e)));
+        row.outcome = Outcome::Failed;
+        row.failed_phase = Some(phase);
+        row.summary = format!("{} failed", phase.as_str());
+        row.error = Some(e);
+        row.seconds = start.elapsed().as_secs_f64();
+        row
+    };
+
+    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Copy });
+    let mut client = match m.connect() {
+        Ok(c) => c,
+        Err(e) => return fail(row, Phase::Copy, e.to_string()),
+    };
+    let mut progress = |p: &crate::remote::CopyProgress| {
+        send(EngineEvent::CopyProgress { machine: name.to_owned(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
+    };
+    let copy = match client.copy_closure(nix, std::slice::from_ref(toplevel), Compression::None, &mut progress) {
+        Ok(c) => c,
+        Err(e) => return fail(row, Phase::Copy, e.to_string()),
+    };
+    let copied = copy.paths_sent;
+    send(done(name, Phase::Copy, Ok(&copy_summary(&copy))));
+    row.copy = Some(copy);
+
+    let Some(goal) = opts.goal.activation() else {
+        row.outcome = if copied == 0 { Outcome::Unchanged } else { Outcome::Deployed };
+        row.summary = copy_summary(row.copy.as_ref().expect("set above"));
+        row.seconds = start.elapsed().as_secs_f64();
+        return row;
+    };
+
+    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Activate });
+    let before = client.status().ok().and_then(|s| s.generation);
+    let (generation, report) = match client.activate(toplevel, goal) {
+        Ok(r) => r,
+        Err(e) => return fail(row, Phase::Activate, e.to_string()),
+    };
+    let changes = activation_summary(&report);
+    send(done(name, Phase::Activate, Ok(&changes)));
+    row.generation = Some(generation);
+    let unchanged = copied == 0 && before == Some(generation) && nothing_changed(&report);
+    row.activation = Some(report);
+
+    if matches!(goal, ActivationGoal::Switch | ActivationGoal::Test) {
+        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Check });
+        if let Err(e) = check_services(&mut client, opts.settle) {
+            return fail(row, Phase::Check, e);
+        }
+        send(done(name, Phase::Check, Ok("services up")));
+    }
+    row.outcome = if unchanged { Outcome::Unchanged } else { Outcome::Deployed };
+    row.summary = if unchanged {
+        "unchanged: nothing copied, nothing restarted".to_owned()
+    } else {
+        format!("{}; {changes}", copy_summary(row.copy.as_ref().expect("set above")))
+    };
+    row.seconds = start.elapsed().as_secs_f64();
+    row
+}
+
+/// Waits up to `settle` for every service to be running; a service that failed, or is still
+/// not running when the time is up, fails the check.
+fn check_services(client: &mut crate::remote::AgentClient, settle: Duration) -> std::result::Result<(), String> {
+    let deadline = Instant::now() + settle;
+    loop {
+        let status = client.status().map_err(|e: RemoteError| e.to_string())?;
+        let bad: Vec<String> = status
+            .services
+            .iter()
+            .filter(|s| s.state != ServiceState::Running)
+            .map(|s| match &s.last_exit {
+                Some(exit) => format!("service {} is {} (last exit: {exit})", s.name, s.state),
+                None => format!("service {} is {}", s.name, s.state),
+            })
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        let hopeless = status.services.iter().any(|s| s.state == ServiceState::Failed);
+        if hopeless || Instant::now() >= deadline {
+            return Err(format!("{}; `flotilla logs MACHINE SERVICE` shows why", bad.join(", ")));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn nothing_changed(r: &ActivationReport) -> bool {
+    r.etc_added.is_empty()
+        && r.etc_changed.is_empty()
+        && r.etc_removed.is_empty()
+        && r.users_added.is_empty()
+        && r.users_removed.is_empty()
+        && r.services_started.is_empty()
+        && r.services_stopped.is_empty()
+        && r.services_restarted.is_empty()
+}
+
+fn copy_summary(c: &CopyStats) -> String {
+    if c.paths_sent == 0 {
+        "nothing copied".into()
+    } else {
+        format!("copied {} paths ({})", c.paths_sent, human_bytes(c.bytes_sent))
+    }
+}
+
+fn activation_summary(r: &ActivationReport) -> String {
+    let mut parts = Vec::new();
+    let list = |verb: &str, v: &[String]| (!v.is_empty()).then(|| format!("{verb} {}", v.join(" ")));
+    parts.extend(list("started", &r.services_started));
+    parts.extend(list("restarted", &r.services_restarted));
+    parts.extend(list("stopped", &r.services_stopped));
+    let etc = r.etc_added.len() + r.etc_changed.len() + r.etc_removed.len();
+    if etc > 0 {
+        parts.push(format!("{etc} /etc entries changed"));
+    }
+    if parts.is_empty() {
+        "nothing restarted".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+/// `1.2 MiB`.
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit < UNITS.len() - 1 {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goals_parse_as_written() {
+        for (s, g) in [("build", Goal::Build), ("copy", Goal::Copy), ("switch", Goal::Switch), ("dry-activate", Goal::DryActivate)] {
+            assert_eq!(Goal::parse(s), Some(g));
+        }
+        assert_eq!(Goal::parse("reboot"), None);
+    }
+
+    #[test]
+    fn fan_out_keeps_order_and_delivers_every_event() {
+        let items: Vec<u32> = (0..20).collect();
+        let mut seen = 0;
+        let out = fan_out(&items, 4, &mut |_| seen += 1, |i, send| {
+            send(EngineEvent::NixLog { line: i.to_string() });
+            i * 2
+        });
+        assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
+        assert_eq!(seen, 20);
+    }
+
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    }
+}

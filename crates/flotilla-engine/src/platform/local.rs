@@ -1,0 +1,473 @@
+//! The `local` platform: each machine is a container of Linux namespaces on this host.
+//!
+//! A machine's data lives beside the state DB, in `machines/<deployment>/<machine>/`: `root/`
+//! (its whole filesystem, with its own `/nix/store`), `console.log` and `pid.json`, written
+//! by the launcher (`flotilla-agent container`) while the machine runs.
+//!
+//! Networking: a bridge per deployment (`flb-<id>`, holding the subnet's first address) in
+//! the network namespace flotilla runs in, and per machine a named network namespace
+//! (`/run/netns/flotilla-<id>-<machine>`) with `eth0` on a veth pair whose other end
+//! (`flv-<hash>`) is a port of the bridge. The namespace outlives stops and starts, the way
+//! a VM keeps its NIC; `destroy` deletes it, which deletes the veth pair with it. `<id>`
+//! is a hash of the state DB's path and the deployment's name, so two state DBs (two users,
+//! parallel tests) never share a name.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_model::LocalPlatform;
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{sys, Context, Machine, MachineState, PlatformError};
+use crate::facts::Subnet;
+use crate::procfs::{alive, start_time};
+use crate::remote::{AgentClient, RemoteError};
+
+/// How long a stopping machine's agent gets to stop its services before it is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a starting machine's agent gets to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A local namespace container.
+#[derive(Debug, Clone)]
+pub struct LocalMachine {
+    name: String,
+    dir: PathBuf,
+    agent: PathBuf,
+    net: Net,
+    forwards: Vec<(u16, u16)>,
+}
+
+/// A machine's place on its deployment's bridge.
+#[derive(Debug, Clone)]
+struct Net {
+    bridge: String,
+    netns: String,
+    veth: String,
+    ip: Ipv4Addr,
+    subnet: Subnet,
+}
+
+/// What the launcher writes to `pid.json`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+struct Pids {
+    monitor: i32,
+    init: i32,
+    init_start_time: u64,
+}
+
+fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+impl LocalMachine {
+    /// The container for machine `name`, from its checked platform options and its facts
+    /// (`ip` and `subnet`, planned before provisioning).
+    pub fn new(ctx: &Context, name: &str, spec: &LocalPlatform, facts: &BTreeMap<String, Value>) -> Result<LocalMachine, PlatformError> {
+        let err = |message: String| PlatformError { machine: name.to_owned(), message };
+        let ip = facts
+            .get("ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
+        let subnet = Subnet::parse(&spec.subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {}", spec.subnet)))?;
+        let state = ctx.state_path.to_string_lossy();
+        let id = short_hash(&[&state, &ctx.deployment]);
+        Ok(LocalMachine {
+            name: name.to_owned(),
+            dir: ctx.machines_dir().join(name),
+            agent: ctx.agent.clone(),
+            net: Net {
+                bridge: format!("flb-{id}"),
+                netns: format!("flotilla-{id}-{name}"),
+                veth: format!("flv-{}", short_hash(&[&state, &ctx.deployment, name])),
+                ip,
+                subnet,
+            },
+            forwards: spec.forward_ports.iter().map(|f| (f.host, f.guest)).collect(),
+        })
+    }
+
+    /// The machine's root directory on this host.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    /// The deployment's bridge.
+    pub fn bridge(&self) -> &str {
+        &self.net.bridge
+    }
+
+    /// The machine's named network namespace.
+    pub fn netns(&self) -> &str {
+        &self.net.netns
+    }
+
+    /// The host end of the machine's veth pair.
+    pub fn veth(&self) -> &str {
+        &self.net.veth
+    }
+
+    fn err(&self, message: impl Into<String>) -> PlatformError {
+        PlatformError { machine: self.name.clone(), message: message.into() }
+    }
+
+    fn pidfile(&self) -> PathBuf {
+        self.dir.join("pid.json")
+    }
+
+    fn netns_path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.net.netns)
+    }
+
+    /// The running container's processes, if it runs.
+    fn running(&self) -> Option<Pids> {
+        let pids: Pids = serde_json::from_slice(&fs::read(self.pidfile()).ok()?).ok()?;
+        (start_time(pids.init) == Some(pids.init_start_time)).then_some(pids)
+    }
+
+    fn ip(&self, args: &[&str]) -> Result<String, PlatformError> {
+        let out = Command::new("ip")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| self.err(format!("cannot run `ip` ({e}); install iproute2")))?;
+        if !out.status.success() {
+            return Err(self.err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn link_exists(&self, name: &str) -> bool {
+        Command::new("ip")
+            .args(["link", "show", "dev", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
+    /// Makes the bridge if the deployment has none yet. Refuses a subnet another interface
+    /// already routes, which would make the machines unreachable.
+    fn ensure_bridge(&self) -> Result<bool, PlatformError> {
+        let n = &self.net;
+        if self.link_exists(&n.bridge) {
+            return Ok(false);
+        }
+        let gateway = n.subnet.gateway();
+        for line in self.ip(&["-o", "-4", "addr", "show"])?.lines() {
+            let mut words = line.split_whitespace();
+            let (Some(_), Some(dev)) = (words.next(), words.next()) else { continue };
+            let Some(cidr) = words.skip_while(|w| *w != "inet").nth(1) else { continue };
+            let Some(other) = Subnet::parse(cidr) else { continue };
+            if other.overlaps(&n.subnet) {
+                return Err(self.err(format!(
+                    "option `platform.subnet` is {} but interface {dev} already has {cidr} on this host; pick a free subnet for the deployment, e.g. platform.subnet = \"10.232.0.0/24\"",
+                    n.subnet
+                )));
+            }
+        }
+        self.ip(&["link", "add", &n.bridge, "type", "bridge"])?;
+        let made = (|| {
+            self.ip(&["addr", "add", &format!("{gateway}/{}", n.subnet.prefix), "dev", &n.bridge])?;
+            self.ip(&["link", "set", &n.bridge, "up"])
+        })();
+        if let Err(e) = made {
+            let _ = self.ip(&["link", "del", &n.bridge]);
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// Creates the machine's network namespace and veth pair if missing.
+    fn ensure_network(&self) -> Result<(), PlatformError> {
+        // Machines are provisioned in parallel; the first makes the bridge, the rest wait.
+        static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        let n = &self.net;
+        let made_bridge = self.ensure_bridge()?;
+        if self.netns_path().exists() && self.link_exists(&n.veth) {
+            return Ok(());
+        }
+        let _ = self.ip(&["netns", "del", &n.netns]);
+        let _ = self.ip(&["link", "del", &n.veth]);
+        let ns = n.netns.as_str();
+        let made = (|| {
+            self.ip(&["netns", "add", ns])?;
+            self.ip(&["link", "add", &n.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+            self.ip(&["link", "set", &n.veth, "master", &n.bridge, "up"])?;
+            self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
+            self.ip(&["-n", ns, "addr", "add", &format!("{}/{}", n.ip, n.subnet.prefix), "dev", "eth0"])?;
+            self.ip(&["-n", ns, "link", "set", "eth0", "up"])?;
+            self.ip(&["-n", ns, "route", "add", "default", "via", &n.subnet.gateway().to_string()])
+        })();
+        if let Err(e) = made {
+            let _ = self.ip(&["netns", "del", ns]);
+            let _ = self.ip(&["link", "del", &n.veth]);
+            if made_bridge {
+                let _ = self.ip(&["link", "del", &n.bridge]);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletes the machine's network namespace (and with it the veth pair), and the bridge
+    /// when no port is left on it.
+    fn remove_network(&self) -> Result<(), PlatformError> {
+        let n = &self.net;
+        if self.netns_path().exists() {
+            self.ip(&["netns", "del", &n.netns])?;
+        }
+        if self.link_exists(&n.veth) {
+            self.ip(&["link", "del", &n.veth])?;
+        }
+        if self.link_exists(&n.bridge) && self.ip(&["-o", "link", "show", "master", &n.bridge])?.trim().is_empty() {
+            self.ip(&["link", "del", &n.bridge])?;
+        }
+        Ok(())
+    }
+
+    /// Lays out an empty root and puts the bootstrap agent in it (refreshed at every start,
+    /// so a machine that never activated a system runs the deployer's agent).
+    fn prepare_root(&self) -> Result<(), PlatformError> {
+        let root = self.root();
+        let io = |what: &str, p: &Path, e: std::io::Error| self.err(format!("cannot {what} {}: {e}", p.display()));
+        for d in ["nix/store", "nix/var/flotilla/bin", "etc", "var/log", "run", "tmp", "proc", "dev", "root", "bin"] {
+            let p = root.join(d);
+            fs::create_dir_all(&p).map_err(|e| io("create", &p, e))?;
+        }
+        let dest = root.join("nix/var/flotilla/bin/flotilla-agent");
+        let tmp = root.join("nix/var/flotilla/bin/.flotilla-agent.new");
+        fs::copy(&self.agent, &tmp).map_err(|e| io("copy the agent to", &tmp, e))?;
+        fs::rename(&tmp, &dest).map_err(|e| io("install", &dest, e))?;
+        Ok(())
+    }
+
+    fn launch(&self) -> Result<(), PlatformError> {
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("container")
+            .arg("--root")
+            .arg(self.root())
+            .args(["--hostname", &self.name])
+            .arg("--netns")
+            .arg(self.netns_path())
+            .arg("--pidfile")
+            .arg(self.pidfile())
+            .arg("--console")
+            .arg(self.dir.join("console.log"));
+        for (host, guest) in &self.forwards {
+            cmd.arg("--forward").arg(format!("{host}:{}:{guest}", self.net.ip));
+        }
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| self.err(format!("cannot run the agent {} ({e})", self.agent.display())))?;
+        if !out.status.success() {
+            let why = String::from_utf8_lossy(&out.stderr);
+            let why = why.trim().trim_start_matches("flotilla-agent: ");
+            return Err(self.err(format!("cannot start the container: {why}")));
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent answers, or the container died, or time is up.
+    fn wait_for_agent(&self) -> Result<(), PlatformError> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let Some(pids) = self.running() else {
+                return Err(self.err(format!("the container stopped while starting; see {}", self.dir.join("console.log").display())));
+            };
+            if std::os::unix::net::UnixStream::connect(socket(pids.init)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(self.err(format!(
+                    "the agent did not answer within {}s; see {}",
+                    START_TIMEOUT.as_secs(),
+                    self.dir.join("console.log").display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Refuses to delete a root something is still mounted under.
+    fn check_unmounted(&self) -> Result<(), PlatformError> {
+        let root = self.root();
+        let mounts = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let prefix = root.to_string_lossy();
+        if let Some(line) = mounts.lines().find(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&*prefix))) {
+            let at = line.split(' ').nth(4).unwrap_or("");
+            return Err(self.err(format!("{at} is still mounted; unmount it (umount -l {at}) and destroy again")));
+        }
+        Ok(())
+    }
+}
+
+/// The agent's socket of a running container, through its init's view of the filesystem
+/// (its `/run` is a tmpfs the host cannot otherwise see).
+fn socket(init: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{init}/root/run/flotilla/agent.sock"))
+}
+
+impl Machine for LocalMachine {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state(&self) -> MachineState {
+        if self.running().is_some() {
+            MachineState::Running
+        } else if self.root().join("nix/var/flotilla/bin/flotilla-agent").exists() {
+            MachineState::Stopped
+        } else {
+            MachineState::Missing
+        }
+    }
+
+    fn provision(&self) -> Result<bool, PlatformError> {
+        match self.state() {
+            MachineState::Running => Ok(false),
+            MachineState::Stopped => self.start().map(|()| true),
+            MachineState::Missing => {
+                let fresh = !self.dir.exists();
+                let made = self.prepare_root().and_then(|()| self.start());
+                if let Err(e) = made {
+                    // Nothing half-made stays: a machine that never started is removed whole.
+                    if fresh {
+                        let _ = self.destroy();
+                    }
+                    return Err(e);
+                }
+                Ok(true)
+            }
+        }
+    }
+
+    fn start(&self) -> Result<(), PlatformError> {
+        if self.running().is_some() {
+            return Ok(());
+        }
+        if !self.root().exists() {
+            return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
+        }
+        let _ = fs::remove_file(self.pidfile());
+        self.prepare_root()?;
+        self.ensure_network()?;
+        self.launch()?;
+        self.wait_for_agent()
+    }
+
+    fn stop(&self) -> Result<(), PlatformError> {
+        let Some(pids) = self.running() else { return Ok(()) };
+        sys::kill(pids.init, sys::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let mut killed = false;
+        while alive(pids.init) || alive(pids.monitor) {
+            if Instant::now() > deadline && !killed {
+                // The agent did not stop its services in time: end the whole namespace.
+                sys::kill(pids.init, sys::SIGKILL);
+                killed = true;
+            } else if Instant::now() > deadline + Duration::from_secs(10) {
+                return Err(self.err(format!("its processes (init pid {}) did not exit even after SIGKILL", pids.init)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = fs::remove_file(self.pidfile());
+        Ok(())
+    }
+
+    fn destroy(&self) -> Result<(), PlatformError> {
+        self.stop()?;
+        self.remove_network()?;
+        if self.dir.exists() {
+            self.check_unmounted()?;
+            fs::remove_dir_all(&self.dir).map_err(|e| self.err(format!("cannot remove {}: {e}", self.dir.display())))?;
+        }
+        if let Some(parent) = self.dir.parent() {
+            let _ = fs::remove_dir(parent); // the deployment's directory, once empty
+        }
+        Ok(())
+    }
+
+    fn connect(&self) -> Result<AgentClient, RemoteError> {
+        let pids = self.running().ok_or_else(|| RemoteError::Connect {
+            socket: self.root().join("run/flotilla/agent.sock"),
+            source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
+        })?;
+        AgentClient::connect_unix(&socket(pids.init))
+    }
+
+    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
+        let pids = self.running().ok_or_else(|| self.err("it is not running; start it with `flotilla start`"))?;
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--target={}", pids.init))
+            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd=/", "--"])
+            .args(argv)
+            .env_clear()
+            .env("PATH", "/run/current-system/sw/bin:/bin")
+            .env("HOME", "/root")
+            .env("USER", "root")
+            .env("LOGNAME", "root");
+        if tty {
+            cmd.env("TERM", std::env::var("TERM").unwrap_or_else(|_| "xterm".into()));
+        }
+        Ok(cmd)
+    }
+
+    fn log_file(&self, service: &str) -> Option<PathBuf> {
+        Some(self.root().join("var/log/flotilla").join(format!("{service}.log")))
+    }
+
+    fn resources(&self) -> BTreeMap<String, String> {
+        let mut r = BTreeMap::new();
+        r.insert("root".into(), self.root().display().to_string());
+        r.insert("console".into(), self.dir.join("console.log").display().to_string());
+        r.insert("netns".into(), self.net.netns.clone());
+        r.insert("veth".into(), self.net.veth.clone());
+        r.insert("bridge".into(), self.net.bridge.clone());
+        if let Some(p) = self.running() {
+            r.insert("init_pid".into(), p.init.to_string());
+            r.insert("monitor_pid".into(), p.monitor.to_string());
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_fit_the_kernel_limits_and_differ_per_state_db() {
+        let spec = LocalPlatform { address: None, subnet: "10.231.0.0/24".into(), forward_ports: vec![] };
+        let facts: BTreeMap<String, Value> = [("ip".to_owned(), Value::from("10.231.0.2"))].into();
+        let ctx = |p: &str| Context { state_path: PathBuf::from(p), deployment: "webfleet".into(), agent: PathBuf::from("/a") };
+        let a = LocalMachine::new(&ctx("/a/state.db"), "web1", &spec, &facts).unwrap();
+        let b = LocalMachine::new(&ctx("/b/state.db"), "web1", &spec, &facts).unwrap();
+        assert!(a.bridge().len() <= 15 && a.veth().len() <= 15, "{} {}", a.bridge(), a.veth());
+        assert_ne!(a.bridge(), b.bridge());
+        assert_ne!(a.veth(), b.veth());
+        assert_eq!(a.root(), PathBuf::from("/a/machines/webfleet/web1/root"));
+    }
+
+    #[test]
+    fn a_machine_without_an_address_cannot_be_made() {
+        let spec = LocalPlatform { address: None, subnet: "10.231.0.0/24".into(), forward_ports: vec![] };
+        let ctx = Context { state_path: PathBuf::from("/s/state.db"), deployment: "d".into(), agent: PathBuf::from("/a") };
+        let e = LocalMachine::new(&ctx, "web1", &spec, &BTreeMap::new()).unwrap_err();
+        assert!(e.to_string().starts_with("machine web1: it has no address yet"), "{e}");
+    }
+}

@@ -1,0 +1,107 @@
+//! Platforms: where machines run. Each platform provisions, starts, stops and destroys its
+//! machines, and says how to reach a machine's agent and run a command in it. The deploy
+//! pipeline and the fleet commands talk to machines only through [`Machine`].
+
+pub mod local;
+mod sys;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flotilla_model::Platform;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+use crate::remote::{AgentClient, RemoteError};
+
+/// Why a platform operation failed; the message names the machine and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("machine {machine}: {message}")]
+pub struct PlatformError {
+    /// The machine.
+    pub machine: String,
+    /// What went wrong and the fix.
+    pub message: String,
+}
+
+/// A machine's lifecycle state as its platform sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MachineState {
+    /// Never created, or destroyed.
+    Missing,
+    /// Created but not running.
+    Stopped,
+    /// Running.
+    Running,
+}
+
+impl MachineState {
+    /// As users read it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MachineState::Missing => "missing",
+            MachineState::Stopped => "stopped",
+            MachineState::Running => "running",
+        }
+    }
+}
+
+/// One machine of a deployment, on its platform.
+pub trait Machine: Send + Sync {
+    /// The machine's name.
+    fn name(&self) -> &str;
+    /// Whether it exists and runs.
+    fn state(&self) -> MachineState;
+    /// Creates it if missing and starts it if stopped; returns whether anything was done.
+    fn provision(&self) -> Result<bool, PlatformError>;
+    /// Starts it (it must exist).
+    fn start(&self) -> Result<(), PlatformError>;
+    /// Stops it: the agent stops services cleanly first.
+    fn stop(&self) -> Result<(), PlatformError>;
+    /// Removes every trace of it.
+    fn destroy(&self) -> Result<(), PlatformError>;
+    /// Connects to its agent.
+    fn connect(&self) -> Result<AgentClient, RemoteError>;
+    /// A command that runs `argv` inside the machine (an interactive one with a terminal when
+    /// `tty`).
+    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError>;
+    /// Where a service's log can be read on this host, if the platform keeps it here.
+    fn log_file(&self, service: &str) -> Option<PathBuf>;
+    /// What the machine is made of on this host (root directory, network names, ...), for
+    /// people looking for it and for cleaning up by hand.
+    fn resources(&self) -> BTreeMap<String, String>;
+}
+
+/// What a platform needs to know of the deployer.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// The state DB's file; machines' local data lives beside it.
+    pub state_path: PathBuf,
+    /// The deployment.
+    pub deployment: String,
+    /// The static agent binary to bootstrap machines with.
+    pub agent: PathBuf,
+}
+
+impl Context {
+    /// Where a deployment's local machine data lives.
+    pub fn machines_dir(&self) -> PathBuf {
+        self.state_path.parent().unwrap_or(Path::new(".")).join("machines").join(&self.deployment)
+    }
+}
+
+/// The machine `name` on `platform`, with its recorded facts.
+pub fn machine(ctx: &Context, name: &str, platform: &Platform, facts: &BTreeMap<String, Value>) -> Result<Box<dyn Machine>, PlatformError> {
+    match platform {
+        Platform::Local(spec) => Ok(Box::new(local::LocalMachine::new(ctx, name, spec, facts)?)),
+        other => Err(PlatformError {
+            machine: name.to_owned(),
+            message: format!(
+                "option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\"",
+                other.kind()
+            ),
+        }),
+    }
+}

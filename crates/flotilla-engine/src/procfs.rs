@@ -1,0 +1,39 @@
+//! What the deployer reads of processes from `/proc`: start times (a pid plus its start time
+//! names one process for good, where a pid alone may be reused) and this host's name.
+
+use std::fs;
+
+/// A process's start time in clock ticks after boot (the 22nd field of its `stat`); `None`
+/// when it does not exist or is a zombie.
+pub fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: the fields after it start
+    // after the last ')'.
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ');
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Whether a process exists and is not a zombie.
+pub fn alive(pid: i32) -> bool {
+    start_time(pid).is_some()
+}
+
+/// This host's name.
+pub fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_process_and_not_a_missing_one() {
+        assert!(start_time(std::process::id() as i32).is_some());
+        assert!(!alive(i32::MAX));
+    }
+}

@@ -1,0 +1,253 @@
+//! The fleet commands: deploy, start/stop/reboot/destroy, info, check, exec, shell, logs.
+
+use std::io::{BufRead as _, IsTerminal as _, Read as _, Seek as _, Write as _};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use flotilla_engine::deploy::{DeployOptions, Goal};
+use flotilla_engine::fleet::Operation;
+use flotilla_engine::platform::Machine;
+use flotilla_engine::Engine;
+use flotilla_model::Selection;
+
+use crate::cli::{DeployGoal, Global, Target};
+use crate::progress::Progress;
+use crate::{agent_path, deployment_file, deployment_name, engine, open_state, output, Outcome};
+
+pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel: u16, json: bool) -> Result<Outcome> {
+    let state = open_state(g)?;
+    let file = deployment_file(&state, target)?;
+    let mut engine = engine(g, state)?;
+    let ev = engine.evaluate(&file)?;
+    let selected = ev.select(&Selection::parse(on))?;
+    let agent = agent_path()?;
+    let goal = match goal {
+        DeployGoal::Switch => Goal::Switch,
+        DeployGoal::Boot => Goal::Boot,
+        DeployGoal::Test => Goal::Test,
+        DeployGoal::DryActivate => Goal::DryActivate,
+        DeployGoal::Build => Goal::Build,
+        DeployGoal::Copy => Goal::Copy,
+    };
+    let opts = DeployOptions { goal, parallel: usize::from(parallel), settle: Duration::from_secs(10) };
+    let mut progress = Progress::new(json, g.verbose);
+    let report = engine.deploy(&ev, &selected, &agent, opts, &mut |e| progress.event(e));
+    progress.finish();
+    let report = report?;
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        output::deploy_report(&report);
+    }
+    Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let sel = Selection::parse(on);
+    let agent = agent_path()?;
+    if op == Operation::Destroy && !yes {
+        let machines: Vec<String> = engine.fleet(&name, &sel, &agent)?.into_iter().map(|(r, _)| r.name).collect();
+        if machines.is_empty() {
+            bail!("deployment `{name}` has no machines to destroy");
+        }
+        confirm(&format!(
+            "Destroy {} machine(s) of {name} ({})? Their processes, network and disks are deleted.",
+            machines.len(),
+            machines.join(", ")
+        ))?;
+    }
+    let mut progress = Progress::new(false, g.verbose);
+    let results = engine.operate(&name, &sel, op, &agent, 8, &mut |e| progress.event(e));
+    progress.finish();
+    let results = results?;
+    output::operation_results(op, &results);
+    Ok(if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+fn confirm(question: &str) -> Result<()> {
+    if !std::io::stdin().is_terminal() {
+        bail!("{question}\nrefusing without a terminal to ask on; pass --yes to confirm");
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().read_line(&mut answer)?;
+    if !matches!(answer.trim(), "y" | "Y" | "yes") {
+        bail!("not confirmed; nothing was changed");
+    }
+    Ok(())
+}
+
+pub fn info(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome> {
+    let engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let dep = engine
+        .state()
+        .deployment(&name)?
+        .ok_or_else(|| anyhow!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones"))?;
+    let infos = engine.info(&name, &Selection::parse(on), &agent_path()?)?;
+    output::machine_infos(&dep, &infos, json);
+    Ok(Outcome::Ok)
+}
+
+pub fn check(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let infos = engine.check(&name, &Selection::parse(on), &agent_path()?)?;
+    output::drift(&infos, json);
+    Ok(if infos.iter().all(|i| i.problems.is_empty()) { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+fn one_machine(engine: &Engine, deployment: &str, machine: &str) -> Result<Box<dyn Machine>> {
+    let sel = Selection::parse(machine);
+    let mut fleet = engine.fleet(deployment, &sel, &agent_path()?)?;
+    match fleet.len() {
+        1 => Ok(fleet.remove(0).1),
+        _ => bail!("`{machine}` names {} machines; name exactly one", fleet.len()),
+    }
+}
+
+pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: Option<&str>, argv: &[String]) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    if let (Some(machine), false, None) = (machine, all, on) {
+        // One machine: its output and exit status pass straight through.
+        let m = one_machine(&engine, &name, machine)?;
+        let status = m.command(argv, false)?.status().context("cannot run nsenter")?;
+        engine.event(&name, Some(machine), "exec", if status.success() { "ok" } else { "failed" }, &format!("{} ({status})", argv.join(" ")))?;
+        return Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)));
+    }
+    let sel = Selection::parse(on.unwrap_or(""));
+    let fleet = engine.fleet(&name, &sel, &agent_path()?)?;
+    let width = fleet.iter().map(|(r, _)| r.name.len()).max().unwrap_or(0);
+    let out = std::sync::Mutex::new(());
+    let results: Vec<(String, Result<std::process::ExitStatus, String>)> = std::thread::scope(|s| {
+        let handles: Vec<_> = fleet
+            .iter()
+            .map(|(r, m)| {
+                let out = &out;
+                s.spawn(move || (r.name.clone(), run_prefixed(m.as_ref(), argv, &format!("{:<width$} | ", r.name), out)))
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("exec thread")).collect()
+    });
+    let mut failed = Vec::new();
+    for (machine, r) in &results {
+        let (status, detail) = match r {
+            Ok(s) if s.success() => ("ok", s.to_string()),
+            Ok(s) => ("failed", s.to_string()),
+            Err(e) => ("failed", e.clone()),
+        };
+        if status == "failed" {
+            failed.push(format!("{machine}: {detail}"));
+        }
+        engine.event(&name, Some(machine), "exec", status, &format!("{} ({detail})", argv.join(" ")))?;
+    }
+    if failed.is_empty() {
+        Ok(Outcome::Ok)
+    } else {
+        eprintln!("failed on {} of {} machines:\n  {}", failed.len(), results.len(), failed.join("\n  "));
+        Ok(Outcome::SomeFailed)
+    }
+}
+
+/// Runs `argv` in `m`, printing each line of its output with `prefix` (stdout to stdout,
+/// stderr to stderr), whole lines at a time.
+fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync::Mutex<()>) -> Result<std::process::ExitStatus, String> {
+    let mut child = m
+        .command(argv, false)
+        .map_err(|e| e.message)?
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run nsenter: {e}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let stderr = child.stderr.take().expect("piped");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _held = lock.lock();
+                eprintln!("{prefix}{line}");
+            }
+        });
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _held = lock.lock();
+            println!("{prefix}{line}");
+        }
+    });
+    child.wait().map_err(|e| e.to_string())
+}
+
+pub fn shell(g: &Global, target: &Target, machine: &str) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let m = one_machine(&engine, &name, machine)?;
+    let status = m.command(&["sh".into(), "-l".into()], true)?.status().context("cannot run nsenter")?;
+    engine.event(&name, Some(machine), "shell", "ok", &status.to_string())?;
+    Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
+}
+
+pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, follow: bool, lines: usize) -> Result<Outcome> {
+    let engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let m = one_machine(&engine, &name, machine)?;
+    let dir = m.log_file("x").and_then(|p| p.parent().map(Path::to_owned)).ok_or_else(|| anyhow!("machine {machine}: its platform keeps no logs on this host"))?;
+    let files: Vec<(String, std::path::PathBuf)> = match service {
+        Some(s) => {
+            let f = m.log_file(s).expect("the platform keeps logs here");
+            if !f.exists() {
+                bail!("machine {machine} has no log for service `{s}` (no {}); `flotilla info` lists its services", f.display());
+            }
+            vec![(s.to_owned(), f)]
+        }
+        None => {
+            let mut v: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.flatten()
+                        .filter_map(|e| {
+                            let n = e.file_name().to_string_lossy().into_owned();
+                            Some((n.strip_suffix(".log")?.to_owned(), e.path()))
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            v.sort();
+            v
+        }
+    };
+    let prefix = |svc: &str| if files.len() > 1 { format!("{svc} | ") } else { String::new() };
+    let mut offsets = Vec::new();
+    for (svc, f) in &files {
+        let text = std::fs::read_to_string(f).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        for l in &all[all.len().saturating_sub(lines)..] {
+            println!("{}{l}", prefix(svc));
+        }
+        offsets.push(text.len() as u64);
+    }
+    while follow {
+        std::thread::sleep(Duration::from_millis(250));
+        for ((svc, f), offset) in files.iter().zip(offsets.iter_mut()) {
+            let Ok(mut file) = std::fs::File::open(f) else { continue };
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < *offset {
+                *offset = 0; // rotated
+            }
+            file.seek(std::io::SeekFrom::Start(*offset))?;
+            let mut new = String::new();
+            file.read_to_string(&mut new)?;
+            // Print whole lines only; a partial one waits for its end.
+            let upto = new.rfind('\n').map_or(0, |i| i + 1);
+            for l in new[..upto].lines() {
+                println!("{}{l}", prefix(svc));
+            }
+            *offset += upto as u64;
+        }
+    }
+    Ok(Outcome::Ok)
+}

@@ -1,0 +1,103 @@
+//! Progress while the engine works: one line per machine redrawn in place on a terminal,
+//! plain lines otherwise, or one JSON object per event for CI (`--json`).
+
+use std::collections::BTreeMap;
+use std::io::IsTerminal as _;
+use std::time::Duration;
+
+use flotilla_engine::deploy::human_bytes;
+use flotilla_engine::EngineEvent;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+/// How events are shown.
+pub enum Progress {
+    /// Redrawn lines on a terminal.
+    Live { bars: MultiProgress, lines: BTreeMap<String, ProgressBar>, verbose: bool },
+    /// One line per step.
+    Plain { verbose: bool },
+    /// One JSON object per event on stdout.
+    Json,
+}
+
+impl Progress {
+    /// Live when stderr is a terminal, plain otherwise; JSON when asked.
+    pub fn new(json: bool, verbose: bool) -> Progress {
+        if json {
+            Progress::Json
+        } else if std::io::stderr().is_terminal() {
+            Progress::Live { bars: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()), lines: BTreeMap::new(), verbose }
+        } else {
+            Progress::Plain { verbose }
+        }
+    }
+
+    /// Shows one event.
+    pub fn event(&mut self, e: &EngineEvent) {
+        match self {
+            Progress::Json => {
+                println!("{}", serde_json::to_string(e).expect("events serialise"));
+            }
+            Progress::Plain { verbose } => match e {
+                EngineEvent::PhaseStarted { phase, machines } => eprintln!("{}: {}", phase.as_str(), machines.join(", ")),
+                EngineEvent::MachineDone { machine, phase, ok, detail } => {
+                    let status = if *ok { "" } else { "FAILED: " };
+                    eprintln!("{machine}: {}: {status}{}", phase.as_str(), first_line(detail));
+                }
+                EngineEvent::Note { message } => eprintln!("note: {message}"),
+                EngineEvent::NixLog { line } if *verbose => eprintln!("  nix: {line}"),
+                _ => {}
+            },
+            Progress::Live { bars, lines, verbose } => {
+                let mut line = |machine: &str| -> ProgressBar {
+                    lines
+                        .entry(machine.to_owned())
+                        .or_insert_with(|| {
+                            let bar = bars.add(ProgressBar::new_spinner());
+                            bar.set_style(ProgressStyle::with_template("{spinner} {prefix:<12} {msg}").expect("template parses"));
+                            bar.set_prefix(machine.to_owned());
+                            bar.enable_steady_tick(Duration::from_millis(120));
+                            bar
+                        })
+                        .clone()
+                };
+                match e {
+                    EngineEvent::PhaseStarted { phase, machines } => {
+                        for m in machines {
+                            line(m).set_message(format!("{}…", phase.as_str()));
+                        }
+                    }
+                    EngineEvent::MachinePhase { machine, phase } => line(machine).set_message(format!("{}…", phase.as_str())),
+                    EngineEvent::CopyProgress { machine, bytes, total_bytes, paths, total_paths } => line(machine).set_message(format!(
+                        "copy {paths}/{total_paths} paths, {} of {}",
+                        human_bytes(*bytes),
+                        human_bytes(*total_bytes)
+                    )),
+                    EngineEvent::MachineDone { machine, phase, ok, detail } => {
+                        let status = if *ok { "" } else { "FAILED: " };
+                        line(machine).set_message(format!("{}: {status}{}", phase.as_str(), first_line(detail)));
+                    }
+                    EngineEvent::Note { message } => {
+                        let _ = bars.println(format!("note: {message}"));
+                    }
+                    EngineEvent::NixLog { line } if *verbose => {
+                        let _ = bars.println(format!("  nix: {line}"));
+                    }
+                    EngineEvent::NixLog { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// Stops redrawing, leaving each machine's last line on screen.
+    pub fn finish(&mut self) {
+        if let Progress::Live { lines, .. } = self {
+            for bar in lines.values() {
+                bar.finish();
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or("")
+}
