@@ -19,6 +19,10 @@
 
   machines =
     let
+      # Each web server's port 80 is also forwarded to the host's loopback, so a browser on
+      # the deploying host can open http://127.0.0.1:8081/ and http://127.0.0.1:8082/.
+      hostPorts = { web1 = 8081; web2 = 8082; };
+
       webServer = { name, pkgs, ... }:
         let
           site = pkgs.writeTextDir "index.html" ''
@@ -29,6 +33,7 @@
         in
         {
           tags = [ "web" ];
+          platform.forwardPorts = [ { host = hostPorts.${name}; guest = 80; } ];
           users.www = { home = "/var/empty"; };
           services.httpd = {
             command = [ "${pkgs.busybox}/bin/httpd" "-f" "-p" "80" "-h" "${site}" ];

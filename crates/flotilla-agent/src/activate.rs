@@ -126,8 +126,12 @@ impl Agent {
     }
 
     /// Starts the services of the running system (the agent just started: nothing runs).
+    ///
+    /// With no `/run/current-system` (a container's `/run` is a fresh tmpfs at every start)
+    /// it boots the `system` profile instead: the full switch to it, as `switch` does, without
+    /// adding a generation. That is what makes a `boot` activation current at the next start.
     pub fn start_running_system(&self) -> Vec<String> {
-        let Some(top) = self.running_system() else { return Vec::new() };
+        let Some(top) = self.running_system() else { return self.boot_current_generation() };
         let Ok(m) = self.manifest(&top) else { return vec![format!("cannot read the running system {top}")] };
         let mut errors = Vec::new();
         for name in start_order(&m.system.system.services) {
@@ -136,6 +140,25 @@ impl Agent {
             }
         }
         errors
+    }
+
+    /// Switches to the generation the `system` profile points at (nothing when there is none).
+    fn boot_current_generation(&self) -> Vec<String> {
+        let Some(n) = self.current_generation() else { return Vec::new() };
+        let link = self.gen_link(n);
+        let toplevel = match fs::read_link(&link) {
+            Ok(target) => match StorePath::parse(&target.to_string_lossy()) {
+                Ok(toplevel) => toplevel,
+                Err(e) => return vec![format!("cannot boot generation {n}: {} points to {}: {e}", link.display(), target.display())],
+            },
+            Err(e) => return vec![format!("cannot boot generation {n}: {}: {e}", link.display())],
+        };
+        let booted = self.manifest(&toplevel).and_then(|m| self.switch_to(&toplevel, &m.system, false));
+        match booted {
+            // Messages (an /etc file kept aside, a service that would not stop) go to the log too.
+            Ok(report) => report.messages,
+            Err(e) => vec![format!("cannot boot generation {n} ({toplevel}): {e}")],
+        }
     }
 
     /// Activates `toplevel` for `goal`; returns the generation and what changed.

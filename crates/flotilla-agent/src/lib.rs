@@ -4,6 +4,7 @@
 
 pub mod activate;
 pub mod build_system;
+pub mod container;
 mod etc;
 pub mod machine;
 pub mod server;

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_agent::activate::Agent;
+use flotilla_agent::container::ContainerArgs;
 use flotilla_agent::machine::MachineRoot;
 use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig};
 
@@ -18,6 +19,16 @@ commands:
                        SIGTERM stops every service cleanly, then the agent
   stdio [--root DIR]   carry the protocol between stdin/stdout and the running agent's
                        socket (what `ssh host flotilla-agent stdio` runs)
+  container --root DIR --hostname NAME --netns PATH --pidfile FILE --console FILE
+            [--forward HOSTPORT:IP:PORT]...
+                       start the machine at DIR as a local container: the agent's `init`
+                       as PID 1 of new PID, mount, UTS and IPC namespaces, in the network
+                       namespace PATH (made by `ip netns add`), with DIR as / and fresh
+                       /proc, /dev, /run and /tmp; each --forward relays 127.0.0.1:HOSTPORT
+                       here to IP:PORT. Exits 0 once the agent runs, 1 with the reason if
+                       it cannot; the pidfile then holds JSON with the pids of the monitor
+                       and of init (SIGTERM to init stops the machine), all output is
+                       appended to the console file
   build-system         build a toplevel (run by Nix as a derivation's builder)
   --version            print the agent's version";
 
@@ -27,6 +38,7 @@ fn main() -> ExitCode {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map_err(|e| e.to_string()),
         Some("init") => root_arg(&args[1..]).and_then(init),
         Some("stdio") => root_arg(&args[1..]).and_then(stdio),
+        Some("container") => return container(&args[1..]),
         Some("--version") => {
             println!("flotilla-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -53,6 +65,21 @@ fn root_arg(args: &[String]) -> Result<PathBuf, String> {
             std::path::absolute(dir).map_err(|e| format!("--root {dir}: {e}"))
         }
         _ => Err(format!("unexpected arguments {args:?}\n{USAGE}")),
+    }
+}
+
+/// `container` fails with exit status 1, whatever went wrong: the deployer reads the line.
+fn container(args: &[String]) -> ExitCode {
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    match ContainerArgs::parse(args).and_then(|a| flotilla_agent::container::launch(&a)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("flotilla-agent: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 

@@ -27,6 +27,15 @@ pub enum Operation {
 }
 
 impl Operation {
+    fn phase(self) -> Phase {
+        match self {
+            Operation::Start => Phase::Start,
+            Operation::Stop => Phase::Stop,
+            Operation::Reboot => Phase::Reboot,
+            Operation::Destroy => Phase::Destroy,
+        }
+    }
+
     /// As users write it.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -109,7 +118,7 @@ impl Engine {
         let fleet = self.fleet(deployment, sel, agent)?;
         let machines: Vec<&dyn Machine> = fleet.iter().map(|(_, m)| m.as_ref()).collect();
         let results = fan_out(&machines, parallel, listen, |m, send| {
-            send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Provision });
+            send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: op.phase() });
             let r = match op {
                 Operation::Start => m.start(),
                 Operation::Stop => m.stop(),
@@ -117,7 +126,7 @@ impl Engine {
                 Operation::Destroy => m.destroy(),
             };
             let state = m.state();
-            send(done(m.name(), Phase::Provision, r.as_ref().map(|()| state.as_str()).map_err(|e| e.message.as_str())));
+            send(done(m.name(), op.phase(), r.as_ref().map(|()| state.as_str()).map_err(|e| e.message.as_str())));
             OperationResult { machine: m.name().to_owned(), state, error: r.err().map(|PlatformError { message, .. }| message) }
         });
         for r in &results {

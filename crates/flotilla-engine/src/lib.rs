@@ -79,6 +79,14 @@ pub enum Phase {
     Activate,
     /// Checking that services came up.
     Check,
+    /// Starting a machine.
+    Start,
+    /// Stopping a machine.
+    Stop,
+    /// Rebooting a machine.
+    Reboot,
+    /// Destroying a machine.
+    Destroy,
 }
 
 impl Phase {
@@ -90,6 +98,10 @@ impl Phase {
             Phase::Copy => "copy",
             Phase::Activate => "activate",
             Phase::Check => "check",
+            Phase::Start => "start",
+            Phase::Stop => "stop",
+            Phase::Reboot => "reboot",
+            Phase::Destroy => "destroy",
         }
     }
 }

@@ -158,7 +158,7 @@ pub enum Command {
         /// The service (default: all of them)
         service: Option<String>,
         /// Keep printing new lines
-        #[arg(short, long)]
+        #[arg(short = 'F', long)]
         follow: bool,
         /// Lines to show from the end of each log
         #[arg(short = 'n', long, default_value_t = 50)]
@@ -321,4 +321,13 @@ pub enum RootOp {
     },
     /// Remove store paths no generation needs
     Gc,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory as _;
+        super::Cli::command().debug_assert();
+    }
 }

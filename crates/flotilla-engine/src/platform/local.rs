@@ -34,6 +34,10 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a starting machine's agent gets to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Serialises changes to the deployment's bridge between machines worked on in parallel (the
+/// deployment lock keeps other processes out).
+static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A local namespace container.
 #[derive(Debug, Clone)]
 pub struct LocalMachine {
@@ -193,7 +197,6 @@ impl LocalMachine {
     /// Creates the machine's network namespace and veth pair if missing.
     fn ensure_network(&self) -> Result<(), PlatformError> {
         // Machines are provisioned in parallel; the first makes the bridge, the rest wait.
-        static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let n = &self.net;
         let made_bridge = self.ensure_bridge()?;
@@ -226,6 +229,8 @@ impl LocalMachine {
     /// Deletes the machine's network namespace (and with it the veth pair), and the bridge
     /// when no port is left on it.
     fn remove_network(&self) -> Result<(), PlatformError> {
+        // Machines are destroyed in parallel; the last one out removes the bridge.
+        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let n = &self.net;
         if self.netns_path().exists() {
             self.ip(&["netns", "del", &n.netns])?;

@@ -183,3 +183,141 @@ pub fn alive(pid: u32) -> bool {
     Path::new(&format!("/proc/{pid}")).exists()
         && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
 }
+
+/// Fails loudly unless this process can make containers: root, `ip` and `nsenter`.
+pub fn require_container_prerequisites() {
+    let uid = std::fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().next().unwrap_or("").to_owned()))
+        .unwrap_or_default();
+    assert_eq!(uid, "0", "prerequisite missing: the container tests run as root (they make namespaces, veths and bridges)");
+    for (what, argv) in [("ip (Debian: iproute2)", ["ip", "-V"]), ("nsenter (Debian: util-linux)", ["nsenter", "--version"])] {
+        let ok = Command::new(argv[0]).arg(argv[1]).output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "prerequisite missing: {what}; run scripts/install-deps.sh");
+    }
+}
+
+/// A flotilla whose every command runs inside a network namespace of the test's own, so
+/// the deployment's bridge and veths never touch the host's network. Dropping it destroys
+/// the deployment, and then, whatever state that left, kills the containers' processes,
+/// deletes their network namespaces and the test's own: a failing test leaves nothing.
+pub struct Fleet {
+    pub fl: Fl,
+    pub ns: String,
+}
+
+static NEXT_NS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+impl Fleet {
+    pub fn new() -> Fleet {
+        require_container_prerequisites();
+        let fl = Fl::new();
+        let ns = format!("fltest-{}-{}", std::process::id(), NEXT_NS.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let made = Command::new("ip").args(["netns", "add", &ns]).status().unwrap();
+        assert!(made.success(), "cannot create the test's network namespace {ns}");
+        let fleet = Fleet { fl, ns };
+        fleet.host(&["ip", "link", "set", "lo", "up"]);
+        fleet
+    }
+
+    /// `flotilla ARGS` inside the test's namespace.
+    pub fn cmd(&self) -> Command {
+        let inner = self.fl.cmd();
+        let mut c = self.in_ns();
+        c.arg(inner.get_program()).args(inner.get_args()).current_dir(repo());
+        for (k, v) in inner.get_envs() {
+            match v {
+                Some(v) => c.env(k, v),
+                None => c.env_remove(k),
+            };
+        }
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        Run(self.cmd().args(args).output().expect("flotilla runs"))
+    }
+
+    /// A command on the "host": inside the test's namespace, where the bridge is.
+    pub fn host(&self, argv: &[&str]) -> Run {
+        Run(self.in_ns().args(argv).output().expect("nsenter runs"))
+    }
+
+    /// `nsenter` into the test's network namespace only. Not `ip netns exec`: that also makes
+    /// a mount namespace of its own, a slave of the host's, so the named network namespaces
+    /// flotilla makes inside it would not be visible to the next command.
+    fn in_ns(&self) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", self.ns)).arg("--");
+        c
+    }
+
+    /// GET `url` from the host side, with busybox's wget; `None` when nothing answers.
+    pub fn http_get(&self, url: &str) -> Option<String> {
+        for _ in 0..50 {
+            let r = self.host(&["busybox", "wget", "-q", "-T", "3", "-O", "-", url]);
+            if r.code() == 0 {
+                return Some(r.stdout());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// Each machine's `info --json` record.
+    pub fn info(&self, file: &str) -> Vec<serde_json::Value> {
+        let j = self.run(&["info", "-f", file, "--json"]).ok().json();
+        j["machines"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// A machine's info record.
+    pub fn machine(&self, file: &str, name: &str) -> serde_json::Value {
+        self.info(file).into_iter().find(|m| m["machine"] == name).unwrap_or_else(|| panic!("no machine {name} in info"))
+    }
+
+    /// Every resource the machines of this test's state hold, from their data directories.
+    fn leftovers(&self) -> (Vec<i32>, Vec<String>) {
+        let mut pids = Vec::new();
+        let mut netns = Vec::new();
+        let machines = self.fl.dir.path().join("state/machines");
+        for dep in std::fs::read_dir(&machines).into_iter().flatten().flatten() {
+            for m in std::fs::read_dir(dep.path()).into_iter().flatten().flatten() {
+                if let Ok(text) = std::fs::read_to_string(m.path().join("pid.json")) {
+                    if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+                        pids.extend(["init", "monitor"].iter().filter_map(|k| v[k].as_i64()).map(|p| p as i32));
+                    }
+                }
+            }
+        }
+        // The machines' namespaces are named after a hash of this state DB's path; find
+        // them through the containers' names as info reports them.
+        if let Ok(out) = self.cmd().args(["info", "--json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {
+                for m in v["machines"].as_array().into_iter().flatten() {
+                    netns.extend(m["resources"]["netns"].as_str().map(str::to_owned));
+                }
+            }
+        }
+        (pids, netns)
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        let (pids, netns) = self.leftovers();
+        let _ = self.cmd().args(["destroy", "--yes"]).output();
+        for pid in pids.iter().filter(|p| alive(**p as u32)) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+        for ns in netns.iter().filter(|n| Path::new("/run/netns").join(n).exists()) {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+/// The example deployment file.
+pub fn example() -> String {
+    repo().join("examples/webfleet/deployment.nix").to_string_lossy().into_owned()
+}

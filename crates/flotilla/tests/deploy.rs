@@ -1,0 +1,251 @@
+//! `flotilla deploy` and the fleet commands end to end, on the local platform: real
+//! namespace containers, real veths and a real bridge, all inside a network namespace each
+//! test makes for itself (see `common::Fleet`), real Nix builds and the real agent as each
+//! container's PID 1.
+
+mod common;
+
+use std::path::Path;
+
+use common::{example, Fleet};
+use serde_json::Value;
+
+/// Deploys `file` with `--json` and returns the final report (the last line of stdout).
+fn deploy(f: &Fleet, args: &[&str]) -> (i32, Value, String) {
+    let r = f.run(&[&["deploy", "--json"], args].concat());
+    let out = r.stdout();
+    let last = out.lines().last().unwrap_or_else(|| panic!("deploy printed nothing\nstderr:\n{}", r.stderr()));
+    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not the report ({e}): {last}\nstderr:\n{}", r.stderr()));
+    (r.code(), report, r.stderr())
+}
+
+fn row<'a>(report: &'a Value, machine: &str) -> &'a Value {
+    report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
+}
+
+fn outcomes(report: &Value) -> Vec<(String, String)> {
+    report["machines"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["machine"].as_str().unwrap().to_owned(), m["outcome"].as_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[test]
+fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
+    let f = Fleet::new();
+    let file = example();
+    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(
+        outcomes(&report),
+        [("monitor", "deployed"), ("web1", "deployed"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    for m in ["web1", "web2", "monitor"] {
+        assert_eq!(row(&report, m)["generation"], 1);
+    }
+
+    // From the host: at the machine's address, and through the forwarded loopback port.
+    let web1 = f.machine(&file, "web1");
+    let ip = web1["ip"].as_str().unwrap().to_owned();
+    let page = f.http_get(&format!("http://{ip}/")).expect("web1 answers on its address");
+    assert!(page.contains("Hello from web1"), "{page}");
+    let page = f.http_get("http://127.0.0.1:8082/").expect("web2 answers on its forwarded port");
+    assert!(page.contains("Hello from web2"), "{page}");
+
+    // From the monitor: by name (/etc/hosts) and by nodes.web1.ip (its targets file).
+    let r = f.run(&["exec", "monitor", "--", "wget", "-q", "-O", "-", "http://web1/"]).ok();
+    assert!(r.stdout().contains("Hello from web1"), "{}", r.stdout());
+    let targets = f.run(&["exec", "monitor", "--", "cat", "/etc/monitor/targets"]).ok().stdout();
+    assert!(targets.contains(&format!("http://{ip}/")), "{targets}");
+    let r = f.run(&["exec", "monitor", "--", "wget", "-q", "-O", "-", &format!("http://{ip}/")]).ok();
+    assert!(r.stdout().contains("Hello from web1"));
+
+    // info: all running, healthy, on generation 1 with their services up.
+    for m in f.info(&file) {
+        assert_eq!(m["state"], "running", "{m:#}");
+        assert_eq!(m["health"], "healthy", "{m:#}");
+        assert_eq!(m["generation"], 1, "{m:#}");
+        assert_eq!(m["services_up"], m["services_total"], "{m:#}");
+        assert_eq!(m["services_up"], 1, "{m:#}");
+    }
+    let table = f.run(&["info", "-f", &file]).ok().stdout();
+    assert!(table.lines().any(|l| l.starts_with("web1") && l.contains("running") && l.contains("1/1") && l.contains("healthy")), "{table}");
+
+    // Every machine has its own hostname and PID namespace, with the agent as PID 1.
+    let r = f.run(&["exec", "--all", "--", "sh", "-c", "echo $(hostname) $(cat /proc/1/comm)"]).ok();
+    let out = r.stdout();
+    for m in ["web1", "web2", "monitor"] {
+        assert!(out.lines().any(|l| l.starts_with(m) && l.ends_with(&format!("| {m} flotilla-agent"))), "{out}");
+    }
+    let r = f.run(&["exec", "--all", "--", "sh", "-c", "test $(hostname) = web2"]);
+    assert_eq!(r.code(), 1, "{}", r.stderr());
+    assert!(r.stderr().contains("failed on 2 of 3 machines"), "{}", r.stderr());
+    assert_eq!(f.run(&["exec", "web1", "--", "sh", "-c", "exit 7"]).code(), 7);
+
+    // A no-op redeploy copies nothing, restarts nothing, and says so.
+    let (code, again, stderr) = deploy(&f, &["-f", &file]);
+    assert_eq!(code, 0, "{again:#}\n{stderr}");
+    for m in ["web1", "web2", "monitor"] {
+        let r = row(&again, m);
+        assert_eq!(r["outcome"], "unchanged", "{r:#}");
+        assert_eq!(r["generation"], 1);
+        assert_eq!(r["copy"]["paths_sent"], 0);
+        assert_eq!(r["activation"]["services_restarted"], Value::Array(vec![]));
+    }
+    let plain = f.run(&["deploy", "-f", &file]).ok();
+    assert!(plain.stdout().contains("unchanged: nothing copied, nothing restarted"), "{}", plain.stdout());
+
+    // The ledger has it all.
+    let log = f.run(&["log", "-d", "webfleet"]).ok().stdout();
+    for what in ["provision", "activate", "deploy", "exec"] {
+        assert!(log.contains(what), "no {what} in the ledger:\n{log}");
+    }
+}
+
+#[test]
+fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
+    let f = Fleet::new();
+    let file = example();
+    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,monitor"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    let before = f.machine(&file, "web1");
+    let ip = before["ip"].as_str().unwrap().to_owned();
+    let res = before["resources"].clone();
+
+    f.run(&["stop", "-f", &file, "--on", "web1"]).ok();
+    let web1 = f.machine(&file, "web1");
+    assert_eq!(web1["state"], "stopped");
+    assert!(f.host(&["busybox", "wget", "-q", "-T", "2", "-O", "-", &format!("http://{ip}/")]).code() != 0, "a stopped machine still answers");
+    assert!(!common::alive(res["init_pid"].as_str().unwrap().parse().unwrap()), "the stopped container's init still runs");
+
+    f.run(&["start", "-f", &file, "--on", "web1"]).ok();
+    let web1 = f.machine(&file, "web1");
+    assert_eq!((web1["state"].as_str(), web1["generation"].as_u64(), web1["health"].as_str()), (Some("running"), Some(1), Some("healthy")), "{web1:#}");
+    assert!(f.http_get(&format!("http://{ip}/")).unwrap().contains("Hello from web1"));
+
+    f.run(&["reboot", "-f", &file]).ok();
+    for m in f.info(&file) {
+        assert_eq!((m["state"].as_str(), m["generation"].as_u64(), m["health"].as_str()), (Some("running"), Some(1), Some("healthy")), "{m:#}");
+    }
+    let after = f.machine(&file, "web1")["resources"].clone();
+    assert_ne!(after["init_pid"], res["init_pid"], "reboot did not restart the container");
+    assert!(f.http_get(&format!("http://{ip}/")).unwrap().contains("Hello from web1"));
+
+    // Destroy without a terminal and without --yes is refused, changing nothing.
+    let r = f.run(&["destroy", "-f", &file]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    assert!(r.stderr().contains("pass --yes"), "{}", r.stderr());
+    assert_eq!(f.machine(&file, "web1")["state"], "running");
+
+    let infos = f.info(&file);
+    f.run(&["destroy", "-f", &file, "--yes"]).ok();
+    for m in &infos {
+        let r = &m["resources"];
+        let name = m["machine"].as_str().unwrap();
+        for pid in ["init_pid", "monitor_pid"] {
+            let pid: u32 = r[pid].as_str().unwrap().parse().unwrap();
+            assert!(!common::alive(pid), "{name}: process {pid} survived destroy");
+        }
+        assert!(!Path::new("/run/netns").join(r["netns"].as_str().unwrap()).exists(), "{name}: its network namespace survived");
+        assert_ne!(f.host(&["ip", "link", "show", "dev", r["veth"].as_str().unwrap()]).code(), 0, "{name}: its veth survived");
+        assert!(!Path::new(r["root"].as_str().unwrap()).exists(), "{name}: its root directory survived");
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        assert!(!mounts.contains(r["root"].as_str().unwrap()), "{name}: a mount survived");
+    }
+    let bridge = infos[0]["resources"]["bridge"].as_str().unwrap();
+    assert_ne!(f.host(&["ip", "link", "show", "dev", bridge]).code(), 0, "the bridge survived its last machine");
+    assert!(f.run(&["info", "-f", &file, "--json"]).ok().json()["machines"].as_array().unwrap().is_empty());
+    let log = f.run(&["log", "-d", "webfleet"]).ok().stdout();
+    assert!(log.contains("destroy") && log.contains("machine destroyed"), "{log}");
+}
+
+#[test]
+fn a_changed_machine_is_the_only_one_redeployed_and_a_failed_build_fails_only_its_machine() {
+    let f = Fleet::new();
+    let original = std::fs::read_to_string(example()).unwrap();
+    let file = f.fl.file("deployment.nix", &original);
+    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+
+    // web2 only: a different page, and a marker file.
+    let changed = original.replace(
+        "      web2 = webServer;",
+        "      web2 = args: args.lib.merge (webServer args) { files.\"/etc/marker\".text = \"v2\\n\"; };",
+    );
+    assert_ne!(changed, original, "the example changed shape; update this test");
+    let file2 = f.fl.file("deployment.nix", &changed);
+    assert_eq!(file2, file);
+    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(
+        outcomes(&report),
+        [("monitor", "unchanged"), ("web1", "unchanged"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
+    );
+    assert_eq!(row(&report, "web2")["generation"], 2);
+    assert_eq!(row(&report, "web1")["generation"], 1);
+    assert_eq!(f.run(&["exec", "web2", "--", "cat", "/etc/marker"]).ok().stdout(), "v2\n");
+
+    // A machine whose build fails, selected by tag with another that builds: exit 1, the
+    // table says why, the other one is deployed, the unselected one is left alone.
+    let broken = changed.replace(
+        "      web1 = webServer;",
+        "      web1 = args: args.lib.merge (webServer args) { packages = [ (args.pkgs.runCommand \"broken-tool\" {} \"echo the tool does not compile >&2; exit 1\") ]; };",
+    );
+    let broken = broken.replace("\"v2\\n\"", "\"v3\\n\"");
+    f.fl.file("deployment.nix", &broken);
+    let r = f.run(&["deploy", "-f", &file, "--on", "@web"]);
+    assert_eq!(r.code(), 1, "{}\n{}", r.stdout(), r.stderr());
+    let table = r.stdout();
+    let web1 = table.lines().find(|l| l.starts_with("web1")).unwrap_or_else(|| panic!("{table}"));
+    assert!(web1.contains("FAILED") && web1.contains("build"), "{table}");
+    assert!(r.stderr().contains("the tool does not compile") || table.contains("broken-tool"), "{table}\n{}", r.stderr());
+    let web2 = table.lines().find(|l| l.starts_with("web2")).unwrap();
+    assert!(web2.contains("deployed"), "{table}");
+    assert!(!table.contains("monitor"), "monitor was not selected:\n{table}");
+    assert_eq!(f.run(&["exec", "web2", "--", "cat", "/etc/marker"]).ok().stdout(), "v3\n");
+    assert_eq!(f.machine(&file, "web1")["generation"], 1, "web1 keeps running its last good system");
+    assert_eq!(f.machine(&file, "monitor")["generation"], 1);
+}
+
+#[test]
+fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
+    use std::io::BufRead as _;
+    let f = Fleet::new();
+    let file = example();
+    let mut first = f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    // The first deploy holds the lock once it says it provisions.
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.starts_with("provision:") {
+            break;
+        }
+    }
+    assert!(seen.last().is_some_and(|l| l.starts_with("provision:")), "{seen:?}");
+    let r = f.run(&["deploy", "-f", &file]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    assert!(r.stderr().contains("deployment `webfleet` is locked by") && r.stderr().contains(&format!("pid {}", first.id())), "{}", r.stderr());
+    // Read-only commands do not wait on it.
+    f.run(&["log"]).ok();
+    f.run(&["list"]).ok();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert!(first.wait().unwrap().success(), "{rest:?}");
+
+    // A deploy killed while holding the lock leaves it behind; the next one takes it over.
+    let mut doomed = f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut lines = std::io::BufReader::new(doomed.stderr.take().unwrap()).lines();
+    while let Some(Ok(line)) = lines.next() {
+        if line.starts_with("provision:") || line.starts_with("build:") {
+            break;
+        }
+    }
+    // `ip netns exec` execs flotilla, so the child's pid is flotilla's.
+    doomed.kill().unwrap();
+    doomed.wait().unwrap();
+    let r = f.run(&["deploy", "-f", &file]).ok();
+    assert!(r.stderr().contains("took over the lock of deployment `webfleet`"), "{}", r.stderr());
+}
