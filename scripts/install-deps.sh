@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what flotilla and its tests need on Debian 12, as root: Nix (Debian's nix-bin,
-# single-user), a static busybox for the demo package set, iproute2 for the local platform.
+# single-user), a static busybox for the demo package set, iproute2 and util-linux's nsenter
+# for the local platform, curl for the tests and the demo.
 # Rust comes from rustup and is assumed. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -8,6 +9,9 @@ need=()
 command -v nix-instantiate >/dev/null 2>&1 || need+=(nix-bin)
 [ -x /usr/bin/busybox ] || [ -x /bin/busybox ] || need+=(busybox-static)
 command -v ip >/dev/null 2>&1 || need+=(iproute2)
+command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
+# The tests and the demo fetch pages from the machines the way a user would.
+command -v curl >/dev/null 2>&1 || need+=(curl)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -228,7 +228,10 @@ impl Engine {
             });
             for (m, r) in handles.into_iter().zip(provisioned) {
                 match r {
-                    Ok(_) => {
+                    Ok(acted) => {
+                        if acted {
+                            self.event(ev.name.as_str(), Some(m.name()), "provision", "ok", "started")?;
+                        }
                         machines.insert(m.name().to_owned(), m);
                     }
                     Err(PlatformError { machine, message }) => {

@@ -192,7 +192,7 @@ pub fn require_container_prerequisites() {
         .find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().next().unwrap_or("").to_owned()))
         .unwrap_or_default();
     assert_eq!(uid, "0", "prerequisite missing: the container tests run as root (they make namespaces, veths and bridges)");
-    for (what, argv) in [("ip (Debian: iproute2)", ["ip", "-V"]), ("nsenter (Debian: util-linux)", ["nsenter", "--version"])] {
+    for (what, argv) in [("ip (Debian: iproute2)", ["ip", "-V"]), ("nsenter (Debian: util-linux)", ["nsenter", "--version"]), ("curl", ["curl", "--version"])] {
         let ok = Command::new(argv[0]).arg(argv[1]).output().map(|o| o.status.success()).unwrap_or(false);
         assert!(ok, "prerequisite missing: {what}; run scripts/install-deps.sh");
     }
@@ -253,10 +253,11 @@ impl Fleet {
         c
     }
 
-    /// GET `url` from the host side, with busybox's wget; `None` when nothing answers.
+    /// GET `url` from the host side with curl; `None` when nothing answers. (Not the host's
+    /// static busybox wget: with the host's /etc/nsswitch.conf it crashes in glibc's NSS.)
     pub fn http_get(&self, url: &str) -> Option<String> {
         for _ in 0..50 {
-            let r = self.host(&["busybox", "wget", "-q", "-T", "3", "-O", "-", url]);
+            let r = self.host(&["curl", "-sSf", "--max-time", "3", url]);
             if r.code() == 0 {
                 return Some(r.stdout());
             }
