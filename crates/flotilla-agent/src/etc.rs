@@ -36,10 +36,20 @@ pub struct Changes {
     pub messages: Vec<String>,
 }
 
+/// What an entry is: for a link, its content's fingerprint then its target (which moves with
+/// every new toplevel, though the content may not have changed); for a copy, its content.
 fn fingerprint(toplevel_etc: &str, rel: &str, f: &FileSpec) -> String {
     match &f.mode {
-        None => format!("link {toplevel_etc}/{rel}"),
+        None => format!("link {} {toplevel_etc}/{rel}", fnv(f.text.as_deref().unwrap_or(""), f.source.as_deref().unwrap_or(""))),
         Some(mode) => format!("copy {mode} {}:{} {}", f.user, f.group, fnv(f.text.as_deref().unwrap_or(""), f.source.as_deref().unwrap_or(""))),
+    }
+}
+
+/// The part of a fingerprint that says what a user reads in the file.
+fn content(fp: &str) -> &str {
+    match fp.strip_prefix("link ") {
+        Some(rest) => rest.split(' ').next().unwrap_or(rest),
+        None => fp,
     }
 }
 
@@ -64,7 +74,7 @@ pub fn apply(root: &MachineRoot, toplevel: &str, files: &BTreeMap<String, FileSp
         let fp = fingerprint(&top_etc, rel, f);
         match placed.entries.get(path) {
             None => changes.added.push(path.clone()),
-            Some(old) if *old != fp => changes.changed.push(path.clone()),
+            Some(old) if content(old) != content(&fp) => changes.changed.push(path.clone()),
             _ => {}
         }
         next.insert(path.clone(), fp.clone());

@@ -85,6 +85,10 @@ pub struct MachineInfo {
     pub tags: Vec<String>,
     /// What it is made of on this host.
     pub resources: std::collections::BTreeMap<String, String>,
+    /// Its recorded facts.
+    pub facts: std::collections::BTreeMap<String, serde_json::Value>,
+    /// The newest build recorded for it.
+    pub last_build: Option<flotilla_state::GenerationRecord>,
 }
 
 impl Engine {
@@ -160,6 +164,8 @@ impl Engine {
                 problems: Vec::new(),
                 tags: record.tags.clone(),
                 resources: m.resources(),
+                facts: record.facts.clone(),
+                last_build: record.last_build.clone(),
             };
             if info.state != MachineState::Running {
                 info.problems.push(format!("machine is {}", info.state.as_str()));

@@ -70,7 +70,7 @@ fn build_realises_every_toplevel_with_busybox_and_the_agent_in_its_closure() {
     }
     // The monitor's config used web1's address, recorded as a fact.
     let info = fl.run(&["info", "--json", "-d", "webfleet"]).ok().json();
-    let web1 = info["machines"].as_array().unwrap().iter().find(|m| m["name"] == "web1").unwrap();
+    let web1 = info["machines"].as_array().unwrap().iter().find(|m| m["machine"] == "web1").unwrap();
     let ip = web1["facts"]["ip"].as_str().unwrap();
     let monitor = machines.iter().find(|m| m["machine"] == "monitor").unwrap();
     let targets = std::fs::read_to_string(Path::new(monitor["toplevel"].as_str().unwrap()).join("etc/monitor/targets")).unwrap();
