@@ -79,6 +79,7 @@ pub fn plan(
     let mut subnet: Option<(Subnet, &MachineName)> = None;
     let mut taken: BTreeMap<Ipv4Addr, &MachineName> = BTreeMap::new();
     let mut wanting: Vec<&MachineName> = Vec::new();
+    let mut forwarded: BTreeMap<u16, &MachineName> = BTreeMap::new();
 
     for (name, platform) in platforms {
         let mut facts = stored.get(name.as_str()).cloned().unwrap_or_default();
@@ -98,6 +99,11 @@ pub fn plan(
                     _ => {}
                 }
                 facts.insert("subnet".into(), Value::from(s.to_string()));
+                for f in &local.forward_ports {
+                    if let Some(other) = forwarded.insert(f.host, name) {
+                        errors.push(format!("machine {name}: option `platform.forwardPorts` forwards host port {} which machine {other} forwards too; give one of them another `host` port", f.host));
+                    }
+                }
                 let fixed = match &local.address {
                     Some(a) => match a.parse::<Ipv4Addr>() {
                         Ok(ip) if s.contains_host(ip) && ip != s.gateway() => Some(ip),
@@ -191,6 +197,28 @@ mod tests {
         assert!(e[0].contains("already machine a's"));
         assert!(e[1].contains("share one bridge"));
         assert!(e[2].contains("bridge's"));
+    }
+
+    #[test]
+    fn refuses_one_host_port_forwarded_to_two_machines() {
+        let fwd = |host| {
+            Platform::Local(LocalPlatform {
+                address: None,
+                subnet: "10.9.0.0/24".into(),
+                forward_ports: vec![flotilla_model::PortForward { host, guest: 80 }],
+            })
+        };
+        let p: BTreeMap<_, _> = [(m("a"), fwd(8080)), (m("b"), fwd(8080)), (m("c"), fwd(8081))].into();
+        let e = plan(&p, &BTreeMap::new()).unwrap_err();
+        assert_eq!(e, ["machine b: option `platform.forwardPorts` forwards host port 8080 which machine a forwards too; give one of them another `host` port"]);
+    }
+
+    #[test]
+    fn subnets_overlap_when_one_holds_the_other() {
+        let p = |s| Subnet::parse(s).unwrap();
+        assert!(p("10.0.0.0/8").overlaps(&p("10.231.0.0/24")));
+        assert!(p("10.231.0.0/24").overlaps(&p("10.0.0.0/8")));
+        assert!(!p("10.231.0.0/24").overlaps(&p("10.232.0.0/24")));
     }
 
     #[test]

@@ -230,7 +230,10 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
         }
         offsets.push(text.len() as u64);
     }
-    while follow {
+    if !follow {
+        return Ok(Outcome::Ok);
+    }
+    loop {
         std::thread::sleep(Duration::from_millis(250));
         for ((svc, f), offset) in files.iter().zip(offsets.iter_mut()) {
             let Ok(mut file) = std::fs::File::open(f) else { continue };
@@ -249,5 +252,4 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
             *offset += upto as u64;
         }
     }
-    Ok(Outcome::Ok)
 }
