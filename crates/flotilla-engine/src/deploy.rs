@@ -190,6 +190,20 @@ pub(crate) fn fan_out<T: Sync, R: Send>(
 impl Engine {
     /// Deploys the selected machines of an evaluated deployment.
     pub fn deploy(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &std::path::Path, opts: DeployOptions, listen: Listener<'_>) -> Result<DeployReport> {
+        self.deploy_instantiated(ev, selected, agent, None, opts, listen)
+    }
+
+    /// [`Engine::deploy`], with the toplevels [`Engine::evaluate_for_build`] may already
+    /// have instantiated.
+    pub fn deploy_instantiated(
+        &mut self,
+        ev: &Evaluated,
+        selected: &[MachineName],
+        agent: &std::path::Path,
+        instantiated: Option<crate::Toplevels>,
+        opts: DeployOptions,
+        listen: Listener<'_>,
+    ) -> Result<DeployReport> {
         let _lock = self.lock(ev.name.as_str(), "deploy", listen)?;
         let start = Instant::now();
         crate::check_agent(agent)?;
@@ -244,7 +258,7 @@ impl Engine {
 
         // Build everything selected in one Nix call, provisioned or not: a build failure is
         // worth knowing even on a machine that is down.
-        let build = self.build(ev, selected, agent, listen)?;
+        let build = self.build_instantiated(ev, selected, agent, instantiated, listen)?;
         let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
         for b in &build.machines {
             match (&b.toplevel, &b.error) {
@@ -259,14 +273,25 @@ impl Engine {
             }
         }
 
-        // Copy, activate, check: per machine, in parallel.
+        // Copy, activate, check: per machine, in parallel, each machine's closure cut from the
+        // one closure of every toplevel (one Nix call for the whole fleet).
         let work: Vec<(&dyn Machine, StorePath)> = machines
             .values()
             .filter(|m| !failures.contains_key(m.name()))
             .filter_map(|m| Some((m.as_ref(), toplevels.get(m.name())?.clone())))
             .collect();
-        let nix = &self.nix;
-        let results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| roll_out(nix, *m, toplevel, opts, send));
+        let closure = match build.closure {
+            Some(c) => c,
+            None if work.is_empty() => Vec::new(),
+            None => {
+                let outs: Vec<StorePath> = work.iter().map(|(_, t)| t.clone()).collect();
+                self.nix.closure_info(&outs)?.unwrap_or_default()
+            }
+        };
+        let results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| {
+            let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(toplevel));
+            roll_out(*m, toplevel, &infos, opts, send)
+        });
 
         let mut rows: BTreeMap<String, MachineDeploy> = failures;
         for mut r in results {
@@ -346,7 +371,7 @@ pub(crate) fn done(machine: &str, phase: Phase, r: std::result::Result<&str, &st
 }
 
 /// Copy, activate and check one machine.
-fn roll_out(nix: &flotilla_nix::Nix, m: &dyn Machine, toplevel: &StorePath, opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
+fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::PathInfo], opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
     let start = Instant::now();
     let name = m.name();
     let mut row = MachineDeploy {
@@ -379,7 +404,10 @@ fn roll_out(nix: &flotilla_nix::Nix, m: &dyn Machine, toplevel: &StorePath, opts
     let mut progress = |p: &crate::remote::CopyProgress| {
         send(EngineEvent::CopyProgress { machine: name.to_owned(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
     };
-    let copy = match client.copy_closure(nix, std::slice::from_ref(toplevel), Compression::None, &mut progress) {
+    if closure.is_empty() {
+        return fail(row, Phase::Copy, format!("the closure of {toplevel} is not in the local store"));
+    }
+    let copy = match client.copy_paths(closure, Compression::None, &mut progress) {
         Ok(c) => c,
         Err(e) => return fail(row, Phase::Copy, e.to_string()),
     };

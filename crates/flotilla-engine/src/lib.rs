@@ -231,6 +231,9 @@ pub struct BuildReport {
     /// Wall time.
     #[serde(serialize_with = "secs")]
     pub elapsed: Duration,
+    /// The built toplevels' closure, references first, when it was read while building.
+    #[serde(skip)]
+    pub closure: Option<Vec<flotilla_nix::PathInfo>>,
 }
 
 pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -264,17 +267,47 @@ impl Engine {
 
     /// Evaluates and checks a deployment file. Nothing is written anywhere.
     pub fn evaluate(&self, file: &Path) -> Result<Evaluated> {
-        let file = std::path::absolute(file).map_err(|source| EngineError::Io { what: "cannot resolve", path: file.to_owned(), source })?;
-        if !file.is_file() {
-            return Err(EngineError::Config(vec![format!(
-                "deployment file {} does not exist; pass the file that defines your machines with -f",
-                file.display()
-            )]));
-        }
+        let file = resolve_file(file)?;
         let mut args = EvalArgs { deployment: &file, facts_json: "{}".into(), agent: None, only: vec![] };
-
         // Phase 1: names and platforms, without facts.
         let phase1 = self.nix.eval_json("phase1", &args, false)?;
+        let planned = self.plan(&file, &phase1)?;
+        // Phase 2: full configs with facts.
+        args.facts_json = serde_json::to_string(&planned.facts).expect("facts serialise");
+        let configs = self.nix.eval_json("configs", &args, false)?;
+        planned.check(file, &configs)
+    }
+
+    /// Evaluates and checks a deployment file and, when its facts are already known (it was
+    /// evaluated before and nothing moved), instantiates every machine's toplevel in the same
+    /// single Nix call. Otherwise, or if that call fails, it is [`Engine::evaluate`], and the
+    /// toplevels are left to [`Engine::build`].
+    pub fn evaluate_for_build(&self, file: &Path, agent: &Path) -> Result<(Evaluated, Option<Toplevels>)> {
+        let abs = resolve_file(file)?;
+        let known = self.state.deployments()?.into_iter().find(|d| d.file.as_deref() == Some(&*abs.to_string_lossy()));
+        if let Some(dep) = known {
+            let stored = self.state.facts(&dep.name)?;
+            let args = EvalArgs {
+                deployment: &abs,
+                facts_json: serde_json::to_string(&stored).expect("facts serialise"),
+                agent: Some(agent),
+                only: vec![],
+            };
+            if let Ok(all) = self.nix.eval_json("everything", &args, true) {
+                let planned = self.plan(&abs, &all["phase1"])?;
+                let same = planned.facts.iter().all(|(m, f)| stored.get(m.as_str()) == Some(f));
+                if same {
+                    let toplevels: Option<Toplevels> = serde_json::from_value(all["toplevels"].clone()).ok();
+                    let ev = planned.check(abs, &all["configs"])?;
+                    return Ok((ev, toplevels));
+                }
+            }
+        }
+        Ok((self.evaluate(&abs)?, None))
+    }
+
+    /// Reads phase 1 and plans facts: everything about a deployment but its configs.
+    fn plan(&self, file: &Path, phase1: &Value) -> Result<Planned> {
         let raw_name = phase1.get("name").and_then(Value::as_str).ok_or_else(|| {
             EngineError::Config(vec![format!(
                 "{}: the deployment sets no `meta.name`; add `meta.name = \"my-fleet\";` (it names the deployment in the state DB)",
@@ -320,46 +353,35 @@ impl Engine {
         if !errors.is_empty() {
             return Err(EngineError::Config(errors));
         }
-
-        // Phase 2: full configs with facts.
-        args.facts_json = serde_json::to_string(&facts).expect("facts serialise");
-        let configs = self.nix.eval_json("configs", &args, false)?;
-        let mut machines = BTreeMap::new();
-        for (raw, value) in configs.as_object().unwrap_or(&empty) {
-            let Ok(machine) = MachineName::new(raw) else { continue };
-            let found = check_against_schema(raw, &schema, value);
-            if !found.is_empty() {
-                errors.extend(found.iter().map(ConfigError::to_string));
-                continue;
-            }
-            match serde_json::from_value::<MachineConfig>(value.clone()) {
-                Ok(cfg) => {
-                    errors.extend(cfg.check(raw).iter().map(ConfigError::to_string));
-                    machines.insert(machine, cfg);
-                }
-                Err(e) => errors.push(format!("machine {raw}: {e} (the option schema and flotilla disagree: please report this)")),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(EngineError::Config(errors));
-        }
-        Ok(Evaluated { name, description, file, schema, machines, facts })
+        Ok(Planned { name, description, schema, facts })
     }
 
     /// Builds the selected machines' toplevels in one Nix call and records the deployment,
     /// its machines, facts and builds. Machines that fail to build are reported, not fatal.
     pub fn build(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, listen: Listener<'_>) -> Result<BuildReport> {
+        self.build_instantiated(ev, selected, agent, None, listen)
+    }
+
+    /// [`Engine::build`], with the toplevels [`Engine::evaluate_for_build`] may already have
+    /// instantiated.
+    pub fn build_instantiated(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>, listen: Listener<'_>) -> Result<BuildReport> {
         let start = Instant::now();
         check_agent(agent)?;
-        let args = EvalArgs {
-            deployment: &ev.file,
-            facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
-            agent: Some(agent),
-            only: selected.iter().map(ToString::to_string).collect(),
+        let only: Vec<String> = selected.iter().map(ToString::to_string).collect();
+        listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: only.clone() });
+        let toplevels: Toplevels = match instantiated {
+            Some(all) => all.into_iter().filter(|(m, _)| only.contains(m)).collect(),
+            None => {
+                let args = EvalArgs {
+                    deployment: &ev.file,
+                    facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
+                    agent: Some(agent),
+                    only,
+                };
+                serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
+                    .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
+            }
         };
-        listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: args.only.clone() });
-        let toplevels: BTreeMap<String, flotilla_nix::Toplevel> = serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
-            .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?;
 
         // Roots first: a GC running while we build must not take what we are building.
         let roots = gcroots::Roots::new(self.state.path(), ev.name.as_str());
@@ -367,8 +389,17 @@ impl Engine {
             roots.set(machine, &t.out)?;
         }
 
-        let drvs: Vec<StorePath> = toplevels.values().map(|t| t.drv.clone()).collect();
-        let outcome = self.nix.realise(&drvs, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+        // When every toplevel is valid already, their closure's metadata is the proof, and
+        // nothing needs realising; the copy needs that metadata anyway.
+        let outs: Vec<StorePath> = toplevels.values().map(|t| t.out.clone()).collect();
+        let closure = self.nix.closure_info(&outs)?;
+        let outcome = match closure {
+            Some(_) => flotilla_nix::RealiseOutcome::default(),
+            None => {
+                let drvs: Vec<StorePath> = toplevels.values().map(|t| t.drv.clone()).collect();
+                self.nix.realise(&drvs, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?
+            }
+        };
 
         let mut results = Vec::new();
         for machine in selected {
@@ -389,7 +420,7 @@ impl Engine {
         }
 
         self.record(ev, &toplevels, &results)?;
-        Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed() })
+        Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed(), closure })
     }
 
     /// Takes the deployment's lock for `command`, taking over a stale one (said so through
@@ -509,6 +540,56 @@ impl Engine {
         self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failures)?;
         Ok(())
     }
+}
+
+/// Every machine's instantiated toplevel, by machine name.
+pub type Toplevels = BTreeMap<String, flotilla_nix::Toplevel>;
+
+/// A deployment read as far as its facts.
+struct Planned {
+    name: DeploymentName,
+    description: String,
+    schema: Schema,
+    facts: BTreeMap<MachineName, BTreeMap<String, Value>>,
+}
+
+impl Planned {
+    /// Checks phase 2's configs against the schema and each other.
+    fn check(self, file: PathBuf, configs: &Value) -> Result<Evaluated> {
+        let mut errors = Vec::new();
+        let mut machines = BTreeMap::new();
+        let empty = serde_json::Map::new();
+        for (raw, value) in configs.as_object().unwrap_or(&empty) {
+            let Ok(machine) = MachineName::new(raw) else { continue };
+            let found = check_against_schema(raw, &self.schema, value);
+            if !found.is_empty() {
+                errors.extend(found.iter().map(ConfigError::to_string));
+                continue;
+            }
+            match serde_json::from_value::<MachineConfig>(value.clone()) {
+                Ok(cfg) => {
+                    errors.extend(cfg.check(raw).iter().map(ConfigError::to_string));
+                    machines.insert(machine, cfg);
+                }
+                Err(e) => errors.push(format!("machine {raw}: {e} (the option schema and flotilla disagree: please report this)")),
+            }
+        }
+        if !errors.is_empty() {
+            return Err(EngineError::Config(errors));
+        }
+        Ok(Evaluated { name: self.name, description: self.description, file, schema: self.schema, machines, facts: self.facts })
+    }
+}
+
+fn resolve_file(file: &Path) -> Result<PathBuf> {
+    let abs = std::path::absolute(file).map_err(|source| EngineError::Io { what: "cannot resolve", path: file.to_owned(), source })?;
+    if !abs.is_file() {
+        return Err(EngineError::Config(vec![format!(
+            "deployment file {} does not exist; pass the file that defines your machines with -f",
+            abs.display()
+        )]));
+    }
+    Ok(abs)
 }
 
 /// A held deployment lock; dropping it releases it.

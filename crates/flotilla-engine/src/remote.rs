@@ -11,7 +11,7 @@ use flotilla_protocol::{
     client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, GenerationInfo, PathInfo,
     Request, Response, ServiceStatus, Welcome,
 };
-use flotilla_store::{NarHash, StorePath};
+use flotilla_store::StorePath;
 use serde::Serialize;
 
 /// Why talking to an agent failed.
@@ -132,8 +132,23 @@ impl AgentClient {
         compression: Compression,
         progress: &mut dyn FnMut(&CopyProgress),
     ) -> Result<CopyStats, RemoteError> {
+        let infos = nix.closure_info(roots)?.ok_or_else(|| {
+            RemoteError::Nix(flotilla_nix::NixError::Eval(format!(
+                "the closure of {} is not in the local store; build it first",
+                roots.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+            )))
+        })?;
+        self.copy_paths(&infos, compression, progress)
+    }
+
+    /// Copies `infos` (a closure, references first), sending only the paths the machine lacks.
+    pub fn copy_paths(
+        &mut self,
+        infos: &[flotilla_nix::PathInfo],
+        compression: Compression,
+        progress: &mut dyn FnMut(&CopyProgress),
+    ) -> Result<CopyStats, RemoteError> {
         let start = Instant::now();
-        let infos = nix.closure_info(roots)?;
         let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let missing = match self.call(&Request::QueryMissing { paths: all })? {
             Response::Missing { paths } => paths.into_iter().collect::<std::collections::BTreeSet<_>>(),
@@ -143,12 +158,8 @@ impl AgentClient {
         let send: Vec<PathInfo> = infos
             .iter()
             .filter(|i| missing.contains(&i.path))
-            .map(|i| {
-                let nar_hash = NarHash::parse(&format!("sha256:{}", i.nar_hash_base16))
-                    .map_err(|source| RemoteError::Local { path: i.path.clone(), source })?;
-                Ok(PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash, nar_size: i.nar_size })
-            })
-            .collect::<Result<_, RemoteError>>()?;
+            .map(|i| PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash: i.nar_hash.clone(), nar_size: i.nar_size })
+            .collect();
         if send.is_empty() {
             stats.seconds = start.elapsed().as_secs_f64();
             return Ok(stats);

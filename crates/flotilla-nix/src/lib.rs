@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use flotilla_store::StorePath;
+use flotilla_store::{NarHash, StorePath};
 use serde_json::Value;
 
 /// The Nix library, embedded so an installed `flotilla` needs no source tree.
@@ -113,8 +113,8 @@ pub struct PathInfo {
     pub path: StorePath,
     /// Its direct references.
     pub references: Vec<StorePath>,
-    /// SHA-256 of its NAR, base16, as Nix's database holds it.
-    pub nar_hash_base16: String,
+    /// SHA-256 of its NAR.
+    pub nar_hash: NarHash,
     /// NAR size in bytes.
     pub nar_size: u64,
 }
@@ -243,54 +243,100 @@ impl Nix {
         parse_paths(&out.stdout, "nix-store --query --requisites")
     }
 
-    /// Path info of every path in the closure of `roots`, references first, in two
-    /// process spawns whatever the closure's size.
-    pub fn closure_info(&self, roots: &[StorePath]) -> Result<Vec<PathInfo>> {
-        let mut cmd = Command::new("nix-store");
-        cmd.args(["--query", "--requisites"]).args(roots.iter().map(StorePath::to_absolute));
-        let out = run(&mut cmd, "nix-store")?;
-        if !out.status.success() {
-            return Err(NixError::Eval(clean_error(&out.stderr)));
+    /// Path info of every path in the closure of `roots`, references first, in one
+    /// `nix path-info --recursive` call whatever the closure's size. `None` when some root is
+    /// not valid (not built yet): the answer doubles as the check that nothing needs building.
+    pub fn closure_info(&self, roots: &[StorePath]) -> Result<Option<Vec<PathInfo>>> {
+        if roots.is_empty() {
+            return Ok(Some(Vec::new()));
         }
-        let paths = parse_paths(&out.stdout, "nix-store --query --requisites")?;
-        // `--dump-db` prints the registration of each path: hash, size, references.
-        let mut cmd = Command::new("nix-store");
-        cmd.arg("--dump-db").args(paths.iter().map(StorePath::to_absolute));
-        let out = run(&mut cmd, "nix-store")?;
+        let mut cmd = Command::new("nix");
+        cmd.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"]);
+        self.common_args(&mut cmd, false);
+        cmd.args(roots.iter().map(StorePath::to_absolute));
+        let out = run(&mut cmd, "nix")?;
         if !out.status.success() {
-            return Err(NixError::Eval(clean_error(&out.stderr)));
+            let err = clean_error(&out.stderr);
+            if err.contains("is not valid") {
+                return Ok(None);
+            }
+            return Err(NixError::Eval(err));
         }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let mut infos = parse_dump_db(&text).map_err(|detail| NixError::Output { command: "nix-store --dump-db".into(), detail })?;
-        // Order as --requisites does: dependencies before dependents.
-        let order: std::collections::HashMap<&StorePath, usize> = paths.iter().enumerate().map(|(i, p)| (p, i)).collect();
-        infos.sort_by_key(|i| order.get(&i.path).copied().unwrap_or(usize::MAX));
-        Ok(infos)
+        let infos = parse_path_info_json(&out.stdout).map_err(|detail| NixError::Output { command: "nix path-info --json".into(), detail })?;
+        Ok(Some(references_first(infos)))
     }
 }
 
-/// Parses `nix-store --dump-db` output: per path, `path`, `sha256:hash`, `size`, deriver,
-/// reference count, then the references.
-fn parse_dump_db(text: &str) -> Result<Vec<PathInfo>, String> {
-    let mut lines = text.lines();
-    let mut out = Vec::new();
-    while let Some(path) = lines.next() {
-        if path.is_empty() {
-            continue;
-        }
-        let mut next = |what: &str| lines.next().ok_or_else(|| format!("truncated record for {path}: no {what}"));
-        let path = StorePath::parse(path).map_err(|e| e.to_string())?;
-        let nar_hash_base16 = next("hash")?.to_owned();
-        let nar_size = next("size")?.parse::<u64>().map_err(|e| format!("{path}: size: {e}"))?;
-        let _deriver = next("deriver")?;
-        let n = next("reference count")?.parse::<usize>().map_err(|e| format!("{path}: count: {e}"))?;
-        let mut references = Vec::with_capacity(n);
-        for _ in 0..n {
-            references.push(StorePath::parse(next("reference")?).map_err(|e| e.to_string())?);
-        }
-        out.push(PathInfo { path, references, nar_hash_base16, nar_size });
+/// Parses `nix path-info --json` output.
+fn parse_path_info_json(stdout: &[u8]) -> Result<Vec<PathInfo>, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Raw {
+        path: String,
+        nar_hash: String,
+        nar_size: u64,
+        #[serde(default)]
+        references: Vec<String>,
     }
-    Ok(out)
+    let raw: Vec<Raw> = serde_json::from_slice(stdout).map_err(|e| e.to_string())?;
+    raw.into_iter()
+        .map(|r| {
+            let path = StorePath::parse(&r.path).map_err(|e| e.to_string())?;
+            let nar_hash = NarHash::parse(&r.nar_hash).map_err(|e| format!("{path}: narHash: {e}"))?;
+            let references = r.references.iter().map(|p| StorePath::parse(p).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
+            Ok(PathInfo { path, references, nar_hash, nar_size: r.nar_size })
+        })
+        .collect()
+}
+
+/// Orders path infos so every path comes after the paths it refers to (what a copy needs:
+/// a path is only registered on the target once its references are). Ties keep name order.
+pub fn references_first(infos: Vec<PathInfo>) -> Vec<PathInfo> {
+    let mut by_path: std::collections::BTreeMap<StorePath, PathInfo> = infos.into_iter().map(|i| (i.path.clone(), i)).collect();
+    let keys: Vec<StorePath> = by_path.keys().cloned().collect();
+    let mut done = std::collections::BTreeSet::new();
+    let mut out = Vec::with_capacity(keys.len());
+    for k in keys {
+        // Iterative depth-first post-order; references outside the set are ignored.
+        let mut stack = vec![(k, false)];
+        while let Some((p, expanded)) = stack.pop() {
+            if done.contains(&p) {
+                continue;
+            }
+            if expanded {
+                done.insert(p.clone());
+                if let Some(info) = by_path.remove(&p) {
+                    out.push(info);
+                }
+                continue;
+            }
+            stack.push((p.clone(), true));
+            if let Some(info) = by_path.get(&p) {
+                for r in info.references.iter().rev() {
+                    if *r != p && !done.contains(r) {
+                        stack.push((r.clone(), false));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The closure of `roots` within `all` (a closure that holds theirs), references first.
+pub fn closure_within(all: &[PathInfo], roots: &[StorePath]) -> Vec<PathInfo> {
+    let index: std::collections::HashMap<&StorePath, &PathInfo> = all.iter().map(|i| (&i.path, i)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let mut todo: Vec<&StorePath> = roots.iter().collect();
+    while let Some(p) = todo.pop() {
+        if seen.insert(p) {
+            if let Some(info) = index.get(p) {
+                todo.extend(info.references.iter());
+            }
+        }
+    }
+    // `all` is references-first already; keep its order.
+    all.iter().filter(|i| seen.contains(&i.path)).cloned().collect()
 }
 
 fn parse_paths(stdout: &[u8], command: &str) -> Result<Vec<StorePath>> {
@@ -375,14 +421,37 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
 mod tests {
     use super::*;
 
+    const A: &str = "/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-a";
+    const B: &str = "/nix/store/lqyqgm6dylqgkgshgv1d4y2mii3zlrnj-b";
+    const C: &str = "/nix/store/00000000000000000000000000000000-c";
+
+    fn info(p: &str, refs: &[&str]) -> PathInfo {
+        PathInfo {
+            path: StorePath::parse(p).unwrap(),
+            references: refs.iter().map(|r| StorePath::parse(r).unwrap()).collect(),
+            nar_hash: NarHash::parse("sha256-gnrG9qZ4EoLkK7Lw/6/COHG55s9O1M/bMPRnS2iH9jY=").unwrap(),
+            nar_size: 1,
+        }
+    }
+
     #[test]
-    fn dump_db_parses() {
-        let text = "/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\n827ac6f6a6781282e42bb2f0ffafc23871b9e6cf4ed4cfdb30f4674b6887f636\n123\n/nix/store/lqyqgm6dylqgkgshgv1d4y2mii3zlrnj-busybox.drv\n1\n/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\n";
-        let infos = parse_dump_db(text).unwrap();
+    fn path_info_json_parses() {
+        let json = format!(r#"[{{"path":"{A}","narHash":"sha256-gnrG9qZ4EoLkK7Lw/6/COHG55s9O1M/bMPRnS2iH9jY=","narSize":2034368,"references":["{A}"],"deriver":"{B}.drv","ultimate":true}}]"#);
+        let infos = parse_path_info_json(json.as_bytes()).unwrap();
         assert_eq!(infos.len(), 1);
-        assert_eq!(infos[0].nar_size, 123);
+        assert_eq!(infos[0].nar_size, 2034368);
         assert_eq!(infos[0].references, [infos[0].path.clone()]);
-        assert!(parse_dump_db("/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-busybox\nab\n").is_err());
+        assert!(parse_path_info_json(br#"[{"path":"/nix/store/x","narHash":"sha256-x","narSize":1}]"#).is_err());
+    }
+
+    #[test]
+    fn references_come_first_and_closures_keep_that_order() {
+        // A refers to B and itself, B to C.
+        let ordered = references_first(vec![info(A, &[A, B]), info(B, &[C]), info(C, &[])]);
+        let names: Vec<String> = ordered.iter().map(|i| i.path.name().to_owned()).collect();
+        assert_eq!(names, ["c", "b", "a"]);
+        let only_b = closure_within(&ordered, &[StorePath::parse(B).unwrap()]);
+        assert_eq!(only_b.iter().map(|i| i.path.name().to_owned()).collect::<Vec<_>>(), ["c", "b"]);
     }
 
     #[test]

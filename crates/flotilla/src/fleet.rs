@@ -20,9 +20,9 @@ pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel:
     let state = open_state(g)?;
     let file = deployment_file(&state, target)?;
     let mut engine = engine(g, state)?;
-    let ev = engine.evaluate(&file)?;
-    let selected = ev.select(&Selection::parse(on))?;
     let agent = agent_path()?;
+    let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
+    let selected = ev.select(&Selection::parse(on))?;
     let goal = match goal {
         DeployGoal::Switch => Goal::Switch,
         DeployGoal::Boot => Goal::Boot,
@@ -33,7 +33,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel:
     };
     let opts = DeployOptions { goal, parallel: usize::from(parallel), settle: Duration::from_secs(10) };
     let mut progress = Progress::new(json, g.verbose);
-    let report = engine.deploy(&ev, &selected, &agent, opts, &mut |e| progress.event(e));
+    let report = engine.deploy_instantiated(&ev, &selected, &agent, instantiated, opts, &mut |e| progress.event(e));
     progress.finish();
     let report = report?;
     if json {

@@ -105,12 +105,12 @@ fn run(cli: Cli) -> Result<Outcome> {
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
             let mut engine = engine(g, state)?;
-            let ev = engine.evaluate(&file)?;
-            let selected = ev.select(&Selection::parse(on))?;
             let agent = agent_path()?;
+            let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
+            let selected = ev.select(&Selection::parse(on))?;
             let verbose = g.verbose;
             let mut listen = |e: &EngineEvent| output::progress(e, verbose);
-            let report = engine.build(&ev, &selected, &agent, &mut listen)?;
+            let report = engine.build_instantiated(&ev, &selected, &agent, instantiated, &mut listen)?;
             output::build_report(&report, *json);
             Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
         }
