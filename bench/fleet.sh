@@ -26,7 +26,7 @@ bin=$PWD/target/x86_64-unknown-linux-gnu/release
 mkdir -p "$PWD/target/bench"
 work=$(mktemp -d "$PWD/target/bench/fleet.XXXXXX")
 ns=flbench-$$
-export FLOTILLA_STATE=$work/state.db FLOTILLA_SUBSTITUTERS=""
+export FLOTILLA_SUBSTITUTERS="" FLOTILLA_STATE
 # nsenter, not `ip netns exec`: that makes a mount namespace per command, hiding the named
 # network namespaces one command makes from the next.
 fl() { nsenter --net="/run/netns/$ns" -- "$bin/flotilla" -I "nixpkgs=$PWD/nix/demo-pkgs.nix" "$@"; }
@@ -74,6 +74,7 @@ fleet_file() {
 
 printf '%-9s %10s %10s %12s %12s %14s\n' machines deploy no-op "one change" "eval floor" "no-op / eval"
 for n in $SIZES; do
+    FLOTILLA_STATE=$work/state-$n.db # one deployment per state DB: commands need no -d
     file=$(fleet_file "$n" Hello)
     t0=$(now); fl deploy -f "$file" --parallel 8 >"$work/deploy-$n.log" 2>&1 || { cat "$work/deploy-$n.log"; exit 1; }; t1=$(now)
     deploy=$(secs "$t0" "$t1")

@@ -294,24 +294,38 @@ impl Engine {
         });
 
         let mut rows: BTreeMap<String, MachineDeploy> = failures;
+        let mut events = Vec::new();
+        let mut activated = Vec::new();
+        let event = |machine: &str, kind: &str, status: &str, message: &str| flotilla_state::Event {
+            deployment: ev.name.to_string(),
+            machine: Some(machine.to_owned()),
+            at: flotilla_state::now(),
+            actor: self.actor.clone(),
+            kind: kind.to_owned(),
+            status: status.to_owned(),
+            message: message.to_owned(),
+            details: None,
+        };
         for mut r in results {
+            r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
             match (&r.outcome, r.generation) {
                 (Outcome::Failed, _) => {
                     let phase = r.failed_phase.map_or("deploy", Phase::as_str);
-                    self.event(ev.name.as_str(), Some(&r.machine), phase, "failed", r.error.as_deref().unwrap_or(""))?;
+                    events.push(event(&r.machine, phase, "failed", r.error.as_deref().unwrap_or("")));
                 }
                 (_, Some(generation)) if opts.goal.activation() != Some(ActivationGoal::DryActivate) => {
                     let toplevel = r.toplevel.as_ref().expect("an activated machine has a toplevel").to_absolute();
-                    self.state.record_activation(ev.name.as_str(), &r.machine, &self.actor, &toplevel, generation as i64, &r.summary)?;
+                    activated.push((r.machine.clone(), toplevel, generation as i64, r.summary.clone()));
                 }
-                _ => {
-                    let machine = r.machine.clone();
-                    self.event(ev.name.as_str(), Some(&machine), opts.goal_name(), "ok", &r.summary)?;
-                }
+                _ => events.push(event(&r.machine, opts.goal_name(), "ok", &r.summary)),
             }
-            r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
             rows.insert(r.machine.clone(), r);
         }
+        let activations: Vec<flotilla_state::Activation<'_>> = activated
+            .iter()
+            .map(|(machine, toplevel, number, message)| flotilla_state::Activation { machine, toplevel, number: *number, message })
+            .collect();
+        self.state.record_deploy(ev.name.as_str(), &self.actor, &activations, &events)?;
         if opts.goal == Goal::Build {
             for (machine, t) in &toplevels {
                 rows.entry(machine.clone()).or_insert_with(|| MachineDeploy {

@@ -265,6 +265,9 @@ impl State {
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        // With WAL, NORMAL syncs at checkpoints: a committed write survives a crash of
+        // flotilla, and only a power loss can take the newest transactions.
+        conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
         let mut state = State { conn, path: path.to_owned() };
         state.migrate()?;
         Ok(state)
@@ -525,36 +528,20 @@ impl State {
     /// `active` (a row is added when the toplevel was never built here) and the previously
     /// active one `superseded`, with one ledger event; in one transaction.
     pub fn record_activation(&mut self, deployment: &str, machine: &str, actor: &str, toplevel: &str, number: i64, message: &str) -> Result<()> {
+        self.record_deploy(deployment, actor, &[Activation { machine, toplevel, number, message }], &[])
+    }
+
+    /// Records a deploy's outcome in one transaction: each activation (as
+    /// [`State::record_activation`]) and each other event.
+    pub fn record_deploy(&mut self, deployment: &str, actor: &str, activations: &[Activation<'_>], events: &[Event]) -> Result<()> {
         let t = now();
         let tx = self.conn.transaction()?;
-        let machine_id = machine_id(&tx, deployment, machine)?;
-        tx.execute(
-            "UPDATE generations SET status = 'superseded' WHERE machine_id = ?1 AND status = 'active' AND toplevel <> ?2",
-            params![machine_id, toplevel],
-        )?;
-        let updated = tx.execute(
-            "UPDATE generations SET status = 'active', number = ?3, activated_at = COALESCE(
-                 CASE WHEN status = 'active' AND number = ?3 THEN activated_at END, ?4)
-             WHERE id = (SELECT id FROM generations WHERE machine_id = ?1 AND toplevel = ?2 ORDER BY id DESC LIMIT 1)",
-            params![machine_id, toplevel, number, t],
-        )?;
-        if updated == 0 {
-            tx.execute(
-                "INSERT INTO generations (machine_id, number, toplevel, status, built_at, activated_at)
-                 VALUES (?1, ?2, ?3, 'active', ?4, ?4)",
-                params![machine_id, number, toplevel, t],
-            )?;
+        for a in activations {
+            write_activation(&tx, deployment, actor, a, t)?;
         }
-        insert_event(&tx, &Event {
-            deployment: deployment.to_owned(),
-            machine: Some(machine.to_owned()),
-            at: t,
-            actor: actor.to_owned(),
-            kind: "activate".into(),
-            status: "ok".into(),
-            message: message.to_owned(),
-            details: Some(serde_json::json!({ "generation": number, "toplevel": toplevel })),
-        })?;
+        for e in events {
+            insert_event(&tx, e)?;
+        }
         tx.commit()?;
         Ok(())
     }
@@ -677,6 +664,50 @@ fn write_builds(tx: &Transaction<'_>, deployment: &str, actor: &str, builds: &[(
         })?;
     }
     Ok(())
+}
+
+/// One machine's activation, to record.
+#[derive(Debug, Clone, Copy)]
+pub struct Activation<'a> {
+    /// The machine.
+    pub machine: &'a str,
+    /// The toplevel it runs.
+    pub toplevel: &'a str,
+    /// The agent's generation number.
+    pub number: i64,
+    /// A summary for the ledger.
+    pub message: &'a str,
+}
+
+fn write_activation(tx: &Transaction<'_>, deployment: &str, actor: &str, a: &Activation<'_>, t: i64) -> Result<()> {
+    let machine_id = machine_id(tx, deployment, a.machine)?;
+    tx.execute(
+        "UPDATE generations SET status = 'superseded' WHERE machine_id = ?1 AND status = 'active' AND toplevel <> ?2",
+        params![machine_id, a.toplevel],
+    )?;
+    let updated = tx.execute(
+        "UPDATE generations SET status = 'active', number = ?3, activated_at = COALESCE(
+             CASE WHEN status = 'active' AND number = ?3 THEN activated_at END, ?4)
+         WHERE id = (SELECT id FROM generations WHERE machine_id = ?1 AND toplevel = ?2 ORDER BY id DESC LIMIT 1)",
+        params![machine_id, a.toplevel, a.number, t],
+    )?;
+    if updated == 0 {
+        tx.execute(
+            "INSERT INTO generations (machine_id, number, toplevel, status, built_at, activated_at)
+             VALUES (?1, ?2, ?3, 'active', ?4, ?4)",
+            params![machine_id, a.number, a.toplevel, t],
+        )?;
+    }
+    insert_event(tx, &Event {
+        deployment: deployment.to_owned(),
+        machine: Some(a.machine.to_owned()),
+        at: t,
+        actor: actor.to_owned(),
+        kind: "activate".into(),
+        status: "ok".into(),
+        message: a.message.to_owned(),
+        details: Some(serde_json::json!({ "generation": a.number, "toplevel": a.toplevel })),
+    })
 }
 
 fn generation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<GenerationRecord> {

@@ -254,3 +254,37 @@ fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
     let r = f.run(&["deploy", "-f", &file]).ok();
     assert!(r.stderr().contains("took over the lock of deployment `webfleet`"), "{}", r.stderr());
 }
+
+#[test]
+fn a_machine_that_cannot_start_is_reported_and_leaves_nothing_half_made() {
+    let f = Fleet::new();
+    let file = example();
+    // Something on the host already listens on web1's forwarded port.
+    let mut squatter = f.in_ns_command(&["busybox", "httpd", "-f", "-p", "127.0.0.1:8081", "-h", "/"]).spawn().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while f.host(&["curl", "-s", "--max-time", "1", "http://127.0.0.1:8081/"]).code() == 7 {
+        assert!(std::time::Instant::now() < deadline, "the squatter never listened");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,web2"]);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_eq!(code, 1, "{report:#}\n{stderr}");
+    let web1 = row(&report, "web1");
+    assert_eq!(web1["outcome"], "failed");
+    assert_eq!(web1["failed_phase"], "provision");
+    let error = web1["error"].as_str().unwrap();
+    assert!(error.contains("cannot bind 127.0.0.1:8081") && error.contains("Address already in use"), "{error}");
+    assert_eq!(row(&report, "web2")["outcome"], "deployed", "one machine's failure never stops the others");
+    // Nothing of web1 was left half-made.
+    let web1 = f.machine(&file, "web1");
+    assert_eq!(web1["state"], "missing", "{web1:#}");
+    assert!(!Path::new(web1["resources"]["root"].as_str().unwrap()).exists());
+    assert!(!Path::new("/run/netns").join(web1["resources"]["netns"].as_str().unwrap()).exists());
+    assert_ne!(f.host(&["ip", "link", "show", "dev", web1["resources"]["veth"].as_str().unwrap()]).code(), 0);
+    // Once the port is free, the next deploy makes it.
+    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,web2"]);
+    assert_eq!(code, 0, "{report:#}\n{stderr}");
+    assert_eq!(row(&report, "web1")["outcome"], "deployed");
+    assert!(f.http_get("http://127.0.0.1:8081/").unwrap().contains("Hello from web1"));
+}

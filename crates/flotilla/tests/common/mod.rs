@@ -244,6 +244,13 @@ impl Fleet {
         Run(self.in_ns().args(argv).output().expect("nsenter runs"))
     }
 
+    /// A command on the "host" side, to spawn.
+    pub fn in_ns_command(&self, argv: &[&str]) -> Command {
+        let mut c = self.in_ns();
+        c.args(argv).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        c
+    }
+
     /// `nsenter` into the test's network namespace only. Not `ip netns exec`: that also makes
     /// a mount namespace of its own, a slave of the host's, so the named network namespaces
     /// flotilla makes inside it would not be visible to the next command.
