@@ -85,7 +85,8 @@ for n in $SIZES; do
 
     # The peer: evaluate and instantiate the same toplevels with the same facts, nothing else.
     facts=$(fl eval -f "$file" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["facts"]))')
-    evalfloor=$(best_of "$RUNS" nix-instantiate --option substituters '' -I "nixpkgs=$PWD/nix/demo-pkgs.nix" \
+    # Run through the same nsenter as flotilla, so both carry the harness's few milliseconds.
+    evalfloor=$(best_of "$RUNS" nsenter --net="/run/netns/$ns" -- nix-instantiate --option substituters '' -I "nixpkgs=$PWD/nix/demo-pkgs.nix" \
         --eval --strict --json --read-write-mode "$PWD/nix/eval.nix" -A toplevels \
         --argstr deployment "$file" --argstr factsJson "$facts" --argstr agent "$bin/flotilla-agent" --argstr only "")
 

@@ -36,10 +36,13 @@ impl Roots {
         };
         std::fs::create_dir_all(&self.dir).map_err(io("cannot create", &self.dir))?;
         let link = std::path::absolute(self.dir.join(machine)).map_err(io("cannot resolve", &self.dir))?;
-        let tmp = link.with_extension("tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(out.to_absolute(), &tmp).map_err(io("cannot create", &tmp))?;
-        std::fs::rename(&tmp, &link).map_err(io("cannot replace", &link))?;
+        let target = out.to_absolute();
+        if std::fs::read_link(&link).ok().as_deref() != Some(Path::new(&target)) {
+            let tmp = link.with_extension("tmp");
+            let _ = std::fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(&target, &tmp).map_err(io("cannot create", &tmp))?;
+            std::fs::rename(&tmp, &link).map_err(io("cannot replace", &link))?;
+        }
 
         let auto = auto_dir();
         std::fs::create_dir_all(&auto).map_err(io("cannot create", &auto))?;

@@ -22,6 +22,12 @@ pub fn alive(pid: i32) -> bool {
     start_time(pid).is_some()
 }
 
+/// Whether this process runs with an effective uid of 0.
+pub fn is_root() -> bool {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)).is_some_and(|euid| euid == "0")
+}
+
 /// This host's name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use flotilla_store::{NarHash, StorePath};
+
+mod store_db;
 use serde_json::Value;
 
 /// The Nix library, embedded so an installed `flotilla` needs no source tree.
@@ -243,13 +245,23 @@ impl Nix {
         parse_paths(&out.stdout, "nix-store --query --requisites")
     }
 
-    /// Path info of every path in the closure of `roots`, references first, in one
-    /// `nix path-info --recursive` call whatever the closure's size. `None` when some root is
-    /// not valid (not built yet): the answer doubles as the check that nothing needs building.
+    /// Path info of every path in the closure of `roots`, references first, read from the
+    /// store's database, or else in one `nix path-info --recursive` call whatever the closure's
+    /// size. `None` when some root is not valid (not built yet): the answer doubles as the
+    /// check that nothing needs building.
     pub fn closure_info(&self, roots: &[StorePath]) -> Result<Option<Vec<PathInfo>>> {
         if roots.is_empty() {
             return Ok(Some(Vec::new()));
         }
+        // Nix's own database answers the same without a process; Nix answers when it cannot.
+        if let Ok(found) = store_db::closure(roots) {
+            return Ok(found.map(references_first));
+        }
+        self.closure_info_from_nix(roots)
+    }
+
+    /// [`Nix::closure_info`], asked of `nix path-info`.
+    pub fn closure_info_from_nix(&self, roots: &[StorePath]) -> Result<Option<Vec<PathInfo>>> {
         let mut cmd = Command::new("nix");
         cmd.args(["--extra-experimental-features", "nix-command", "path-info", "--json", "--recursive"]);
         self.common_args(&mut cmd, false);

@@ -365,6 +365,9 @@ impl Machine for LocalMachine {
         if self.running().is_some() {
             return Ok(());
         }
+        if !crate::procfs::is_root() {
+            return Err(self.err("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
+        }
         if !self.root().exists() {
             return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
         }

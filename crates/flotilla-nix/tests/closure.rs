@@ -1,0 +1,50 @@
+//! The two ways of reading a closure's metadata agree: the store database read in-process
+//! and `nix path-info --recursive`, on a real closure in the real local store.
+
+use std::path::Path;
+use std::process::Command;
+
+use flotilla_nix::{Nix, NixOptions};
+use flotilla_store::StorePath;
+
+fn repo() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+fn nix() -> Nix {
+    Nix::new(NixOptions { include: vec![], substituters: Some(String::new()), show_trace: false, library: Some(repo().join("nix")) }).unwrap()
+}
+
+/// Builds something with a non-trivial closure from the demo package set.
+fn built() -> StorePath {
+    let expr = format!(
+        "let pkgs = import {}/nix/demo-pkgs.nix {{}}; in pkgs.writeShellScript \"closure-test\" \"${{pkgs.busybox}}/bin/true\"",
+        repo().display()
+    );
+    let out = Command::new("nix-build")
+        .args(["--option", "substituters", "", "--no-out-link", "-E", &expr])
+        .output()
+        .expect("prerequisite missing: nix-build (Debian: nix-bin); run scripts/install-deps.sh");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    StorePath::parse(String::from_utf8_lossy(&out.stdout).trim()).unwrap()
+}
+
+#[test]
+fn the_store_database_and_nix_path_info_agree() {
+    let nix = nix();
+    let root = built();
+    let from_db = nix.closure_info(std::slice::from_ref(&root)).unwrap().expect("valid");
+    let from_nix = nix.closure_info_from_nix(std::slice::from_ref(&root)).unwrap().expect("valid");
+    assert_eq!(from_db, from_nix);
+    assert!(from_db.len() >= 2, "the script refers to busybox: {from_db:?}");
+    assert_eq!(from_db.last().unwrap().path, root, "references come first");
+}
+
+#[test]
+fn an_invalid_root_is_none_both_ways() {
+    let nix = nix();
+    let missing = StorePath::parse("/nix/store/00000000000000000000000000000000-never-built").unwrap();
+    let roots = [built(), missing];
+    assert_eq!(nix.closure_info(&roots).unwrap(), None);
+    assert_eq!(nix.closure_info_from_nix(&roots).unwrap(), None);
+}
