@@ -268,6 +268,9 @@ impl MachineRoot {
 
 /// Writes `path` through a temporary file and a rename, so readers see old or new, never half.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    if fs::read(path).is_ok_and(|old| old == data) {
+        return Ok(()); // a redeploy of the same system rewrites nothing
+    }
     let tmp = path.with_file_name(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     fs::write(&tmp, data)?;
     fs::rename(&tmp, path)
@@ -275,6 +278,9 @@ pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
 
 /// Points symlink `link` at `target` atomically (a new link renamed over the old).
 pub fn symlink_atomic(target: &Path, link: &Path) -> io::Result<()> {
+    if fs::read_link(link).is_ok_and(|old| old == target) {
+        return Ok(());
+    }
     let tmp = link.with_file_name(format!(".{}.tmp-{}", link.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
     let _ = fs::remove_file(&tmp);
     std::os::unix::fs::symlink(target, &tmp)?;

@@ -158,7 +158,7 @@ impl AgentClient {
         let send: Vec<PathInfo> = infos
             .iter()
             .filter(|i| missing.contains(&i.path))
-            .map(|i| PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash: i.nar_hash.clone(), nar_size: i.nar_size })
+            .map(|i| PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash: i.nar_hash, nar_size: i.nar_size })
             .collect();
         if send.is_empty() {
             stats.seconds = start.elapsed().as_secs_f64();
