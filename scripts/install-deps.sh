@@ -12,6 +12,7 @@ command -v ip >/dev/null 2>&1 || need+=(iproute2)
 command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 # The tests and the demo fetch pages from the machines the way a user would.
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v script >/dev/null 2>&1 || need+=(bsdutils) # a terminal for the `shell` test
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -83,6 +83,22 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert_eq!(r.code(), 1, "{}", r.stderr());
     assert!(r.stderr().contains("failed on 2 of 3 machines"), "{}", r.stderr());
     assert_eq!(f.run(&["exec", "web1", "--", "sh", "-c", "exit 7"]).code(), 7);
+    assert_eq!(f.run(&["exec", "web1", "--", "pwd"]).ok().stdout(), "/\n");
+
+    // An interactive shell, on a terminal that util-linux's `script` provides.
+    let shell = f.cmd_line(&["shell", "web1"]);
+    let mut script = f.fl_env(std::process::Command::new("script"));
+    let mut child = script
+        .args(["-qec", &shell, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("prerequisite missing: script (Debian: bsdutils)");
+    use std::io::Write as _;
+    child.stdin.take().unwrap().write_all(b"echo inside-$(hostname); exit 3\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("inside-web1"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(out.status.code(), Some(3), "the shell's exit status passes through");
 
     // A no-op redeploy copies nothing, restarts nothing, and says so.
     let (code, again, stderr) = deploy(&f, &["-f", &file]);

@@ -422,7 +422,7 @@ impl Machine for LocalMachine {
         let pids = self.running().ok_or_else(|| self.err("it is not running; start it with `flotilla start`"))?;
         let mut cmd = Command::new("nsenter");
         cmd.arg(format!("--target={}", pids.init))
-            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd=/", "--"])
+            .args(["--mount", "--uts", "--ipc", "--net", "--pid", "--root", "--wd", "--"])
             .args(argv)
             .env_clear()
             .env("PATH", "/run/current-system/sw/bin:/bin")

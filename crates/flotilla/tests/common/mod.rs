@@ -239,6 +239,25 @@ impl Fleet {
         Run(self.cmd().args(args).output().expect("flotilla runs"))
     }
 
+    /// `flotilla ARGS` in the test's namespace as one shell word list, for `script -c`.
+    pub fn cmd_line(&self, args: &[&str]) -> String {
+        let c = self.cmd();
+        let words = std::iter::once(c.get_program()).chain(c.get_args()).map(|w| w.to_string_lossy().into_owned()).chain(args.iter().map(|a| (*a).to_owned()));
+        words.map(|w| format!("'{}'", w.replace('\'', "'\\''"))).collect::<Vec<_>>().join(" ")
+    }
+
+    /// `command` with the environment flotilla's commands get.
+    pub fn fl_env(&self, mut command: Command) -> Command {
+        for (k, v) in self.fl.cmd().get_envs() {
+            match v {
+                Some(v) => command.env(k, v),
+                None => command.env_remove(k),
+            };
+        }
+        command.current_dir(repo());
+        command
+    }
+
     /// A command on the "host": inside the test's namespace, where the bridge is.
     pub fn host(&self, argv: &[&str]) -> Run {
         Run(self.in_ns().args(argv).output().expect("nsenter runs"))
