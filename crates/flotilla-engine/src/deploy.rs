@@ -296,16 +296,7 @@ impl Engine {
         let mut rows: BTreeMap<String, MachineDeploy> = failures;
         let mut events = Vec::new();
         let mut activated = Vec::new();
-        let event = |machine: &str, kind: &str, status: &str, message: &str| flotilla_state::Event {
-            deployment: ev.name.to_string(),
-            machine: Some(machine.to_owned()),
-            at: flotilla_state::now(),
-            actor: self.actor.clone(),
-            kind: kind.to_owned(),
-            status: status.to_owned(),
-            message: message.to_owned(),
-            details: None,
-        };
+        let event = |machine: &str, kind: &str, status: &str, message: &str| self.ledger_entry(ev.name.as_str(), Some(machine), kind, status, message);
         for mut r in results {
             r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
             match (&r.outcome, r.generation) {

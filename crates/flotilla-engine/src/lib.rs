@@ -459,7 +459,14 @@ impl Engine {
 
     /// Appends a ledger event.
     pub fn event(&mut self, deployment: &str, machine: Option<&str>, kind: &str, status: &str, message: &str) -> Result<()> {
-        self.state.add_event(&flotilla_state::Event {
+        let e = self.ledger_entry(deployment, machine, kind, status, message);
+        self.state.add_event(&e)?;
+        Ok(())
+    }
+
+    /// A ledger event by this engine's actor, now.
+    pub(crate) fn ledger_entry(&self, deployment: &str, machine: Option<&str>, kind: &str, status: &str, message: &str) -> flotilla_state::Event {
+        flotilla_state::Event {
             deployment: deployment.to_owned(),
             machine: machine.map(str::to_owned),
             at: flotilla_state::now(),
@@ -468,8 +475,7 @@ impl Engine {
             status: status.to_owned(),
             message: message.to_owned(),
             details: None,
-        })?;
-        Ok(())
+        }
     }
 
     /// Forgets a deployment: its state DB records (the ledger keeps its events) and the GC
@@ -494,50 +500,20 @@ impl Engine {
 
     /// Records the deployment and its machines with their facts.
     pub fn record_evaluation(&mut self, ev: &Evaluated) -> Result<()> {
-        let file = ev.file.to_string_lossy();
-        let specs: Vec<Value> = ev.machines.values().map(|c| serde_json::to_value(&c.platform).expect("serialises")).collect();
-        let no_facts = BTreeMap::new();
-        let upserts: Vec<MachineUpsert<'_>> = ev
-            .machines
-            .iter()
-            .zip(&specs)
-            .map(|((name, c), spec)| MachineUpsert {
-                name: name.as_str(),
-                platform: c.platform.kind(),
-                platform_spec: spec,
-                tags: &c.tags,
-                facts: ev.facts.get(name).unwrap_or(&no_facts),
-            })
-            .collect();
-        let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
-        self.state.record_evaluation(&dep, &upserts)?;
+        let state = &mut self.state;
+        with_upserts(ev, |dep, machines| state.record_evaluation(dep, machines))?;
         Ok(())
     }
 
     fn record(&mut self, ev: &Evaluated, toplevels: &BTreeMap<String, flotilla_nix::Toplevel>, results: &[MachineBuild]) -> Result<()> {
-        let file = ev.file.to_string_lossy();
-        let specs: Vec<Value> = ev.machines.values().map(|c| serde_json::to_value(&c.platform).expect("serialises")).collect();
-        let no_facts = BTreeMap::new();
-        let upserts: Vec<MachineUpsert<'_>> = ev
-            .machines
-            .iter()
-            .zip(&specs)
-            .map(|((name, c), spec)| MachineUpsert {
-                name: name.as_str(),
-                platform: c.platform.kind(),
-                platform_spec: spec,
-                tags: &c.tags,
-                facts: ev.facts.get(name).unwrap_or(&no_facts),
-            })
-            .collect();
-        let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
         let paths: Vec<(&str, String, String)> = results
             .iter()
             .filter_map(|r| Some((r.machine.as_str(), r.toplevel.as_ref()?.to_string(), toplevels.get(&r.machine)?.drv.to_string())))
             .collect();
         let builds: Vec<(&str, &str, &str)> = paths.iter().map(|(m, o, d)| (*m, o.as_str(), d.as_str())).collect();
         let failures: Vec<(&str, &str)> = results.iter().filter_map(|r| Some((r.machine.as_str(), r.error.as_deref()?))).collect();
-        self.state.record_build_run(&dep, &upserts, &self.actor, &builds, &failures)?;
+        let (state, actor) = (&mut self.state, &self.actor);
+        with_upserts(ev, |dep, machines| state.record_build_run(dep, machines, actor, &builds, &failures))?;
         Ok(())
     }
 }
@@ -590,6 +566,28 @@ fn resolve_file(file: &Path) -> Result<PathBuf> {
         )]));
     }
     Ok(abs)
+}
+
+/// Calls `f` with the state DB's view of an evaluation: the deployment and its machines with
+/// their platforms, tags and facts.
+fn with_upserts<R>(ev: &Evaluated, f: impl FnOnce(&DeploymentUpsert<'_>, &[MachineUpsert<'_>]) -> R) -> R {
+    let file = ev.file.to_string_lossy();
+    let specs: Vec<Value> = ev.machines.values().map(|c| serde_json::to_value(&c.platform).expect("serialises")).collect();
+    let no_facts = BTreeMap::new();
+    let upserts: Vec<MachineUpsert<'_>> = ev
+        .machines
+        .iter()
+        .zip(&specs)
+        .map(|((name, c), spec)| MachineUpsert {
+            name: name.as_str(),
+            platform: c.platform.kind(),
+            platform_spec: spec,
+            tags: &c.tags,
+            facts: ev.facts.get(name).unwrap_or(&no_facts),
+        })
+        .collect();
+    let dep = DeploymentUpsert { name: ev.name.as_str(), file: Some(&file), description: &ev.description };
+    f(&dep, &upserts)
 }
 
 /// A held deployment lock; dropping it releases it.

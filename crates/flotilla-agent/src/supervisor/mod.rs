@@ -18,7 +18,7 @@ mod log;
 mod reaper;
 mod service;
 mod signal;
-mod sys;
+pub(crate) mod sys;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::CString;

@@ -86,7 +86,8 @@ const STAGE_SETUID: u8 = 5;
 const STAGE_CHDIR: u8 = 6;
 const STAGE_EXEC: u8 = 7;
 
-fn cvt(r: c_int) -> io::Result<c_int> {
+/// A libc return value as a `Result`: negative means `errno` says why.
+pub(crate) fn cvt(r: c_int) -> io::Result<c_int> {
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -95,7 +96,7 @@ fn cvt(r: c_int) -> io::Result<c_int> {
 }
 
 /// A pipe whose both ends are close-on-exec: (read end, write end).
-pub(super) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1 as c_int; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     cvt(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
