@@ -88,12 +88,14 @@ impl Progress {
         }
     }
 
-    /// Stops redrawing, leaving each machine's last line on screen.
+    /// Stops redrawing and clears the lines: the report that follows says how each machine
+    /// ended.
     pub fn finish(&mut self) {
-        if let Progress::Live { lines, .. } = self {
+        if let Progress::Live { bars, lines, .. } = self {
             for bar in lines.values() {
-                bar.finish();
+                bar.finish_and_clear();
             }
+            let _ = bars.clear();
         }
     }
 }
