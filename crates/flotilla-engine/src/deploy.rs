@@ -300,9 +300,15 @@ impl Engine {
         for mut r in results {
             r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
             match (&r.outcome, r.generation) {
-                (Outcome::Failed, _) => {
+                (Outcome::Failed, generation) => {
                     let phase = r.failed_phase.map_or("deploy", Phase::as_str);
                     events.push(event(&r.machine, phase, "failed", r.error.as_deref().unwrap_or("")));
+                    // Activated, then failed its check: it runs the new generation all the same.
+                    if let (Some(generation), Some(top)) = (generation, &r.toplevel) {
+                        if opts.goal.activation().is_some_and(|g| g != ActivationGoal::DryActivate) {
+                            activated.push((r.machine.clone(), top.to_absolute(), generation as i64, "activated; its check failed".to_owned()));
+                        }
+                    }
                 }
                 (_, Some(generation)) if opts.goal.activation() != Some(ActivationGoal::DryActivate) => {
                     let toplevel = r.toplevel.as_ref().expect("an activated machine has a toplevel").to_absolute();
@@ -441,7 +447,7 @@ fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::Path
 
     if matches!(goal, ActivationGoal::Switch | ActivationGoal::Test) {
         send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Check });
-        if let Err(e) = check_services(&mut client, opts.settle) {
+        if let Err(e) = check_services(&mut client, name, opts.settle) {
             return fail(row, Phase::Check, e);
         }
         send(done(name, Phase::Check, Ok("services up")));
@@ -458,7 +464,7 @@ fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::Path
 
 /// Waits up to `settle` for every service to be running; a service that failed, or is still
 /// not running when the time is up, fails the check.
-fn check_services(client: &mut crate::remote::AgentClient, settle: Duration) -> std::result::Result<(), String> {
+fn check_services(client: &mut crate::remote::AgentClient, machine: &str, settle: Duration) -> std::result::Result<(), String> {
     let deadline = Instant::now() + settle;
     loop {
         let status = client.status().map_err(|e: RemoteError| e.to_string())?;
@@ -476,7 +482,8 @@ fn check_services(client: &mut crate::remote::AgentClient, settle: Duration) -> 
         }
         let hopeless = status.services.iter().any(|s| s.state == ServiceState::Failed);
         if hopeless || Instant::now() >= deadline {
-            return Err(format!("{}; `flotilla logs MACHINE SERVICE` shows why", bad.join(", ")));
+            let first = status.services.iter().find(|s| s.state != ServiceState::Running).map_or("", |s| s.name.as_str());
+            return Err(format!("{}; `flotilla logs {machine} {first}` shows why", bad.join(", ")));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

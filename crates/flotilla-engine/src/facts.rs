@@ -80,6 +80,18 @@ pub fn plan(
     let mut taken: BTreeMap<Ipv4Addr, &MachineName> = BTreeMap::new();
     let mut wanting: Vec<&MachineName> = Vec::new();
     let mut forwarded: BTreeMap<u16, &MachineName> = BTreeMap::new();
+    // Machines still recorded but no longer in the file may still run (only `destroy` ends
+    // them): their addresses are not free.
+    let gone: Vec<MachineName> = stored
+        .iter()
+        .filter(|(n, _)| !platforms.keys().any(|p| p.as_str() == n.as_str()))
+        .filter_map(|(n, _)| MachineName::new(n).ok())
+        .collect();
+    for name in &gone {
+        if let Some(ip) = stored[name.as_str()].get("ip").and_then(Value::as_str).and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
+            taken.insert(ip, name);
+        }
+    }
 
     for (name, platform) in platforms {
         let mut facts = stored.get(name.as_str()).cloned().unwrap_or_default();
@@ -211,6 +223,14 @@ mod tests {
         let p: BTreeMap<_, _> = [(m("a"), fwd(8080)), (m("b"), fwd(8080)), (m("c"), fwd(8081))].into();
         let e = plan(&p, &BTreeMap::new()).unwrap_err();
         assert_eq!(e, ["machine b: option `platform.forwardPorts` forwards host port 8080 which machine a forwards too; give one of them another `host` port"]);
+    }
+
+    #[test]
+    fn a_machine_gone_from_the_file_keeps_its_address_until_destroyed() {
+        let p: BTreeMap<_, _> = [(m("new"), local(None, "10.9.0.0/24"))].into();
+        let stored: BTreeMap<String, BTreeMap<String, Value>> = [("old".to_owned(), [("ip".to_owned(), Value::from("10.9.0.2"))].into())].into();
+        let f = plan(&p, &stored).unwrap();
+        assert_eq!(f[&m("new")]["ip"], "10.9.0.3");
     }
 
     #[test]

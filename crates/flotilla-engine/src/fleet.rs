@@ -105,9 +105,9 @@ impl Engine {
         let mut errors = Vec::new();
         for r in records.into_iter().filter(|r| picked.iter().any(|p| p.as_str() == r.name)) {
             let platform = serde_json::from_value(r.platform_spec.clone());
-            match platform.map_err(|e| e.to_string()).and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(|e| e.to_string())) {
+            match platform.map_err(|e| format!("machine {}: {e}", r.name)).and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(|e| e.to_string())) {
                 Ok(m) => out.push((r, m)),
-                Err(e) => errors.push(format!("machine {}: {e}", r.name)),
+                Err(e) => errors.push(e),
             }
         }
         if !errors.is_empty() {
@@ -137,6 +137,7 @@ impl Engine {
             match (&r.error, op) {
                 (None, Operation::Destroy) => {
                     self.state.remove_machine(deployment, &r.machine, &self.actor)?;
+                    crate::gcroots::Roots::new(self.state.path(), deployment).remove(&r.machine);
                 }
                 (None, _) => self.event(deployment, Some(&r.machine), op.as_str(), "ok", r.state.as_str())?,
                 (Some(e), _) => self.event(deployment, Some(&r.machine), op.as_str(), "failed", e)?,

@@ -54,6 +54,15 @@ impl Roots {
         Ok(())
     }
 
+    /// Releases one machine's root.
+    pub fn remove(&self, machine: &str) {
+        let link = self.dir.join(machine);
+        if let Ok(abs) = std::path::absolute(&link) {
+            let _ = std::fs::remove_file(auto_dir().join(registration_name(&abs)));
+        }
+        let _ = std::fs::remove_file(link);
+    }
+
     /// Releases every root of the deployment.
     pub fn remove_all(&self) -> Result<()> {
         if let Ok(entries) = std::fs::read_dir(&self.dir) {

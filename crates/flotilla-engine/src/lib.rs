@@ -479,8 +479,24 @@ impl Engine {
     }
 
     /// Forgets a deployment: its state DB records (the ledger keeps its events) and the GC
-    /// roots of its builds. Returns whether the state DB knew it.
-    pub fn delete(&mut self, name: &str) -> Result<bool> {
+    /// roots of its builds. Returns whether the state DB knew it. Refused while any of its
+    /// machines exists: forgetting them would leave them running with nothing to reach them.
+    pub fn delete(&mut self, name: &str, agent: &Path) -> Result<bool> {
+        let _lock = self.lock(name, "delete", &mut |_| {})?;
+        if self.state.deployment(name)?.is_some() {
+            let existing: Vec<String> = self
+                .fleet(name, &Selection::parse(""), agent)?
+                .iter()
+                .filter(|(_, m)| m.state() != platform::MachineState::Missing)
+                .map(|(r, _)| r.name.clone())
+                .collect();
+            if !existing.is_empty() {
+                return Err(EngineError::Config(vec![format!(
+                    "deployment {name} still has machines ({}); run `flotilla destroy -d {name} --yes` first",
+                    existing.join(", ")
+                )]));
+            }
+        }
         let existed = self.state.delete_deployment(name, &self.actor)?;
         gcroots::Roots::new(self.state.path(), name).remove_all()?;
         Ok(existed)

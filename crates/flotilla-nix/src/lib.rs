@@ -260,6 +260,11 @@ impl Nix {
         self.closure_info_from_nix(roots)
     }
 
+    /// [`Nix::closure_info`], read from the store's database only (`Err` when it cannot be).
+    pub fn closure_info_from_store_db(&self, roots: &[StorePath]) -> Result<Option<Vec<PathInfo>>, String> {
+        Ok(store_db::closure(roots)?.map(references_first))
+    }
+
     /// [`Nix::closure_info`], asked of `nix path-info`.
     pub fn closure_info_from_nix(&self, roots: &[StorePath]) -> Result<Option<Vec<PathInfo>>> {
         let mut cmd = Command::new("nix");
@@ -279,21 +284,35 @@ impl Nix {
     }
 }
 
-/// Parses `nix path-info --json` output.
+/// Parses `nix path-info --json` output: an array of objects with a `path` (Nix up to 2.18,
+/// and Lix), or an object keyed by path (later Nix), where `null` marks an invalid path.
 fn parse_path_info_json(stdout: &[u8]) -> Result<Vec<PathInfo>, String> {
     #[derive(serde::Deserialize)]
     #[serde(rename_all = "camelCase")]
     struct Raw {
-        path: String,
+        #[serde(default)]
+        path: Option<String>,
         nar_hash: String,
         nar_size: u64,
         #[serde(default)]
         references: Vec<String>,
     }
-    let raw: Vec<Raw> = serde_json::from_slice(stdout).map_err(|e| e.to_string())?;
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Shape {
+        List(Vec<Raw>),
+        Map(std::collections::BTreeMap<String, Option<Raw>>),
+    }
+    let raw: Vec<(String, Raw)> = match serde_json::from_slice(stdout).map_err(|e| e.to_string())? {
+        Shape::List(list) => list.into_iter().map(|r| (r.path.clone().unwrap_or_default(), r)).collect(),
+        Shape::Map(map) => map
+            .into_iter()
+            .map(|(p, r)| r.map(|r| (p.clone(), r)).ok_or_else(|| format!("{p} is not valid")))
+            .collect::<Result<_, _>>()?,
+    };
     raw.into_iter()
-        .map(|r| {
-            let path = StorePath::parse(&r.path).map_err(|e| e.to_string())?;
+        .map(|(path, r)| {
+            let path = StorePath::parse(&path).map_err(|e| e.to_string())?;
             let nar_hash = NarHash::parse(&r.nar_hash).map_err(|e| format!("{path}: narHash: {e}"))?;
             let references = r.references.iter().map(|p| StorePath::parse(p).map_err(|e| e.to_string())).collect::<Result<_, _>>()?;
             Ok(PathInfo { path, references, nar_hash, nar_size: r.nar_size })
@@ -454,6 +473,10 @@ mod tests {
         assert_eq!(infos[0].nar_size, 2034368);
         assert_eq!(infos[0].references, [infos[0].path.clone()]);
         assert!(parse_path_info_json(br#"[{"path":"/nix/store/x","narHash":"sha256-x","narSize":1}]"#).is_err());
+        // Later Nix: an object keyed by path.
+        let keyed = format!(r#"{{"{A}":{{"narHash":"sha256-gnrG9qZ4EoLkK7Lw/6/COHG55s9O1M/bMPRnS2iH9jY=","narSize":7,"references":[]}}}}"#);
+        assert_eq!(parse_path_info_json(keyed.as_bytes()).unwrap()[0].nar_size, 7);
+        assert!(parse_path_info_json(format!(r#"{{"{A}":null}}"#).as_bytes()).is_err());
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub enum StateError {
     #[error("no deployment named `{0}` in the state database; `flotilla list` shows the known ones")]
     NoDeployment(String),
     /// Another live process holds the deployment's lock.
-    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
+    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
     Locked {
         /// The deployment.
         deployment: String,
@@ -292,7 +292,13 @@ impl State {
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             let version = i + 1;
             let err = |source| StateError::Migrate { path: self.path.clone(), version, source };
-            let tx = self.conn.transaction().map_err(err)?;
+            // Another process may be migrating the same file: take the write lock first and
+            // skip a step it has already applied.
+            let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+            let now_at: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
+            if now_at >= version as i64 {
+                continue;
+            }
             tx.execute_batch(sql).map_err(err)?;
             tx.pragma_update(None, "user_version", version as i64).map_err(err)?;
             tx.commit().map_err(err)?;

@@ -82,7 +82,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Delete { target } => {
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;
-            if !engine.delete(&name)? {
+            if !engine.delete(&name, &agent_path()?)? {
                 bail!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones");
             }
             eprintln!("deleted deployment {name}");

@@ -158,6 +158,11 @@ fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
     assert!(r.stderr().contains("pass --yes"), "{}", r.stderr());
     assert_eq!(f.machine(&file, "web1")["state"], "running");
 
+    // Forgetting a deployment whose machines still exist would orphan them: refused.
+    let r = f.run(&["delete", "-d", "webfleet"]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    assert!(r.stderr().contains("still has machines (monitor, web1)") && r.stderr().contains("flotilla destroy -d webfleet --yes"), "{}", r.stderr());
+
     let infos = f.info(&file);
     f.run(&["destroy", "-f", &file, "--yes"]).ok();
     for m in &infos {
@@ -172,14 +177,16 @@ fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
         assert!(!Path::new("/run/netns").join(r["netns"].as_str().unwrap()).exists(), "{name}: its network namespace survived");
         assert_ne!(f.host(&["ip", "link", "show", "dev", r["veth"].as_str().unwrap()]).code(), 0, "{name}: its veth survived");
         assert!(!Path::new(r["root"].as_str().unwrap()).exists(), "{name}: its root directory survived");
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        assert!(!mounts.contains(r["root"].as_str().unwrap()), "{name}: a mount survived");
     }
     let bridge = infos[0]["resources"]["bridge"].as_str().unwrap();
     assert_ne!(f.host(&["ip", "link", "show", "dev", bridge]).code(), 0, "the bridge survived its last machine");
     assert!(f.run(&["info", "-f", &file, "--json"]).ok().json()["machines"].as_array().unwrap().is_empty());
     let log = f.run(&["log", "-d", "webfleet"]).ok().stdout();
     assert!(log.contains("destroy") && log.contains("machine destroyed"), "{log}");
+    // Destroyed machines' builds are no longer kept from the garbage collector.
+    let roots = f.fl.dir.path().join("state/gcroots/webfleet");
+    assert!(!roots.join("web1").exists() && !roots.join("monitor").exists(), "GC roots survived destroy");
+    f.run(&["delete", "-d", "webfleet"]).ok();
 }
 
 #[test]
@@ -235,8 +242,8 @@ fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
     use std::io::BufRead as _;
     let f = Fleet::new();
     let file = example();
-    let mut first = f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut lines = std::io::BufReader::new(first.stderr.take().unwrap()).lines();
+    let mut first = common::KillOnDrop(f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap());
+    let mut lines = std::io::BufReader::new(first.0.stderr.take().unwrap()).lines();
     // The first deploy holds the lock once it says it provisions.
     let mut seen = Vec::new();
     for line in lines.by_ref() {
@@ -249,24 +256,23 @@ fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
     assert!(seen.last().is_some_and(|l| l.starts_with("provision:")), "{seen:?}");
     let r = f.run(&["deploy", "-f", &file]);
     assert_eq!(r.code(), 2, "{}", r.stderr());
-    assert!(r.stderr().contains("deployment `webfleet` is locked by") && r.stderr().contains(&format!("pid {}", first.id())), "{}", r.stderr());
+    assert!(r.stderr().contains("deployment `webfleet` is locked by") && r.stderr().contains(&format!("pid {}", first.0.id())), "{}", r.stderr());
     // Read-only commands do not wait on it.
     f.run(&["log"]).ok();
     f.run(&["list"]).ok();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(first.wait().unwrap().success(), "{rest:?}");
+    assert!(first.0.wait().unwrap().success(), "{rest:?}");
 
     // A deploy killed while holding the lock leaves it behind; the next one takes it over.
-    let mut doomed = f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap();
-    let mut lines = std::io::BufReader::new(doomed.stderr.take().unwrap()).lines();
+    let mut doomed = common::KillOnDrop(f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap());
+    let mut lines = std::io::BufReader::new(doomed.0.stderr.take().unwrap()).lines();
     while let Some(Ok(line)) = lines.next() {
         if line.starts_with("provision:") || line.starts_with("build:") {
             break;
         }
     }
     // nsenter execs flotilla, so the child's pid is flotilla's.
-    doomed.kill().unwrap();
-    doomed.wait().unwrap();
+    doomed.stop();
     let r = f.run(&["deploy", "-f", &file]).ok();
     assert!(r.stderr().contains("took over the lock of deployment `webfleet`"), "{}", r.stderr());
 }
@@ -276,15 +282,14 @@ fn a_machine_that_cannot_start_is_reported_and_leaves_nothing_half_made() {
     let f = Fleet::new();
     let file = example();
     // Something on the host already listens on web1's forwarded port.
-    let mut squatter = f.in_ns_command(&["busybox", "httpd", "-f", "-p", "127.0.0.1:8081", "-h", "/"]).spawn().unwrap();
+    let mut squatter = common::KillOnDrop(f.in_ns_command(&["busybox", "httpd", "-f", "-p", "127.0.0.1:8081", "-h", "/"]).spawn().unwrap());
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while f.host(&["curl", "-s", "--max-time", "1", "http://127.0.0.1:8081/"]).code() == 7 {
         assert!(std::time::Instant::now() < deadline, "the squatter never listened");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,web2"]);
-    let _ = squatter.kill();
-    let _ = squatter.wait();
+    squatter.stop();
     assert_eq!(code, 1, "{report:#}\n{stderr}");
     let web1 = row(&report, "web1");
     assert_eq!(web1["outcome"], "failed");

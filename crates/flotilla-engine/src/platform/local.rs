@@ -298,13 +298,29 @@ impl LocalMachine {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                // Never leave a machine running that was reported as failed to start.
+                sys::kill(pids.init, sys::SIGKILL);
                 return Err(self.err(format!(
-                    "the agent did not answer within {}s; see {}",
+                    "the agent did not answer within {}s, so the container was stopped again; see {}",
                     START_TIMEOUT.as_secs(),
                     self.dir.join("console.log").display()
                 )));
             }
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Refuses a machine whose network namespace holds another address than its facts say
+    /// (its `platform.address` or `platform.subnet` changed): moving a machine is a rebuild.
+    fn check_address(&self) -> Result<(), PlatformError> {
+        let want = format!("{}/{}", self.net.ip, self.net.subnet.prefix);
+        let Ok(out) = self.ip(&["-n", &self.net.netns, "-4", "-o", "addr", "show", "dev", "eth0"]) else { return Ok(()) };
+        match out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+            Some(have) if have != want => Err(self.err(format!(
+                "it has address {have} but its options now give it {want} (`platform.address` or `platform.subnet` changed); a machine cannot move: run `flotilla destroy --on {}` and deploy again",
+                self.name
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -343,6 +359,9 @@ impl Machine for LocalMachine {
     }
 
     fn provision(&self) -> Result<bool, PlatformError> {
+        if self.netns_path().exists() {
+            self.check_address()?;
+        }
         match self.state() {
             MachineState::Running => Ok(false),
             MachineState::Stopped => self.start().map(|()| true),
@@ -383,7 +402,11 @@ impl Machine for LocalMachine {
         sys::kill(pids.init, sys::SIGTERM);
         let deadline = Instant::now() + STOP_TIMEOUT;
         let mut killed = false;
-        while alive(pids.init) || alive(pids.monitor) {
+        // Init is named by pid and start time; the monitor by the pidfile it removes when
+        // init has gone (its pid alone could be reused).
+        let init_alive = || start_time(pids.init) == Some(pids.init_start_time);
+        let monitor_alive = || self.pidfile().exists() && alive(pids.monitor);
+        while init_alive() || (monitor_alive() && Instant::now() < deadline + Duration::from_secs(2)) {
             if Instant::now() > deadline && !killed {
                 // The agent did not stop its services in time: end the whole namespace.
                 sys::kill(pids.init, sys::SIGKILL);

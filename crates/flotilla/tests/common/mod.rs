@@ -304,7 +304,7 @@ impl Fleet {
     }
 
     /// Every resource the machines of this test's state hold, from their data directories.
-    fn leftovers(&self) -> (Vec<i32>, Vec<String>) {
+    fn leftovers(&self) -> (Vec<(i32, u64)>, Vec<String>) {
         let mut pids = Vec::new();
         let mut netns = Vec::new();
         let machines = self.fl.dir.path().join("state/machines");
@@ -312,7 +312,11 @@ impl Fleet {
             for m in std::fs::read_dir(dep.path()).into_iter().flatten().flatten() {
                 if let Ok(text) = std::fs::read_to_string(m.path().join("pid.json")) {
                     if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-                        pids.extend(["init", "monitor"].iter().filter_map(|k| v[k].as_i64()).map(|p| p as i32));
+                        // The container's init, named by pid and start time: killing it ends the
+                        // container; a pid alone may be another process's by now.
+                        if let (Some(pid), Some(start)) = (v["init"].as_i64(), v["init_start_time"].as_u64()) {
+                            pids.push((pid as i32, start));
+                        }
                     }
                 }
             }
@@ -334,7 +338,7 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         let (pids, netns) = self.leftovers();
         let _ = self.cmd().args(["destroy", "--yes"]).output();
-        for pid in pids.iter().filter(|p| alive(**p as u32)) {
+        for (pid, _) in pids.iter().filter(|(p, s)| start_time(*p as u32) == Some(*s)) {
             let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
         }
         for ns in netns.iter().filter(|n| Path::new("/run/netns").join(n).exists()) {
@@ -342,6 +346,33 @@ impl Drop for Fleet {
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
+}
+
+/// A child process killed and reaped when dropped, so a failing test leaves none behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl KillOnDrop {
+    pub fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A process's start time (field 22 of its stat), `None` when it is gone or a zombie.
+pub fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.get(stat.rfind(')')? + 2..)?;
+    let mut fields = rest.split(' ');
+    if fields.next()? == "Z" {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
 }
 
 /// The example deployment file.
