@@ -452,6 +452,12 @@ impl Engine {
         Ok(LockGuard { state: self.state.path().to_owned(), deployment: deployment.to_owned(), me })
     }
 
+    /// Breaks the deployment's lock whoever holds it (for a holder that died on another
+    /// host); returns the broken lock.
+    pub fn unlock(&mut self, deployment: &str) -> Result<Option<flotilla_state::Lock>> {
+        Ok(self.state.break_lock(deployment, &self.actor)?)
+    }
+
     /// What platforms need to know to act for `deployment`.
     pub fn context(&self, deployment: &str, agent: &Path) -> platform::Context {
         platform::Context { state_path: self.state.path().to_owned(), deployment: deployment.to_owned(), agent: agent.to_owned() }

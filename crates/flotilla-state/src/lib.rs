@@ -63,7 +63,7 @@ pub enum StateError {
     #[error("no deployment named `{0}` in the state database; `flotilla list` shows the known ones")]
     NoDeployment(String),
     /// Another live process holds the deployment's lock.
-    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
+    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command; one left by a dead process on another host is broken with `flotilla unlock -d {deployment}`)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
     Locked {
         /// The deployment.
         deployment: String,
@@ -522,6 +522,28 @@ impl State {
             params![deployment, me.host, me.pid, me.pid_start],
         )?;
         Ok(())
+    }
+
+    /// Breaks the lock of `deployment` whoever holds it, with a ledger event naming the
+    /// holder; returns the lock that was broken.
+    pub fn break_lock(&mut self, deployment: &str, actor: &str) -> Result<Option<Lock>> {
+        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let held = lock_row(&tx, deployment)?;
+        if let Some(h) = &held {
+            tx.execute("DELETE FROM locks WHERE deployment = ?1", [deployment])?;
+            insert_event(&tx, &Event {
+                deployment: deployment.to_owned(),
+                machine: None,
+                at: now(),
+                actor: actor.to_owned(),
+                kind: "lock".into(),
+                status: "broken".into(),
+                message: format!("broke the lock of pid {} on {} ({}, `{}`, since {})", h.pid, h.host, h.holder, h.command, format_time(h.since)),
+                details: None,
+            })?;
+        }
+        tx.commit()?;
+        Ok(held)
     }
 
     /// Who holds the lock of `deployment`, if anyone.

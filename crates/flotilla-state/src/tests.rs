@@ -115,6 +115,11 @@ fn a_held_lock_is_refused_with_its_holder_and_a_dead_one_taken_over() {
     assert_eq!(state.lock("web").unwrap().map(|l| l.pid), Some(2));
     state.release_lock("web", &holder(2)).unwrap();
     assert_eq!(state.lock("web").unwrap(), None);
+    // Breaking a lock held elsewhere says whose it was.
+    state.acquire_lock("web", &holder(3), |_| false).unwrap();
+    assert_eq!(state.break_lock("web", "bob").unwrap().map(|l| l.pid), Some(3));
+    assert_eq!(state.lock("web").unwrap(), None);
+    assert!(state.events(Some("web"), 10).unwrap().iter().any(|e| e.status == "broken" && e.message.contains("pid 3")));
 }
 
 #[test]

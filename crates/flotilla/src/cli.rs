@@ -164,6 +164,11 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
+    /// Break a deployment's lock left by a process that died on another host
+    Unlock {
+        #[command(flatten)]
+        target: Target,
+    },
     /// List the deployments in the state database
     List {
         /// Print JSON

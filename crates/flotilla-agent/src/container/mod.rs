@@ -236,6 +236,9 @@ fn cstring(path: &Path) -> Result<CString, String> {
 
 /// Everything the monitor needs, opened by the launcher.
 struct Prepared {
+    /// `<pidfile>.lock`, flocked: held by the monitor for the container's life, so a second
+    /// launcher for the same machine is refused even before a pidfile exists.
+    lock: File,
     root: PathBuf,
     netns: File,
     console: File,
@@ -295,6 +298,21 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
     if !pid_dir.is_dir() {
         return Err(format!("--pidfile {}: directory {} does not exist", args.pidfile.display(), pid_dir.display()));
     }
+    let lock_path = args.pidfile.with_extension("lock");
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(|e| format!("--pidfile {}: cannot open {}: {}", args.pidfile.display(), lock_path.display(), errno_text(&e)))?;
+    if !sys::try_lock_exclusive(lock.as_fd()).map_err(|e| format!("cannot lock {}: {}", lock_path.display(), errno_text(&e)))? {
+        return Err(format!(
+            "--pidfile {}: another launcher or monitor holds {}: the machine is starting or running; stop it first",
+            args.pidfile.display(),
+            lock_path.display()
+        ));
+    }
     if let Ok(old) = PidFile::read(&args.pidfile) {
         if old.init_running() {
             return Err(format!(
@@ -318,7 +336,7 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
         })?;
         listeners.push((listener, *forward));
     }
-    Ok(Prepared { root, netns, console, dev_null, listeners })
+    Ok(Prepared { lock, root, netns, console, dev_null, listeners })
 }
 
 /// The monitor: starts PID 1, reports to the launcher through `ready`, relays the forwards
@@ -334,7 +352,9 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
         let _ = ready.write_all(message.as_bytes());
         std::process::exit(1)
     };
-    let Prepared { root, netns, console, dev_null, listeners } = prepared;
+    let Prepared { lock, root, netns, console, dev_null, listeners } = prepared;
+    // Held until this process exits (`exit` does not run destructors of live locals).
+    let _lock = lock;
     if let Err(e) = sys::setsid().and_then(|()| sys::redirect_stdio(dev_null.as_fd(), console.as_fd())) {
         fail(None, format!("cannot detach the monitor: {}", errno_text(&e)));
     }

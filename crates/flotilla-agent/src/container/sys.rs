@@ -33,7 +33,35 @@ pub(super) fn sanitize_descriptors() -> io::Result<()> {
         }
     }
     // SAFETY: no Rust object owns a descriptor above 2 yet: the caller runs this first.
-    cvt(unsafe { libc::close_range(3, c_int::MAX as libc::c_uint, 0) }).map(drop)
+    match cvt(unsafe { libc::close_range(3, c_int::MAX as libc::c_uint, 0) }) {
+        Ok(_) => Ok(()),
+        // Before Linux 5.9: close what /proc lists (collected first: reading the directory
+        // holds a descriptor of its own).
+        Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+            let open: Vec<c_int> = std::fs::read_dir("/proc/self/fd")?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .filter(|fd| *fd > 2)
+                .collect();
+            for fd in open {
+                // SAFETY: as above, nothing owns these; a stale number (the directory's own
+                // descriptor) just fails with EBADF.
+                unsafe { libc::close(fd) };
+            }
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Takes an exclusive flock on `fd` without waiting; `false` when another holds it.
+pub(super) fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // SAFETY: flock on a descriptor we borrow.
+    match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether `fd` is a network namespace (an nsfs file of type CLONE_NEWNET).

@@ -324,6 +324,21 @@ impl LocalMachine {
         }
     }
 
+    /// Refuses to go on while a container monitor still holds the machine's lock although no
+    /// pidfile names it (someone removed the file): deleting its root under it would leave
+    /// its processes running with nothing to reach them.
+    fn check_no_monitor(&self) -> Result<(), PlatformError> {
+        let lock = self.dir.join("pid.lock");
+        match fs::File::open(&lock) {
+            Ok(f) if sys::locked_by_another(&f) => Err(self.err(format!(
+                "its container still runs but {} is gone; find its monitor with `fuser {}`, stop it (kill -TERM PID), and destroy again",
+                self.pidfile().display(),
+                lock.display()
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses to delete a root something is still mounted under.
     fn check_unmounted(&self) -> Result<(), PlatformError> {
         let root = self.root();
@@ -366,12 +381,15 @@ impl Machine for LocalMachine {
             MachineState::Running => Ok(false),
             MachineState::Stopped => self.start().map(|()| true),
             MachineState::Missing => {
-                let fresh = !self.dir.exists();
                 let made = self.prepare_root().and_then(|()| self.start());
-                if let Err(e) = made {
-                    // Nothing half-made stays: a machine that never started is removed whole.
-                    if fresh {
-                        let _ = self.destroy();
+                if let Err(mut e) = made {
+                    // Nothing half-made stays: a machine that never started (missing, so nothing
+                    // of it runs) is removed whole, or the user is told what is left.
+                    if let Err(cleanup) = self.destroy() {
+                        e.message.push_str(&format!(
+                            "; removing what was made failed too ({}); run `flotilla destroy --on {}`",
+                            cleanup.message, self.name
+                        ));
                     }
                     return Err(e);
                 }
@@ -422,6 +440,7 @@ impl Machine for LocalMachine {
 
     fn destroy(&self) -> Result<(), PlatformError> {
         self.stop()?;
+        self.check_no_monitor()?;
         self.remove_network()?;
         if self.dir.exists() {
             self.check_unmounted()?;
