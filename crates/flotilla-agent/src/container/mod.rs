@@ -412,6 +412,12 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
             fail(Some(init), format!("cannot start forward {forward}: {}", errno_text(&e)));
         }
     }
+    // Asked to stop while starting: the SIGTERM may have reached PID 1 before its agent could
+    // act on it, so end the start here rather than report a container nobody wants.
+    if sys::termination_requested() {
+        let _ = fs::remove_file(&args.pidfile);
+        fail(Some(init), "terminated while starting".into());
+    }
     eprintln!("flotilla-agent container: {} started: monitor {}, init {}", args.hostname, pidfile.monitor, pidfile.init);
     let _ = ready.write_all(b"ok");
     drop(ready);

@@ -155,12 +155,16 @@ pub(super) fn getpid() -> i32 {
 static INIT_PID: AtomicI32 = AtomicI32::new(0);
 /// A SIGTERM arrived before PID 1 existed.
 static TERM_PENDING: AtomicBool = AtomicBool::new(false);
+/// A SIGTERM arrived at all (PID 1 may have discarded a forwarded one before its agent
+/// installed a handler: a PID 1 ignores signals it has no handler for).
+static TERM_SEEN: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn forward_termination(_signal: c_int) {
     // SAFETY: kill and errno access are async-signal-safe; errno is restored so the
     // interrupted code does not see ours.
     unsafe {
         let saved = *libc::__errno_location();
+        TERM_SEEN.store(true, Ordering::SeqCst);
         let pid = INIT_PID.load(Ordering::SeqCst);
         if pid > 0 {
             libc::kill(pid, libc::SIGTERM);
@@ -194,6 +198,11 @@ pub(super) fn set_init_pid(pid: i32) {
     if TERM_PENDING.swap(false, Ordering::SeqCst) {
         let _ = kill(pid, libc::SIGTERM);
     }
+}
+
+/// Whether this process was asked to terminate since it installed its handler.
+pub(super) fn termination_requested() -> bool {
+    TERM_SEEN.load(Ordering::SeqCst)
 }
 
 /// Forgets PID 1 once it was reaped, so that a late SIGTERM cannot hit a process that
