@@ -178,18 +178,7 @@ extern "C" fn forward_termination(_signal: c_int) {
 /// Makes SIGTERM and SIGINT to this process a SIGTERM to the container's PID 1 (sent as soon
 /// as it exists). The child must undo this with [`Action::DefaultSignals`].
 pub(super) fn forward_termination_signals() -> io::Result<()> {
-    for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only calls async-signal-safe functions; the struct is zeroed
-        // (a valid sigaction) before its fields are set.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = forward_termination as extern "C" fn(c_int) as libc::sighandler_t;
-            action.sa_flags = libc::SA_RESTART;
-            libc::sigemptyset(&mut action.sa_mask);
-            cvt(libc::sigaction(signal, &action, ptr::null_mut()))?;
-        }
-    }
-    Ok(())
+    crate::supervisor::sys::on_termination_signals(forward_termination)
 }
 
 /// Records PID 1 for the signal handler and delivers a SIGTERM that arrived before it existed.

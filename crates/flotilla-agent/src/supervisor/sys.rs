@@ -359,16 +359,22 @@ pub(super) fn install_termination_handler(write_end: OwnedFd) -> io::Result<()> 
         cvt(libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK))?;
     }
     TERMINATION_PIPE.store(fd, Ordering::Relaxed);
+    on_termination_signals(on_termination)
+}
+
+/// Installs `handler` for SIGTERM and SIGINT (restarting interrupted calls) and unblocks
+/// both. `handler` must only make async-signal-safe calls.
+pub(crate) fn on_termination_signals(handler: extern "C" fn(c_int)) -> io::Result<()> {
     for signal in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: the handler only calls async-signal-safe functions; the struct is zeroed
-        // (a valid sigaction) before its fields are set.
+        // SAFETY: the caller's handler only calls async-signal-safe functions; the struct is
+        // zeroed (a valid sigaction) before its fields are set.
         unsafe {
             let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_termination as extern "C" fn(c_int) as libc::sighandler_t;
+            action.sa_sigaction = handler as libc::sighandler_t;
             action.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut action.sa_mask);
             cvt(libc::sigaction(signal, &action, ptr::null_mut()))?;
-            // A signal blocked since the agent started would never reach the handler.
+            // A signal blocked since the process started would never reach the handler.
             let mut set: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut set);
             libc::sigaddset(&mut set, signal);
