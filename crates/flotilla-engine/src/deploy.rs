@@ -34,17 +34,16 @@ pub enum Goal {
 }
 
 impl Goal {
-    /// Parses `switch`, `boot`, `test`, `dry-activate`, `build` or `copy`.
-    pub fn parse(s: &str) -> Option<Goal> {
-        Some(match s {
-            "build" => Goal::Build,
-            "copy" => Goal::Copy,
-            "switch" => Goal::Switch,
-            "boot" => Goal::Boot,
-            "test" => Goal::Test,
-            "dry-activate" => Goal::DryActivate,
-            _ => return None,
-        })
+    /// As users write it (and as it serialises).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Goal::Build => "build",
+            Goal::Copy => "copy",
+            Goal::Switch => "switch",
+            Goal::Boot => "boot",
+            Goal::Test => "test",
+            Goal::DryActivate => "dry-activate",
+        }
     }
 
     fn activation(self) -> Option<ActivationGoal> {
@@ -138,19 +137,35 @@ impl DeployReport {
     }
 }
 
-fn failed(machine: &str, phase: Phase, error: String) -> MachineDeploy {
-    MachineDeploy {
-        machine: machine.to_owned(),
-        outcome: Outcome::Failed,
-        failed_phase: Some(phase),
-        generation: None,
-        toplevel: None,
-        copy: None,
-        activation: None,
-        seconds: 0.0,
-        summary: format!("{} failed", phase.as_str()),
-        error: Some(error),
+impl MachineDeploy {
+    /// A row for `machine`, deployed until it says otherwise.
+    fn new(machine: &str, toplevel: Option<StorePath>) -> MachineDeploy {
+        MachineDeploy {
+            machine: machine.to_owned(),
+            outcome: Outcome::Deployed,
+            failed_phase: None,
+            generation: None,
+            toplevel,
+            copy: None,
+            activation: None,
+            seconds: 0.0,
+            error: None,
+            summary: String::new(),
+        }
     }
+
+    /// This row, failed in `phase` for `error`.
+    fn fail(mut self, phase: Phase, error: String) -> MachineDeploy {
+        self.outcome = Outcome::Failed;
+        self.failed_phase = Some(phase);
+        self.summary = format!("{} failed", phase.as_str());
+        self.error = Some(error);
+        self
+    }
+}
+
+fn failed(machine: &str, phase: Phase, error: String) -> MachineDeploy {
+    MachineDeploy::new(machine, None).fail(phase, error)
 }
 
 /// Runs `work` on every item with at most `parallel` at once, sending what it reports to the
@@ -314,7 +329,7 @@ impl Engine {
                     let toplevel = r.toplevel.as_ref().expect("an activated machine has a toplevel").to_absolute();
                     activated.push((r.machine.clone(), toplevel, generation as i64, r.summary.clone()));
                 }
-                _ => events.push(event(&r.machine, opts.goal_name(), "ok", &r.summary)),
+                _ => events.push(event(&r.machine, opts.goal.as_str(), "ok", &r.summary)),
             }
             rows.insert(r.machine.clone(), r);
         }
@@ -325,18 +340,8 @@ impl Engine {
         self.state.record_deploy(ev.name.as_str(), &self.actor, &activations, &events)?;
         if opts.goal == Goal::Build {
             for (machine, t) in &toplevels {
-                rows.entry(machine.clone()).or_insert_with(|| MachineDeploy {
-                    machine: machine.clone(),
-                    outcome: Outcome::Deployed,
-                    failed_phase: None,
-                    generation: None,
-                    toplevel: Some(t.clone()),
-                    copy: None,
-                    activation: None,
-                    seconds: 0.0,
-                    error: None,
-                    summary: "built".into(),
-                });
+                rows.entry(machine.clone())
+                    .or_insert_with(|| MachineDeploy { summary: "built".into(), ..MachineDeploy::new(machine, Some(t.clone())) });
             }
         }
         let report = DeployReport {
@@ -347,22 +352,9 @@ impl Engine {
         };
         let failed_count = report.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
         let status = if failed_count == 0 { "ok" } else { "failed" };
-        let message = format!("{} of {} machines deployed ({})", report.machines.len() - failed_count, report.machines.len(), opts.goal_name());
+        let message = format!("{} of {} machines deployed ({})", report.machines.len() - failed_count, report.machines.len(), opts.goal.as_str());
         self.event(ev.name.as_str(), None, "deploy", status, &message)?;
         Ok(report)
-    }
-}
-
-impl DeployOptions {
-    fn goal_name(&self) -> &'static str {
-        match self.goal {
-            Goal::Build => "build",
-            Goal::Copy => "copy",
-            Goal::Switch => "switch",
-            Goal::Boot => "boot",
-            Goal::Test => "test",
-            Goal::DryActivate => "dry-activate",
-        }
     }
 }
 
@@ -385,26 +377,10 @@ pub(crate) fn done(machine: &str, phase: Phase, r: std::result::Result<&str, &st
 fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::PathInfo], opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
     let start = Instant::now();
     let name = m.name();
-    let mut row = MachineDeploy {
-        machine: name.to_owned(),
-        outcome: Outcome::Deployed,
-        failed_phase: None,
-        generation: None,
-        toplevel: Some(toplevel.clone()),
-        copy: None,
-        activation: None,
-        seconds: 0.0,
-        error: None,
-        summary: String::new(),
-    };
-    let fail = |mut row: MachineDeploy, phase: Phase, e: String| {
+    let mut row = MachineDeploy::new(name, Some(toplevel.clone()));
+    let fail = |row: MachineDeploy, phase: Phase, e: String| {
         send(done(name, phase, Err(&e)));
-        row.outcome = Outcome::Failed;
-        row.failed_phase = Some(phase);
-        row.summary = format!("{} failed", phase.as_str());
-        row.error = Some(e);
-        row.seconds = start.elapsed().as_secs_f64();
-        row
+        MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.fail(phase, e) }
     };
 
     send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Copy });
@@ -546,11 +522,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn goals_parse_as_written() {
-        for (s, g) in [("build", Goal::Build), ("copy", Goal::Copy), ("switch", Goal::Switch), ("dry-activate", Goal::DryActivate)] {
-            assert_eq!(Goal::parse(s), Some(g));
+    fn goals_read_as_they_serialise() {
+        for g in [Goal::Build, Goal::Copy, Goal::Switch, Goal::Boot, Goal::Test, Goal::DryActivate] {
+            assert_eq!(serde_json::to_value(g).unwrap(), g.as_str());
         }
-        assert_eq!(Goal::parse("reboot"), None);
     }
 
     #[test]

@@ -126,7 +126,7 @@ pub fn deploy_report(r: &DeployReport) {
         .collect();
     print!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
     let failed = r.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
-    eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), serde_json::to_value(r.goal).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(), r.elapsed.as_secs_f64());
+    eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), r.goal.as_str(), r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.as_deref().is_some_and(|e| e.contains('\n'))) {
         eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
     }
