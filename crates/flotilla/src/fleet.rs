@@ -1,7 +1,6 @@
 //! The fleet commands: deploy, start/stop/reboot/destroy, info, check, exec, shell, logs.
 
 use std::io::{BufRead as _, IsTerminal as _, Read as _, Seek as _, Write as _};
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -14,15 +13,10 @@ use flotilla_model::Selection;
 
 use crate::cli::{DeployGoal, Global, Target};
 use crate::progress::Progress;
-use crate::{agent_path, deployment_file, deployment_name, engine, open_state, output, Outcome};
+use crate::{agent_path, deployment_name, engine, open_state, output, prepare_build, Outcome, Prepared};
 
 pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel: u16, json: bool) -> Result<Outcome> {
-    let state = open_state(g)?;
-    let file = deployment_file(&state, target)?;
-    let mut engine = engine(g, state)?;
-    let agent = agent_path()?;
-    let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
-    let selected = ev.select(&Selection::parse(on))?;
+    let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
     let goal = match goal {
         DeployGoal::Switch => Goal::Switch,
         DeployGoal::Boot => Goal::Boot,
@@ -196,10 +190,10 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
     let engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = one_machine(&engine, &name, machine)?;
-    let dir = m.log_file("x").and_then(|p| p.parent().map(Path::to_owned)).ok_or_else(|| anyhow!("machine {machine}: its platform keeps no logs on this host"))?;
+    let dir = m.log_dir().ok_or_else(|| anyhow!("machine {machine}: its platform keeps no logs on this host"))?;
     let files: Vec<(String, std::path::PathBuf)> = match service {
         Some(s) => {
-            let f = m.log_file(s).expect("the platform keeps logs here");
+            let f = dir.join(format!("{s}.log"));
             if !f.exists() {
                 bail!("machine {machine} has no log for service `{s}` (no {}); `flotilla info` lists its services", f.display());
             }

@@ -118,12 +118,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Debug { command } => debug::run(g, command),
         Command::Build { target, on, json } => {
-            let state = open_state(g)?;
-            let file = deployment_file(&state, target)?;
-            let mut engine = engine(g, state)?;
-            let agent = agent_path()?;
-            let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
-            let selected = ev.select(&Selection::parse(on))?;
+            let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
             let verbose = g.verbose;
             let mut listen = |e: &EngineEvent| output::progress(e, verbose);
             let report = engine.build_instantiated(&ev, &selected, &agent, instantiated, &mut listen)?;
@@ -131,6 +126,26 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
         }
     }
+}
+
+/// What `build` and `deploy` start from: the deployment evaluated (and instantiated when it
+/// could be in the same Nix call), the machines `--on` picks, and the agent to build with.
+pub(crate) struct Prepared {
+    pub engine: Engine,
+    pub ev: flotilla_engine::Evaluated,
+    pub instantiated: Option<flotilla_engine::Toplevels>,
+    pub selected: Vec<flotilla_model::MachineName>,
+    pub agent: PathBuf,
+}
+
+pub(crate) fn prepare_build(g: &Global, target: &Target, on: &str) -> Result<Prepared> {
+    let state = open_state(g)?;
+    let file = deployment_file(&state, target)?;
+    let engine = engine(g, state)?;
+    let agent = agent_path()?;
+    let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
+    let selected = ev.select(&Selection::parse(on))?;
+    Ok(Prepared { engine, ev, instantiated, selected, agent })
 }
 
 pub(crate) fn open_state(g: &Global) -> Result<State> {

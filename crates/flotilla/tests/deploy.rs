@@ -100,6 +100,21 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("inside-web1"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(out.status.code(), Some(3), "the shell's exit status passes through");
 
+    // Service logs: the monitor's poll reports both web servers up; all of web1's logs are
+    // prefixed by service; an unknown service is named.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let out = f.run(&["logs", "monitor", "poll"]).ok().stdout();
+        if out.contains(&format!("up   http://{ip}/")) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the monitor never reported web1 up:\n{out}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let r = f.run(&["logs", "web1", "nope"]);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr().contains("machine web1 has no log for service `nope`"), "{}", r.stderr());
+
     // A no-op redeploy copies nothing, restarts nothing, and says so.
     let (code, again, stderr) = deploy(&f, &["-f", &file]);
     assert_eq!(code, 0, "{again:#}\n{stderr}");

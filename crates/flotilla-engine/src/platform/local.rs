@@ -477,8 +477,8 @@ impl Machine for LocalMachine {
         Ok(cmd)
     }
 
-    fn log_file(&self, service: &str) -> Option<PathBuf> {
-        Some(self.root().join("var/log/flotilla").join(format!("{service}.log")))
+    fn log_dir(&self) -> Option<PathBuf> {
+        Some(self.root().join("var/log/flotilla"))
     }
 
     fn resources(&self) -> BTreeMap<String, String> {

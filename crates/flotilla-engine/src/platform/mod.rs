@@ -67,8 +67,9 @@ pub trait Machine: Send + Sync {
     /// A command that runs `argv` inside the machine (an interactive one with a terminal when
     /// `tty`).
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError>;
-    /// Where a service's log can be read on this host, if the platform keeps it here.
-    fn log_file(&self, service: &str) -> Option<PathBuf>;
+    /// The directory on this host holding the machine's service logs (`<service>.log`), if
+    /// the platform keeps them here.
+    fn log_dir(&self) -> Option<PathBuf>;
     /// What the machine is made of on this host (root directory, network names, ...), for
     /// people looking for it and for cleaning up by hand.
     fn resources(&self) -> BTreeMap<String, String>;
