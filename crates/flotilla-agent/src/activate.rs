@@ -6,22 +6,35 @@
 //! services against the running system: removed services stop, changed ones restart (a
 //! service changes when its definition, and so any store path it uses, changes), new ones
 //! start in `after` order, and the rest are left running.
+//!
+//! A checked activation ([`Agent::activate_checked`]) then runs the services' health checks;
+//! when activation or a check fails it restores the generation that ran before by itself and
+//! marks the new one failed. With a confirmation window it also waits for the deployer to
+//! confirm over a new connection ([`Agent::confirm`]), and [`Agent::expire`] restores the
+//! previous generation when none came. A service that needs a key not on the machine yet
+//! waits, and starts when [`Agent::put_keys`] brings it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use flotilla_model::{start_order, ServiceSpec, SystemConfig};
-use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo};
+use flotilla_model::{start_order, KeySpec, ServiceSpec, SystemConfig};
+use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo, HealthResult, KeyState, KeyUpload, ServiceState, ServiceStatus};
 use flotilla_store::StorePath;
 
 use crate::build_system::{Manifest, MANIFEST_VERSION};
 use crate::machine::{symlink_atomic, MachineRoot};
-use crate::supervisor::Supervisor;
-use crate::{etc, users};
+use crate::supervisor::{Supervisor, SupervisorError};
+use crate::{etc, health, keys, users};
+
+/// The agent's record of failed generations (number → why), in its state directory.
+const FAILED: &str = "failed-generations.json";
+
+/// How long services without a health check get to be running after an activation.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// Why an operation on the machine failed; the message is for the deployer's user.
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +50,50 @@ pub enum AgentError {
         /// Why.
         source: io::Error,
     },
-    /// Activation could not complete.
+    /// Activation could not complete, or its checks failed; the previous generation was
+    /// restored.
     #[error("{0}")]
     Activation(String),
+    /// The health checks failed and there was nothing to roll back to.
+    #[error("{0}")]
+    Unhealthy(String),
+    /// The request is malformed or names something unusable.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The request conflicts with what the machine is doing.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+/// What a successful checked activation did.
+#[derive(Debug)]
+pub struct Activation {
+    /// The generation now current.
+    pub generation: u64,
+    /// What changed.
+    pub report: ActivationReport,
+    /// The health checks run.
+    pub health: Vec<HealthResult>,
+    /// Whether a confirmation is awaited.
+    pub awaiting_confirmation: bool,
+}
+
+/// A generation activated and not yet confirmed, and what to return to without confirmation.
+#[derive(Debug, Clone)]
+struct Pending {
+    generation: u64,
+    /// The connection that activated it; its confirmation must come over another.
+    connection: u64,
+    deadline: Instant,
+    window: Duration,
+    previous: Previous,
+}
+
+/// What ran before an activation: the profile's generation and the running system.
+#[derive(Debug, Clone)]
+struct Previous {
+    generation: Option<u64>,
+    running: Option<StorePath>,
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
@@ -51,12 +105,15 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> AgentError {
 pub struct Agent {
     root: MachineRoot,
     supervisor: Arc<Supervisor>,
+    /// Services not started because keys they need are missing: name → those keys.
+    waiting: Mutex<BTreeMap<String, Vec<String>>>,
+    pending: Mutex<Option<Pending>>,
 }
 
 impl Agent {
     /// An agent for `root`, running services through `supervisor`.
     pub fn new(root: MachineRoot, supervisor: Arc<Supervisor>) -> Agent {
-        Agent { root, supervisor }
+        Agent { root, supervisor, waiting: Mutex::new(BTreeMap::new()), pending: Mutex::new(None) }
     }
 
     /// The machine's root layout.
@@ -76,6 +133,7 @@ impl Agent {
     /// Every generation, oldest first.
     pub fn generations(&self) -> Result<Vec<GenerationInfo>, AgentError> {
         let current = self.current_generation();
+        let failed: BTreeMap<u64, String> = self.root.read_state(FAILED).unwrap_or_default();
         let mut out = Vec::new();
         let dir = self.root.profiles_dir();
         for e in fs::read_dir(&dir).map_err(io_err(format!("cannot list {}", dir.display())))?.flatten() {
@@ -89,6 +147,7 @@ impl Agent {
                 toplevel,
                 created_unix: created.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()).unwrap_or(0),
                 current: current == Some(n),
+                failed: failed.get(&n).cloned(),
             });
         }
         out.sort_by_key(|g| g.number);
@@ -135,11 +194,44 @@ impl Agent {
         let Ok(m) = self.manifest(&top) else { return vec![format!("cannot read the running system {top}")] };
         let mut errors = Vec::new();
         for name in start_order(&m.system.system.services) {
-            if let Err(e) = self.supervisor.start(&name, &m.system.system.services[&name]) {
-                errors.push(e.to_string());
+            match self.start_service(&name, &m.system.system.services[&name], &m.system.keys) {
+                Ok(Some(missing)) => errors.push(format!("service {name} waits for keys {}", missing.join(", "))),
+                Ok(None) => {}
+                Err(e) => errors.push(e.to_string()),
             }
         }
         errors
+    }
+
+    /// Starts a service, unless keys it needs are missing: then it waits, and the missing
+    /// keys are returned.
+    fn start_service(&self, name: &str, spec: &ServiceSpec, key_specs: &BTreeMap<String, KeySpec>) -> Result<Option<Vec<String>>, SupervisorError> {
+        let missing: Vec<String> = spec
+            .keys
+            .iter()
+            .filter(|k| key_specs.get(*k).is_none_or(|ks| !keys::key_path(&self.root, &ks.dest_dir, k).exists()))
+            .cloned()
+            .collect();
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        if !missing.is_empty() {
+            waiting.insert(name.to_owned(), missing.clone());
+            return Ok(Some(missing));
+        }
+        waiting.remove(name);
+        drop(waiting);
+        self.supervisor.start(name, spec).map(|()| None)
+    }
+
+    /// The supervised services, and those waiting for keys.
+    pub fn service_status(&self) -> Vec<ServiceStatus> {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out: Vec<ServiceStatus> = self.supervisor.status().into_iter().filter(|s| !waiting.contains_key(&s.name)).collect();
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        for (name, keys) in waiting {
+            out.push(ServiceStatus { name, state: ServiceState::Waiting, pid: None, restarts: 0, last_exit: None, since_unix: now, waiting_for: keys });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
     }
 
     /// Switches to the generation the `system` profile points at (nothing when there is none).
@@ -178,6 +270,7 @@ impl Agent {
 
     /// Switches back to generation `to` (default: the one before the current).
     pub fn rollback(&self, to: Option<u64>) -> Result<(u64, ActivationReport), AgentError> {
+        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
         let gens = self.generations()?;
         let current = self.current_generation();
         let target = match to {
@@ -265,10 +358,12 @@ impl Agent {
         }
 
         for name in &to_stop {
-            if let Err(e) = self.supervisor.stop(name) {
-                report.messages.push(format!("stopping {name}: {e}"));
+            match self.supervisor.stop(name) {
+                Ok(()) | Err(SupervisorError::UnknownService { .. }) => {}
+                Err(e) => report.messages.push(format!("stopping {name}: {e}")),
             }
         }
+        self.waiting.lock().unwrap_or_else(|p| p.into_inner()).retain(|name, _| new_services.contains_key(name));
         let u = users::apply(&self.root, &new.system.users, &new.system.groups, false).map_err(io_err("cannot write /etc/passwd or /etc/group"))?;
         let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, false).map_err(io_err("cannot place /etc entries"))?;
         (report.users_added, report.users_removed) = (u.added, u.removed);
@@ -287,14 +382,291 @@ impl Agent {
 
         let mut failed = Vec::new();
         for name in &to_start {
-            if let Err(e) = self.supervisor.start(name, &new_services[name]) {
-                failed.push(format!("{name}: {e}"));
+            match self.start_service(name, &new_services[name], &new.keys) {
+                Ok(None) => {}
+                Ok(Some(missing)) => {
+                    report.services_started.retain(|s| s != name);
+                    report.services_restarted.retain(|s| s != name);
+                    report.messages.push(format!("service {name} waits for keys {}", missing.join(", ")));
+                }
+                Err(e) => failed.push(format!("{name}: {e}")),
             }
         }
         if !failed.is_empty() {
             return Err(AgentError::Activation(format!("services failed to start: {}", failed.join("; "))));
         }
         Ok(report)
+    }
+
+    /// Activates `toplevel` for `goal`, then (for `switch` and `test`) checks that its
+    /// services run and pass their health checks within `check_timeout`. When activation or
+    /// a check fails, the generation that ran before is restored and the new one marked
+    /// failed; the error says which check failed and its last output. With `confirm_within`
+    /// the new generation then waits for a [`Agent::confirm`] from another connection than
+    /// `connection`; the caller arranges for [`Agent::expire`] to run at the deadline.
+    pub fn activate_checked(
+        &self,
+        toplevel: &StorePath,
+        goal: ActivationGoal,
+        check_timeout: Option<Duration>,
+        confirm_within: Option<Duration>,
+        connection: u64,
+    ) -> Result<Activation, AgentError> {
+        if let Some(p) = self.pending() {
+            return Err(AgentError::Conflict(format!(
+                "generation {} awaits confirmation from the deployer that activated it (for {} s more); wait for it to be confirmed or rolled back",
+                p.generation,
+                p.deadline.saturating_duration_since(Instant::now()).as_secs() + 1
+            )));
+        }
+        let previous = Previous { generation: self.current_generation(), running: self.running_system() };
+        let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
+        let (generation, report) = match self.activate(toplevel, goal) {
+            Ok(r) => r,
+            Err(e) if checked => return Err(self.fail_back(&previous, &format!("activation of {toplevel} failed: {e}"))),
+            Err(e) => return Err(e),
+        };
+        if !checked {
+            return Ok(Activation { generation, report, health: Vec::new(), awaiting_confirmation: false });
+        }
+        let deadline = check_timeout.map(|t| Instant::now() + t);
+        let health = self.check(&report, deadline);
+        let unchanged = previous.generation == Some(generation) && previous.running.as_ref() == Some(toplevel);
+        if let Some(problem) = first_problem(&health) {
+            if unchanged {
+                return Err(AgentError::Unhealthy(format!("{problem}; generation {generation} already ran, so there is nothing to roll back to")));
+            }
+            return Err(self.fail_back(&previous, &problem));
+        }
+        let awaiting_confirmation = confirm_within.is_some() && !unchanged;
+        if let (Some(window), true) = (confirm_within, awaiting_confirmation) {
+            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
+        }
+        Ok(Activation { generation, report, health, awaiting_confirmation })
+    }
+
+    /// The health of the services just activated: services without a check must be running
+    /// (up to [`SETTLE`]); services with one must pass it. Services waiting for keys are left
+    /// out. Checks run in parallel.
+    fn check(&self, report: &ActivationReport, deadline: Option<Instant>) -> Vec<HealthResult> {
+        let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else { return Vec::new() };
+        let services = &m.system.system.services;
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let fresh: BTreeSet<&String> = report.services_started.iter().chain(&report.services_restarted).collect();
+        let settle_until = deadline.map_or(Instant::now() + SETTLE, |d| d.min(Instant::now() + SETTLE));
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = services
+                .iter()
+                .filter(|(name, _)| !waiting.contains_key(*name))
+                .filter(|(name, spec)| spec.health_check.is_some() || fresh.contains(name))
+                .map(|(name, spec)| {
+                    scope.spawn(move || {
+                        if let Some(bad) = self.wait_running(name, settle_until) {
+                            return bad;
+                        }
+                        match &spec.health_check {
+                            Some(hc) => health::run(&self.root, &self.supervisor, name, hc, deadline, false),
+                            None => HealthResult { service: name.clone(), check: "running".into(), healthy: true, probes: 1, output: "running".into() },
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+
+    /// Waits for `name` to be running; `Some` with why when it failed or did not come up.
+    fn wait_running(&self, name: &str, until: Instant) -> Option<HealthResult> {
+        loop {
+            let status = self.supervisor.status().into_iter().find(|s| s.name == name);
+            let state = status.as_ref().map(|s| s.state);
+            if state == Some(ServiceState::Running) {
+                return None;
+            }
+            if state == Some(ServiceState::Failed) || Instant::now() >= until {
+                let last = status.as_ref().and_then(|s| s.last_exit.clone());
+                let tail = self.log_tail(name);
+                let output = match (last, state) {
+                    (Some(exit), Some(state)) => format!("{state}, last exit: {exit}{tail}"),
+                    (None, Some(state)) => format!("still {state}{tail}"),
+                    (_, None) => "not supervised".into(),
+                };
+                return Some(HealthResult { service: name.to_owned(), check: "running".into(), healthy: false, probes: 1, output });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of a service's log, for a failure message.
+    fn log_tail(&self, name: &str) -> String {
+        let Ok(text) = fs::read_to_string(self.supervisor.config().log_dir.join(format!("{name}.log"))) else { return String::new() };
+        let lines: Vec<&str> = text.lines().rev().take(3).collect();
+        if lines.is_empty() {
+            return String::new();
+        }
+        format!("; its log ends: {}", lines.into_iter().rev().collect::<Vec<_>>().join(" | "))
+    }
+
+    /// Returns to `previous` after a failed activation: the profile, the running system and
+    /// its services. Marks the generation that failed. The error tells the whole story.
+    fn fail_back(&self, previous: &Previous, problem: &str) -> AgentError {
+        let failed = self.current_generation().filter(|n| Some(*n) != previous.generation);
+        if let Some(n) = failed {
+            self.mark_failed(n, problem);
+        }
+        let what = match failed {
+            Some(n) => format!("generation {n}"),
+            None => "the activation".to_owned(),
+        };
+        match self.restore(previous) {
+            Ok(to) => AgentError::Activation(format!("{problem}; {what} was rolled back, {to}")),
+            Err(e) => AgentError::Activation(format!("{problem}; rolling {what} back failed too: {e}")),
+        }
+    }
+
+    /// Makes `previous` current and running again; says what runs now.
+    fn restore(&self, previous: &Previous) -> Result<String, AgentError> {
+        let profile = self.root.profiles_dir().join("system");
+        match previous.generation {
+            Some(n) => symlink_atomic(Path::new(&format!("system-{n}-link")), &profile).map_err(io_err("cannot switch the system profile back"))?,
+            None => match fs::remove_file(&profile) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_err("cannot remove the system profile")(e)),
+            },
+        }
+        match &previous.running {
+            Some(top) => {
+                let m = self.manifest(top)?;
+                self.switch_to(top, &m.system, false)?;
+                Ok(match previous.generation {
+                    Some(n) => format!("generation {n} runs again"),
+                    None => format!("{top} runs again"),
+                })
+            }
+            None => {
+                // Nothing ran before: stop what the failed system started.
+                self.supervisor.stop_all();
+                self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                match fs::remove_file(self.root.path("/run/current-system")) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err("cannot remove /run/current-system")(e)),
+                }
+                Ok("no system runs (this was the first)".to_owned())
+            }
+        }
+    }
+
+    fn mark_failed(&self, n: u64, why: &str) {
+        let mut failed: BTreeMap<u64, String> = self.root.read_state(FAILED).unwrap_or_default();
+        failed.insert(n, why.to_owned());
+        if let Err(e) = self.root.write_state(FAILED, &failed) {
+            eprintln!("flotilla-agent: cannot record generation {n} as failed: {e}");
+        }
+    }
+
+    fn pending(&self) -> Option<Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The generation awaiting confirmation, if any.
+    pub fn pending_confirmation(&self) -> Option<u64> {
+        self.pending().map(|p| p.generation)
+    }
+
+    /// Keeps `generation`: the confirmation must come over another connection than the one
+    /// that activated it, which proves the deployer can still reach the machine.
+    pub fn confirm(&self, generation: u64, connection: u64) -> Result<(), AgentError> {
+        let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match &*pending {
+            Some(p) if p.generation == generation && p.connection == connection => Err(AgentError::BadRequest(format!(
+                "generation {generation} must be confirmed over a new connection, not the one that activated it"
+            ))),
+            Some(p) if p.generation == generation => {
+                *pending = None;
+                Ok(())
+            }
+            _ => Err(AgentError::NotFound(format!(
+                "generation {generation} is not awaiting confirmation; it may have been rolled back already (`flotilla generations` shows it)"
+            ))),
+        }
+    }
+
+    /// When the confirmation window of `generation` has passed without a confirmation,
+    /// restores what ran before it; returns what happened, for the agent's log.
+    pub fn expire(&self, generation: u64) -> Option<String> {
+        let p = {
+            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+            match &*pending {
+                Some(p) if p.generation == generation && Instant::now() >= p.deadline => pending.take()?,
+                _ => return None,
+            }
+        };
+        let problem = format!("not confirmed within {} s (the deployer lost contact with the machine, or died)", p.window.as_secs());
+        Some(self.fail_back(&p.previous, &problem).to_string())
+    }
+
+    /// When the generation awaiting confirmation runs out of time.
+    pub fn confirmation_deadline(&self, generation: u64) -> Option<Instant> {
+        self.pending().filter(|p| p.generation == generation).map(|p| p.deadline)
+    }
+
+    /// Probes every health check of the running system once.
+    pub fn check_health(&self) -> Vec<HealthResult> {
+        let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else { return Vec::new() };
+        let services = &m.system.system.services;
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = services
+                .iter()
+                .filter_map(|(name, spec)| Some((name, spec.health_check.as_ref()?)))
+                .map(|(name, hc)| scope.spawn(move || health::run(&self.root, &self.supervisor, name, hc, None, true)))
+                .collect();
+            handles.into_iter().filter_map(|h| h.join().ok()).collect()
+        })
+    }
+
+    /// The keys on the machine.
+    pub fn list_keys(&self) -> Result<Vec<KeyState>, AgentError> {
+        keys::list(&self.root)
+    }
+
+    /// Writes and deletes keys; restarts the running services that use a changed key and
+    /// starts those whose keys are now all present. Returns (written, removed, restarted,
+    /// started).
+    pub fn put_keys(&self, put: &[KeyUpload], remove: &[String]) -> Result<(Vec<String>, Vec<String>, Vec<String>, Vec<String>), AgentError> {
+        let (written, removed) = keys::apply(&self.root, put, remove)?;
+        let (mut restarted, mut started) = (Vec::new(), Vec::new());
+        let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else { return Ok((written, removed, restarted, started)) };
+        let services = &m.system.system.services;
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
+        let mut problems = Vec::new();
+        for name in start_order(services) {
+            let spec = &services[&name];
+            if waiting.contains_key(&name) {
+                match self.start_service(&name, spec, &m.system.keys) {
+                    Ok(None) => started.push(name),
+                    Ok(Some(_)) => {}
+                    Err(e) => problems.push(e.to_string()),
+                }
+            } else if running.contains(&name) && spec.keys.iter().any(|k| written.contains(k)) {
+                match self.supervisor.restart(&name, spec) {
+                    Ok(()) => restarted.push(name),
+                    Err(e) => problems.push(e.to_string()),
+                }
+            }
+        }
+        if !problems.is_empty() {
+            return Err(AgentError::Activation(format!("keys were written, but {}", problems.join("; "))));
+        }
+        Ok((written, removed, restarted, started))
+    }
+
+    /// Bytes free on the filesystem of the machine's store.
+    pub fn store_free_bytes(&self) -> Option<u64> {
+        crate::machine::free_bytes(&self.root.store_dir()).ok()
     }
 
     /// Deletes generations (never the current one): all but the newest `keep_last`, and/or
@@ -337,4 +709,11 @@ fn list(gens: &[GenerationInfo]) -> String {
         return "none".into();
     }
     gens.iter().map(|g| g.number.to_string()).collect::<Vec<_>>().join(", ")
+}
+
+/// The first failed check, as the user reads it.
+fn first_problem(health: &[HealthResult]) -> Option<String> {
+    let bad = health.iter().find(|h| !h.healthy)?;
+    let probes = if bad.probes == 1 { "1 probe".to_owned() } else { format!("{} probes", bad.probes) };
+    Some(format!("health check of service {} ({}) failed after {probes}: {}", bad.service, bad.check, bad.output))
 }

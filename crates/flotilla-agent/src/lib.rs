@@ -6,6 +6,8 @@ pub mod activate;
 pub mod build_system;
 pub mod container;
 mod etc;
+pub mod health;
+pub mod keys;
 pub mod machine;
 pub mod server;
 pub mod supervisor;

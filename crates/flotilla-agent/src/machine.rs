@@ -266,6 +266,11 @@ impl MachineRoot {
     }
 }
 
+/// Bytes available to the agent on the filesystem holding `path`.
+pub fn free_bytes(path: &Path) -> io::Result<u64> {
+    crate::supervisor::sys::free_bytes(path)
+}
+
 /// Writes `path` through a temporary file and a rename, so readers see old or new, never half.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     if fs::read(path).is_ok_and(|old| old == data) {

@@ -1,10 +1,16 @@
 //! The agent's side of the protocol: one thread per deployer connection on the control
 //! socket, each request carried out under one lock so two deploys never interleave on a
 //! machine. Errors go back to the deployer as messages for its user; internals stay here.
+//!
+//! Each connection has a number, so that a confirmation can be told to come over a new one.
+//! An activation that awaits confirmation gets a timer thread that rolls it back at the
+//! deadline unless the confirmation came first.
 
 use std::io;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use flotilla_protocol::{server_handshake, Connection, ErrorKind, ProtocolError, Request, Response};
 
@@ -33,7 +39,11 @@ pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
     }
 }
 
-fn handle(agent: &Mutex<Agent>, stream: UnixStream) -> Result<(), ProtocolError> {
+/// Numbers connections, for [`Agent::confirm`].
+static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
+
+fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolError> {
+    let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let mut conn = Connection::unix(stream)?;
     let root = agent.lock().expect("agent lock").root().root().to_string_lossy().into_owned();
     server_handshake(&mut conn, AGENT_VERSION, &root)?;
@@ -48,13 +58,33 @@ fn handle(agent: &Mutex<Agent>, stream: UnixStream) -> Result<(), ProtocolError>
         }
         let response = {
             let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
-            dispatch(&agent, request, &mut conn)?
+            dispatch(&agent, request, &mut conn, id)?
         };
+        if let Response::Activated { generation, awaiting_confirmation: true, .. } = &response {
+            watch_confirmation(Arc::clone(agent), *generation);
+        }
         conn.send(&response)?;
     }
 }
 
-fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &mut Connection<R, W>) -> Result<Response, ProtocolError> {
+/// Rolls `generation` back at its confirmation deadline, unless it was confirmed by then.
+fn watch_confirmation(agent: Arc<Mutex<Agent>>, generation: u64) {
+    std::thread::spawn(move || loop {
+        let deadline = agent.lock().unwrap_or_else(|p| p.into_inner()).confirmation_deadline(generation);
+        let Some(deadline) = deadline else { return };
+        let now = Instant::now();
+        if now < deadline {
+            std::thread::sleep((deadline - now).min(Duration::from_millis(500)));
+            continue;
+        }
+        if let Some(what) = agent.lock().unwrap_or_else(|p| p.into_inner()).expire(generation) {
+            eprintln!("flotilla-agent: {what}");
+        }
+        return;
+    });
+}
+
+fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &mut Connection<R, W>, id: u64) -> Result<Response, ProtocolError> {
     Ok(match request {
         Request::QueryMissing { paths } => Response::Missing { paths: agent.root().missing(&paths) },
         Request::AddPaths { paths, compression } => {
@@ -71,17 +101,31 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
                 Err(e) => Response::error(ErrorKind::Io, e.to_string()),
             }
         }
-        Request::Activate { toplevel, goal, confirm_within_secs } => {
-            if confirm_within_secs.is_some() {
-                return Ok(Response::error(ErrorKind::Unsupported, "this agent does not support confirmed (magic-rollback) activation yet"));
-            }
-            match agent.activate(&toplevel, goal) {
-                Ok((generation, report)) => Response::Activated { generation, report },
-                Err(e) => error(e),
+        Request::Activate { toplevel, goal, confirm_within_secs, check_timeout_secs } => {
+            let (check, confirm) = (check_timeout_secs.map(Duration::from_secs), confirm_within_secs.map(Duration::from_secs));
+            match agent.activate_checked(&toplevel, goal, check, confirm, id) {
+                Ok(a) => Response::Activated { generation: a.generation, report: a.report, health: a.health, awaiting_confirmation: a.awaiting_confirmation },
+                Err(e) => {
+                    eprintln!("flotilla-agent: activating {toplevel}: {e}");
+                    error(e)
+                }
             }
         }
+        Request::Confirm { generation } => match agent.confirm(generation, id) {
+            Ok(()) => Response::Confirmed { generation },
+            Err(e) => error(e),
+        },
         Request::Rollback { to } => match agent.rollback(to) {
-            Ok((generation, report)) => Response::Activated { generation, report },
+            Ok((generation, report)) => Response::Activated { generation, report, health: Vec::new(), awaiting_confirmation: false },
+            Err(e) => error(e),
+        },
+        Request::CheckHealth => Response::Health { services: agent.check_health() },
+        Request::ListKeys => match agent.list_keys() {
+            Ok(keys) => Response::Keys { keys },
+            Err(e) => error(e),
+        },
+        Request::PutKeys { put, remove } => match agent.put_keys(&put, &remove) {
+            Ok((written, removed, restarted, started)) => Response::KeysPut { written, removed, restarted, started },
             Err(e) => error(e),
         },
         Request::ListGenerations => match agent.generations() {
@@ -99,9 +143,10 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
         Request::Status => Response::Status {
             generation: agent.current_generation(),
             toplevel: agent.running_system(),
-            services: agent.supervisor().status(),
+            services: agent.service_status(),
+            store_free_bytes: agent.store_free_bytes(),
+            pending_confirmation: agent.pending_confirmation(),
         },
-        Request::Confirm { .. } => Response::error(ErrorKind::Unsupported, "this agent does not support confirmed (magic-rollback) activation yet"),
         Request::Goodbye => unreachable!("handled by the caller"),
     })
 }
@@ -111,6 +156,9 @@ fn error(e: AgentError) -> Response {
         AgentError::NotFound(_) => ErrorKind::NotFound,
         AgentError::Io { .. } => ErrorKind::Io,
         AgentError::Activation(_) => ErrorKind::Activation,
+        AgentError::Unhealthy(_) => ErrorKind::Unhealthy,
+        AgentError::BadRequest(_) => ErrorKind::BadRequest,
+        AgentError::Conflict(_) => ErrorKind::Conflict,
     };
     Response::error(kind, e.to_string())
 }

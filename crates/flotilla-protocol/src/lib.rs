@@ -25,15 +25,15 @@ pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
 pub use handshake::{client_handshake, server_handshake};
 pub use message::{
     ActivationGoal, ActivationReport, Compression, ErrorKind, GenerationInfo, HandshakeReply,
-    Hello, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Welcome,
+    HealthResult, Hello, KeyState, KeyUpload, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Welcome,
     MAGIC,
 };
 
 /// The protocol version this build speaks best; bump it on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The oldest protocol version this build still speaks.
-pub const MIN_PROTOCOL_VERSION: u32 = 1;
+pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
 #[cfg(test)]
 mod tests;

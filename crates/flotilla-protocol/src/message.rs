@@ -11,8 +11,11 @@
 //! | --- | --- |
 //! | `QueryMissing` | `Missing` |
 //! | `AddPaths` (+ one bulk stream) | `PathsAdded` |
-//! | `Activate` | `Activated` |
+//! | `Activate` | `Activated` (or `Error` of kind `Activation`: it failed and was rolled back) |
 //! | `Confirm` | `Confirmed` |
+//! | `CheckHealth` | `Health` |
+//! | `ListKeys` | `Keys` |
+//! | `PutKeys` | `KeysPut` |
 //! | `Rollback` | `Activated` (the generation rolled back to) |
 //! | `ListGenerations` | `Generations` |
 //! | `DeleteGenerations` | `GenerationsDeleted` |
@@ -193,6 +196,10 @@ pub enum Request {
         /// generation arrives within this many seconds (after its health checks passed).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         confirm_within_secs: Option<u64>,
+        /// How long the services' health checks may take in all before the activation counts
+        /// as failed and is rolled back; `None` leaves each check to its own retries.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        check_timeout_secs: Option<u64>,
     },
     /// Keep the generation just activated: cancels the automatic rollback. Answered by
     /// [`Response::Confirmed`].
@@ -220,6 +227,21 @@ pub enum Request {
     CollectGarbage,
     /// Report the current generation and the services. Answered by [`Response::Status`].
     Status,
+    /// Probe every health check of the running system once, now. Answered by
+    /// [`Response::Health`].
+    CheckHealth,
+    /// Which keys are on the machine, with digests of their contents (never the contents).
+    /// Answered by [`Response::Keys`].
+    ListKeys,
+    /// Write these keys (each to a temporary file with its final owner and mode, renamed into
+    /// place) and delete the named ones; restarts the services that use a changed key and
+    /// starts those that were waiting for one. Answered by [`Response::KeysPut`].
+    PutKeys {
+        /// Keys to write.
+        put: Vec<KeyUpload>,
+        /// Names of keys to delete.
+        remove: Vec<String>,
+    },
     /// End the conversation; there is no answer, the agent closes the connection.
     Goodbye,
 }
@@ -242,6 +264,9 @@ impl Request {
                 )
                 | (Request::CollectGarbage, Response::GarbageCollected { .. })
                 | (Request::Status, Response::Status { .. })
+                | (Request::CheckHealth, Response::Health { .. })
+                | (Request::ListKeys, Response::Keys { .. })
+                | (Request::PutKeys { .. }, Response::KeysPut { .. })
         ) || (matches!(response, Response::Error { .. }) && *self != Request::Goodbye)
     }
 
@@ -257,6 +282,9 @@ impl Request {
             Request::DeleteGenerations { .. } => "delete_generations",
             Request::CollectGarbage => "collect_garbage",
             Request::Status => "status",
+            Request::CheckHealth => "check_health",
+            Request::ListKeys => "list_keys",
+            Request::PutKeys { .. } => "put_keys",
             Request::Goodbye => "goodbye",
         }
     }
@@ -278,12 +306,17 @@ pub enum Response {
         /// How many NAR bytes they held.
         bytes: u64,
     },
-    /// A generation is active (after `Activate` or `Rollback`).
+    /// A generation is active (after `Activate` or `Rollback`), its health checks passed.
     Activated {
         /// Its number.
         generation: u64,
         /// What activation changed.
         report: ActivationReport,
+        /// The health checks run after activation.
+        health: Vec<HealthResult>,
+        /// Whether the agent now waits for a `Confirm` of this generation, over a new
+        /// connection, and rolls back without one.
+        awaiting_confirmation: bool,
     },
     /// The generation is kept; no automatic rollback will happen.
     Confirmed {
@@ -315,6 +348,31 @@ pub enum Response {
         toplevel: Option<StorePath>,
         /// The supervised services.
         services: Vec<ServiceStatus>,
+        /// Bytes free for the store's filesystem.
+        store_free_bytes: Option<u64>,
+        /// A generation activated and not yet confirmed.
+        pending_confirmation: Option<u64>,
+    },
+    /// The result of a `CheckHealth`, one per service with a health check.
+    Health {
+        /// The results.
+        services: Vec<HealthResult>,
+    },
+    /// The keys on the machine.
+    Keys {
+        /// The keys, by name.
+        keys: Vec<KeyState>,
+    },
+    /// What a `PutKeys` did.
+    KeysPut {
+        /// Keys written.
+        written: Vec<String>,
+        /// Keys deleted.
+        removed: Vec<String>,
+        /// Services restarted because a key they use changed.
+        restarted: Vec<String>,
+        /// Services started because the keys they waited for are now present.
+        started: Vec<String>,
     },
     /// A step of work in progress, for the user to see; not a final answer.
     Progress {
@@ -342,6 +400,9 @@ impl Response {
             Response::GenerationsDeleted { .. } => "generations_deleted",
             Response::GarbageCollected { .. } => "garbage_collected",
             Response::Status { .. } => "status",
+            Response::Health { .. } => "health",
+            Response::Keys { .. } => "keys",
+            Response::KeysPut { .. } => "keys_put",
             Response::Progress { .. } => "progress",
             Response::Error { .. } => "error",
         }
@@ -370,8 +431,12 @@ pub enum ErrorKind {
     Io,
     /// Received data did not match its announced hash or size.
     Integrity,
-    /// Activation failed; the agent has rolled back.
+    /// Activation failed (it would not complete, or a health check did not pass in time);
+    /// the agent has rolled back to the previous generation.
     Activation,
+    /// The health checks failed and there was nothing to roll back to (the machine already
+    /// ran this generation).
+    Unhealthy,
     /// The agent does not support this on this machine.
     Unsupported,
     /// A kind this side does not know (sent by a newer peer); the message still explains it.
@@ -388,6 +453,7 @@ impl fmt::Display for ErrorKind {
             ErrorKind::Io => "I/O",
             ErrorKind::Integrity => "integrity",
             ErrorKind::Activation => "activation",
+            ErrorKind::Unhealthy => "unhealthy",
             ErrorKind::Unsupported => "unsupported",
             ErrorKind::Other => "other",
         })
@@ -434,6 +500,8 @@ pub struct GenerationInfo {
     pub created_unix: u64,
     /// True for the generation that is active now.
     pub current: bool,
+    /// Why it was rolled back, if it failed (activation, a health check, no confirmation).
+    pub failed: Option<String>,
 }
 
 /// The state of one service the agent supervises.
@@ -452,6 +520,73 @@ pub struct ServiceStatus {
     pub last_exit: Option<String>,
     /// Since when it is in this state, in seconds since the Unix epoch.
     pub since_unix: u64,
+    /// The keys it waits for (state `Waiting`).
+    pub waiting_for: Vec<String>,
+}
+
+/// The outcome of one service's health check.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthResult {
+    /// The service.
+    pub service: String,
+    /// What is probed, e.g. "http http://127.0.0.1:80/" or "tcp 5432".
+    pub check: String,
+    /// Whether it passed.
+    pub healthy: bool,
+    /// Probes made.
+    pub probes: u32,
+    /// The last probe's output or error (at most a few KiB), for the user.
+    pub output: String,
+}
+
+/// A key to place on the machine. Its material never appears in `Debug` output.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyUpload {
+    /// The key's name: its file name in `dest_dir`.
+    pub name: String,
+    /// The absolute directory it goes in.
+    pub dest_dir: String,
+    /// Owner.
+    pub user: String,
+    /// Group.
+    pub group: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// The secret.
+    pub data: Vec<u8>,
+}
+
+impl fmt::Debug for KeyUpload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyUpload")
+            .field("name", &self.name)
+            .field("dest_dir", &self.dest_dir)
+            .field("user", &self.user)
+            .field("group", &self.group)
+            .field("mode", &format_args!("{:04o}", self.mode))
+            .field("data", &format_args!("<{} bytes redacted>", self.data.len()))
+            .finish()
+    }
+}
+
+/// A key as the machine has it: where, whose, and a digest of its contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyState {
+    /// The key's name.
+    pub name: String,
+    /// Its directory.
+    pub dest_dir: String,
+    /// Owner.
+    pub user: String,
+    /// Group.
+    pub group: String,
+    /// Permission bits.
+    pub mode: u32,
+    /// `sha256:<hex>` of its contents, so the deployer can tell whether to send it again.
+    pub digest: String,
 }
 
 /// The state of a supervised service.
@@ -468,6 +603,8 @@ pub enum ServiceState {
     Failed,
     /// Failed and waiting before the next restart.
     Backoff,
+    /// Not started: a key it needs is not on the machine yet.
+    Waiting,
 }
 
 impl fmt::Display for ServiceState {
@@ -478,6 +615,7 @@ impl fmt::Display for ServiceState {
             ServiceState::Stopped => "stopped",
             ServiceState::Failed => "failed",
             ServiceState::Backoff => "backoff",
+            ServiceState::Waiting => "waiting for keys",
         })
     }
 }

@@ -97,6 +97,7 @@ fn all_requests() -> Vec<Request> {
             toplevel: sp(P2),
             goal: ActivationGoal::DryActivate,
             confirm_within_secs: Some(30),
+            check_timeout_secs: Some(60),
         },
         Request::Confirm { generation: 7 },
         Request::Rollback { to: Some(3) },
@@ -107,6 +108,19 @@ fn all_requests() -> Vec<Request> {
         },
         Request::CollectGarbage,
         Request::Status,
+        Request::CheckHealth,
+        Request::ListKeys,
+        Request::PutKeys {
+            put: vec![KeyUpload {
+                name: "db-password".into(),
+                dest_dir: "/run/keys".into(),
+                user: "postgres".into(),
+                group: "root".into(),
+                mode: 0o640,
+                data: b"hunter2".to_vec(),
+            }],
+            remove: vec!["old".into()],
+        },
         Request::Goodbye,
     ];
     for r in &all {
@@ -120,10 +134,23 @@ fn all_requests() -> Vec<Request> {
             | Request::DeleteGenerations { .. }
             | Request::CollectGarbage
             | Request::Status
+            | Request::CheckHealth
+            | Request::ListKeys
+            | Request::PutKeys { .. }
             | Request::Goodbye => {}
         }
     }
     all
+}
+
+fn health_result() -> HealthResult {
+    HealthResult {
+        service: "web".into(),
+        check: "http http://127.0.0.1/".into(),
+        healthy: false,
+        probes: 10,
+        output: "HTTP/1.0 500 Internal Server Error".into(),
+    }
 }
 
 /// One of every response. The match makes adding a variant without a test a compile error.
@@ -139,6 +166,8 @@ fn all_responses() -> Vec<Response> {
         Response::Activated {
             generation: 8,
             report: activation_report(),
+            health: vec![health_result()],
+            awaiting_confirmation: true,
         },
         Response::Confirmed { generation: 8 },
         Response::Generations {
@@ -148,12 +177,14 @@ fn all_responses() -> Vec<Response> {
                     toplevel: sp(P1),
                     created_unix: 1_700_000_000,
                     current: false,
+                    failed: Some("health check of web failed".into()),
                 },
                 GenerationInfo {
                     number: 8,
                     toplevel: sp(P2),
                     created_unix: 1_700_000_100,
                     current: true,
+                    failed: None,
                 },
             ],
         },
@@ -175,6 +206,7 @@ fn all_responses() -> Vec<Response> {
                     restarts: 0,
                     last_exit: None,
                     since_unix: 1_700_000_101,
+                    waiting_for: vec![],
                 },
                 ServiceStatus {
                     name: "worker".into(),
@@ -183,8 +215,30 @@ fn all_responses() -> Vec<Response> {
                     restarts: 3,
                     last_exit: Some("exit status 1".into()),
                     since_unix: 1_700_000_150,
+                    waiting_for: vec!["token".into()],
                 },
             ],
+            store_free_bytes: Some(1 << 30),
+            pending_confirmation: Some(8),
+        },
+        Response::Health {
+            services: vec![health_result()],
+        },
+        Response::Keys {
+            keys: vec![KeyState {
+                name: "db-password".into(),
+                dest_dir: "/run/keys".into(),
+                user: "postgres".into(),
+                group: "root".into(),
+                mode: 0o640,
+                digest: "sha256:00".into(),
+            }],
+        },
+        Response::KeysPut {
+            written: vec!["db-password".into()],
+            removed: vec![],
+            restarted: vec!["postgres".into()],
+            started: vec![],
         },
         Response::Progress {
             message: "restarting nginx".into(),
@@ -201,6 +255,9 @@ fn all_responses() -> Vec<Response> {
             | Response::GenerationsDeleted { .. }
             | Response::GarbageCollected { .. }
             | Response::Status { .. }
+            | Response::Health { .. }
+            | Response::Keys { .. }
+            | Response::KeysPut { .. }
             | Response::Progress { .. }
             | Response::Error { .. } => {}
         }
@@ -327,11 +384,31 @@ fn strict_messages_reject_unknown_fields_and_bad_paths() {
 }
 
 #[test]
+fn key_material_never_shows_in_debug_output() {
+    let put = Request::PutKeys {
+        put: vec![KeyUpload {
+            name: "token".into(),
+            dest_dir: "/run/keys".into(),
+            user: "root".into(),
+            group: "root".into(),
+            mode: 0o600,
+            data: b"s3cr3t-material".to_vec(),
+        }],
+        remove: vec![],
+    };
+    let shown = format!("{put:?} {put:#?}");
+    assert!(!shown.contains("s3cr3t") && !shown.contains("115, 51"), "{shown}");
+    assert!(shown.contains("<15 bytes redacted>"), "{shown}");
+}
+
+#[test]
 fn answers_match_their_requests() {
     let status = Response::Status {
         generation: None,
         toplevel: None,
         services: vec![],
+        store_free_bytes: None,
+        pending_confirmation: None,
     };
     assert!(Request::Status.is_answered_by(&status));
     assert!(!Request::ListGenerations.is_answered_by(&status));
@@ -397,7 +474,7 @@ fn handshake_refuses_a_newer_agent_with_the_other_advice() {
             agent_min: 3,
             agent_max: 4,
             ..
-        } => assert!(reason.contains("client `flotilla 0.1.0` speaks protocol version 1")),
+        } => assert!(reason.contains(&format!("client `flotilla 0.1.0` speaks protocol version {PROTOCOL_VERSION}"))),
         other => panic!("{other:?}"),
     }
     assert!(
@@ -492,6 +569,8 @@ fn call_passes_progress_on_and_returns_the_final_answer() {
                 generation: None,
                 toplevel: None,
                 services: vec![],
+                store_free_bytes: None,
+                pending_confirmation: None,
             })
             .unwrap();
         assert_eq!(agent.recv::<Request>().unwrap(), Request::CollectGarbage);

@@ -114,6 +114,7 @@ impl Service {
             restarts: inner.restarts,
             last_exit: inner.last_exit.clone(),
             since_unix: inner.since_unix,
+            waiting_for: Vec::new(),
         }
     }
 

@@ -383,3 +383,14 @@ pub(crate) fn on_termination_signals(handler: extern "C" fn(c_int)) -> io::Resul
     }
     Ok(())
 }
+
+/// Bytes available to an unprivileged writer on the filesystem holding `path` (`statvfs`).
+pub(crate) fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: statvfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a valid C string and `st` a valid out-pointer for the call's duration.
+    cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}

@@ -1,0 +1,218 @@
+//! Keys (secrets) on the machine. They arrive over the protocol, never through the store, and
+//! are written to a temporary file that already has the key's owner and mode before a byte of
+//! the secret goes in, then renamed into place: a reader sees the old key or the new, and
+//! nobody else ever sees either.
+//!
+//! The agent remembers which keys it wrote (name, directory, owner, mode; never contents) in
+//! its state directory, so that it deletes only files it placed. Digests for the deployer are
+//! computed from the files themselves at every `ListKeys`, so a key lost with `/run` at a
+//! restart reads as missing and is sent again.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+
+use flotilla_protocol::{KeyState, KeyUpload};
+use flotilla_store::NarHash;
+use serde::{Deserialize, Serialize};
+
+use crate::activate::AgentError;
+use crate::machine::MachineRoot;
+use crate::users;
+
+/// The agent's record of the keys it placed, in its state directory.
+const STATE: &str = "keys.json";
+
+/// Where a key lives and whose it is; no contents.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Placed {
+    dest_dir: String,
+    user: String,
+    group: String,
+    mode: u32,
+}
+
+/// The `sha256:<hex>` digest the deployer compares with.
+pub fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", NarHash::digest(data).to_hex())
+}
+
+/// The file of key `name` in `dest_dir`, inside the machine root.
+pub fn key_path(root: &MachineRoot, dest_dir: &str, name: &str) -> PathBuf {
+    root.path(dest_dir).join(name)
+}
+
+fn placed(root: &MachineRoot) -> Result<BTreeMap<String, Placed>, AgentError> {
+    root.read_state(STATE).map_err(|source| AgentError::Io { what: format!("cannot read the agent's {STATE}"), source })
+}
+
+/// The keys this agent placed that are still on disk, with digests of their contents.
+pub fn list(root: &MachineRoot) -> Result<Vec<KeyState>, AgentError> {
+    let mut out = Vec::new();
+    for (name, p) in placed(root)? {
+        let Ok(data) = fs::read(key_path(root, &p.dest_dir, &name)) else { continue };
+        out.push(KeyState { name, dest_dir: p.dest_dir, user: p.user, group: p.group, mode: p.mode, digest: digest(&data) });
+    }
+    Ok(out)
+}
+
+/// Writes `put` and deletes `remove`; returns the names written and removed.
+pub fn apply(root: &MachineRoot, put: &[KeyUpload], remove: &[String]) -> Result<(Vec<String>, Vec<String>), AgentError> {
+    let mut state = placed(root)?;
+    // Check everything before changing anything.
+    let mut owners = Vec::new();
+    for k in put {
+        check_name(&k.name)?;
+        check_dir(&k.name, &k.dest_dir)?;
+        if k.mode > 0o7777 {
+            return Err(AgentError::BadRequest(format!("key {}: mode {:o} is not a permission mode", k.name, k.mode)));
+        }
+        let uid = users::lookup_id(root, &k.user, true).ok_or_else(|| {
+            AgentError::BadRequest(format!("key {}: user {:?} does not exist on the machine; declare it under `users` or change keys.{}.user", k.name, k.user, k.name))
+        })?;
+        let gid = users::lookup_id(root, &k.group, false).ok_or_else(|| {
+            AgentError::BadRequest(format!("key {}: group {:?} does not exist on the machine; declare it under `groups` or change keys.{}.group", k.name, k.group, k.name))
+        })?;
+        owners.push((uid, gid));
+    }
+    for name in remove {
+        check_name(name)?;
+    }
+
+    let mut written = Vec::new();
+    for (k, (uid, gid)) in put.iter().zip(owners) {
+        if let Some(old) = state.get(&k.name) {
+            if old.dest_dir != k.dest_dir {
+                remove_file(&key_path(root, &old.dest_dir, &k.name))?;
+            }
+        }
+        write_key(root, k, uid, gid)?;
+        state.insert(k.name.clone(), Placed { dest_dir: k.dest_dir.clone(), user: k.user.clone(), group: k.group.clone(), mode: k.mode });
+        root.write_state(STATE, &state).map_err(|source| AgentError::Io { what: format!("cannot record key {}", k.name), source })?;
+        written.push(k.name.clone());
+    }
+    let mut removed = Vec::new();
+    for name in remove {
+        let Some(p) = state.remove(name) else { continue };
+        remove_file(&key_path(root, &p.dest_dir, name))?;
+        root.write_state(STATE, &state).map_err(|source| AgentError::Io { what: format!("cannot record the removal of key {name}"), source })?;
+        removed.push(name.clone());
+    }
+    Ok((written, removed))
+}
+
+fn write_key(root: &MachineRoot, k: &KeyUpload, uid: u32, gid: u32) -> Result<(), AgentError> {
+    let io = |what: String| move |source| AgentError::Io { what, source };
+    let dir = root.path(&k.dest_dir);
+    if !dir.is_dir() {
+        fs::create_dir_all(&dir).map_err(io(format!("key {}: cannot create {}", k.name, k.dest_dir)))?;
+        // Traversable, not listable: each key's own mode decides who reads it.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).map_err(io(format!("key {}: cannot set the mode of {}", k.name, k.dest_dir)))?;
+    }
+    let path = dir.join(&k.name);
+    let tmp = dir.join(format!(".{}.flotilla-tmp", k.name));
+    let _ = fs::remove_file(&tmp);
+    let result = (|| -> io::Result<()> {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+        f.set_permissions(fs::Permissions::from_mode(k.mode))?;
+        f.write_all(&k.data)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)
+    })();
+    if let Err(source) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(AgentError::Io { what: format!("key {}: cannot write {}/{}", k.name, k.dest_dir, k.name), source });
+    }
+    Ok(())
+}
+
+fn remove_file(path: &Path) -> Result<(), AgentError> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(AgentError::Io { what: format!("cannot delete key {}", path.display()), source }),
+    }
+}
+
+fn check_name(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty() && !name.starts_with('.') && name.bytes().all(|c| c.is_ascii_alphanumeric() || b"-_.@".contains(&c));
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!("{name:?} cannot name a key: it becomes a file name; use letters, digits and `-_.@`")))
+    }
+}
+
+fn check_dir(name: &str, dir: &str) -> Result<(), AgentError> {
+    let path = Path::new(dir);
+    let ok = path.is_absolute() && path.components().all(|c| matches!(c, Component::RootDir | Component::Normal(_))) && path != Path::new("/");
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::BadRequest(format!("key {name}: destDir {dir:?} must be an absolute directory without `..`, not /")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn root_with_accounts() -> (tempfile::TempDir, MachineRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(dir.path().join("etc")).unwrap();
+        let meta = fs::metadata(dir.path()).unwrap();
+        let (uid, gid) = (meta.uid(), meta.gid());
+        fs::write(dir.path().join("etc/passwd"), format!("me:x:{uid}:{gid}::/:/bin/sh\n")).unwrap();
+        fs::write(dir.path().join("etc/group"), format!("me:x:{gid}:\n")).unwrap();
+        let root = MachineRoot::new(dir.path());
+        root.prepare().unwrap();
+        (dir, root)
+    }
+
+    fn key(name: &str, data: &[u8]) -> KeyUpload {
+        KeyUpload { name: name.into(), dest_dir: "/run/keys".into(), user: "me".into(), group: "me".into(), mode: 0o640, data: data.to_vec() }
+    }
+
+    #[test]
+    fn a_key_lands_with_its_mode_and_is_listed_by_digest_then_removed() {
+        let (dir, root) = root_with_accounts();
+        let (written, removed) = apply(&root, &[key("token", b"secret-1")], &[]).unwrap();
+        assert_eq!((written, removed), (vec!["token".to_owned()], vec![]));
+        let file = dir.path().join("run/keys/token");
+        assert_eq!(fs::read(&file).unwrap(), b"secret-1");
+        assert_eq!(fs::metadata(&file).unwrap().mode() & 0o7777, 0o640);
+        assert_eq!(fs::metadata(dir.path().join("run/keys")).unwrap().mode() & 0o777, 0o711);
+        let listed = list(&root).unwrap();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].digest, digest(b"secret-1"));
+        let state = fs::read_to_string(root.state_dir().join(STATE)).unwrap();
+        assert!(!state.contains("secret-1"), "{state}");
+
+        let (_, removed) = apply(&root, &[], &["token".into()]).unwrap();
+        assert_eq!(removed, vec!["token".to_owned()]);
+        assert!(!file.exists());
+        assert!(list(&root).unwrap().is_empty());
+        assert!(fs::read_dir(dir.path().join("run/keys")).unwrap().next().is_none(), "no temporary file is left");
+    }
+
+    #[test]
+    fn an_unknown_owner_changes_nothing() {
+        let (dir, root) = root_with_accounts();
+        let bad = KeyUpload { user: "postgres".into(), ..key("b", b"x") };
+        let err = apply(&root, &[key("a", b"x"), bad], &[]).unwrap_err().to_string();
+        assert!(err.contains("user \"postgres\" does not exist"), "{err}");
+        assert!(!dir.path().join("run/keys/a").exists());
+    }
+
+    #[test]
+    fn names_and_directories_cannot_escape() {
+        let (_dir, root) = root_with_accounts();
+        assert!(apply(&root, &[key("../x", b"x")], &[]).is_err());
+        let bad = KeyUpload { dest_dir: "/run/../etc".into(), ..key("a", b"x") };
+        assert!(apply(&root, &[bad], &[]).is_err());
+    }
+}
