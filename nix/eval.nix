@@ -98,10 +98,10 @@ let
 
   configs = mapAttrs (name: _: configOf name) machineDefs;
 
-  # What the toplevel is built from: no platform or tags (they are the deployer's concern and
+  # What the toplevel is built from: no platform, tags or checks (the deployer's concern, they
   # must not change the system), no secret material, services' scripts written to the store.
   systemConfig = name: cfg:
-    removeAttrs cfg [ "platform" "tags" ] // {
+    removeAttrs cfg [ "platform" "tags" "checks" ] // {
       inherit name;
       keys = mapAttrs (_: k: removeAttrs k [ "text" "file" "command" ]) cfg.keys;
       services = mapAttrs

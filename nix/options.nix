@@ -79,6 +79,13 @@ in
   tags = opt (t.listOf t.str) [ ]
     "Free-form tags; `--on @tag` selects the machines that carry one.";
 
+  checks = opt (t.attrsOf (t.submodule {
+    http = req t.str "An `http://` URL, usually on the machine's address (`\"http://\${nodes.web1.ip}/\"`), that must answer with a 2xx status.";
+    timeout = opt t.int 5 "Seconds one probe may take.";
+    interval = opt t.int 2 "Seconds between probes.";
+    retries = opt t.int 10 "Probes that may fail before the check counts as failed.";
+  })) { } "Checks the deployer runs itself after activation, once the agent's health checks passed and before it confirms the new generation: what users outside the machine see. A failing check rolls the machine back.";
+
   packages = opt (t.listOf t.package) [ ]
     "Packages whose `bin/` entries are put on the machine's PATH (`/run/current-system/sw/bin`).";
 

@@ -78,6 +78,19 @@ pub struct Activation {
     pub awaiting_confirmation: bool,
 }
 
+/// What [`Agent::put_keys`] did.
+#[derive(Debug, Default)]
+pub struct KeysApplied {
+    /// Keys written.
+    pub written: Vec<String>,
+    /// Keys deleted.
+    pub removed: Vec<String>,
+    /// Running services restarted because a key they use changed.
+    pub restarted: Vec<String>,
+    /// Services started because their keys are now all present.
+    pub started: Vec<String>,
+}
+
 /// A generation activated and not yet confirmed, and what to return to without confirmation.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -269,8 +282,17 @@ impl Agent {
     }
 
     /// Switches back to generation `to` (default: the one before the current).
-    pub fn rollback(&self, to: Option<u64>) -> Result<(u64, ActivationReport), AgentError> {
-        *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    ///
+    /// While a generation awaits confirmation, `to: None` rejects it instead: what ran before
+    /// it runs again and it is marked failed, for `reason`.
+    pub fn rollback(&self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), AgentError> {
+        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let (Some(p), None) = (pending, to) {
+            let why = reason.unwrap_or("rolled back before it was confirmed");
+            let outcome = self.fail_back(&p.previous, why).to_string();
+            let report = ActivationReport { messages: vec![outcome], ..Default::default() };
+            return Ok((self.current_generation().unwrap_or(0), report));
+        }
         let gens = self.generations()?;
         let current = self.current_generation();
         let target = match to {
@@ -633,12 +655,13 @@ impl Agent {
     }
 
     /// Writes and deletes keys; restarts the running services that use a changed key and
-    /// starts those whose keys are now all present. Returns (written, removed, restarted,
-    /// started).
-    pub fn put_keys(&self, put: &[KeyUpload], remove: &[String]) -> Result<(Vec<String>, Vec<String>, Vec<String>, Vec<String>), AgentError> {
+    /// starts those whose keys are now all present.
+    pub fn put_keys(&self, put: &[KeyUpload], remove: &[String]) -> Result<KeysApplied, AgentError> {
         let (written, removed) = keys::apply(&self.root, put, remove)?;
         let (mut restarted, mut started) = (Vec::new(), Vec::new());
-        let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else { return Ok((written, removed, restarted, started)) };
+        let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else {
+            return Ok(KeysApplied { written, removed, restarted, started });
+        };
         let services = &m.system.system.services;
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
@@ -659,9 +682,9 @@ impl Agent {
             }
         }
         if !problems.is_empty() {
-            return Err(AgentError::Activation(format!("keys were written, but {}", problems.join("; "))));
+            return Err(AgentError::Conflict(format!("keys were written, but {}", problems.join("; "))));
         }
-        Ok((written, removed, restarted, started))
+        Ok(KeysApplied { written, removed, restarted, started })
     }
 
     /// Bytes free on the filesystem of the machine's store.

@@ -115,7 +115,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             Ok(()) => Response::Confirmed { generation },
             Err(e) => error(e),
         },
-        Request::Rollback { to } => match agent.rollback(to) {
+        Request::Rollback { to, reason } => match agent.rollback(to, reason.as_deref()) {
             Ok((generation, report)) => Response::Activated { generation, report, health: Vec::new(), awaiting_confirmation: false },
             Err(e) => error(e),
         },
@@ -125,7 +125,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             Err(e) => error(e),
         },
         Request::PutKeys { put, remove } => match agent.put_keys(&put, &remove) {
-            Ok((written, removed, restarted, started)) => Response::KeysPut { written, removed, restarted, started },
+            Ok(k) => Response::KeysPut { written: k.written, removed: k.removed, restarted: k.restarted, started: k.started },
             Err(e) => error(e),
         },
         Request::ListGenerations => match agent.generations() {

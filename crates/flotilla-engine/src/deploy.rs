@@ -1,16 +1,21 @@
 //! `deploy`: provision what is missing, build every selected toplevel in one Nix call, then
-//! per machine in parallel copy, activate and check. One machine's failure never stops the
-//! others; it becomes a row of the report. The whole run holds the deployment's lock.
+//! per machine in parallel: pre-flight checks, copy, keys, activate (the agent checks health
+//! and rolls back by itself on failure), the deployer's own checks, and a confirmation over a
+//! new connection. One machine's failure never stops the others; it becomes a row of the
+//! report, and with `rollback_all_on_failure` the machines that made it are reverted. The
+//! whole run holds the deployment's lock.
 
 use std::collections::BTreeMap;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use flotilla_model::MachineName;
-use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ServiceState};
+use flotilla_model::{DeployerCheck, MachineName, UploadAt};
+use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ErrorKind, HealthResult};
 use flotilla_store::StorePath;
 use serde::Serialize;
 
+use crate::checks::CheckResult;
+use crate::keys::ResolvedKey;
 use crate::platform::{self, Machine, PlatformError};
 use crate::remote::{CopyStats, RemoteError};
 use crate::{Engine, EngineEvent, Evaluated, Listener, Phase, Result};
@@ -64,9 +69,17 @@ pub struct DeployOptions {
     pub goal: Goal,
     /// Machines worked on at once.
     pub parallel: usize,
-    /// How long services get to come up before the check calls them failed.
-    pub settle: Duration,
+    /// How long a machine's health checks may take in all before it rolls back.
+    pub check_timeout: Duration,
+    /// How long the agent waits for the deployer's confirmation of a `switch` or `test`
+    /// before it rolls back by itself; `None` asks for no confirmation.
+    pub confirm_timeout: Option<Duration>,
+    /// When any machine fails, revert the machines that were deployed.
+    pub rollback_all_on_failure: bool,
 }
+
+/// Free space a machine's store keeps beyond the closure it receives.
+const FREE_MARGIN: u64 = 64 << 20;
 
 /// How one machine's deploy ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -78,6 +91,11 @@ pub enum Outcome {
     Unchanged,
     /// Something failed; see the error.
     Failed,
+    /// Activation or a check failed and the machine returned to its previous generation.
+    #[serde(rename = "rolled-back")]
+    RolledBack,
+    /// It was deployed, then reverted because another machine failed.
+    Reverted,
 }
 
 impl Outcome {
@@ -87,6 +105,8 @@ impl Outcome {
             Outcome::Deployed => "deployed",
             Outcome::Unchanged => "unchanged",
             Outcome::Failed => "failed",
+            Outcome::RolledBack => "rolled back",
+            Outcome::Reverted => "reverted",
         }
     }
 }
@@ -108,6 +128,18 @@ pub struct MachineDeploy {
     pub copy: Option<CopyStats>,
     /// What activation changed.
     pub activation: Option<ActivationReport>,
+    /// The agent's health checks.
+    pub health: Vec<HealthResult>,
+    /// The deployer's checks.
+    pub checks: Vec<CheckResult>,
+    /// What the key upload did, e.g. "keys written: token".
+    pub keys: Option<String>,
+    /// Whether the machine runs this deploy's generation now.
+    pub activated: bool,
+    /// The generation it ran before.
+    pub previous_generation: Option<u64>,
+    /// The system it ran before.
+    pub previous_toplevel: Option<StorePath>,
     /// Seconds spent on this machine after the build.
     pub seconds: f64,
     /// Why it failed.
@@ -133,7 +165,12 @@ pub struct DeployReport {
 impl DeployReport {
     /// Whether every machine made it.
     pub fn all_ok(&self) -> bool {
-        self.machines.iter().all(|m| m.outcome != Outcome::Failed)
+        self.machines.iter().all(|m| matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged))
+    }
+
+    /// The machines reverted by `--rollback-all-on-failure`.
+    pub fn reverted(&self) -> impl Iterator<Item = &MachineDeploy> {
+        self.machines.iter().filter(|m| m.outcome == Outcome::Reverted)
     }
 }
 
@@ -148,6 +185,12 @@ impl MachineDeploy {
             toplevel,
             copy: None,
             activation: None,
+            health: Vec::new(),
+            checks: Vec::new(),
+            keys: None,
+            activated: false,
+            previous_generation: None,
+            previous_toplevel: None,
             seconds: 0.0,
             error: None,
             summary: String::new(),
@@ -160,6 +203,16 @@ impl MachineDeploy {
         self.failed_phase = Some(phase);
         self.summary = format!("{} failed", phase.as_str());
         self.error = Some(error);
+        self
+    }
+
+    /// This row, rolled back by the agent in `phase` for `error`.
+    fn rolled_back(mut self, phase: Phase, error: String) -> MachineDeploy {
+        self.outcome = Outcome::RolledBack;
+        self.failed_phase = Some(phase);
+        self.summary = format!("rolled back ({} failed)", phase.as_str());
+        self.error = Some(error);
+        self.activated = false;
         self
     }
 }
@@ -227,8 +280,29 @@ impl Engine {
         // Facts first: a machine keeps its address even when its build fails later.
         self.record_evaluation(ev)?;
 
-        // Provision.
         let mut failures: BTreeMap<String, MachineDeploy> = BTreeMap::new();
+
+        // Keys are read before any machine is touched: a missing key file stops its machine
+        // before anything changes on it.
+        let mut keys: BTreeMap<String, Vec<ResolvedKey>> = BTreeMap::new();
+        if opts.goal.activation().is_some_and(|g| g != ActivationGoal::DryActivate) {
+            for name in selected {
+                match crate::keys::resolve(name.as_str(), &ev.machines[name].keys) {
+                    Ok(k) => {
+                        keys.insert(name.to_string(), k);
+                    }
+                    Err(e) => {
+                        listen(&done(name.as_str(), Phase::Keys, Err(&e)));
+                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Keys, e));
+                    }
+                }
+            }
+        }
+        let selected_ok: Vec<MachineName> = selected.iter().filter(|n| !failures.contains_key(n.as_str())).cloned().collect();
+        let selected_all = selected;
+        let selected = selected_ok.as_slice();
+
+        // Provision.
         let mut machines: BTreeMap<String, Box<dyn Machine>> = BTreeMap::new();
         if opts.goal != Goal::Build {
             listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: names(selected) });
@@ -273,7 +347,7 @@ impl Engine {
 
         // Build everything selected in one Nix call, provisioned or not: a build failure is
         // worth knowing even on a machine that is down.
-        let build = self.build_instantiated(ev, selected, agent, instantiated, listen)?;
+        let build = self.build_instantiated(ev, selected_all, agent, instantiated, listen)?;
         let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
         for b in &build.machines {
             match (&b.toplevel, &b.error) {
@@ -303,10 +377,45 @@ impl Engine {
                 self.nix.closure_info(&outs)?.unwrap_or_default()
             }
         };
-        let results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| {
+        let no_keys = Vec::new();
+        let mut results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| {
             let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(toplevel));
-            roll_out(*m, toplevel, &infos, opts, send)
+            let machine_keys = keys.get(m.name()).unwrap_or(&no_keys);
+            let checks = &ev.machines.iter().find(|(n, _)| n.as_str() == m.name()).expect("selected machines are evaluated").1.checks;
+            roll_out(*m, toplevel, &infos, machine_keys, checks, opts, send)
         });
+
+        // Fleet policy: one machine down reverts the others.
+        let any_failed = !failures.is_empty() || results.iter().any(|r| !matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged));
+        if opts.rollback_all_on_failure && any_failed {
+            let by_name: BTreeMap<&str, &dyn Machine> = work.iter().map(|(m, _)| (m.name(), *m)).collect();
+            let revert: Vec<(usize, &dyn Machine)> = results
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r.outcome == Outcome::Deployed && r.activated)
+                .filter_map(|(i, r)| Some((i, *by_name.get(r.machine.as_str())?)))
+                .collect();
+            if !revert.is_empty() {
+                listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: revert.iter().map(|(_, m)| m.name().to_owned()).collect() });
+            }
+            let reverted = fan_out(&revert, opts.parallel, listen, |(i, m), send| {
+                send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Rollback });
+                let r = revert_machine(*m, results[*i].previous_generation);
+                send(done(m.name(), Phase::Rollback, r.as_deref().map(|_| "reverted").map_err(String::as_str)));
+                r
+            });
+            for ((i, _), r) in revert.iter().zip(reverted) {
+                let row = &mut results[*i];
+                match r {
+                    Ok(summary) => {
+                        row.outcome = Outcome::Reverted;
+                        row.activated = false;
+                        row.summary = summary;
+                    }
+                    Err(e) => row.summary = format!("{}; reverting it failed: {e}", row.summary),
+                }
+            }
+        }
 
         let mut rows: BTreeMap<String, MachineDeploy> = failures;
         let mut events = Vec::new();
@@ -314,22 +423,29 @@ impl Engine {
         let event = |machine: &str, kind: &str, status: &str, message: &str| self.ledger_entry(ev.name.as_str(), Some(machine), kind, status, message);
         for mut r in results {
             r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
-            match (&r.outcome, r.generation) {
-                (Outcome::Failed, generation) => {
+            match r.outcome {
+                Outcome::Failed | Outcome::RolledBack => {
                     let phase = r.failed_phase.map_or("deploy", Phase::as_str);
-                    events.push(event(&r.machine, phase, "failed", r.error.as_deref().unwrap_or("")));
-                    // Activated, then failed its check: it runs the new generation all the same.
-                    if let (Some(generation), Some(top)) = (generation, &r.toplevel) {
-                        if opts.goal.activation().is_some_and(|g| g != ActivationGoal::DryActivate) {
-                            activated.push((r.machine.clone(), top.to_absolute(), generation as i64, "activated; its check failed".to_owned()));
-                        }
+                    let status = if r.outcome == Outcome::RolledBack { "rolled back" } else { "failed" };
+                    events.push(event(&r.machine, phase, status, r.error.as_deref().unwrap_or("")));
+                }
+                Outcome::Reverted => {
+                    events.push(event(&r.machine, "rollback", "ok", &r.summary));
+                    if let (Some(n), Some(top)) = (r.previous_generation, &r.previous_toplevel) {
+                        activated.push((r.machine.clone(), top.to_absolute(), n as i64, r.summary.clone()));
                     }
                 }
-                (_, Some(generation)) if opts.goal.activation() != Some(ActivationGoal::DryActivate) => {
-                    let toplevel = r.toplevel.as_ref().expect("an activated machine has a toplevel").to_absolute();
-                    activated.push((r.machine.clone(), toplevel, generation as i64, r.summary.clone()));
+                Outcome::Deployed | Outcome::Unchanged if r.generation.is_none() || opts.goal.activation() == Some(ActivationGoal::DryActivate) => {
+                    events.push(event(&r.machine, opts.goal.as_str(), "ok", &r.summary));
                 }
-                _ => events.push(event(&r.machine, opts.goal.as_str(), "ok", &r.summary)),
+                Outcome::Deployed | Outcome::Unchanged => {}
+            }
+            // A machine that runs the new generation is recorded so, even when a later step
+            // (its post-activation keys) failed.
+            if r.activated {
+                if let (Some(generation), Some(top)) = (r.generation, &r.toplevel) {
+                    activated.push((r.machine.clone(), top.to_absolute(), generation as i64, r.summary.clone()));
+                }
             }
             rows.insert(r.machine.clone(), r);
         }
@@ -347,10 +463,10 @@ impl Engine {
         let report = DeployReport {
             deployment: ev.name.to_string(),
             goal: opts.goal,
-            machines: selected.iter().filter_map(|n| rows.remove(n.as_str())).collect(),
+            machines: selected_all.iter().filter_map(|n| rows.remove(n.as_str())).collect(),
             elapsed: start.elapsed(),
         };
-        let failed_count = report.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
+        let failed_count = report.machines.iter().filter(|m| !matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged)).count();
         let status = if failed_count == 0 { "ok" } else { "failed" };
         let message = format!("{} of {} machines deployed ({})", report.machines.len() - failed_count, report.machines.len(), opts.goal.as_str());
         self.event(ev.name.as_str(), None, "deploy", status, &message)?;
@@ -373,8 +489,16 @@ pub(crate) fn done(machine: &str, phase: Phase, r: std::result::Result<&str, &st
     }
 }
 
-/// Copy, activate and check one machine.
-fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::PathInfo], opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
+/// Pre-flight, copy, keys, activate, check and confirm one machine.
+fn roll_out(
+    m: &dyn Machine,
+    toplevel: &StorePath,
+    closure: &[flotilla_nix::PathInfo],
+    keys: &[ResolvedKey],
+    checks: &BTreeMap<String, DeployerCheck>,
+    opts: DeployOptions,
+    send: &dyn Fn(EngineEvent),
+) -> MachineDeploy {
     let start = Instant::now();
     let name = m.name();
     let mut row = MachineDeploy::new(name, Some(toplevel.clone()));
@@ -382,19 +506,49 @@ fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::Path
         send(done(name, phase, Err(&e)));
         MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.fail(phase, e) }
     };
+    let rolled_back = |row: MachineDeploy, phase: Phase, e: String| {
+        send(done(name, phase, Err(&e)));
+        MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.rolled_back(phase, e) }
+    };
 
-    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Copy });
+    // Pre-flight: reachable, a protocol this deployer speaks, not busy, room for the closure.
+    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Preflight });
     let mut client = match m.connect() {
         Ok(c) => c,
-        Err(e) => return fail(row, Phase::Copy, e.to_string()),
+        Err(e) => return fail(row, Phase::Preflight, e.to_string()),
     };
+    if closure.is_empty() {
+        return fail(row, Phase::Preflight, format!("the closure of {toplevel} is not in the local store"));
+    }
+    let status = match client.status() {
+        Ok(s) => s,
+        Err(e) => return fail(row, Phase::Preflight, e.to_string()),
+    };
+    if let Some(g) = status.pending_confirmation {
+        return fail(row, Phase::Preflight, format!("generation {g} still awaits confirmation from an earlier deploy; wait until it is confirmed or rolled back (at most its --confirm-timeout), then deploy again"));
+    }
+    row.previous_generation = status.generation;
+    row.previous_toplevel = status.toplevel.clone();
+    let plan = match client.plan_copy(closure) {
+        Ok(p) => p,
+        Err(e) => return fail(row, Phase::Preflight, e.to_string()),
+    };
+    if let Some(free) = status.store_free_bytes {
+        let need = plan.bytes();
+        if need.saturating_add(FREE_MARGIN) > free {
+            return fail(row, Phase::Preflight, format!(
+                "the machine's store needs {} for {} new paths (and keeps {} spare) but has {} free; free space on the machine (delete old generations) or give it a bigger disk",
+                human_bytes(need), plan.send.len(), human_bytes(FREE_MARGIN), human_bytes(free)
+            ));
+        }
+    }
+    send(done(name, Phase::Preflight, Ok(&format!("protocol {}, {} paths to send", client.welcome().version, plan.send.len()))));
+
+    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Copy });
     let mut progress = |p: &crate::remote::CopyProgress| {
         send(EngineEvent::CopyProgress { machine: name.to_owned(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
     };
-    if closure.is_empty() {
-        return fail(row, Phase::Copy, format!("the closure of {toplevel} is not in the local store"));
-    }
-    let copy = match client.copy_paths(closure, Compression::None, &mut progress) {
+    let copy = match client.copy_planned(plan, Compression::None, &mut progress) {
         Ok(c) => c,
         Err(e) => return fail(row, Phase::Copy, e.to_string()),
     };
@@ -409,60 +563,101 @@ fn roll_out(m: &dyn Machine, toplevel: &StorePath, closure: &[flotilla_nix::Path
         return row;
     };
 
+    let mut key_notes = Vec::new();
+    if goal != ActivationGoal::DryActivate && keys.iter().any(|k| k.upload_at == UploadAt::PreActivation) {
+        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Keys });
+        match crate::keys::sync(&mut client, keys, Some(UploadAt::PreActivation), false) {
+            Ok(put) => key_notes.push(crate::keys::summary(&put)),
+            Err(e) => return fail(row, Phase::Keys, e.to_string()),
+        }
+    }
+
     send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Activate });
-    let before = client.status().ok().and_then(|s| s.generation);
-    let (generation, report) = match client.activate(toplevel, goal) {
-        Ok(r) => r,
+    let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
+    let confirm = opts.confirm_timeout.filter(|_| checked).map(|t| t.as_secs().max(1));
+    let activated = match client.activate(toplevel, goal, Some(opts.check_timeout.as_secs().max(1)), confirm) {
+        Ok(a) => a,
+        Err(RemoteError::Agent { kind: ErrorKind::Activation, message }) => return rolled_back(row, Phase::Activate, message),
+        Err(RemoteError::Agent { kind: ErrorKind::Unhealthy, message }) => return fail(row, Phase::Activate, message),
         Err(e) => return fail(row, Phase::Activate, e.to_string()),
     };
-    let changes = activation_summary(&report);
+    let generation = activated.generation;
+    let changes = activation_summary(&activated.report);
     send(done(name, Phase::Activate, Ok(&changes)));
     row.generation = Some(generation);
-    let unchanged = copied == 0 && before == Some(generation) && nothing_changed(&report);
-    row.activation = Some(report);
-
-    if matches!(goal, ActivationGoal::Switch | ActivationGoal::Test) {
-        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Check });
-        if let Err(e) = check_services(&mut client, name, opts.settle) {
-            return fail(row, Phase::Check, e);
-        }
-        send(done(name, Phase::Check, Ok("services up")));
+    row.activated = goal != ActivationGoal::DryActivate;
+    row.health = activated.health;
+    let mut unchanged = copied == 0 && row.previous_generation == Some(generation) && nothing_changed(&activated.report);
+    row.activation = Some(activated.report);
+    if activated.awaiting_confirmation {
+        send(EngineEvent::AwaitingConfirmation { machine: name.to_owned(), generation, within_secs: confirm.unwrap_or(0) });
     }
+
+    // The deployer's own checks: what users outside the machine see.
+    if checked && !checks.is_empty() {
+        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Check });
+        row.checks = checks.iter().map(|(n, c)| crate::checks::run(n, c)).collect();
+        if let Some(bad) = row.checks.iter().find(|c| !c.ok) {
+            let problem = format!("deployer check {} ({}) failed after {} probes: {}", bad.name, bad.url, bad.probes, bad.output);
+            if !activated.awaiting_confirmation {
+                return fail(row, Phase::Check, problem);
+            }
+            return match client.rollback(None, Some(&problem)) {
+                Ok((_, report)) => rolled_back(row, Phase::Check, report.messages.join("; ")),
+                Err(e) => fail(row, Phase::Check, format!("{problem}; asking the agent to roll back failed: {e}")),
+            };
+        }
+        send(done(name, Phase::Check, Ok(&format!("{} checks passed", row.checks.len()))));
+    }
+
+    // Confirm over a new connection: proof that the new system still lets the deployer in.
+    if activated.awaiting_confirmation {
+        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Confirm });
+        match m.connect().and_then(|mut c| c.confirm(generation)) {
+            Ok(()) => send(done(name, Phase::Confirm, Ok(&format!("generation {generation} kept")))),
+            Err(e) => return rolled_back(row, Phase::Confirm, format!("the confirmation did not reach the agent ({e}); it rolls generation {generation} back by itself")),
+        }
+    }
+
+    if goal != ActivationGoal::DryActivate {
+        let post = keys.iter().any(|k| k.upload_at == UploadAt::PostActivation);
+        if post {
+            send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Keys });
+        }
+        match crate::keys::sync(&mut client, keys, Some(UploadAt::PostActivation), true) {
+            Ok(put) => key_notes.push(crate::keys::summary(&put)),
+            Err(e) => return fail(row, Phase::Keys, e.to_string()),
+        }
+    }
+    key_notes.retain(|n| !n.is_empty());
+    if !key_notes.is_empty() {
+        unchanged = false;
+        row.keys = Some(key_notes.join(", "));
+    }
+
     row.outcome = if unchanged { Outcome::Unchanged } else { Outcome::Deployed };
     row.summary = if unchanged {
         "unchanged: nothing copied, nothing restarted".to_owned()
     } else {
-        format!("{}; {changes}", copy_summary(row.copy.as_ref().expect("set above")))
+        let mut s = format!("{}; {changes}", copy_summary(row.copy.as_ref().expect("set above")));
+        if let Some(k) = &row.keys {
+            s.push_str("; ");
+            s.push_str(k);
+        }
+        s
     };
     row.seconds = start.elapsed().as_secs_f64();
     row
 }
 
-/// Waits up to `settle` for every service to be running; a service that failed, or is still
-/// not running when the time is up, fails the check.
-fn check_services(client: &mut crate::remote::AgentClient, machine: &str, settle: Duration) -> std::result::Result<(), String> {
-    let deadline = Instant::now() + settle;
-    loop {
-        let status = client.status().map_err(|e: RemoteError| e.to_string())?;
-        let bad: Vec<String> = status
-            .services
-            .iter()
-            .filter(|s| s.state != ServiceState::Running)
-            .map(|s| match &s.last_exit {
-                Some(exit) => format!("service {} is {} (last exit: {exit})", s.name, s.state),
-                None => format!("service {} is {}", s.name, s.state),
-            })
-            .collect();
-        if bad.is_empty() {
-            return Ok(());
-        }
-        let hopeless = status.services.iter().any(|s| s.state == ServiceState::Failed);
-        if hopeless || Instant::now() >= deadline {
-            let first = status.services.iter().find(|s| s.state != ServiceState::Running).map_or("", |s| s.name.as_str());
-            return Err(format!("{}; `flotilla logs {machine} {first}` shows why", bad.join(", ")));
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+/// Returns a machine to the generation it ran before this deploy.
+fn revert_machine(m: &dyn Machine, previous: Option<u64>) -> std::result::Result<String, String> {
+    let Some(previous) = previous else {
+        return Err("it ran no generation before this deploy, so there is nothing to revert to".into());
+    };
+    let mut client = m.connect().map_err(|e| e.to_string())?;
+    client.rollback(Some(previous), None).map_err(|e| e.to_string())?;
+    Ok(format!("reverted to generation {previous}"))
 }
 
 fn nothing_changed(r: &ActivationReport) -> bool {

@@ -58,6 +58,36 @@ pub struct OperationResult {
     pub error: Option<String>,
 }
 
+/// One machine's result of `rollback`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RollbackResult {
+    /// The machine.
+    pub machine: String,
+    /// The generation it ran.
+    pub from: Option<u64>,
+    /// The generation it runs now.
+    pub to: Option<u64>,
+    /// The system it runs now.
+    pub toplevel: Option<flotilla_store::StorePath>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// One machine's result of `upload-keys`.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeysResult {
+    /// The machine.
+    pub machine: String,
+    /// What was done.
+    pub summary: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+fn gen(n: Option<u64>) -> String {
+    n.map_or_else(|| "none".to_owned(), |n| n.to_string())
+}
+
 /// What `info` says of a machine, live.
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineInfo {
@@ -87,6 +117,8 @@ pub struct MachineInfo {
     pub resources: std::collections::BTreeMap<String, String>,
     /// Its recorded facts.
     pub facts: std::collections::BTreeMap<String, serde_json::Value>,
+    /// Its services' health checks, probed once now.
+    pub service_health: Vec<flotilla_protocol::HealthResult>,
     /// The newest build recorded for it.
     pub last_build: Option<flotilla_state::GenerationRecord>,
 }
@@ -166,6 +198,7 @@ impl Engine {
                 tags: record.tags.clone(),
                 resources: m.resources(),
                 facts: record.facts.clone(),
+                service_health: Vec::new(),
                 last_build: record.last_build.clone(),
             };
             if info.state != MachineState::Running {
@@ -173,13 +206,23 @@ impl Engine {
                 out.push(info);
                 continue;
             }
-            match m.connect().and_then(|mut c| c.status()) {
-                Ok(status) => {
+            match m.connect().and_then(|mut c| Ok((c.status()?, c.check_health()?))) {
+                Ok((status, health)) => {
                     info.generation = status.generation;
                     info.services_total = status.services.len();
                     info.services_up = status.services.iter().filter(|s| s.state == ServiceState::Running).count();
                     for s in status.services.iter().filter(|s| s.state != ServiceState::Running) {
-                        info.problems.push(format!("service {} is {}", s.name, s.state));
+                        match s.state {
+                            ServiceState::Waiting => info.problems.push(format!("service {} waits for keys {}; `flotilla upload-keys` sends them", s.name, s.waiting_for.join(", "))),
+                            _ => info.problems.push(format!("service {} is {}", s.name, s.state)),
+                        }
+                    }
+                    for h in health.iter().filter(|h| !h.healthy) {
+                        info.problems.push(format!("service {} fails its health check ({}): {}", h.service, h.check, h.output));
+                    }
+                    info.service_health = health;
+                    if let Some(g) = status.pending_confirmation {
+                        info.problems.push(format!("generation {g} awaits confirmation"));
                     }
                     if let (Some(live), Some(rec)) = (info.generation, info.recorded_generation) {
                         if live as i64 != rec {
@@ -199,6 +242,93 @@ impl Engine {
             out.push(info);
         }
         Ok(out)
+    }
+
+    /// Rolls the picked machines back, in parallel, under the lock: to generation `to`, or
+    /// each to the generation before its current one. Records what each runs now.
+    pub fn rollback(&mut self, deployment: &str, sel: &Selection, to: Option<u64>, agent: &Path, parallel: usize, listen: Listener<'_>) -> Result<Vec<RollbackResult>> {
+        let _lock = self.lock(deployment, "rollback", listen)?;
+        let fleet = self.fleet(deployment, sel, agent)?;
+        let machines: Vec<&dyn Machine> = fleet.iter().map(|(_, m)| m.as_ref()).collect();
+        listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: machines.iter().map(|m| m.name().to_owned()).collect() });
+        let results = fan_out(&machines, parallel, listen, |m, send| {
+            send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Rollback });
+            let mut r = RollbackResult { machine: m.name().to_owned(), from: None, to: None, toplevel: None, error: None };
+            let outcome = (|| -> std::result::Result<(), crate::remote::RemoteError> {
+                let mut c = m.connect()?;
+                r.from = c.status()?.generation;
+                let (generation, _) = c.rollback(to, None)?;
+                r.to = Some(generation);
+                r.toplevel = c.status()?.toplevel;
+                Ok(())
+            })();
+            if let Err(e) = outcome {
+                r.error = Some(e.to_string());
+            }
+            let detail = match (&r.error, r.to) {
+                (Some(e), _) => Err(e.as_str()),
+                _ => Ok("rolled back"),
+            };
+            send(done(m.name(), Phase::Rollback, detail));
+            r
+        });
+        let mut activations = Vec::new();
+        let mut events = Vec::new();
+        let messages: Vec<String> = results.iter().map(|r| format!("rolled back from generation {} to {}", gen(r.from), gen(r.to))).collect();
+        let toplevels: Vec<Option<String>> = results.iter().map(|r| r.toplevel.as_ref().map(|t| t.to_absolute())).collect();
+        for ((r, message), top) in results.iter().zip(&messages).zip(&toplevels) {
+            match (&r.error, r.to, top) {
+                (None, Some(n), Some(top)) => activations.push(flotilla_state::Activation { machine: &r.machine, toplevel: top, number: n as i64, message }),
+                (Some(e), _, _) => events.push(self.ledger_entry(deployment, Some(&r.machine), "rollback", "failed", e)),
+                _ => events.push(self.ledger_entry(deployment, Some(&r.machine), "rollback", "ok", message)),
+            }
+        }
+        self.state.record_deploy(deployment, &self.actor, &activations, &events)?;
+        Ok(results)
+    }
+
+    /// One machine's generations, as its agent lists them.
+    pub fn generations(&self, deployment: &str, machine: &str, agent: &Path) -> Result<Vec<flotilla_protocol::GenerationInfo>> {
+        let fleet = self.fleet(deployment, &Selection::parse(machine), agent)?;
+        let Some((_, m)) = fleet.into_iter().find(|(r, _)| r.name == machine) else {
+            return Err(crate::EngineError::Config(vec![format!("deployment {deployment} has no machine {machine}; `flotilla info` lists them")]));
+        };
+        let generations = m.connect().and_then(|mut c| c.generations()).map_err(|e| crate::EngineError::Config(vec![format!("machine {machine}: {e}")]))?;
+        Ok(generations)
+    }
+
+    /// Sends the keys of the selected machines of `ev` that differ from what each machine
+    /// has, and deletes the keys no longer declared; under the lock.
+    pub fn upload_keys(&mut self, ev: &crate::Evaluated, selected: &[flotilla_model::MachineName], agent: &Path, parallel: usize, listen: Listener<'_>) -> Result<Vec<KeysResult>> {
+        let _lock = self.lock(ev.name.as_str(), "upload-keys", listen)?;
+        let names: Vec<String> = selected.iter().map(ToString::to_string).collect();
+        let fleet = self.fleet(ev.name.as_str(), &Selection::parse(&names.join(",")), agent)?;
+        let work: Vec<(&dyn Machine, &flotilla_model::MachineConfig)> = fleet
+            .iter()
+            .filter_map(|(r, m)| Some((m.as_ref(), ev.machines.iter().find(|(n, _)| n.as_str() == r.name)?.1)))
+            .collect();
+        listen(&EngineEvent::PhaseStarted { phase: Phase::Keys, machines: work.iter().map(|(m, _)| m.name().to_owned()).collect() });
+        let results = fan_out(&work, parallel, listen, |(m, cfg), send| {
+            send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Keys });
+            let r = crate::keys::resolve(m.name(), &cfg.keys).and_then(|keys| {
+                if m.state() != MachineState::Running {
+                    return Err(format!("machine {} is {}; its keys are sent when it starts", m.name(), m.state().as_str()));
+                }
+                let mut c = m.connect().map_err(|e| e.to_string())?;
+                crate::keys::sync(&mut c, &keys, None, true).map_err(|e| e.to_string())
+            });
+            let summary: std::result::Result<String, String> =
+                r.map(|p| crate::keys::summary(&p)).map(|s| if s.is_empty() { "keys unchanged".to_owned() } else { s });
+            send(done(m.name(), Phase::Keys, summary.as_ref().map(String::as_str).map_err(String::as_str)));
+            KeysResult { machine: m.name().to_owned(), summary: summary.as_ref().ok().cloned(), error: summary.err() }
+        });
+        for r in &results {
+            match &r.error {
+                None => self.event(ev.name.as_str(), Some(&r.machine), "upload-keys", "ok", r.summary.as_deref().unwrap_or(""))?,
+                Some(e) => self.event(ev.name.as_str(), Some(&r.machine), "upload-keys", "failed", e)?,
+            }
+        }
+        Ok(results)
     }
 
     /// Compares each picked machine's live state with what was deployed, and records every

@@ -6,9 +6,11 @@
 //! an `Err` means the deployment as a whole could not run (bad input, Nix missing, ...), and
 //! then nothing was built and nothing written to the state DB.
 
+pub mod checks;
 pub mod deploy;
 pub mod facts;
 pub mod fleet;
+pub mod keys;
 mod gcroots;
 pub mod platform;
 pub mod procfs;
@@ -73,12 +75,20 @@ pub enum Phase {
     Provision,
     /// Building toplevels.
     Build,
+    /// Checking a machine can take the deploy: reachable, protocol, free disk.
+    Preflight,
     /// Copying closures.
     Copy,
-    /// Activating generations.
+    /// Uploading keys.
+    Keys,
+    /// Activating generations (the agent checks their health).
     Activate,
-    /// Checking that services came up.
+    /// The deployer's own checks.
     Check,
+    /// Confirming the new generation over a new connection.
+    Confirm,
+    /// Returning to an earlier generation.
+    Rollback,
     /// Starting a machine.
     Start,
     /// Stopping a machine.
@@ -95,9 +105,13 @@ impl Phase {
         match self {
             Phase::Provision => "provision",
             Phase::Build => "build",
+            Phase::Preflight => "preflight",
             Phase::Copy => "copy",
+            Phase::Keys => "keys",
             Phase::Activate => "activate",
             Phase::Check => "check",
+            Phase::Confirm => "confirm",
+            Phase::Rollback => "rollback",
             Phase::Start => "start",
             Phase::Stop => "stop",
             Phase::Reboot => "reboot",
@@ -137,6 +151,16 @@ pub enum EngineEvent {
         paths: u64,
         /// Paths to send.
         total_paths: u64,
+    },
+    /// A machine activated a generation and rolls it back unless the deployer confirms it,
+    /// over a new connection, in time.
+    AwaitingConfirmation {
+        /// The machine.
+        machine: String,
+        /// The generation.
+        generation: u64,
+        /// Seconds the agent waits.
+        within_secs: u64,
     },
     /// Something the user should know that is not a failure.
     Note {

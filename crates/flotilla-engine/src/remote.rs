@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use flotilla_nix::Nix;
 use flotilla_protocol::{
-    client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, GenerationInfo, PathInfo,
-    Request, Response, ServiceStatus, Welcome,
+    client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, ErrorKind, GenerationInfo,
+    HealthResult, KeyState, KeyUpload, PathInfo, Request, Response, ServiceStatus, Welcome,
 };
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -32,8 +32,13 @@ pub enum RemoteError {
     #[error(transparent)]
     Nix(#[from] flotilla_nix::NixError),
     /// The agent answered with an error (its message is for the user).
-    #[error("the agent refused: {0}")]
-    Agent(String),
+    #[error("{message}")]
+    Agent {
+        /// The class of failure.
+        kind: ErrorKind,
+        /// The agent's words.
+        message: String,
+    },
     /// The agent answered something that does not fit the request.
     #[error("the agent answered {got} to {request}")]
     Unexpected {
@@ -74,6 +79,36 @@ pub struct MachineStatus {
     pub toplevel: Option<StorePath>,
     /// Its services.
     pub services: Vec<ServiceStatus>,
+    /// Bytes free for its store.
+    pub store_free_bytes: Option<u64>,
+    /// A generation awaiting confirmation.
+    pub pending_confirmation: Option<u64>,
+}
+
+/// What a successful activation did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Activated {
+    /// The generation now current.
+    pub generation: u64,
+    /// What changed.
+    pub report: ActivationReport,
+    /// The health checks the agent ran.
+    pub health: Vec<HealthResult>,
+    /// Whether the agent waits for a confirmation.
+    pub awaiting_confirmation: bool,
+}
+
+/// What `PutKeys` did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct KeysPut {
+    /// Keys written.
+    pub written: Vec<String>,
+    /// Keys deleted.
+    pub removed: Vec<String>,
+    /// Services restarted for a changed key.
+    pub restarted: Vec<String>,
+    /// Services started now that their keys are present.
+    pub started: Vec<String>,
 }
 
 /// How far a copy is.
@@ -87,6 +122,22 @@ pub struct CopyProgress {
     pub bytes: u64,
     /// NAR bytes to send.
     pub total_bytes: u64,
+}
+
+/// The paths a machine lacks, found by [`AgentClient::plan_copy`].
+#[derive(Debug, Clone)]
+pub struct CopyPlan {
+    /// Paths in the closure.
+    pub closure_paths: usize,
+    /// The paths to send, references first.
+    pub send: Vec<PathInfo>,
+}
+
+impl CopyPlan {
+    /// NAR bytes to send (the store space they take, near enough).
+    pub fn bytes(&self) -> u64 {
+        self.send.iter().map(|p| p.nar_size).sum()
+    }
 }
 
 /// A conversation with one agent.
@@ -118,7 +169,7 @@ impl AgentClient {
 
     fn call(&mut self, request: &Request) -> Result<Response, RemoteError> {
         match self.conn.call(request, |_| {})? {
-            Response::Error { message, .. } => Err(RemoteError::Agent(message)),
+            Response::Error { kind, message } => Err(RemoteError::Agent { kind, message }),
             r => Ok(r),
         }
     }
@@ -148,18 +199,30 @@ impl AgentClient {
         compression: Compression,
         progress: &mut dyn FnMut(&CopyProgress),
     ) -> Result<CopyStats, RemoteError> {
-        let start = Instant::now();
+        let plan = self.plan_copy(infos)?;
+        self.copy_planned(plan, compression, progress)
+    }
+
+    /// Which of `infos` the machine lacks: what [`AgentClient::copy_planned`] would send.
+    pub fn plan_copy(&mut self, infos: &[flotilla_nix::PathInfo]) -> Result<CopyPlan, RemoteError> {
         let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let missing = match self.call(&Request::QueryMissing { paths: all })? {
             Response::Missing { paths } => paths.into_iter().collect::<std::collections::BTreeSet<_>>(),
             other => return Err(RemoteError::Unexpected { request: "query_missing", got: other.name() }),
         };
-        let mut stats = CopyStats { closure_paths: infos.len(), ..Default::default() };
         let send: Vec<PathInfo> = infos
             .iter()
             .filter(|i| missing.contains(&i.path))
             .map(|i| PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash: i.nar_hash, nar_size: i.nar_size })
             .collect();
+        Ok(CopyPlan { closure_paths: infos.len(), send })
+    }
+
+    /// Sends what [`AgentClient::plan_copy`] found missing.
+    pub fn copy_planned(&mut self, plan: CopyPlan, compression: Compression, progress: &mut dyn FnMut(&CopyProgress)) -> Result<CopyStats, RemoteError> {
+        let start = Instant::now();
+        let mut stats = CopyStats { closure_paths: plan.closure_paths, ..Default::default() };
+        let send = plan.send;
         if send.is_empty() {
             stats.seconds = start.elapsed().as_secs_f64();
             return Ok(stats);
@@ -180,25 +243,60 @@ impl AgentClient {
         }
         match self.conn.wait_response(|_| {})? {
             Response::PathsAdded { .. } => {}
-            Response::Error { message, .. } => return Err(RemoteError::Agent(message)),
+            Response::Error { kind, message } => return Err(RemoteError::Agent { kind, message }),
             other => return Err(RemoteError::Unexpected { request: "add_paths", got: other.name() }),
         }
         stats.seconds = start.elapsed().as_secs_f64();
         Ok(stats)
     }
 
-    /// Activates a toplevel already on the machine.
-    pub fn activate(&mut self, toplevel: &StorePath, goal: ActivationGoal) -> Result<(u64, ActivationReport), RemoteError> {
-        match self.call(&Request::Activate { toplevel: toplevel.clone(), goal, confirm_within_secs: None })? {
-            Response::Activated { generation, report } => Ok((generation, report)),
+    /// Activates a toplevel already on the machine; the agent checks its health (within
+    /// `check_timeout_secs`) and, with `confirm_within_secs`, waits for [`AgentClient::confirm`]
+    /// over another connection.
+    pub fn activate(&mut self, toplevel: &StorePath, goal: ActivationGoal, check_timeout_secs: Option<u64>, confirm_within_secs: Option<u64>) -> Result<Activated, RemoteError> {
+        match self.call(&Request::Activate { toplevel: toplevel.clone(), goal, confirm_within_secs, check_timeout_secs })? {
+            Response::Activated { generation, report, health, awaiting_confirmation } => Ok(Activated { generation, report, health, awaiting_confirmation }),
             other => Err(RemoteError::Unexpected { request: "activate", got: other.name() }),
         }
     }
 
-    /// Re-activates an earlier generation (default: the previous one).
-    pub fn rollback(&mut self, to: Option<u64>) -> Result<(u64, ActivationReport), RemoteError> {
-        match self.call(&Request::Rollback { to })? {
-            Response::Activated { generation, report } => Ok((generation, report)),
+    /// Keeps a generation that awaits confirmation.
+    pub fn confirm(&mut self, generation: u64) -> Result<(), RemoteError> {
+        match self.call(&Request::Confirm { generation })? {
+            Response::Confirmed { .. } => Ok(()),
+            other => Err(RemoteError::Unexpected { request: "confirm", got: other.name() }),
+        }
+    }
+
+    /// Probes the running system's health checks once.
+    pub fn check_health(&mut self) -> Result<Vec<HealthResult>, RemoteError> {
+        match self.call(&Request::CheckHealth)? {
+            Response::Health { services } => Ok(services),
+            other => Err(RemoteError::Unexpected { request: "check_health", got: other.name() }),
+        }
+    }
+
+    /// The keys on the machine, with digests.
+    pub fn list_keys(&mut self) -> Result<Vec<KeyState>, RemoteError> {
+        match self.call(&Request::ListKeys)? {
+            Response::Keys { keys } => Ok(keys),
+            other => Err(RemoteError::Unexpected { request: "list_keys", got: other.name() }),
+        }
+    }
+
+    /// Writes and deletes keys.
+    pub fn put_keys(&mut self, put: Vec<KeyUpload>, remove: Vec<String>) -> Result<KeysPut, RemoteError> {
+        match self.call(&Request::PutKeys { put, remove })? {
+            Response::KeysPut { written, removed, restarted, started } => Ok(KeysPut { written, removed, restarted, started }),
+            other => Err(RemoteError::Unexpected { request: "put_keys", got: other.name() }),
+        }
+    }
+
+    /// Re-activates an earlier generation (default: the previous one; while a generation
+    /// awaits confirmation, what ran before it, and `reason` is recorded as why it failed).
+    pub fn rollback(&mut self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), RemoteError> {
+        match self.call(&Request::Rollback { to, reason: reason.map(str::to_owned) })? {
+            Response::Activated { generation, report, .. } => Ok((generation, report)),
             other => Err(RemoteError::Unexpected { request: "rollback", got: other.name() }),
         }
     }
@@ -230,7 +328,9 @@ impl AgentClient {
     /// The current generation, running system and services.
     pub fn status(&mut self) -> Result<MachineStatus, RemoteError> {
         match self.call(&Request::Status)? {
-            Response::Status { generation, toplevel, services } => Ok(MachineStatus { generation, toplevel, services }),
+            Response::Status { generation, toplevel, services, store_free_bytes, pending_confirmation } => {
+                Ok(MachineStatus { generation, toplevel, services, store_free_bytes, pending_confirmation })
+            }
             other => Err(RemoteError::Unexpected { request: "status", got: other.name() }),
         }
     }

@@ -96,6 +96,9 @@ pub struct MachineConfig {
     pub platform: Platform,
     /// Tags for `--on @tag`.
     pub tags: Vec<String>,
+    /// Checks the deployer runs after activation, by name.
+    #[serde(default)]
+    pub checks: BTreeMap<String, DeployerCheck>,
     /// The system itself.
     #[serde(flatten)]
     pub system: SystemOptions,
@@ -212,6 +215,20 @@ pub struct HealthCheck {
     pub tcp: Option<u16>,
     /// Command that must exit 0.
     pub command: Option<Vec<String>>,
+    /// Seconds per probe.
+    pub timeout: u32,
+    /// Seconds between probes.
+    pub interval: u32,
+    /// Failed probes allowed.
+    pub retries: u32,
+}
+
+/// A check the deployer runs itself after activation: an HTTP URL that must answer 2xx.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeployerCheck {
+    /// URL that must answer 2xx.
+    pub http: String,
     /// Seconds per probe.
     pub timeout: u32,
     /// Seconds between probes.
@@ -416,6 +433,12 @@ impl MachineConfig {
         }
         if let Some(cycle) = after_cycle(&sys.services) {
             err(OptionPath::root("services"), format!("have an `after` cycle: {}; break it", cycle.join(" → ")));
+        }
+
+        for (name, c) in &self.checks {
+            if !c.http.starts_with("http://") {
+                err(OptionPath::root("checks").child(name).child("http"), format!("is \"{}\"; the deployer probes plain http:// URLs", c.http));
+            }
         }
 
         for (name, k) in &self.keys {

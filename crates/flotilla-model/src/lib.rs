@@ -10,7 +10,7 @@ mod schema;
 mod select;
 
 pub use config::{
-    etc_relative, start_order, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
+    etc_relative, start_order, DeployerCheck, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
     MachineConfig, Platform, PortForward, QemuPlatform, RestartPolicy, ServiceSpec, SshPlatform,
     SystemConfig, SystemOptions, UploadAt, UserSpec, BUILTIN_GROUPS, BUILTIN_USERS,
 };

@@ -210,8 +210,13 @@ pub enum Request {
     /// Switch back to an earlier generation: the given one, or the one before the current.
     /// Answered by [`Response::Activated`].
     Rollback {
-        /// The generation number to switch to; `None` for the previous one.
+        /// The generation number to switch to; `None` for the previous one, or, while a
+        /// generation awaits confirmation, for what ran before it (the pending generation is
+        /// marked failed).
         to: Option<u64>,
+        /// Why, recorded with a generation this rejects.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     /// List the system generations. Answered by [`Response::Generations`].
     ListGenerations,

@@ -100,7 +100,7 @@ fn all_requests() -> Vec<Request> {
             check_timeout_secs: Some(60),
         },
         Request::Confirm { generation: 7 },
-        Request::Rollback { to: Some(3) },
+        Request::Rollback { to: Some(3), reason: Some("deployer check failed".into()) },
         Request::ListGenerations,
         Request::DeleteGenerations {
             keep_last: Some(5),

@@ -80,9 +80,49 @@ pub enum Command {
         /// Machines worked on at once
         #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
         parallel: u16,
+        /// Seconds a machine's health checks may take in all before it rolls back
+        #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
+        check_timeout: u64,
+        /// Seconds each machine waits for this deployer to confirm a switch or test over a
+        /// new connection before it rolls back by itself; 0 asks for no confirmation
+        #[arg(long, value_name = "SECS", default_value_t = 30)]
+        confirm_timeout: u64,
+        /// When any machine fails, revert the machines that were deployed
+        #[arg(long)]
+        rollback_all_on_failure: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,
+    },
+    /// Return machines to an earlier generation: the one before the current, or --to N
+    Rollback {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
+        /// The generation to return to (see `flotilla generations MACHINE`)
+        #[arg(long, value_name = "N")]
+        to: Option<u64>,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// List a machine's generations: number, date, toplevel, status, which is current
+    Generations {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        machine: String,
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send machines the keys that changed and delete the ones no longer declared, without a deploy
+    UploadKeys {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        on: On,
     },
     /// Start stopped machines
     Start {

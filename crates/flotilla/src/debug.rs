@@ -40,10 +40,14 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let copy = client.copy_closure(&nix, std::slice::from_ref(&toplevel), compression, &mut progress_printer())?;
             let activation = match goal {
                 Goal::Copy => None,
-                Goal::Switch => Some(client.activate(&toplevel, ActivationGoal::Switch)?),
-                Goal::Boot => Some(client.activate(&toplevel, ActivationGoal::Boot)?),
-                Goal::Test => Some(client.activate(&toplevel, ActivationGoal::Test)?),
-                Goal::DryActivate => Some(client.activate(&toplevel, ActivationGoal::DryActivate)?),
+                Goal::Switch => Some(ActivationGoal::Switch),
+                Goal::Boot => Some(ActivationGoal::Boot),
+                Goal::Test => Some(ActivationGoal::Test),
+                Goal::DryActivate => Some(ActivationGoal::DryActivate),
+            };
+            let activation = match activation {
+                Some(goal) => client.activate(&toplevel, goal, None, None).map(|a| Some((a.generation, a.report)))?,
+                None => None,
             };
             if *json {
                 output::json(&serde_json::json!({
@@ -105,7 +109,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                     }
                 }
                 RootOp::Rollback { to } => {
-                    let (generation, report) = client.rollback(*to)?;
+                    let (generation, report) = client.rollback(*to, None)?;
                     if *json {
                         output::json(&serde_json::json!({ "generation": generation, "report": report }));
                     } else {

@@ -15,9 +15,18 @@ use crate::cli::{DeployGoal, Global, Target};
 use crate::progress::Progress;
 use crate::{agent_path, deployment_name, engine, open_state, output, prepare_build, Outcome, Prepared};
 
-pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel: u16, json: bool) -> Result<Outcome> {
+/// `deploy`'s flags.
+pub struct DeployFlags {
+    pub goal: DeployGoal,
+    pub parallel: u16,
+    pub check_timeout: u64,
+    pub confirm_timeout: u64,
+    pub rollback_all_on_failure: bool,
+}
+
+pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
-    let goal = match goal {
+    let goal = match flags.goal {
         DeployGoal::Switch => Goal::Switch,
         DeployGoal::Boot => Goal::Boot,
         DeployGoal::Test => Goal::Test,
@@ -25,7 +34,13 @@ pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel:
         DeployGoal::Build => Goal::Build,
         DeployGoal::Copy => Goal::Copy,
     };
-    let opts = DeployOptions { goal, parallel: usize::from(parallel), settle: Duration::from_secs(10) };
+    let opts = DeployOptions {
+        goal,
+        parallel: usize::from(flags.parallel),
+        check_timeout: Duration::from_secs(flags.check_timeout),
+        confirm_timeout: (flags.confirm_timeout > 0).then(|| Duration::from_secs(flags.confirm_timeout)),
+        rollback_all_on_failure: flags.rollback_all_on_failure,
+    };
     let mut progress = Progress::new(json, g.verbose);
     let report = engine.deploy_instantiated(&ev, &selected, &agent, instantiated, opts, &mut |e| progress.event(e));
     progress.finish();
@@ -36,6 +51,48 @@ pub fn deploy(g: &Global, target: &Target, on: &str, goal: DeployGoal, parallel:
         output::deploy_report(&report);
     }
     Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+pub fn rollback(g: &Global, target: &Target, on: &str, to: Option<u64>, json: bool) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let mut progress = Progress::new(false, g.verbose);
+    let results = engine.rollback(&name, &Selection::parse(on), to, &agent_path()?, 8, &mut |e| progress.event(e));
+    progress.finish();
+    let results = results?;
+    if json {
+        output::json(&results);
+    } else {
+        output::rollback_results(&results);
+    }
+    Ok(if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+pub fn generations(g: &Global, target: &Target, machine: &str, json: bool) -> Result<Outcome> {
+    let engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let generations = engine.generations(&name, machine, &agent_path()?)?;
+    if json {
+        output::json(&generations);
+    } else {
+        output::generations(&generations);
+    }
+    Ok(Outcome::Ok)
+}
+
+pub fn upload_keys(g: &Global, target: &Target, on: &str) -> Result<Outcome> {
+    let Prepared { mut engine, ev, selected, agent, .. } = prepare_build(g, target, on)?;
+    send_keys(&mut engine, &ev, &selected, &agent, g.verbose)
+}
+
+/// Sends keys and prints what each machine did; the outcome says whether all went well.
+fn send_keys(engine: &mut Engine, ev: &flotilla_engine::Evaluated, selected: &[flotilla_model::MachineName], agent: &std::path::Path, verbose: bool) -> Result<Outcome> {
+    let mut progress = Progress::new(false, verbose);
+    let results = engine.upload_keys(ev, selected, agent, 8, &mut |e| progress.event(e));
+    progress.finish();
+    let results = results?;
+    output::keys_results(&results);
+    Ok(if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed })
 }
 
 pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) -> Result<Outcome> {
@@ -59,7 +116,35 @@ pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) 
     progress.finish();
     let results = results?;
     output::operation_results(op, &results);
-    Ok(if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed })
+    let mut outcome = if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed };
+    // Keys live in memory on the machine: a machine that started again gets them again.
+    if matches!(op, Operation::Start | Operation::Reboot) {
+        let started: Vec<String> = results.iter().filter(|r| r.error.is_none()).map(|r| r.machine.clone()).collect();
+        if !started.is_empty() && resend_keys(g, &mut engine, target, &name, &started, &agent)? == Outcome::SomeFailed {
+            outcome = Outcome::SomeFailed;
+        }
+    }
+    Ok(outcome)
+}
+
+/// After a start: evaluates the deployment (from -f, or its recorded file) and sends the
+/// started machines their keys, when they declare any.
+fn resend_keys(g: &Global, engine: &mut Engine, target: &Target, name: &str, started: &[String], agent: &std::path::Path) -> Result<Outcome> {
+    let file = match &target.file {
+        Some(f) => Some(f.clone()),
+        None => engine.state().deployment(name)?.and_then(|d| d.file).map(std::path::PathBuf::from),
+    };
+    let Some(file) = file else {
+        eprintln!("note: deployment {name} has no recorded file, so no keys were sent; run `flotilla upload-keys -f FILE`");
+        return Ok(Outcome::SomeFailed);
+    };
+    let ev = engine.evaluate(&file)?;
+    let selected: Vec<flotilla_model::MachineName> =
+        ev.machines.iter().filter(|(n, cfg)| started.iter().any(|s| s == n.as_str()) && !cfg.keys.is_empty()).map(|(n, _)| n.clone()).collect();
+    if selected.is_empty() {
+        return Ok(Outcome::Ok);
+    }
+    send_keys(engine, &ev, &selected, agent, g.verbose)
 }
 
 fn confirm(question: &str) -> Result<()> {

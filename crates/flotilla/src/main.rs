@@ -22,6 +22,7 @@ use flotilla_state::State;
 use cli::{Cli, Command, Global, Target};
 
 /// How a command ended, as an exit status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Outcome {
     Ok,
     SomeFailed,
@@ -70,7 +71,19 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
-        Command::Deploy { target, on, goal, parallel, json } => fleet::deploy(g, target, on, *goal, *parallel, *json),
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, json } => {
+            let opts = fleet::DeployFlags {
+                goal: *goal,
+                parallel: *parallel,
+                check_timeout: *check_timeout,
+                confirm_timeout: *confirm_timeout,
+                rollback_all_on_failure: *rollback_all_on_failure,
+            };
+            fleet::deploy(g, target, on, &opts, *json)
+        }
+        Command::Rollback { target, on, to, json } => fleet::rollback(g, target, &on.on, *to, *json),
+        Command::Generations { target, machine, json } => fleet::generations(g, target, machine, *json),
+        Command::UploadKeys { target, on } => fleet::upload_keys(g, target, &on.on),
         Command::Start { target, on } => fleet::operate(g, target, &on.on, Operation::Start, true),
         Command::Stop { target, on } => fleet::operate(g, target, &on.on, Operation::Stop, true),
         Command::Reboot { target, on } => fleet::operate(g, target, &on.on, Operation::Reboot, true),

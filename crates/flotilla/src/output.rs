@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use flotilla_engine::deploy::{DeployReport, Outcome};
-use flotilla_engine::fleet::{MachineInfo, Operation, OperationResult};
+use flotilla_engine::fleet::{KeysResult, MachineInfo, Operation, OperationResult, RollbackResult};
 use flotilla_engine::platform::MachineState;
 use flotilla_engine::{BuildReport, EngineEvent, Evaluated};
 use flotilla_state::{DeploymentRecord, Event};
@@ -92,6 +92,19 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         .collect();
     println!("deployment {} ({} machines){}", dep.name, dep.machines, if dep.description.is_empty() { String::new() } else { format!(": {}", dep.description) });
     print!("{}", table(&["MACHINE", "PLATFORM", "IP", "STATE", "GEN", "SERVICES", "HEALTH", "TAGS"], &rows));
+    let checks: Vec<Vec<String>> = machines
+        .iter()
+        .flat_map(|m| {
+            m.service_health.iter().map(|h| {
+                let state = if h.healthy { "healthy" } else { "UNHEALTHY" };
+                vec![m.machine.clone(), h.service.clone(), state.to_owned(), h.check.clone(), first_line(&h.output)]
+            })
+        })
+        .collect();
+    if !checks.is_empty() {
+        println!();
+        print!("{}", table(&["MACHINE", "SERVICE", "HEALTH", "CHECK", "LAST OUTPUT"], &checks));
+    }
     for m in machines.iter().filter(|m| !m.problems.is_empty() && m.state == MachineState::Running) {
         eprintln!("{}: {}", m.machine, m.problems.join("; "));
     }
@@ -125,11 +138,62 @@ pub fn deploy_report(r: &DeployReport) {
         })
         .collect();
     print!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
-    let failed = r.machines.iter().filter(|m| m.outcome == Outcome::Failed).count();
+    let reverted: Vec<Vec<String>> = r
+        .reverted()
+        .map(|m| vec![m.machine.clone(), m.generation.map_or_else(|| "-".into(), |g| g.to_string()), m.summary.clone()])
+        .collect();
+    if !reverted.is_empty() {
+        println!("\nreverted by --rollback-all-on-failure:");
+        print!("{}", table(&["MACHINE", "FROM GEN", "DETAIL"], &reverted));
+    }
+    let failed = r.machines.iter().filter(|m| !matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged)).count();
     eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), r.goal.as_str(), r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.as_deref().is_some_and(|e| e.contains('\n'))) {
         eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
     }
+}
+
+pub fn rollback_results(results: &[RollbackResult]) {
+    let gen = |n: Option<u64>| n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| match &r.error {
+            None => vec![r.machine.clone(), "rolled back".into(), gen(r.from), gen(r.to), String::new()],
+            Some(e) => vec![r.machine.clone(), "FAILED".into(), gen(r.from), "-".into(), first_line(e)],
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "RESULT", "FROM", "TO", "REASON"], &rows));
+}
+
+pub fn generations(gens: &[flotilla_protocol::GenerationInfo]) {
+    let rows: Vec<Vec<String>> = gens
+        .iter()
+        .map(|g| {
+            let status = match &g.failed {
+                Some(why) => format!("failed: {}", first_line(why)),
+                None => "ok".into(),
+            };
+            vec![
+                g.number.to_string(),
+                flotilla_state::format_time(g.created_unix as i64),
+                g.toplevel.to_absolute(),
+                status,
+                if g.current { "current".into() } else { String::new() },
+            ]
+        })
+        .collect();
+    print!("{}", table(&["GEN", "DATE", "TOPLEVEL", "STATUS", "CURRENT"], &rows));
+}
+
+pub fn keys_results(results: &[KeysResult]) {
+    let rows: Vec<Vec<String>> = results
+        .iter()
+        .map(|r| match &r.error {
+            None => vec![r.machine.clone(), "ok".into(), r.summary.clone().unwrap_or_default()],
+            Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
+        })
+        .collect();
+    print!("{}", table(&["MACHINE", "KEYS", "DETAIL"], &rows));
 }
 
 pub fn operation_results(op: Operation, results: &[OperationResult]) {

@@ -44,6 +44,9 @@ impl Progress {
                     eprintln!("{machine}: {}: {status}{}", phase.as_str(), first_line(detail));
                 }
                 EngineEvent::Note { message } => eprintln!("note: {message}"),
+                EngineEvent::AwaitingConfirmation { machine, generation, within_secs } => {
+                    eprintln!("{machine}: generation {generation} rolls back unless confirmed within {within_secs} s")
+                }
                 EngineEvent::NixLog { line } if *verbose => eprintln!("  nix: {line}"),
                 _ => {}
             },
@@ -78,6 +81,9 @@ impl Progress {
                     }
                     EngineEvent::Note { message } => {
                         let _ = bars.println(format!("note: {message}"));
+                    }
+                    EngineEvent::AwaitingConfirmation { machine, generation, .. } => {
+                        line(machine).set_message(format!("generation {generation} awaits confirmation…"))
                     }
                     EngineEvent::NixLog { line } if *verbose => {
                         let _ = bars.println(format!("  nix: {line}"));
