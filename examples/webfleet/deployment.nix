@@ -23,7 +23,7 @@
       # the deploying host can open http://127.0.0.1:8081/ and http://127.0.0.1:8082/.
       hostPorts = { web1 = 8081; web2 = 8082; };
 
-      webServer = { name, pkgs, ... }:
+      webServer = { name, nodes, pkgs, ... }:
         let
           site = pkgs.writeTextDir "index.html" ''
             <!doctype html>
@@ -38,8 +38,13 @@
           services.httpd = {
             command = [ "${pkgs.busybox}/bin/httpd" "-f" "-p" "80" "-h" "${site}" ];
             user = "www";
+            # Probed by the agent inside the machine after each activation: a deploy whose
+            # page does not answer is rolled back by the machine itself.
             healthCheck = { http = "http://127.0.0.1:80/"; timeout = 3; };
           };
+          # Probed by the deployer before it confirms the new generation: the page as the
+          # rest of the network reaches it.
+          checks.page.http = "http://${nodes.${name}.ip}/";
         };
     in
     {

@@ -391,6 +391,8 @@ impl Agent {
         (report.users_added, report.users_removed) = (u.added, u.removed);
         (report.etc_added, report.etc_changed, report.etc_removed) = (e.added, e.changed, e.removed);
         report.messages.extend(e.messages);
+        // Keys sent before activation for accounts it just created now go to their owners.
+        report.messages.extend(keys::fix_owners(&self.root)?);
         if let Some(sh) = &new.system.binsh {
             let bin = self.root.path("/bin");
             if fs::symlink_metadata(&bin).is_err() {

@@ -69,12 +69,10 @@ pub fn apply(root: &MachineRoot, put: &[KeyUpload], remove: &[String]) -> Result
         if k.mode > 0o7777 {
             return Err(AgentError::BadRequest(format!("key {}: mode {:o} is not a permission mode", k.name, k.mode)));
         }
-        let uid = users::lookup_id(root, &k.user, true).ok_or_else(|| {
-            AgentError::BadRequest(format!("key {}: user {:?} does not exist on the machine; declare it under `users` or change keys.{}.user", k.name, k.user, k.name))
-        })?;
-        let gid = users::lookup_id(root, &k.group, false).ok_or_else(|| {
-            AgentError::BadRequest(format!("key {}: group {:?} does not exist on the machine; declare it under `groups` or change keys.{}.group", k.name, k.group, k.name))
-        })?;
+        // An owner the new system creates does not exist yet before activation: the key is
+        // root's until then, and `fix_owners` hands it over once the accounts exist.
+        let uid = owner_id(root, &k.user, true).unwrap_or(0);
+        let gid = owner_id(root, &k.group, false).unwrap_or(0);
         owners.push((uid, gid));
     }
     for name in remove {
@@ -101,6 +99,35 @@ pub fn apply(root: &MachineRoot, put: &[KeyUpload], remove: &[String]) -> Result
         removed.push(name.clone());
     }
     Ok((written, removed))
+}
+
+/// The id of `name`: from the machine's account files, else the accounts every machine has.
+fn owner_id(root: &MachineRoot, name: &str, user: bool) -> Option<u32> {
+    users::lookup_id(root, name, user).or(match name {
+        "root" => Some(0),
+        "nobody" | "nogroup" => Some(65534),
+        _ => None,
+    })
+}
+
+/// Gives each placed key the owner and group it was declared with, where they exist now
+/// (after activation created the accounts). Returns the keys whose owner is still missing.
+pub fn fix_owners(root: &MachineRoot) -> Result<Vec<String>, AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut missing = Vec::new();
+    for (name, p) in placed(root)? {
+        let path = key_path(root, &p.dest_dir, &name);
+        let Ok(meta) = fs::metadata(&path) else { continue };
+        match (owner_id(root, &p.user, true), owner_id(root, &p.group, false)) {
+            (Some(uid), Some(gid)) if (meta.uid(), meta.gid()) != (uid, gid) => {
+                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                    .map_err(|source| AgentError::Io { what: format!("key {name}: cannot give it to {}:{}", p.user, p.group), source })?;
+            }
+            (Some(_), Some(_)) => {}
+            _ => missing.push(format!("key {name}: owner {}:{} does not exist on the machine; it stays root's", p.user, p.group)),
+        }
+    }
+    Ok(missing)
 }
 
 fn write_key(root: &MachineRoot, k: &KeyUpload, uid: u32, gid: u32) -> Result<(), AgentError> {
@@ -200,12 +227,19 @@ mod tests {
     }
 
     #[test]
-    fn an_unknown_owner_changes_nothing() {
+    fn an_owner_made_by_activation_gets_the_key_once_it_exists() {
         let (dir, root) = root_with_accounts();
-        let bad = KeyUpload { user: "postgres".into(), ..key("b", b"x") };
-        let err = apply(&root, &[key("a", b"x"), bad], &[]).unwrap_err().to_string();
-        assert!(err.contains("user \"postgres\" does not exist"), "{err}");
-        assert!(!dir.path().join("run/keys/a").exists());
+        let later = KeyUpload { user: "later".into(), group: "later".into(), ..key("b", b"x") };
+        apply(&root, &[later], &[]).unwrap();
+        let file = dir.path().join("run/keys/b");
+        assert_eq!(fs::metadata(&file).unwrap().uid(), 0, "root's until the account exists");
+        assert_eq!(fix_owners(&root).unwrap().len(), 1);
+        let me = fs::metadata(dir.path()).unwrap();
+        let passwd = format!("later:x:{}:{}::/:/bin/sh\n", me.uid(), me.gid());
+        fs::write(dir.path().join("etc/passwd"), passwd).unwrap();
+        fs::write(dir.path().join("etc/group"), format!("later:x:{}:\n", me.gid())).unwrap();
+        assert!(fix_owners(&root).unwrap().is_empty());
+        assert_eq!(fs::metadata(&file).unwrap().uid(), me.uid());
     }
 
     #[test]

@@ -19,7 +19,7 @@ fn deployment(port: u16, page: &str) -> String {
     files."/etc/motd".text = "page {page}\n";
     services.web.command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "127.0.0.1:{port}" "-h" "${{pkgs.writeTextDir "index.html" "{page}"}}" ];
     services.idle = {{ command = [ "${{pkgs.busybox}}/bin/sleep" "100000" ]; }};
-    services.flaky = {{ script = "exit 3"; restart = "always"; }};
+    services.flaky = {{ script = "sleep 0.3; exit 3"; restart = "always"; }};
   }};
 }}"#
     )
