@@ -168,9 +168,12 @@ impl AgentClient {
     }
 
     fn call(&mut self, request: &Request) -> Result<Response, RemoteError> {
-        match self.conn.call(request, |_| {})? {
-            Response::Error { kind, message } => Err(RemoteError::Agent { kind, message }),
-            r => Ok(r),
+        match self.conn.call(request, |_| {}) {
+            Ok(Response::Error { kind, message }) | Err(flotilla_protocol::ProtocolError::Agent { kind, message }) => {
+                Err(RemoteError::Agent { kind, message })
+            }
+            Ok(r) => Ok(r),
+            Err(e) => Err(e.into()),
         }
     }
 
@@ -241,10 +244,13 @@ impl AgentClient {
             }
             writer.finish()?;
         }
-        match self.conn.wait_response(|_| {})? {
-            Response::PathsAdded { .. } => {}
-            Response::Error { kind, message } => return Err(RemoteError::Agent { kind, message }),
-            other => return Err(RemoteError::Unexpected { request: "add_paths", got: other.name() }),
+        match self.conn.wait_response(|_| {}) {
+            Ok(Response::PathsAdded { .. }) => {}
+            Ok(Response::Error { kind, message }) | Err(flotilla_protocol::ProtocolError::Agent { kind, message }) => {
+                return Err(RemoteError::Agent { kind, message })
+            }
+            Ok(other) => return Err(RemoteError::Unexpected { request: "add_paths", got: other.name() }),
+            Err(e) => return Err(e.into()),
         }
         stats.seconds = start.elapsed().as_secs_f64();
         Ok(stats)

@@ -223,6 +223,7 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
             r#"{{ meta.name = "keys"; machines.vault = {{ pkgs, ... }}: {{
   packages = [ pkgs.busybox ];
   binsh = "${{pkgs.busybox}}/bin/sh";
+  files."/etc/run-id".text = "{nonce}";
   users.app = {{ }};
   keys.db = {{ text = "{text}"; user = "app"; group = "app"; mode = "0640"; }};
   keys.late = {{ command = [ "/bin/sh" "-c" "printf CMD-SECRET-{nonce}" ]; uploadAt = "post-activation"; destDir = "/run/keys/late"; }};
@@ -249,7 +250,8 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
     assert!(mounts.lines().any(|l| l.split_whitespace().nth(1) == Some("/run") && l.contains("tmpfs")), "/run/keys is not in memory:\n{mounts}");
 
     // Nowhere in a store: not in any host store path made since the test began (the secrets
-    // are new, so any path holding one was made now), not in the machine's store.
+    // are new, so any path holding one was made now; /etc/run-id makes this run's toplevel
+    // and its derivation new too, so the scan covers them), not in the machine's store.
     let host_paths = f.host(&["find", "/nix/store", "-maxdepth", "1", "-cnewer", &marker]).stdout();
     let host_paths: Vec<&str> = host_paths.lines().filter(|p| *p != "/nix/store").collect();
     assert!(!host_paths.is_empty(), "the deploy built nothing new? the scan would prove nothing");
