@@ -235,8 +235,14 @@ impl LocalMachine {
         if self.netns_path().exists() {
             self.ip(&["netns", "del", &n.netns])?;
         }
+        // Deleting the namespace deletes the veth's peer, and the kernel then removes this end
+        // by itself, asynchronously: it may vanish between the look and the delete.
         if self.link_exists(&n.veth) {
-            self.ip(&["link", "del", &n.veth])?;
+            if let Err(e) = self.ip(&["link", "del", &n.veth]) {
+                if self.link_exists(&n.veth) {
+                    return Err(e);
+                }
+            }
         }
         if self.link_exists(&n.bridge) && self.ip(&["-o", "link", "show", "master", &n.bridge])?.trim().is_empty() {
             self.ip(&["link", "del", &n.bridge])?;
