@@ -300,6 +300,9 @@ impl Engine {
     /// Sends the keys of the selected machines of `ev` that differ from what each machine
     /// has, and deletes the keys no longer declared; under the lock.
     pub fn upload_keys(&mut self, ev: &crate::Evaluated, selected: &[flotilla_model::MachineName], agent: &Path, parallel: usize, listen: Listener<'_>) -> Result<Vec<KeysResult>> {
+        if selected.is_empty() {
+            return Ok(Vec::new());
+        }
         let _lock = self.lock(ev.name.as_str(), "upload-keys", listen)?;
         let names: Vec<String> = selected.iter().map(ToString::to_string).collect();
         let fleet = self.fleet(ev.name.as_str(), &Selection::parse(&names.join(",")), agent)?;
