@@ -287,11 +287,22 @@ impl Agent {
     /// it runs again and it is marked failed, for `reason`.
     pub fn rollback(&self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), AgentError> {
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let (Some(p), None) = (pending, to) {
-            let why = reason.unwrap_or("rolled back before it was confirmed");
-            let outcome = self.fail_back(&p.previous, why).to_string();
-            let report = ActivationReport { messages: vec![outcome], ..Default::default() };
-            return Ok((self.current_generation().unwrap_or(0), report));
+        match (pending, to) {
+            (Some(p), None) => {
+                let why = reason.unwrap_or("rolled back before it was confirmed");
+                if let Some(n) = self.current_generation().filter(|n| Some(*n) != p.previous.generation) {
+                    self.mark_failed(n, why);
+                }
+                let to = self.restore(&p.previous).map_err(|e| AgentError::Activation(format!("{why}; rolling generation {} back failed: {e}", p.generation)))?;
+                let report = ActivationReport { messages: vec![format!("{why}; generation {} was rolled back, {to}", p.generation)], ..Default::default() };
+                return Ok((self.current_generation().unwrap_or(0), report));
+            }
+            // The deployer rejects a generation it thinks is pending; the window already
+            // closed and the agent rolled it back: going back one more would be wrong.
+            (None, None) if reason.is_some() => {
+                return Err(AgentError::NotFound("no generation awaits confirmation: it was rolled back already, when its confirmation window closed".into()));
+            }
+            _ => {}
         }
         let gens = self.generations()?;
         let current = self.current_generation();
@@ -302,8 +313,8 @@ impl Agent {
             None => gens
                 .iter()
                 .rev()
-                .find(|g| current.is_none_or(|c| g.number < c))
-                .ok_or_else(|| AgentError::NotFound(format!("no generation before the current one to roll back to; generations: {}", list(&gens))))?,
+                .find(|g| current.is_none_or(|c| g.number < c) && g.failed.is_none())
+                .ok_or_else(|| AgentError::NotFound(format!("no good generation before the current one to roll back to; generations: {}", list(&gens))))?,
         };
         let m = self.manifest(&target.toplevel)?;
         symlink_atomic(Path::new(&format!("system-{}-link", target.number)), &self.root.profiles_dir().join("system"))
@@ -591,6 +602,14 @@ impl Agent {
         }
     }
 
+    /// A generation awaiting confirmation needs the one before it: nothing may delete it.
+    fn refuse_while_pending(&self, what: &str) -> Result<(), AgentError> {
+        match self.pending() {
+            Some(p) => Err(AgentError::Conflict(format!("cannot {what} while generation {} awaits confirmation; try again once it is confirmed or rolled back", p.generation))),
+            None => Ok(()),
+        }
+    }
+
     fn pending(&self) -> Option<Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -697,6 +716,7 @@ impl Agent {
     /// Deletes generations (never the current one): all but the newest `keep_last`, and/or
     /// those older than `older_than_secs`.
     pub fn delete_generations(&self, keep_last: Option<u32>, older_than_secs: Option<u64>) -> Result<Vec<u64>, AgentError> {
+        self.refuse_while_pending("delete generations")?;
         let gens = self.generations()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         let keep_from = keep_last.map(|k| gens.len().saturating_sub(k as usize)).unwrap_or(0);
@@ -715,6 +735,7 @@ impl Agent {
 
     /// Removes every store path no generation and no running system needs.
     pub fn collect_garbage(&self) -> Result<(u64, u64), AgentError> {
+        self.refuse_while_pending("collect garbage")?;
         let mut roots: Vec<StorePath> = self.generations()?.into_iter().map(|g| g.toplevel).collect();
         roots.extend(self.running_system());
         let live = self.root.closure(&roots);

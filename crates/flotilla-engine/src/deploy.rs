@@ -392,7 +392,7 @@ impl Engine {
             let revert: Vec<(usize, &dyn Machine)> = results
                 .iter()
                 .enumerate()
-                .filter(|(_, r)| r.outcome == Outcome::Deployed && r.activated)
+                .filter(|(_, r)| r.activated && r.previous_generation != r.generation)
                 .filter_map(|(i, r)| Some((i, *by_name.get(r.machine.as_str())?)))
                 .collect();
             if !revert.is_empty() {
@@ -577,7 +577,9 @@ fn roll_out(
     let confirm = opts.confirm_timeout.filter(|_| checked).map(|t| t.as_secs().max(1));
     let activated = match client.activate(toplevel, goal, Some(opts.check_timeout.as_secs().max(1)), confirm) {
         Ok(a) => a,
-        Err(RemoteError::Agent { kind: ErrorKind::Activation, message }) => return rolled_back(row, Phase::Activate, message),
+        // Only a checked activation is rolled back by the agent; for `boot` and `dry-activate`
+        // the error is a plain failure.
+        Err(RemoteError::Agent { kind: ErrorKind::Activation, message }) if checked => return rolled_back(row, Phase::Activate, message),
         Err(RemoteError::Agent { kind: ErrorKind::Unhealthy, message }) => return fail(row, Phase::Activate, message),
         Err(e) => return fail(row, Phase::Activate, e.to_string()),
     };
@@ -599,11 +601,22 @@ fn roll_out(
         row.checks = checks.iter().map(|(n, c)| crate::checks::run(n, c)).collect();
         if let Some(bad) = row.checks.iter().find(|c| !c.ok) {
             let problem = format!("deployer check {} ({}) failed after {} probes: {}", bad.name, bad.url, bad.probes, bad.output);
-            if !activated.awaiting_confirmation {
-                return fail(row, Phase::Check, problem);
-            }
-            return match client.rollback(None, Some(&problem)) {
+            // Pending: the agent rejects it. Not pending (no confirmation asked): back to the
+            // generation it ran before, if that is another one.
+            let back = if activated.awaiting_confirmation {
+                client.rollback(None, Some(&problem))
+            } else {
+                match row.previous_generation.filter(|p| *p != generation) {
+                    Some(previous) => client.rollback(Some(previous), None),
+                    None => return fail(row, Phase::Check, problem),
+                }
+            };
+            return match back {
+                Ok((now, report)) if report.messages.is_empty() => rolled_back(row, Phase::Check, format!("{problem}; generation {now} runs again")),
                 Ok((_, report)) => rolled_back(row, Phase::Check, report.messages.join("; ")),
+                Err(RemoteError::Agent { kind: ErrorKind::NotFound, .. }) => {
+                    rolled_back(row, Phase::Check, format!("{problem}; the agent had already rolled back: its confirmation window closed first (raise --confirm-timeout above the checks' time)"))
+                }
                 Err(e) => fail(row, Phase::Check, format!("{problem}; asking the agent to roll back failed: {e}")),
             };
         }
@@ -615,6 +628,9 @@ fn roll_out(
         send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Confirm });
         match m.connect().and_then(|mut c| c.confirm(generation)) {
             Ok(()) => send(done(name, Phase::Confirm, Ok(&format!("generation {generation} kept")))),
+            Err(RemoteError::Agent { kind: ErrorKind::NotFound, .. }) => {
+                return rolled_back(row, Phase::Confirm, format!("generation {generation} was rolled back by the agent before the confirmation arrived (its --confirm-timeout passed)"))
+            }
             Err(e) => return rolled_back(row, Phase::Confirm, format!("the confirmation did not reach the agent ({e}); it rolls generation {generation} back by itself")),
         }
     }

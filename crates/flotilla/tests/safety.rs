@@ -124,7 +124,7 @@ fn a_failing_health_check_rolls_back_and_manual_rollback_survives_stop_and_start
     // `rollback` without --to goes to the generation before the current one; there is none.
     let r = f.run(&["rollback", "-f", &file]);
     assert_eq!(r.code(), 1);
-    assert!(r.stdout().contains("no generation before the current one"), "{}", r.stdout());
+    assert!(r.stdout().contains("no good generation before the current one"), "{}", r.stdout());
 }
 
 #[test]
