@@ -289,12 +289,8 @@ impl Agent {
         let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
         match (pending, to) {
             (Some(p), None) => {
-                let why = reason.unwrap_or("rolled back before it was confirmed");
-                if let Some(n) = self.current_generation().filter(|n| Some(*n) != p.previous.generation) {
-                    self.mark_failed(n, why);
-                }
-                let to = self.restore(&p.previous).map_err(|e| AgentError::Activation(format!("{why}; rolling generation {} back failed: {e}", p.generation)))?;
-                let report = ActivationReport { messages: vec![format!("{why}; generation {} was rolled back, {to}", p.generation)], ..Default::default() };
+                let done = self.return_to(&p.previous, reason.unwrap_or("rolled back before it was confirmed"))?;
+                let report = ActivationReport { messages: vec![done], ..Default::default() };
                 return Ok((self.current_generation().unwrap_or(0), report));
             }
             // The deployer rejects a generation it thinks is pending; the window already
@@ -546,6 +542,12 @@ impl Agent {
     /// Returns to `previous` after a failed activation: the profile, the running system and
     /// its services. Marks the generation that failed. The error tells the whole story.
     fn fail_back(&self, previous: &Previous, problem: &str) -> AgentError {
+        self.return_to(previous, problem).map_or_else(|e| e, AgentError::Activation)
+    }
+
+    /// Marks the generation that runs now failed for `problem` (unless it is `previous`'s
+    /// own) and restores `previous`. Ok: what happened; Err: the restore failed, and why.
+    fn return_to(&self, previous: &Previous, problem: &str) -> Result<String, AgentError> {
         let failed = self.current_generation().filter(|n| Some(*n) != previous.generation);
         if let Some(n) = failed {
             self.mark_failed(n, problem);
@@ -555,8 +557,8 @@ impl Agent {
             None => "the activation".to_owned(),
         };
         match self.restore(previous) {
-            Ok(to) => AgentError::Activation(format!("{problem}; {what} was rolled back, {to}")),
-            Err(e) => AgentError::Activation(format!("{problem}; rolling {what} back failed too: {e}")),
+            Ok(to) => Ok(format!("{problem}; {what} was rolled back, {to}")),
+            Err(e) => Err(AgentError::Activation(format!("{problem}; rolling {what} back failed too: {e}"))),
         }
     }
 
