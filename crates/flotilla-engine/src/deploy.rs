@@ -322,8 +322,8 @@ impl Engine {
                 send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Provision });
                 let r = m.provision();
                 let detail = match &r {
-                    Ok(true) => Ok("started"),
-                    Ok(false) => Ok("running"),
+                    Ok(Some(did)) => Ok(did.as_str()),
+                    Ok(None) => Ok("running"),
                     Err(e) => Err(e.message.as_str()),
                 };
                 send(done(m.name(), Phase::Provision, detail));
@@ -331,9 +331,9 @@ impl Engine {
             });
             for (m, r) in handles.into_iter().zip(provisioned) {
                 match r {
-                    Ok(acted) => {
-                        if acted {
-                            self.event(ev.name.as_str(), Some(m.name()), "provision", "ok", "started")?;
+                    Ok(did) => {
+                        if let Some(did) = did {
+                            self.event(ev.name.as_str(), Some(m.name()), "provision", "ok", &did)?;
                         }
                         machines.insert(m.name().to_owned(), m);
                     }

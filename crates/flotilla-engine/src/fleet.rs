@@ -22,6 +22,8 @@ pub enum Operation {
     Stop,
     /// Stop, then start.
     Reboot,
+    /// Reboot what the machine runs on (an ssh host), then start it.
+    HardReboot,
     /// Remove machines entirely.
     Destroy,
 }
@@ -31,7 +33,7 @@ impl Operation {
         match self {
             Operation::Start => Phase::Start,
             Operation::Stop => Phase::Stop,
-            Operation::Reboot => Phase::Reboot,
+            Operation::Reboot | Operation::HardReboot => Phase::Reboot,
             Operation::Destroy => Phase::Destroy,
         }
     }
@@ -42,6 +44,7 @@ impl Operation {
             Operation::Start => "start",
             Operation::Stop => "stop",
             Operation::Reboot => "reboot",
+            Operation::HardReboot => "reboot --hard",
             Operation::Destroy => "destroy",
         }
     }
@@ -158,7 +161,8 @@ impl Engine {
             let r = match op {
                 Operation::Start => m.start(),
                 Operation::Stop => m.stop(),
-                Operation::Reboot => m.stop().and_then(|()| m.start()),
+                Operation::Reboot => m.reboot(false),
+                Operation::HardReboot => m.reboot(true),
                 Operation::Destroy => m.destroy(),
             };
             let state = m.state();

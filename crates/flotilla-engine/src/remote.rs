@@ -25,6 +25,14 @@ pub enum RemoteError {
         /// Why.
         source: std::io::Error,
     },
+    /// The transport to a remote agent (ssh) failed; the message says why and what to do.
+    #[error("{destination}: {message}")]
+    Transport {
+        /// Where it was going.
+        destination: String,
+        /// What went wrong.
+        message: String,
+    },
     /// The connection or the protocol failed.
     #[error(transparent)]
     Protocol(#[from] flotilla_protocol::ProtocolError),

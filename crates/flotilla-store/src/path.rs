@@ -78,6 +78,21 @@ impl StorePath {
         })
     }
 
+    /// The path Nix gives a file or tree added to the store by content, with no references
+    /// (`builtins.path`, `nix-store --add`): the "source" type, from its NAR's sha256. The
+    /// deployer names the agent binary's store path this way without asking Nix.
+    pub fn for_source(name: &str, nar_hash: &crate::NarHash) -> Result<Self, StorePathError> {
+        use sha2::{Digest, Sha256};
+        let fingerprint = format!("source:sha256:{}:{STORE_DIR}:{name}", nar_hash.to_hex());
+        let digest = Sha256::digest(fingerprint.as_bytes());
+        // Nix folds the digest to 20 bytes by xor before printing it in base 32.
+        let mut folded = [0u8; 20];
+        for (i, b) in digest.iter().enumerate() {
+            folded[i % 20] ^= b;
+        }
+        Self::from_base_name(&format!("{}-{name}", crate::base32::encode(&folded)))
+    }
+
     /// The base name, `<hash>-<name>`.
     pub fn base_name(&self) -> &str {
         &self.base

@@ -144,6 +144,9 @@ pub enum Command {
         target: Target,
         #[command(flatten)]
         on: On,
+        /// Reboot the host itself (ssh machines), wait for it to answer, then start the agent
+        #[arg(long)]
+        hard: bool,
     },
     /// Remove machines entirely: processes, network, disk; their records are forgotten
     Destroy {
@@ -182,7 +185,7 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
-    /// Open an interactive shell in a machine
+    /// Open an interactive shell in a machine (on an ssh host: an ssh session, as the login user)
     Shell {
         #[command(flatten)]
         target: Target,

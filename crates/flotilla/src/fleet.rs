@@ -1,6 +1,6 @@
 //! The fleet commands: deploy, start/stop/reboot/destroy, info, check, exec, shell, logs.
 
-use std::io::{BufRead as _, IsTerminal as _, Read as _, Seek as _, Write as _};
+use std::io::{BufRead as _, IsTerminal as _, Write as _};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -118,7 +118,7 @@ pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) 
     output::operation_results(op, &results);
     let mut outcome = if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed };
     // Keys live in memory on the machine: a machine that started again gets them again.
-    if matches!(op, Operation::Start | Operation::Reboot) {
+    if matches!(op, Operation::Start | Operation::Reboot | Operation::HardReboot) {
         let started: Vec<String> = results.iter().filter(|r| r.error.is_none()).map(|r| r.machine.clone()).collect();
         if !started.is_empty() && resend_keys(g, &mut engine, target, &name, &started, &agent)? == Outcome::SomeFailed {
             outcome = Outcome::SomeFailed;
@@ -196,7 +196,8 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
     if let (Some(machine), false, None) = (machine, all, on) {
         // One machine: its output and exit status pass straight through.
         let m = one_machine(&engine, &name, machine)?;
-        let status = m.command(argv, false)?.status().context("cannot run nsenter")?;
+        let mut cmd = m.command(argv, false)?;
+        let status = cmd.status().with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
         engine.event(&name, Some(machine), "exec", if status.success() { "ok" } else { "failed" }, &format!("{} ({status})", argv.join(" ")))?;
         return Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)));
     }
@@ -244,7 +245,7 @@ fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run nsenter: {e}"))?;
+        .map_err(|e| format!("cannot run the machine's command: {e}"))?;
     let stdout = child.stdout.take().expect("piped");
     let stderr = child.stderr.take().expect("piped");
     std::thread::scope(|s| {
@@ -266,7 +267,8 @@ pub fn shell(g: &Global, target: &Target, machine: &str) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = one_machine(&engine, &name, machine)?;
-    let status = m.command(&["sh".into(), "-l".into()], true)?.status().context("cannot run nsenter")?;
+    let mut shell = m.shell()?;
+    let status = shell.status().with_context(|| format!("cannot run {}", shell.get_program().to_string_lossy()))?;
     engine.event(&name, Some(machine), "shell", "ok", &status.to_string())?;
     Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
 }
@@ -275,60 +277,7 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
     let engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = one_machine(&engine, &name, machine)?;
-    let dir = m.log_dir().ok_or_else(|| anyhow!("machine {machine}: its platform keeps no logs on this host"))?;
-    let files: Vec<(String, std::path::PathBuf)> = match service {
-        Some(s) => {
-            let f = dir.join(format!("{s}.log"));
-            if !f.exists() {
-                bail!("machine {machine} has no log for service `{s}` (no {}); `flotilla info` lists its services", f.display());
-            }
-            vec![(s.to_owned(), f)]
-        }
-        None => {
-            let mut v: Vec<(String, std::path::PathBuf)> = std::fs::read_dir(&dir)
-                .map(|d| {
-                    d.flatten()
-                        .filter_map(|e| {
-                            let n = e.file_name().to_string_lossy().into_owned();
-                            Some((n.strip_suffix(".log")?.to_owned(), e.path()))
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            v.sort();
-            v
-        }
-    };
-    let prefix = |svc: &str| if files.len() > 1 { format!("{svc} | ") } else { String::new() };
-    let mut offsets = Vec::new();
-    for (svc, f) in &files {
-        let text = std::fs::read_to_string(f).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        for l in &all[all.len().saturating_sub(lines)..] {
-            println!("{}{l}", prefix(svc));
-        }
-        offsets.push(text.len() as u64);
-    }
-    if !follow {
-        return Ok(Outcome::Ok);
-    }
-    loop {
-        std::thread::sleep(Duration::from_millis(250));
-        for ((svc, f), offset) in files.iter().zip(offsets.iter_mut()) {
-            let Ok(mut file) = std::fs::File::open(f) else { continue };
-            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
-            if len < *offset {
-                *offset = 0; // rotated
-            }
-            file.seek(std::io::SeekFrom::Start(*offset))?;
-            let mut new = String::new();
-            file.read_to_string(&mut new)?;
-            // Print whole lines only; a partial one waits for its end.
-            let upto = new.rfind('\n').map_or(0, |i| i + 1);
-            for l in new[..upto].lines() {
-                println!("{}{l}", prefix(svc));
-            }
-            *offset += upto as u64;
-        }
-    }
+    let mut cmd = m.logs(service, lines, follow)?;
+    let status = cmd.status().with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
+    Ok(if status.success() { Outcome::Ok } else { Outcome::Code(status.code().map_or(1, |c| c.clamp(1, 255) as u8)) })
 }

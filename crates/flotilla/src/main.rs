@@ -86,7 +86,9 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::UploadKeys { target, on } => fleet::upload_keys(g, target, &on.on),
         Command::Start { target, on } => fleet::operate(g, target, &on.on, Operation::Start, true),
         Command::Stop { target, on } => fleet::operate(g, target, &on.on, Operation::Stop, true),
-        Command::Reboot { target, on } => fleet::operate(g, target, &on.on, Operation::Reboot, true),
+        Command::Reboot { target, on, hard } => {
+            fleet::operate(g, target, &on.on, if *hard { Operation::HardReboot } else { Operation::Reboot }, true)
+        }
         Command::Destroy { target, on, yes } => fleet::operate(g, target, &on.on, Operation::Destroy, *yes),
         Command::Check { target, on, json } => fleet::check(g, target, &on.on, *json),
         Command::Exec { target, machine, all, on, command } => fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command),

@@ -379,13 +379,13 @@ impl Machine for LocalMachine {
         }
     }
 
-    fn provision(&self) -> Result<bool, PlatformError> {
+    fn provision(&self) -> Result<Option<String>, PlatformError> {
         if self.netns_path().exists() {
             self.check_address()?;
         }
         match self.state() {
-            MachineState::Running => Ok(false),
-            MachineState::Stopped => self.start().map(|()| true),
+            MachineState::Running | MachineState::Unreachable => Ok(None),
+            MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
                 let made = self.prepare_root().and_then(|()| self.start());
                 if let Err(mut e) = made {
@@ -399,7 +399,7 @@ impl Machine for LocalMachine {
                     }
                     return Err(e);
                 }
-                Ok(true)
+                Ok(Some("started".into()))
             }
         }
     }
@@ -483,8 +483,16 @@ impl Machine for LocalMachine {
         Ok(cmd)
     }
 
-    fn log_dir(&self) -> Option<PathBuf> {
-        Some(self.root().join("var/log/flotilla"))
+    /// Read from the machine's root on this host by the deployer's agent, so the logs of a
+    /// stopped machine can be read too.
+    fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError> {
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("logs").arg("--root").arg(self.root()).args(["-n", &lines.to_string()]);
+        if follow {
+            cmd.arg("-f");
+        }
+        cmd.args(service);
+        Ok(cmd)
     }
 
     fn resources(&self) -> BTreeMap<String, String> {

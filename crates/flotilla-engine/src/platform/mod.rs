@@ -3,6 +3,7 @@
 //! pipeline and the fleet commands talk to machines only through [`Machine`].
 
 pub mod local;
+pub mod ssh;
 mod sys;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,8 @@ pub enum MachineState {
     Stopped,
     /// Running.
     Running,
+    /// Its host does not answer, so its state is unknown.
+    Unreachable,
 }
 
 impl MachineState {
@@ -44,6 +47,7 @@ impl MachineState {
             MachineState::Missing => "missing",
             MachineState::Stopped => "stopped",
             MachineState::Running => "running",
+            MachineState::Unreachable => "unreachable",
         }
     }
 }
@@ -54,12 +58,19 @@ pub trait Machine: Send + Sync {
     fn name(&self) -> &str;
     /// Whether it exists and runs.
     fn state(&self) -> MachineState;
-    /// Creates it if missing and starts it if stopped; returns whether anything was done.
-    fn provision(&self) -> Result<bool, PlatformError>;
+    /// Creates it if missing and starts it if stopped; returns what was done, if anything,
+    /// as the user should read it.
+    fn provision(&self) -> Result<Option<String>, PlatformError>;
     /// Starts it (it must exist).
     fn start(&self) -> Result<(), PlatformError>;
     /// Stops it: the agent stops services cleanly first.
     fn stop(&self) -> Result<(), PlatformError>;
+    /// Stops and starts it; `hard` restarts what it runs on too (an ssh host reboots).
+    fn reboot(&self, hard: bool) -> Result<(), PlatformError> {
+        let _ = hard; // a container is its own host
+        self.stop()?;
+        self.start()
+    }
     /// Removes every trace of it.
     fn destroy(&self) -> Result<(), PlatformError>;
     /// Connects to its agent.
@@ -67,9 +78,13 @@ pub trait Machine: Send + Sync {
     /// A command that runs `argv` inside the machine (an interactive one with a terminal when
     /// `tty`).
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError>;
-    /// The directory on this host holding the machine's service logs (`<service>.log`), if
-    /// the platform keeps them here.
-    fn log_dir(&self) -> Option<PathBuf>;
+    /// An interactive login shell on the machine.
+    fn shell(&self) -> Result<Command, PlatformError> {
+        self.command(&["sh".into(), "-l".into()], true)
+    }
+    /// A command printing the last `lines` lines of a service's log (every service's when
+    /// `None`), following it with `follow`: the agent's `logs` command, run where the logs are.
+    fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError>;
     /// What the machine is made of on this host (root directory, network names, ...), for
     /// people looking for it and for cleaning up by hand.
     fn resources(&self) -> BTreeMap<String, String>;
@@ -97,10 +112,11 @@ impl Context {
 pub fn machine(ctx: &Context, name: &str, platform: &Platform, facts: &BTreeMap<String, Value>) -> Result<Box<dyn Machine>, PlatformError> {
     match platform {
         Platform::Local(spec) => Ok(Box::new(local::LocalMachine::new(ctx, name, spec, facts)?)),
+        Platform::Ssh(spec) => Ok(Box::new(ssh::SshMachine::new(ctx, name, spec)?)),
         other => Err(PlatformError {
             machine: name.to_owned(),
             message: format!(
-                "option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\"",
+                "option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\" or \"ssh\"",
                 other.kind()
             ),
         }),
