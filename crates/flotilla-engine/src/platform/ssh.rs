@@ -339,11 +339,12 @@ impl Machine for SshMachine {
     fn provision(&self) -> Result<Option<String>, PlatformError> {
         let p = self.reach()?;
         let mut did = Vec::new();
+        // Recorded first: whether to use sudo comes from it.
+        self.save_record(&Record { destination: self.ssh.destination(), sudo: p.uid != "0", systemd: p.systemd })?;
         if !p.agent_present {
             self.copy_agent()?;
             did.push("agent copied".to_owned());
         }
-        self.save_record(&Record { destination: self.ssh.destination(), sudo: p.uid != "0", systemd: p.systemd })?;
         if !p.running {
             did.push(self.start_agent(p.systemd, false)?);
         } else if let Err(e) = self.connect() {
