@@ -216,6 +216,11 @@ fn a_nix_host_has_a_store_of_its_own() {
     );
     assert!(host.root().join("nix/var/nix/db/db.sqlite").exists());
     assert!(host.root().join("nix/store").is_dir());
+
+    // A host without the option has no Nix at all, though this machine has.
+    let plain = lab.host("plain", HostOpts::default());
+    let none = lab.ssh(&plain, "root", "command -v nix-store nix nix-build; ls /usr/bin | grep -c ^nix; ls -A /nix");
+    assert_eq!(none.stdout(), "0\n", "stderr: {}", none.stderr());
 }
 
 /// The processes of `host`'s PID namespace, as this machine numbers them, with their command lines.

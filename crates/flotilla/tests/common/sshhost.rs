@@ -53,7 +53,8 @@ pub enum SudoRule {
 pub struct HostOpts {
     /// Login users besides root, each with its sudo rule.
     pub users: Vec<(String, SudoRule)>,
-    /// Whether the host has a Nix store database of its own (`nix-store --init`).
+    /// Whether the host has Nix: its own store database (`nix-store --init`) and the
+    /// machine's Nix commands. Without it `/usr/bin/nix*` are hidden and `/nix` is empty.
     pub nix: bool,
 }
 
@@ -269,12 +270,13 @@ impl SshHost {
         };
 
         let host_pub = host.make_root(&opts);
+        host.make_usr(&opts);
         // One append of one line: hosts may start from several threads at once.
         append(&lab.known_hosts(), &format!("{} {}\n", host.address(), host_pub));
         host.make_network();
         host.spawn_init();
         if opts.nix {
-            // Debian's nix-store, seen through the /usr bind mount, makes /nix/var/nix/db and
+            // Debian's nix-store, seen through the /usr overlay, makes /nix/var/nix/db and
             // /nix/store under the host's own empty /nix.
             let init = host.run(&["nix-store", "--init"]);
             assert_eq!(init.code(), 0, "nix-store --init inside {name} failed:\n{}", init.stderr());
@@ -392,7 +394,7 @@ impl SshHost {
         fs::set_permissions(root.join("var/tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
         fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
         // Debian 12 has merged /usr: /bin, /sbin and /lib are symlinks into it, so the
-        // read-only /usr bind mount brings every program and library.
+        // read-only /usr overlay brings every program and library.
         for (link, to) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
             std::os::unix::fs::symlink(to, root.join(link)).unwrap();
         }
@@ -469,6 +471,28 @@ impl SshHost {
         host_pub
     }
 
+    /// The layer over the machine's `/usr` that hides Nix's commands on a host without Nix:
+    /// Debian's nix-bin is installed here for the tests, but a host that answers
+    /// `nix-store --version` is not a host without Nix.
+    fn make_usr(&self, opts: &HostOpts) {
+        let hidden = self.dir.path().join("usr-hidden/bin");
+        fs::create_dir_all(&hidden).unwrap();
+        if opts.nix {
+            return;
+        }
+        for entry in fs::read_dir("/usr/bin").unwrap().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == "nix" || name.starts_with("nix-") {
+                // A 0:0 character device in an upper layer is overlayfs's whiteout: the file is gone.
+                checked(
+                    Command::new("mknod").arg(hidden.join(&*name)).args(["c", "0", "0"]),
+                    "mknod for an overlayfs whiteout",
+                );
+            }
+        }
+    }
+
     fn sshd_config(&self) -> String {
         format!(
             "# Written by tests/common/sshhost.rs.\n\
@@ -517,16 +541,27 @@ impl SshHost {
     /// Starts PID 1: new mount, PID, UTS and IPC namespaces, the mounts, then the chroot.
     fn spawn_init(&mut self) {
         let root = shell_quote(&self.root.display().to_string());
+        let hidden = self.dir.path().join("usr-hidden");
+        // overlayfs takes `:` and `,` as separators in its options.
+        assert!(
+            !hidden.display().to_string().contains([':', ',']),
+            "the temp dir's path {} cannot be an overlayfs layer",
+            hidden.display()
+        );
+        let hidden = shell_quote(&hidden.display().to_string());
         // Propagation slave, not private: this mount namespace starts with a copy of every
         // `/run/netns/*` bind mount on the machine, and a private copy would keep other
         // tests' network namespaces alive after they delete them. A slave still sends
         // nothing back, so the mounts below stay invisible on the machine.
         //
+        // /usr is an overlay with no upper directory, so read-only: the machine's /usr under
+        // the host's own layer of hidden files.
+        //
         // PID 1 restarts sshd whenever it exits (restart_sshd, replace_host_key) and, while
         // it waits for sshd or sleep, dash's wait reaps any child: orphans too.
         let setup = format!(
             "set -e\n\
-             mount --bind -o ro /usr {root}/usr\n\
+             mount -t overlay overlay -o lowerdir={hidden}:/usr {root}/usr\n\
              mount --rbind /dev {root}/dev\n\
              mount -t proc proc {root}/proc\n\
              hostname {name}\n\
@@ -590,6 +625,12 @@ impl SshHost {
                 return;
             }
             assert!(
+                start_time(self.init.0) == Some(self.init.1),
+                "{}'s PID 1 has died\nlog:\n{}",
+                self.name,
+                self.sshd_log()
+            );
+            assert!(
                 start.elapsed() < START_TIMEOUT,
                 "{}'s sshd does not accept root with the lab's key after {START_TIMEOUT:?}\nlast ssh: {}\nsshd log:\n{}",
                 self.name,
@@ -632,6 +673,7 @@ pub fn require_ssh_prerequisites(nix: bool) {
         ("/usr/bin/sudo", "sudo"),
         ("/usr/bin/unshare", "util-linux"),
         ("/usr/sbin/chroot", "coreutils"),
+        ("/usr/bin/mknod", "coreutils"),
     ];
     if nix {
         needed.push(("/usr/bin/nix-store", "nix-bin"));
