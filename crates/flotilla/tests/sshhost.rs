@@ -166,19 +166,31 @@ fn orphans_are_reaped_and_everything_goes_with_the_host() {
 fn nothing_is_left_after_the_lab_is_dropped() {
     let fleet = Fleet::new();
     let lab = SshLab::new(&fleet.ns);
-    let hosts = [
-        lab.host("alpha", HostOpts::default().user("deploy", SudoRule::Passwordless)),
-        lab.host("beta", HostOpts::default().nix()),
-    ];
-    // What a deployment leaves: read-only directories (the store's) owned by someone else.
-    lab.ssh(&hosts[0], "deploy", "mkdir -p ~/ro/sub && touch ~/ro/sub/f && chmod -R a-w ~/ro").ok();
-    let gone: Vec<_> = hosts
+    let alpha = lab.host("alpha", HostOpts::default().user("deploy", SudoRule::Passwordless));
+    let beta = lab.host("beta", HostOpts::default().nix());
+    // What a deployment leaves: read-only directories owned by someone else, store paths.
+    lab.ssh(&alpha, "deploy", "mkdir -p ~/ro/sub && touch ~/ro/sub/f && chmod -R a-w ~/ro").ok();
+    lab.ssh(&beta, "root", "echo x > /tmp/f && nix-store --add /tmp/f").ok();
+    let gone: Vec<_> = [&alpha, &beta]
         .iter()
         .map(|h| (h.netns().to_owned(), h.init_pid(), h.root().parent().unwrap().to_path_buf()))
         .collect();
     let lab_dir = lab.known_hosts().parent().unwrap().to_path_buf();
 
-    drop(hosts);
+    // beta's mount namespace began with a copy of alpha's /run/netns mount; deleting alpha's
+    // namespace must take that copy too, or beta would keep alpha's network alive. (Seen from
+    // beta's `unshare`, in the same mount namespace but outside the chroot.)
+    let status = std::fs::read_to_string(format!("/proc/{}/status", beta.init_pid())).unwrap();
+    let unshare = status.lines().find_map(|l| l.strip_prefix("PPid:")).unwrap().trim().to_owned();
+    let beta_mounts = || std::fs::read_to_string(format!("/proc/{unshare}/mountinfo")).unwrap();
+    assert!(beta_mounts().contains(&gone[0].0));
+    drop(alpha);
+    assert!(
+        !beta_mounts().contains(&gone[0].0),
+        "beta still holds alpha's network namespace:\n{}",
+        beta_mounts()
+    );
+    drop(beta);
     drop(lab);
     let netns = String::from_utf8(std::process::Command::new("ip").args(["netns", "list"]).output().unwrap().stdout).unwrap();
     for (ns, init, dir) in &gone {

@@ -549,10 +549,10 @@ impl SshHost {
             hidden.display()
         );
         let hidden = shell_quote(&hidden.display().to_string());
-        // Propagation slave, not private: this mount namespace starts with a copy of every
-        // `/run/netns/*` bind mount on the machine, and a private copy would keep other
-        // tests' network namespaces alive after they delete them. A slave still sends
-        // nothing back, so the mounts below stay invisible on the machine.
+        // Propagation private: the mounts below never show on the machine. The namespace's
+        // copies of the machine's `/run/netns/*` mounts do not keep other tests' network
+        // namespaces alive: `ip netns del` unlinks the file, and the kernel then detaches
+        // the mounts on it in every mount namespace.
         //
         // /usr is an overlay with no upper directory, so read-only: the machine's /usr under
         // the host's own layer of hidden files.
@@ -582,7 +582,7 @@ impl SshHost {
                 "--ipc",
                 "--fork",
                 "--propagation",
-                "slave",
+                "private",
                 "--",
                 "sh",
                 "-c",
