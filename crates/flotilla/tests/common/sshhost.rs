@@ -65,7 +65,7 @@ impl HostOpts {
         self
     }
 
-    /// Gives the host its own Nix store database.
+    /// Gives the host Nix: the machine's Nix commands and a store database of its own.
     pub fn nix(mut self) -> HostOpts {
         self.nix = true;
         self
@@ -248,6 +248,11 @@ pub struct SshHost {
 impl SshHost {
     fn start(lab: &Arc<Lab>, name: &str, opts: HostOpts) -> SshHost {
         require_ssh_prerequisites(opts.nix);
+        // It becomes the hostname and goes into /etc/hosts and a shell line.
+        assert!(
+            !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'),
+            "a host's name is letters, digits and '-': {name:?}"
+        );
         let began = Instant::now();
         let index = {
             let mut next = lab.next.lock().unwrap();
@@ -393,6 +398,10 @@ impl SshHost {
         fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
         fs::set_permissions(root.join("var/tmp"), fs::Permissions::from_mode(0o1777)).unwrap();
         fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o700)).unwrap();
+        // sshd records logins for a session with a terminal, and logs an error when it cannot.
+        for f in ["var/log/lastlog", "var/log/wtmp", "var/log/btmp", "run/utmp"] {
+            fs::write(root.join(f), "").unwrap();
+        }
         // Debian 12 has merged /usr: /bin, /sbin and /lib are symlinks into it, so the
         // read-only /usr overlay brings every program and library.
         for (link, to) in [("bin", "usr/bin"), ("sbin", "usr/sbin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")] {
