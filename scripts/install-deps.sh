@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what flotilla and its tests need on Debian 12, as root: Nix (Debian's nix-bin,
 # single-user), a static busybox for the demo package set, iproute2 and util-linux's nsenter
-# for the local platform, curl for the tests and the demo.
+# for the local platform, curl for the tests and the demo, OpenSSH and sudo for the ssh
+# platform's test hosts.
 # Rust comes from rustup and is assumed. Safe to run again: it installs only what is missing.
 set -euo pipefail
 
@@ -13,6 +14,10 @@ command -v nsenter >/dev/null 2>&1 || need+=(util-linux)
 # The tests and the demo fetch pages from the machines the way a user would.
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v script >/dev/null 2>&1 || need+=(bsdutils) # a terminal for the `shell` test
+# The ssh platform's tests start their own sshd hosts in namespaces (tests/common/sshhost.rs).
+[ -x /usr/sbin/sshd ] || need+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
+command -v sudo >/dev/null 2>&1 || need+=(sudo)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -21,6 +26,14 @@ if [ ${#need[@]} -gt 0 ]; then
     fi
     echo "install-deps: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # Without systemd, openssh-server's postinst would start an sshd on this machine: a
+    # policy-rc.d that exits 101 forbids starting services. Only ours is removed afterwards.
+    policy=/usr/sbin/policy-rc.d
+    if [ ! -e "$policy" ]; then
+        trap 'rm -f "$policy"' EXIT
+        printf '#!/bin/sh\n# install-deps.sh: no services started while installing\nexit 101\n' >"$policy"
+        chmod 755 "$policy"
+    fi
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
