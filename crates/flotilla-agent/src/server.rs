@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::{server_handshake, Connection, ErrorKind, ProtocolError, Request, Response};
+use flotilla_protocol::{server_handshake, server_handshake_range, Connection, ErrorKind, ProtocolError, Request, Response};
 
 use crate::activate::{Agent, AgentError};
 
@@ -39,6 +39,17 @@ pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
     }
 }
 
+/// A test double for an older release: debug builds started with
+/// `FLOTILLA_AGENT_TEST_PLAY_PROTOCOL=N` speak only protocol version N, so the deployer's
+/// replacement of an outdated agent can be tested without keeping old binaries around.
+/// Release builds ignore it.
+fn played_protocol() -> Option<u32> {
+    if !cfg!(debug_assertions) {
+        return None;
+    }
+    std::env::var("FLOTILLA_AGENT_TEST_PLAY_PROTOCOL").ok()?.parse().ok()
+}
+
 /// Numbers connections, for [`Agent::confirm`].
 static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
 
@@ -46,7 +57,10 @@ fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolE
     let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let mut conn = Connection::unix(stream)?;
     let root = agent.lock().expect("agent lock").root().root().to_string_lossy().into_owned();
-    server_handshake(&mut conn, AGENT_VERSION, &root)?;
+    match played_protocol() {
+        None => server_handshake(&mut conn, AGENT_VERSION, &root)?,
+        Some(v) => server_handshake_range(&mut conn, AGENT_VERSION, &root, v, v)?,
+    };
     loop {
         let request: Request = match conn.recv() {
             Ok(r) => r,

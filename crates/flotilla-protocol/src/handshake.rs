@@ -114,7 +114,7 @@ pub fn server_handshake<R: Read, W: Write>(
 }
 
 /// [`server_handshake`] speaking the versions `min..=max`; tests use it to play other releases.
-pub(crate) fn server_handshake_range<R: Read, W: Write>(
+pub fn server_handshake_range<R: Read, W: Write>(
     conn: &mut Connection<R, W>,
     agent_version: &str,
     root: &str,

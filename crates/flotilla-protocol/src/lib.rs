@@ -22,7 +22,7 @@ pub use data::{
 };
 pub use error::{ProtocolError, Result};
 pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
-pub use handshake::{client_handshake, server_handshake};
+pub use handshake::{client_handshake, server_handshake, server_handshake_range};
 pub use message::{
     ActivationGoal, ActivationReport, Compression, ErrorKind, GenerationInfo, HandshakeReply,
     HealthResult, Hello, KeyState, KeyUpload, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Welcome,

@@ -1,0 +1,206 @@
+//! The ssh platform end to end, against real hosts: each a network namespace with a root of
+//! its own running Debian's OpenSSH server (`common::sshhost`), reached by the real ssh
+//! client from the test's own namespace. Real Nix, the real agent, no Nix on most hosts.
+
+mod common;
+
+use common::sshhost::{HostOpts, SshHost, SshLab, SudoRule};
+use common::{Fleet, Run};
+use serde_json::Value;
+
+/// A deployment of web servers on ssh hosts, each `(name, host address, login user, page)`.
+fn ssh_fleet(lab: &SshLab, machines: &[(&str, &str, &str, &str)], extra: &str) -> String {
+    let opts: String = lab.ssh_options().iter().map(|o| format!("{o:?} ")).collect();
+    let key = lab.identity_file();
+    let defs: String = machines
+        .iter()
+        .map(|(name, addr, user, page)| {
+            format!(
+                r#"
+    {name} = {{ pkgs, ... }}: let
+        site = pkgs.runCommand "site-{name}" {{}} ''
+          mkdir $out
+          echo '{page}' > $out/index.html
+        '';
+      in {{
+        platform = {{ type = "ssh"; host = "{addr}"; user = "{user}"; identityFile = "{key}"; sshOptions = [ {opts}]; }};
+        packages = [ pkgs.busybox ];
+        files."/etc/flotilla-page".text = "{page}\n";
+        users.www = {{ home = "/var/empty"; }};
+        services.httpd = {{
+          command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
+          user = "www";
+          healthCheck = {{ http = "http://127.0.0.1/"; interval = 1; retries = 5; timeout = 2; }};
+        }};
+        {extra}
+      }};"#,
+                key = key.display()
+            )
+        })
+        .collect();
+    format!("{{ meta.name = \"sshfleet\"; machines = {{{defs}\n  }}; }}\n")
+}
+
+fn deploy_json(f: &Fleet, file: &str, args: &[&str]) -> (i32, Value, String) {
+    let r = f.run(&[&["deploy", "--json", "-f", file], args].concat());
+    let out = r.stdout();
+    let last = out.lines().last().unwrap_or_else(|| panic!("deploy printed nothing\nstderr:\n{}", r.stderr()));
+    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not the report ({e}): {last}\nstderr:\n{}", r.stderr()));
+    (r.code(), report, format!("{out}\n{}", r.stderr()))
+}
+
+fn row<'a>(report: &'a Value, machine: &str) -> &'a Value {
+    report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
+}
+
+fn page(f: &Fleet, host: &SshHost) -> Option<String> {
+    f.http_get(&format!("http://{}/", host.address())).map(|p| p.trim().to_owned())
+}
+
+/// Logins sshd accepted so far (one per TCP connection).
+fn logins(host: &SshHost) -> usize {
+    host.sshd_log().matches("Accepted publickey").count()
+}
+
+fn ok(r: Run, what: &str) -> Run {
+    assert_eq!(r.code(), 0, "{what} failed\nstdout:\n{}\nstderr:\n{}", r.stdout(), r.stderr());
+    r
+}
+
+/// Files the agent leaves on a host while it manages it.
+fn flotilla_traces(host: &SshHost) -> Vec<String> {
+    let root = host.root();
+    let mut found: Vec<String> = ["nix/var/flotilla", "run/flotilla", "var/log/flotilla", "etc/flotilla-page", "run/current-system"]
+        .iter()
+        .filter(|p| std::fs::symlink_metadata(root.join(p)).is_ok())
+        .map(|p| format!("/{p}"))
+        .collect();
+    if let Ok(d) = std::fs::read_dir(root.join("nix/store")) {
+        found.extend(d.flatten().map(|e| format!("/nix/store/{}", e.file_name().to_string_lossy())));
+    }
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    if passwd.lines().any(|l| l.starts_with("www:")) {
+        found.push("user www".into());
+    }
+    found
+}
+
+#[test]
+fn first_deploy_bootstraps_the_agent_then_noop_change_rollback_stop_start_and_destroy() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let host = lab.host("web1", HostOpts::default());
+    let passwd_before = std::fs::read_to_string(host.root().join("etc/passwd")).unwrap();
+    assert!(flotilla_traces(&host).is_empty(), "a fresh host has no flotilla: {:?}", flotilla_traces(&host));
+
+    // First deploy: the agent is copied (by its store path) and started detached: no systemd.
+    let v1 = f.fl.file("sshfleet.nix", &ssh_fleet(&lab, &[("web1", &host.address(), "root", "one")], ""));
+    let before = logins(&host);
+    let (code, report, out) = deploy_json(&f, &v1, &[]);
+    assert_eq!(code, 0, "{out}\nsshd:\n{}", host.sshd_log());
+    assert!(out.contains("agent copied") && out.contains("detached") && out.contains("flotilla start web1"), "the deploy says how the agent runs: {out}");
+    assert_eq!(row(&report, "web1")["outcome"], "deployed", "{report:#}");
+    assert_eq!(logins(&host) - before, 1, "one ssh connection for the whole deploy\n{}", host.sshd_log());
+    assert_eq!(page(&f, &host).as_deref(), Some("one"));
+    let agent = std::fs::read_link(host.root().join("nix/var/flotilla/bin/flotilla-agent")).expect("the agent link");
+    assert!(agent.starts_with("/nix/store") && host.root().join(agent.strip_prefix("/").unwrap()).is_file(), "{agent:?}");
+    assert_eq!(std::fs::read_to_string(host.root().join("etc/flotilla-page")).unwrap(), "one\n");
+
+    // The deployer leaving does not stop anything: the page is served after the deploy ended.
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(page(&f, &host).as_deref(), Some("one"));
+
+    // No-op redeploy: nothing copied, nothing restarted, one connection again.
+    let before = logins(&host);
+    let (code, report, out) = deploy_json(&f, &v1, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(row(&report, "web1")["outcome"], "unchanged", "{report:#}");
+    assert_eq!(logins(&host) - before, 1, "{}", host.sshd_log());
+
+    // A change.
+    let v2 = f.fl.file("sshfleet.nix", &ssh_fleet(&lab, &[("web1", &host.address(), "root", "two")], ""));
+    let (code, report, out) = deploy_json(&f, &v2, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(row(&report, "web1")["outcome"], "deployed");
+    assert_eq!(page(&f, &host).as_deref(), Some("two"));
+
+    // exec runs as root on the host; logs come from the host; info sees it running.
+    let r = ok(f.run(&["exec", "-f", &v2, "web1", "--", "sh", "-c", "id -u; cat /etc/flotilla-page"]), "exec");
+    assert_eq!(r.stdout(), "0\ntwo\n");
+    let r = ok(f.run(&["logs", "-f", &v2, "web1"]), "logs");
+    assert!(r.code() == 0, "{}", r.stderr());
+    let info = f.machine(&v2, "web1");
+    assert_eq!(info["state"], "running", "{info:#}");
+    assert_eq!(info["platform"], "ssh", "{info:#}");
+
+    // Rollback to generation 1.
+    ok(f.run(&["rollback", "-f", &v2, "--on", "web1"]), "rollback");
+    assert_eq!(page(&f, &host).as_deref(), Some("one"));
+    let gens = f.run(&["generations", "-f", &v2, "web1", "--json"]).ok().json();
+    let current: Vec<u64> = gens.as_array().unwrap().iter().filter(|g| g["current"] == true).filter_map(|g| g["number"].as_u64()).collect();
+    assert_eq!(current, [1], "{gens:#}");
+
+    // Stop and start act on the agent and its services.
+    ok(f.run(&["stop", "-f", &v2, "--on", "web1"]), "stop");
+    assert_eq!(f.machine(&v2, "web1")["state"], "stopped");
+    assert!(f.host(&["curl", "-sf", "--max-time", "2", &format!("http://{}/", host.address())]).code() != 0, "stopped services do not answer");
+    ok(f.run(&["start", "-f", &v2, "--on", "web1"]), "start");
+    assert_eq!(page(&f, &host).as_deref(), Some("one"), "the rolled-back generation comes back");
+
+    // Destroy removes flotilla from the host and leaves the host.
+    ok(f.run(&["destroy", "-f", &v2, "--yes"]), "destroy");
+    assert!(flotilla_traces(&host).is_empty(), "left on the host: {:?}", flotilla_traces(&host));
+    assert_eq!(std::fs::read_to_string(host.root().join("etc/passwd")).unwrap(), passwd_before, "the host's accounts are as they were");
+    assert!(host.run(&["sh", "-c", "ps -eo args | grep -v grep | grep -c flotilla-agent"]).stdout().trim() == "0", "no agent runs");
+    assert_eq!(lab.ssh(&host, "root", "echo still here").stdout().trim(), "still here");
+    let list = f.run(&["info", "-f", &v2, "--json"]);
+    assert!(list.stdout().contains("\"machines\":[]") || list.code() != 0 || !list.stdout().contains("web1"), "web1 is forgotten: {}", list.stdout());
+}
+
+#[test]
+fn a_non_root_user_deploys_through_passwordless_sudo_and_one_that_would_be_asked_a_password_is_refused() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let good = lab.host("good", HostOpts::default().user("deploy", SudoRule::Passwordless));
+    let asks = lab.host("asks", HostOpts::default().user("deploy", SudoRule::Password));
+    let file = f.fl.file(
+        "sshfleet.nix",
+        &ssh_fleet(&lab, &[("good", &good.address(), "deploy", "sudo works"), ("asks", &asks.address(), "deploy", "never")], ""),
+    );
+    let (code, report, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(row(&report, "good")["outcome"], "deployed", "{report:#}");
+    assert_eq!(page(&f, &good).as_deref(), Some("sudo works"));
+    let agent_user = good.run(&["sh", "-c", "ps -o user=,args= -e | grep 'flotilla-agent init' | grep -v grep"]).stdout();
+    assert!(agent_user.trim_start().starts_with("root"), "the agent runs as root: {agent_user}");
+
+    let bad = row(&report, "asks");
+    let error = bad["error"].as_str().unwrap_or_default();
+    assert_eq!(bad["outcome"], "failed", "{report:#}");
+    assert!(error.contains("sudo would ask for a password") && error.contains("NOPASSWD") && error.contains("platform.user"), "{error}");
+    assert!(flotilla_traces(&asks).is_empty(), "nothing was done on the host whose sudo asks: {:?}", flotilla_traces(&asks));
+}
+
+#[test]
+fn an_unreachable_host_and_a_changed_host_key_fail_alone_with_clear_errors() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let good = lab.host("good", HostOpts::default());
+    let changed = lab.host("changed", HostOpts::default());
+    lab.replace_host_key(&changed);
+    let file = f.fl.file(
+        "sshfleet.nix",
+        &ssh_fleet(&lab, &[("good", &good.address(), "root", "fine"), ("gone", "10.250.0.99", "root", "x"), ("changed", &changed.address(), "root", "x")], ""),
+    );
+    let (code, report, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(row(&report, "good")["outcome"], "deployed", "{report:#}");
+    assert_eq!(page(&f, &good).as_deref(), Some("fine"));
+
+    let gone = row(&report, "gone")["error"].as_str().unwrap_or_default().to_owned();
+    assert!(gone.contains("cannot reach root@10.250.0.99") && gone.contains("platform.host"), "{gone}");
+    let key = row(&report, "changed")["error"].as_str().unwrap_or_default().to_owned();
+    assert!(key.contains("host key does not match") && key.contains(&format!("ssh-keygen -R {}", changed.address())), "{key}");
+    assert!(flotilla_traces(&changed).is_empty(), "nothing reached the host with the changed key: {:?}", flotilla_traces(&changed));
+    assert!(!changed.sshd_log().contains("Accepted publickey"), "no login on it: {}", changed.sshd_log());
+}
