@@ -204,3 +204,57 @@ fn an_unreachable_host_and_a_changed_host_key_fail_alone_with_clear_errors() {
     assert!(flotilla_traces(&changed).is_empty(), "nothing reached the host with the changed key: {:?}", flotilla_traces(&changed));
     assert!(!changed.sshd_log().contains("Accepted publickey"), "no login on it: {}", changed.sshd_log());
 }
+
+#[test]
+fn an_agent_that_speaks_an_older_protocol_is_replaced_by_the_deploy() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let host = lab.host("web1", HostOpts::default());
+    let file = f.fl.file("sshfleet.nix", &ssh_fleet(&lab, &[("web1", &host.address(), "root", "kept")], ""));
+    let (code, _, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+
+    // Test double for an older release: the same agent, started so that it speaks only
+    // protocol 1 (FLOTILLA_AGENT_TEST_PLAY_PROTOCOL, honoured by debug builds only).
+    let played = host.run(&["sh", "-c", "/nix/var/flotilla/bin/flotilla-agent stop && FLOTILLA_AGENT_TEST_PLAY_PROTOCOL=1 /nix/var/flotilla/bin/flotilla-agent init --detach"]);
+    assert_eq!(played.code(), 0, "{}", played.stderr());
+    let refused = f.run(&["generations", "-f", &file, "web1"]);
+    assert_ne!(refused.code(), 0, "this flotilla cannot talk to the old agent: {}", refused.stdout());
+    assert!(refused.stderr().contains("older"), "{}", refused.stderr());
+
+    let (code, report, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("older protocol") && out.contains("restarted"), "the deploy says it replaced the agent: {out}");
+    assert_eq!(row(&report, "web1")["outcome"], "unchanged", "{report:#}");
+    assert_eq!(page(&f, &host).as_deref(), Some("kept"));
+    ok(f.run(&["generations", "-f", &file, "web1"]), "generations with the new agent");
+}
+
+#[test]
+fn on_a_host_with_nix_flotillas_paths_survive_its_garbage_collector_and_destroy_leaves_its_store_alone() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let host = lab.host("nixhost", HostOpts::default().nix());
+    let file = f.fl.file("sshfleet.nix", &ssh_fleet(&lab, &[("nixhost", &host.address(), "root", "with nix")], ""));
+    let (code, report, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("the host has Nix"), "{out}");
+    let toplevel = row(&report, "nixhost")["toplevel"].as_str().unwrap().to_owned();
+
+    // The host's own Nix knows the system and its garbage collector keeps it.
+    let gc = host.run(&["nix-store", "--gc"]);
+    assert_eq!(gc.code(), 0, "{}", gc.stderr());
+    let valid = host.run(&["nix-store", "--check-validity", &toplevel]);
+    assert_eq!(valid.code(), 0, "{}", valid.stderr());
+    assert!(host.root().join(toplevel.trim_start_matches('/')).exists(), "the toplevel survived the host's GC");
+    assert_eq!(page(&f, &host).as_deref(), Some("with nix"));
+    let (code, report, out) = deploy_json(&f, &file, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(row(&report, "nixhost")["outcome"], "unchanged", "{report:#}");
+
+    ok(f.run(&["destroy", "-f", &file, "--yes"]), "destroy");
+    assert!(host.root().join("nix/var/nix/db").is_dir(), "the host's Nix database stays");
+    let verify = host.run(&["nix-store", "--verify"]);
+    assert_eq!(verify.code(), 0, "the host's store is consistent after destroy: {}", verify.stderr());
+    assert!(!host.root().join("nix/var/flotilla").exists());
+}
