@@ -8,6 +8,7 @@ pub mod container;
 mod etc;
 pub mod health;
 pub mod keys;
+pub mod logs;
 pub mod machine;
 pub mod server;
 pub mod supervisor;
