@@ -5,6 +5,7 @@
 pub mod activate;
 pub mod build_system;
 pub mod container;
+pub mod daemon;
 mod etc;
 pub mod health;
 pub mod keys;

@@ -46,7 +46,11 @@ fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolE
     let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let mut conn = Connection::unix(stream)?;
     let root = agent.lock().expect("agent lock").root().root().to_string_lossy().into_owned();
-    server_handshake(&mut conn, AGENT_VERSION, &root)?;
+    match server_handshake(&mut conn, AGENT_VERSION, &root) {
+        // A probe (`status-line`, `init --detach`) connects and leaves without a word.
+        Err(ProtocolError::Closed) => return Ok(()),
+        result => result?,
+    };
     loop {
         let request: Request = match conn.recv() {
             Ok(r) => r,
