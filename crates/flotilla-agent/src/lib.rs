@@ -13,4 +13,5 @@ pub mod logs;
 pub mod machine;
 pub mod server;
 pub mod supervisor;
+pub mod uninstall;
 mod users;
