@@ -62,6 +62,23 @@ fn detach_starts_an_agent_that_outlives_its_launcher_and_stop_stops_it() {
 }
 
 #[test]
+fn two_launchers_at_once_start_one_agent() {
+    let m = Machine::new();
+    let launch = || Command::new(agent_bin()).args(["init", "--detach", "--root", m.root().to_str().unwrap()]).stdout(Stdio::piped()).spawn().unwrap();
+    let (a, b) = (launch(), launch());
+    let mut outs: Vec<String> = [a, b].into_iter().map(|c| {
+        let out = c.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }).collect();
+    outs.sort();
+    assert_eq!(outs[0], "already running\n", "{outs:?}");
+    let pid = outs[1].trim().strip_prefix("started ").unwrap_or_else(|| panic!("{outs:?}"));
+    assert_eq!(pidfile(&m)["pid"].to_string(), pid);
+    assert_eq!(m.run("stop", &[]).expect(0).stdout(), "stopped\n");
+}
+
+#[test]
 fn a_stale_pidfile_never_gets_another_process_killed() {
     let m = Machine::new();
     let mut other = Command::new("sleep").arg("60").spawn().unwrap();
@@ -84,6 +101,26 @@ fn a_stale_pidfile_never_gets_another_process_killed() {
     assert!(alive(pid));
     other.kill().unwrap();
     other.wait().unwrap();
+}
+
+#[test]
+fn stop_kills_an_agent_that_does_not_stop_in_time_and_says_so() {
+    let m = Machine::new();
+    // Stands for an agent stuck stopping its services: it ignores SIGTERM.
+    let mut stuck = Command::new("sh").args(["-c", "trap '' TERM; echo ready; while :; do sleep 1; done"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut ready = String::new();
+    BufReader::new(stuck.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+    let pid = stuck.id();
+    std::fs::create_dir_all(m.path("/run/flotilla")).unwrap();
+    std::fs::write(m.path("/run/flotilla/agent.pid"), format!("{{\"pid\":{pid},\"startTime\":{}}}\n", stat_field(&pid.to_string(), 22))).unwrap();
+    assert_eq!(m.run("status-line", &[]).expect(0).stdout(), format!("running {pid}\n"));
+
+    let run = m.run("stop", &["--timeout", "1"]).expect(1);
+    assert_eq!(run.stdout(), "killed\n");
+    assert!(run.stderr().contains(&format!("the agent (pid {pid}) did not stop within 1 s and was killed; services it had not stopped yet may still run")), "{}", run.stderr());
+    assert!(stuck.wait().unwrap().to_string().contains("SIGKILL"));
+    assert!(!m.path("/run/flotilla/agent.pid").exists(), "a killed agent's pidfile is removed");
+    assert_eq!(m.run("status-line", &[]).expect(0).stdout(), "stopped\n");
 }
 
 #[test]
