@@ -5,10 +5,13 @@
 pub mod activate;
 pub mod build_system;
 pub mod container;
+pub mod daemon;
 mod etc;
 pub mod health;
 pub mod keys;
+pub mod logs;
 pub mod machine;
 pub mod server;
 pub mod supervisor;
+pub mod uninstall;
 mod users;

@@ -32,6 +32,9 @@ pub struct Registration {
     pub nar_size: u64,
     /// Direct references.
     pub references: Vec<StorePath>,
+    /// The path was already in the host's Nix store; not ours to delete.
+    #[serde(default)]
+    pub foreign: bool,
 }
 
 /// Why receiving paths failed.
@@ -232,7 +235,7 @@ impl MachineRoot {
             remove_tree(&dest).map_err(io("cannot replace unregistered", &dest))?;
         }
         fs::rename(&tmp, &dest).map_err(io("cannot move into place", &dest))?;
-        let reg = Registration { nar_hash: announced, nar_size: info.nar_size, references: info.references.clone() };
+        let reg = Registration { nar_hash: announced, nar_size: info.nar_size, references: info.references.clone(), foreign: false };
         write_atomic(&self.registry_dir().join(info.path.base_name()), serde_json::to_string(&reg).expect("serialises").as_bytes())
             .map_err(io("cannot register", &dest))?;
         Ok(())

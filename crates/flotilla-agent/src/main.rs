@@ -1,6 +1,7 @@
 //! The `flotilla-agent` command. Subcommands are parsed by hand to keep the agent's
 //! dependencies few: it is copied to every machine.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -8,15 +9,68 @@ use std::time::Duration;
 
 use flotilla_agent::activate::Agent;
 use flotilla_agent::container::ContainerArgs;
+use flotilla_agent::daemon::{self, AgentLock, Detached, PidFileGuard, State, Stopped};
+use flotilla_agent::logs::Tail;
 use flotilla_agent::machine::MachineRoot;
 use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig};
 
 const USAGE: &str = "usage: flotilla-agent <command> [options]
 
+Every DIR is the machine's root (default /). Exit status 2 means the command line was wrong or
+the command could not run at all.
+
 commands:
-  init [--root DIR]    supervise the machine at DIR (default /): run its current system's
-                       services and answer deployers on DIR/run/flotilla/agent.sock;
-                       SIGTERM stops every service cleanly, then the agent
+  init [--root DIR] [--detach [--log FILE]]
+                       supervise the machine at DIR: run its current system's services and
+                       answer deployers on DIR/run/flotilla/agent.sock; SIGTERM stops every
+                       service cleanly, then the agent. While it runs it holds
+                       DIR/run/flotilla/agent.lock and, once it listens, its pid and start
+                       time are in DIR/run/flotilla/agent.pid as {\"pid\":N,\"startTime\":T}
+                       (T: field 22 of /proc/N/stat). In the foreground (what systemd runs) it
+                       returns when stopped; exit 2 if it cannot start (e.g. another agent
+                       runs on DIR).
+                       --detach starts it as a daemon instead (new session, stdin /dev/null,
+                       stdout and stderr appended to FILE, default
+                       DIR/var/log/flotilla/agent.log, working directory /, umask 022) and
+                       returns once it answers on its socket, printing `started PID`; if an
+                       agent answers already it starts nothing and prints `already running`
+                       (exit 0 both). Exit 1 with the reason and the end of the log if the
+                       agent died or did not answer within 15 s (it is then sent SIGTERM).
+  stop [--root DIR] [--timeout SECS]
+                       stop the agent that DIR/run/flotilla/agent.pid names, if that pid still
+                       has the recorded start time (a reused pid is never signalled): SIGTERM
+                       (it stops every service, then exits), SIGKILL after SECS (default 30).
+                       Prints `stopped`, or `not running` (exit 0 both); prints `killed` and
+                       exits 1 when SIGKILL was needed (services it had not stopped may still
+                       run); exit 1 with the reason if it cannot stop it. For an agent that a
+                       service manager runs, stop it there (`systemctl stop ...`).
+  status-line [--root DIR]
+                       print one line and exit 0: `running PID` (the pidfile names a live
+                       agent), `running` (an agent answers on the socket but wrote no pidfile:
+                       an older agent) or `stopped`; exit 1 if the pidfile cannot be read
+  logs [--root DIR] [-n LINES] [-f] [SERVICE]
+                       print the last LINES (default 50) lines of SERVICE's log,
+                       DIR/var/log/flotilla/SERVICE.log, or of every log there, each line then
+                       prefixed `SERVICE | `; -f goes on printing whole lines as they are
+                       appended, across rotations, until interrupted. Exit 1 when SERVICE has
+                       no log (the message names the services that have one; `logs` without
+                       SERVICE shows them all). An agent started with --detach logs there too,
+                       as `agent`.
+  uninstall [--root DIR] --yes
+                       remove everything the agent placed on the machine, by its records, and
+                       nothing else: its /etc entries that are still what it placed (a host
+                       file it had moved aside as NAME.flotilla-backup is put back), the users
+                       and groups it created (their lines of /etc/passwd, group, shadow,
+                       gshadow), its keys, /run/current-system, the store paths it registered
+                       (not those registered as the host's own), DIR/nix/var/flotilla,
+                       DIR/var/log/flotilla and DIR/run/flotilla; then /nix/store and /nix if
+                       left empty while /nix/var/nix does not exist. Never /nix/var/nix or an
+                       unregistered store path. Prints one line per thing: `removed WHAT`,
+                       `restored WHAT`, `kept WHAT: WHY`, `failed WHAT: WHY`, then
+                       `uninstalled: N removed, N kept, N failed`. Exit 0 when done, 1 when it
+                       refused and changed nothing (an agent runs: `flotilla-agent stop` it
+                       first; /bin/sh is the agent's link into a store path it would remove;
+                       a record cannot be read) or something failed; 2 without --yes.
   stdio [--root DIR]   carry the protocol between stdin/stdout and the running agent's
                        socket (what `ssh host flotilla-agent stdio` runs)
   container --root DIR --hostname NAME --netns PATH --pidfile FILE --console FILE
@@ -32,40 +86,198 @@ commands:
   build-system         build a toplevel (run by Nix as a derivation's builder)
   --version            print the agent's version";
 
+/// Why a command failed, and so its exit status.
+enum Failure {
+    /// The command line was wrong, or the command could not run at all: exit 2.
+    Usage(String),
+    /// The command ran and failed (or refused): exit 1.
+    Failed(String),
+}
+
+impl From<String> for Failure {
+    fn from(e: String) -> Failure {
+        Failure::Usage(e)
+    }
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let result = match args.first().map(String::as_str) {
-        Some("build-system") => flotilla_agent::build_system::main_from_env().map_err(|e| e.to_string()),
-        Some("init") => root_arg(&args[1..]).and_then(init),
-        Some("stdio") => root_arg(&args[1..]).and_then(stdio),
-        Some("container") => return container(&args[1..]),
+    let rest = args.get(1..).unwrap_or_default();
+    if args.len() > 1 && rest.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
+    let result: Result<ExitCode, Failure> = match args.first().map(String::as_str) {
+        Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("init") => init_command(rest),
+        Some("stop") => stop(rest),
+        Some("status-line") => status_line(rest),
+        Some("logs") => logs(rest),
+        Some("uninstall") => uninstall(rest),
+        Some("stdio") => Opts::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
+        Some("container") => return container(rest),
         Some("--version") => {
             println!("flotilla-agent {}", env!("CARGO_PKG_VERSION"));
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
         Some("--help") | Some("-h") => {
             println!("{USAGE}");
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        other => Err(format!("unknown command {:?}\n{USAGE}", other.unwrap_or(""))),
+        other => Err(Failure::Usage(format!("unknown command {:?}\n{USAGE}", other.unwrap_or("")))),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
+        Ok(code) => code,
+        Err(Failure::Usage(e)) => {
             eprintln!("flotilla-agent: {e}");
             ExitCode::from(2)
+        }
+        Err(Failure::Failed(e)) => {
+            eprintln!("flotilla-agent: {e}");
+            ExitCode::from(1)
         }
     }
 }
 
-fn root_arg(args: &[String]) -> Result<PathBuf, String> {
-    match args {
-        [] => Ok(PathBuf::from("/")),
-        [flag, dir] if flag == "--root" => {
-            std::path::absolute(dir).map_err(|e| format!("--root {dir}: {e}"))
+/// A subcommand's options: `--root DIR` (every command has it), the valued options and
+/// flags it takes, and its positional arguments.
+struct Opts {
+    root: PathBuf,
+    values: BTreeMap<&'static str, String>,
+    flags: BTreeSet<&'static str>,
+    positional: Vec<String>,
+}
+
+impl Opts {
+    fn parse(args: &[String], valued: &[&'static str], flags: &[&'static str], max_positional: usize) -> Result<Opts, String> {
+        let (mut values, mut set, mut positional) = (BTreeMap::new(), BTreeSet::new(), Vec::new());
+        let mut it = args.iter();
+        while let Some(arg) = it.next() {
+            if let Some(flag) = flags.iter().copied().find(|f| f == arg) {
+                set.insert(flag);
+            } else if let Some(name) = valued.iter().copied().chain(["--root"]).find(|f| f == arg) {
+                let value = it.next().ok_or_else(|| format!("{name} needs a value"))?;
+                if values.insert(name, value.clone()).is_some() {
+                    return Err(format!("{name} is given twice"));
+                }
+            } else if arg.starts_with('-') && arg.len() > 1 {
+                return Err(format!("unknown option {arg:?} (see `flotilla-agent --help`)"));
+            } else if positional.len() < max_positional {
+                positional.push(arg.clone());
+            } else {
+                return Err(format!("unexpected argument {arg:?} (see `flotilla-agent --help`)"));
+            }
         }
-        _ => Err(format!("unexpected arguments {args:?}\n{USAGE}")),
+        let root = match values.remove("--root") {
+            Some(dir) => std::path::absolute(&dir).map_err(|e| format!("--root {dir}: {e}"))?,
+            None => PathBuf::from("/"),
+        };
+        Ok(Opts { root, values, flags: set, positional })
     }
+
+    fn machine(&self) -> MachineRoot {
+        MachineRoot::new(&self.root)
+    }
+}
+
+fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Opts::parse(args, &["--log"], &["--detach"], 0)?;
+    if !opts.flags.contains("--detach") {
+        if opts.values.contains_key("--log") {
+            return Err(Failure::Usage("--log goes with --detach (in the foreground the agent writes to its stdout and stderr)".into()));
+        }
+        return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::Usage);
+    }
+    let root = opts.machine();
+    let log = match opts.values.get("--log") {
+        Some(f) => std::path::absolute(f).map_err(|e| Failure::Usage(format!("--log {f}: {e}")))?,
+        None => daemon::default_log(&root),
+    };
+    let root_dir = opts.root.clone();
+    let started = daemon::detach(&root, &log, move |lock| match init(root_dir, Some(lock)) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("flotilla-agent: {e}");
+            2
+        }
+    });
+    match started.map_err(Failure::Failed)? {
+        Detached::Started(pid) => println!("started {pid}"),
+        Detached::AlreadyRunning => println!("already running"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn stop(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Opts::parse(args, &["--timeout"], &[], 0)?;
+    let timeout = match opts.values.get("--timeout") {
+        Some(t) => Duration::from_secs(t.parse().map_err(|_| Failure::Usage(format!("--timeout {t}: not a number of seconds")))?),
+        None => Duration::from_secs(30),
+    };
+    match daemon::stop(&opts.machine(), timeout).map_err(Failure::Failed)? {
+        Stopped::NotRunning => println!("not running"),
+        Stopped::Stopped(_) => println!("stopped"),
+        Stopped::Killed(pid) => {
+            println!("killed");
+            return Err(Failure::Failed(format!(
+                "the agent (pid {pid}) did not stop within {} s and was killed; services it had not stopped yet may still run",
+                timeout.as_secs()
+            )));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Opts::parse(args, &[], &[], 0)?;
+    match daemon::state(&opts.machine()).map_err(Failure::Failed)? {
+        State::Running(Some(pid)) => println!("running {pid}"),
+        State::Running(None) => println!("running"),
+        State::Stopped => println!("stopped"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logs(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Opts::parse(args, &["-n"], &["-f"], 1)?;
+    let lines: usize = match opts.values.get("-n") {
+        Some(n) => n.parse().map_err(|_| Failure::Usage(format!("-n {n}: not a number of lines")))?,
+        None => 50,
+    };
+    let selected = flotilla_agent::logs::select(&opts.machine().log_dir(), opts.positional.first().map(String::as_str))
+        .map_err(|e| Failure::Failed(e.to_string()))?;
+    let follow = opts.flags.contains("-f");
+    let mut tail = Tail::new(selected);
+    let mut out = std::io::stdout().lock();
+    let shown = tail.print_last(lines, follow, &mut out).and_then(|()| {
+        if follow {
+            tail.follow(&mut out, Duration::from_millis(250), &mut || false)
+        } else {
+            Ok(())
+        }
+    });
+    match shown {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // The reader went away (`| head`): nothing more to show.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(ExitCode::SUCCESS),
+        Err(e) => Err(Failure::Failed(format!("cannot show the logs: {e}"))),
+    }
+}
+
+fn uninstall(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Opts::parse(args, &[], &["--yes"], 0)?;
+    if !opts.flags.contains("--yes") {
+        return Err(Failure::Usage(format!(
+            "uninstall removes everything flotilla's agent placed on {}: its store paths, users, /etc entries, keys and state; run it again with --yes to do it",
+            opts.root.display()
+        )));
+    }
+    let summary = flotilla_agent::uninstall::uninstall(&opts.machine(), &mut |step| println!("{step}")).map_err(Failure::Failed)?;
+    println!("uninstalled: {} removed, {} kept, {} failed", summary.removed, summary.kept, summary.failed);
+    if summary.failed > 0 {
+        return Err(Failure::Failed(format!("{} thing(s) could not be removed; see the `failed` lines above", summary.failed)));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `container` fails with exit status 1, whatever went wrong: the deployer reads the line.
@@ -83,13 +295,22 @@ fn container(args: &[String]) -> ExitCode {
     }
 }
 
-fn init(root_dir: PathBuf) -> Result<(), String> {
+/// Runs the agent in this process until SIGTERM. `lock` is the agent's lock when the caller
+/// (`init --detach`) took it already.
+fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     let root = MachineRoot::new(&root_dir);
     root.prepare().map_err(|e| format!("cannot prepare {}: {e}", root_dir.display()))?;
     let socket = root.socket_path();
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
         return Err(format!("an agent already answers on {}; stop it first", socket.display()));
     }
+    let lock_path = daemon::lock_path(&root);
+    let _lock = match lock {
+        Some(lock) => lock,
+        None => AgentLock::acquire(&root)
+            .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?
+            .ok_or_else(|| format!("another agent runs on {}: it holds {}; stop it first", root_dir.display(), lock_path.display()))?,
+    };
     let _ = std::fs::remove_file(&socket);
     let term = install_termination_handler().map_err(|e| e.to_string())?;
     let supervisor = Arc::new(
@@ -112,6 +333,8 @@ fn init(root_dir: PathBuf) -> Result<(), String> {
         let agent = Arc::clone(&agent);
         std::thread::spawn(move || flotilla_agent::server::serve(agent, listener));
     }
+    // Removed when this returns, i.e. after every service stopped.
+    let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");

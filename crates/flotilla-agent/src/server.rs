@@ -57,9 +57,14 @@ fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolE
     let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
     let mut conn = Connection::unix(stream)?;
     let root = agent.lock().expect("agent lock").root().root().to_string_lossy().into_owned();
-    match played_protocol() {
-        None => server_handshake(&mut conn, AGENT_VERSION, &root)?,
-        Some(v) => server_handshake_range(&mut conn, AGENT_VERSION, &root, v, v)?,
+    let shaken = match played_protocol() {
+        None => server_handshake(&mut conn, AGENT_VERSION, &root),
+        Some(v) => server_handshake_range(&mut conn, AGENT_VERSION, &root, v, v),
+    };
+    match shaken {
+        // A probe (`status-line`, `init --detach`) connects and leaves without a word.
+        Err(ProtocolError::Closed) => return Ok(()),
+        result => result?,
     };
     loop {
         let request: Request = match conn.recv() {

@@ -13,7 +13,7 @@
 //! What this module must never do: leave a process behind when the launcher reports a
 //! failure, or leave a mount on the host (every mount happens in PID 1's own mount namespace).
 
-mod sys;
+pub(crate) mod sys;
 
 use std::ffi::CString;
 use std::fmt;

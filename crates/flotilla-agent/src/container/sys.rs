@@ -1,5 +1,7 @@
 //! The container launcher's system calls: fork, namespaces (unshare, setns), the mounts and
-//! `pivot_root` of the container's PID 1, waiting for it and forwarding SIGTERM to it.
+//! `pivot_root` of the container's PID 1, waiting for it and forwarding SIGTERM to it. The
+//! plain ones (fork, setsid, descriptors, locks, signals, umask) also serve `init --detach`
+//! (`crate::daemon`), which launches an agent the same way without namespaces.
 //!
 //! Unsafe code is allowed here, and only here, because these are libc calls with no safe
 //! wrapper in std: std can neither fork without exec nor touch namespaces or mounts.
@@ -22,7 +24,7 @@ pub(super) use crate::supervisor::sys::{cvt, pipe};
 /// Makes sure descriptors 0, 1 and 2 are open (on /dev/null when they were closed), so that
 /// no file this process opens later lands on one of them, and closes every inherited
 /// descriptor above 2: the monitor outlives the caller and must not hold its pipes open.
-pub(super) fn sanitize_descriptors() -> io::Result<()> {
+pub(crate) fn sanitize_descriptors() -> io::Result<()> {
     for fd in 0..3 {
         // SAFETY: fcntl and open with plain arguments; a descriptor opened here is the lowest
         // free one, i.e. `fd`, and is deliberately left open for the life of the process.
@@ -55,7 +57,7 @@ pub(super) fn sanitize_descriptors() -> io::Result<()> {
 }
 
 /// Takes an exclusive flock on `fd` without waiting; `false` when another holds it.
-pub(super) fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
+pub(crate) fn try_lock_exclusive(fd: BorrowedFd<'_>) -> io::Result<bool> {
     // SAFETY: flock on a descriptor we borrow.
     match cvt(unsafe { libc::flock(fd.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) }) {
         Ok(_) => Ok(true),
@@ -71,7 +73,7 @@ pub(super) fn is_net_namespace(fd: BorrowedFd<'_>) -> bool {
 }
 
 /// Which side of a fork this process is.
-pub(super) enum Forked {
+pub(crate) enum Forked {
     /// The parent, with the child's pid.
     Parent(i32),
     /// The child.
@@ -79,7 +81,7 @@ pub(super) enum Forked {
 }
 
 /// Forks. The caller must be single-threaded: the child runs ordinary Rust code.
-pub(super) fn fork_single_threaded() -> io::Result<Forked> {
+pub(crate) fn fork_single_threaded() -> io::Result<Forked> {
     // SAFETY: the caller is single-threaded (no thread exists yet), so the child inherits no
     // lock held by another thread and may run ordinary code.
     match unsafe { libc::fork() } {
@@ -90,13 +92,13 @@ pub(super) fn fork_single_threaded() -> io::Result<Forked> {
 }
 
 /// Starts a new session: the monitor leaves the caller's process group and terminal.
-pub(super) fn setsid() -> io::Result<()> {
+pub(crate) fn setsid() -> io::Result<()> {
     // SAFETY: setsid takes no arguments.
     cvt(unsafe { libc::setsid() }).map(drop)
 }
 
 /// Points descriptors 0, 1 and 2 at `stdin` and `out`.
-pub(super) fn redirect_stdio(stdin: BorrowedFd<'_>, out: BorrowedFd<'_>) -> io::Result<()> {
+pub(crate) fn redirect_stdio(stdin: BorrowedFd<'_>, out: BorrowedFd<'_>) -> io::Result<()> {
     for (target, fd) in [(0, stdin), (1, out), (2, out)] {
         // SAFETY: dup2 on descriptors that are open (`stdin` and `out` are borrowed, and are
         // above 2 because `sanitize_descriptors` ran first).
@@ -118,7 +120,7 @@ pub(super) fn setns(fd: BorrowedFd<'_>, nstype: c_int) -> io::Result<()> {
 }
 
 /// Sends `signal` to process `pid`.
-pub(super) fn kill(pid: i32, signal: c_int) -> io::Result<()> {
+pub(crate) fn kill(pid: i32, signal: c_int) -> io::Result<()> {
     if pid <= 1 {
         return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
@@ -127,7 +129,7 @@ pub(super) fn kill(pid: i32, signal: c_int) -> io::Result<()> {
 }
 
 /// Waits for child `pid` to end, through EINTR.
-pub(super) fn wait_for(pid: i32) -> io::Result<ExitStatus> {
+pub(crate) fn wait_for(pid: i32) -> io::Result<ExitStatus> {
     let mut status: c_int = 0;
     loop {
         // SAFETY: `status` is a valid int to write to.
@@ -145,8 +147,14 @@ pub(super) fn wait_for(pid: i32) -> io::Result<ExitStatus> {
     }
 }
 
+/// Sets this process's file mode creation mask.
+pub(crate) fn set_umask(mask: u32) {
+    // SAFETY: umask cannot fail.
+    unsafe { libc::umask(mask as libc::mode_t) };
+}
+
 /// This process's id.
-pub(super) fn getpid() -> i32 {
+pub(crate) fn getpid() -> i32 {
     // SAFETY: getpid cannot fail.
     unsafe { libc::getpid() }
 }

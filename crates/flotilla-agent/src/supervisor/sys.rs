@@ -316,7 +316,7 @@ pub(super) fn euid() -> u32 {
 }
 
 /// For each descriptor, whether it is readable (or hung up) within `timeout`.
-pub(super) fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
+pub(crate) fn poll_readable(fds: &[BorrowedFd<'_>], timeout: Duration) -> io::Result<Vec<bool>> {
     let mut pfds: Vec<libc::pollfd> =
         fds.iter().map(|fd| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
     let ms = timeout.as_millis().min(c_int::MAX as u128) as c_int;
