@@ -42,9 +42,10 @@ pub fn lock_path(root: &MachineRoot) -> PathBuf {
     root.path("/run/flotilla/agent.lock")
 }
 
-/// Where `init --detach` appends the agent's output unless told otherwise.
+/// Where `init --detach` appends the agent's output unless told otherwise: beside the
+/// services' logs, not among them, so no service's name can clash with it.
 pub fn default_log(root: &MachineRoot) -> PathBuf {
-    root.log_dir().join("agent.log")
+    root.path("/var/log/flotilla-agent.log")
 }
 
 /// Whether an agent answers on the machine's control socket.

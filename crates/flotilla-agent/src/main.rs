@@ -31,7 +31,7 @@ commands:
                        runs on DIR).
                        --detach starts it as a daemon instead (new session, stdin /dev/null,
                        stdout and stderr appended to FILE, default
-                       DIR/var/log/flotilla/agent.log, working directory /, umask 022) and
+                       DIR/var/log/flotilla-agent.log, working directory /, umask 022) and
                        returns once it answers on its socket, printing `started PID`; if an
                        agent answers already it starts nothing and prints `already running`
                        (exit 0 both). Exit 1 with the reason and the end of the log if the

@@ -158,7 +158,7 @@ pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Su
     }
     remove_accounts(&mut run, &accounts);
     let last = remove_store_paths(&mut run, &registered);
-    for dir in ["/nix/var/flotilla", "/var/log/flotilla", "/run/flotilla"] {
+    for dir in ["/nix/var/flotilla", "/var/log/flotilla", "/var/log/flotilla-agent.log", "/run/flotilla"] {
         let path = root.path(dir);
         if fs::symlink_metadata(&path).is_ok() {
             run.remove(&path, path.display().to_string());

@@ -29,7 +29,7 @@ fn detach_starts_an_agent_that_outlives_its_launcher_and_stop_stops_it() {
     assert_ne!(stat_field(&pid.to_string(), 6), stat_field("self", 6), "not in the test's session");
     assert_eq!(std::fs::read_link(format!("/proc/{pid}/cwd")).unwrap(), std::path::Path::new("/"));
     assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(), std::path::Path::new("/dev/null"));
-    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(), m.path("/var/log/flotilla/agent.log"));
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/2")).unwrap(), m.path("/var/log/flotilla-agent.log"));
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.lines().any(|l| l == "Umask:\t0022"), "{status}");
 
@@ -44,7 +44,7 @@ fn detach_starts_an_agent_that_outlives_its_launcher_and_stop_stops_it() {
     assert!(m.run("init", &[]).expect(2).stderr().contains("already answers"));
     assert_eq!(pidfile(&m)["pid"], pid, "still the first agent");
 
-    let log = std::fs::read_to_string(m.path("/var/log/flotilla/agent.log")).unwrap();
+    let log = std::fs::read_to_string(m.path("/var/log/flotilla-agent.log")).unwrap();
     assert!(log.contains(&format!("started detached, pid {pid}")), "{log}");
     assert!(!log.contains("connection ended"), "probes leave no noise in the log:\n{log}");
 
@@ -142,7 +142,7 @@ fn detach_writes_to_the_log_it_is_given() {
     let out = m.run("init", &["--detach", "--log", log.to_str().unwrap()]).expect(0).stdout();
     let pid = out.trim().strip_prefix("started ").unwrap();
     assert!(std::fs::read_to_string(&log).unwrap().contains(&format!("pid {pid}")));
-    assert!(!m.path("/var/log/flotilla/agent.log").exists());
+    assert!(!m.path("/var/log/flotilla-agent.log").exists());
     m.run("stop", &[]).expect(0);
 }
 
