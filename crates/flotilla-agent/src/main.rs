@@ -355,7 +355,23 @@ fn stdio(root_dir: PathBuf) -> Result<(), String> {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_agent);
         let _ = to_agent.shutdown(std::net::Shutdown::Write);
     });
-    std::io::copy(&mut from_agent, &mut std::io::stdout().lock()).map_err(|e| e.to_string())?;
+    relay(&mut from_agent, &mut std::io::stdout().lock()).map_err(|e| e.to_string())?;
     let _ = up.join();
     Ok(())
+}
+
+/// Copies until end of file, flushing after every read: stdout is line-buffered, and the
+/// protocol's frames have no newlines, so `io::copy` would sit on the agent's answers.
+fn relay(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return to.flush(),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        to.flush()?;
+    }
 }

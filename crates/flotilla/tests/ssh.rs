@@ -9,6 +9,8 @@ use common::{Fleet, Run};
 use serde_json::Value;
 
 /// A deployment of web servers on ssh hosts, each `(name, host address, login user, page)`.
+/// The page is on port 8080: the service runs as an unprivileged user, and a real host keeps
+/// ports below 1024 for root.
 fn ssh_fleet(lab: &SshLab, machines: &[(&str, &str, &str, &str)], extra: &str) -> String {
     let opts: String = lab.ssh_options().iter().map(|o| format!("{o:?} ")).collect();
     let key = lab.identity_file();
@@ -28,9 +30,9 @@ fn ssh_fleet(lab: &SshLab, machines: &[(&str, &str, &str, &str)], extra: &str) -
         files."/etc/flotilla-page".text = "{page}\n";
         users.www = {{ home = "/var/empty"; }};
         services.httpd = {{
-          command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
+          command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "8080" "-h" "${{site}}" ];
           user = "www";
-          healthCheck = {{ http = "http://127.0.0.1/"; interval = 1; retries = 5; timeout = 2; }};
+          healthCheck = {{ http = "http://127.0.0.1:8080/"; interval = 1; retries = 5; timeout = 2; }};
         }};
         {extra}
       }};"#,
@@ -54,7 +56,7 @@ fn row<'a>(report: &'a Value, machine: &str) -> &'a Value {
 }
 
 fn page(f: &Fleet, host: &SshHost) -> Option<String> {
-    f.http_get(&format!("http://{}/", host.address())).map(|p| p.trim().to_owned())
+    f.http_get(&format!("http://{}:8080/", host.address())).map(|p| p.trim().to_owned())
 }
 
 /// Logins sshd accepted so far (one per TCP connection).
@@ -143,7 +145,7 @@ fn first_deploy_bootstraps_the_agent_then_noop_change_rollback_stop_start_and_de
     // Stop and start act on the agent and its services.
     ok(f.run(&["stop", "-f", &v2, "--on", "web1"]), "stop");
     assert_eq!(f.machine(&v2, "web1")["state"], "stopped");
-    assert!(f.host(&["curl", "-sf", "--max-time", "2", &format!("http://{}/", host.address())]).code() != 0, "stopped services do not answer");
+    assert!(f.host(&["curl", "-sf", "--max-time", "2", &format!("http://{}:8080/", host.address())]).code() != 0, "stopped services do not answer");
     ok(f.run(&["start", "-f", &v2, "--on", "web1"]), "start");
     assert_eq!(page(&f, &host).as_deref(), Some("one"), "the rolled-back generation comes back");
 
@@ -258,3 +260,4 @@ fn on_a_host_with_nix_flotillas_paths_survive_its_garbage_collector_and_destroy_
     assert_eq!(verify.code(), 0, "the host's store is consistent after destroy: {}", verify.stderr());
     assert!(!host.root().join("nix/var/flotilla").exists());
 }
+
