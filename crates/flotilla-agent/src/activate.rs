@@ -13,6 +13,9 @@
 //! confirm over a new connection ([`Agent::confirm`]), and [`Agent::expire`] restores the
 //! previous generation when none came. A service that needs a key not on the machine yet
 //! waits, and starts when [`Agent::put_keys`] brings it.
+//!
+//! Before an activation changes anything, it checks that it would
+//! not take over an account or an `/etc` file of the machine's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -269,15 +272,32 @@ impl Agent {
     /// Activates `toplevel` for `goal`; returns the generation and what changed.
     pub fn activate(&self, toplevel: &StorePath, goal: ActivationGoal) -> Result<(u64, ActivationReport), AgentError> {
         let new = self.manifest(toplevel)?;
+        let notes = self.preflight(toplevel, &new.system, goal)?;
+        self.activate_prepared(toplevel, &new.system, goal, notes)
+    }
+
+    /// What must hold before an activation changes anything: it takes over no account and
+    /// no `/etc` file of the machine's (`Conflict` otherwise, naming each and the fix).
+    /// Returns notes for the report.
+    fn preflight(&self, toplevel: &StorePath, new: &SystemConfig, _goal: ActivationGoal) -> Result<Vec<String>, AgentError> {
+        let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
+        users::apply(&self.root, &new.system.users, &new.system.groups, true)?;
+        etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true)?;
+        Ok(Vec::new())
+    }
+
+    /// [`Agent::activate`] once the manifest is read and the preflight passed.
+    fn activate_prepared(&self, toplevel: &StorePath, new: &SystemConfig, goal: ActivationGoal, notes: Vec<String>) -> Result<(u64, ActivationReport), AgentError> {
         let dry = goal == ActivationGoal::DryActivate;
         let generation = match goal {
             ActivationGoal::Switch | ActivationGoal::Boot => self.add_generation(toplevel, dry)?,
             ActivationGoal::Test | ActivationGoal::DryActivate => self.current_generation().unwrap_or(0),
         };
-        let report = match goal {
+        let mut report = match goal {
             ActivationGoal::Boot => ActivationReport { messages: vec![format!("generation {generation} becomes current at the next start")], ..Default::default() },
-            _ => self.switch_to(toplevel, &new.system, dry)?,
+            _ => self.switch_to(toplevel, new, dry)?,
         };
+        report.messages.extend(notes);
         Ok((generation, report))
     }
 
@@ -379,8 +399,8 @@ impl Agent {
 
         let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
         if dry {
-            let u = users::apply(&self.root, &new.system.users, &new.system.groups, true).map_err(io_err("cannot read users"))?;
-            let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true).map_err(io_err("cannot read /etc"))?;
+            let u = users::apply(&self.root, &new.system.users, &new.system.groups, true)?;
+            let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true)?;
             (report.users_added, report.users_removed) = (u.added, u.removed);
             (report.etc_added, report.etc_changed, report.etc_removed) = (e.added, e.changed, e.removed);
             return Ok(report);
@@ -393,8 +413,8 @@ impl Agent {
             }
         }
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).retain(|name, _| new_services.contains_key(name));
-        let u = users::apply(&self.root, &new.system.users, &new.system.groups, false).map_err(io_err("cannot write /etc/passwd or /etc/group"))?;
-        let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, false).map_err(io_err("cannot place /etc entries"))?;
+        let u = users::apply(&self.root, &new.system.users, &new.system.groups, false)?;
+        let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, false)?;
         (report.users_added, report.users_removed) = (u.added, u.removed);
         (report.etc_added, report.etc_changed, report.etc_removed) = (e.added, e.changed, e.removed);
         report.messages.extend(e.messages);
@@ -450,9 +470,12 @@ impl Agent {
                 p.deadline.saturating_duration_since(Instant::now()).as_secs() + 1
             )));
         }
+        // Nothing has changed yet: what fails here needs no rollback.
+        let new = self.manifest(toplevel)?;
+        let notes = self.preflight(toplevel, &new.system, goal)?;
         let previous = Previous { generation: self.current_generation(), running: self.running_system() };
         let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
-        let (generation, report) = match self.activate(toplevel, goal) {
+        let (generation, report) = match self.activate_prepared(toplevel, &new.system, goal, notes) {
             Ok(r) => r,
             Err(e) if checked => return Err(self.fail_back(&previous, &format!("activation of {toplevel} failed: {e}"))),
             Err(e) => return Err(e),
