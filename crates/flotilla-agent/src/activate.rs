@@ -29,7 +29,7 @@ use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo, Health
 use flotilla_store::StorePath;
 
 use crate::build_system::{Manifest, MANIFEST_VERSION};
-use crate::machine::{symlink_atomic, MachineRoot};
+use crate::machine::{agent_store_path, symlink_atomic, MachineRoot};
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::{etc, health, keys, users};
 
@@ -758,20 +758,21 @@ impl Agent {
         Ok(deleted)
     }
 
-    /// Removes every store path no generation and no running system needs.
+    /// Removes every store path no generation, no running system and not the running agent
+    /// needs (the last matters where a systemd unit starts the agent from its store path).
+    /// Paths of the machine's Nix are only unregistered: see [`MachineRoot::collect_garbage`].
+    /// Returns the paths deleted and their NAR bytes.
     pub fn collect_garbage(&self) -> Result<(u64, u64), AgentError> {
         self.refuse_while_pending("collect garbage")?;
         let mut roots: Vec<StorePath> = self.generations()?.into_iter().map(|g| g.toplevel).collect();
         roots.extend(self.running_system());
+        roots.extend(agent_store_path(&self.root));
         let live = self.root.closure(&roots);
-        let mut removed = (0, 0);
-        for p in self.root.valid_paths().map_err(io_err("cannot list the store registry"))? {
-            if !live.contains(&p) {
-                removed.1 += self.root.remove_path(&p).map_err(io_err(format!("cannot remove {p}")))?;
-                removed.0 += 1;
-            }
+        let collected = self.root.collect_garbage(&live).map_err(io_err("cannot collect garbage"))?;
+        if collected.released > 0 {
+            eprintln!("flotilla-agent: garbage collection left {} paths on disk for the machine's Nix to collect", collected.released);
         }
-        Ok(removed)
+        Ok((collected.deleted, collected.bytes))
     }
 }
 
