@@ -15,7 +15,9 @@
 //! waits, and starts when [`Agent::put_keys`] brings it.
 //!
 //! Before an activation changes anything, it checks that it would
-//! not take over an account or an `/etc` file of the machine's.
+//! not take over an account or an `/etc` file of the machine's. On a machine with Nix of its
+//! own, the agent keeps a Nix GC root for each generation, the running system and itself in
+//! `/nix/var/nix/gcroots/flotilla/`, so that Nix's collector never deletes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -29,7 +31,7 @@ use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo, Health
 use flotilla_store::StorePath;
 
 use crate::build_system::{Manifest, MANIFEST_VERSION};
-use crate::machine::{agent_store_path, symlink_atomic, MachineRoot};
+use crate::machine::{agent_store_path, symlink_atomic, MachineRoot, NixRegistration, NIX_STORE_PLACES};
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::{etc, health, keys, users};
 
@@ -206,6 +208,12 @@ impl Agent {
     /// it boots the `system` profile instead: the full switch to it, as `switch` does, without
     /// adding a generation. That is what makes a `boot` activation current at the next start.
     pub fn start_running_system(&self) -> Vec<String> {
+        let mut messages = self.start_current_system();
+        messages.extend(self.sync_gc_roots());
+        messages
+    }
+
+    fn start_current_system(&self) -> Vec<String> {
         let Some(top) = self.running_system() else { return self.boot_current_generation() };
         let Ok(m) = self.manifest(&top) else { return vec![format!("cannot read the running system {top}")] };
         let mut errors = Vec::new();
@@ -277,13 +285,25 @@ impl Agent {
     }
 
     /// What must hold before an activation changes anything: it takes over no account and
-    /// no `/etc` file of the machine's (`Conflict` otherwise, naming each and the fix).
-    /// Returns notes for the report.
-    fn preflight(&self, toplevel: &StorePath, new: &SystemConfig, _goal: ActivationGoal) -> Result<Vec<String>, AgentError> {
+    /// no `/etc` file of the machine's (`Conflict` otherwise, naming each and the fix), and
+    /// on a machine with Nix the system's paths are valid in Nix's database. Returns notes
+    /// for the report.
+    fn preflight(&self, toplevel: &StorePath, new: &SystemConfig, goal: ActivationGoal) -> Result<Vec<String>, AgentError> {
         let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
         users::apply(&self.root, &new.system.users, &new.system.groups, true)?;
         etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true)?;
-        Ok(Vec::new())
+        if goal == ActivationGoal::DryActivate {
+            return Ok(Vec::new());
+        }
+        let roots: Vec<StorePath> = std::iter::once(toplevel.clone()).chain(agent_store_path(&self.root)).collect();
+        match self.root.register_with_nix(&self.root.closure(&roots)) {
+            Ok(NixRegistration::NotNeeded | NixRegistration::Registered(_)) => Ok(Vec::new()),
+            Ok(NixRegistration::NoNixStore) => Ok(vec![format!(
+                "this machine has Nix (/nix/var/nix/db), but flotilla-agent finds no nix-store in {}: the paths it received are not valid in Nix's database, and Nix's garbage collector would delete them, this system included; install Nix's tools in one of those places and deploy again",
+                NIX_STORE_PLACES.join(", ")
+            )]),
+            Err(e) => Err(AgentError::Io { what: format!("cannot make {toplevel} valid in this machine's Nix database"), source: io::Error::other(e) }),
+        }
     }
 
     /// [`Agent::activate`] once the manifest is read and the preflight passed.
@@ -298,6 +318,9 @@ impl Agent {
             _ => self.switch_to(toplevel, new, dry)?,
         };
         report.messages.extend(notes);
+        if !dry {
+            report.messages.extend(self.sync_gc_roots());
+        }
         Ok((generation, report))
     }
 
@@ -335,7 +358,8 @@ impl Agent {
         let m = self.manifest(&target.toplevel)?;
         symlink_atomic(Path::new(&format!("system-{}-link", target.number)), &self.root.profiles_dir().join("system"))
             .map_err(io_err("cannot switch the system profile"))?;
-        let report = self.switch_to(&target.toplevel, &m.system, false)?;
+        let mut report = self.switch_to(&target.toplevel, &m.system, false)?;
+        report.messages.extend(self.sync_gc_roots());
         Ok((target.number, report))
     }
 
@@ -587,6 +611,14 @@ impl Agent {
 
     /// Makes `previous` current and running again; says what runs now.
     fn restore(&self, previous: &Previous) -> Result<String, AgentError> {
+        let restored = self.restore_system(previous);
+        if let Some(problem) = self.sync_gc_roots() {
+            eprintln!("flotilla-agent: {problem}");
+        }
+        restored
+    }
+
+    fn restore_system(&self, previous: &Previous) -> Result<String, AgentError> {
         let profile = self.root.profiles_dir().join("system");
         match previous.generation {
             Some(n) => symlink_atomic(Path::new(&format!("system-{n}-link")), &profile).map_err(io_err("cannot switch the system profile back"))?,
@@ -637,6 +669,35 @@ impl Agent {
 
     fn pending(&self) -> Option<Pending> {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Keeps a Nix GC root for each generation (`system-<N>`), the running system (`running`)
+    /// and the agent's own store path (`agent`) in `/nix/var/nix/gcroots/flotilla/` when the
+    /// machine has Nix, and no other; says what went wrong, if anything did.
+    fn sync_gc_roots(&self) -> Option<String> {
+        if !self.root.has_nix() {
+            return None;
+        }
+        let dir = self.root.nix_gcroots_dir();
+        let synced = (|| -> Result<(), String> {
+            let mut want: BTreeMap<String, StorePath> = BTreeMap::new();
+            for g in self.generations().map_err(|e| e.to_string())? {
+                want.insert(format!("system-{}", g.number), g.toplevel);
+            }
+            want.extend(self.running_system().map(|t| ("running".to_owned(), t)));
+            want.extend(agent_store_path(&self.root).map(|a| ("agent".to_owned(), a)));
+            fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            for e in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+                if !want.contains_key(e.file_name().to_string_lossy().as_ref()) {
+                    fs::remove_file(e.path()).map_err(|e| e.to_string())?;
+                }
+            }
+            for (name, target) in &want {
+                symlink_atomic(Path::new(&target.to_absolute()), &dir.join(name)).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })();
+        synced.err().map(|e| format!("cannot keep the Nix GC roots in {}, so Nix's garbage collector may delete what a generation needs: {e}", dir.display()))
     }
 
     /// The generation awaiting confirmation, if any.
@@ -754,6 +815,9 @@ impl Agent {
                 fs::remove_file(self.gen_link(g.number)).map_err(io_err(format!("cannot delete generation {}", g.number)))?;
                 deleted.push(g.number);
             }
+        }
+        if let Some(problem) = self.sync_gc_roots() {
+            eprintln!("flotilla-agent: {problem}");
         }
         Ok(deleted)
     }

@@ -10,12 +10,16 @@
 //! A machine may have Nix of its own (`/nix/var/nix/db` exists), with its own paths in
 //! `/nix/store`. The agent must never replace or delete those: a path the deployer sends that
 //! is already there with the announced NAR hash is kept and registered as `foreign`, and one
-//! that differs is an integrity error.
+//! that differs is an integrity error. Since Nix's garbage collector deletes whatever its own
+//! database does not hold valid, the agent also registers what it received with that Nix
+//! (`nix-store --register-validity`), when it manages the root it runs in (`/`): with
+//! `--root DIR` the Nix it would find is the host's, not the machine's, and it does not.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use flotilla_protocol::PathInfo;
 use flotilla_store::{HashingReader, NarHash, StorePath};
@@ -64,7 +68,55 @@ pub enum ReceiveError {
         /// What did not match.
         problem: String,
     },
+    /// The paths were received, but the machine's Nix would not take them.
+    #[error("the paths were received, but {0}")]
+    Nix(NixError),
 }
+
+/// Why registering paths with the machine's own Nix failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    /// `nix-store` could not be run.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// It ran and failed.
+    #[error("{program} --register-validity failed ({status}): {stderr}")]
+    Failed {
+        /// The program.
+        program: PathBuf,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+}
+
+/// What [`MachineRoot::register_with_nix`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NixRegistration {
+    /// The machine has no Nix of its own, or the agent manages another root than its own.
+    NotNeeded,
+    /// `nix-store` took the paths (it skips those already valid in its database).
+    Registered(usize),
+    /// The machine has Nix, but no `nix-store` where the agent looks: the paths are not valid
+    /// in Nix's database, and its garbage collector would delete them.
+    NoNixStore,
+}
+
+/// Where the agent looks for the machine's `nix-store`, in order.
+pub const NIX_STORE_PLACES: &[&str] = &[
+    "/nix/var/nix/profiles/default/bin",
+    "/run/current-system/sw/bin",
+    "/nix/var/nix/profiles/per-user/root/profile/bin",
+    "/root/.nix-profile/bin",
+    "/usr/local/bin",
+    "/usr/bin",
+];
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReceiveError {
     let path = path.to_owned();
@@ -109,6 +161,19 @@ impl MachineRoot {
     /// Whether the machine has Nix of its own (its database directory exists).
     pub fn has_nix(&self) -> bool {
         self.path("/nix/var/nix/db").is_dir()
+    }
+
+    /// Whether paths the agent receives go into the machine's Nix database too: the machine
+    /// has Nix and the agent manages the root it runs in. With `--root DIR`, the `nix-store`
+    /// the agent could run is the host's, whose database describes the host's store, not
+    /// `DIR/nix/store`.
+    pub fn registers_with_nix(&self) -> bool {
+        self.root == Path::new("/") && self.has_nix()
+    }
+
+    /// Where the machine's Nix roots are that keep the agent's paths from Nix's collector.
+    pub fn nix_gcroots_dir(&self) -> PathBuf {
+        self.path("/nix/var/nix/gcroots/flotilla")
     }
 
     /// Where system generations are linked.
@@ -188,7 +253,8 @@ impl MachineRoot {
     /// a temporary name, checked against its announced hash and size, renamed into place and
     /// only then registered. A path already at its final name with the announced hash is kept
     /// as it is (its bytes in the stream are skipped). The whole stream is read even after an
-    /// error, so the protocol stays in step. Returns (paths, NAR bytes) added.
+    /// error, so the protocol stays in step. On a machine whose Nix takes them, the received
+    /// paths are registered with it too. Returns (paths, NAR bytes) added.
     pub fn receive(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<(u64, u64), ReceiveError> {
         let mut first_error = None;
         let mut added = (0u64, 0u64);
@@ -207,6 +273,13 @@ impl MachineRoot {
             }
             // Whatever the outcome, consume this path's bytes.
             io::copy(&mut limited, &mut io::sink()).map_err(io("cannot read the stream for", &self.store_path(&info.path)))?;
+        }
+        if !batch.is_empty() {
+            // Their closure: a reference received earlier may not be in Nix's database yet
+            // (the machine had no nix-store then); Nix skips what it holds already.
+            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>())) {
+                first_error.get_or_insert(ReceiveError::Nix(e));
+            }
         }
         match first_error {
             Some(e) => Err(e),
@@ -276,6 +349,45 @@ impl MachineRoot {
             .map_err(io("cannot register", &self.store_path(&info.path)))
     }
 
+    /// The machine's `nix-store`, looked for in [`NIX_STORE_PLACES`].
+    pub fn nix_store(&self) -> Option<PathBuf> {
+        NIX_STORE_PLACES.iter().map(|d| self.path(d).join("nix-store")).find(|p| p.is_file())
+    }
+
+    /// Makes `paths` (and nothing else: pass a closure) valid in the machine's own Nix
+    /// database, when [`MachineRoot::registers_with_nix`]; Nix skips those it holds already.
+    pub fn register_with_nix(&self, paths: &BTreeSet<StorePath>) -> Result<NixRegistration, NixError> {
+        if !self.registers_with_nix() {
+            return Ok(NixRegistration::NotNeeded);
+        }
+        let Some(program) = self.nix_store() else { return Ok(NixRegistration::NoNixStore) };
+        let infos: Vec<(StorePath, Registration)> =
+            paths.iter().filter(|p| self.is_valid(p)).filter_map(|p| Some((p.clone(), self.registration(p)?))).collect();
+        if infos.is_empty() {
+            return Ok(NixRegistration::Registered(0));
+        }
+        let spawn = |source| NixError::Spawn { program: program.clone(), source };
+        let mut child = Command::new(&program)
+            .args(["--register-validity", "--hash-given"])
+            // A local store: --register-validity cannot go through a daemon.
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = nix_validity_input(&infos);
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().map_err(spawn)?;
+        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+        if !out.status.success() {
+            return Err(NixError::Failed { program, status: out.status, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
+        written.map_err(spawn)?;
+        Ok(NixRegistration::Registered(infos.len()))
+    }
+
     /// Removes a path from the store and the registry (registry first: an interrupted removal
     /// leaves an unregistered path, which the next copy replaces).
     pub fn remove_path(&self, p: &StorePath) -> io::Result<u64> {
@@ -295,14 +407,17 @@ impl MachineRoot {
     }
 
     /// Removes every registered path outside `live`. A foreign path is only unregistered: it
-    /// is Nix's.
+    /// is Nix's. So is every path on a machine whose Nix database the agent registers its
+    /// paths in, since deleting a path Nix holds valid would corrupt that database; Nix's
+    /// collector frees them once no root of the agent's holds them.
     pub fn collect_garbage(&self, live: &BTreeSet<StorePath>) -> io::Result<Collected> {
         let mut out = Collected::default();
+        let nix_holds = self.registers_with_nix();
         for p in self.valid_paths()? {
             if live.contains(&p) {
                 continue;
             }
-            if self.registration(&p).is_some_and(|r| r.foreign) {
+            if nix_holds || self.registration(&p).is_some_and(|r| r.foreign) {
                 self.unregister(&p)?;
                 out.released += 1;
             } else {
@@ -337,6 +452,21 @@ pub struct Collected {
     pub bytes: u64,
     /// Paths unregistered but left on disk, for the machine's Nix.
     pub released: u64,
+}
+
+/// The input of `nix-store --register-validity --hash-given`: for each path, its absolute
+/// name, NAR hash (`sha256:<nix-base32>`), NAR size, deriver (none: an empty line), number
+/// of references and the references, one per line.
+pub fn nix_validity_input(infos: &[(StorePath, Registration)]) -> String {
+    let mut out = String::new();
+    for (p, r) in infos {
+        out.push_str(&format!("{}\n{}\n{}\n\n{}\n", p.to_absolute(), r.nar_hash, r.nar_size, r.references.len()));
+        for q in &r.references {
+            out.push_str(&q.to_absolute());
+            out.push('\n');
+        }
+    }
+    out
 }
 
 /// The store path of the running agent binary on the machine at `root`, if it runs from
@@ -501,6 +631,17 @@ mod tests {
         assert_eq!(store_path_of(&root, &exe), Some(p.clone()));
         assert_eq!(store_path_of(&MachineRoot::new(Path::new("/")), Path::new(&format!("{}/bin/flotilla-agent", p.to_absolute()))), Some(p));
         assert_eq!(store_path_of(&root, Path::new("/usr/local/bin/flotilla-agent")), None);
+    }
+
+    #[test]
+    fn nix_validity_input_is_what_nix_store_register_validity_hash_given_reads() {
+        let (a, b) = (sp("a", 7), sp("b", 8));
+        let hash = NarHash::digest(b"x");
+        let reg = |references: Vec<StorePath>| Registration { nar_hash: hash, nar_size: 120, references, foreign: false };
+        let input = nix_validity_input(&[(b.clone(), reg(Vec::new())), (a.clone(), reg(vec![a.clone(), b.clone()]))]);
+        let h = hash.to_string();
+        assert!(h.starts_with("sha256:") && h.len() == 7 + 52, "{h}");
+        assert_eq!(input, format!("{b}\n{h}\n120\n\n0\n{a}\n{h}\n120\n\n2\n{a}\n{b}\n", a = a.to_absolute(), b = b.to_absolute()));
     }
 
     #[test]

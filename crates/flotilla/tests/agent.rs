@@ -129,18 +129,35 @@ fn the_agent_restarts_services_of_the_current_system_when_it_starts_again() {
     assert_eq!(http_get(port).as_deref(), Some("again"));
 }
 
+/// The machine's Nix GC roots the agent keeps: name → target.
+fn nix_roots(root: &Path) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(root.join("nix/var/nix/gcroots/flotilla"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn gc_keeps_what_generations_need() {
     let fl = Fl::new();
     let root = fl.dir.path().join("machine");
+    // The machine has Nix of its own: the agent keeps a GC root there for each generation.
+    std::fs::create_dir_all(root.join("nix/var/nix/db")).unwrap();
     let _agent = RunningAgent::start(&root);
     let port = free_port();
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "a")), "switch");
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "b")), "switch");
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    let a = push(&fl, &root, &fl.file("d.nix", &deployment(port, "a")), "switch");
+    let b = push(&fl, &root, &fl.file("d.nix", &deployment(port, "b")), "switch");
+    let c = push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    let top = |v: &Value| v["toplevel"].as_str().unwrap().to_owned();
+    let roots = |names: &[(&str, &Value)]| names.iter().map(|(n, v)| ((*n).to_owned(), top(v))).collect::<Vec<_>>();
+    assert_eq!(nix_roots(&root), roots(&[("running", &c), ("system-1", &a), ("system-2", &b), ("system-3", &c)]));
     let r = root.to_str().unwrap();
     let deleted = fl.run(&["debug", "root", r, "delete-generations", "--keep-last", "1", "--json"]).ok().json();
     assert_eq!(deleted, serde_json::json!([1, 2]));
+    assert_eq!(nix_roots(&root), roots(&[("running", &c), ("system-3", &c)]));
     let gc = fl.run(&["debug", "root", r, "gc", "--json"]).ok().json();
     assert!(gc["paths"].as_u64().unwrap() >= 2, "old toplevels and pages collected: {gc}");
     // The current system still works, and pushing it again sends nothing.
@@ -148,3 +165,4 @@ fn gc_keeps_what_generations_need() {
     let again = push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
     assert_eq!(again["copy"]["paths_sent"], 0);
 }
+
