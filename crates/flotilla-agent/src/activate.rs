@@ -14,7 +14,10 @@
 //! previous generation when none came. A service that needs a key not on the machine yet
 //! waits, and starts when [`Agent::put_keys`] brings it.
 //!
-//! Before an activation changes anything, it checks that it would
+//! A generation awaiting confirmation is also recorded in `nix/var/flotilla/pending.json`:
+//! an agent that starts and finds that record (it crashed, or the machine rebooted, inside the
+//! window) restores the previous generation before any service starts, so an unconfirmed
+//! system never runs again. Before an activation changes anything, it checks that it would
 //! not take over an account or an `/etc` file of the machine's. On a machine with Nix of its
 //! own, the agent keeps a Nix GC root for each generation, the running system and itself in
 //! `/nix/var/nix/gcroots/flotilla/`, so that Nix's collector never deletes them.
@@ -29,6 +32,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flotilla_model::{start_order, KeySpec, ServiceSpec, SystemConfig};
 use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo, HealthResult, KeyState, KeyUpload, ServiceState, ServiceStatus};
 use flotilla_store::StorePath;
+use serde::{Deserialize, Serialize};
 
 use crate::build_system::{Manifest, MANIFEST_VERSION};
 use crate::machine::{agent_store_path, symlink_atomic, MachineRoot, NixRegistration, NIX_STORE_PLACES};
@@ -37,6 +41,9 @@ use crate::{etc, health, keys, users};
 
 /// The agent's record of failed generations (number → why), in its state directory.
 const FAILED: &str = "failed-generations.json";
+
+/// The generation awaiting confirmation, as [`PendingRecord`], in the agent's state directory.
+const PENDING: &str = "pending.json";
 
 /// How long services without a health check get to be running after an activation.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -105,6 +112,17 @@ struct Pending {
     deadline: Instant,
     window: Duration,
     previous: Previous,
+}
+
+/// What outlives the agent of a [`Pending`]: enough to restore what ran before.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingRecord {
+    generation: u64,
+    previous_generation: Option<u64>,
+    previous_toplevel: Option<StorePath>,
+    /// Wall-clock seconds since the epoch.
+    deadline_unix: u64,
+    window_secs: u64,
 }
 
 /// What ran before an activation: the profile's generation and the running system.
@@ -207,9 +225,29 @@ impl Agent {
     /// With no `/run/current-system` (a container's `/run` is a fresh tmpfs at every start)
     /// it boots the `system` profile instead: the full switch to it, as `switch` does, without
     /// adding a generation. That is what makes a `boot` activation current at the next start.
+    ///
+    /// A generation that awaited confirmation when the agent stopped was not confirmed: what
+    /// ran before it is restored instead, and it is marked failed.
     pub fn start_running_system(&self) -> Vec<String> {
-        let mut messages = self.start_current_system();
+        let mut messages = match self.root.read_state::<Option<PendingRecord>>(PENDING) {
+            Ok(Some(record)) => return self.roll_back_unconfirmed(&record),
+            Ok(None) => Vec::new(),
+            Err(e) => vec![format!("cannot read {PENDING}, so a generation awaiting confirmation may run unconfirmed: {e}")],
+        };
+        messages.extend(self.start_current_system());
         messages.extend(self.sync_gc_roots());
+        messages
+    }
+
+    /// Restores what ran before the unconfirmed generation of `record`, marking it failed.
+    fn roll_back_unconfirmed(&self, record: &PendingRecord) -> Vec<String> {
+        let previous = Previous { generation: record.previous_generation, running: record.previous_toplevel.clone() };
+        let problem = format!("the agent restarted before generation {} was confirmed", record.generation);
+        let mut messages = vec![match self.return_to(&previous, &problem) {
+            Ok(done) => done,
+            Err(e) => e.to_string(),
+        }];
+        messages.extend(self.forget_pending_record().err());
         messages
     }
 
@@ -329,7 +367,7 @@ impl Agent {
     /// While a generation awaits confirmation, `to: None` rejects it instead: what ran before
     /// it runs again and it is marked failed, for `reason`.
     pub fn rollback(&self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), AgentError> {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let pending = self.take_pending();
         match (pending, to) {
             (Some(p), None) => {
                 let done = self.return_to(&p.previous, reason.unwrap_or("rolled back before it was confirmed"))?;
@@ -518,6 +556,17 @@ impl Agent {
         }
         let awaiting_confirmation = confirm_within.is_some() && !unchanged;
         if let (Some(window), true) = (confirm_within, awaiting_confirmation) {
+            // Recorded before the answer, so that an agent restarting inside the window finds it.
+            let record = PendingRecord {
+                generation,
+                previous_generation: previous.generation,
+                previous_toplevel: previous.running.clone(),
+                deadline_unix: (SystemTime::now() + window).duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                window_secs: window.as_secs(),
+            };
+            if let Err(e) = self.root.write_state(PENDING, &Some(record)) {
+                return Err(self.fail_back(&previous, &format!("cannot record that generation {generation} awaits confirmation, so a restarted agent could not roll it back: {e}")));
+            }
             *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
         }
@@ -671,6 +720,25 @@ impl Agent {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Ends the wait for a confirmation, in memory and on disk.
+    fn take_pending(&self) -> Option<Pending> {
+        let taken = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if taken.is_some() {
+            if let Err(e) = self.forget_pending_record() {
+                eprintln!("flotilla-agent: {e}");
+            }
+        }
+        taken
+    }
+
+    fn forget_pending_record(&self) -> Result<(), String> {
+        match fs::remove_file(self.root.state_dir().join(PENDING)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {PENDING}; a restarted agent would roll back a generation no longer pending: {e}")),
+        }
+    }
+
     /// Keeps a Nix GC root for each generation (`system-<N>`), the running system (`running`)
     /// and the agent's own store path (`agent`) in `/nix/var/nix/gcroots/flotilla/` when the
     /// machine has Nix, and no other; says what went wrong, if anything did.
@@ -714,6 +782,7 @@ impl Agent {
                 "generation {generation} must be confirmed over a new connection, not the one that activated it"
             ))),
             Some(p) if p.generation == generation => {
+                self.forget_pending_record().map_err(AgentError::Conflict)?;
                 *pending = None;
                 Ok(())
             }
@@ -733,6 +802,9 @@ impl Agent {
                 _ => return None,
             }
         };
+        if let Err(e) = self.forget_pending_record() {
+            eprintln!("flotilla-agent: {e}");
+        }
         let problem = format!("not confirmed within {} s (the deployer lost contact with the machine, or died)", p.window.as_secs());
         Some(self.fail_back(&p.previous, &problem).to_string())
     }

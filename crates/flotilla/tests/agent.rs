@@ -1,11 +1,15 @@
 //! The agent on a plain directory standing for a machine's root: copy, activate, restart only
-//! what changed, roll back, supervise, stop cleanly. Real Nix, real agent, real busybox httpd.
+//! what changed, roll back, supervise, stop cleanly, and never keep an unconfirmed generation
+//! across a restart. Real Nix, real agent, real busybox httpd.
 
 mod common;
 
 use std::path::Path;
 
 use common::{alive, free_port, http_get, Fl, RunningAgent};
+use flotilla_engine::remote::AgentClient;
+use flotilla_protocol::ActivationGoal;
+use flotilla_store::StorePath;
 use serde_json::Value;
 
 /// A one-machine deployment: an httpd serving `page` on `port`, an idle service that must
@@ -166,3 +170,48 @@ fn gc_keeps_what_generations_need() {
     assert_eq!(again["copy"]["paths_sent"], 0);
 }
 
+#[test]
+fn an_agent_that_restarts_before_a_generation_is_confirmed_returns_to_the_one_before() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let port = free_port();
+    let mut agent = RunningAgent::start(&root);
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "one")), "switch");
+    let two = push(&fl, &root, &fl.file("d.nix", &deployment(port, "two")), "copy");
+    let toplevel = StorePath::parse(two["toplevel"].as_str().unwrap()).unwrap();
+
+    // Generation 2 passes its checks and awaits a confirmation that never comes: the agent
+    // dies (SIGKILL, as in a crash) inside the window, and with it its services.
+    let mut client = AgentClient::connect_unix(&root.join("run/flotilla/agent.sock")).unwrap();
+    let activated = client.activate(&toplevel, ActivationGoal::Switch, Some(30), Some(600)).unwrap();
+    assert!(activated.awaiting_confirmation);
+    assert_eq!(activated.generation, 2);
+    assert_eq!(http_get(port).as_deref(), Some("two"));
+    assert!(root.join("nix/var/flotilla/pending.json").exists(), "the pending generation is recorded on disk");
+    let st = status(&fl, &root);
+    let services = [pid_of(&st, "web"), pid_of(&st, "idle")];
+    drop(client);
+    agent.kill();
+    for pid in services {
+        // Each service leads its own process group.
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while services.iter().any(|p| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // The next agent restores generation 1 before starting anything, and says why 2 failed.
+    let _agent = RunningAgent::start(&root);
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    let gens = fl.run(&["debug", "root", root.to_str().unwrap(), "generations", "--json"]).ok().json();
+    let gens = gens.as_array().unwrap();
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    assert_eq!(gens[0]["current"], true, "{gens:?}");
+    assert_eq!(gens[1]["failed"], "the agent restarted before generation 2 was confirmed", "{gens:?}");
+    assert!(!root.join("nix/var/flotilla/pending.json").exists());
+    let st = status(&fl, &root);
+    assert_eq!(st["generation"], 1, "{st}");
+    assert!(st["toplevel"].as_str().is_some_and(|t| t != toplevel.to_absolute()), "generation 1's system runs: {st}");
+}
