@@ -336,10 +336,15 @@ impl Agent {
         let roots: Vec<StorePath> = std::iter::once(toplevel.clone()).chain(agent_store_path(&self.root)).collect();
         match self.root.register_with_nix(&self.root.closure(&roots)) {
             Ok(NixRegistration::NotNeeded | NixRegistration::Registered(_)) => Ok(Vec::new()),
-            Ok(NixRegistration::NoNixStore) => Ok(vec![format!(
-                "this machine has Nix (/nix/var/nix/db), but flotilla-agent finds no nix-store in {}: the paths it received are not valid in Nix's database, and Nix's garbage collector would delete them, this system included; install Nix's tools in one of those places and deploy again",
-                NIX_STORE_PLACES.join(", ")
-            )]),
+            Ok(NixRegistration::NoNixStore) => {
+                let note = format!(
+                    "this machine has Nix (/nix/var/nix/db), but flotilla-agent finds no nix-store in {}: the paths it received are not valid in Nix's database, and Nix's garbage collector would delete them, this system included; install Nix's tools in one of those places and deploy again",
+                    NIX_STORE_PLACES.join(", ")
+                );
+                // The deployer may not show the report's messages: the agent's log has it too.
+                eprintln!("flotilla-agent: {note}");
+                Ok(vec![note])
+            }
             Err(e) => Err(AgentError::Io { what: format!("cannot make {toplevel} valid in this machine's Nix database"), source: io::Error::other(e) }),
         }
     }
