@@ -328,8 +328,21 @@ impl Agent {
     /// for the report.
     fn preflight(&self, toplevel: &StorePath, new: &SystemConfig, goal: ActivationGoal) -> Result<Vec<String>, AgentError> {
         let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
-        users::apply(&self.root, &new.system.users, &new.system.groups, true)?;
-        etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true)?;
+        // Every refusal at once: one deploy tells the user all there is to fix.
+        let mut refused = Vec::new();
+        for checked in [
+            users::apply(&self.root, &new.system.users, &new.system.groups, true).map(drop),
+            etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true).map(drop),
+        ] {
+            match checked {
+                Ok(()) => {}
+                Err(AgentError::Conflict(problem)) => refused.push(problem),
+                Err(e) => return Err(e),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(AgentError::Conflict(refused.join("; ")));
+        }
         if goal == ActivationGoal::DryActivate {
             return Ok(Vec::new());
         }

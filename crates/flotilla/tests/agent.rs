@@ -215,3 +215,45 @@ fn an_agent_that_restarts_before_a_generation_is_confirmed_returns_to_the_one_be
     assert_eq!(st["generation"], 1, "{st}");
     assert!(st["toplevel"].as_str().is_some_and(|t| t != toplevel.to_absolute()), "generation 1's system runs: {st}");
 }
+
+#[test]
+fn accounts_and_files_of_the_machines_are_refused_before_anything_changes() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let passwd = "root:x:0:0:root:/root:/bin/bash\nwww:x:33:33::/var/www:/usr/sbin/nologin\n";
+    std::fs::write(root.join("etc/passwd"), passwd).unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:33:\n").unwrap();
+    std::fs::write(root.join("etc/motd"), "the machine's\n").unwrap();
+    let _agent = RunningAgent::start(&root);
+    let machine = |www: &str| {
+        format!(
+            r#"{{ meta.name = "host"; machines.box = {{ pkgs, ... }}: {{
+  files."/etc/motd".text = "flotilla's\n";
+  users.www = {{ {www} }};
+  services.idle = {{ command = [ "${{pkgs.busybox}}/bin/sleep" "100000" ]; user = "www"; }};
+}}; }}"#
+        )
+    };
+    let file = fl.file("d.nix", &machine("uid = 1005;"));
+    let r = fl.run(&["debug", "push-to-root", root.to_str().unwrap(), "-f", &file, "--machine", "box", "--goal", "switch"]);
+    assert_ne!(r.code(), 0, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(err.contains("user www: exists on this machine with uid 33, not the declared 1005, and was not created by flotilla; flotilla does not change accounts it did not create: drop users.www.uid or use another name"), "{err}");
+    assert!(err.contains("/etc/motd exists on this machine and was not placed by flotilla; flotilla never replaces files it does not own: remove or move it on the machine, or stop declaring files.\"/etc/motd\""), "{err}");
+    // Nothing changed: no generation, no file, no account, no service.
+    assert_eq!(std::fs::read_dir(root.join("nix/var/flotilla/profiles")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_to_string(root.join("etc/motd")).unwrap(), "the machine's\n");
+    assert_eq!(std::fs::read_to_string(root.join("etc/passwd")).unwrap(), passwd);
+    assert!(status(&fl, &root)["services"].as_array().unwrap().is_empty());
+
+    // The machine's file moved away and the uid no longer declared: the account is used as
+    // it is, and the service runs as it.
+    std::fs::rename(root.join("etc/motd"), root.join("etc/motd.orig")).unwrap();
+    let done = push(&fl, &root, &fl.file("d.nix", &machine("")), "switch");
+    assert_eq!(done["generation"], 1);
+    assert!(std::fs::read_to_string(root.join("etc/passwd")).unwrap().starts_with(passwd));
+    let pid = pid_of(&status(&fl, &root), "idle");
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().next().unwrap().to_owned()));
+    assert_eq!(uid.as_deref(), Some("33"));
+}
