@@ -13,6 +13,14 @@
 //! confirm over a new connection ([`Agent::confirm`]), and [`Agent::expire`] restores the
 //! previous generation when none came. A service that needs a key not on the machine yet
 //! waits, and starts when [`Agent::put_keys`] brings it.
+//!
+//! A generation awaiting confirmation is also recorded in `nix/var/flotilla/pending.json`:
+//! an agent that starts and finds that record (it crashed, or the machine rebooted, inside the
+//! window) restores the previous generation before any service starts, so an unconfirmed
+//! system never runs again. Before an activation changes anything, it checks that it would
+//! not take over an account or an `/etc` file of the machine's. On a machine with Nix of its
+//! own, the agent keeps a Nix GC root for each generation, the running system and itself in
+//! `/nix/var/nix/gcroots/flotilla/`, so that Nix's collector never deletes them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -24,14 +32,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use flotilla_model::{start_order, KeySpec, ServiceSpec, SystemConfig};
 use flotilla_protocol::{ActivationGoal, ActivationReport, GenerationInfo, HealthResult, KeyState, KeyUpload, ServiceState, ServiceStatus};
 use flotilla_store::StorePath;
+use serde::{Deserialize, Serialize};
 
 use crate::build_system::{Manifest, MANIFEST_VERSION};
-use crate::machine::{symlink_atomic, MachineRoot};
+use crate::machine::{agent_store_path, symlink_atomic, MachineRoot, NixRegistration, NIX_STORE_PLACES};
 use crate::supervisor::{Supervisor, SupervisorError};
 use crate::{etc, health, keys, users};
 
 /// The agent's record of failed generations (number → why), in its state directory.
 const FAILED: &str = "failed-generations.json";
+
+/// The generation awaiting confirmation, as [`PendingRecord`], in the agent's state directory.
+const PENDING: &str = "pending.json";
 
 /// How long services without a health check get to be running after an activation.
 const SETTLE: Duration = Duration::from_secs(10);
@@ -100,6 +112,17 @@ struct Pending {
     deadline: Instant,
     window: Duration,
     previous: Previous,
+}
+
+/// What outlives the agent of a [`Pending`]: enough to restore what ran before.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PendingRecord {
+    generation: u64,
+    previous_generation: Option<u64>,
+    previous_toplevel: Option<StorePath>,
+    /// Wall-clock seconds since the epoch.
+    deadline_unix: u64,
+    window_secs: u64,
 }
 
 /// What ran before an activation: the profile's generation and the running system.
@@ -202,7 +225,33 @@ impl Agent {
     /// With no `/run/current-system` (a container's `/run` is a fresh tmpfs at every start)
     /// it boots the `system` profile instead: the full switch to it, as `switch` does, without
     /// adding a generation. That is what makes a `boot` activation current at the next start.
+    ///
+    /// A generation that awaited confirmation when the agent stopped was not confirmed: what
+    /// ran before it is restored instead, and it is marked failed.
     pub fn start_running_system(&self) -> Vec<String> {
+        let mut messages = match self.root.read_state::<Option<PendingRecord>>(PENDING) {
+            Ok(Some(record)) => return self.roll_back_unconfirmed(&record),
+            Ok(None) => Vec::new(),
+            Err(e) => vec![format!("cannot read {PENDING}, so a generation awaiting confirmation may run unconfirmed: {e}")],
+        };
+        messages.extend(self.start_current_system());
+        messages.extend(self.sync_gc_roots());
+        messages
+    }
+
+    /// Restores what ran before the unconfirmed generation of `record`, marking it failed.
+    fn roll_back_unconfirmed(&self, record: &PendingRecord) -> Vec<String> {
+        let previous = Previous { generation: record.previous_generation, running: record.previous_toplevel.clone() };
+        let problem = format!("the agent restarted before generation {} was confirmed", record.generation);
+        let mut messages = vec![match self.return_to(&previous, &problem) {
+            Ok(done) => done,
+            Err(e) => e.to_string(),
+        }];
+        messages.extend(self.forget_pending_record().err());
+        messages
+    }
+
+    fn start_current_system(&self) -> Vec<String> {
         let Some(top) = self.running_system() else { return self.boot_current_generation() };
         let Ok(m) = self.manifest(&top) else { return vec![format!("cannot read the running system {top}")] };
         let mut errors = Vec::new();
@@ -269,15 +318,65 @@ impl Agent {
     /// Activates `toplevel` for `goal`; returns the generation and what changed.
     pub fn activate(&self, toplevel: &StorePath, goal: ActivationGoal) -> Result<(u64, ActivationReport), AgentError> {
         let new = self.manifest(toplevel)?;
+        let notes = self.preflight(toplevel, &new.system, goal)?;
+        self.activate_prepared(toplevel, &new.system, goal, notes)
+    }
+
+    /// What must hold before an activation changes anything: it takes over no account and
+    /// no `/etc` file of the machine's (`Conflict` otherwise, naming each and the fix), and
+    /// on a machine with Nix the system's paths are valid in Nix's database. Returns notes
+    /// for the report.
+    fn preflight(&self, toplevel: &StorePath, new: &SystemConfig, goal: ActivationGoal) -> Result<Vec<String>, AgentError> {
+        let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
+        // Every refusal at once: one deploy tells the user all there is to fix.
+        let mut refused = Vec::new();
+        for checked in [
+            users::apply(&self.root, &new.system.users, &new.system.groups, true).map(drop),
+            etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true).map(drop),
+        ] {
+            match checked {
+                Ok(()) => {}
+                Err(AgentError::Conflict(problem)) => refused.push(problem),
+                Err(e) => return Err(e),
+            }
+        }
+        if !refused.is_empty() {
+            return Err(AgentError::Conflict(refused.join("; ")));
+        }
+        if goal == ActivationGoal::DryActivate {
+            return Ok(Vec::new());
+        }
+        let roots: Vec<StorePath> = std::iter::once(toplevel.clone()).chain(agent_store_path(&self.root)).collect();
+        match self.root.register_with_nix(&self.root.closure(&roots)) {
+            Ok(NixRegistration::NotNeeded | NixRegistration::Registered(_)) => Ok(Vec::new()),
+            Ok(NixRegistration::NoNixStore) => {
+                let note = format!(
+                    "this machine has Nix (/nix/var/nix/db), but flotilla-agent finds no nix-store in {}: the paths it received are not valid in Nix's database, and Nix's garbage collector would delete them, this system included; install Nix's tools in one of those places and deploy again",
+                    NIX_STORE_PLACES.join(", ")
+                );
+                // The deployer may not show the report's messages: the agent's log has it too.
+                eprintln!("flotilla-agent: {note}");
+                Ok(vec![note])
+            }
+            Err(e) => Err(AgentError::Io { what: format!("cannot make {toplevel} valid in this machine's Nix database"), source: io::Error::other(e) }),
+        }
+    }
+
+    /// [`Agent::activate`] once the manifest is read and the preflight passed.
+    fn activate_prepared(&self, toplevel: &StorePath, new: &SystemConfig, goal: ActivationGoal, notes: Vec<String>) -> Result<(u64, ActivationReport), AgentError> {
         let dry = goal == ActivationGoal::DryActivate;
         let generation = match goal {
             ActivationGoal::Switch | ActivationGoal::Boot => self.add_generation(toplevel, dry)?,
             ActivationGoal::Test | ActivationGoal::DryActivate => self.current_generation().unwrap_or(0),
         };
-        let report = match goal {
+        let mut report = match goal {
             ActivationGoal::Boot => ActivationReport { messages: vec![format!("generation {generation} becomes current at the next start")], ..Default::default() },
-            _ => self.switch_to(toplevel, &new.system, dry)?,
+            _ => self.switch_to(toplevel, new, dry)?,
         };
+        report.messages.extend(notes);
+        if !dry {
+            report.messages.extend(self.sync_gc_roots());
+        }
         Ok((generation, report))
     }
 
@@ -286,7 +385,7 @@ impl Agent {
     /// While a generation awaits confirmation, `to: None` rejects it instead: what ran before
     /// it runs again and it is marked failed, for `reason`.
     pub fn rollback(&self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), AgentError> {
-        let pending = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let pending = self.take_pending();
         match (pending, to) {
             (Some(p), None) => {
                 let done = self.return_to(&p.previous, reason.unwrap_or("rolled back before it was confirmed"))?;
@@ -315,7 +414,8 @@ impl Agent {
         let m = self.manifest(&target.toplevel)?;
         symlink_atomic(Path::new(&format!("system-{}-link", target.number)), &self.root.profiles_dir().join("system"))
             .map_err(io_err("cannot switch the system profile"))?;
-        let report = self.switch_to(&target.toplevel, &m.system, false)?;
+        let mut report = self.switch_to(&target.toplevel, &m.system, false)?;
+        report.messages.extend(self.sync_gc_roots());
         Ok((target.number, report))
     }
 
@@ -379,8 +479,8 @@ impl Agent {
 
         let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
         if dry {
-            let u = users::apply(&self.root, &new.system.users, &new.system.groups, true).map_err(io_err("cannot read users"))?;
-            let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true).map_err(io_err("cannot read /etc"))?;
+            let u = users::apply(&self.root, &new.system.users, &new.system.groups, true)?;
+            let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, true)?;
             (report.users_added, report.users_removed) = (u.added, u.removed);
             (report.etc_added, report.etc_changed, report.etc_removed) = (e.added, e.changed, e.removed);
             return Ok(report);
@@ -393,8 +493,8 @@ impl Agent {
             }
         }
         self.waiting.lock().unwrap_or_else(|p| p.into_inner()).retain(|name, _| new_services.contains_key(name));
-        let u = users::apply(&self.root, &new.system.users, &new.system.groups, false).map_err(io_err("cannot write /etc/passwd or /etc/group"))?;
-        let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, false).map_err(io_err("cannot place /etc entries"))?;
+        let u = users::apply(&self.root, &new.system.users, &new.system.groups, false)?;
+        let e = etc::apply(&self.root, &toplevel.to_absolute(), &new.system.files, &lookup, false)?;
         (report.users_added, report.users_removed) = (u.added, u.removed);
         (report.etc_added, report.etc_changed, report.etc_removed) = (e.added, e.changed, e.removed);
         report.messages.extend(e.messages);
@@ -450,9 +550,12 @@ impl Agent {
                 p.deadline.saturating_duration_since(Instant::now()).as_secs() + 1
             )));
         }
+        // Nothing has changed yet: what fails here needs no rollback.
+        let new = self.manifest(toplevel)?;
+        let notes = self.preflight(toplevel, &new.system, goal)?;
         let previous = Previous { generation: self.current_generation(), running: self.running_system() };
         let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
-        let (generation, report) = match self.activate(toplevel, goal) {
+        let (generation, report) = match self.activate_prepared(toplevel, &new.system, goal, notes) {
             Ok(r) => r,
             Err(e) if checked => return Err(self.fail_back(&previous, &format!("activation of {toplevel} failed: {e}"))),
             Err(e) => return Err(e),
@@ -471,6 +574,17 @@ impl Agent {
         }
         let awaiting_confirmation = confirm_within.is_some() && !unchanged;
         if let (Some(window), true) = (confirm_within, awaiting_confirmation) {
+            // Recorded before the answer, so that an agent restarting inside the window finds it.
+            let record = PendingRecord {
+                generation,
+                previous_generation: previous.generation,
+                previous_toplevel: previous.running.clone(),
+                deadline_unix: (SystemTime::now() + window).duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                window_secs: window.as_secs(),
+            };
+            if let Err(e) = self.root.write_state(PENDING, &Some(record)) {
+                return Err(self.fail_back(&previous, &format!("cannot record that generation {generation} awaits confirmation, so a restarted agent could not roll it back: {e}")));
+            }
             *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
         }
@@ -564,6 +678,14 @@ impl Agent {
 
     /// Makes `previous` current and running again; says what runs now.
     fn restore(&self, previous: &Previous) -> Result<String, AgentError> {
+        let restored = self.restore_system(previous);
+        if let Some(problem) = self.sync_gc_roots() {
+            eprintln!("flotilla-agent: {problem}");
+        }
+        restored
+    }
+
+    fn restore_system(&self, previous: &Previous) -> Result<String, AgentError> {
         let profile = self.root.profiles_dir().join("system");
         match previous.generation {
             Some(n) => symlink_atomic(Path::new(&format!("system-{n}-link")), &profile).map_err(io_err("cannot switch the system profile back"))?,
@@ -616,6 +738,54 @@ impl Agent {
         self.pending.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Ends the wait for a confirmation, in memory and on disk.
+    fn take_pending(&self) -> Option<Pending> {
+        let taken = self.pending.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if taken.is_some() {
+            if let Err(e) = self.forget_pending_record() {
+                eprintln!("flotilla-agent: {e}");
+            }
+        }
+        taken
+    }
+
+    fn forget_pending_record(&self) -> Result<(), String> {
+        match fs::remove_file(self.root.state_dir().join(PENDING)) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove {PENDING}; a restarted agent would roll back a generation no longer pending: {e}")),
+        }
+    }
+
+    /// Keeps a Nix GC root for each generation (`system-<N>`), the running system (`running`)
+    /// and the agent's own store path (`agent`) in `/nix/var/nix/gcroots/flotilla/` when the
+    /// machine has Nix, and no other; says what went wrong, if anything did.
+    fn sync_gc_roots(&self) -> Option<String> {
+        if !self.root.has_nix() {
+            return None;
+        }
+        let dir = self.root.nix_gcroots_dir();
+        let synced = (|| -> Result<(), String> {
+            let mut want: BTreeMap<String, StorePath> = BTreeMap::new();
+            for g in self.generations().map_err(|e| e.to_string())? {
+                want.insert(format!("system-{}", g.number), g.toplevel);
+            }
+            want.extend(self.running_system().map(|t| ("running".to_owned(), t)));
+            want.extend(agent_store_path(&self.root).map(|a| ("agent".to_owned(), a)));
+            fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+            for e in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+                if !want.contains_key(e.file_name().to_string_lossy().as_ref()) {
+                    fs::remove_file(e.path()).map_err(|e| e.to_string())?;
+                }
+            }
+            for (name, target) in &want {
+                symlink_atomic(Path::new(&target.to_absolute()), &dir.join(name)).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })();
+        synced.err().map(|e| format!("cannot keep the Nix GC roots in {}, so Nix's garbage collector may delete what a generation needs: {e}", dir.display()))
+    }
+
     /// The generation awaiting confirmation, if any.
     pub fn pending_confirmation(&self) -> Option<u64> {
         self.pending().map(|p| p.generation)
@@ -630,6 +800,7 @@ impl Agent {
                 "generation {generation} must be confirmed over a new connection, not the one that activated it"
             ))),
             Some(p) if p.generation == generation => {
+                self.forget_pending_record().map_err(AgentError::Conflict)?;
                 *pending = None;
                 Ok(())
             }
@@ -649,6 +820,9 @@ impl Agent {
                 _ => return None,
             }
         };
+        if let Err(e) = self.forget_pending_record() {
+            eprintln!("flotilla-agent: {e}");
+        }
         let problem = format!("not confirmed within {} s (the deployer lost contact with the machine, or died)", p.window.as_secs());
         Some(self.fail_back(&p.previous, &problem).to_string())
     }
@@ -732,23 +906,27 @@ impl Agent {
                 deleted.push(g.number);
             }
         }
+        if let Some(problem) = self.sync_gc_roots() {
+            eprintln!("flotilla-agent: {problem}");
+        }
         Ok(deleted)
     }
 
-    /// Removes every store path no generation and no running system needs.
+    /// Removes every store path no generation, no running system and not the running agent
+    /// needs (the last matters where a systemd unit starts the agent from its store path).
+    /// Paths of the machine's Nix are only unregistered: see [`MachineRoot::collect_garbage`].
+    /// Returns the paths deleted and their NAR bytes.
     pub fn collect_garbage(&self) -> Result<(u64, u64), AgentError> {
         self.refuse_while_pending("collect garbage")?;
         let mut roots: Vec<StorePath> = self.generations()?.into_iter().map(|g| g.toplevel).collect();
         roots.extend(self.running_system());
+        roots.extend(agent_store_path(&self.root));
         let live = self.root.closure(&roots);
-        let mut removed = (0, 0);
-        for p in self.root.valid_paths().map_err(io_err("cannot list the store registry"))? {
-            if !live.contains(&p) {
-                removed.1 += self.root.remove_path(&p).map_err(io_err(format!("cannot remove {p}")))?;
-                removed.0 += 1;
-            }
+        let collected = self.root.collect_garbage(&live).map_err(io_err("cannot collect garbage"))?;
+        if collected.released > 0 {
+            eprintln!("flotilla-agent: garbage collection left {} paths on disk for the machine's Nix to collect", collected.released);
         }
-        Ok(removed)
+        Ok((collected.deleted, collected.bytes))
     }
 }
 

@@ -4,7 +4,8 @@
 //! nobody else ever sees either.
 //!
 //! The agent remembers which keys it wrote (name, directory, owner, mode; never contents) in
-//! its state directory, so that it deletes only files it placed. Digests for the deployer are
+//! its state directory, so that it deletes only files it placed; and it never writes a key
+//! over a file it did not place there. Digests for the deployer are
 //! computed from the files themselves at every `ListKeys`, so a key lost with `/run` at a
 //! restart reads as missing and is sent again.
 
@@ -68,6 +69,14 @@ pub fn apply(root: &MachineRoot, put: &[KeyUpload], remove: &[String]) -> Result
         check_dir(&k.name, &k.dest_dir)?;
         if k.mode > 0o7777 {
             return Err(AgentError::BadRequest(format!("key {}: mode {:o} is not a permission mode", k.name, k.mode)));
+        }
+        let ours = state.get(&k.name).is_some_and(|p| p.dest_dir == k.dest_dir);
+        let file = format!("{}/{}", k.dest_dir.trim_end_matches('/'), k.name);
+        if !ours && fs::symlink_metadata(root.path(&file)).is_ok() {
+            return Err(AgentError::Conflict(format!(
+                "key {}: {file} exists on this machine and was not placed by flotilla; flotilla never replaces files it does not own: remove or move it on the machine, or give keys.{} another destDir",
+                k.name, k.name
+            )));
         }
         // An owner the new system creates does not exist yet before activation: the key is
         // root's until then, and `fix_owners` hands it over once the accounts exist.
@@ -240,6 +249,24 @@ mod tests {
         fs::write(dir.path().join("etc/group"), format!("later:x:{}:\n", me.gid())).unwrap();
         assert!(fix_owners(&root).unwrap().is_empty());
         assert_eq!(fs::metadata(&file).unwrap().uid(), me.uid());
+    }
+
+    #[test]
+    fn a_file_of_the_machines_is_never_replaced_by_a_key() {
+        let (dir, root) = root_with_accounts();
+        fs::create_dir_all(dir.path().join("run/keys")).unwrap();
+        fs::write(dir.path().join("run/keys/token"), "the machine's").unwrap();
+        let err = apply(&root, &[key("other", b"x"), key("token", b"x")], &[]).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "key token: /run/keys/token exists on this machine and was not placed by flotilla; flotilla never replaces files it does not own: remove or move it on the machine, or give keys.token another destDir"
+        );
+        assert_eq!(fs::read_to_string(dir.path().join("run/keys/token")).unwrap(), "the machine's");
+        assert!(!dir.path().join("run/keys/other").exists(), "checked before anything is written");
+        // A key the agent placed is replaced as before.
+        apply(&root, &[key("mine", b"1")], &[]).unwrap();
+        apply(&root, &[key("mine", b"2")], &[]).unwrap();
+        assert_eq!(fs::read(dir.path().join("run/keys/mine")).unwrap(), b"2");
     }
 
     #[test]

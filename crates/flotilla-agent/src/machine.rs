@@ -6,11 +6,20 @@
 //! `nix/var/flotilla/db/`; the entry is written only after the path was unpacked, checked
 //! against its NAR hash and renamed into place, so a crash never leaves a path that looks
 //! valid. Targets need no Nix: this registry is the agent's own.
+//!
+//! A machine may have Nix of its own (`/nix/var/nix/db` exists), with its own paths in
+//! `/nix/store`. The agent must never replace or delete those: a path the deployer sends that
+//! is already there with the announced NAR hash is kept and registered as `foreign`, and one
+//! that differs is an integrity error. Since Nix's garbage collector deletes whatever its own
+//! database does not hold valid, the agent also registers what it received with that Nix
+//! (`nix-store --register-validity`), when it manages the root it runs in (`/`): with
+//! `--root DIR` the Nix it would find is the host's, not the machine's, and it does not.
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
 
 use flotilla_protocol::PathInfo;
 use flotilla_store::{HashingReader, NarHash, StorePath};
@@ -32,8 +41,9 @@ pub struct Registration {
     pub nar_size: u64,
     /// Direct references.
     pub references: Vec<StorePath>,
-    /// The path was already in the host's Nix store; not ours to delete.
-    #[serde(default)]
+    /// The path was on the machine already, in the store of the machine's own Nix, when the
+    /// deployer sent it: it is Nix's, and the agent never deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub foreign: bool,
 }
 
@@ -58,7 +68,55 @@ pub enum ReceiveError {
         /// What did not match.
         problem: String,
     },
+    /// The paths were received, but the machine's Nix would not take them.
+    #[error("the paths were received, but {0}")]
+    Nix(NixError),
 }
+
+/// Why registering paths with the machine's own Nix failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NixError {
+    /// `nix-store` could not be run.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// It ran and failed.
+    #[error("{program} --register-validity failed ({status}): {stderr}")]
+    Failed {
+        /// The program.
+        program: PathBuf,
+        /// How it ended.
+        status: std::process::ExitStatus,
+        /// What it said.
+        stderr: String,
+    },
+}
+
+/// What [`MachineRoot::register_with_nix`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NixRegistration {
+    /// The machine has no Nix of its own, or the agent manages another root than its own.
+    NotNeeded,
+    /// `nix-store` took the paths (it skips those already valid in its database).
+    Registered(usize),
+    /// The machine has Nix, but no `nix-store` where the agent looks: the paths are not valid
+    /// in Nix's database, and its garbage collector would delete them.
+    NoNixStore,
+}
+
+/// Where the agent looks for the machine's `nix-store`, in order.
+pub const NIX_STORE_PLACES: &[&str] = &[
+    "/nix/var/nix/profiles/default/bin",
+    "/run/current-system/sw/bin",
+    "/nix/var/nix/profiles/per-user/root/profile/bin",
+    "/root/.nix-profile/bin",
+    "/usr/local/bin",
+    "/usr/bin",
+];
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReceiveError {
     let path = path.to_owned();
@@ -98,6 +156,24 @@ impl MachineRoot {
 
     fn registry_dir(&self) -> PathBuf {
         self.state_dir().join("db")
+    }
+
+    /// Whether the machine has Nix of its own (its database directory exists).
+    pub fn has_nix(&self) -> bool {
+        self.path("/nix/var/nix/db").is_dir()
+    }
+
+    /// Whether paths the agent receives go into the machine's Nix database too: the machine
+    /// has Nix and the agent manages the root it runs in. With `--root DIR`, the `nix-store`
+    /// the agent could run is the host's, whose database describes the host's store, not
+    /// `DIR/nix/store`.
+    pub fn registers_with_nix(&self) -> bool {
+        self.root == Path::new("/") && self.has_nix()
+    }
+
+    /// Where the machine's Nix roots are that keep the agent's paths from Nix's collector.
+    pub fn nix_gcroots_dir(&self) -> PathBuf {
+        self.path("/nix/var/nix/gcroots/flotilla")
     }
 
     /// Where system generations are linked.
@@ -175,8 +251,10 @@ impl MachineRoot {
 
     /// Receives `paths` from `stream` (their NARs back to back, in order): each is unpacked to
     /// a temporary name, checked against its announced hash and size, renamed into place and
-    /// only then registered. The whole stream is read even after an error, so the protocol
-    /// stays in step. Returns (paths, NAR bytes) added.
+    /// only then registered. A path already at its final name with the announced hash is kept
+    /// as it is (its bytes in the stream are skipped). The whole stream is read even after an
+    /// error, so the protocol stays in step. On a machine whose Nix takes them, the received
+    /// paths are registered with it too. Returns (paths, NAR bytes) added.
     pub fn receive(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<(u64, u64), ReceiveError> {
         let mut first_error = None;
         let mut added = (0u64, 0u64);
@@ -196,6 +274,13 @@ impl MachineRoot {
             // Whatever the outcome, consume this path's bytes.
             io::copy(&mut limited, &mut io::sink()).map_err(io("cannot read the stream for", &self.store_path(&info.path)))?;
         }
+        if !batch.is_empty() {
+            // Their closure: a reference received earlier may not be in Nix's database yet
+            // (the machine had no nix-store then); Nix skips what it holds already.
+            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>())) {
+                first_error.get_or_insert(ReceiveError::Nix(e));
+            }
+        }
         match first_error {
             Some(e) => Err(e),
             None => Ok(added),
@@ -211,6 +296,27 @@ impl MachineRoot {
             }
         }
         let dest = self.store_path(&info.path);
+        // At its final name but not registered: on a machine with Nix, a path of Nix's; else a
+        // leftover of the agent's own (a crash between rename and registration). Either way,
+        // the same bytes are kept rather than replaced (hashing it is the price, paid only for
+        // a path that is there). Different bytes of Nix's are not the agent's to replace.
+        if fs::symlink_metadata(&dest).is_ok() {
+            let nix = self.has_nix();
+            match flotilla_store::hash_path(&dest) {
+                Ok(found) if found.hash == announced && found.size == info.nar_size => return self.register(info, nix),
+                found if nix => {
+                    let found = match found {
+                        Ok(d) => format!("with NAR hash {} ({} bytes)", d.hash, d.size),
+                        Err(e) => format!("but cannot be read ({e})"),
+                    };
+                    return Err(integrity(format!(
+                        "is in this machine's Nix store {found}, not the announced {announced} ({} bytes); flotilla never replaces paths of the machine's Nix: check it on the machine with `nix-store --verify-path {}` and repair it with `nix-store --repair-path {}`",
+                        info.nar_size, info.path, info.path
+                    )));
+                }
+                _ => {}
+            }
+        }
         let tmp = self.store_dir().join(format!(".flotilla-partial-{}-{}", std::process::id(), info.path.base_name()));
         if fs::symlink_metadata(&tmp).is_ok() {
             remove_tree(&tmp).map_err(io("cannot remove", &tmp))?;
@@ -229,29 +335,97 @@ impl MachineRoot {
                 digest.size, digest.hash, info.nar_size, announced
             )));
         }
-        // A leftover at the final name was never registered (a crash between rename and
-        // registration): it is replaced.
+        // Only the agent's own incomplete leftover gets here (see above): it is replaced.
         if fs::symlink_metadata(&dest).is_ok() {
             remove_tree(&dest).map_err(io("cannot replace unregistered", &dest))?;
         }
         fs::rename(&tmp, &dest).map_err(io("cannot move into place", &dest))?;
-        let reg = Registration { nar_hash: announced, nar_size: info.nar_size, references: info.references.clone(), foreign: false };
+        self.register(info, false)
+    }
+
+    fn register(&self, info: &PathInfo, foreign: bool) -> Result<(), ReceiveError> {
+        let reg = Registration { nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone(), foreign };
         write_atomic(&self.registry_dir().join(info.path.base_name()), serde_json::to_string(&reg).expect("serialises").as_bytes())
-            .map_err(io("cannot register", &dest))?;
-        Ok(())
+            .map_err(io("cannot register", &self.store_path(&info.path)))
+    }
+
+    /// The machine's `nix-store`, looked for in [`NIX_STORE_PLACES`].
+    pub fn nix_store(&self) -> Option<PathBuf> {
+        NIX_STORE_PLACES.iter().map(|d| self.path(d).join("nix-store")).find(|p| p.is_file())
+    }
+
+    /// Makes `paths` (and nothing else: pass a closure) valid in the machine's own Nix
+    /// database, when [`MachineRoot::registers_with_nix`]; Nix skips those it holds already.
+    pub fn register_with_nix(&self, paths: &BTreeSet<StorePath>) -> Result<NixRegistration, NixError> {
+        if !self.registers_with_nix() {
+            return Ok(NixRegistration::NotNeeded);
+        }
+        let Some(program) = self.nix_store() else { return Ok(NixRegistration::NoNixStore) };
+        let infos: Vec<(StorePath, Registration)> =
+            paths.iter().filter(|p| self.is_valid(p)).filter_map(|p| Some((p.clone(), self.registration(p)?))).collect();
+        if infos.is_empty() {
+            return Ok(NixRegistration::Registered(0));
+        }
+        let spawn = |source| NixError::Spawn { program: program.clone(), source };
+        let mut child = Command::new(&program)
+            .args(["--register-validity", "--hash-given"])
+            // A local store: --register-validity cannot go through a daemon.
+            .env_remove("NIX_REMOTE")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(spawn)?;
+        let mut stdin = child.stdin.take().expect("piped");
+        let input = nix_validity_input(&infos);
+        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
+        let out = child.wait_with_output().map_err(spawn)?;
+        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
+        if !out.status.success() {
+            return Err(NixError::Failed { program, status: out.status, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        }
+        written.map_err(spawn)?;
+        Ok(NixRegistration::Registered(infos.len()))
     }
 
     /// Removes a path from the store and the registry (registry first: an interrupted removal
     /// leaves an unregistered path, which the next copy replaces).
     pub fn remove_path(&self, p: &StorePath) -> io::Result<u64> {
         let size = self.registration(p).map(|r| r.nar_size).unwrap_or(0);
-        match fs::remove_file(self.registry_dir().join(p.base_name())) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e),
-        }
+        self.unregister(p)?;
         remove_tree(&self.store_path(p))?;
         Ok(size)
+    }
+
+    /// Forgets a path without deleting it.
+    pub fn unregister(&self, p: &StorePath) -> io::Result<()> {
+        match fs::remove_file(self.registry_dir().join(p.base_name())) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Removes every registered path outside `live`. A foreign path is only unregistered: it
+    /// is Nix's. So is every path on a machine whose Nix database the agent registers its
+    /// paths in, since deleting a path Nix holds valid would corrupt that database; Nix's
+    /// collector frees them once no root of the agent's holds them.
+    pub fn collect_garbage(&self, live: &BTreeSet<StorePath>) -> io::Result<Collected> {
+        let mut out = Collected::default();
+        let nix_holds = self.registers_with_nix();
+        for p in self.valid_paths()? {
+            if live.contains(&p) {
+                continue;
+            }
+            if nix_holds || self.registration(&p).is_some_and(|r| r.foreign) {
+                self.unregister(&p)?;
+                out.released += 1;
+            } else {
+                out.bytes += self.remove_path(&p)?;
+                out.deleted += 1;
+            }
+        }
+        Ok(out)
     }
 
     /// Reads a JSON file of the agent's state, or the default when it does not exist.
@@ -267,6 +441,47 @@ impl MachineRoot {
     pub fn write_state<T: Serialize>(&self, name: &str, value: &T) -> io::Result<()> {
         write_atomic(&self.state_dir().join(name), serde_json::to_string_pretty(value).expect("serialises").as_bytes())
     }
+}
+
+/// What [`MachineRoot::collect_garbage`] did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Paths deleted.
+    pub deleted: u64,
+    /// Their NAR bytes.
+    pub bytes: u64,
+    /// Paths unregistered but left on disk, for the machine's Nix.
+    pub released: u64,
+}
+
+/// The input of `nix-store --register-validity --hash-given`: for each path, its absolute
+/// name, NAR hash (`sha256:<nix-base32>`), NAR size, deriver (none: an empty line), number
+/// of references and the references, one per line.
+pub fn nix_validity_input(infos: &[(StorePath, Registration)]) -> String {
+    let mut out = String::new();
+    for (p, r) in infos {
+        out.push_str(&format!("{}\n{}\n{}\n\n{}\n", p.to_absolute(), r.nar_hash, r.nar_size, r.references.len()));
+        for q in &r.references {
+            out.push_str(&q.to_absolute());
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The store path of the running agent binary on the machine at `root`, if it runs from
+/// that machine's store (on a real machine it does: a systemd unit or the system profile
+/// points at it).
+pub fn agent_store_path(root: &MachineRoot) -> Option<StorePath> {
+    let exe = std::env::current_exe().ok()?;
+    store_path_of(root, &exe)
+}
+
+/// The store path that `file` (a path on this host) lies in, on the machine at `root`.
+fn store_path_of(root: &MachineRoot, file: &Path) -> Option<StorePath> {
+    let rel = file.strip_prefix(root.root()).ok()?;
+    let abs = format!("/{}", rel.to_str()?);
+    StorePath::parse_prefix(&abs).ok().map(|(p, _)| p)
 }
 
 /// Bytes available to the agent on the filesystem holding `path`.
@@ -311,5 +526,131 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
         fs::remove_dir(path)
     } else {
         fs::remove_file(path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn machine(with_nix: bool) -> (tempfile::TempDir, MachineRoot) {
+        let dir = tempfile::tempdir().unwrap();
+        let root = MachineRoot::new(&dir.path().join("m"));
+        root.prepare().unwrap();
+        if with_nix {
+            fs::create_dir_all(root.path("/nix/var/nix/db")).unwrap();
+        }
+        (dir, root)
+    }
+
+    fn sp(name: &str, n: u8) -> StorePath {
+        let hash: String = (0..32).map(|i| NIX_BASE32[(i + n as usize) % 32] as char).collect();
+        StorePath::from_base_name(&format!("{hash}-{name}")).unwrap()
+    }
+    const NIX_BASE32: &[u8; 32] = flotilla_store::NIX_BASE32_CHARS;
+
+    /// A store path holding one file, as its NAR and what the deployer would announce.
+    fn nar(dir: &Path, path: &StorePath, text: &str) -> (Vec<u8>, PathInfo) {
+        let src = dir.join(format!("src-{}", path.base_name()));
+        fs::write(&src, text).unwrap();
+        let mut bytes = Vec::new();
+        flotilla_store::encode_path(&src, &mut bytes).unwrap();
+        let digest = flotilla_store::hash_path(&src).unwrap();
+        (bytes, PathInfo { path: path.clone(), references: Vec::new(), nar_hash: digest.hash, nar_size: digest.size })
+    }
+
+    /// `text` at `p`'s final name, unregistered, as Nix (or a crash) would leave it.
+    fn put(root: &MachineRoot, p: &StorePath, text: &str) {
+        fs::write(root.store_path(p), text).unwrap();
+    }
+
+    #[test]
+    fn a_path_already_there_with_the_announced_hash_is_kept_and_registered() {
+        for with_nix in [false, true] {
+            let (dir, root) = machine(with_nix);
+            let p = sp("hello", 0);
+            let (bytes, info) = nar(dir.path(), &p, "hello\n");
+            put(&root, &p, "hello\n");
+            let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(root.store_path(&p)).unwrap());
+            let before = inode();
+            assert_eq!(root.receive(std::slice::from_ref(&info), &mut &bytes[..]).unwrap(), (1, info.nar_size));
+            assert_eq!(inode(), before, "kept, not replaced");
+            let reg = root.registration(&p).unwrap();
+            assert_eq!(reg.foreign, with_nix, "a path of the machine's Nix is foreign");
+            assert!(root.is_valid(&p));
+            let leftovers = fs::read_dir(root.store_dir()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).count();
+            assert_eq!(leftovers, 0);
+        }
+    }
+
+    #[test]
+    fn a_different_path_of_the_machines_nix_is_refused_and_left_alone() {
+        let (dir, root) = machine(true);
+        let p = sp("hello", 1);
+        let (bytes, info) = nar(dir.path(), &p, "hello\n");
+        put(&root, &p, "Nix's own\n");
+        let err = root.receive(&[info], &mut &bytes[..]).unwrap_err().to_string();
+        assert!(err.contains("is in this machine's Nix store with NAR hash sha256:"), "{err}");
+        assert!(err.contains("flotilla never replaces paths of the machine's Nix: check it on the machine with `nix-store --verify-path"), "{err}");
+        assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "Nix's own\n");
+        assert!(root.registration(&p).is_none());
+    }
+
+    #[test]
+    fn without_nix_a_different_leftover_is_the_agents_and_replaced() {
+        let (dir, root) = machine(false);
+        let p = sp("hello", 2);
+        let (bytes, info) = nar(dir.path(), &p, "hello\n");
+        put(&root, &p, "half of a crash\n");
+        root.receive(&[info], &mut &bytes[..]).unwrap();
+        assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "hello\n");
+        assert!(!root.registration(&p).unwrap().foreign);
+    }
+
+    #[test]
+    fn garbage_collection_unregisters_foreign_paths_and_deletes_the_agents() {
+        let (dir, root) = machine(true);
+        let (foreign, ours, live) = (sp("foreign", 3), sp("ours", 4), sp("live", 5));
+        put(&root, &foreign, "Nix's\n");
+        let infos: Vec<(Vec<u8>, PathInfo)> = [(&foreign, "Nix's\n"), (&ours, "ours\n"), (&live, "live\n")].iter().map(|(p, t)| nar(dir.path(), p, t)).collect();
+        for (bytes, info) in &infos {
+            root.receive(std::slice::from_ref(info), &mut &bytes[..]).unwrap();
+        }
+        let c = root.collect_garbage(&BTreeSet::from([live.clone()])).unwrap();
+        assert_eq!(c, Collected { deleted: 1, bytes: infos[1].1.nar_size, released: 1 });
+        assert!(root.store_path(&foreign).exists() && root.registration(&foreign).is_none(), "foreign: unregistered, not deleted");
+        assert!(!root.store_path(&ours).exists());
+        assert!(root.is_valid(&live));
+    }
+
+    #[test]
+    fn the_running_agents_store_path_is_found_under_the_root() {
+        let (_dir, root) = machine(false);
+        let p = sp("flotilla-agent", 6);
+        let exe = root.store_path(&p).join("bin/flotilla-agent");
+        assert_eq!(store_path_of(&root, &exe), Some(p.clone()));
+        assert_eq!(store_path_of(&MachineRoot::new(Path::new("/")), Path::new(&format!("{}/bin/flotilla-agent", p.to_absolute()))), Some(p));
+        assert_eq!(store_path_of(&root, Path::new("/usr/local/bin/flotilla-agent")), None);
+    }
+
+    #[test]
+    fn nix_validity_input_is_what_nix_store_register_validity_hash_given_reads() {
+        let (a, b) = (sp("a", 7), sp("b", 8));
+        let hash = NarHash::digest(b"x");
+        let reg = |references: Vec<StorePath>| Registration { nar_hash: hash, nar_size: 120, references, foreign: false };
+        let input = nix_validity_input(&[(b.clone(), reg(Vec::new())), (a.clone(), reg(vec![a.clone(), b.clone()]))]);
+        let h = hash.to_string();
+        assert!(h.starts_with("sha256:") && h.len() == 7 + 52, "{h}");
+        assert_eq!(input, format!("{b}\n{h}\n120\n\n0\n{a}\n{h}\n120\n\n2\n{a}\n{b}\n", a = a.to_absolute(), b = b.to_absolute()));
+    }
+
+    #[test]
+    fn registrations_without_foreign_read_as_the_agents_own_and_are_written_without_it() {
+        let hash = NarHash::digest(b"x");
+        let reg: Registration = serde_json::from_str(&format!(r#"{{"narHash":"{hash}","narSize":1,"references":[]}}"#)).unwrap();
+        assert!(!reg.foreign);
+        assert!(!serde_json::to_string(&reg).unwrap().contains("foreign"));
+        let foreign = Registration { foreign: true, ..reg };
+        assert!(serde_json::to_string(&foreign).unwrap().contains(r#""foreign":true"#));
     }
 }

@@ -105,6 +105,10 @@ fn watch_confirmation(agent: Arc<Mutex<Agent>>, generation: u64) {
 
 fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &mut Connection<R, W>, id: u64) -> Result<Response, ProtocolError> {
     Ok(match request {
+        // Only the registry answers. A path at its final name that is not registered (on a
+        // machine with Nix, Nix's own) is reported missing and sent: telling whether it is the
+        // same path needs the NAR hash the deployer announces only with AddPaths, where
+        // `receive` then keeps it unchanged if it matches.
         Request::QueryMissing { paths } => Response::Missing { paths: agent.root().missing(&paths) },
         Request::AddPaths { paths, compression } => {
             let mut reader = conn.bulk_reader(compression)?;

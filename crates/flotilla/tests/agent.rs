@@ -1,11 +1,15 @@
 //! The agent on a plain directory standing for a machine's root: copy, activate, restart only
-//! what changed, roll back, supervise, stop cleanly. Real Nix, real agent, real busybox httpd.
+//! what changed, roll back, supervise, stop cleanly, and never keep an unconfirmed generation
+//! across a restart. Real Nix, real agent, real busybox httpd.
 
 mod common;
 
 use std::path::Path;
 
 use common::{alive, free_port, http_get, Fl, RunningAgent};
+use flotilla_engine::remote::AgentClient;
+use flotilla_protocol::ActivationGoal;
+use flotilla_store::StorePath;
 use serde_json::Value;
 
 /// A one-machine deployment: an httpd serving `page` on `port`, an idle service that must
@@ -129,22 +133,127 @@ fn the_agent_restarts_services_of_the_current_system_when_it_starts_again() {
     assert_eq!(http_get(port).as_deref(), Some("again"));
 }
 
+/// The machine's Nix GC roots the agent keeps: name → target.
+fn nix_roots(root: &Path) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = std::fs::read_dir(root.join("nix/var/nix/gcroots/flotilla"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read_link(e.path()).unwrap().to_string_lossy().into_owned()))
+        .collect();
+    out.sort();
+    out
+}
+
 #[test]
 fn gc_keeps_what_generations_need() {
     let fl = Fl::new();
     let root = fl.dir.path().join("machine");
+    // The machine has Nix of its own: the agent keeps a GC root there for each generation.
+    std::fs::create_dir_all(root.join("nix/var/nix/db")).unwrap();
     let _agent = RunningAgent::start(&root);
     let port = free_port();
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "a")), "switch");
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "b")), "switch");
-    push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    let a = push(&fl, &root, &fl.file("d.nix", &deployment(port, "a")), "switch");
+    let b = push(&fl, &root, &fl.file("d.nix", &deployment(port, "b")), "switch");
+    let c = push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
+    let top = |v: &Value| v["toplevel"].as_str().unwrap().to_owned();
+    let roots = |names: &[(&str, &Value)]| names.iter().map(|(n, v)| ((*n).to_owned(), top(v))).collect::<Vec<_>>();
+    assert_eq!(nix_roots(&root), roots(&[("running", &c), ("system-1", &a), ("system-2", &b), ("system-3", &c)]));
     let r = root.to_str().unwrap();
     let deleted = fl.run(&["debug", "root", r, "delete-generations", "--keep-last", "1", "--json"]).ok().json();
     assert_eq!(deleted, serde_json::json!([1, 2]));
+    assert_eq!(nix_roots(&root), roots(&[("running", &c), ("system-3", &c)]));
     let gc = fl.run(&["debug", "root", r, "gc", "--json"]).ok().json();
     assert!(gc["paths"].as_u64().unwrap() >= 2, "old toplevels and pages collected: {gc}");
     // The current system still works, and pushing it again sends nothing.
     assert_eq!(http_get(port).as_deref(), Some("c"));
     let again = push(&fl, &root, &fl.file("d.nix", &deployment(port, "c")), "switch");
     assert_eq!(again["copy"]["paths_sent"], 0);
+}
+
+#[test]
+fn an_agent_that_restarts_before_a_generation_is_confirmed_returns_to_the_one_before() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let port = free_port();
+    let mut agent = RunningAgent::start(&root);
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "one")), "switch");
+    let two = push(&fl, &root, &fl.file("d.nix", &deployment(port, "two")), "copy");
+    let toplevel = StorePath::parse(two["toplevel"].as_str().unwrap()).unwrap();
+
+    // Generation 2 passes its checks and awaits a confirmation that never comes: the agent
+    // dies (SIGKILL, as in a crash) inside the window, and with it its services.
+    let mut client = AgentClient::connect_unix(&root.join("run/flotilla/agent.sock")).unwrap();
+    let activated = client.activate(&toplevel, ActivationGoal::Switch, Some(30), Some(600)).unwrap();
+    assert!(activated.awaiting_confirmation);
+    assert_eq!(activated.generation, 2);
+    assert_eq!(http_get(port).as_deref(), Some("two"));
+    assert!(root.join("nix/var/flotilla/pending.json").exists(), "the pending generation is recorded on disk");
+    let st = status(&fl, &root);
+    let services = [pid_of(&st, "web"), pid_of(&st, "idle")];
+    drop(client);
+    agent.kill();
+    for pid in services {
+        // Each service leads its own process group.
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while services.iter().any(|p| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // The next agent restores generation 1 before starting anything, and says why 2 failed.
+    let _agent = RunningAgent::start(&root);
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    let gens = fl.run(&["debug", "root", root.to_str().unwrap(), "generations", "--json"]).ok().json();
+    let gens = gens.as_array().unwrap();
+    assert_eq!(gens.len(), 2, "{gens:?}");
+    assert_eq!(gens[0]["current"], true, "{gens:?}");
+    assert_eq!(gens[1]["failed"], "the agent restarted before generation 2 was confirmed", "{gens:?}");
+    assert!(!root.join("nix/var/flotilla/pending.json").exists());
+    let st = status(&fl, &root);
+    assert_eq!(st["generation"], 1, "{st}");
+    assert!(st["toplevel"].as_str().is_some_and(|t| t != toplevel.to_absolute()), "generation 1's system runs: {st}");
+}
+
+#[test]
+fn accounts_and_files_of_the_machines_are_refused_before_anything_changes() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    let passwd = "root:x:0:0:root:/root:/bin/bash\nwww:x:33:33::/var/www:/usr/sbin/nologin\n";
+    std::fs::write(root.join("etc/passwd"), passwd).unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nwww:x:33:\n").unwrap();
+    std::fs::write(root.join("etc/motd"), "the machine's\n").unwrap();
+    let _agent = RunningAgent::start(&root);
+    let machine = |www: &str| {
+        format!(
+            r#"{{ meta.name = "host"; machines.box = {{ pkgs, ... }}: {{
+  files."/etc/motd".text = "flotilla's\n";
+  users.www = {{ {www} }};
+  services.idle = {{ command = [ "${{pkgs.busybox}}/bin/sleep" "100000" ]; user = "www"; }};
+}}; }}"#
+        )
+    };
+    let file = fl.file("d.nix", &machine("uid = 1005;"));
+    let r = fl.run(&["debug", "push-to-root", root.to_str().unwrap(), "-f", &file, "--machine", "box", "--goal", "switch"]);
+    assert_ne!(r.code(), 0, "{}", r.stdout());
+    let err = r.stderr();
+    assert!(err.contains("user www: exists on this machine with uid 33, not the declared 1005, and was not created by flotilla; flotilla does not change accounts it did not create: drop users.www.uid or use another name"), "{err}");
+    assert!(err.contains("/etc/motd exists on this machine and was not placed by flotilla; flotilla never replaces files it does not own: remove or move it on the machine, or stop declaring files.\"/etc/motd\""), "{err}");
+    // Nothing changed: no generation, no file, no account, no service.
+    assert_eq!(std::fs::read_dir(root.join("nix/var/flotilla/profiles")).unwrap().count(), 0);
+    assert_eq!(std::fs::read_to_string(root.join("etc/motd")).unwrap(), "the machine's\n");
+    assert_eq!(std::fs::read_to_string(root.join("etc/passwd")).unwrap(), passwd);
+    assert!(status(&fl, &root)["services"].as_array().unwrap().is_empty());
+
+    // The machine's file moved away and the uid no longer declared: the account is used as
+    // it is, and the service runs as it.
+    std::fs::rename(root.join("etc/motd"), root.join("etc/motd.orig")).unwrap();
+    let done = push(&fl, &root, &fl.file("d.nix", &machine("")), "switch");
+    assert_eq!(done["generation"], 1);
+    assert!(std::fs::read_to_string(root.join("etc/passwd")).unwrap().starts_with(passwd));
+    let pid = pid_of(&status(&fl, &root), "idle");
+    let uid = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap().lines().find_map(|l| l.strip_prefix("Uid:").map(|r| r.split_whitespace().next().unwrap().to_owned()));
+    assert_eq!(uid.as_deref(), Some("33"));
 }
