@@ -501,11 +501,22 @@ impl Agent {
         // Keys sent before activation for accounts it just created now go to their owners.
         report.messages.extend(keys::fix_owners(&self.root)?);
         if let Some(sh) = &new.system.binsh {
+            // /bin/sh is replaced only when missing or already a link into the store: on a
+            // host of its own (ssh), it is the host's shell and not flotilla's to change.
             let bin = self.root.path("/bin");
-            if fs::symlink_metadata(&bin).is_err() {
-                fs::create_dir_all(&bin).map_err(io_err("cannot create /bin"))?;
+            let link = bin.join("sh");
+            let ours = match fs::symlink_metadata(&link) {
+                Err(_) => true,
+                Ok(m) => m.file_type().is_symlink() && fs::read_link(&link).is_ok_and(|t| t.starts_with(flotilla_store::STORE_DIR)),
+            };
+            if ours {
+                if fs::symlink_metadata(&bin).is_err() {
+                    fs::create_dir_all(&bin).map_err(io_err("cannot create /bin"))?;
+                }
+                symlink_atomic(Path::new(sh), &link).map_err(io_err("cannot link /bin/sh"))?;
+            } else {
+                report.messages.push("binsh: /bin/sh is this machine's own (not a link into /nix/store), so it was left as it is".into());
             }
-            symlink_atomic(Path::new(sh), &bin.join("sh")).map_err(io_err("cannot link /bin/sh"))?;
         }
         fs::create_dir_all(self.root.path("/run")).map_err(io_err("cannot create /run"))?;
         symlink_atomic(Path::new(&toplevel.to_absolute()), &self.root.path("/run/current-system"))

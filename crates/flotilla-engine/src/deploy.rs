@@ -706,10 +706,10 @@ fn activation_summary(r: &ActivationReport) -> String {
         parts.push(format!("{etc} /etc entries changed"));
     }
     if parts.is_empty() {
-        "nothing restarted".into()
-    } else {
-        parts.join(", ")
+        parts.push("nothing restarted".into());
     }
+    // What the agent wants the user to know (a file it left alone, a host's Nix it used).
+    parts.join(", ") + &r.messages.iter().map(|m| format!("; {m}")).collect::<String>()
 }
 
 /// `1.2 MiB`.
