@@ -157,6 +157,19 @@ impl Agent {
         &self.root
     }
 
+    /// Runs the host's `nix-store` for [`MachineRoot::register_with_nix`] through the
+    /// supervisor, which waits for every child of the agent.
+    pub fn nix_runner(&self) -> impl Fn(&[String], &Path) -> Result<(bool, String), String> + '_ {
+        |argv: &[String], input: &Path| {
+            let out = self.supervisor.run_command_with_input(argv, std::time::Duration::from_secs(300), input).map_err(|e| e.to_string())?;
+            let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
+            if !out.status.success() {
+                said = format!("{} ({})", said, out.status);
+            }
+            Ok((out.status.success(), said))
+        }
+    }
+
     /// The supervisor.
     pub fn supervisor(&self) -> &Supervisor {
         &self.supervisor
@@ -347,7 +360,7 @@ impl Agent {
             return Ok(Vec::new());
         }
         let roots: Vec<StorePath> = std::iter::once(toplevel.clone()).chain(agent_store_path(&self.root)).collect();
-        match self.root.register_with_nix(&self.root.closure(&roots)) {
+        match self.root.register_with_nix(&self.root.closure(&roots), &self.nix_runner()) {
             Ok(NixRegistration::NotNeeded | NixRegistration::Registered(_)) => Ok(Vec::new()),
             Ok(NixRegistration::NoNixStore) => {
                 let note = format!(

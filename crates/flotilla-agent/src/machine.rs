@@ -17,9 +17,8 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use flotilla_protocol::PathInfo;
 use flotilla_store::{HashingReader, NarHash, StorePath};
@@ -85,16 +84,17 @@ pub enum NixError {
         source: io::Error,
     },
     /// It ran and failed.
-    #[error("{program} --register-validity failed ({status}): {stderr}")]
+    #[error("{program} --register-validity failed: {stderr}")]
     Failed {
         /// The program.
         program: PathBuf,
-        /// How it ended.
-        status: std::process::ExitStatus,
-        /// What it said.
+        /// What it said (and how it ended).
         stderr: String,
     },
 }
+
+/// Runs a program (argv) with stdin from a file; answers whether it exited 0, and its stderr.
+pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> Result<(bool, String), String> + 'a;
 
 /// What [`MachineRoot::register_with_nix`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -255,7 +255,7 @@ impl MachineRoot {
     /// as it is (its bytes in the stream are skipped). The whole stream is read even after an
     /// error, so the protocol stays in step. On a machine whose Nix takes them, the received
     /// paths are registered with it too. Returns (paths, NAR bytes) added.
-    pub fn receive(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<(u64, u64), ReceiveError> {
+    pub fn receive(&self, paths: &[PathInfo], stream: &mut dyn Read, run: &NixRunner<'_>) -> Result<(u64, u64), ReceiveError> {
         let mut first_error = None;
         let mut added = (0u64, 0u64);
         let mut batch: BTreeSet<StorePath> = BTreeSet::new();
@@ -277,7 +277,7 @@ impl MachineRoot {
         if !batch.is_empty() {
             // Their closure: a reference received earlier may not be in Nix's database yet
             // (the machine had no nix-store then); Nix skips what it holds already.
-            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>())) {
+            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>()), run) {
                 first_error.get_or_insert(ReceiveError::Nix(e));
             }
         }
@@ -356,7 +356,11 @@ impl MachineRoot {
 
     /// Makes `paths` (and nothing else: pass a closure) valid in the machine's own Nix
     /// database, when [`MachineRoot::registers_with_nix`]; Nix skips those it holds already.
-    pub fn register_with_nix(&self, paths: &BTreeSet<StorePath>) -> Result<NixRegistration, NixError> {
+    ///
+    /// `run` runs the host's `nix-store` with its stdin read from a file and returns whether
+    /// it succeeded and its stderr: the supervisor's `run_command_with_input`, since the agent's
+    /// reaper waits for every child and a `std::process` wait would lose the race.
+    pub fn register_with_nix(&self, paths: &BTreeSet<StorePath>, run: &NixRunner<'_>) -> Result<NixRegistration, NixError> {
         if !self.registers_with_nix() {
             return Ok(NixRegistration::NotNeeded);
         }
@@ -367,24 +371,15 @@ impl MachineRoot {
             return Ok(NixRegistration::Registered(0));
         }
         let spawn = |source| NixError::Spawn { program: program.clone(), source };
-        let mut child = Command::new(&program)
-            .args(["--register-validity", "--hash-given"])
-            // A local store: --register-validity cannot go through a daemon.
-            .env_remove("NIX_REMOTE")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(spawn)?;
-        let mut stdin = child.stdin.take().expect("piped");
-        let input = nix_validity_input(&infos);
-        let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()));
-        let out = child.wait_with_output().map_err(spawn)?;
-        let written = writer.join().unwrap_or_else(|_| Err(io::Error::other("the writer thread panicked")));
-        if !out.status.success() {
-            return Err(NixError::Failed { program, status: out.status, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
+        let input = self.state_dir().join(format!(".nix-validity-{}", std::process::id()));
+        fs::write(&input, nix_validity_input(&infos)).map_err(spawn)?;
+        let argv = [program.display().to_string(), "--register-validity".into(), "--hash-given".into()];
+        let result = run(&argv, &input);
+        let _ = fs::remove_file(&input);
+        let (ok, stderr) = result.map_err(|e| spawn(io::Error::other(e)))?;
+        if !ok {
+            return Err(NixError::Failed { program, stderr: stderr.trim().to_owned() });
         }
-        written.map_err(spawn)?;
         Ok(NixRegistration::Registered(infos.len()))
     }
 
@@ -531,6 +526,10 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 
 #[cfg(test)]
 mod tests {
+    /// Test roots are never `/`, so the host's Nix is never asked.
+    fn no_nix(_: &[String], _: &Path) -> Result<(bool, String), String> {
+        unreachable!("a test root never registers with the host's Nix")
+    }
     use super::*;
 
     fn machine(with_nix: bool) -> (tempfile::TempDir, MachineRoot) {
@@ -573,7 +572,7 @@ mod tests {
             put(&root, &p, "hello\n");
             let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(root.store_path(&p)).unwrap());
             let before = inode();
-            assert_eq!(root.receive(std::slice::from_ref(&info), &mut &bytes[..]).unwrap(), (1, info.nar_size));
+            assert_eq!(root.receive(std::slice::from_ref(&info), &mut &bytes[..], &no_nix).unwrap(), (1, info.nar_size));
             assert_eq!(inode(), before, "kept, not replaced");
             let reg = root.registration(&p).unwrap();
             assert_eq!(reg.foreign, with_nix, "a path of the machine's Nix is foreign");
@@ -589,7 +588,7 @@ mod tests {
         let p = sp("hello", 1);
         let (bytes, info) = nar(dir.path(), &p, "hello\n");
         put(&root, &p, "Nix's own\n");
-        let err = root.receive(&[info], &mut &bytes[..]).unwrap_err().to_string();
+        let err = root.receive(&[info], &mut &bytes[..], &no_nix).unwrap_err().to_string();
         assert!(err.contains("is in this machine's Nix store with NAR hash sha256:"), "{err}");
         assert!(err.contains("flotilla never replaces paths of the machine's Nix: check it on the machine with `nix-store --verify-path"), "{err}");
         assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "Nix's own\n");
@@ -602,7 +601,7 @@ mod tests {
         let p = sp("hello", 2);
         let (bytes, info) = nar(dir.path(), &p, "hello\n");
         put(&root, &p, "half of a crash\n");
-        root.receive(&[info], &mut &bytes[..]).unwrap();
+        root.receive(&[info], &mut &bytes[..], &no_nix).unwrap();
         assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "hello\n");
         assert!(!root.registration(&p).unwrap().foreign);
     }
@@ -614,7 +613,7 @@ mod tests {
         put(&root, &foreign, "Nix's\n");
         let infos: Vec<(Vec<u8>, PathInfo)> = [(&foreign, "Nix's\n"), (&ours, "ours\n"), (&live, "live\n")].iter().map(|(p, t)| nar(dir.path(), p, t)).collect();
         for (bytes, info) in &infos {
-            root.receive(std::slice::from_ref(info), &mut &bytes[..]).unwrap();
+            root.receive(std::slice::from_ref(info), &mut &bytes[..], &no_nix).unwrap();
         }
         let c = root.collect_garbage(&BTreeSet::from([live.clone()])).unwrap();
         assert_eq!(c, Collected { deleted: 1, bytes: infos[1].1.nar_size, released: 1 });

@@ -112,7 +112,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
         Request::QueryMissing { paths } => Response::Missing { paths: agent.root().missing(&paths) },
         Request::AddPaths { paths, compression } => {
             let mut reader = conn.bulk_reader(compression)?;
-            let result = agent.root().receive(&paths, &mut reader);
+            let result = agent.root().receive(&paths, &mut reader, &agent.nix_runner());
             // Read the stream to its end whatever happened, so the answer can be sent.
             match &result {
                 Ok(_) => reader.finish()?,

@@ -35,6 +35,7 @@ pub(super) fn run(
     root: &Path,
     argv: &[String],
     timeout: Duration,
+    input: Option<&Path>,
 ) -> Result<CommandOutput> {
     let command = argv.join(" ");
     let invalid = |problem: String| SupervisorError::InvalidCommand { command: command.clone(), problem };
@@ -56,7 +57,11 @@ pub(super) fn run(
         creds: None,
     };
     let dev_null = root.join("dev/null");
-    let stdin: OwnedFd = match File::open(&dev_null) {
+    if let Some(file) = input {
+        // The input must be readable, or the command would read nothing and look fine.
+        File::open(file).map_err(|e| spawn_err("opening the input file", e))?;
+    }
+    let stdin: OwnedFd = match File::open(input.unwrap_or(&dev_null)) {
         Ok(f) => f.into(),
         Err(_) => sys::pipe().map_err(|e| spawn_err("creating the stdin pipe", e))?.0,
     };

@@ -444,7 +444,14 @@ impl Supervisor {
     /// killed, with its process group, after `timeout`. It runs as the agent, inside the
     /// machine root, with `PATH` set to [`DEFAULT_PATH`] and stdin at end-of-file.
     pub fn run_command(&self, argv: &[String], timeout: Duration) -> Result<CommandOutput> {
-        command::run(self.reaper, self.chroot.clone(), &self.config.root, argv, timeout)
+        command::run(self.reaper, self.chroot.clone(), &self.config.root, argv, timeout, None)
+    }
+
+    /// [`Supervisor::run_command`] with stdin read from `input` (a file on this host). Every
+    /// child of the agent is waited for by the supervisor's reaper, so the agent runs its own
+    /// helpers (the host's `nix-store`) this way too, never with `std::process`.
+    pub fn run_command_with_input(&self, argv: &[String], timeout: Duration, input: &std::path::Path) -> Result<CommandOutput> {
+        command::run(self.reaper, self.chroot.clone(), &self.config.root, argv, timeout, Some(input))
     }
 }
 

@@ -353,7 +353,7 @@ impl Machine for SshMachine {
             }
             did.push(format!("{} (it spoke an older protocol: {e})", self.start_agent(p.systemd, true)?));
         }
-        if p.nix {
+        if p.nix && !did.is_empty() {
             did.push("the host has Nix: flotilla's paths are registered with it".to_owned());
         }
         Ok(if did.is_empty() { None } else { Some(did.join("; ")) })

@@ -280,13 +280,15 @@ impl SshHost {
         append(&lab.known_hosts(), &format!("{} {}\n", host.address(), host_pub));
         host.make_network();
         host.spawn_init();
+        host.wait_for_sshd();
         if opts.nix {
             // Debian's nix-store, seen through the /usr overlay, makes /nix/var/nix/db and
-            // /nix/store under the host's own empty /nix.
+            // /nix/store under the host's own empty /nix. Only once sshd answers: before, PID 1
+            // may not have chrooted yet, and `run` would reach this machine's own /nix.
             let init = host.run(&["nix-store", "--init"]);
             assert_eq!(init.code(), 0, "nix-store --init inside {name} failed:\n{}", init.stderr());
+            assert!(host.root().join("nix/var/nix/db").is_dir(), "nix-store --init made no database under {}", host.root().display());
         }
-        host.wait_for_sshd();
         eprintln!("sshhost: {name} at {} up in {:.2?}", host.address(), began.elapsed());
         host
     }
