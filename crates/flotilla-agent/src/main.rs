@@ -244,8 +244,9 @@ fn logs(args: &[String]) -> Result<ExitCode, Failure> {
         Some(n) => n.parse().map_err(|_| Failure::Usage(format!("-n {n}: not a number of lines")))?,
         None => 50,
     };
+    // An unknown service is a wrong command line (exit 2), as for the deployer's other checks.
     let selected = flotilla_agent::logs::select(&opts.machine().log_dir(), opts.positional.first().map(String::as_str))
-        .map_err(|e| Failure::Failed(e.to_string()))?;
+        .map_err(|e| Failure::Usage(e.to_string()))?;
     let follow = opts.flags.contains("-f");
     let mut tail = Tail::new(selected);
     let mut out = std::io::stdout().lock();

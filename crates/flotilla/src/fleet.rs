@@ -277,7 +277,15 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
     let engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = one_machine(&engine, &name, machine)?;
+    // The lines go straight to stdout (so `-F` streams); what the agent says on failure is
+    // shown as the machine's.
     let mut cmd = m.logs(service, lines, follow)?;
-    let status = cmd.status().with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
-    Ok(if status.success() { Outcome::Ok } else { Outcome::Code(status.code().map_or(1, |c| c.clamp(1, 255) as u8)) })
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    let out = cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped()).output().with_context(|| format!("cannot run {program}"))?;
+    if out.status.success() {
+        return Ok(Outcome::Ok);
+    }
+    let said = String::from_utf8_lossy(&out.stderr);
+    eprintln!("machine {machine}: {}", said.trim().trim_start_matches("flotilla-agent: "));
+    Ok(Outcome::Code(out.status.code().map_or(1, |c| c.clamp(1, 255) as u8)))
 }

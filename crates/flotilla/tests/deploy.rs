@@ -113,7 +113,7 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     }
     let r = f.run(&["logs", "web1", "nope"]);
     assert_eq!(r.code(), 2);
-    assert!(r.stderr().contains("machine web1 has no log for service `nope`"), "{}", r.stderr());
+    assert!(r.stderr().contains("machine web1: no log for service `nope`") && r.stderr().contains("services with logs: httpd"), "{}", r.stderr());
 
     // A no-op redeploy copies nothing, restarts nothing, and says so.
     let (code, again, stderr) = deploy(&f, &["-f", &file]);
