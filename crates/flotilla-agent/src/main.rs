@@ -24,7 +24,7 @@ commands:
                        supervise the machine at DIR: run its current system's services and
                        answer deployers on DIR/run/flotilla/agent.sock; SIGTERM stops every
                        service cleanly, then the agent. While it runs it holds
-                       DIR/run/flotilla/agent.lock and, once it listens, its pid and start
+                       DIR/run/flotilla/agent.lock and, before it listens, its pid and start
                        time are in DIR/run/flotilla/agent.pid as {\"pid\":N,\"startTime\":T}
                        (T: field 22 of /proc/N/stat). In the foreground (what systemd runs) it
                        returns when stopped; exit 2 if it cannot start (e.g. another agent
@@ -328,14 +328,16 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     for e in agent.start_running_system() {
         eprintln!("flotilla-agent: {e}");
     }
+    // Written before the socket answers, so whoever sees the agent answer finds its pid (a
+    // launcher returns at the first answer); removed when this returns, after every service
+    // stopped.
+    let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
     let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let agent = Arc::new(Mutex::new(agent));
     {
         let agent = Arc::clone(&agent);
         std::thread::spawn(move || flotilla_agent::server::serve(agent, listener));
     }
-    // Removed when this returns, i.e. after every service stopped.
-    let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");

@@ -178,7 +178,7 @@ fn logs_prints_the_last_lines_of_one_service_or_all() {
     assert_eq!(m.run("logs", &["-n", "1"]).expect(0).stdout(), "db | d2\nweb | w3\n");
     assert_eq!(m.run("logs", &["-n", "0", "web"]).expect(0).stdout(), "");
 
-    let missing = m.run("logs", &["api"]).expect(1);
+    let missing = m.run("logs", &["api"]).expect(2);
     let expected = format!("no log for service `api` (no {}); services with logs: db, web", m.path("/var/log/flotilla/api.log").display());
     assert!(missing.stderr().contains(&expected), "{}", missing.stderr());
     assert_eq!(missing.stdout(), "");
