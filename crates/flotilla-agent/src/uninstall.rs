@@ -3,8 +3,7 @@
 //! whatever was there before, so every removal is checked against what the agent recorded:
 //!
 //! - `/etc` entries of `etc.json`, each only while it still is what the agent placed (a link
-//!   into `/nix/store`, or a regular file for a copy); a host file the agent had moved aside
-//!   as `<name>.flotilla-backup` is put back;
+//!   into `/nix/store`, or a regular file for a copy);
 //! - the users and groups of `accounts.json`: exactly their lines of `/etc/passwd`,
 //!   `/etc/group`, `/etc/shadow` and `/etc/gshadow` (and their names in other groups' member
 //!   lists), each file rewritten with its mode and owner; never `root`, `nobody`, `nogroup`;
@@ -39,8 +38,6 @@ pub enum Step {
     Removed(String),
     /// Left in place: what, and why.
     Kept(String, String),
-    /// A host file the agent had moved aside is back in its place.
-    Restored(String),
     /// Could not be removed: what, and why.
     Failed(String, String),
 }
@@ -50,7 +47,6 @@ impl fmt::Display for Step {
         match self {
             Step::Removed(what) => write!(f, "removed {what}"),
             Step::Kept(what, why) => write!(f, "kept {what}: {why}"),
-            Step::Restored(what) => write!(f, "restored {what}"),
             Step::Failed(what, why) => write!(f, "failed {what}: {why}"),
         }
     }
@@ -101,7 +97,7 @@ struct Run<'a> {
 impl Run<'_> {
     fn step(&mut self, step: Step) {
         match &step {
-            Step::Removed(_) | Step::Restored(_) => self.summary.removed += 1,
+            Step::Removed(_) => self.summary.removed += 1,
             Step::Kept(..) => self.summary.kept += 1,
             Step::Failed(..) => self.summary.failed += 1,
         }
@@ -236,7 +232,6 @@ fn remove_etc(run: &mut Run<'_>, etc: &EtcRecord) {
     for (entry, fingerprint) in &etc.entries {
         let path = run.root.path(entry);
         let shown = path.display().to_string();
-        let backup = path.with_file_name(format!("{}.flotilla-backup", path.file_name().unwrap_or_default().to_string_lossy()));
         let meta = fs::symlink_metadata(&path);
         let link = fingerprint.starts_with("link ");
         match &meta {
@@ -248,16 +243,6 @@ fn remove_etc(run: &mut Run<'_>, etc: &EtcRecord) {
             Ok(_) => {
                 let placed = if link { "a link into /nix/store" } else { "a regular file" };
                 run.step(Step::Kept(shown.clone(), format!("the agent placed {placed} there and it is something else now")));
-            }
-        }
-        if fs::symlink_metadata(&backup).is_ok() {
-            if fs::symlink_metadata(&path).is_ok() {
-                run.step(Step::Kept(backup.display().to_string(), format!("the host's own file from before flotilla; {shown} is in its place")));
-            } else {
-                match fs::rename(&backup, &path) {
-                    Ok(()) => run.step(Step::Restored(format!("{shown} (the host's own, kept aside as {})", backup.display()))),
-                    Err(e) => run.step(Step::Failed(format!("restoring {shown} from {}", backup.display()), e.to_string())),
-                }
             }
         }
     }

@@ -55,7 +55,7 @@ fn foreign_path(m: &Machine) -> PathBuf {
     dir
 }
 
-/// The system: a linked /etc entry over the host's motd, a copied one, a user in a host
+/// The system: a linked /etc entry beside the host's motd, a copied one, a user in a host
 /// group, a group of its own.
 fn system() -> SystemConfig {
     let link = FileSpec { text: Some("flotilla's motd\n".into()), source: None, mode: None, user: "root".into(), group: "root".into() };
@@ -64,7 +64,7 @@ fn system() -> SystemConfig {
     SystemConfig {
         name: "box".into(),
         system: SystemOptions {
-            files: BTreeMap::from([("/etc/motd".into(), link), ("/etc/app/app.conf".into(), copy)]),
+            files: BTreeMap::from([("/etc/banner".into(), link), ("/etc/app/app.conf".into(), copy)]),
             users: BTreeMap::from([("svc".into(), svc)]),
             groups: BTreeMap::from([("extra".into(), GroupSpec { gid: None })]),
             ..SystemOptions::default()
@@ -131,8 +131,8 @@ fn uninstall_removes_exactly_what_the_agent_placed() {
     let (agent, toplevel) = deploy(&m, true);
 
     // What the agent placed, as it placed it.
-    assert!(fs::read_link(m.path("/etc/motd")).unwrap().starts_with("/nix/store/"));
-    assert_eq!(read(&m, "/etc/motd.flotilla-backup"), "the host's motd\n");
+    assert!(fs::read_link(m.path("/etc/banner")).unwrap().starts_with("/nix/store/"));
+    assert_eq!(read(&m, "/etc/motd"), "the host's motd\n", "a file the system does not declare is not touched");
     assert_eq!(read(&m, "/etc/app/app.conf"), "setting = 1\n");
     assert!(read(&m, "/etc/passwd").contains("\nsvc:x:"));
     assert!(read(&m, "/etc/group").contains("wheel:x:10:host,svc\n"));
@@ -158,8 +158,7 @@ fn uninstall_removes_exactly_what_the_agent_placed() {
         format!("removed key token ({root}/run/keys/token)"),
         format!("removed {root}/run/keys (the empty key directory)"),
         format!("removed {root}/etc/app/app.conf"),
-        format!("removed {root}/etc/motd"),
-        format!("restored {root}/etc/motd (the host's own, kept aside as {root}/etc/motd.flotilla-backup)"),
+        format!("removed {root}/etc/banner"),
         format!("removed {root}/run/current-system"),
         format!("removed user svc (from {root}/etc/passwd, {root}/etc/shadow)"),
         format!("removed group svc (from {root}/etc/group, {root}/etc/gshadow)"),
@@ -184,7 +183,7 @@ fn uninstall_removes_exactly_what_the_agent_placed() {
         assert_eq!(fs::metadata(m.path(file)).unwrap().mode() & 0o7777, mode, "{file} keeps its mode");
     }
     assert_eq!(read(&m, "/etc/motd"), "the host's motd\n");
-    assert!(!m.path("/etc/motd.flotilla-backup").exists());
+    assert!(!m.path("/etc/banner").exists());
     assert_eq!(read(&m, "/etc/unrelated.conf"), "the host's\n");
     let mut store: Vec<String> = fs::read_dir(m.path("/nix/store")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     store.sort();
@@ -232,17 +231,16 @@ fn what_changed_since_the_agent_placed_it_is_kept() {
     m.run("stop", &[]).expect(0);
     // An administrator replaced the link with a file of their own, and the copied file with a
     // link.
-    fs::remove_file(m.path("/etc/motd")).unwrap();
-    fs::write(m.path("/etc/motd"), "the admin's motd\n").unwrap();
+    fs::remove_file(m.path("/etc/banner")).unwrap();
+    fs::write(m.path("/etc/banner"), "the admin's banner\n").unwrap();
     fs::remove_file(m.path("/etc/app/app.conf")).unwrap();
     std::os::unix::fs::symlink("/etc/unrelated.conf", m.path("/etc/app/app.conf")).unwrap();
 
     let out = m.run("uninstall", &["--yes"]).expect(0).stdout();
     let root = m.root().display();
-    assert!(out.contains(&format!("kept {root}/etc/motd: the agent placed a link into /nix/store there and it is something else now")), "{out}");
-    assert!(out.contains(&format!("kept {root}/etc/motd.flotilla-backup: the host's own file from before flotilla; {root}/etc/motd is in its place")), "{out}");
+    assert!(out.contains(&format!("kept {root}/etc/banner: the agent placed a link into /nix/store there and it is something else now")), "{out}");
     assert!(out.contains(&format!("kept {root}/etc/app/app.conf: the agent placed a regular file there and it is something else now")), "{out}");
-    assert_eq!(read(&m, "/etc/motd"), "the admin's motd\n");
+    assert_eq!(read(&m, "/etc/banner"), "the admin's banner\n");
     assert!(fs::symlink_metadata(m.path("/etc/app/app.conf")).unwrap().file_type().is_symlink());
     assert!(!m.path(&toplevel.to_absolute()).exists());
 }
