@@ -52,14 +52,12 @@ commands:
                        print the last LINES (default 50) lines of SERVICE's log,
                        DIR/var/log/flotilla/SERVICE.log, or of every log there, each line then
                        prefixed `SERVICE | `; -f goes on printing whole lines as they are
-                       appended, across rotations, until interrupted. Exit 1 when SERVICE has
+                       appended, across rotations, until interrupted. Exit 2 when SERVICE has
                        no log (the message names the services that have one; `logs` without
-                       SERVICE shows them all). An agent started with --detach logs there too,
-                       as `agent`.
+                       SERVICE shows them all).
   uninstall [--root DIR] --yes
                        remove everything the agent placed on the machine, by its records, and
-                       nothing else: its /etc entries that are still what it placed (a host
-                       file it had moved aside as NAME.flotilla-backup is put back), the users
+                       nothing else: its /etc entries that are still what it placed, the users
                        and groups it created (their lines of /etc/passwd, group, shadow,
                        gshadow), its keys, /run/current-system, the store paths it registered
                        (not those registered as the host's own), DIR/nix/var/flotilla,

@@ -709,7 +709,7 @@ fn explain_ssh_failure(destination: &str, stderr: &str) -> String {
     let said = stderr
         .lines()
         .filter(|l| !l.starts_with("@@@") && !l.trim().is_empty())
-        .last()
+        .next_back()
         .unwrap_or("")
         .trim()
         .to_owned();
