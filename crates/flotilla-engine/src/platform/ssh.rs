@@ -708,8 +708,7 @@ fn unsafe_free_uid() -> u32 {
 fn explain_ssh_failure(destination: &str, stderr: &str) -> String {
     let said = stderr
         .lines()
-        .filter(|l| !l.starts_with("@@@") && !l.trim().is_empty())
-        .next_back()
+        .rfind(|l| !l.starts_with("@@@") && !l.trim().is_empty())
         .unwrap_or("")
         .trim()
         .to_owned();
