@@ -7,21 +7,8 @@ mod common;
 
 use std::path::Path;
 
-use common::{example, Fleet};
+use common::{example, row, Fleet};
 use serde_json::Value;
-
-/// Deploys `file` with `--json` and returns the final report (the last line of stdout).
-fn deploy(f: &Fleet, args: &[&str]) -> (i32, Value, String) {
-    let r = f.run(&[&["deploy", "--json"], args].concat());
-    let out = r.stdout();
-    let last = out.lines().last().unwrap_or_else(|| panic!("deploy printed nothing\nstderr:\n{}", r.stderr()));
-    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not the report ({e}): {last}\nstderr:\n{}", r.stderr()));
-    (r.code(), report, r.stderr())
-}
-
-fn row<'a>(report: &'a Value, machine: &str) -> &'a Value {
-    report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
-}
 
 fn outcomes(report: &Value) -> Vec<(String, String)> {
     report["machines"]
@@ -36,7 +23,7 @@ fn outcomes(report: &Value) -> Vec<(String, String)> {
 fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     let f = Fleet::new();
     let file = example();
-    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(
         outcomes(&report),
@@ -116,7 +103,7 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert!(r.stderr().contains("machine web1: no log for service `nope`") && r.stderr().contains("services with logs: httpd"), "{}", r.stderr());
 
     // A no-op redeploy copies nothing, restarts nothing, and says so.
-    let (code, again, stderr) = deploy(&f, &["-f", &file]);
+    let (code, again, stderr) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{again:#}\n{stderr}");
     for m in ["web1", "web2", "monitor"] {
         let r = row(&again, m);
@@ -139,7 +126,7 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
 fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
     let f = Fleet::new();
     let file = example();
-    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,monitor"]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file, "--on", "web1,monitor"]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     let before = f.machine(&file, "web1");
     let ip = before["ip"].as_str().unwrap().to_owned();
@@ -209,7 +196,7 @@ fn a_changed_machine_is_the_only_one_redeployed_and_a_failed_build_fails_only_it
     let f = Fleet::new();
     let original = std::fs::read_to_string(example()).unwrap();
     let file = f.fl.file("deployment.nix", &original);
-    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
 
     // web2 only: a different page, and a marker file.
@@ -220,7 +207,7 @@ fn a_changed_machine_is_the_only_one_redeployed_and_a_failed_build_fails_only_it
     assert_ne!(changed, original, "the example changed shape; update this test");
     let file2 = f.fl.file("deployment.nix", &changed);
     assert_eq!(file2, file);
-    let (code, report, stderr) = deploy(&f, &["-f", &file]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(
         outcomes(&report),
@@ -303,7 +290,7 @@ fn a_machine_that_cannot_start_is_reported_and_leaves_nothing_half_made() {
         assert!(std::time::Instant::now() < deadline, "the squatter never listened");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,web2"]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file, "--on", "web1,web2"]);
     squatter.stop();
     assert_eq!(code, 1, "{report:#}\n{stderr}");
     let web1 = row(&report, "web1");
@@ -319,7 +306,7 @@ fn a_machine_that_cannot_start_is_reported_and_leaves_nothing_half_made() {
     assert!(!Path::new("/run/netns").join(web1["resources"]["netns"].as_str().unwrap()).exists());
     assert_ne!(f.host(&["ip", "link", "show", "dev", web1["resources"]["veth"].as_str().unwrap()]).code(), 0);
     // Once the port is free, the next deploy makes it.
-    let (code, report, stderr) = deploy(&f, &["-f", &file, "--on", "web1,web2"]);
+    let (code, report, stderr) = f.deploy_json(&["-f", &file, "--on", "web1,web2"]);
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(row(&report, "web1")["outcome"], "deployed");
     assert!(f.http_get("http://127.0.0.1:8081/").unwrap().contains("Hello from web1"));

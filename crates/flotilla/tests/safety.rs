@@ -9,7 +9,7 @@ use std::io::{BufRead as _, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use common::{Fleet, KillOnDrop};
+use common::{row, Fleet, KillOnDrop};
 use serde_json::Value;
 
 /// A deployment of web servers, each `(name, page)`; a page without the word "ok" in it fails
@@ -42,18 +42,6 @@ fn web_fleet(machines: &[(&str, &str)], extra: &str) -> String {
     format!("{{ meta.name = \"safe\"; machines = {{{defs}\n  }}; }}\n")
 }
 
-fn deploy_json(f: &Fleet, file: &str, args: &[&str]) -> (i32, Value, String) {
-    let r = f.run(&[&["deploy", "--json", "-f", file], args].concat());
-    let out = r.stdout();
-    let last = out.lines().last().unwrap_or_else(|| panic!("deploy printed nothing\nstderr:\n{}", r.stderr()));
-    let report: Value = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not the report ({e}): {last}\nstderr:\n{}", r.stderr()));
-    (r.code(), report, format!("{out}\n{}", r.stderr()))
-}
-
-fn row<'a>(report: &'a Value, machine: &str) -> &'a Value {
-    report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
-}
-
 fn page(f: &Fleet, file: &str, machine: &str) -> String {
     let ip = f.machine(file, machine)["ip"].as_str().unwrap().to_owned();
     f.http_get(&format!("http://{ip}/")).unwrap_or_else(|| panic!("{machine} serves nothing")).trim().to_owned()
@@ -71,7 +59,7 @@ fn current(gens: &[Value]) -> u64 {
 fn a_failing_health_check_rolls_back_and_manual_rollback_survives_stop_and_start() {
     let f = Fleet::new();
     let file = f.fl.file("safe.nix", &web_fleet(&[("web", "v1 ok")], ""));
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(row(&report, "web")["health"][0]["healthy"], true, "{report:#}");
     assert_eq!(page(&f, &file, "web"), "v1 ok");
@@ -98,14 +86,14 @@ fn a_failing_health_check_rolls_back_and_manual_rollback_survives_stop_and_start
     // A service that cannot even start: activation fails, rolled back the same way.
     let crashing = web_fleet(&[("web", "v2b ok")], "").replace("\"-f\" \"-p\" \"80\"", "\"-f\" \"-p\" \"no-such-port\"");
     f.fl.file("safe.nix", &crashing);
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(row(&report, "web")["outcome"], "rolled-back", "{report:#}");
     assert_eq!(page(&f, &file, "web"), "v1 ok");
 
     // Two good deploys, then back to generation 1 by hand.
     f.fl.file("safe.nix", &web_fleet(&[("web", "v3 ok")], ""));
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
     let v3 = row(&report, "web")["generation"].as_u64().unwrap();
     assert_eq!(page(&f, &file, "web"), "v3 ok");
@@ -131,7 +119,7 @@ fn a_failing_health_check_rolls_back_and_manual_rollback_survives_stop_and_start
 fn a_deployer_that_vanishes_before_confirming_gets_its_change_rolled_back() {
     let f = Fleet::new();
     let file = f.fl.file("safe.nix", &web_fleet(&[("web", "v1 ok")], ""));
-    let (code, _, out) = deploy_json(&f, &file, &[]);
+    let (code, _, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
 
     // v2 passes the agent's health check, but the deployer's own check (nothing listens on
@@ -170,7 +158,7 @@ fn a_deployer_that_vanishes_before_confirming_gets_its_change_rolled_back() {
 
     // A deployer that stays confirms: the same change, without the slow check, is kept.
     f.fl.file("safe.nix", &web_fleet(&[("web", "v2 ok")], ""));
-    let (code, report, out) = deploy_json(&f, &file, &["--confirm-timeout", "3"]);
+    let (code, report, out) = f.deploy_json(&["-f", &file, "--confirm-timeout", "3"]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("\"phase\":\"confirm\""), "{out}");
     std::thread::sleep(Duration::from_secs(4));
@@ -182,7 +170,7 @@ fn a_deployer_that_vanishes_before_confirming_gets_its_change_rolled_back() {
 fn one_bad_machine_of_three_reverts_the_others_with_rollback_all_on_failure() {
     let f = Fleet::new();
     let file = f.fl.file("safe.nix", &web_fleet(&[("a", "a1 ok"), ("b", "b1 ok"), ("c", "c1 ok")], ""));
-    let (code, _, out) = deploy_json(&f, &file, &[]);
+    let (code, _, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
 
     f.fl.file("safe.nix", &web_fleet(&[("a", "a2 ok"), ("b", "b2 ok"), ("c", "c2 bad")], ""));
@@ -201,7 +189,7 @@ fn one_bad_machine_of_three_reverts_the_others_with_rollback_all_on_failure() {
     }
 
     // Without the flag, the good machines keep their new generation.
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 1, "{out}");
     assert_eq!(row(&report, "a")["outcome"], "deployed");
     assert_eq!(row(&report, "c")["outcome"], "rolled-back");
@@ -234,7 +222,7 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
         )
     };
     let file = f.fl.file("keys.nix", &machine(&text_secret, true));
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
     assert!(!out.contains(&text_secret) && !out.contains(&file_secret) && !out.contains("CMD-SECRET"), "a secret in deploy's output:\n{out}");
     assert!(row(&report, "vault")["keys"].as_str().unwrap().contains("db"), "{report:#}");
@@ -276,7 +264,7 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
     assert_eq!((starts("app"), starts("other")), (1, 1));
     let text2 = format!("TEXT-SECRET-2-{nonce}");
     f.fl.file("keys.nix", &machine(&text2, false));
-    let (code, report, out) = deploy_json(&f, &file, &[]);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(cat("/run/keys/db"), text2);
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -27,7 +27,7 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use flotilla_model::SshPlatform;
 use flotilla_store::{HashingWriter, NarHash, StorePath};
@@ -51,7 +51,6 @@ pub struct SshMachine {
     ssh: Ssh,
     dir: PathBuf,
     agent_binary: PathBuf,
-    agent: OnceLock<Result<AgentFile, String>>,
 }
 
 /// The deployer's agent as a store path.
@@ -100,7 +99,6 @@ impl SshMachine {
             ssh: Ssh::new(name, spec),
             dir: ctx.machines_dir().join(name),
             agent_binary: ctx.agent.clone(),
-            agent: OnceLock::new(),
         })
     }
 
@@ -132,12 +130,12 @@ impl SshMachine {
         }
     }
 
-    /// The deployer's agent as a store path (hashed once).
-    fn agent(&self) -> Result<&AgentFile, PlatformError> {
-        self.agent
-            .get_or_init(|| agent_file(&self.agent_binary))
-            .as_ref()
-            .map_err(|e| self.err(e.clone()))
+    /// The deployer's agent as a store path: hashed once per process, whatever the number
+    /// of machines (every command makes a handle per machine).
+    fn agent(&self) -> Result<AgentFile, PlatformError> {
+        static HASHED: Mutex<BTreeMap<PathBuf, Result<AgentFile, String>>> = Mutex::new(BTreeMap::new());
+        let mut hashed = HASHED.lock().unwrap_or_else(|p| p.into_inner());
+        hashed.entry(self.agent_binary.clone()).or_insert_with(|| agent_file(&self.agent_binary)).clone().map_err(|e| self.err(e))
     }
 
     /// `argv` as one remote shell command, through sudo when the login user is not root.
@@ -464,7 +462,9 @@ fi
                 } else if said.contains("no agent answers") {
                     format!("no agent runs on {}; start it with `flotilla start {}`", self.ssh.host, self.name)
                 } else if said.is_empty() {
-                    "the connection closed before the agent answered".to_owned()
+                    format!(
+                        "the connection closed before the agent answered; the agent's log on the host says why (/var/log/flotilla-agent.log, or `journalctl -u {UNIT_NAME}` with systemd)"
+                    )
                 } else {
                     said
                 };
@@ -568,7 +568,7 @@ impl Ssh {
     }
 
     /// ssh with the user's options first (ssh keeps the first value it sees of an option, so
-    /// theirs win), then flotilla's defaults, then the host.
+    /// theirs win), then flotilla's defaults, then the host's port, key and user.
     fn base(&self, mux: bool) -> Command {
         let mut c = Command::new("ssh");
         c.args(&self.options);
@@ -576,6 +576,12 @@ impl Ssh {
         if let (true, Some(control)) = (mux, &self.control) {
             c.arg("-o").arg(format!("ControlPath={}", control.display()));
         }
+        self.login_args(&mut c);
+        c
+    }
+
+    /// `-p`, `-i` and `-l` as the platform options give them.
+    fn login_args(&self, c: &mut Command) {
         if let Some(p) = self.port {
             c.args(["-p", &p.to_string()]);
         }
@@ -585,7 +591,6 @@ impl Ssh {
         if let Some(u) = &self.user {
             c.args(["-l", u]);
         }
-        c
     }
 
     /// A session over the master (or a connection of its own when there is none).
@@ -599,15 +604,7 @@ impl Ssh {
     fn interactive(&self) -> Command {
         let mut c = Command::new("ssh");
         c.args(&self.options);
-        if let Some(p) = self.port {
-            c.args(["-p", &p.to_string()]);
-        }
-        if let Some(i) = &self.identity {
-            c.args(["-i", i]);
-        }
-        if let Some(u) = &self.user {
-            c.args(["-l", u]);
-        }
+        self.login_args(&mut c);
         c.arg("--").arg(&self.host);
         c
     }
@@ -681,7 +678,7 @@ impl Ssh {
 /// are limited to 108 bytes, so not under the state directory.)
 fn control_dir() -> Result<PathBuf, String> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
-    let uid = unsafe_free_uid();
+    let uid = current_uid();
     let dir = match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
         Some(d) => PathBuf::from(d).join("flotilla-ssh"),
         None => std::env::temp_dir().join(format!("flotilla-ssh-{uid}")),
@@ -699,7 +696,7 @@ fn control_dir() -> Result<PathBuf, String> {
 }
 
 /// This process's uid, from /proc (no libc call needed).
-fn unsafe_free_uid() -> u32 {
+fn current_uid() -> u32 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
 }

@@ -294,6 +294,16 @@ impl Fleet {
         None
     }
 
+    /// `flotilla deploy --json ARGS`: the exit status, the final report (the last line of
+    /// stdout), and everything it printed (the events and stderr), for messages.
+    pub fn deploy_json(&self, args: &[&str]) -> (i32, serde_json::Value, String) {
+        let r = self.run(&[&["deploy", "--json"], args].concat());
+        let out = r.stdout();
+        let last = out.lines().last().unwrap_or_else(|| panic!("deploy printed nothing\nstderr:\n{}", r.stderr()));
+        let report = serde_json::from_str(last).unwrap_or_else(|e| panic!("last line is not the report ({e}): {last}\nstderr:\n{}", r.stderr()));
+        (r.code(), report, format!("{out}\n{}", r.stderr()))
+    }
+
     /// Each machine's `info --json` record.
     pub fn info(&self, file: &str) -> Vec<serde_json::Value> {
         let j = self.run(&["info", "-f", file, "--json"]).ok().json();
@@ -380,4 +390,9 @@ pub fn start_time(pid: u32) -> Option<u64> {
 /// The example deployment file.
 pub fn example() -> String {
     repo().join("examples/webfleet/deployment.nix").to_string_lossy().into_owned()
+}
+
+/// A machine's row of a deploy report.
+pub fn row<'a>(report: &'a serde_json::Value, machine: &str) -> &'a serde_json::Value {
+    report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
 }
