@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs what flotilla and its tests need on Debian 12, as root: Nix (Debian's nix-bin,
-# single-user), a static busybox for the demo package set, iproute2 and util-linux's nsenter
+# Installs what flotilla and its tests need on Debian 12, as root: Nix (Debian's nix-bin, run
+# as root, with the nixbld build users its own installer would create), a static busybox for the demo package set, iproute2 and util-linux's nsenter
 # for the local platform, curl for the tests and the demo, OpenSSH and sudo for the ssh
 # platform's test hosts.
 # Rust comes from rustup and is assumed. Safe to run again: it installs only what is missing.
@@ -38,8 +38,6 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
 
-# Debian's nix-bin runs single-user as root; make sure its store and database exist.
-if [ ! -d /nix/var/nix/db ]; then
-    nix-store --init 2>/dev/null || true
-fi
+# Nix as its own installer sets it up for a root-run Nix (`flotilla doctor` checks the result).
+bash "$(dirname "$0")/setup-nix.sh"
 command -v cargo >/dev/null 2>&1 || { echo "install-deps: cargo not found; install Rust with rustup first" >&2; exit 2; }
