@@ -1,5 +1,5 @@
-//! `deploy`: provision what is missing, build every selected toplevel in one Nix call, then
-//! per machine in parallel: pre-flight checks, copy, keys, activate (the agent checks health
+//! `deploy`: build every selected toplevel in one Nix call, provision the machines that
+//! built, then per machine in parallel: pre-flight checks, copy, keys, activate (the agent checks health
 //! and rolls back by itself on failure), the deployer's own checks, and a confirmation over a
 //! new connection. One machine's failure never stops the others; it becomes a row of the
 //! report, and with `rollback_all_on_failure` the machines that made it are reverted. The
@@ -277,8 +277,10 @@ impl Engine {
         crate::check_agent(agent)?;
         let ctx = self.context(ev.name.as_str(), agent);
 
-        // Facts first: a machine keeps its address even when its build fails later.
-        self.record_evaluation(ev)?;
+        // The host tools the platforms need, before anything is built, recorded or created.
+        if opts.goal != Goal::Build {
+            crate::doctor::require_tools(selected.iter().map(|n| (n, &ev.machines[n].platform))).map_err(crate::EngineError::Host)?;
+        }
 
         let mut failures: BTreeMap<String, MachineDeploy> = BTreeMap::new();
 
@@ -298,16 +300,35 @@ impl Engine {
                 }
             }
         }
-        let selected_ok: Vec<MachineName> = selected.iter().filter(|n| !failures.contains_key(n.as_str())).cloned().collect();
         let selected_all = selected;
-        let selected = selected_ok.as_slice();
 
-        // Provision.
+        // Build before provisioning: facts were planned before, so nothing here waits on a
+        // machine, and a machine whose system does not build is never created or started
+        // (a first deploy whose build fails leaves nothing behind). Everything selected is
+        // built in one Nix call, keys or not: a build failure is worth knowing regardless.
+        // The build records the deployment, its machines and their facts.
+        let build = self.build_instantiated(ev, selected_all, agent, instantiated, listen)?;
+        let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
+        for b in &build.machines {
+            match (&b.toplevel, &b.error) {
+                (Some(t), _) => {
+                    toplevels.insert(b.machine.clone(), t.clone());
+                }
+                (None, error) => {
+                    failures.entry(b.machine.clone()).or_insert_with(|| {
+                        failed(&b.machine, Phase::Build, error.clone().unwrap_or_else(|| "the build failed".into()))
+                    });
+                }
+            }
+        }
+        let selected: Vec<MachineName> = selected_all.iter().filter(|n| !failures.contains_key(n.as_str())).cloned().collect();
+
+        // Provision the machines that built.
         let mut machines: BTreeMap<String, Box<dyn Machine>> = BTreeMap::new();
-        if opts.goal != Goal::Build {
-            listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: names(selected) });
+        if opts.goal != Goal::Build && !selected.is_empty() {
+            listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: names(&selected) });
             let mut handles = Vec::new();
-            for name in selected {
+            for name in &selected {
                 let cfg = &ev.machines[name];
                 let facts = ev.facts.get(name).cloned().unwrap_or_default();
                 match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
@@ -341,23 +362,6 @@ impl Engine {
                         self.event(ev.name.as_str(), Some(&machine), "provision", "failed", &message)?;
                         failures.insert(machine.clone(), failed(&machine, Phase::Provision, message));
                     }
-                }
-            }
-        }
-
-        // Build everything selected in one Nix call, provisioned or not: a build failure is
-        // worth knowing even on a machine that is down.
-        let build = self.build_instantiated(ev, selected_all, agent, instantiated, listen)?;
-        let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
-        for b in &build.machines {
-            match (&b.toplevel, &b.error) {
-                (Some(t), _) => {
-                    toplevels.insert(b.machine.clone(), t.clone());
-                }
-                (None, error) => {
-                    failures.entry(b.machine.clone()).or_insert_with(|| {
-                        failed(&b.machine, Phase::Build, error.clone().unwrap_or_else(|| "the build failed".into()))
-                    });
                 }
             }
         }

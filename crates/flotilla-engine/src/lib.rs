@@ -8,6 +8,7 @@
 
 pub mod checks;
 pub mod deploy;
+pub mod doctor;
 pub mod facts;
 pub mod fleet;
 pub mod keys;
@@ -48,6 +49,10 @@ pub enum EngineError {
     /// The agent binary is missing or unusable.
     #[error("{0}")]
     Agent(String),
+    /// This host lacks what the selected machines' platforms need (`flotilla doctor` says
+    /// all of it).
+    #[error("{0}")]
+    Host(String),
     /// A filesystem operation failed.
     #[error("{what} {path}: {source}")]
     Io {
@@ -407,6 +412,13 @@ impl Engine {
             }
         };
 
+        // A host that cannot build at all says so once, with the fix, rather than as every
+        // machine's build failure, and before anything is written (a toplevel not on disk
+        // needs building; which ones do, the closure query below says exactly).
+        if toplevels.values().any(|t| !Path::new(&t.out.to_absolute()).exists()) {
+            self.nix.check_build_setup()?;
+        }
+
         // Roots first: a GC running while we build must not take what we are building.
         let roots = gcroots::Roots::new(self.state.path(), ev.name.as_str());
         for (machine, t) in &toplevels {
@@ -424,6 +436,9 @@ impl Engine {
                 self.nix.realise(&drvs, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?
             }
         };
+        for note in &outcome.notes {
+            listen(&EngineEvent::Note { message: note.clone() });
+        }
 
         let mut results = Vec::new();
         for machine in selected {

@@ -11,8 +11,11 @@ use std::process::{Command, Stdio};
 
 use flotilla_store::{NarHash, StorePath};
 
+mod setup;
 mod store_db;
 use serde_json::Value;
+
+pub use setup::{build_users, diagnose, store_ready, BuildUsers, NixConfig, StoreAccess};
 
 /// The Nix library, embedded so an installed `flotilla` needs no source tree.
 const LIBRARY: &[(&str, &str)] = &[
@@ -38,6 +41,10 @@ pub enum NixError {
     /// A build failed: Nix's message.
     #[error("{0}")]
     Build(String),
+    /// Nix cannot build on this host at all (no build users, a store it cannot write, a
+    /// daemon that does not answer): the host's problem and its fix, said once.
+    #[error("{0}")]
+    Setup(String),
     /// Nix printed something flotilla cannot read.
     #[error("unexpected output from `{command}`: {detail}")]
     Output {
@@ -106,6 +113,9 @@ pub struct Toplevel {
 pub struct RealiseOutcome {
     /// Errors Nix printed (each `error: ...` paragraph), empty when all built.
     pub errors: Vec<String>,
+    /// What the user should know of this host's Nix though nothing failed because of it
+    /// (a binary cache that cannot be reached), each once.
+    pub notes: Vec<String>,
 }
 
 /// A store path's metadata, for copying.
@@ -171,7 +181,8 @@ impl Nix {
         self.common_args(&mut cmd, true);
         let out = run(&mut cmd, "nix-instantiate")?;
         if !out.status.success() {
-            return Err(NixError::Eval(clean_error(&out.stderr)));
+            let err = clean_error(&out.stderr);
+            return Err(diagnose(&err).map(NixError::Setup).unwrap_or(NixError::Eval(err)));
         }
         serde_json::from_slice(&out.stdout).map_err(|e| NixError::Output {
             command: "nix-instantiate --eval --json".into(),
@@ -192,7 +203,8 @@ impl Nix {
 
     /// Realises `drvs` in one `nix-store --realise --keep-going` call, so Nix schedules all
     /// builds together and one failure does not stop the others. Nix's progress lines go to
-    /// `on_line`. Which outputs exist afterwards is for the caller to check.
+    /// `on_line`. Which outputs exist afterwards is for the caller to check, except when Nix
+    /// could not build at all for a reason of this host's (`NixError::Setup`).
     pub fn realise(&self, drvs: &[StorePath], on_line: &mut dyn FnMut(&str)) -> Result<RealiseOutcome> {
         if drvs.is_empty() {
             return Ok(RealiseOutcome::default());
@@ -209,9 +221,15 @@ impl Nix {
             let _ = stdout.read_to_end(&mut s);
         });
         let mut errors: Vec<String> = Vec::new();
+        let mut notes: Vec<String> = Vec::new();
         let mut in_error = false;
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let Ok(line) = line else { break };
+            if let Some(note) = setup::unreachable_substituter(&line) {
+                if !notes.contains(&note) {
+                    notes.push(note);
+                }
+            }
             if line.starts_with("error:") {
                 errors.push(line.clone());
                 in_error = true;
@@ -230,7 +248,10 @@ impl Nix {
         if !status.success() && errors.is_empty() {
             errors.push(format!("nix-store --realise failed with {status}"));
         }
-        Ok(RealiseOutcome { errors })
+        if let Some(problem) = errors.iter().find_map(|e| diagnose(e)) {
+            return Err(NixError::Setup(problem));
+        }
+        Ok(RealiseOutcome { errors, notes })
     }
 
     /// The derivations in the closure of `drv` (to tell which failed build belongs to which
@@ -378,7 +399,7 @@ fn parse_paths(stdout: &[u8], command: &str) -> Result<Vec<StorePath>> {
         .collect()
 }
 
-fn run(cmd: &mut Command, program: &str) -> Result<std::process::Output> {
+pub(crate) fn run(cmd: &mut Command, program: &str) -> Result<std::process::Output> {
     cmd.stdin(Stdio::null())
         .output()
         .map_err(|source| NixError::Spawn { program: program.into(), source })

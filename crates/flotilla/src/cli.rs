@@ -245,6 +245,13 @@ pub enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
+    /// (exit status 0 when the default platform can deploy from here)
+    Doctor {
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the machine options as Markdown (docs/options.md is this output)
     Options,
     /// Developer commands: drive an agent that manages a plain directory as a machine's root

@@ -54,6 +54,11 @@ fn run(cli: Cli) -> Result<Outcome> {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
             Ok(Outcome::Ok)
         }
+        Command::Doctor { json } => {
+            let report = flotilla_engine::doctor::examine(&nix(g)?, &agent_path()?, flotilla_engine::doctor::Options::default());
+            output::doctor(&report, *json);
+            Ok(if report.ready { Outcome::Ok } else { Outcome::SomeFailed })
+        }
         Command::Options => {
             let nix = nix(g)?;
             let schema: flotilla_model::Schema = serde_json::from_value(nix.options_schema()?)?;

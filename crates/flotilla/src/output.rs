@@ -247,6 +247,28 @@ pub fn evaluated(ev: &Evaluated) {
     print!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "SERVICES"], &rows));
 }
 
+/// `flotilla doctor`: a line per check, its fix indented below it, and a verdict.
+pub fn doctor(r: &flotilla_engine::doctor::Report, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    let width = r.findings.iter().map(|f| f.check.len()).max().unwrap_or(0);
+    let mut out = String::new();
+    for f in &r.findings {
+        let _ = writeln!(out, "{:<4}  {:<width$}  {}", f.status.as_str(), f.check, f.detail);
+        if let Some(fix) = &f.fix {
+            let _ = writeln!(out, "{:<4}  {:<width$}  fix: {fix}", "", "");
+        }
+    }
+    let failed = r.findings.iter().filter(|f| f.status == flotilla_engine::doctor::Status::Fail).count();
+    if r.ready {
+        out.push_str("this host can deploy local machines\n");
+    } else {
+        let _ = writeln!(out, "this host cannot deploy local machines yet: {failed} check{} failed", if failed == 1 { "" } else { "s" });
+    }
+    print!("{out}");
+}
+
 pub fn build_report(r: &BuildReport, as_json: bool) {
     if as_json {
         return json(r);
