@@ -297,7 +297,7 @@ fn kvm(qemu: Option<&Path>, timeout: Duration) -> Finding {
         return Finding::ok("kvm", "/dev/kvm is present (not tried: QEMU is not installed)");
     };
     match boot_probe(qemu, timeout) {
-        Ok(took) => Finding::ok("kvm", format!("a guest booted under KVM in {:.1} s", took.as_secs_f64())),
+        Ok(took) => Finding::ok("kvm", format!("a guest's first instructions (a boot sector) ran under KVM in {:.1} s; whether a Linux guest boots, the first VM will tell", took.as_secs_f64())),
         Err(why) => Finding::problem("kvm", Status::Warn, format!("/dev/kvm is present but a guest does not boot under KVM ({why}): VMs will run under TCG"), "nothing to do for TCG; for KVM, check the host's virtualisation (nested KVM, paravirtual hosts)"),
     }
 }
@@ -309,8 +309,7 @@ fn boot_probe(qemu: &Path, timeout: Duration) -> Result<Duration, String> {
     sector[..7].copy_from_slice(&[0xb0, 0x21, 0xe6, 0xf4, 0xf4, 0xeb, 0xfe]);
     sector[510] = 0x55;
     sector[511] = 0xaa;
-    let dir = std::env::temp_dir().join(format!("flotilla-doctor-kvm-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let dir = private_temp_dir("flotilla-doctor-kvm").map_err(|e| format!("cannot make a temporary directory: {e}"))?;
     let disk = dir.join("boot.img");
     let result = (|| {
         std::fs::write(&disk, &sector).map_err(|e| e.to_string())?;
@@ -345,6 +344,22 @@ fn boot_probe(qemu: &Path, timeout: Duration) -> Result<Duration, String> {
     })();
     let _ = std::fs::remove_dir_all(&dir);
     result
+}
+
+/// A new directory under the temporary directory, made by this call (never one that was
+/// there, nor a link someone left at its name: the temporary directory is anyone's).
+fn private_temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
+    let base = std::env::temp_dir();
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    for i in 0..100u32 {
+        let dir = base.join(format!("{prefix}-{}-{nanos:x}-{i}", std::process::id()));
+        match std::fs::create_dir(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(std::io::Error::other("no free name"))
 }
 
 /// The host tools the selected machines' platforms need, checked without running anything:
