@@ -17,6 +17,9 @@ example=examples/webfleet/deployment.nix
 
 step() { printf '\n== %s\n' "$*"; }
 
+step "flotilla doctor: is this host ready? (it stops here, with the fix, when it is not)"
+fl doctor
+
 step "flotilla deploy -f $example"
 fl deploy -f "$example"
 
