@@ -22,7 +22,9 @@ if [ "$(id -u)" -ne 0 ]; then
     say "not root: leaving Nix's set-up alone (run this as root to create the build users)"
     exit 0
 fi
-command -v nix-store >/dev/null || { say "nix-store not found; install Nix first (Debian: apt-get install nix-bin)"; exit 2; }
+for tool in nix nix-store; do
+    command -v "$tool" >/dev/null || { say "$tool not found; install Nix first (Debian: apt-get install nix-bin)"; exit 2; }
+done
 
 # The configuration file, only where the host has none: the build users group stated
 # explicitly, as Nix's installer writes it.
@@ -40,7 +42,11 @@ CONF
 fi
 
 # The group Nix will build as, as Nix itself reads its configuration (nix.conf, NIX_CONFIG).
-group=$(nix --extra-experimental-features nix-command show-config 2>/dev/null | sed -n 's/^build-users-group = //p')
+if ! config=$(nix --extra-experimental-features nix-command show-config); then
+    say "cannot read Nix's configuration (Nix said why above); fix /etc/nix/nix.conf or NIX_CONFIG and run this again"
+    exit 2
+fi
+group=$(sed -n 's/^build-users-group = //p' <<<"$config")
 if [ -z "$group" ]; then
     say "build-users-group is empty: Nix builds as root here, as configured; no build users needed"
 elif [ "$group" != nixbld ]; then
@@ -58,7 +64,9 @@ else
     fi
     gid=$(getent group nixbld | cut -d: -f3)
     members=$(getent group nixbld | cut -d: -f4)
-    if [ -z "$members" ]; then
+    # Build users are made when the group has none, or only some of the installer's own
+    # (a run that was interrupted); a group with members of the host's choosing is left alone.
+    if [ -z "$members" ] || ! grep -Evq '^nixbld[0-9]+$' < <(tr , '\n' <<<"$members"); then
         nologin=/usr/sbin/nologin
         [ -x "$nologin" ] || nologin=/sbin/nologin
         made=0
@@ -75,8 +83,9 @@ else
                 --password '!' "${uid_args[@]}" "$user"
             made=$((made + 1))
         done
-        say "created $made build users in group nixbld"
-        [ "$made" -gt 0 ] || say "warning: group nixbld has no members and every nixbld1..$user_count name is taken; add build users to it"
+        [ "$made" -eq 0 ] || say "created $made build users in group nixbld"
+        [ -n "$(getent group nixbld | cut -d: -f4)" ] ||
+            say "warning: group nixbld has no members and every nixbld1..$user_count name is taken; add build users to it"
     fi
 fi
 

@@ -353,7 +353,7 @@ fn private_temp_dir(prefix: &str) -> std::io::Result<PathBuf> {
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     for i in 0..100u32 {
         let dir = base.join(format!("{prefix}-{}-{nanos:x}-{i}", std::process::id()));
-        match std::fs::create_dir(&dir) {
+        match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700).create(&dir) {
             Ok(()) => return Ok(dir),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
@@ -429,7 +429,7 @@ mod tests {
 
     #[test]
     fn missing_tools_name_the_machines_and_the_package() {
-        let local = Platform::Local(serde_json::from_value(serde_json::json!({})).unwrap());
+        let local = Platform::Local(serde_json::from_value(serde_json::json!({ "address": null, "subnet": "10.9.0.0/24", "forwardPorts": [] })).unwrap());
         let a = MachineName::new("a").unwrap();
         // A PATH with nothing on it: every tool is missing.
         let err = require_tools_in([(&a, &local)], Some(std::ffi::OsStr::new("/nonexistent"))).unwrap_err();

@@ -457,10 +457,14 @@ fn materialise_library() -> Result<PathBuf> {
     }
 }
 
+/// A new directory in `parent`, made by this call, that only its owner may enter (`parent`
+/// may be the temporary directory, which is anyone's).
 fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     for i in 0..100u32 {
-        let p = parent.join(format!(".tmp-{}-{i}", std::process::id()));
-        match std::fs::create_dir(&p) {
+        let p = parent.join(format!(".tmp-{}-{nanos:x}-{i}", std::process::id()));
+        match std::fs::DirBuilder::new().mode(0o700).create(&p) {
             Ok(()) => return Ok(p),
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),

@@ -34,7 +34,7 @@ pub struct NixConfig {
     pub build_users_group: String,
     /// `substituters`, after flotilla's `--substituters` override.
     pub substituters: Vec<String>,
-    /// `store`, or `NIX_REMOTE` when set (it wins, as in Nix).
+    /// `store` (whose default is `NIX_REMOTE`, else `auto`).
     pub store: String,
     /// `sandbox`: `true`, `false` or `relaxed`.
     pub sandbox: String,
@@ -102,11 +102,11 @@ impl Nix {
                 other => other.to_string(),
             }
         };
-        let store = std::env::var("NIX_REMOTE").ok().filter(|s| !s.is_empty()).unwrap_or_else(|| value("store"));
         Ok(NixConfig {
             build_users_group: value("build-users-group"),
             substituters: value("substituters").split_whitespace().map(str::to_owned).collect(),
-            store,
+            // NIX_REMOTE is this setting's default, which nix.conf may override: Nix's answer.
+            store: value("store"),
             sandbox: value("sandbox"),
         })
     }
@@ -201,7 +201,7 @@ impl NixConfig {
             } else {
                 StoreAccess::Daemon(DEFAULT_DAEMON_SOCKET.into())
             }
-        } else if s == "local" || s.starts_with("local?") {
+        } else if s == "local" || s == "local?" {
             StoreAccess::Local
         } else {
             StoreAccess::Other(s.to_owned())
@@ -250,8 +250,8 @@ pub fn build_users(config: &NixConfig) -> std::result::Result<BuildUsers, String
     let line = match out {
         Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_owned(),
         Ok(o) if o.status.code() == Some(2) => return Err(group_missing(group)),
-        Ok(o) => return Err(format!("cannot look up group '{group}' (build-users-group): getent said {}", String::from_utf8_lossy(&o.stderr).trim())),
-        Err(e) => return Err(format!("cannot look up group '{group}' (build-users-group): cannot run getent: {e}")),
+        Ok(o) => return Err(format!("cannot look up group '{group}' (build-users-group): getent said {}; check the host's /etc/group and /etc/nsswitch.conf", String::from_utf8_lossy(&o.stderr).trim())),
+        Err(e) => return Err(format!("cannot look up group '{group}' (build-users-group): cannot run getent: {e}; install libc-bin (Debian), which has it")),
     };
     let members = line.splitn(4, ':').nth(3).unwrap_or("").split(',').filter(|m| !m.trim().is_empty()).count();
     if members == 0 {
@@ -261,11 +261,17 @@ pub fn build_users(config: &NixConfig) -> std::result::Result<BuildUsers, String
 }
 
 /// Recognises, in Nix's error output, a failure that is the host's set-up rather than a
-/// deployment's: the problem and its fix in one sentence, or `None`.
+/// deployment's: the problem and its fix in one sentence, or `None`. Only Nix's own error
+/// lines count: an `error: ` line (or the first line, which flotilla's cleaned messages
+/// start with), never a warning and never a builder's log lines (indented, or `> `), and
+/// only Nix's words about its own state, never a path a builder may touch.
 pub fn diagnose(stderr: &str) -> Option<String> {
-    for line in stderr.lines() {
-        let line = line.trim();
-        let line = line.strip_prefix("error: ").unwrap_or(line);
+    for (i, line) in stderr.lines().enumerate() {
+        let line = match line.strip_prefix("error: ") {
+            Some(rest) => rest,
+            None if i == 0 && !line.starts_with("warning:") && !line.starts_with(' ') => line,
+            None => continue,
+        };
         if let Some(group) = between(line, "the group '", "' specified in 'build-users-group' does not exist") {
             return Some(group_missing(group));
         }
@@ -276,12 +282,17 @@ pub fn diagnose(stderr: &str) -> Option<String> {
             let (socket, why) = rest.split_once("': ").unwrap_or((rest.trim_end_matches('\''), "refused"));
             return Some(daemon_refuses(socket, why));
         }
-        // A builder's own output is not Nix's set-up: only Nix's words about its own paths.
-        let about_store = line.contains("/nix/store") || line.contains("/nix/var/nix");
+        // Nix's state directory (its database, locks, profiles) is Nix's alone; a builder
+        // writes only its own output, so a store path in a message may be the build's fault.
         if line.starts_with("remounting /nix/store writable")
-            || (about_store && !line.starts_with("builder for") && (line.contains("Read-only file system") || line.contains("Permission denied")))
+            || (line.contains("/nix/var/nix") && (line.contains("Read-only file system") || line.contains("Permission denied")))
         {
             return Some(store_not_writable(line));
+        }
+        if line.starts_with("cloning builder process") || line.starts_with("unable to start build process") {
+            return Some(format!(
+                "Nix cannot start a build here ({line}); run flotilla as root on the host or in a privileged container, or set `sandbox = false` in /etc/nix/nix.conf"
+            ));
         }
     }
     None
@@ -291,6 +302,8 @@ pub fn diagnose(stderr: &str) -> Option<String> {
 pub fn unreachable_substituter(line: &str) -> Option<String> {
     let rest = line.strip_prefix("warning: unable to download '")?;
     let (url, why) = rest.split_once("': ")?;
+    // Nix retries, each time with another delay in the line: the reason is what comes before.
+    let why = why.split("; retrying").next().unwrap_or(why);
     // The cache's address, not the file Nix asked it for.
     let cache = url.rsplit_once('/').map(|(base, _)| base).unwrap_or(url);
     Some(format!(
@@ -348,6 +361,11 @@ mod tests {
     #[test]
     fn a_deployments_own_failures_are_not_the_hosts() {
         assert_eq!(diagnose("error: builder for '/nix/store/abc-x.drv' failed with exit code 1;\n       last 10 log lines:\n       > cp: /nix/store/abc: Permission denied\n"), None);
+        // A builder's own output, printed as it ran, and its own `error:` about its output.
+        assert_eq!(diagnose("building '/nix/store/abc-x.drv'...\nerror: failed to open /nix/store/abc-x/lib: Read-only file system\n"), None);
+        // Nix's warning about the build users precedes every error on such a host; the error
+        // that follows is the deployment's.
+        assert_eq!(diagnose("warning: the group 'nixbld' specified in 'build-users-group' does not exist\nerror: undefined variable 'pkgs'\n"), None);
         assert_eq!(diagnose("error: undefined variable 'pkgs'\n"), None);
     }
 
@@ -356,6 +374,8 @@ mod tests {
         let note = unreachable_substituter("warning: unable to download 'https://cache.example.org/nix-cache-info': Couldn't resolve host name (6)").unwrap();
         assert!(note.starts_with("binary cache https://cache.example.org cannot be reached (Couldn't resolve host name (6))"), "{note}");
         assert_eq!(unreachable_substituter("warning: something else"), None);
+        let retry = |ms| format!("warning: unable to download 'https://cache.example.org/nix-cache-info': Couldn't resolve host name (6); retrying in {ms} ms");
+        assert_eq!(unreachable_substituter(&retry(281)), unreachable_substituter(&retry(592)), "one note however often Nix retries");
     }
 
     #[test]
@@ -364,6 +384,7 @@ mod tests {
         assert_eq!(cfg("daemon").store_access(), StoreAccess::Daemon(DEFAULT_DAEMON_SOCKET.into()));
         assert_eq!(cfg("unix:///run/nix.sock").store_access(), StoreAccess::Daemon("/run/nix.sock".into()));
         assert_eq!(cfg("local").store_access(), StoreAccess::Local);
+        assert_eq!(cfg("local?root=/srv/nix").store_access(), StoreAccess::Other("local?root=/srv/nix".into()));
         assert_eq!(cfg("ssh-ng://builder").store_access(), StoreAccess::Other("ssh-ng://builder".into()));
     }
 }
