@@ -135,7 +135,7 @@ in
     user = opt t.str "root" "Owner of the key file.";
     group = opt t.str "root" "Group of the key file.";
     mode = opt t.mode "0600" "Permissions of the key file.";
-    destDir = opt t.absPath "/run/keys" "Directory the key is written to (`/run/keys` lives in memory).";
+    destDir = opt t.absPath "/run/keys" "Directory the key is written to (`/run/keys` lives in memory). It must be private to root: a directory every user may write (`/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`) is refused at evaluation, and on the machine the agent refuses a directory on whose way there is a symbolic link, another user's directory or one its group or others may write.";
     uploadAt = opt (t.enum [ "pre-activation" "post-activation" ]) "pre-activation" "When the key is uploaded.";
   })) { } "Secrets placed on the machine at deploy time, never in the store: exactly one of `text`, `file`, `command`.";
 }

@@ -8,6 +8,12 @@
 //! over a file it did not place there. Digests for the deployer are
 //! computed from the files themselves at every `ListKeys`, so a key lost with `/run` at a
 //! restart reads as missing and is sent again.
+//!
+//! The agent is root and a key's owner may not be: a key directory that someone else could
+//! change (a link on its way, a directory another user owns or may write) is refused before
+//! anything is written, and a key file is only ever opened without following a link, its
+//! owner changed through that descriptor. So a service user that replaces its key with a link
+//! to `/etc/passwd` gets nothing from the next activation but a refusal.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -53,7 +59,11 @@ fn placed(root: &MachineRoot) -> Result<BTreeMap<String, Placed>, AgentError> {
 pub fn list(root: &MachineRoot) -> Result<Vec<KeyState>, AgentError> {
     let mut out = Vec::new();
     for (name, p) in placed(root)? {
-        let Ok(data) = fs::read(key_path(root, &p.dest_dir, &name)) else { continue };
+        let Ok(mut f) = open_key(&key_path(root, &p.dest_dir, &name)) else { continue };
+        let mut data = Vec::new();
+        if io::Read::read_to_end(&mut f, &mut data).is_err() {
+            continue;
+        }
         out.push(KeyState { name, dest_dir: p.dest_dir, user: p.user, group: p.group, mode: p.mode, digest: digest(&data) });
     }
     Ok(out)
@@ -67,6 +77,7 @@ pub fn apply(root: &MachineRoot, put: &[KeyUpload], remove: &[String]) -> Result
     for k in put {
         check_name(&k.name)?;
         check_dir(&k.name, &k.dest_dir)?;
+        check_private(root, &k.name, &k.dest_dir)?;
         if k.mode > 0o7777 {
             return Err(AgentError::BadRequest(format!("key {}: mode {:o} is not a permission mode", k.name, k.mode)));
         }
@@ -125,11 +136,27 @@ pub fn fix_owners(root: &MachineRoot) -> Result<Vec<String>, AgentError> {
     use std::os::unix::fs::MetadataExt;
     let mut missing = Vec::new();
     for (name, p) in placed(root)? {
+        // Whatever the key's owner did to its file since, the agent changes only the file it
+        // placed: in a directory nobody else can change, opened without following a link,
+        // a plain file with one name.
+        check_private(root, &name, &p.dest_dir)?;
         let path = key_path(root, &p.dest_dir, &name);
-        let Ok(meta) = fs::metadata(&path) else { continue };
+        let f = match open_key(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => {
+                missing.push(format!("key {name}: {}/{name} is no longer the file flotilla placed ({e}); left as it is, the next deploy writes it again", p.dest_dir));
+                continue;
+            }
+        };
+        let meta = f.metadata().map_err(|source| AgentError::Io { what: format!("key {name}: cannot read {}/{name}", p.dest_dir), source })?;
+        if !meta.is_file() || meta.nlink() != 1 {
+            missing.push(format!("key {name}: {}/{name} is no longer the file flotilla placed (not a plain file with one name); left as it is", p.dest_dir));
+            continue;
+        }
         match (owner_id(root, &p.user, true), owner_id(root, &p.group, false)) {
             (Some(uid), Some(gid)) if (meta.uid(), meta.gid()) != (uid, gid) => {
-                std::os::unix::fs::chown(&path, Some(uid), Some(gid))
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
                     .map_err(|source| AgentError::Io { what: format!("key {name}: cannot give it to {}:{}", p.user, p.group), source })?;
             }
             (Some(_), Some(_)) => {}
@@ -161,6 +188,53 @@ fn write_key(root: &MachineRoot, k: &KeyUpload, uid: u32, gid: u32) -> Result<()
     if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
         return Err(AgentError::Io { what: format!("key {}: cannot write {}/{}", k.name, k.dest_dir, k.name), source });
+    }
+    Ok(())
+}
+
+/// Opens a key file for reading without following a link at its name (`ELOOP` then) and
+/// without blocking on a FIFO someone put there.
+fn open_key(path: &Path) -> io::Result<fs::File> {
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
+}
+
+/// Refuses key directory `dest_dir` when anyone but the owner of the machine's root (root)
+/// could change what is in it or on the way to it: a symbolic link on the way, a directory
+/// owned by another user, or one that group or others may write. Directories that do not
+/// exist yet are fine: the agent makes them, root's and 0711. Nobody else can then swap a
+/// checked directory between this check and its use.
+fn check_private(root: &MachineRoot, name: &str, dest_dir: &str) -> Result<(), AgentError> {
+    use std::os::unix::fs::MetadataExt;
+    let base = root.path("/");
+    let trusted = fs::symlink_metadata(&base).map_err(|source| AgentError::Io { what: format!("key {name}: cannot read the machine's root"), source })?.uid();
+    let mut at = base;
+    let mut shown = String::new();
+    for part in Path::new(dest_dir).components() {
+        let Component::Normal(part) = part else { continue };
+        at.push(part);
+        shown.push('/');
+        shown.push_str(&part.to_string_lossy());
+        let meta = match fs::symlink_metadata(&at) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(source) => return Err(AgentError::Io { what: format!("key {name}: cannot read {shown}"), source }),
+        };
+        let problem = if meta.file_type().is_symlink() {
+            Some("is a symbolic link".to_owned())
+        } else if !meta.is_dir() {
+            Some("is not a directory".to_owned())
+        } else if meta.uid() != trusted && meta.uid() != 0 {
+            Some(format!("belongs to uid {}, not root", meta.uid()))
+        } else if meta.mode() & 0o022 != 0 {
+            Some(format!("may be written by {} (mode {:o})", if meta.mode() & 0o002 != 0 { "every user" } else { "its group" }, meta.mode() & 0o7777))
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
+            return Err(AgentError::BadRequest(format!(
+                "key {name}: destDir {dest_dir} is not private to root: {shown} {problem}, so another user could swap the key for a link to any file; give keys.{name}.destDir a directory only root can change, e.g. /run/keys"
+            )));
+        }
     }
     Ok(())
 }
@@ -267,6 +341,47 @@ mod tests {
         apply(&root, &[key("mine", b"1")], &[]).unwrap();
         apply(&root, &[key("mine", b"2")], &[]).unwrap();
         assert_eq!(fs::read(dir.path().join("run/keys/mine")).unwrap(), b"2");
+    }
+
+    /// Issue 13, item 1: a service user that owns its key in a directory it may write swaps
+    /// the key for a link to another file; activation must not hand that file over.
+    #[test]
+    fn a_key_swapped_for_a_link_never_hands_over_the_linked_file() {
+        let (dir, root) = root_with_accounts();
+        let later = KeyUpload { user: "later".into(), group: "later".into(), ..key("tok", b"x") };
+        apply(&root, &[later], &[]).unwrap();
+        // The "victim": a root-owned file elsewhere on the machine.
+        let victim = dir.path().join("etc/shadow");
+        fs::write(&victim, "root:!:::::::\n").unwrap();
+        std::os::unix::fs::chown(&victim, Some(0), Some(0)).unwrap();
+        let file = dir.path().join("run/keys/tok");
+        fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink(&victim, &file).unwrap();
+        // The owner now exists, with another uid: a chown through the link would show.
+        fs::write(dir.path().join("etc/passwd"), "later:x:4242:4242::/:/bin/sh\n").unwrap();
+        fs::write(dir.path().join("etc/group"), "later:x:4242:\n").unwrap();
+        let said = fix_owners(&root).unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().uid(), 0, "the linked file was handed over");
+        assert!(said.iter().any(|m| m.contains("no longer the file flotilla placed")), "{said:?}");
+        // Nor is its content listed as the key's.
+        assert!(list(&root).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_key_directory_another_user_may_change_is_refused() {
+        let (dir, root) = root_with_accounts();
+        fs::create_dir_all(dir.path().join("shared")).unwrap();
+        fs::set_permissions(dir.path().join("shared"), fs::Permissions::from_mode(0o1777)).unwrap();
+        let k = KeyUpload { dest_dir: "/shared/app".into(), ..key("tok", b"x") };
+        let err = apply(&root, &[k], &[]).unwrap_err().to_string();
+        assert!(err.contains("destDir /shared/app is not private to root: /shared may be written by every user"), "{err}");
+        assert!(!dir.path().join("shared/app").exists(), "nothing written");
+        // A link on the way is refused too.
+        std::os::unix::fs::symlink(dir.path().join("etc"), dir.path().join("linked")).unwrap();
+        let k = KeyUpload { dest_dir: "/linked".into(), ..key("tok", b"x") };
+        let err = apply(&root, &[k], &[]).unwrap_err().to_string();
+        assert!(err.contains("/linked is a symbolic link"), "{err}");
+        assert!(!dir.path().join("etc/tok").exists());
     }
 
     #[test]

@@ -452,9 +452,33 @@ impl MachineConfig {
             }
             check_user(&mut err, at.child("user"), &k.user);
             check_group(&mut err, at.child("group"), &k.group);
+            if let Err(why) = check_key_dir(&k.dest_dir) {
+                err(at.child("destDir"), why);
+            }
         }
         errors
     }
+}
+
+/// Directories every user may write on a usual Linux machine (sticky, mode 1777).
+const SHARED_DIRS: &[&str] = &["/tmp", "/var/tmp", "/dev/shm", "/run/lock", "/var/lock"];
+
+/// A key directory must be absolute, plain (no `.`/`..`), not `/`, and not where every user
+/// may write: there another user could put a link where the key goes, and the agent (root)
+/// would refuse the key at every deploy. The agent checks the machine's real directories
+/// again before writing.
+fn check_key_dir(dir: &str) -> Result<(), String> {
+    let plain = dir.starts_with('/') && dir.len() > 1 && dir.trim_end_matches('/').split('/').skip(1).all(|c| !c.is_empty() && c != "." && c != "..");
+    if !plain {
+        return Err(format!("is \"{dir}\"; it must be an absolute directory without `.` or `..`, and not /, e.g. \"/run/keys\""));
+    }
+    let dir = dir.trim_end_matches('/');
+    if let Some(shared) = SHARED_DIRS.iter().find(|s| dir == **s || dir.starts_with(&format!("{s}/"))) {
+        return Err(format!(
+            "is \"{dir}\", under {shared}, where every user may write: another user could swap the key for a link to any file; use a directory only root can change, e.g. \"/run/keys\""
+        ));
+    }
+    Ok(())
 }
 
 /// The part of `path` below `/etc/`, if it names a file there (no `.`/`..` components).
@@ -556,6 +580,19 @@ mod tests {
         assert!(after_cycle(&s).is_none());
         s.insert("db".to_string(), svc(&["api"]));
         assert_eq!(after_cycle(&s).unwrap(), ["api", "web", "db", "api"]);
+    }
+
+    #[test]
+    fn key_directories_are_plain_and_private() {
+        for ok in ["/run/keys", "/run/keys/app", "/var/lib/app/", "/etc/ssl/private", "/tmpfiles"] {
+            assert_eq!(check_key_dir(ok), Ok(()), "{ok}");
+        }
+        for bad in ["/", "run/keys", "/run/../etc", "/run/./keys", "/run//keys", ""] {
+            assert!(check_key_dir(bad).unwrap_err().contains("absolute directory without"), "{bad}");
+        }
+        for shared in ["/tmp", "/tmp/app", "/var/tmp/x", "/dev/shm", "/run/lock/k"] {
+            assert!(check_key_dir(shared).unwrap_err().contains("where every user may write"), "{shared}");
+        }
     }
 
     #[test]

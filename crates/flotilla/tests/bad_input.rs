@@ -126,3 +126,14 @@ fn every_problem_is_reported_at_once() {
     says(&run, "machine a: option `tags`");
     says(&run, "machine b: unknown option `packagez`; did you mean `packages`?");
 }
+
+/// Issue 13, item 1 (and 12): a key directory every user may write, or one that is not a
+/// plain absolute directory, is refused at evaluation, before anything is built.
+#[test]
+fn a_key_directory_every_user_may_write_is_refused() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.tok = { text = "s"; user = "root"; destDir = "/tmp"; }; }; }"#);
+    says(&run, "machine web1: option `keys.tok.destDir` is \"/tmp\", under /tmp, where every user may write");
+    assert!(!run.stderr().contains("\"s\""), "no key material in the error");
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.tok = { text = "s"; destDir = "/run/../etc"; }; }; }"#);
+    says(&run, "machine web1: option `keys.tok.destDir` is \"/run/../etc\"; it must be an absolute directory without `.` or `..`");
+}
