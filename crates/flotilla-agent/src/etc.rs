@@ -10,7 +10,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{chown, PermissionsExt};
 use std::path::Path;
 
 use flotilla_model::{etc_relative, FileSpec};
@@ -170,6 +169,13 @@ fn place(root: &MachineRoot, top_etc: &str, rel: &str, path: &str, f: &FileSpec,
     if let Some(parent) = dest.parent() {
         fs::create_dir_all(parent)?;
     }
+    // The agent (root) writes and renames inside this directory: nobody else may change it.
+    let dir = Path::new(path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    if let Some(problem) = root.not_private(&dir)? {
+        return Err(io::Error::other(format!(
+            "{dir} is not private to root ({problem}), so another user could swap {path} for a link to any file; make it root's and not writable by others on the machine"
+        )));
+    }
     match &f.mode {
         None => symlink_atomic(Path::new(&format!("{top_etc}/{rel}")), &dest),
         Some(mode) => {
@@ -179,11 +185,16 @@ fn place(root: &MachineRoot, top_etc: &str, rel: &str, path: &str, f: &FileSpec,
                 (None, None) => Vec::new(),
             };
             let tmp = dest.with_file_name(format!(".{}.flotilla-tmp", dest.file_name().unwrap_or_default().to_string_lossy()));
-            fs::write(&tmp, &content)?;
+            // A leftover of an interrupted activation (unlink removes a link, never its target).
+            match fs::remove_file(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
             let mode = u32::from_str_radix(mode, 8).unwrap_or(0o644);
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))?;
-            chown(&tmp, lookup_id(&f.user, true), lookup_id(&f.group, false))?;
-            fs::rename(&tmp, &dest)
+            let owner = (lookup_id(&f.user, true), lookup_id(&f.group, false));
+            crate::machine::write_new_private(&tmp, &content, mode, owner).and_then(|()| fs::rename(&tmp, &dest)).inspect_err(|_| {
+                let _ = fs::remove_file(&tmp);
+            })
         }
     }
 }
@@ -191,6 +202,7 @@ fn place(root: &MachineRoot, top_etc: &str, rel: &str, path: &str, f: &FileSpec,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     const TOP: &str = "/nix/store/00000000000000000000000000000000-system";
 
@@ -279,6 +291,28 @@ mod tests {
         assert_eq!(fs::read_to_string(root.path("/etc/app/machine.conf")).unwrap(), "mine");
         // And it is no longer the agent's: declaring it again is refused.
         refusal(run(&root, &files(&[("/etc/motd", link("hi"))]), false));
+    }
+
+    /// Issue 13, item 1: a directory under /etc that another user may write could hold a
+    /// link where the agent (root) writes its temporary copy; that directory is refused and
+    /// the link's target never written.
+    #[test]
+    fn an_etc_directory_others_may_write_is_refused_and_no_link_followed() {
+        let (_d, root) = machine();
+        let victim = root.path("/victim");
+        fs::write(&victim, "untouched").unwrap();
+        fs::create_dir_all(root.path("/etc/app")).unwrap();
+        fs::set_permissions(root.path("/etc/app"), fs::Permissions::from_mode(0o777)).unwrap();
+        std::os::unix::fs::symlink(&victim, root.path("/etc/app/.conf.flotilla-tmp")).unwrap();
+        let copy = FileSpec { mode: Some("0644".into()), ..link("written by root") };
+        let err = run(&root, &files(&[("/etc/app/conf", copy.clone())]), false).unwrap_err().to_string();
+        assert!(err.contains("/etc/app is not private to root (/etc/app may be written by every user (mode 777))"), "{err}");
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        // Made private again, the leftover link is removed, never followed.
+        fs::set_permissions(root.path("/etc/app"), fs::Permissions::from_mode(0o755)).unwrap();
+        run(&root, &files(&[("/etc/app/conf", copy)]), false).unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(fs::read_to_string(root.path("/etc/app/conf")).unwrap(), "written by root");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
@@ -177,14 +177,7 @@ fn write_key(root: &MachineRoot, k: &KeyUpload, uid: u32, gid: u32) -> Result<()
     let path = dir.join(&k.name);
     let tmp = dir.join(format!(".{}.flotilla-tmp", k.name));
     let _ = fs::remove_file(&tmp);
-    let result = (|| -> io::Result<()> {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
-        f.set_permissions(fs::Permissions::from_mode(k.mode))?;
-        f.write_all(&k.data)?;
-        f.sync_all()?;
-        fs::rename(&tmp, &path)
-    })();
+    let result = crate::machine::write_new_private(&tmp, &k.data, k.mode, (Some(uid), Some(gid))).and_then(|()| fs::rename(&tmp, &path));
     if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
         return Err(AgentError::Io { what: format!("key {}: cannot write {}/{}", k.name, k.dest_dir, k.name), source });
@@ -198,45 +191,16 @@ fn open_key(path: &Path) -> io::Result<fs::File> {
     fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC).open(path)
 }
 
-/// Refuses key directory `dest_dir` when anyone but the owner of the machine's root (root)
-/// could change what is in it or on the way to it: a symbolic link on the way, a directory
-/// owned by another user, or one that group or others may write. Directories that do not
-/// exist yet are fine: the agent makes them, root's and 0711. Nobody else can then swap a
-/// checked directory between this check and its use.
+/// Refuses key directory `dest_dir` when anyone but root could change what is in it or on
+/// the way to it ([`MachineRoot::not_private`]).
 fn check_private(root: &MachineRoot, name: &str, dest_dir: &str) -> Result<(), AgentError> {
-    use std::os::unix::fs::MetadataExt;
-    let base = root.path("/");
-    let trusted = fs::symlink_metadata(&base).map_err(|source| AgentError::Io { what: format!("key {name}: cannot read the machine's root"), source })?.uid();
-    let mut at = base;
-    let mut shown = String::new();
-    for part in Path::new(dest_dir).components() {
-        let Component::Normal(part) = part else { continue };
-        at.push(part);
-        shown.push('/');
-        shown.push_str(&part.to_string_lossy());
-        let meta = match fs::symlink_metadata(&at) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(source) => return Err(AgentError::Io { what: format!("key {name}: cannot read {shown}"), source }),
-        };
-        let problem = if meta.file_type().is_symlink() {
-            Some("is a symbolic link".to_owned())
-        } else if !meta.is_dir() {
-            Some("is not a directory".to_owned())
-        } else if meta.uid() != trusted && meta.uid() != 0 {
-            Some(format!("belongs to uid {}, not root", meta.uid()))
-        } else if meta.mode() & 0o022 != 0 {
-            Some(format!("may be written by {} (mode {:o})", if meta.mode() & 0o002 != 0 { "every user" } else { "its group" }, meta.mode() & 0o7777))
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
-            return Err(AgentError::BadRequest(format!(
-                "key {name}: destDir {dest_dir} is not private to root: {shown} {problem}, so another user could swap the key for a link to any file; give keys.{name}.destDir a directory only root can change, e.g. /run/keys"
-            )));
-        }
+    match root.not_private(dest_dir) {
+        Ok(None) => Ok(()),
+        Ok(Some(problem)) => Err(AgentError::BadRequest(format!(
+            "key {name}: destDir {dest_dir} is not private to root: {problem}, so another user could swap the key for a link to any file; give keys.{name}.destDir a directory only root can change, e.g. /run/keys"
+        ))),
+        Err(source) => Err(AgentError::Io { what: format!("key {name}: cannot check {dest_dir}"), source }),
     }
-    Ok(())
 }
 
 fn remove_file(path: &Path) -> Result<(), AgentError> {

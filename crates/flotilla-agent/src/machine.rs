@@ -123,6 +123,20 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReceiveError
     move |source| ReceiveError::Io { what, path, source }
 }
 
+/// Writes a new file `tmp` (which must not exist: `O_EXCL` also refuses a link left at its
+/// name) with its owner and mode set through its descriptor before a byte of `content` goes
+/// in, then syncs it. The caller renames it into place, in a directory it checked with
+/// [`MachineRoot::not_private`].
+pub fn write_new_private(tmp: &Path, content: &[u8], mode: u32, owner: (Option<u32>, Option<u32>)) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(tmp)?;
+    std::os::unix::fs::fchown(&f, owner.0, owner.1)?;
+    f.set_permissions(fs::Permissions::from_mode(mode))?;
+    f.write_all(content)?;
+    f.sync_all()
+}
+
 impl MachineRoot {
     /// The layout under `root`.
     pub fn new(root: &Path) -> MachineRoot {
@@ -137,6 +151,44 @@ impl MachineRoot {
     /// An absolute machine path (`/etc/motd`) as a path on this host.
     pub fn path(&self, abs: &str) -> PathBuf {
         self.root.join(abs.trim_start_matches('/'))
+    }
+
+    /// Why the machine's directory `dir` is not private to root, or `None` when it is: on
+    /// the way from the root to it (the root itself excluded, the agent's own) there is a
+    /// symbolic link, something not a directory, a directory of another user, or one that
+    /// its group or others may write. A directory that is private so cannot be swapped by
+    /// anyone else after this check, so what the agent (root) then writes, chowns or
+    /// renames inside it lands where it was checked. Parts that do not exist yet are fine:
+    /// the agent makes them, root's.
+    pub fn not_private(&self, dir: &str) -> io::Result<Option<String>> {
+        use std::os::unix::fs::MetadataExt;
+        let trusted = fs::symlink_metadata(&self.root)?.uid();
+        let mut at = self.root.clone();
+        let mut shown = String::new();
+        for part in Path::new(dir).components() {
+            let std::path::Component::Normal(part) = part else { continue };
+            at.push(part);
+            shown.push('/');
+            shown.push_str(&part.to_string_lossy());
+            let meta = match fs::symlink_metadata(&at) {
+                Ok(m) => m,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let problem = if meta.file_type().is_symlink() {
+                "is a symbolic link".to_owned()
+            } else if !meta.is_dir() {
+                "is not a directory".to_owned()
+            } else if meta.uid() != trusted && meta.uid() != 0 {
+                format!("belongs to uid {}, not root", meta.uid())
+            } else if meta.mode() & 0o022 != 0 {
+                format!("may be written by {} (mode {:o})", if meta.mode() & 0o002 != 0 { "every user" } else { "its group" }, meta.mode() & 0o7777)
+            } else {
+                continue;
+            };
+            return Ok(Some(format!("{shown} {problem}")));
+        }
+        Ok(None)
     }
 
     /// `/nix/store` on the machine.
