@@ -131,7 +131,8 @@ fn owner_id(root: &MachineRoot, name: &str, user: bool) -> Option<u32> {
 }
 
 /// Gives each placed key the owner and group it was declared with, where they exist now
-/// (after activation created the accounts). Returns the keys whose owner is still missing.
+/// (after activation created the accounts). Returns what it could not do and why: an owner
+/// still missing, a key that is no longer the file it placed, a directory no longer private.
 pub fn fix_owners(root: &MachineRoot) -> Result<Vec<String>, AgentError> {
     use std::os::unix::fs::MetadataExt;
     let mut missing = Vec::new();
@@ -139,7 +140,10 @@ pub fn fix_owners(root: &MachineRoot) -> Result<Vec<String>, AgentError> {
         // Whatever the key's owner did to its file since, the agent changes only the file it
         // placed: in a directory nobody else can change, opened without following a link,
         // a plain file with one name.
-        check_private(root, &name, &p.dest_dir)?;
+        if let Err(refused) = check_private(root, &name, &p.dest_dir) {
+            missing.push(format!("{refused}; it stays as it is"));
+            continue;
+        }
         let path = key_path(root, &p.dest_dir, &name);
         let f = match open_key(&path) {
             Ok(f) => f,
