@@ -559,13 +559,6 @@ impl Engine {
         text.strip_prefix("error: ").unwrap_or(text).to_owned()
     }
 
-    /// Records the deployment and its machines with their facts.
-    pub fn record_evaluation(&mut self, ev: &Evaluated) -> Result<()> {
-        let state = &mut self.state;
-        with_upserts(ev, |dep, machines| state.record_evaluation(dep, machines))?;
-        Ok(())
-    }
-
     fn record(&mut self, ev: &Evaluated, toplevels: &BTreeMap<String, flotilla_nix::Toplevel>, results: &[MachineBuild]) -> Result<()> {
         let paths: Vec<(&str, String, String)> = results
             .iter()
