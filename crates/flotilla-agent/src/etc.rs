@@ -165,16 +165,17 @@ pub fn apply(root: &MachineRoot, toplevel: &str, files: &BTreeMap<String, FileSp
 }
 
 fn place(root: &MachineRoot, top_etc: &str, rel: &str, path: &str, f: &FileSpec, lookup_id: &dyn Fn(&str, bool) -> Option<u32>) -> io::Result<()> {
-    let dest = root.path(path);
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)?;
-    }
-    // The agent (root) writes and renames inside this directory: nobody else may change it.
+    // The agent (root) makes, writes and renames inside this directory: nobody else may
+    // change it or the way to it, checked before anything is made there.
     let dir = Path::new(path).parent().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
     if let Some(problem) = root.not_private(&dir)? {
         return Err(io::Error::other(format!(
             "{dir} is not private to root ({problem}), so another user could swap {path} for a link to any file; make it root's and not writable by others on the machine"
         )));
+    }
+    let dest = root.path(path);
+    if let Some(parent) = dest.parent() {
+        fs::create_dir_all(parent)?;
     }
     match &f.mode {
         None => symlink_atomic(Path::new(&format!("{top_etc}/{rel}")), &dest),
@@ -184,17 +185,8 @@ fn place(root: &MachineRoot, top_etc: &str, rel: &str, path: &str, f: &FileSpec,
                 (None, Some(src)) => fs::read(root.path(src))?,
                 (None, None) => Vec::new(),
             };
-            let tmp = dest.with_file_name(format!(".{}.flotilla-tmp", dest.file_name().unwrap_or_default().to_string_lossy()));
-            // A leftover of an interrupted activation (unlink removes a link, never its target).
-            match fs::remove_file(&tmp) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            }
             let mode = u32::from_str_radix(mode, 8).unwrap_or(0o644);
-            let owner = (lookup_id(&f.user, true), lookup_id(&f.group, false));
-            crate::machine::write_new_private(&tmp, &content, mode, owner).and_then(|()| fs::rename(&tmp, &dest)).inspect_err(|_| {
-                let _ = fs::remove_file(&tmp);
-            })
+            crate::machine::replace_private(&dest, &content, mode, (lookup_id(&f.user, true), lookup_id(&f.group, false)))
         }
     }
 }

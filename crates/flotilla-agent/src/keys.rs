@@ -178,15 +178,8 @@ fn write_key(root: &MachineRoot, k: &KeyUpload, uid: u32, gid: u32) -> Result<()
         // Traversable, not listable: each key's own mode decides who reads it.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o711)).map_err(io(format!("key {}: cannot set the mode of {}", k.name, k.dest_dir)))?;
     }
-    let path = dir.join(&k.name);
-    let tmp = dir.join(format!(".{}.flotilla-tmp", k.name));
-    let _ = fs::remove_file(&tmp);
-    let result = crate::machine::write_new_private(&tmp, &k.data, k.mode, (Some(uid), Some(gid))).and_then(|()| fs::rename(&tmp, &path));
-    if let Err(source) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(AgentError::Io { what: format!("key {}: cannot write {}/{}", k.name, k.dest_dir, k.name), source });
-    }
-    Ok(())
+    crate::machine::replace_private(&dir.join(&k.name), &k.data, k.mode, (Some(uid), Some(gid)))
+        .map_err(|source| AgentError::Io { what: format!("key {}: cannot write {}/{}", k.name, k.dest_dir, k.name), source })
 }
 
 /// Opens a key file for reading without following a link at its name (`ELOOP` then) and

@@ -123,18 +123,32 @@ fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReceiveError
     move |source| ReceiveError::Io { what, path, source }
 }
 
-/// Writes a new file `tmp` (which must not exist: `O_EXCL` also refuses a link left at its
-/// name) with its owner and mode set through its descriptor before a byte of `content` goes
-/// in, then syncs it. The caller renames it into place, in a directory it checked with
-/// [`MachineRoot::not_private`].
-pub fn write_new_private(tmp: &Path, content: &[u8], mode: u32, owner: (Option<u32>, Option<u32>)) -> io::Result<()> {
+/// Replaces `dest` with a file of `content` whose owner and mode are set, through its
+/// descriptor, before a byte goes in: written to `.NAME.flotilla-tmp` beside it (created with
+/// `O_EXCL|O_NOFOLLOW`, so a link left at that name is never followed; a leftover of an
+/// interrupted write is unlinked first), synced, and renamed over `dest`. A reader sees the
+/// old file or the new. The caller checked `dest`'s directory with
+/// [`MachineRoot::not_private`], so nobody else can swap anything in it meanwhile.
+pub fn replace_private(dest: &Path, content: &[u8], mode: u32, owner: (Option<u32>, Option<u32>)) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(tmp)?;
-    std::os::unix::fs::fchown(&f, owner.0, owner.1)?;
-    f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(content)?;
-    f.sync_all()
+    let tmp = dest.with_file_name(format!(".{}.flotilla-tmp", dest.file_name().unwrap_or_default().to_string_lossy()));
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let written = (|| {
+        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&tmp)?;
+        std::os::unix::fs::fchown(&f, owner.0, owner.1)?;
+        f.set_permissions(fs::Permissions::from_mode(mode))?;
+        f.write_all(content)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dest)
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 impl MachineRoot {
