@@ -14,10 +14,11 @@
 //! previous generation when none came. A service that needs a key not on the machine yet
 //! waits, and starts when [`Agent::put_keys`] brings it.
 //!
-//! A generation awaiting confirmation is also recorded in `nix/var/flotilla/pending.json`:
-//! an agent that starts and finds that record (it crashed, or the machine rebooted, inside the
-//! window) restores the previous generation before any service starts, so an unconfirmed
-//! system never runs again. Before an activation changes anything, it checks that it would
+//! A checked activation is recorded in `nix/var/flotilla/pending.json` before it changes
+//! anything, and the record goes only once the generation passed its checks and, with a
+//! window, was confirmed: an agent that starts and finds that record (it crashed, or the
+//! machine rebooted, while switching, checking or waiting) restores the previous generation
+//! before any service starts, so an unchecked or unconfirmed system never runs again. Before an activation changes anything, it checks that it would
 //! not take over an account or an `/etc` file of the machine's. On a machine with Nix of its
 //! own, the agent keeps a Nix GC root for each generation, the running system and itself in
 //! `/nix/var/nix/gcroots/flotilla/`, so that Nix's collector never deletes them.
@@ -114,15 +115,37 @@ struct Pending {
     previous: Previous,
 }
 
-/// What outlives the agent of a [`Pending`]: enough to restore what ran before.
+/// What outlives the agent of an activation not yet kept: enough to restore what ran before.
+/// It is written before the activation changes anything, so an agent that dies at any point
+/// until the generation is checked and confirmed leaves it behind.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct PendingRecord {
     generation: u64,
     previous_generation: Option<u64>,
     previous_toplevel: Option<StorePath>,
-    /// Wall-clock seconds since the epoch.
+    /// Wall-clock seconds since the epoch (0 while checking).
     deadline_unix: u64,
     window_secs: u64,
+    /// How far the activation got. Records written before this field existed were written
+    /// once the checks had passed.
+    #[serde(default = "Stage::confirming")]
+    stage: Stage,
+}
+
+/// Where an activation not yet kept is.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+enum Stage {
+    /// Switching to the generation or running its health checks.
+    Checking,
+    /// Checked, and waiting for the deployer's confirmation.
+    Confirming,
+}
+
+impl Stage {
+    fn confirming() -> Stage {
+        Stage::Confirming
+    }
 }
 
 /// What ran before an activation: the profile's generation and the running system.
@@ -255,7 +278,10 @@ impl Agent {
     /// Restores what ran before the unconfirmed generation of `record`, marking it failed.
     fn roll_back_unconfirmed(&self, record: &PendingRecord) -> Vec<String> {
         let previous = Previous { generation: record.previous_generation, running: record.previous_toplevel.clone() };
-        let problem = format!("the agent restarted before generation {} was confirmed", record.generation);
+        let problem = match record.stage {
+            Stage::Checking => format!("the agent restarted before generation {} had passed its health checks", record.generation),
+            Stage::Confirming => format!("the agent restarted before generation {} was confirmed", record.generation),
+        };
         let mut messages = vec![match self.return_to(&previous, &problem) {
             Ok(done) => done,
             Err(e) => e.to_string(),
@@ -435,20 +461,29 @@ impl Agent {
     /// Links a new generation for `toplevel` and makes it current, unless the current one
     /// already is `toplevel`.
     fn add_generation(&self, toplevel: &StorePath, dry: bool) -> Result<u64, AgentError> {
-        let gens = self.generations()?;
-        if let Some(cur) = gens.iter().find(|g| g.current) {
-            if &cur.toplevel == toplevel {
-                return Ok(cur.number);
-            }
-        }
-        let n = gens.last().map(|g| g.number + 1).unwrap_or(1);
-        if dry {
+        let n = self.generation_for(toplevel, ActivationGoal::Switch)?;
+        if dry || Some(n) == self.current_generation() {
             return Ok(n);
         }
         symlink_atomic(Path::new(&toplevel.to_absolute()), &self.gen_link(n)).map_err(io_err("cannot link the new generation"))?;
         symlink_atomic(Path::new(&format!("system-{n}-link")), &self.root.profiles_dir().join("system"))
             .map_err(io_err("cannot switch the system profile"))?;
         Ok(n)
+    }
+
+    /// The generation an activation of `toplevel` for `goal` leaves current: for `switch`
+    /// and `boot` the current one when it already is `toplevel`, else a new one.
+    fn generation_for(&self, toplevel: &StorePath, goal: ActivationGoal) -> Result<u64, AgentError> {
+        match goal {
+            ActivationGoal::Switch | ActivationGoal::Boot => {
+                let gens = self.generations()?;
+                Ok(match gens.iter().find(|g| g.current) {
+                    Some(cur) if &cur.toplevel == toplevel => cur.number,
+                    _ => gens.last().map_or(1, |g| g.number + 1),
+                })
+            }
+            ActivationGoal::Test | ActivationGoal::DryActivate => Ok(self.current_generation().unwrap_or(0)),
+        }
     }
 
     /// Makes `toplevel` the running system: users, /etc, /bin/sh, services.
@@ -579,40 +614,76 @@ impl Agent {
         let notes = self.preflight(toplevel, &new.system, goal)?;
         let previous = Previous { generation: self.current_generation(), running: self.running_system() };
         let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
-        let (generation, report) = match self.activate_prepared(toplevel, &new.system, goal, notes) {
-            Ok(r) => r,
-            Err(e) if checked => return Err(self.fail_back(&previous, &format!("activation of {toplevel} failed: {e}"))),
-            Err(e) => return Err(e),
-        };
         if !checked {
+            let (generation, report) = self.activate_prepared(toplevel, &new.system, goal, notes)?;
             return Ok(Activation { generation, report, health: Vec::new(), awaiting_confirmation: false });
         }
+        let expected = self.generation_for(toplevel, goal)?;
+        let unchanged = previous.generation == Some(expected) && previous.running.as_ref() == Some(toplevel);
+        let mut record = PendingRecord {
+            generation: expected,
+            previous_generation: previous.generation,
+            previous_toplevel: previous.running.clone(),
+            deadline_unix: 0,
+            window_secs: 0,
+            stage: Stage::Checking,
+        };
+        // Recorded before anything changes: an agent that dies while switching or checking
+        // leaves a generation nobody checked, and the next agent must not keep it.
+        if !unchanged {
+            self.root.write_state(PENDING, &Some(&record)).map_err(|e| AgentError::Io {
+                what: format!("cannot record that generation {expected} is being activated (nothing was changed)"),
+                source: e,
+            })?;
+        }
+        let (generation, report) = match self.activate_prepared(toplevel, &new.system, goal, notes) {
+            Ok(r) => r,
+            Err(e) => return Err(self.fail_back_pending(&previous, &format!("activation of {toplevel} failed: {e}"))),
+        };
         let deadline = check_timeout.map(|t| Instant::now() + t);
         let health = self.check(&report, deadline);
-        let unchanged = previous.generation == Some(generation) && previous.running.as_ref() == Some(toplevel);
         if let Some(problem) = first_problem(&health) {
             if unchanged {
                 return Err(AgentError::Unhealthy(format!("{problem}; generation {generation} already ran, so there is nothing to roll back to")));
             }
-            return Err(self.fail_back(&previous, &problem));
+            return Err(self.fail_back_pending(&previous, &problem));
         }
         let awaiting_confirmation = confirm_within.is_some() && !unchanged;
-        if let (Some(window), true) = (confirm_within, awaiting_confirmation) {
-            // Recorded before the answer, so that an agent restarting inside the window finds it.
-            let record = PendingRecord {
-                generation,
-                previous_generation: previous.generation,
-                previous_toplevel: previous.running.clone(),
-                deadline_unix: (SystemTime::now() + window).duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                window_secs: window.as_secs(),
-            };
-            if let Err(e) = self.root.write_state(PENDING, &Some(record)) {
-                return Err(self.fail_back(&previous, &format!("cannot record that generation {generation} awaits confirmation, so a restarted agent could not roll it back: {e}")));
+        match confirm_within {
+            Some(window) if awaiting_confirmation => {
+                // Recorded before the answer, so that an agent restarting inside the window finds it.
+                record.generation = generation;
+                record.deadline_unix = (SystemTime::now() + window).duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+                record.window_secs = window.as_secs();
+                record.stage = Stage::Confirming;
+                if let Err(e) = self.root.write_state(PENDING, &Some(&record)) {
+                    let problem = format!("cannot record that generation {generation} awaits confirmation, so a restarted agent could not roll it back: {e}");
+                    return Err(self.fail_back_pending(&previous, &problem));
+                }
+                *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
             }
-            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
+            _ if !unchanged => {
+                // Checked, and no confirmation asked for: the generation is kept.
+                self.forget_pending_record().map_err(AgentError::Conflict)?;
+            }
+            _ => {}
         }
         Ok(Activation { generation, report, health, awaiting_confirmation })
+    }
+
+    /// [`Agent::fail_back`] for an activation whose record is on disk: once what ran before
+    /// runs again, the record goes; when that failed, it stays, and a restarted agent tries again.
+    fn fail_back_pending(&self, previous: &Previous, problem: &str) -> AgentError {
+        match self.return_to(previous, problem) {
+            Ok(done) => {
+                if let Err(e) = self.forget_pending_record() {
+                    eprintln!("flotilla-agent: {e}");
+                }
+                AgentError::Activation(done)
+            }
+            Err(e) => e,
+        }
     }
 
     /// The health of the services just activated: services without a check must be running

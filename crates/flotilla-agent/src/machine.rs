@@ -500,7 +500,7 @@ impl MachineRoot {
 
     /// Writes a JSON file of the agent's state atomically.
     pub fn write_state<T: Serialize>(&self, name: &str, value: &T) -> io::Result<()> {
-        write_atomic(&self.state_dir().join(name), serde_json::to_string_pretty(value).expect("serialises").as_bytes())
+        write_durable(&self.state_dir().join(name), serde_json::to_string_pretty(value).expect("serialises").as_bytes())
     }
 }
 
@@ -552,12 +552,30 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
 
 /// Writes `path` through a temporary file and a rename, so readers see old or new, never half.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace_file(path, data, false)
+}
+
+/// [`write_atomic`], and on disk before it returns: for the agent's own state (a generation
+/// awaiting its checks, above all), which must survive a power cut as well as a crash.
+pub fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    replace_file(path, data, true)
+}
+
+fn replace_file(path: &Path, data: &[u8], durable: bool) -> io::Result<()> {
     if fs::read(path).is_ok_and(|old| old == data) {
         return Ok(()); // a redeploy of the same system rewrites nothing
     }
     let tmp = path.with_file_name(format!(".{}.tmp-{}", path.file_name().unwrap_or_default().to_string_lossy(), std::process::id()));
-    fs::write(&tmp, data)?;
-    fs::rename(&tmp, path)
+    let mut file = fs::File::create(&tmp)?;
+    io::Write::write_all(&mut file, data)?;
+    if durable {
+        file.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    if let (true, Some(dir)) = (durable, path.parent()) {
+        fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Points symlink `link` at `target` atomically (a new link renamed over the old).

@@ -114,6 +114,21 @@ fn push_activate_change_rollback_and_stop() {
     assert!(http_get_once(port).is_none(), "the web service still answers");
 }
 
+/// The children of `parent` with `arg` among their arguments.
+fn pids_of_children_with_arg(parent: u32, arg: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat.rsplit(')').next().and_then(|rest| rest.split_whitespace().nth(1)).and_then(|p| p.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && cmdline.split(|b| *b == 0).any(|a| a == arg.as_bytes())
+        })
+        .collect()
+}
+
 fn http_get_once(port: u16) -> Option<()> {
     std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
 }
@@ -214,6 +229,80 @@ fn an_agent_that_restarts_before_a_generation_is_confirmed_returns_to_the_one_be
     let st = status(&fl, &root);
     assert_eq!(st["generation"], 1, "{st}");
     assert!(st["toplevel"].as_str().is_some_and(|t| t != toplevel.to_absolute()), "generation 1's system runs: {st}");
+}
+
+#[test]
+fn an_agent_that_dies_during_health_checks_returns_to_the_generation_before() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let port = free_port();
+    let mut agent = RunningAgent::start(&root);
+    push(&fl, &root, &fl.file("d.nix", &deployment(port, "one")), "switch");
+    // Generation 2's web service has a health check that takes a minute to pass.
+    let slow = deployment(port, "two").replace(
+        "services.idle =",
+        "services.web.healthCheck = { command = [ \"${pkgs.busybox}/bin/sleep\" \"60\" ]; timeout = 120; };\n    services.idle =",
+    );
+    let two = push(&fl, &root, &fl.file("d.nix", &slow), "copy");
+    let toplevel = StorePath::parse(two["toplevel"].as_str().unwrap()).unwrap();
+
+    let sock = root.join("run/flotilla/agent.sock");
+    let activating = std::thread::spawn(move || {
+        let mut client = AgentClient::connect_unix(&sock).unwrap();
+        client.activate(&toplevel, ActivationGoal::Switch, Some(120), None).map(|a| a.generation)
+    });
+    // Generation 2 is switched in and serving; its check is still running when the agent dies.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while http_get(port).as_deref() != Some("two") {
+        assert!(std::time::Instant::now() < deadline, "generation 2 never started serving");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let record: Value = serde_json::from_str(&std::fs::read_to_string(root.join("nix/var/flotilla/pending.json")).unwrap()).unwrap();
+    assert_eq!(record["generation"], 2, "{record}");
+    assert_eq!(record["stage"], "checking", "{record}");
+    // (Not `status`: the agent answers nothing else while it activates.)
+    let services: Vec<u32> = [format!("127.0.0.1:{port}"), "100000".to_owned(), "60".to_owned()]
+        .iter()
+        .flat_map(|arg| pids_of_children_with_arg(agent.pid() as u32, arg))
+        .collect();
+    assert_eq!(services.len(), 3, "web, idle and the health check run: {services:?}");
+    agent.kill();
+    let outcome = activating.join().unwrap();
+    assert!(outcome.is_err(), "the activation cannot have succeeded: its agent died: {outcome:?}");
+    for pid in &services {
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while services.iter().any(|p| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // The next agent does not keep the generation nobody checked: generation 1 runs again.
+    let _agent = RunningAgent::start(&root);
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    let gens = fl.run(&["debug", "root", root.to_str().unwrap(), "generations", "--json"]).ok().json();
+    let gens = gens.as_array().unwrap();
+    assert_eq!(gens[0]["current"], true, "{gens:?}");
+    assert_eq!(gens[1]["failed"], "the agent restarted before generation 2 had passed its health checks", "{gens:?}");
+    assert!(!root.join("nix/var/flotilla/pending.json").exists());
+}
+
+#[test]
+fn a_checked_generation_without_a_confirmation_window_is_kept_across_a_restart() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let port = free_port();
+    {
+        let _agent = RunningAgent::start(&root);
+        push(&fl, &root, &fl.file("d.nix", &deployment(port, "one")), "switch");
+        push(&fl, &root, &fl.file("d.nix", &deployment(port, "two")), "switch");
+        assert!(!root.join("nix/var/flotilla/pending.json").exists(), "a kept generation leaves no record behind");
+    }
+    let _agent = RunningAgent::start(&root);
+    assert_eq!(http_get(port).as_deref(), Some("two"));
+    let st = status(&fl, &root);
+    assert_eq!(st["generation"], 2, "{st}");
 }
 
 #[test]
