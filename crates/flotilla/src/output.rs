@@ -313,6 +313,9 @@ pub fn options_markdown(schema: &flotilla_model::Schema) -> String {
             let _ = writeln!(out, "### `{path}`\n");
             let _ = writeln!(out, "{}\n", decl.description);
             let _ = writeln!(out, "- type: {}", decl.ty);
+            if decl.secret {
+                out.push_str("- secret: flotilla never prints its values, not even in errors\n");
+            }
             if decl.required {
                 out.push_str("- required\n");
             } else {
