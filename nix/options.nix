@@ -23,6 +23,8 @@ let
   };
 
   opt = type: default: description: { _option = true; inherit type default description; };
+  # An option whose values flotilla never prints, not even in an error about their type.
+  secret = o: o // { secret = true; };
   req = type: description: { _option = true; inherit type description; default = null; required = true; };
 
   commandOrScript = {
@@ -94,9 +96,10 @@ in
 
   files = opt (t.attrsOf (t.submodule {
     text = opt (t.nullOr t.str) null "The file's content. Exactly one of `text` and `source` is set.";
-    source = opt (t.nullOr t.absPath) null "A file to use as the content (a path, copied into the store).";
+    source = opt (t.nullOr t.absPath) null "A file to use as the content: a Nix path literal (`./motd`, which Nix copies into the store) or a path into a package (`\"\${pkgs.hello}/share/motd\"`). A plain string naming a file outside the store (`\"/etc/shadow\"`) is refused.";
     mode = opt (t.nullOr t.mode) null
-      "Octal permissions such as \"0640\"; unset, the entry is a symlink into the current system (read-only, follows generations).";
+      "Octal permissions such as \"0640\"; unset, the entry is a symlink into the current system (read-only, follows generations). A setuid or setgid mode (\"4755\", \"2755\") is refused unless `allowSetuid` is set.";
+    allowSetuid = opt t.bool false "Allows a `mode` with the setuid or setgid bit (\"4755\", \"2755\"): such a file runs with its owner's or group's rights whoever starts it, so it must be asked for explicitly.";
     user = opt t.str "root" "Owner of a copied file (with `mode` set).";
     group = opt t.str "root" "Group of a copied file (with `mode` set).";
   })) { }
@@ -128,7 +131,7 @@ in
       "How the agent tells that the service works after activation: one of `http`, `tcp`, `command`.";
   }))) { } "Long-running services supervised by the agent.";
 
-  keys = opt (t.attrsOf (t.submodule {
+  keys = secret (opt (t.attrsOf (t.submodule {
     text = opt (t.nullOr t.str) null "The secret itself. It is sent to the machine at deploy time and never enters any Nix store.";
     file = opt (t.nullOr t.str) null "A file on the deployer holding the secret (a string path; a Nix path literal is read the same way, never copied into the store).";
     command = opt (t.nullOr (t.listOf t.str)) null "A command run on the deployer whose standard output is the secret.";
@@ -137,5 +140,5 @@ in
     mode = opt t.mode "0600" "Permissions of the key file.";
     destDir = opt t.absPath "/run/keys" "Directory the key is written to (`/run/keys` lives in memory). It must be private to root: a directory every user may write (`/tmp`, `/var/tmp`, `/dev/shm`, `/run/lock`) is refused at evaluation, and on the machine the agent refuses a directory on whose way there is a symbolic link, another user's directory or one its group or others may write.";
     uploadAt = opt (t.enum [ "pre-activation" "post-activation" ]) "pre-activation" "When the key is uploaded.";
-  })) { } "Secrets placed on the machine at deploy time, never in the store: exactly one of `text`, `file`, `command`.";
+  })) { } "Secrets placed on the machine at deploy time, never in the store: exactly one of `text`, `file`, `command`.");
 }

@@ -207,7 +207,7 @@ mod tests {
     }
 
     fn link(text: &str) -> FileSpec {
-        FileSpec { text: Some(text.into()), source: None, mode: None, user: "root".into(), group: "root".into() }
+        FileSpec { text: Some(text.into()), source: None, mode: None, user: "root".into(), group: "root".into(), allow_setuid: false }
     }
 
     fn files(list: &[(&str, FileSpec)]) -> BTreeMap<String, FileSpec> {

@@ -58,8 +58,8 @@ fn foreign_path(m: &Machine) -> PathBuf {
 /// The system: a linked /etc entry beside the host's motd, a copied one, a user in a host
 /// group, a group of its own.
 fn system() -> SystemConfig {
-    let link = FileSpec { text: Some("flotilla's motd\n".into()), source: None, mode: None, user: "root".into(), group: "root".into() };
-    let copy = FileSpec { text: Some("setting = 1\n".into()), source: None, mode: Some("0640".into()), user: "svc".into(), group: "svc".into() };
+    let link = FileSpec { text: Some("flotilla's motd\n".into()), source: None, mode: None, user: "root".into(), group: "root".into(), allow_setuid: false };
+    let copy = FileSpec { text: Some("setting = 1\n".into()), source: None, mode: Some("0640".into()), user: "svc".into(), group: "svc".into(), allow_setuid: false };
     let svc = UserSpec { uid: None, group: None, extra_groups: vec!["wheel".into()], home: "/var/empty".into(), shell: "/bin/false".into(), description: "a service".into() };
     SystemConfig {
         name: "box".into(),

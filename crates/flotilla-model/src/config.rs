@@ -138,6 +138,9 @@ pub struct FileSpec {
     pub user: String,
     /// Group of a copied file.
     pub group: String,
+    /// Whether `mode` may carry the setuid or setgid bit.
+    #[serde(default)]
+    pub allow_setuid: bool,
 }
 
 /// A user account.
@@ -368,14 +371,33 @@ impl MachineConfig {
 
         for (path, f) in &sys.files {
             let at = OptionPath::root("files").child(path);
-            match etc_relative(path) {
-                Some(_) => {}
-                None => err(at.clone(), format!("is outside /etc: flotilla manages files under /etc only; write it as `files.\"/etc/{}\"`", path.trim_start_matches('/'))),
+            if etc_relative(path).is_none() {
+                err(at.clone(), etc_path_problem(path));
             }
             match (&f.text, &f.source) {
                 (Some(_), Some(_)) => err(at.clone(), "sets both `text` and `source`; keep one".into()),
                 (None, None) => err(at.clone(), "sets neither `text` nor `source`; give the file its content with one of them".into()),
                 _ => {}
+            }
+            // A source is built into the system, so it must be in the store: a plain path
+            // string would be read on the machine (or the builder), whatever file it names.
+            if let Some(src) = &f.source {
+                if flotilla_store::StorePath::parse_prefix(src).is_err() {
+                    err(at.child("source"), format!(
+                        "is \"{src}\", a path outside the Nix store, which would be read on the machine as it is; write a Nix path literal (`source = ./{name};`, which Nix copies into the store) or a path into a package (`\"${{pkgs.hello}}/share/...\"`), or use `text`",
+                        name = src.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("file")
+                    ));
+                }
+            }
+            if let Some(mode) = &f.mode {
+                let bits = u32::from_str_radix(mode, 8).unwrap_or(0);
+                if bits & 0o6000 != 0 && !f.allow_setuid {
+                    let what = if bits & 0o4000 != 0 { "setuid" } else { "setgid" };
+                    err(at.child("mode"), format!(
+                        "is \"{mode}\", which makes the file {what}; set `files.\"{path}\".allowSetuid = true;` if that is meant, or drop the leading digit (\"{:04o}\")",
+                        bits & 0o777
+                    ));
+                }
             }
             if f.mode.is_some() {
                 check_user(&mut err, at.child("user"), &f.user);
@@ -479,6 +501,30 @@ fn check_key_dir(dir: &str) -> Result<(), String> {
         ));
     }
     Ok(())
+}
+
+/// What is wrong with a `files` path that [`etc_relative`] refuses, and the fix.
+fn etc_path_problem(path: &str) -> String {
+    let odd: Vec<&str> = path.split('/').skip(1).filter(|c| c.is_empty() || *c == "." || *c == "..").collect();
+    if !path.starts_with('/') || odd.is_empty() {
+        return format!("is outside /etc: flotilla manages files under /etc only; write it as `files.\"/etc/{}\"`", path.trim_start_matches('/'));
+    }
+    // Resolve `.`, `..` and `//` by name, to say where the path points.
+    let mut parts: Vec<&str> = Vec::new();
+    for c in path.split('/').filter(|c| !c.is_empty() && *c != ".") {
+        if c == ".." {
+            parts.pop();
+        } else {
+            parts.push(c);
+        }
+    }
+    let resolved = format!("/{}", parts.join("/"));
+    let what = if odd.contains(&"..") { "a `..` component" } else if odd.contains(&".") { "a `.` component" } else { "an empty component (`//`)" };
+    let fix = match etc_relative(&resolved) {
+        Some(_) => format!("write it as `files.\"{resolved}\"`"),
+        None => format!("it points to {resolved}, outside /etc, and flotilla manages files under /etc only; name a file under /etc by its plain path, e.g. `files.\"/etc/{}\"`", parts.last().unwrap_or(&"motd")),
+    };
+    format!("has {what}; a file is named by its plain path, without `.`, `..` or `//`: {fix}")
 }
 
 /// The part of `path` below `/etc/`, if it names a file there (no `.`/`..` components).
@@ -593,6 +639,17 @@ mod tests {
         for shared in ["/tmp", "/tmp/app", "/var/tmp/x", "/dev/shm", "/run/lock/k"] {
             assert!(check_key_dir(shared).unwrap_err().contains("where every user may write"), "{shared}");
         }
+    }
+
+    #[test]
+    fn etc_path_problems_say_what_is_wrong() {
+        let p = etc_path_problem("/etc/../root/x");
+        assert!(p.starts_with("has a `..` component"), "{p}");
+        assert!(p.contains("points to /root/x, outside /etc"), "{p}");
+        assert!(!p.contains("/etc/etc/"), "{p}");
+        assert!(etc_path_problem("/etc/a/../b").ends_with("write it as `files.\"/etc/b\"`"));
+        assert!(etc_path_problem("/etc//b").contains("an empty component"));
+        assert!(etc_path_problem("/var/motd").contains("write it as `files.\"/etc/var/motd\"`"));
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The vocabulary of a deployment: names, `--on` selections, the machine option schema and its
-//! checker, and the typed machine config shared by the deployer and the agent.
+//! checker, the typed machine config shared by the deployer and the agent, and how text from a
+//! machine is made safe to print and record.
 //!
 //! Pure: no I/O, no processes. Everything here is checked once where it enters and then
 //! carried in a type.
@@ -8,6 +9,7 @@ mod config;
 mod names;
 mod schema;
 mod select;
+mod text;
 
 pub use config::{
     etc_relative, start_order, DeployerCheck, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
@@ -20,3 +22,4 @@ pub use schema::{
     OptionType, Schema,
 };
 pub use select::{Selection, SelectionError};
+pub use text::{escape_controls, escape_controls_block};

@@ -24,6 +24,10 @@ pub struct OptionDecl {
     /// The machine must set it.
     #[serde(default)]
     pub required: bool,
+    /// Its value, and every value inside it, is secret: errors about it name the option and
+    /// the kind of value, never the value.
+    #[serde(default)]
+    pub secret: bool,
 }
 
 /// The type of an option, as `nix/options.nix` spells it.
@@ -202,16 +206,24 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Describes a JSON value for an error message: its kind and a short rendering.
-pub fn describe_value(v: &Value) -> String {
-    let kind = match v {
-        Value::Null => return "null".to_owned(),
+/// The kind of a JSON value, for an error message: "a string", "a list".
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
         Value::Bool(_) => "a boolean",
         Value::Number(_) => "a number",
         Value::String(_) => "a string",
         Value::Array(_) => "a list",
         Value::Object(_) => "an attribute set",
-    };
+    }
+}
+
+/// Describes a JSON value for an error message: its kind and a short rendering.
+pub fn describe_value(v: &Value) -> String {
+    if v.is_null() {
+        return "null".to_owned();
+    }
+    let kind = kind_of(v);
     let mut shown = v.to_string();
     if shown.len() > 40 {
         let cut = (0..=37).rev().find(|i| shown.is_char_boundary(*i)).unwrap_or(0);
@@ -269,7 +281,7 @@ pub fn check_against_schema(machine: &str, schema: &Schema, config: &Value) -> V
         });
         return errors;
     };
-    let mut cx = Checker { machine, errors: &mut errors };
+    let mut cx = Checker { machine, errors: &mut errors, secret: false };
     cx.options(&OptionPath::default(), schema, config);
     errors
 }
@@ -277,6 +289,8 @@ pub fn check_against_schema(machine: &str, schema: &Schema, config: &Value) -> V
 struct Checker<'a> {
     machine: &'a str,
     errors: &'a mut Vec<ConfigError>,
+    /// Inside a secret option: values are described by their kind only.
+    secret: bool,
 }
 
 impl Checker<'_> {
@@ -288,15 +302,29 @@ impl Checker<'_> {
         });
     }
 
+    /// How a value is shown in an error: never the value itself inside a secret option.
+    fn describe(&self, v: &Value) -> String {
+        if self.secret && !v.is_null() {
+            format!("{} (its value is not shown: it is secret)", kind_of(v))
+        } else {
+            describe_value(v)
+        }
+    }
+
     fn options(&mut self, at: &OptionPath, options: &BTreeMap<String, OptionDecl>, value: &Value) {
         let Value::Object(map) = value else {
-            self.err(at, format!("must be an attribute set, not {}", describe_value(value)));
+            self.err(at, format!("must be an attribute set, not {}", self.describe(value)));
             return;
         };
         for (key, v) in map {
             let here = at.child(key);
             match options.get(key) {
-                Some(decl) => self.value(&here, &decl.ty, v),
+                Some(decl) => {
+                    let outer = self.secret;
+                    self.secret |= decl.secret;
+                    self.value(&here, &decl.ty, v);
+                    self.secret = outer;
+                }
                 None => {
                     let hint = match did_you_mean(key, options.keys().map(String::as_str)) {
                         Some(near) => format!("; did you mean `{}`?", at.child(near)),
@@ -322,7 +350,7 @@ impl Checker<'_> {
 
     fn value(&mut self, at: &OptionPath, ty: &OptionType, v: &Value) {
         if !self.matches(at, ty, v, true) {
-            self.err(at, format!("must be {ty}, not {}", describe_value(v)));
+            self.err(at, format!("must be {ty}, not {}", self.describe(v)));
         }
     }
 
@@ -369,7 +397,7 @@ impl Checker<'_> {
                     Some(Value::String(s)) => s.as_str(),
                     Some(other) => {
                         if report {
-                            self.err(&at.child(tag), format!("must be a string, not {}", describe_value(other)));
+                            self.err(&at.child(tag), format!("must be a string, not {}", self.describe(other)));
                         }
                         return true;
                     }
@@ -469,6 +497,26 @@ mod tests {
             ["machine web1: option `platform.type` is \"shh\", which is not one of local, ssh; did you mean \"ssh\"?"]
         );
         assert!(check(json!({ "platform": { "type": "local" }, "tags": [] })).is_empty());
+    }
+
+    #[test]
+    fn values_inside_a_secret_option_are_never_shown() {
+        let schema: Schema = serde_json::from_value(json!({
+            "keys": { "description": "", "secret": true, "type": { "kind": "attrsOf", "elem": {
+                "kind": "submodule", "options": {
+                    "text": { "description": "", "type": { "kind": "nullOr", "elem": { "kind": "str" } } }
+                } } } }
+        }))
+        .unwrap();
+        let check = |v: Value| -> Vec<String> { check_against_schema("web1", &schema, &v).iter().map(ToString::to_string).collect() };
+        assert_eq!(
+            check(json!({ "keys": { "k": { "text": 12345 } } })),
+            ["machine web1: option `keys.k.text` must be a string or null, not a number (its value is not shown: it is secret)"]
+        );
+        assert_eq!(
+            check(json!({ "keys": { "k": "hunter2" } })),
+            ["machine web1: option `keys.k` must be an attribute set, not a string (its value is not shown: it is secret)"]
+        );
     }
 
     #[test]

@@ -799,11 +799,25 @@ fn machine_id(tx: &Transaction<'_>, deployment: &str, machine: &str) -> Result<i
     .ok_or_else(|| StateError::NoDeployment(format!("{deployment}` (machine `{machine}")))
 }
 
+/// Every event enters the ledger here. Its message often carries text from a machine (a
+/// failure reason, a health check's answer), so control characters are escaped before it is
+/// kept: the ledger never holds an escape sequence for a later reader's terminal. (Details are
+/// JSON, whose strings escape them already.)
 fn insert_event(tx: &Transaction<'_>, e: &Event) -> Result<()> {
+    use flotilla_model::{escape_controls, escape_controls_block};
     tx.execute(
         "INSERT INTO events (deployment, machine, at, actor, kind, status, message, details)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        params![e.deployment, e.machine, e.at, e.actor, e.kind, e.status, e.message, e.details.as_ref().map(Value::to_string)],
+        params![
+            escape_controls(&e.deployment),
+            e.machine.as_deref().map(escape_controls),
+            e.at,
+            escape_controls(&e.actor),
+            escape_controls(&e.kind),
+            escape_controls(&e.status),
+            escape_controls_block(&e.message),
+            e.details.as_ref().map(Value::to_string)
+        ],
     )?;
     Ok(())
 }

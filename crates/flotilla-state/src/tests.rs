@@ -144,3 +144,22 @@ fn times_format_as_utc() {
     assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
     assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
 }
+
+#[test]
+fn the_ledger_keeps_no_control_characters() {
+    let (_dir, mut state) = open();
+    state
+        .add_event(&Event {
+            deployment: "webfleet".into(),
+            machine: Some("web1".into()),
+            at: 1,
+            actor: "root@host".into(),
+            kind: "deploy".into(),
+            status: "failed".into(),
+            message: "health check failed: \x1b]0;pwned\x07\x1b[2J\nsecond line".into(),
+            details: None,
+        })
+        .unwrap();
+    let raw: String = state.conn.query_row("SELECT message FROM events", [], |r| r.get(0)).unwrap();
+    assert_eq!(raw, "health check failed: \\x1b]0;pwned\\x07\\x1b[2J\nsecond line");
+}

@@ -208,6 +208,6 @@ fn print_report(generation: u64, r: &ActivationReport) {
     }
     println!("{}generation {generation}: {}", if r.dry_run { "would activate " } else { "" }, if parts.is_empty() { "nothing changed".into() } else { parts.join("; ") });
     for m in &r.messages {
-        println!("  {m}");
+        println!("  {}", flotilla_model::escape_controls(m));
     }
 }

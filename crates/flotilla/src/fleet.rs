@@ -9,7 +9,7 @@ use flotilla_engine::deploy::{DeployOptions, Goal};
 use flotilla_engine::fleet::Operation;
 use flotilla_engine::platform::Machine;
 use flotilla_engine::Engine;
-use flotilla_model::Selection;
+use flotilla_model::{escape_controls_block, Selection};
 
 use crate::cli::{DeployGoal, Global, Target};
 use crate::progress::Progress;
@@ -230,13 +230,14 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
     if failed.is_empty() {
         Ok(Outcome::Ok)
     } else {
-        eprintln!("failed on {} of {} machines:\n  {}", failed.len(), results.len(), failed.join("\n  "));
+        eprintln!("failed on {} of {} machines:\n  {}", failed.len(), results.len(), escape_controls_block(&failed.join("\n  ")));
         Ok(Outcome::SomeFailed)
     }
 }
 
 /// Runs `argv` in `m`, printing each line of its output with `prefix` (stdout to stdout,
-/// stderr to stderr), whole lines at a time.
+/// stderr to stderr), whole lines at a time. Interleaved with other machines' lines it is a
+/// listing, not the command's own bytes, so control characters are escaped.
 fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync::Mutex<()>) -> Result<std::process::ExitStatus, String> {
     let mut child = m
         .command(argv, false)
@@ -250,17 +251,34 @@ fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync
     let stderr = child.stderr.take().expect("piped");
     std::thread::scope(|s| {
         s.spawn(|| {
-            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            for_each_line(stderr, |line| {
                 let _held = lock.lock();
-                eprintln!("{prefix}{line}");
-            }
+                eprintln!("{prefix}{}", escape_controls_block(line));
+            })
         });
-        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+        for_each_line(stdout, |line| {
             let _held = lock.lock();
-            println!("{prefix}{line}");
-        }
+            println!("{prefix}{}", escape_controls_block(line));
+        });
     });
     child.wait().map_err(|e| e.to_string())
+}
+
+/// Calls `f` with each line of `r` (without its newline; bytes that are not UTF-8 shown as
+/// U+FFFD), as each line arrives.
+fn for_each_line(r: impl std::io::Read, mut f: impl FnMut(&str)) {
+    let mut r = std::io::BufReader::new(r);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match r.read_until(b'\n', &mut buf) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {
+                let line = String::from_utf8_lossy(&buf);
+                f(line.strip_suffix('\n').unwrap_or(&line));
+            }
+        }
+    }
 }
 
 pub fn shell(g: &Global, target: &Target, machine: &str) -> Result<Outcome> {
@@ -277,15 +295,31 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
     let engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = one_machine(&engine, &name, machine)?;
-    // The lines go straight to stdout (so `-F` streams); what the agent says on failure is
-    // shown as the machine's.
+    // The lines go to stdout as they come (so `-F` streams), with the control characters a
+    // service may print escaped; what the agent says on failure is shown as the machine's.
     let mut cmd = m.logs(service, lines, follow)?;
     let program = cmd.get_program().to_string_lossy().into_owned();
-    let out = cmd.stdin(Stdio::null()).stdout(Stdio::inherit()).stderr(Stdio::piped()).output().with_context(|| format!("cannot run {program}"))?;
-    if out.status.success() {
+    let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot run {program}"))?;
+    let stdout = child.stdout.take().expect("piped");
+    let mut stderr = child.stderr.take().expect("piped");
+    let said = std::thread::scope(|s| {
+        let said = s.spawn(move || {
+            let mut said = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut stderr, &mut said);
+            said
+        });
+        let mut out = std::io::stdout().lock();
+        for_each_line(stdout, |line| {
+            let _ = writeln!(out, "{}", escape_controls_block(line));
+            let _ = out.flush();
+        });
+        said.join().expect("stderr reader")
+    });
+    let status = child.wait().with_context(|| format!("cannot run {program}"))?;
+    if status.success() {
         return Ok(Outcome::Ok);
     }
-    let said = String::from_utf8_lossy(&out.stderr);
-    eprintln!("machine {machine}: {}", said.trim().trim_start_matches("flotilla-agent: "));
-    Ok(Outcome::Code(out.status.code().map_or(1, |c| c.clamp(1, 255) as u8)))
+    let said = String::from_utf8_lossy(&said);
+    eprintln!("machine {machine}: {}", escape_controls_block(said.trim().trim_start_matches("flotilla-agent: ")));
+    Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(1, 255) as u8)))
 }

@@ -37,7 +37,8 @@ fn main() -> ExitCode {
         Ok(Outcome::SomeFailed) => ExitCode::from(1),
         Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // An error may carry a machine's words (an agent's reason, a command's output).
+            eprintln!("error: {}", flotilla_model::escape_controls_block(&format!("{e:#}")));
             ExitCode::from(2)
         }
     }

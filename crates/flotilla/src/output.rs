@@ -7,6 +7,7 @@ use flotilla_engine::deploy::{DeployReport, Outcome};
 use flotilla_engine::fleet::{KeysResult, MachineInfo, Operation, OperationResult, RollbackResult};
 use flotilla_engine::platform::MachineState;
 use flotilla_engine::{BuildReport, EngineEvent, Evaluated};
+use flotilla_model::{escape_controls, escape_controls_block};
 use flotilla_state::{DeploymentRecord, Event};
 use serde::Serialize;
 use serde_json::Value;
@@ -16,8 +17,11 @@ pub fn json<T: Serialize + ?Sized>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).expect("output serialises"));
 }
 
-/// A left-aligned text table.
+/// A left-aligned text table. Cells often hold text from a machine (a reason, a check's
+/// output), so each is shown with its control characters escaped.
 fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let rows: Vec<Vec<String>> = rows.iter().map(|r| r.iter().map(|c| escape_controls(c).into_owned()).collect()).collect();
+    let rows = rows.as_slice();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (i, cell) in row.iter().enumerate() {
@@ -106,7 +110,7 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         print!("{}", table(&["MACHINE", "SERVICE", "HEALTH", "CHECK", "LAST OUTPUT"], &checks));
     }
     for m in machines.iter().filter(|m| !m.problems.is_empty() && m.state == MachineState::Running) {
-        eprintln!("{}: {}", m.machine, m.problems.join("; "));
+        eprintln!("{}: {}", m.machine, escape_controls(&m.problems.join("; ")));
     }
 }
 
@@ -149,7 +153,7 @@ pub fn deploy_report(r: &DeployReport) {
     let failed = r.machines.iter().filter(|m| !matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged)).count();
     eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), r.goal.as_str(), r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.as_deref().is_some_and(|e| e.contains('\n'))) {
-        eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
+        eprintln!("\n{}: {}", m.machine, escape_controls_block(m.error.as_deref().unwrap_or("")));
     }
 }
 
@@ -285,7 +289,7 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
     let failed = r.machines.iter().filter(|m| m.error.is_some()).count();
     eprintln!("{} built, {failed} failed in {:.1}s", r.machines.len() - failed, r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.is_some()) {
-        eprintln!("\n{}: {}", m.machine, m.error.as_deref().unwrap_or(""));
+        eprintln!("\n{}: {}", m.machine, escape_controls_block(m.error.as_deref().unwrap_or("")));
     }
 }
 
@@ -294,7 +298,7 @@ pub fn progress(e: &EngineEvent, verbose: bool) {
         EngineEvent::PhaseStarted { phase, machines } => {
             eprintln!("{}: {}", phase.as_str(), machines.join(", "))
         }
-        EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {line}"),
+        EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {}", escape_controls(line)),
         EngineEvent::NixLog { .. } => {}
         _ => {}
     }
@@ -313,6 +317,9 @@ pub fn options_markdown(schema: &flotilla_model::Schema) -> String {
             let _ = writeln!(out, "### `{path}`\n");
             let _ = writeln!(out, "{}\n", decl.description);
             let _ = writeln!(out, "- type: {}", decl.ty);
+            if decl.secret {
+                out.push_str("- secret: flotilla never prints its values, not even in errors\n");
+            }
             if decl.required {
                 out.push_str("- required\n");
             } else {

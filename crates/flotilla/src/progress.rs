@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use flotilla_engine::deploy::human_bytes;
 use flotilla_engine::EngineEvent;
+use flotilla_model::escape_controls;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How events are shown.
@@ -43,11 +44,11 @@ impl Progress {
                     let status = if *ok { "" } else { "FAILED: " };
                     eprintln!("{machine}: {}: {status}{}", phase.as_str(), first_line(detail));
                 }
-                EngineEvent::Note { message } => eprintln!("note: {message}"),
+                EngineEvent::Note { message } => eprintln!("note: {}", escape_controls(message)),
                 EngineEvent::AwaitingConfirmation { machine, generation, within_secs } => {
                     eprintln!("{machine}: generation {generation} rolls back unless confirmed within {within_secs} s")
                 }
-                EngineEvent::NixLog { line } if *verbose => eprintln!("  nix: {line}"),
+                EngineEvent::NixLog { line } if *verbose => eprintln!("  nix: {}", escape_controls(line)),
                 _ => {}
             },
             Progress::Live { bars, lines, verbose } => {
@@ -80,13 +81,13 @@ impl Progress {
                         line(machine).set_message(format!("{}: {status}{}", phase.as_str(), first_line(detail)));
                     }
                     EngineEvent::Note { message } => {
-                        let _ = bars.println(format!("note: {message}"));
+                        let _ = bars.println(format!("note: {}", escape_controls(message)));
                     }
                     EngineEvent::AwaitingConfirmation { machine, generation, .. } => {
                         line(machine).set_message(format!("generation {generation} awaits confirmation…"))
                     }
                     EngineEvent::NixLog { line } if *verbose => {
-                        let _ = bars.println(format!("  nix: {line}"));
+                        let _ = bars.println(format!("  nix: {}", escape_controls(line)));
                     }
                     EngineEvent::NixLog { .. } => {}
                 }
@@ -106,6 +107,7 @@ impl Progress {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    s.lines().next().unwrap_or("")
+/// The first line of a detail (often a machine's words), control characters escaped.
+fn first_line(s: &str) -> std::borrow::Cow<'_, str> {
+    escape_controls(s.lines().next().unwrap_or(""))
 }

@@ -137,3 +137,74 @@ fn a_key_directory_every_user_may_write_is_refused() {
     let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.tok = { text = "s"; destDir = "/run/../etc"; }; }; }"#);
     says(&run, "machine web1: option `keys.tok.destDir` is \"/run/../etc\"; it must be an absolute directory without `.` or `..`");
 }
+
+/// Issue 13, item 11: a key whose secret has the wrong type is refused by option and kind;
+/// the material itself is never printed, whatever its shape.
+#[test]
+fn key_material_of_the_wrong_type_is_never_printed() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.k.text = 1234567; }; }"#);
+    says(&run, "machine web1: option `keys.k.text` must be a string or null, not a number (its value is not shown: it is secret)");
+    assert!(!run.stderr().contains("1234567"), "the key's material is in the error:\n{}", run.stderr());
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.k.text = [ "hunter2-in-a-list" ]; }; }"#);
+    says(&run, "machine web1: option `keys.k.text` must be a string or null, not a list (its value is not shown: it is secret)");
+    assert!(!run.stderr().contains("hunter2"), "the key's material is in the error:\n{}", run.stderr());
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { keys.k = "hunter2-as-the-key"; }; }"#);
+    says(&run, "machine web1: option `keys.k` must be an attribute set, not a string (its value is not shown: it is secret)");
+    assert!(!run.stderr().contains("hunter2"), "the key's material is in the error:\n{}", run.stderr());
+}
+
+/// Issue 13, item 12: a key directory that is `/` or climbs out with `..` is refused by
+/// `eval` as by `build`, before any machine is provisioned or built.
+#[test]
+fn a_key_directory_that_is_root_or_climbs_is_refused_at_evaluation() {
+    for dir in ["/", "/run/../etc"] {
+        let body = format!(r#"{{ meta.name = "t"; machines.web1 = {{ keys.tok = {{ text = "s"; destDir = "{dir}"; }}; }}; }}"#);
+        let expected = format!("machine web1: option `keys.tok.destDir` is \"{dir}\"; it must be an absolute directory without `.` or `..`, and not /, e.g. \"/run/keys\"");
+        let fl = Fl::new();
+        let file = fl.file("deployment.nix", &body);
+        let eval = fl.run(&["eval", "-f", &file]);
+        assert_eq!(eval.code(), 2, "eval accepted destDir {dir}\nstdout:\n{}\nstderr:\n{}", eval.stdout(), eval.stderr());
+        says(&eval, &expected);
+        let (_, run) = refused(&body);
+        says(&run, &expected);
+    }
+}
+
+/// Issue 13, item 13: a `files` path with `..` says so, and suggests a plain path instead
+/// of gluing /etc in front of it.
+#[test]
+fn a_file_path_with_dot_dot_says_so() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/etc/../root/x".text = "hi"; }; }"#);
+    says(&run, "machine web1: option `files.\"/etc/../root/x\"` has a `..` component; a file is named by its plain path, without `.`, `..` or `//`: it points to /root/x, outside /etc");
+    assert!(!run.stderr().contains("/etc/etc/"), "a nonsense suggestion:\n{}", run.stderr());
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/etc/app/../motd".text = "hi"; }; }"#);
+    says(&run, "machine web1: option `files.\"/etc/app/../motd\"` has a `..` component; a file is named by its plain path, without `.`, `..` or `//`: write it as `files.\"/etc/motd\"`");
+}
+
+/// Issue 13, item 14: a file's `source` is a store path (a Nix path literal is one), never a
+/// host path read as it is.
+#[test]
+fn a_file_source_outside_the_store_is_refused() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/etc/motd".source = "/etc/shadow"; }; }"#);
+    says(&run, "machine web1: option `files.\"/etc/motd\".source` is \"/etc/shadow\", a path outside the Nix store");
+    says(&run, "write a Nix path literal (`source = ./shadow;`");
+    // A path literal is copied into the store by Nix and builds.
+    let fl = Fl::new();
+    fl.file("motd", "hello from a path literal\n");
+    let file = fl.file("deployment.nix", r#"{ meta.name = "t"; machines.web1 = { files."/etc/motd".source = ./motd; }; }"#);
+    let built = fl.run(&["build", "-f", &file, "--json"]).ok().json();
+    let toplevel = built["machines"][0]["toplevel"].as_str().unwrap_or_else(|| panic!("no toplevel in {built:#}")).to_owned();
+    assert_eq!(std::fs::read_to_string(format!("{toplevel}/etc/motd")).unwrap(), "hello from a path literal\n");
+}
+
+/// Issue 13, item 14: a setuid or setgid mode is refused unless `allowSetuid` asks for it.
+#[test]
+fn a_setuid_file_needs_allow_setuid() {
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/etc/tool".text = "x"; files."/etc/tool".mode = "4755"; }; }"#);
+    says(&run, "machine web1: option `files.\"/etc/tool\".mode` is \"4755\", which makes the file setuid; set `files.\"/etc/tool\".allowSetuid = true;` if that is meant, or drop the leading digit (\"0755\")");
+    let (_, run) = refused(r#"{ meta.name = "t"; machines.web1 = { files."/etc/tool".text = "x"; files."/etc/tool".mode = "2755"; }; }"#);
+    says(&run, "which makes the file setgid");
+    let fl = Fl::new();
+    let file = fl.file("deployment.nix", r#"{ meta.name = "t"; machines.web1 = { files."/etc/tool" = { text = "x"; mode = "4755"; allowSetuid = true; }; }; }"#);
+    fl.run(&["build", "-f", &file]).ok();
+}
