@@ -46,6 +46,14 @@ pub struct Registration {
     pub foreign: bool,
 }
 
+/// What became of one path received.
+enum Received {
+    /// Unpacked (or found at its final name with the announced hash) and registered.
+    Added,
+    /// Valid here already, with the announced hash; its bytes were skipped.
+    AlreadyValid,
+}
+
 /// Why receiving paths failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
@@ -59,6 +67,17 @@ pub enum ReceiveError {
         /// Why.
         source: io::Error,
     },
+    /// The machine's store would not take a path: its disk is full, out of quota or
+    /// read-only. Nothing of the path is left behind.
+    #[error("{}", disk_problem(path, *nar_size, source))]
+    Disk {
+        /// The store path.
+        path: StorePath,
+        /// Its NAR size, about what it needs on disk.
+        nar_size: u64,
+        /// What the filesystem said.
+        source: io::Error,
+    },
     /// The bytes were not what the deployer announced.
     #[error("{path}: {problem}")]
     Integrity {
@@ -70,6 +89,19 @@ pub enum ReceiveError {
     /// The paths were received, but the machine's Nix would not take them.
     #[error("the paths were received, but {0}")]
     Nix(NixError),
+}
+
+fn disk_problem(path: &StorePath, nar_size: u64, source: &io::Error) -> String {
+    let mib = nar_size.div_ceil(1 << 20);
+    match source.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => format!(
+            "this machine's disk is full: {path} (about {mib} MiB) does not fit in its /nix/store ({source}); free space on the machine, or give it a bigger disk, and deploy again"
+        ),
+        io::ErrorKind::ReadOnlyFilesystem => {
+            format!("this machine's /nix/store is on a read-only filesystem, so {path} cannot be written ({source}); make it writable and deploy again")
+        }
+        _ => format!("cannot write {path} to this machine's /nix/store: {source}"),
+    }
 }
 
 /// Why registering paths with the machine's own Nix failed.
@@ -329,11 +361,12 @@ impl MachineRoot {
             let mut limited = stream.take(info.nar_size);
             if first_error.is_none() {
                 match self.receive_one(info, &mut limited, &batch) {
-                    Ok(()) => {
+                    Ok(Received::Added) => {
                         added.0 += 1;
                         added.1 += info.nar_size;
                         batch.insert(info.path.clone());
                     }
+                    Ok(Received::AlreadyValid) => {}
                     Err(e) => first_error = Some(e),
                 }
             }
@@ -353,13 +386,24 @@ impl MachineRoot {
         }
     }
 
-    fn receive_one(&self, info: &PathInfo, input: &mut dyn Read, batch: &BTreeSet<StorePath>) -> Result<(), ReceiveError> {
+    fn receive_one(&self, info: &PathInfo, input: &mut dyn Read, batch: &BTreeSet<StorePath>) -> Result<Received, ReceiveError> {
         let integrity = |problem: String| ReceiveError::Integrity { path: info.path.clone(), problem };
         let announced = info.nar_hash;
         for r in &info.references {
             if r != &info.path && !batch.contains(r) && !self.is_valid(r) {
                 return Err(integrity(format!("refers to {r}, which the machine does not have and which was not sent before it")));
             }
+        }
+        // A valid path is never written again: services may run from it. Another deployer
+        // sent it meanwhile (the same bytes: nothing to do), or the two disagree about it.
+        if let Some(reg) = self.registration(&info.path).filter(|_| self.is_valid(&info.path)) {
+            if reg.nar_hash == announced && reg.nar_size == info.nar_size {
+                return Ok(Received::AlreadyValid);
+            }
+            return Err(integrity(format!(
+                "is on this machine already with NAR hash {} ({} bytes), not the announced {announced} ({} bytes), and a valid path is never written again; one of the two copies is corrupt: check the deployer's with `nix-store --verify-path {}`",
+                reg.nar_hash, reg.nar_size, info.nar_size, info.path
+            )));
         }
         let dest = self.store_path(&info.path);
         // At its final name but not registered: on a machine with Nix, a path of Nix's; else a
@@ -369,7 +413,7 @@ impl MachineRoot {
         if fs::symlink_metadata(&dest).is_ok() {
             let nix = self.has_nix();
             match flotilla_store::hash_path(&dest) {
-                Ok(found) if found.hash == announced && found.size == info.nar_size => return self.register(info, nix),
+                Ok(found) if found.hash == announced && found.size == info.nar_size => return self.register(info, nix).map(|()| Received::Added),
                 found if nix => {
                     let found = match found {
                         Ok(d) => format!("with NAR hash {} ({} bytes)", d.hash, d.size),
@@ -391,7 +435,12 @@ impl MachineRoot {
         let decoded = flotilla_store::decode_to_path(&mut hashing, &tmp, flotilla_store::DecodeOptions { canonicalise: true, exact_end: false });
         if let Err(e) = decoded {
             let _ = remove_tree(&tmp);
-            return Err(integrity(format!("bad NAR: {e}")));
+            return Err(match e {
+                // Writing failed: the machine's disk, not the deployer's bytes.
+                flotilla_store::Error::Fs { source, .. } => ReceiveError::Disk { path: info.path.clone(), nar_size: info.nar_size, source },
+                flotilla_store::Error::NarRead { source, .. } => ReceiveError::Io { what: "cannot read the stream for", path: dest, source },
+                e => integrity(format!("bad NAR: {e}")),
+            });
         }
         let (_, digest) = hashing.finish();
         if digest.size != info.nar_size || digest.hash != announced {
@@ -406,7 +455,7 @@ impl MachineRoot {
             remove_tree(&dest).map_err(io("cannot replace unregistered", &dest))?;
         }
         fs::rename(&tmp, &dest).map_err(io("cannot move into place", &dest))?;
-        self.register(info, false)
+        self.register(info, false).map(|()| Received::Added)
     }
 
     fn register(&self, info: &PathInfo, foreign: bool) -> Result<(), ReceiveError> {
@@ -688,6 +737,28 @@ mod tests {
         root.receive(&[info], &mut &bytes[..], &no_nix).unwrap();
         assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "hello\n");
         assert!(!root.registration(&p).unwrap().foreign);
+    }
+
+    #[test]
+    fn a_valid_path_sent_again_is_never_written_again() {
+        let (dir, root) = machine(false);
+        let p = sp("hello", 7);
+        let (bytes, info) = nar(dir.path(), &p, "hello\n");
+        assert_eq!(root.receive(std::slice::from_ref(&info), &mut &bytes[..], &no_nix).unwrap(), (1, info.nar_size));
+        let inode = || std::os::unix::fs::MetadataExt::ino(&fs::metadata(root.store_path(&p)).unwrap());
+        let before = inode();
+        // A second deployer sends the same path: its bytes are skipped, the copy stays.
+        assert_eq!(root.receive(std::slice::from_ref(&info), &mut &bytes[..], &no_nix).unwrap(), (0, 0));
+        assert_eq!(inode(), before, "the valid path was replaced");
+        // A sender whose idea of the path differs is an integrity error, and changes nothing.
+        let (other, other_info) = nar(dir.path(), &sp("other", 8), "another content\n");
+        let claimed = PathInfo { path: p.clone(), ..other_info };
+        let err = root.receive(std::slice::from_ref(&claimed), &mut &other[..], &no_nix).unwrap_err();
+        assert!(matches!(err, ReceiveError::Integrity { .. }), "{err}");
+        assert!(err.to_string().contains("is on this machine already with NAR hash"), "{err}");
+        assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "hello\n");
+        assert_eq!(inode(), before);
+        assert_eq!(root.registration(&p).unwrap().nar_hash, info.nar_hash);
     }
 
     #[test]
