@@ -292,8 +292,21 @@ impl MachineRoot {
     /// Creates the directories the agent needs and removes leftovers of interrupted
     /// transfers (partial unpacks, and store entries that never got registered).
     pub fn prepare(&self) -> io::Result<()> {
-        for d in [self.store_dir(), self.registry_dir(), self.profiles_dir(), self.path("/run/flotilla"), self.log_dir(), self.path("/etc")] {
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        for d in [self.store_dir(), self.registry_dir(), self.profiles_dir(), self.path("/run/flotilla"), self.path("/etc")] {
             fs::create_dir_all(&d)?;
+        }
+        // Services' output is for root: the logs' directory is root's alone, made so or made
+        // so again (older agents left it 0755), through the directory itself, never a link.
+        let logs = self.log_dir();
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&logs)?;
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+            .open(&logs)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}; it must be a directory of root's, not a link", logs.display())))?;
+        if dir.metadata()?.permissions().mode() & 0o077 != 0 {
+            dir.set_permissions(fs::Permissions::from_mode(0o700))?;
         }
         for entry in fs::read_dir(self.store_dir())?.flatten() {
             let name = entry.file_name();
@@ -737,6 +750,28 @@ mod tests {
         root.receive(&[info], &mut &bytes[..], &no_nix).unwrap();
         assert_eq!(fs::read_to_string(root.store_path(&p)).unwrap(), "hello\n");
         assert!(!root.registration(&p).unwrap().foreign);
+    }
+
+    #[test]
+    fn the_logs_directory_is_roots_alone_and_never_a_link() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let root = MachineRoot::new(dir.path());
+        root.prepare().unwrap();
+        assert_eq!(mode(&root.log_dir()), 0o700);
+        // An older agent's 0755 directory is made private again.
+        fs::set_permissions(root.log_dir(), fs::Permissions::from_mode(0o755)).unwrap();
+        root.prepare().unwrap();
+        assert_eq!(mode(&root.log_dir()), 0o700);
+        // A link in its place is refused, and what it points to is left as it was.
+        let elsewhere = dir.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::remove_dir(root.log_dir()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.log_dir()).unwrap();
+        assert!(root.prepare().is_err());
+        assert_eq!(mode(&elsewhere), 0o755);
     }
 
     #[test]

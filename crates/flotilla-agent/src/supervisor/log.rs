@@ -7,6 +7,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
@@ -37,10 +38,20 @@ impl RotatingLog {
         name.into()
     }
 
+    /// The live file, opened when needed: never through a link (one planted at its name is
+    /// not followed, and that output is dropped), readable by root only, whatever mode an
+    /// older file had.
     fn file(&mut self) -> Option<&mut File> {
         if self.file.is_none() {
-            let file = OpenOptions::new().create(true).append(true).open(&self.path).ok()?;
-            self.size = file.metadata().map(|m| m.len()).unwrap_or(0);
+            let file = OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&self.path).ok()?;
+            let meta = file.metadata().ok()?;
+            if !meta.is_file() {
+                return None;
+            }
+            if meta.permissions().mode() & 0o077 != 0 {
+                file.set_permissions(std::fs::Permissions::from_mode(0o600)).ok()?;
+            }
+            self.size = meta.len();
             self.file = Some(file);
         }
         self.file.as_mut()
@@ -139,6 +150,30 @@ mod tests {
             .collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_log_is_readable_by_root_only_and_a_link_at_its_name_is_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let path = dir.path().join("web.log");
+        RotatingLog::new(path.clone(), 0, 0).write(b"new\n");
+        assert_eq!(mode(&path), 0o600);
+        // A log an older agent left readable by everyone is made private.
+        let old = dir.path().join("old.log");
+        std::fs::write(&old, "old\n").unwrap();
+        std::fs::set_permissions(&old, std::fs::Permissions::from_mode(0o644)).unwrap();
+        RotatingLog::new(old.clone(), 0, 0).write(b"more\n");
+        assert_eq!((mode(&old), std::fs::read_to_string(&old).unwrap().as_str()), (0o600, "old\nmore\n"));
+        // A link planted at a log's name: the output is dropped, the target untouched.
+        let target = dir.path().join("passwd");
+        std::fs::write(&target, "root:x:0:0\n").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let planted = dir.path().join("app.log");
+        std::os::unix::fs::symlink(&target, &planted).unwrap();
+        RotatingLog::new(planted, 0, 0).write(b"owned\n");
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "root:x:0:0\n");
+        assert_eq!(mode(&target), 0o644, "the link's target was chmodded");
     }
 
     #[test]
