@@ -292,21 +292,13 @@ impl MachineRoot {
     /// Creates the directories the agent needs and removes leftovers of interrupted
     /// transfers (partial unpacks, and store entries that never got registered).
     pub fn prepare(&self) -> io::Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-        for d in [self.store_dir(), self.registry_dir(), self.profiles_dir(), self.path("/run/flotilla"), self.path("/etc")] {
+        for d in [self.store_dir(), self.registry_dir(), self.profiles_dir(), self.path("/etc")] {
             fs::create_dir_all(&d)?;
         }
-        // Services' output is for root: the logs' directory is root's alone, made so or made
-        // so again (older agents left it 0755), through the directory itself, never a link.
-        let logs = self.log_dir();
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&logs)?;
-        let dir = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
-            .open(&logs)
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}; it must be a directory of root's, not a link", logs.display())))?;
-        if dir.metadata()?.permissions().mode() & 0o077 != 0 {
-            dir.set_permissions(fs::Permissions::from_mode(0o700))?;
+        // The agent's socket and services' output are root's: their directories are root's
+        // alone (only root may connect to the agent; a service user reads no other's logs).
+        for d in [self.path("/run/flotilla"), self.log_dir()] {
+            make_private_dir(&d)?;
         }
         for entry in fs::read_dir(self.store_dir())?.flatten() {
             let name = entry.file_name();
@@ -612,6 +604,23 @@ pub fn free_bytes(path: &Path) -> io::Result<u64> {
     crate::supervisor::sys::free_bytes(path)
 }
 
+/// Makes `dir` (and what is missing above it) a directory only its owner may enter, or makes
+/// it so again (older agents left 0755), through the directory itself: a link in its place
+/// is refused, never followed.
+fn make_private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY)
+        .open(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}; it must be a directory of root's, not a link", dir.display())))?;
+    if opened.metadata()?.permissions().mode() & 0o077 != 0 {
+        opened.set_permissions(fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
 /// Writes `path` through a temporary file and a rename, so readers see old or new, never half.
 pub fn write_atomic(path: &Path, data: &[u8]) -> io::Result<()> {
     replace_file(path, data, false)
@@ -760,6 +769,7 @@ mod tests {
         let root = MachineRoot::new(dir.path());
         root.prepare().unwrap();
         assert_eq!(mode(&root.log_dir()), 0o700);
+        assert_eq!(mode(&root.path("/run/flotilla")), 0o700, "only root may reach the agent's socket");
         // An older agent's 0755 directory is made private again.
         fs::set_permissions(root.log_dir(), fs::Permissions::from_mode(0o755)).unwrap();
         root.prepare().unwrap();
