@@ -332,12 +332,8 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     // launcher returns at the first answer); removed when this returns, after every service
     // stopped.
     let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
-    let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let agent = Arc::new(Mutex::new(agent));
-    {
-        let agent = Arc::clone(&agent);
-        std::thread::spawn(move || flotilla_agent::server::serve(agent, listener));
-    }
+    flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");
