@@ -72,7 +72,7 @@ commands:
   stdio [--root DIR]   carry the protocol between stdin/stdout and the running agent's
                        socket (what `ssh host flotilla-agent stdio` runs)
   container --root DIR --hostname NAME --netns PATH --pidfile FILE --console FILE
-            [--forward HOSTPORT:IP:PORT]...
+            [--forward HOSTPORT:IP:PORT]... [--adopt]
                        start the machine at DIR as a local container: the agent's `init`
                        as PID 1 of new PID, mount, UTS and IPC namespaces, in the network
                        namespace PATH (made by `ip netns add`), with DIR as / and fresh
@@ -80,7 +80,9 @@ commands:
                        here to IP:PORT. Exits 0 once the agent runs, 1 with the reason if
                        it cannot; the pidfile then holds JSON with the pids of the monitor
                        and of init (SIGTERM to init stops the machine), all output is
-                       appended to the console file
+                       appended to the console file. With --adopt, the container of the
+                       pidfile runs but its monitor died: a new monitor takes over its
+                       forwards and its pidfile instead
   build-system         build a toplevel (run by Nix as a derivation's builder)
   --version            print the agent's version";
 
@@ -330,12 +332,8 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     // launcher returns at the first answer); removed when this returns, after every service
     // stopped.
     let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
-    let listener = std::os::unix::net::UnixListener::bind(&socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     let agent = Arc::new(Mutex::new(agent));
-    {
-        let agent = Arc::clone(&agent);
-        std::thread::spawn(move || flotilla_agent::server::serve(agent, listener));
-    }
+    flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");

@@ -7,7 +7,9 @@
 //! deadline unless the confirmation came first.
 
 use std::io;
+use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -37,6 +39,62 @@ pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
             }
         }
     }
+}
+
+/// How often the agent looks whether its socket's path still leads to its socket.
+const SOCKET_WATCH: Duration = Duration::from_secs(1);
+
+/// Listens on `socket`, and keeps listening there for the agent's life: a service (root on
+/// its machine) that removes or replaces the socket would otherwise cut every deployer
+/// command off the machine, the `reboot`, `deploy` or `rollback` that would undo it included.
+/// Once a second the path's device and inode are compared with the socket bound; when they
+/// differ a new socket is bound beside it and renamed over whatever is there.
+pub fn listen(agent: Arc<Mutex<Agent>>, socket: &Path) -> io::Result<()> {
+    let (listener, mut ours) = bind(socket)?;
+    {
+        let agent = Arc::clone(&agent);
+        std::thread::spawn(move || serve(agent, listener));
+    }
+    let socket = socket.to_owned();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(SOCKET_WATCH);
+        if identity(&socket).is_ok_and(|id| id == ours) {
+            continue;
+        }
+        match bind(&socket) {
+            Ok((listener, id)) => {
+                eprintln!("flotilla-agent: {} was removed or replaced; listening there again", socket.display());
+                ours = id;
+                let agent = Arc::clone(&agent);
+                std::thread::spawn(move || serve(agent, listener));
+            }
+            Err(e) => eprintln!("flotilla-agent: {} was removed or replaced, and binding it again failed: {e}", socket.display()),
+        }
+    });
+    Ok(())
+}
+
+/// A path's device and inode, not following a link.
+fn identity(path: &Path) -> io::Result<(u64, u64)> {
+    let meta = std::fs::symlink_metadata(path)?;
+    Ok((meta.dev(), meta.ino()))
+}
+
+/// Binds a socket at a temporary name beside `socket` and renames it into place, so the path
+/// never misses a socket that answers once it had one.
+fn bind(socket: &Path) -> io::Result<(UnixListener, (u64, u64))> {
+    if let Some(dir) = socket.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let name = socket.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = socket.with_file_name(format!(".{name}.new"));
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp)?;
+    let id = identity(&tmp).and_then(|id| std::fs::rename(&tmp, socket).map(|()| id));
+    if id.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    Ok((listener, id?))
 }
 
 /// A test double for an older release: debug builds started with

@@ -510,7 +510,14 @@ fn roll_out(
         send(done(name, phase, Err(&e)));
         MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.fail(phase, e) }
     };
-    let rolled_back = |row: MachineDeploy, phase: Phase, e: String| {
+    let rolled_back = |row: MachineDeploy, phase: Phase, mut e: String| {
+        // What ran before runs again, but the platform's plumbing stays as the failed
+        // generation left it (a downed link outlives the rollback): put it back.
+        match m.restore() {
+            Ok(Some(restored)) => e.push_str(&format!("; {restored}")),
+            Ok(None) => {}
+            Err(r) => e.push_str(&format!("; restoring its plumbing failed too: {}", r.message)),
+        }
         send(done(name, phase, Err(&e)));
         MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.rolled_back(phase, e) }
     };
@@ -627,9 +634,18 @@ fn roll_out(
         send(done(name, Phase::Check, Ok(&format!("{} checks passed", row.checks.len()))));
     }
 
-    // Confirm over a new connection: proof that the new system still lets the deployer in.
+    // Confirm over a new connection: proof that the new system still lets the deployer in,
+    // once the machine proved it is reachable the way its users reach it (for a local
+    // machine the agent's connection goes through its root directory, not its network).
     if activated.awaiting_confirmation {
         send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Confirm });
+        if let Err(why) = m.check_reachable() {
+            let problem = format!("the machine is not reachable after activating generation {generation}: {why}");
+            return match client.rollback(None, Some(&problem)) {
+                Ok((now, _)) => rolled_back(row, Phase::Confirm, format!("{problem}; generation {generation} was not confirmed, generation {now} runs again")),
+                Err(e) => rolled_back(row, Phase::Confirm, format!("{problem}; generation {generation} was not confirmed (asking the agent to roll back now failed: {e}), so the agent rolls it back by itself when its confirmation window closes")),
+            };
+        }
         match m.connect().and_then(|mut c| c.confirm(generation)) {
             Ok(()) => send(done(name, Phase::Confirm, Ok(&format!("generation {generation} kept")))),
             Err(RemoteError::Agent { kind: ErrorKind::NotFound, .. }) => {

@@ -210,6 +210,7 @@ impl Engine {
                 out.push(info);
                 continue;
             }
+            info.problems.extend(m.problems());
             match m.connect().and_then(|mut c| Ok((c.status()?, c.check_health()?))) {
                 Ok((status, health)) => {
                     info.generation = status.generation;

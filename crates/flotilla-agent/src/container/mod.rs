@@ -92,6 +92,9 @@ pub struct ContainerArgs {
     pub console: PathBuf,
     /// TCP port forwards.
     pub forwards: Vec<Forward>,
+    /// Take over the running container of `pidfile` whose monitor died, instead of starting
+    /// one: a new monitor relays the forwards and waits for its PID 1.
+    pub adopt: bool,
 }
 
 impl ContainerArgs {
@@ -99,8 +102,13 @@ impl ContainerArgs {
     pub fn parse(args: &[String]) -> Result<ContainerArgs, String> {
         let (mut root, mut hostname, mut netns, mut pidfile, mut console) = (None, None, None, None, None);
         let mut forwards: Vec<Forward> = Vec::new();
+        let mut adopt = false;
         let mut it = args.iter();
         while let Some(flag) = it.next() {
+            if flag == "--adopt" {
+                adopt = true;
+                continue;
+            }
             if !["--root", "--hostname", "--netns", "--pidfile", "--console", "--forward"].contains(&flag.as_str()) {
                 return Err(format!("unknown option {flag:?} (see `flotilla-agent container --help`)"));
             }
@@ -148,6 +156,7 @@ impl ContainerArgs {
             pidfile: path(pidfile, "--pidfile")?,
             console: path(console, "--console")?,
             forwards,
+            adopt,
         })
     }
 }
@@ -256,6 +265,10 @@ pub fn launch(args: &ContainerArgs) -> Result<(), String> {
     let prepared = prepare(args)?;
     let (ready_read, ready_write) = sys::pipe().map_err(|e| format!("cannot create a pipe: {}", errno_text(&e)))?;
     match sys::fork_single_threaded().map_err(|e| format!("cannot fork the monitor: {}", errno_text(&e)))? {
+        sys::Forked::Child if args.adopt => {
+            drop(ready_read);
+            adoptive_monitor(args, prepared, ready_write)
+        }
         sys::Forked::Child => {
             drop(ready_read);
             monitor(args, prepared, ready_write)
@@ -313,7 +326,12 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
             lock_path.display()
         ));
     }
-    if let Ok(old) = PidFile::read(&args.pidfile) {
+    if args.adopt {
+        match PidFile::read(&args.pidfile) {
+            Ok(old) if old.init_running() => {}
+            _ => return Err(format!("--adopt: no container runs with --pidfile {}; start it instead", args.pidfile.display())),
+        }
+    } else if let Ok(old) = PidFile::read(&args.pidfile) {
         if old.init_running() {
             return Err(format!(
                 "--pidfile {}: a container already runs with it (init {}); stop it first",
@@ -436,6 +454,63 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
         }
     };
     eprintln!("container stopped: {status}");
+    if PidFile::read(&args.pidfile).is_ok_and(|p| p == pidfile) {
+        let _ = fs::remove_file(&args.pidfile);
+    }
+    std::process::exit(0)
+}
+
+/// How often an adoptive monitor looks whether the container's PID 1 still runs.
+const ADOPTED_POLL: Duration = Duration::from_millis(200);
+
+/// The monitor of a running container whose first monitor died (killed, or out of memory):
+/// its port forwards died with it, and nothing would remove the pidfile when the container
+/// stops. This one takes the machine's lock, names itself in the pidfile, relays the
+/// forwards, passes SIGTERM on to PID 1 and, PID 1 not being its child, polls for its end.
+fn adoptive_monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
+    let mut ready = File::from(ready);
+    let mut fail = |message: String| -> ! {
+        eprintln!("flotilla-agent container: {message}");
+        let _ = ready.write_all(message.as_bytes());
+        std::process::exit(1)
+    };
+    let Prepared { lock, console, dev_null, listeners, .. } = prepared;
+    // Held until this process exits (`exit` does not run destructors of live locals).
+    let _lock = lock;
+    if let Err(e) = sys::setsid().and_then(|()| sys::redirect_stdio(dev_null.as_fd(), console.as_fd())) {
+        fail(format!("cannot detach the monitor: {}", errno_text(&e)));
+    }
+    drop((dev_null, console));
+    let _ = std::env::set_current_dir("/");
+    let old = match PidFile::read(&args.pidfile) {
+        Ok(old) if old.init_running() => old,
+        _ => fail(format!("--adopt: the container of --pidfile {} stopped meanwhile", args.pidfile.display())),
+    };
+    if let Err(e) = sys::forward_termination_signals() {
+        fail(format!("cannot install the SIGTERM handler: {}", errno_text(&e)));
+    }
+    // PID 1 is no child of ours: between its end and the next poll its pid could be reused,
+    // a window of one poll, which the first monitor (that reaps it) does not have.
+    sys::set_init_pid(old.init as i32);
+    let pidfile = PidFile { monitor: sys::getpid() as u32, ..old };
+    if let Err(e) = pidfile.write_atomic(&args.pidfile) {
+        fail(format!("--pidfile {}: cannot write: {}", args.pidfile.display(), errno_text(&e)));
+    }
+    for (listener, forward) in listeners {
+        let spawned = std::thread::Builder::new().name(format!("forward {}", forward.host_port)).spawn(move || serve_forward(listener, forward));
+        if let Err(e) = spawned {
+            let _ = old.write_atomic(&args.pidfile);
+            fail(format!("cannot start forward {forward}: {}", errno_text(&e)));
+        }
+    }
+    eprintln!("flotilla-agent container: {} adopted: monitor {}, init {}", args.hostname, pidfile.monitor, pidfile.init);
+    let _ = ready.write_all(b"ok");
+    drop(ready);
+    while pidfile.init_running() {
+        std::thread::sleep(ADOPTED_POLL);
+    }
+    sys::clear_init_pid();
+    eprintln!("container stopped");
     if PidFile::read(&args.pidfile).is_ok_and(|p| p == pidfile) {
         let _ = fs::remove_file(&args.pidfile);
     }

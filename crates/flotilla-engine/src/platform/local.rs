@@ -34,6 +34,12 @@ const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a starting machine's agent gets to answer.
 const START_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// The port the reachability probe sends its SYN to (discard): either answer, a connection or
+/// a refusal, comes from the machine's own network stack.
+const REACH_PORT: u16 = 9;
+/// How long the machine's address gets to answer the reachability probe.
+const REACH_TIMEOUT: Duration = Duration::from_secs(6);
+
 /// Serialises changes to the deployment's bridge between machines worked on in parallel (the
 /// deployment lock keeps other processes out).
 static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -194,36 +200,128 @@ impl LocalMachine {
         Ok(true)
     }
 
-    /// Creates the machine's network namespace and veth pair if missing.
-    fn ensure_network(&self) -> Result<(), PlatformError> {
+    /// Creates the machine's network namespace and veth pair if missing, and puts back what
+    /// the machine (or anyone) changed of the platform's own plumbing: links up, the
+    /// address, the default route, the veth on the bridge. The namespace outlives the
+    /// machine's processes, so a release that downed `eth0` would otherwise keep it down
+    /// across rollbacks, reboots and redeploys. Returns what it restored.
+    fn ensure_network(&self) -> Result<Vec<String>, PlatformError> {
         // Machines are provisioned in parallel; the first makes the bridge, the rest wait.
         let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let n = &self.net;
         let made_bridge = self.ensure_bridge()?;
-        if self.netns_path().exists() && self.link_exists(&n.veth) {
-            return Ok(());
-        }
-        let _ = self.ip(&["netns", "del", &n.netns]);
-        let _ = self.ip(&["link", "del", &n.veth]);
         let ns = n.netns.as_str();
+        let fresh_ns = !self.netns_path().exists();
+        let made_veth = fresh_ns || !self.link_exists(&n.veth);
         let made = (|| {
-            self.ip(&["netns", "add", ns])?;
-            self.ip(&["link", "add", &n.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
-            self.ip(&["link", "set", &n.veth, "master", &n.bridge, "up"])?;
-            self.ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            self.ip(&["-n", ns, "addr", "add", &format!("{}/{}", n.ip, n.subnet.prefix), "dev", "eth0"])?;
-            self.ip(&["-n", ns, "link", "set", "eth0", "up"])?;
-            self.ip(&["-n", ns, "route", "add", "default", "via", &n.subnet.gateway().to_string()])
-        })();
-        if let Err(e) = made {
-            let _ = self.ip(&["netns", "del", ns]);
-            let _ = self.ip(&["link", "del", &n.veth]);
-            if made_bridge {
-                let _ = self.ip(&["link", "del", &n.bridge]);
+            if fresh_ns {
+                let _ = self.ip(&["link", "del", &n.veth]);
+                self.ip(&["netns", "add", ns])?;
             }
-            return Err(e);
+            if made_veth {
+                // The namespace is kept when only the pair is gone (a running machine deleted
+                // its eth0): its processes live in that namespace, not in a new one.
+                let _ = self.ip(&["link", "del", &n.veth]);
+                self.ip(&["link", "add", &n.veth, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+            }
+            let mut restored = Vec::new();
+            for (what, fix) in self.plumbing_faults()? {
+                self.ip(&fix.iter().map(String::as_str).collect::<Vec<_>>())?;
+                restored.push(what);
+            }
+            if !restored.is_empty() {
+                // This host marked the address unreachable while it was cut off, and would go
+                // on failing connections until that entry times out: ask again now.
+                let _ = self.ip(&["neigh", "del", &n.ip.to_string(), "dev", &n.bridge]);
+            }
+            Ok(restored)
+        })();
+        match made {
+            Ok(restored) if !made_veth => Ok(restored),
+            // What a fresh pair lacks is being made, not restored.
+            Ok(_) if fresh_ns => Ok(Vec::new()),
+            Ok(_) => Ok(vec!["its veth pair is gone".into()]),
+            Err(e) => {
+                if fresh_ns {
+                    let _ = self.ip(&["netns", "del", ns]);
+                }
+                if made_veth {
+                    let _ = self.ip(&["link", "del", &n.veth]);
+                }
+                if made_bridge {
+                    let _ = self.ip(&["link", "del", &n.bridge]);
+                }
+                Err(e)
+            }
         }
-        Ok(())
+    }
+
+    /// What of the platform's plumbing is not as it should be, each with the `ip` command
+    /// that puts it back (each is idempotent). Read with `ip -j`, so a name or an address
+    /// is compared as a field, not found in text.
+    fn plumbing_faults(&self) -> Result<Vec<(String, Vec<String>)>, PlatformError> {
+        let n = &self.net;
+        let ns = n.netns.clone();
+        let cidr = format!("{}/{}", n.ip, n.subnet.prefix);
+        let gateway = n.subnet.gateway().to_string();
+        let link = |netns: Option<&str>, dev: &str| -> Result<Option<Value>, PlatformError> {
+            let mut args = Vec::new();
+            if let Some(ns) = netns {
+                args.extend(["-n", ns]);
+            }
+            args.extend(["-j", "addr", "show", "dev", dev]);
+            match self.ip(&args) {
+                Ok(out) => Ok(serde_json::from_str::<Vec<Value>>(&out).ok().and_then(|v| v.into_iter().next())),
+                Err(_) if !self.link_exists_in(netns, dev) => Ok(None),
+                Err(e) => Err(e),
+            }
+        };
+        let up = |l: &Value| l["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "UP"));
+        let has_addr = |l: &Value, ip: &str, prefix: u8| {
+            l["addr_info"].as_array().is_some_and(|a| a.iter().any(|a| a["family"] == "inet" && a["local"] == ip && a["prefixlen"] == prefix))
+        };
+        let cmd = |words: &[&str]| words.iter().map(|w| (*w).to_owned()).collect::<Vec<_>>();
+        let mut faults = Vec::new();
+
+        let bridge = link(None, &n.bridge)?.ok_or_else(|| self.err(format!("the deployment's bridge {} is gone", n.bridge)))?;
+        if !has_addr(&bridge, &gateway, n.subnet.prefix) {
+            faults.push((format!("bridge {} lacks its address {gateway}", n.bridge), cmd(&["addr", "replace", &format!("{gateway}/{}", n.subnet.prefix), "dev", &n.bridge])));
+        }
+        if !up(&bridge) {
+            faults.push((format!("bridge {} is down", n.bridge), cmd(&["link", "set", &n.bridge, "up"])));
+        }
+        let veth = link(None, &n.veth)?.ok_or_else(|| self.err(format!("its veth {} is gone", n.veth)))?;
+        if veth["master"] != n.bridge.as_str() || !up(&veth) {
+            faults.push((format!("its veth {} is down or off the bridge", n.veth), cmd(&["link", "set", &n.veth, "master", &n.bridge, "up"])));
+        }
+        let lo = link(Some(&ns), "lo")?;
+        if !lo.as_ref().is_some_and(up) {
+            faults.push(("its lo is down".into(), cmd(&["-n", &ns, "link", "set", "lo", "up"])));
+        }
+        let eth0 = link(Some(&ns), "eth0")?.ok_or_else(|| self.err(format!("its eth0 is gone from network namespace {ns}")))?;
+        if !has_addr(&eth0, &n.ip.to_string(), n.subnet.prefix) {
+            faults.push((format!("its eth0 lacks its address {cidr}"), cmd(&["-n", &ns, "addr", "replace", &cidr, "dev", "eth0"])));
+        }
+        let eth0_down = !up(&eth0);
+        if eth0_down {
+            faults.push(("its eth0 is down".into(), cmd(&["-n", &ns, "link", "set", "eth0", "up"])));
+        }
+        // A link going down takes its routes with it: the route is put back after the link.
+        let routes = self.ip(&["-n", &ns, "-j", "-4", "route", "show", "default"])?;
+        let routes: Vec<Value> = serde_json::from_str(&routes).unwrap_or_default();
+        if eth0_down || !routes.iter().any(|r| r["gateway"] == gateway.as_str() && r["dev"] == "eth0") {
+            faults.push((format!("its default route via {gateway} is gone"), cmd(&["-n", &ns, "route", "replace", "default", "via", &gateway, "dev", "eth0"])));
+        }
+        Ok(faults)
+    }
+
+    fn link_exists_in(&self, netns: Option<&str>, name: &str) -> bool {
+        let mut args = Vec::new();
+        if let Some(ns) = netns {
+            args.extend(["-n", ns]);
+        }
+        args.extend(["link", "show", "dev", name]);
+        Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
     /// Deletes the machine's network namespace (and with it the veth pair), and the bridge
@@ -267,8 +365,18 @@ impl LocalMachine {
     }
 
     fn launch(&self) -> Result<(), PlatformError> {
+        self.run_launcher(false)
+    }
+
+    /// Runs the launcher: for a new container, or with `adopt` for the running one whose
+    /// monitor died (a new monitor takes over its forwards and its pidfile).
+    fn run_launcher(&self, adopt: bool) -> Result<(), PlatformError> {
         let mut cmd = Command::new(&self.agent);
-        cmd.arg("container")
+        cmd.arg("container");
+        if adopt {
+            cmd.arg("--adopt");
+        }
+        cmd
             .arg("--root")
             .arg(self.root())
             .args(["--hostname", &self.name])
@@ -288,7 +396,8 @@ impl LocalMachine {
         if !out.status.success() {
             let why = String::from_utf8_lossy(&out.stderr);
             let why = why.trim().trim_start_matches("flotilla-agent: ");
-            return Err(self.err(format!("cannot start the container: {why}")));
+            let what = if adopt { "cannot start a new monitor for the container" } else { "cannot start the container" };
+            return Err(self.err(format!("{what}: {why}")));
         }
         Ok(())
     }
@@ -314,6 +423,34 @@ impl LocalMachine {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the running container's monitor (which relays its port forwards) is alive: it
+    /// holds the machine's `pid.lock` for its whole life, which a reused pid cannot fake.
+    fn monitor_alive(&self) -> bool {
+        fs::File::open(self.dir.join("pid.lock")).is_ok_and(|f| sys::locked_by_another(&f))
+    }
+
+    /// Puts back what a running machine lost of the platform's plumbing: its network as
+    /// [`LocalMachine::ensure_network`] makes it, and a monitor relaying its port forwards.
+    /// Returns what was restored, as the user should read it.
+    fn restore_running(&self) -> Result<Option<String>, PlatformError> {
+        if self.running().is_none() {
+            return Ok(None);
+        }
+        if !self.netns_path().exists() {
+            return Err(self.err(format!(
+                "its network namespace {} is gone while it runs, so its network cannot be restored in place; reboot it (flotilla reboot --on {})",
+                self.netns_path().display(),
+                self.name
+            )));
+        }
+        let mut found = self.ensure_network()?;
+        if !self.monitor_alive() {
+            self.run_launcher(true)?;
+            found.push("its container monitor was gone (its port forwards with it)".into());
+        }
+        Ok((!found.is_empty()).then(|| format!("restored its plumbing ({})", found.join("; "))))
     }
 
     /// Refuses a machine whose network namespace holds another address than its facts say
@@ -384,7 +521,8 @@ impl Machine for LocalMachine {
             self.check_address()?;
         }
         match self.state() {
-            MachineState::Running | MachineState::Unreachable => Ok(None),
+            MachineState::Running => self.restore_running(),
+            MachineState::Unreachable => Ok(None),
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
                 let made = self.prepare_root().and_then(|()| self.start());
@@ -406,7 +544,7 @@ impl Machine for LocalMachine {
 
     fn start(&self) -> Result<(), PlatformError> {
         if self.running().is_some() {
-            return Ok(());
+            return self.restore_running().map(drop);
         }
         if !crate::procfs::is_root() {
             return Err(self.err("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
@@ -416,7 +554,7 @@ impl Machine for LocalMachine {
         }
         let _ = fs::remove_file(self.pidfile());
         self.prepare_root()?;
-        self.ensure_network()?;
+        self.ensure_network()?; // what it restores is as it should be after any start
         self.launch()?;
         self.wait_for_agent()
     }
@@ -456,6 +594,52 @@ impl Machine for LocalMachine {
             let _ = fs::remove_dir(parent); // the deployment's directory, once empty
         }
         Ok(())
+    }
+
+    fn restore(&self) -> Result<Option<String>, PlatformError> {
+        self.restore_running()
+    }
+
+    fn problems(&self) -> Vec<String> {
+        if self.running().is_none() || !crate::procfs::is_root() {
+            return Vec::new(); // a stopped machine's plumbing is restored when it starts
+        }
+        let mut problems = match self.plumbing_faults() {
+            Ok(faults) => faults.into_iter().map(|(what, _)| what).collect(),
+            Err(e) => vec![e.message],
+        };
+        if !self.monitor_alive() {
+            problems.push(if self.forwards.is_empty() {
+                "its container monitor is gone".to_owned()
+            } else {
+                "its container monitor is gone, and its port forwards with it".to_owned()
+            });
+        }
+        if !problems.is_empty() {
+            problems.push(format!("`flotilla start --on {}` restores the platform's plumbing", self.name));
+        }
+        problems
+    }
+
+    /// A TCP connection from the deployer's network namespace to the machine's address on the
+    /// bridge: the path its users, its port forwards and the other machines take. Only the
+    /// machine's own network stack can answer a SYN to its address (accepting or refusing, as
+    /// the probed port has a listener or not), so an answer proves its link, address and
+    /// neighbour resolution; no listener is opened in the machine for it.
+    fn check_reachable(&self) -> Result<(), String> {
+        let addr = std::net::SocketAddr::from((self.net.ip, REACH_PORT));
+        let deadline = Instant::now() + REACH_TIMEOUT;
+        loop {
+            let error = match std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Ok(()),
+                Err(e) => e,
+            };
+            if Instant::now() > deadline {
+                return Err(format!("{} does not answer on the deployment's bridge ({error})", self.net.ip));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     fn connect(&self) -> Result<AgentClient, RemoteError> {

@@ -71,6 +71,22 @@ pub trait Machine: Send + Sync {
         self.stop()?;
         self.start()
     }
+    /// Puts back what a running machine lost of the platform's own plumbing (its network
+    /// links, address, route, port forwards), whoever changed it; returns what was restored,
+    /// as the user should read it. Platforms with no plumbing of their own have nothing to do.
+    fn restore(&self) -> Result<Option<String>, PlatformError> {
+        Ok(None)
+    }
+    /// What is wrong with the platform's own plumbing of a running machine, each with the fix.
+    fn problems(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Proves that the machine is reachable the way its users reach it, from this host. The
+    /// default has nothing to add: where the agent's own connection travels the machine's
+    /// network (ssh), a new connection to it already proves it.
+    fn check_reachable(&self) -> Result<(), String> {
+        Ok(())
+    }
     /// Removes every trace of it.
     fn destroy(&self) -> Result<(), PlatformError>;
     /// Connects to its agent.
