@@ -72,6 +72,9 @@ pub struct RollbackResult {
     pub to: Option<u64>,
     /// The system it runs now.
     pub toplevel: Option<flotilla_store::StorePath>,
+    /// It was stopped: its profile was switched from outside, and it boots `to` when it
+    /// starts.
+    pub stopped: bool,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -258,28 +261,41 @@ impl Engine {
         listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: machines.iter().map(|m| m.name().to_owned()).collect() });
         let results = fan_out(&machines, parallel, listen, |m, send| {
             send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Rollback });
-            let mut r = RollbackResult { machine: m.name().to_owned(), from: None, to: None, toplevel: None, error: None };
-            let outcome = (|| -> std::result::Result<(), crate::remote::RemoteError> {
-                let mut c = m.connect()?;
-                r.from = c.status()?.generation;
-                let (generation, _) = c.rollback(to, None)?;
-                r.to = Some(generation);
-                r.toplevel = c.status()?.toplevel;
-                Ok(())
-            })();
+            let mut r = RollbackResult { machine: m.name().to_owned(), from: None, to: None, toplevel: None, stopped: false, error: None };
+            let outcome = if m.state() == MachineState::Stopped {
+                // Its agent is not there to ask (a bad release may be why it was stopped).
+                m.set_boot_generation(to).map(|b| (r.from, r.to, r.toplevel, r.stopped) = (b.from, Some(b.to), Some(b.toplevel), true)).map_err(|e| e.message)
+            } else {
+                (|| -> std::result::Result<(), crate::remote::RemoteError> {
+                    let mut c = m.connect()?;
+                    r.from = c.status()?.generation;
+                    let (generation, _) = c.rollback(to, None)?;
+                    r.to = Some(generation);
+                    r.toplevel = c.status()?.toplevel;
+                    Ok(())
+                })()
+                .map_err(|e| e.to_string())
+            };
             if let Err(e) = outcome {
-                r.error = Some(e.to_string());
+                r.error = Some(e);
             }
-            let detail = match (&r.error, r.to) {
+            let detail = match (&r.error, r.stopped) {
                 (Some(e), _) => Err(e.as_str()),
-                _ => Ok("rolled back"),
+                (None, true) => Ok("rolled back; it boots that generation when it starts"),
+                (None, false) => Ok("rolled back"),
             };
             send(done(m.name(), Phase::Rollback, detail));
             r
         });
         let mut activations = Vec::new();
         let mut events = Vec::new();
-        let messages: Vec<String> = results.iter().map(|r| format!("rolled back from generation {} to {}", gen(r.from), gen(r.to))).collect();
+        let messages: Vec<String> = results
+            .iter()
+            .map(|r| match r.stopped {
+                true => format!("rolled back from generation {} to {} while stopped (its profile, from outside)", gen(r.from), gen(r.to)),
+                false => format!("rolled back from generation {} to {}", gen(r.from), gen(r.to)),
+            })
+            .collect();
         let toplevels: Vec<Option<String>> = results.iter().map(|r| r.toplevel.as_ref().map(|t| t.to_absolute())).collect();
         for ((r, message), top) in results.iter().zip(&messages).zip(&toplevels) {
             match (&r.error, r.to, top) {

@@ -130,6 +130,10 @@ pub enum Command {
         target: Target,
         #[command(flatten)]
         on: On,
+        /// Boot generation N (see `flotilla generations MACHINE`): a stopped machine's profile
+        /// is switched from outside first, so a release whose agent no longer answers is undone
+        #[arg(long, value_name = "N")]
+        generation: Option<u64>,
     },
     /// Stop machines; their agents stop every service cleanly first
     Stop {

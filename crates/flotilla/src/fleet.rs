@@ -95,6 +95,25 @@ fn send_keys(engine: &mut Engine, ev: &flotilla_engine::Evaluated, selected: &[f
     Ok(if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed })
 }
 
+/// `start --generation N`: every selected machine runs generation N afterwards. A stopped
+/// one has its profile switched from outside (its agent is not asked: a bad release may be
+/// why it was stopped), then starts; a running one is rolled back through its agent.
+pub fn start_at(g: &Global, target: &Target, on: &str, generation: u64) -> Result<Outcome> {
+    let mut engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let mut progress = Progress::new(false, g.verbose);
+    let results = engine.rollback(&name, &Selection::parse(on), Some(generation), &agent_path()?, 8, &mut |e| progress.event(e));
+    progress.finish();
+    let results = results?;
+    output::rollback_results(&results);
+    let switched: Vec<String> = results.iter().filter(|r| r.error.is_none() && r.stopped).map(|r| r.machine.clone()).collect();
+    let mut outcome = if results.iter().all(|r| r.error.is_none()) { Outcome::Ok } else { Outcome::SomeFailed };
+    if !switched.is_empty() && operate(g, target, &switched.join(","), Operation::Start, true)? == Outcome::SomeFailed {
+        outcome = Outcome::SomeFailed;
+    }
+    Ok(outcome)
+}
+
 pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;

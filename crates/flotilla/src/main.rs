@@ -90,7 +90,8 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Rollback { target, on, to, json } => fleet::rollback(g, target, &on.on, *to, *json),
         Command::Generations { target, machine, json } => fleet::generations(g, target, machine, *json),
         Command::UploadKeys { target, on } => fleet::upload_keys(g, target, &on.on),
-        Command::Start { target, on } => fleet::operate(g, target, &on.on, Operation::Start, true),
+        Command::Start { target, on, generation: None } => fleet::operate(g, target, &on.on, Operation::Start, true),
+        Command::Start { target, on, generation: Some(n) } => fleet::start_at(g, target, &on.on, *n),
         Command::Stop { target, on } => fleet::operate(g, target, &on.on, Operation::Stop, true),
         Command::Reboot { target, on, hard } => {
             fleet::operate(g, target, &on.on, if *hard { Operation::HardReboot } else { Operation::Reboot }, true)

@@ -162,6 +162,7 @@ pub fn rollback_results(results: &[RollbackResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| match &r.error {
+            None if r.stopped => vec![r.machine.clone(), "rolled back".into(), gen(r.from), gen(r.to), "stopped: it boots this generation when it starts".into()],
             None => vec![r.machine.clone(), "rolled back".into(), gen(r.from), gen(r.to), String::new()],
             Some(e) => vec![r.machine.clone(), "FAILED".into(), gen(r.from), "-".into(), first_line(e)],
         })

@@ -66,3 +66,70 @@ fn the_agent_recreates_its_socket_when_a_service_removes_it() {
     f.run(&["reboot", "-f", &file]).ok();
     assert_eq!(f.machine(&file, "web")["generation"], 3);
 }
+
+/// The page a machine serves on its address, fetched inside the test's namespace.
+fn page(f: &Fleet, file: &str) -> Option<String> {
+    let ip = f.machine(file, "web")["ip"].as_str().unwrap().to_owned();
+    f.http_get(&format!("http://{ip}/")).map(|p| p.trim().to_owned())
+}
+
+#[test]
+fn a_stopped_machine_is_rolled_back_and_started_on_a_generation_from_outside() {
+    let f = Fleet::new();
+    let file = f.fl.file("rec.nix", &web("v1", ""));
+    assert_eq!(f.deploy_json(&["-f", &file]).0, 0);
+    f.fl.file("rec.nix", &web("v2", ""));
+    assert_eq!(f.deploy_json(&["-f", &file]).0, 0);
+    assert_eq!(page(&f, &file).as_deref(), Some("v2"));
+
+    // Stopped, its agent cannot be asked: the profile is switched from outside.
+    f.run(&["stop", "-f", &file]).ok();
+    let rb = f.run(&["rollback", "-f", &file, "--json"]).ok().json();
+    assert_eq!(rb[0]["from"], 2, "{rb}");
+    assert_eq!(rb[0]["to"], 1, "{rb}");
+    assert_eq!(rb[0]["stopped"], true, "{rb}");
+    assert_eq!(f.machine(&file, "web")["state"], "stopped");
+    f.run(&["start", "-f", &file]).ok();
+    assert_eq!(page(&f, &file).as_deref(), Some("v1"));
+    let m = f.machine(&file, "web");
+    assert_eq!((m["generation"].clone(), m["recorded_generation"].clone()), (1.into(), 1.into()), "{m:#}");
+
+    // `start --generation N` boots a stopped machine on generation N.
+    f.run(&["stop", "-f", &file]).ok();
+    let started = f.run(&["start", "-f", &file, "--generation", "2"]).ok();
+    assert!(started.stdout().contains("stopped: it boots this generation when it starts"), "{}", started.stdout());
+    assert_eq!(page(&f, &file).as_deref(), Some("v2"));
+    assert_eq!(f.machine(&file, "web")["generation"], 2);
+
+    // A generation it does not have is refused, naming those it has; nothing changes.
+    f.run(&["stop", "-f", &file]).ok();
+    let refused = f.run(&["start", "-f", &file, "--generation", "7"]);
+    assert_eq!(refused.code(), 1, "{}\n{}", refused.stdout(), refused.stderr());
+    assert!(refused.stdout().contains("it has no generation 7; its generations: 1, 2"), "{}", refused.stdout());
+    assert_eq!(f.machine(&file, "web")["state"], "stopped");
+}
+
+#[test]
+fn a_profile_directory_the_machine_swapped_for_a_link_is_refused_not_followed() {
+    let f = Fleet::new();
+    let file = f.fl.file("rec.nix", &web("v1", ""));
+    assert_eq!(f.deploy_json(&["-f", &file]).0, 0);
+    f.fl.file("rec.nix", &web("v2", ""));
+    assert_eq!(f.deploy_json(&["-f", &file]).0, 0);
+    let root = std::path::PathBuf::from(f.machine(&file, "web")["resources"]["root"].as_str().unwrap());
+    f.run(&["stop", "-f", &file]).ok();
+
+    // Root in the machine made its profiles a link to a directory of the host's.
+    let host_dir = f.fl.dir.path().join("host-dir");
+    std::fs::create_dir(&host_dir).unwrap();
+    std::os::unix::fs::symlink("system-1-link", host_dir.join("system")).unwrap();
+    let profiles = root.join("nix/var/flotilla/profiles");
+    std::fs::rename(&profiles, root.join("nix/var/flotilla/profiles.real")).unwrap();
+    std::os::unix::fs::symlink(&host_dir, &profiles).unwrap();
+
+    let refused = f.run(&["rollback", "-f", &file]);
+    assert_eq!(refused.code(), 1, "{}\n{}", refused.stdout(), refused.stderr());
+    assert!(refused.stdout().contains("without following a link"), "{}", refused.stdout());
+    assert_eq!(std::fs::read_link(host_dir.join("system")).unwrap(), std::path::Path::new("system-1-link"), "the host's directory was written");
+    assert_eq!(std::fs::read_dir(&host_dir).unwrap().count(), 1);
+}

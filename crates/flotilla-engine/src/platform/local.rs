@@ -24,7 +24,11 @@ use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use super::{sys, Context, Machine, MachineState, PlatformError};
+use std::os::fd::AsRawFd as _;
+
+use flotilla_store::StorePath;
+
+use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError};
 use crate::facts::Subnet;
 use crate::procfs::{alive, start_time};
 use crate::remote::{AgentClient, RemoteError};
@@ -409,7 +413,7 @@ impl LocalMachine {
             let Some(pids) = self.running() else {
                 return Err(self.err(format!("the container stopped while starting; see {}", self.dir.join("console.log").display())));
             };
-            if std::os::unix::net::UnixStream::connect(socket(pids.init)).is_ok() {
+            if agent_socket(pids.init).is_ok_and(|fd| std::os::unix::net::UnixStream::connect(fd_path(&fd)).is_ok()) {
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -495,10 +499,32 @@ impl LocalMachine {
     }
 }
 
+/// Where the agent listens, below the machine's root.
+const AGENT_SOCKET: &str = "run/flotilla/agent.sock";
+/// Where the agent keeps its generations, below the machine's root.
+const PROFILES: &str = "nix/var/flotilla/profiles";
+/// The agent's state directory, below the machine's root, and two records in it.
+const AGENT_STATE: &str = "nix/var/flotilla";
+const FAILED_GENERATIONS: &str = "failed-generations.json";
+const PENDING: &str = "pending.json";
+
 /// The agent's socket of a running container, through its init's view of the filesystem
-/// (its `/run` is a tmpfs the host cannot otherwise see).
+/// (its `/run` is a tmpfs the host cannot otherwise see), as users read it.
 fn socket(init: i32) -> PathBuf {
-    PathBuf::from(format!("/proc/{init}/root/run/flotilla/agent.sock"))
+    PathBuf::from(format!("/proc/{init}/root/{AGENT_SOCKET}"))
+}
+
+/// The agent's socket of a running container, opened (`O_PATH`) as the machine sees it: a
+/// link a service planted on the way (`/run` → somewhere of the host's) resolves inside the
+/// machine, never on the host.
+fn agent_socket(init: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    sys::open_beneath(Path::new(&format!("/proc/{init}/root")), Path::new(AGENT_SOCKET), libc::O_PATH, sys::Resolve::InRoot)
+}
+
+/// A path naming what `fd` is open on, for the std calls that take a path: what they look
+/// up below it is found in that directory, whatever happened to its path since.
+fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
 }
 
 impl Machine for LocalMachine {
@@ -647,7 +673,63 @@ impl Machine for LocalMachine {
             socket: self.root().join("run/flotilla/agent.sock"),
             source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
         })?;
-        AgentClient::connect_unix(&socket(pids.init))
+        let shown = socket(pids.init);
+        let opened = agent_socket(pids.init).map_err(|source| RemoteError::Connect { socket: shown.clone(), source })?;
+        AgentClient::connect_unix(&fd_path(&opened)).map_err(|e| match e {
+            RemoteError::Connect { source, .. } => RemoteError::Connect { socket: shown, source },
+            e => e,
+        })
+    }
+
+    fn set_boot_generation(&self, to: Option<u64>) -> Result<BootGeneration, PlatformError> {
+        if self.running().is_some() {
+            return Err(self.err("it is running; `flotilla rollback` switches a running machine through its agent"));
+        }
+        let root = self.root();
+        let opened = |rel: &str| {
+            sys::open_beneath(&root, Path::new(rel), libc::O_RDONLY | libc::O_DIRECTORY, sys::Resolve::NoLinks)
+                .map_err(|e| self.err(format!("cannot open {rel} in its root {} without following a link: {e}", root.display())))
+        };
+        let profiles = opened(PROFILES)?;
+        let state = opened(AGENT_STATE)?;
+        let (profiles_at, state_at) = (fd_path(&profiles), fd_path(&state));
+        let link = |name: &str| fs::read_link(profiles_at.join(name)).ok().map(|t| t.to_string_lossy().into_owned());
+        let mut generations: BTreeMap<u64, StorePath> = BTreeMap::new();
+        for e in fs::read_dir(&profiles_at).map_err(|e| self.err(format!("cannot list its generations: {e}")))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(n) = name.strip_prefix("system-").and_then(|r| r.strip_suffix("-link")).and_then(|n| n.parse().ok()) else { continue };
+            if let Some(top) = link(&name).and_then(|t| StorePath::parse(&t).ok()) {
+                generations.insert(n, top);
+            }
+        }
+        let current: Option<u64> = link("system").and_then(|t| t.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok());
+        let failed: BTreeMap<u64, String> = sys::open_beneath(&state_at, Path::new(FAILED_GENERATIONS), libc::O_RDONLY, sys::Resolve::NoLinks)
+            .ok()
+            .and_then(|fd| serde_json::from_reader(fs::File::from(fd)).ok())
+            .unwrap_or_default();
+        let listed = || generations.keys().map(u64::to_string).collect::<Vec<_>>().join(", ");
+        let target = match to {
+            Some(n) if generations.contains_key(&n) => n,
+            Some(n) => return Err(self.err(format!("it has no generation {n}; its generations: {}", listed()))),
+            None => *generations
+                .keys()
+                .rev()
+                .find(|n| current.is_none_or(|c| **n < c) && !failed.contains_key(n))
+                .ok_or_else(|| self.err(format!("it has no good generation before the current one to roll back to; its generations: {}", listed())))?,
+        };
+        // One rename inside the directory opened above: the profile is the old link or the new.
+        let tmp = profiles_at.join(".system.flotilla-tmp");
+        let _ = fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(format!("system-{target}-link"), &tmp)
+            .and_then(|()| fs::rename(&tmp, profiles_at.join("system")))
+            .map_err(|e| self.err(format!("cannot switch its system profile to generation {target}: {e}")))?;
+        // A generation that awaited confirmation when it stopped is what this replaces.
+        match fs::remove_file(state_at.join(PENDING)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.err(format!("switched its profile to generation {target}, but cannot remove its {PENDING}, whose record would undo that at the next start: {e}"))),
+        }
+        Ok(BootGeneration { from: current, to: target, toplevel: generations[&target].clone() })
     }
 
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {

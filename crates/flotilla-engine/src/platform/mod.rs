@@ -26,6 +26,17 @@ pub struct PlatformError {
     pub message: String,
 }
 
+/// What [`Machine::set_boot_generation`] did.
+#[derive(Debug, Clone)]
+pub struct BootGeneration {
+    /// The generation the profile pointed at before.
+    pub from: Option<u64>,
+    /// The generation it points at now.
+    pub to: u64,
+    /// That generation's toplevel.
+    pub toplevel: flotilla_store::StorePath,
+}
+
 /// A machine's lifecycle state as its platform sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +97,17 @@ pub trait Machine: Send + Sync {
     /// network (ssh), a new connection to it already proves it.
     fn check_reachable(&self) -> Result<(), String> {
         Ok(())
+    }
+    /// Makes generation `to` (by default the newest good one before the current) the one a
+    /// stopped machine boots, by switching its `system` profile from outside: a bad release
+    /// whose agent no longer answers is undone without it. Only platforms whose machines'
+    /// disks this host holds can; the default says what to do instead.
+    fn set_boot_generation(&self, to: Option<u64>) -> Result<BootGeneration, PlatformError> {
+        let _ = to;
+        Err(PlatformError {
+            machine: self.name().to_owned(),
+            message: "it is not running, and its platform cannot change its generation from outside; start it, then `flotilla rollback`".into(),
+        })
     }
     /// Removes every trace of it.
     fn destroy(&self) -> Result<(), PlatformError>;

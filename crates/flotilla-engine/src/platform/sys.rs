@@ -28,3 +28,41 @@ pub(super) fn locked_by_another(file: &std::fs::File) -> bool {
 }
 
 pub(super) use libc::{SIGKILL, SIGTERM};
+
+/// How [`open_beneath`] resolves the path below its base.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Resolve {
+    /// No symbolic link at all, and never above the base.
+    NoLinks,
+    /// Links resolved as the machine sees them: the base is their `/`.
+    InRoot,
+}
+
+/// `rel` below the directory `base`, opened with `flags`, never leaving `base`
+/// (`openat2(2)`): a machine's files are the machine's, and a link one of its services
+/// planted (`/run/flotilla` → the host's `/run`) is not the deployer's to follow.
+pub(super) fn open_beneath(base: &std::path::Path, rel: &std::path::Path, flags: i32, resolve: Resolve) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::{AsRawFd as _, FromRawFd as _};
+    use std::os::unix::ffi::OsStrExt as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC).open(base)?;
+    let rel = std::ffi::CString::new(rel.as_os_str().as_bytes()).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: open_how is plain data; all-zero is its documented "no options" value.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (flags | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_MAGICLINKS
+        | match resolve {
+            Resolve::NoLinks => libc::RESOLVE_BENEATH | libc::RESOLVE_NO_SYMLINKS,
+            Resolve::InRoot => libc::RESOLVE_IN_ROOT,
+        };
+    // SAFETY: openat2 reads `rel` (a NUL-terminated string) and `how` (of the size passed),
+    // both alive for the call; it returns a new descriptor or -1.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, dir.as_raw_fd(), rel.as_ptr(), &how as *const libc::open_how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor openat2 just returned, owned by nobody else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
