@@ -7,6 +7,7 @@
 //! then nothing was built and nothing written to the state DB.
 
 pub mod checks;
+mod deadline;
 pub mod deploy;
 pub mod doctor;
 pub mod facts;

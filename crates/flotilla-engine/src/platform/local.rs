@@ -463,7 +463,7 @@ impl Machine for LocalMachine {
             socket: self.root().join("run/flotilla/agent.sock"),
             source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
         })?;
-        AgentClient::connect_unix(&socket(pids.init))
+        AgentClient::connect_unix_for(&self.name, &socket(pids.init))
     }
 
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
