@@ -106,3 +106,41 @@ fn a_stopped_agent_is_reported_in_time_and_the_rest_of_the_fleet_goes_on() {
         assert!(matches!(awake["outcome"].as_str(), Some("deployed" | "unchanged")), "{report:#}");
     }
 }
+
+/// Issue 13, item 13: an agent that dies during a copy is said so (its connection closed,
+/// what to do), not as "cannot read … from the local store: Broken pipe".
+#[test]
+fn an_agent_dying_mid_copy_is_said_to_have_closed_the_connection() {
+    let fl = common::Fl::new();
+    let root = fl.dir.path().join("machine");
+    let file = fl.file(
+        "big.nix",
+        r#"{
+  meta.name = "diecopy";
+  machines.box = { pkgs, ... }: {
+    packages = [ pkgs.busybox (pkgs.runCommand "blob" { } "mkdir -p $out/share; head -c 100000000 /dev/urandom > $out/share/blob") ];
+  };
+}"#,
+    );
+    fl.run(&["build", "-f", &file]).ok();
+    let mut agent = common::RunningAgent::start(&root);
+    let push = fl
+        .cmd()
+        .args(["debug", "push-to-root", root.to_str().unwrap(), "-f", &file, "--machine", "box", "--goal", "copy"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let store = root.join("nix/store");
+    let start = Instant::now();
+    while !std::fs::read_dir(&store).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().contains("-blob"))).unwrap_or(false) {
+        assert!(start.elapsed() < Duration::from_secs(120), "the transfer never reached the blob");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    agent.kill();
+    let out = push.wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("closed the connection while it was asked to receive a copy of store paths: it died or was restarted"), "{said}");
+    assert!(!said.contains("Broken pipe") && !said.contains("from the local store"), "{said}");
+}
