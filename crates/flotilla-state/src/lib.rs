@@ -63,7 +63,7 @@ pub enum StateError {
     #[error("no deployment named `{0}` in the state database; `flotilla list` shows the known ones")]
     NoDeployment(String),
     /// Another live process holds the deployment's lock.
-    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command; one left by a dead process on another host is broken with `flotilla unlock -d {deployment}`)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
+    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command; one left by a dead process on another host is broken with `flotilla unlock -d {deployment} --force`)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
     Locked {
         /// The deployment.
         deployment: String,
@@ -229,6 +229,17 @@ pub enum Acquired {
     Free,
     /// A stale lock of a dead process was taken over.
     TookOver(Lock),
+}
+
+/// What [`State::break_lock`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broken {
+    /// Nobody held it.
+    NotLocked,
+    /// This lock was broken.
+    Broken(Lock),
+    /// This lock was kept, for the reason given.
+    Refused(Lock, String),
 }
 
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
@@ -524,26 +535,30 @@ impl State {
         Ok(())
     }
 
-    /// Breaks the lock of `deployment` whoever holds it, with a ledger event naming the
-    /// holder; returns the lock that was broken.
-    pub fn break_lock(&mut self, deployment: &str, actor: &str) -> Result<Option<Lock>> {
+    /// Breaks the lock of `deployment` if `judge` allows it, with a ledger event naming the
+    /// holder. `judge` sees the holder inside the same immediate transaction as the delete
+    /// (so the lock it judged is the one broken) and answers the ledger event's status and
+    /// why it may be broken, or why not.
+    pub fn break_lock(&mut self, deployment: &str, actor: &str, judge: impl FnOnce(&Lock) -> std::result::Result<(&'static str, String), String>) -> Result<Broken> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let held = lock_row(&tx, deployment)?;
-        if let Some(h) = &held {
-            tx.execute("DELETE FROM locks WHERE deployment = ?1", [deployment])?;
-            insert_event(&tx, &Event {
-                deployment: deployment.to_owned(),
-                machine: None,
-                at: now(),
-                actor: actor.to_owned(),
-                kind: "lock".into(),
-                status: "broken".into(),
-                message: format!("broke the lock of pid {} on {} ({}, `{}`, since {})", h.pid, h.host, h.holder, h.command, format_time(h.since)),
-                details: None,
-            })?;
-        }
+        let Some(h) = lock_row(&tx, deployment)? else { return Ok(Broken::NotLocked) };
+        let (status, why) = match judge(&h) {
+            Ok(v) => v,
+            Err(refusal) => return Ok(Broken::Refused(h, refusal)),
+        };
+        tx.execute("DELETE FROM locks WHERE deployment = ?1", [deployment])?;
+        insert_event(&tx, &Event {
+            deployment: deployment.to_owned(),
+            machine: None,
+            at: now(),
+            actor: actor.to_owned(),
+            kind: "lock".into(),
+            status: status.into(),
+            message: format!("broke the lock of pid {} on {} ({}, `{}`, since {}): {why}", h.pid, h.host, h.holder, h.command, format_time(h.since)),
+            details: None,
+        })?;
         tx.commit()?;
-        Ok(held)
+        Ok(Broken::Broken(h))
     }
 
     /// Who holds the lock of `deployment`, if anyone.

@@ -207,10 +207,14 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
-    /// Break a deployment's lock left by a process that died on another host
+    /// Break a deployment's lock whose process died (never one that runs on this host)
     Unlock {
         #[command(flatten)]
         target: Target,
+        /// Also break a lock held on another host, whose process cannot be checked from here
+        /// (the ledger records that it was forced)
+        #[arg(long)]
+        force: bool,
     },
     /// List the deployments in the state database
     List {

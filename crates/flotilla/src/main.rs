@@ -99,11 +99,11 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Exec { target, machine, all, on, command } => fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command),
         Command::Shell { target, machine } => fleet::shell(g, target, machine),
         Command::Logs { target, machine, service, follow, lines } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines),
-        Command::Unlock { target } => {
+        Command::Unlock { target, force } => {
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;
-            match engine.unlock(&name)? {
-                Some(l) => eprintln!(
+            match engine.unlock(&name, *force)? {
+                flotilla_state::Broken::Broken(l) => eprintln!(
                     "broke the lock of deployment {name} held by {} (pid {} on {}, `{}`) since {}",
                     l.holder,
                     l.pid,
@@ -111,7 +111,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                     l.command,
                     flotilla_state::format_time(l.since)
                 ),
-                None => eprintln!("deployment {name} was not locked"),
+                flotilla_state::Broken::Refused(_, why) => bail!("{why}"),
+                flotilla_state::Broken::NotLocked => eprintln!("deployment {name} was not locked"),
             }
             Ok(Outcome::Ok)
         }
