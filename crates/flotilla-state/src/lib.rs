@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+mod files;
+pub use files::storage_problem;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -31,6 +34,17 @@ pub enum StateError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// The file could not be opened or created (before SQLite: it is a link, or not ours).
+    #[error("cannot open the state database {path}: {source}")]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The filesystem under the state cannot take writes: read-only, full, not ours.
+    #[error("{0}")]
+    Storage(String),
     /// Its directory could not be created.
     #[error("cannot create the state directory {path}: {source}")]
     CreateDir {
@@ -268,9 +282,17 @@ pub struct State {
 impl State {
     /// Opens (creating if needed) the state DB at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<State> {
+        Self::open_private(path).map_err(|e| match storage_problem(path, &e) {
+            Some(message) => StateError::Storage(message),
+            None => e,
+        })
+    }
+
+    fn open_private(path: &Path) -> Result<State> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_owned(), source })?;
+            files::make_dir(dir).map_err(|source| StateError::CreateDir { path: dir.to_owned(), source })?;
         }
+        files::make_db_file(path).map_err(|source| StateError::OpenFile { path: path.to_owned(), source })?;
         let conn = Connection::open(path).map_err(|source| StateError::Open { path: path.to_owned(), source })?;
         let open_err = |source| StateError::Open { path: path.to_owned(), source };
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;

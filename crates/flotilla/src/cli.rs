@@ -181,6 +181,10 @@ pub enum Command {
         /// Run it in these machines (names, globs, @tags)
         #[arg(long, value_name = "SELECTION")]
         on: Option<String>,
+        /// Record the command line in the ledger (by default the ledger says only that a
+        /// command ran, and how it ended: arguments may hold passwords)
+        #[arg(long)]
+        record_command: bool,
         /// The command and its arguments
         #[arg(last = true, required = true)]
         command: Vec<String>,

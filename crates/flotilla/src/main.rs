@@ -32,12 +32,19 @@ pub(crate) enum Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let state_path = cli.global.state.clone().unwrap_or_else(flotilla_state::default_path);
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::SomeFailed) => ExitCode::from(1),
         Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // A write to the state that failed midway (a full disk) is said in words too, not
+            // only one at opening.
+            let sql = e.chain().find(|c| c.downcast_ref::<flotilla_state::StateError>().is_some() || c.is::<flotilla_engine::EngineError>());
+            match sql.and_then(|c| flotilla_state::storage_problem(&state_path, c)) {
+                Some(problem) => eprintln!("error: {problem}"),
+                None => eprintln!("error: {e:#}"),
+            }
             ExitCode::from(2)
         }
     }
@@ -96,7 +103,9 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Destroy { target, on, yes } => fleet::operate(g, target, &on.on, Operation::Destroy, *yes),
         Command::Check { target, on, json } => fleet::check(g, target, &on.on, *json),
-        Command::Exec { target, machine, all, on, command } => fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command),
+        Command::Exec { target, machine, all, on, record_command, command } => {
+            fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command, *record_command)
+        }
         Command::Shell { target, machine } => fleet::shell(g, target, machine),
         Command::Logs { target, machine, service, follow, lines } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines),
         Command::Unlock { target, force } => {
