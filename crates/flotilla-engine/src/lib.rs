@@ -7,6 +7,7 @@
 //! then nothing was built and nothing written to the state DB.
 
 pub mod checks;
+mod deadline;
 pub mod deploy;
 pub mod doctor;
 pub mod facts;
@@ -491,10 +492,39 @@ impl Engine {
         Ok(LockGuard { state: self.state.path().to_owned(), deployment: deployment.to_owned(), me })
     }
 
-    /// Breaks the deployment's lock whoever holds it (for a holder that died on another
-    /// host); returns the broken lock.
-    pub fn unlock(&mut self, deployment: &str) -> Result<Option<flotilla_state::Lock>> {
-        Ok(self.state.break_lock(deployment, &self.actor)?)
+    /// Breaks the deployment's lock when its holder is dead: a process on this host that no
+    /// longer runs, or, with `force`, one on another host (which cannot be checked from
+    /// here; the ledger says it was forced). A holder alive on this host is never broken:
+    /// [`flotilla_state::Broken::Refused`] says who it is.
+    pub fn unlock(&mut self, deployment: &str, force: bool) -> Result<flotilla_state::Broken> {
+        let here = procfs::hostname();
+        Ok(self.state.break_lock(deployment, &self.actor, |h| {
+            if h.host == here {
+                // A pid whose start time differs is another process now: the holder is gone.
+                match procfs::start_time(h.pid as i32) {
+                    Some(t) if h.pid_start == 0 || t as i64 == h.pid_start => Err(format!(
+                        "deployment `{deployment}` is locked by pid {} on this host ({}: {}), which is still running `{}` since {}; wait for it to finish, or stop that process (its lock is then released, or taken over by the next command)",
+                        h.pid,
+                        h.holder,
+                        procfs::command_line(h.pid as i32).unwrap_or_else(|| "its command line cannot be read".into()),
+                        h.command,
+                        flotilla_state::format_time(h.since),
+                    )),
+                    _ => Ok(("broken", "its process no longer runs".into())),
+                }
+            } else if force {
+                Ok(("forced", format!("forced with --force: host {} cannot be checked from {here}", h.host)))
+            } else {
+                Err(format!(
+                    "deployment `{deployment}` is locked by pid {} on host {} ({}, `{}`) since {}, which cannot be checked from here; if you are sure that process is gone, break the lock with `flotilla unlock -d {deployment} --force` (the ledger records that it was forced)",
+                    h.pid,
+                    h.host,
+                    h.holder,
+                    h.command,
+                    flotilla_state::format_time(h.since),
+                ))
+            }
+        })?)
     }
 
     /// What platforms need to know to act for `deployment`.

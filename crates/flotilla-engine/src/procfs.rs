@@ -22,6 +22,18 @@ pub fn alive(pid: i32) -> bool {
     start_time(pid).is_some()
 }
 
+/// A process's command line as one line, its arguments joined by spaces, control characters
+/// escaped and clipped to 200 characters (it goes into messages); `None` when unreadable.
+pub fn command_line(pid: i32) -> Option<String> {
+    let raw = fs::read(format!("/proc/{pid}/cmdline")).ok().filter(|r| !r.is_empty())?;
+    let words: Vec<String> = raw.split(|b| *b == 0).filter(|w| !w.is_empty()).map(|w| String::from_utf8_lossy(w).chars().flat_map(char::escape_debug).collect()).collect();
+    let line = words.join(" ");
+    Some(match line.char_indices().nth(200) {
+        Some((cut, _)) => format!("{}…", &line[..cut]),
+        None => line,
+    })
+}
+
 /// Whether this process runs with an effective uid of 0.
 pub fn is_root() -> bool {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -41,5 +53,8 @@ mod tests {
     fn reads_this_process_and_not_a_missing_one() {
         assert!(start_time(std::process::id() as i32).is_some());
         assert!(!alive(i32::MAX));
+        let me = command_line(std::process::id() as i32).unwrap();
+        assert!(!me.is_empty() && !me.contains('\0'), "{me}");
+        assert_eq!(command_line(i32::MAX), None);
     }
 }

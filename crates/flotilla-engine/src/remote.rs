@@ -1,10 +1,18 @@
 //! The deployer's side of the agent protocol: copy a closure to a machine (only the paths it
 //! lacks, references first, as NARs streamed from the local store) and drive activation,
-//! rollback and generations. Transport-agnostic: a unix socket today, ssh's stdio later.
+//! rollback and generations. Transport-agnostic: a unix socket or ssh's stdio.
+//!
+//! Every request has a deadline suited to it (see [`AgentClient`]), enforced by
+//! [`crate::deadline`] on the transport, so a stopped or wedged agent costs a machine its
+//! row, never the whole run (nor the deployment's lock).
 
 use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::Path;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::deadline::{Fault, Limit, Timed, Watch};
 
 use flotilla_nix::Nix;
 use flotilla_protocol::{
@@ -55,6 +63,33 @@ pub enum RemoteError {
         /// What came back.
         got: &'static str,
     },
+    /// The agent did not answer (or, during a copy, took or sent no byte) in time.
+    #[error("{agent} did not answer in time: it was asked {asked} and {}; it may be stopped (SIGSTOP), hung or overloaded: {fix}", if *.stalled { format!("moved no data for {} s", .waited.as_secs_f64()) } else { format!("gave no answer within {} s", .waited.as_secs_f64()) })]
+    NoAnswer {
+        /// Whose agent, e.g. "the agent of machine web1".
+        agent: String,
+        /// What was asked.
+        asked: String,
+        /// How long it was given.
+        waited: Duration,
+        /// Whether it was a copy that stopped moving (rather than an answer that never came).
+        stalled: bool,
+        /// What to do.
+        fix: String,
+    },
+    /// The agent closed the connection before it answered (it died or was restarted).
+    #[error("{agent} closed the connection while it was asked {asked}: it died or was restarted; nothing it had not confirmed was kept: {fix}")]
+    AgentGone {
+        /// Whose agent.
+        agent: String,
+        /// What was asked.
+        asked: String,
+        /// What to do.
+        fix: String,
+    },
+    /// `FLOTILLA_AGENT_TIMEOUT` is not a number of seconds.
+    #[error("FLOTILLA_AGENT_TIMEOUT={0:?} is not a number of seconds; set it to e.g. 30, or unset it for the default ({DEFAULT_ANSWER_TIMEOUT:?})")]
+    BadTimeout(String),
     /// Reading a local store path failed.
     #[error("cannot read {path} from the local store: {source}")]
     Local {
@@ -148,26 +183,128 @@ impl CopyPlan {
     }
 }
 
-/// A conversation with one agent.
+/// How long an agent gets to answer a short request (the handshake, `status`, `confirm`,
+/// ...), and the longest a copy may go without moving a byte, unless
+/// `FLOTILLA_AGENT_TIMEOUT` (seconds) says otherwise.
+pub const DEFAULT_ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Beyond its health checks and confirmation window, what an activation, a rollback or a key
+/// change may take: stopping and starting services (each has its own stop timeout on the
+/// agent), the settling time of services without a health check.
+const CHANGE_MARGIN: Duration = Duration::from_secs(120);
+
+/// What `check` may take beyond the usual answer: each health check probes once, all at
+/// once, each within its own `timeout` option, which the deployer does not see here.
+const PROBE_MARGIN: Duration = Duration::from_secs(60);
+
+/// What deleting generations and collecting garbage may take: removing files from a store
+/// that may hold gigabytes.
+const HOUSEKEEPING_MARGIN: Duration = Duration::from_secs(600);
+
+/// The answer timeout: `FLOTILLA_AGENT_TIMEOUT` in seconds (fractions allowed), else
+/// [`DEFAULT_ANSWER_TIMEOUT`].
+pub fn answer_timeout() -> Result<Duration, RemoteError> {
+    match std::env::var("FLOTILLA_AGENT_TIMEOUT") {
+        Err(_) => Ok(DEFAULT_ANSWER_TIMEOUT),
+        Ok(v) if v.trim().is_empty() => Ok(DEFAULT_ANSWER_TIMEOUT),
+        Ok(v) => v
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(Duration::from_secs_f64)
+            .ok_or(RemoteError::BadTimeout(v)),
+    }
+}
+
+/// A conversation with one agent. Each request waits at most: the answer timeout for the
+/// handshake and short requests; for `activate`, its health-check timeout and confirmation
+/// window plus a margin for restarting services; for a copy, as long as bytes move, and the
+/// answer timeout without one (plus the agent's time to register the paths at the end).
 pub struct AgentClient {
     conn: BoxedConnection,
     welcome: Welcome,
+    watch: Arc<Watch>,
+    answer: Duration,
+    /// "the agent of machine web1", for messages.
+    agent: String,
+    /// What to do when it does not answer.
+    fix: String,
 }
 
 impl AgentClient {
-    /// Connects to an agent's unix socket and shakes hands.
+    /// Connects to an agent's unix socket and shakes hands (for tools that know no machine
+    /// name; the platforms use [`AgentClient::connect_unix_for`]).
     pub fn connect_unix(socket: &Path) -> Result<AgentClient, RemoteError> {
+        let agent = format!("the agent on {}", socket.display());
+        Self::unix(socket, agent, "check that agent's process, and restart it".into())
+    }
+
+    /// Connects to machine `machine`'s agent on its unix socket and shakes hands.
+    pub fn connect_unix_for(machine: &str, socket: &Path) -> Result<AgentClient, RemoteError> {
+        Self::unix(socket, format!("the agent of machine {machine}"), Self::fix_for(machine))
+    }
+
+    fn unix(socket: &Path, agent: String, fix: String) -> Result<AgentClient, RemoteError> {
         let connect_err = |source| RemoteError::Connect { socket: socket.to_owned(), source };
         let stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_err)?;
         let reader = stream.try_clone().map_err(connect_err)?;
-        Self::over(Box::new(reader), Box::new(stream))
+        Self::start(reader, stream, agent, fix)
     }
 
-    /// Shakes hands over any byte stream (a child process's pipes, for ssh).
-    pub fn over(reader: Box<dyn Read + Send>, writer: Box<dyn Write + Send>) -> Result<AgentClient, RemoteError> {
-        let mut conn = Connection::boxed(reader, writer);
-        let welcome = client_handshake(&mut conn, concat!("flotilla ", env!("CARGO_PKG_VERSION")))?;
-        Ok(AgentClient { conn, welcome })
+    /// Shakes hands with machine `machine`'s agent over any pair of descriptors (a child
+    /// process's pipes, for ssh).
+    pub fn over<R, W>(machine: &str, reader: R, writer: W) -> Result<AgentClient, RemoteError>
+    where
+        R: Read + AsFd + Send + 'static,
+        W: Write + AsFd + Send + 'static,
+    {
+        Self::start(reader, writer, format!("the agent of machine {machine}"), Self::fix_for(machine))
+    }
+
+    fn fix_for(machine: &str) -> String {
+        format!("see `flotilla info --on {machine}` and the machine's agent log, and restart it with `flotilla reboot --on {machine}`")
+    }
+
+    fn start<R, W>(reader: R, writer: W, agent: String, fix: String) -> Result<AgentClient, RemoteError>
+    where
+        R: Read + AsFd + Send + 'static,
+        W: Write + AsFd + Send + 'static,
+    {
+        let answer = answer_timeout()?;
+        let watch = Watch::new(Limit::from_now(answer));
+        let timed = |e: std::io::Error| RemoteError::Protocol(flotilla_protocol::ProtocolError::Io { during: "preparing the connection to the agent", source: e });
+        let reader = Timed::new(reader, Arc::clone(&watch)).map_err(timed)?;
+        let writer = Timed::new(writer, Arc::clone(&watch)).map_err(timed)?;
+        let mut conn = Connection::boxed(Box::new(reader), Box::new(writer));
+        let welcome = match client_handshake(&mut conn, concat!("flotilla ", env!("CARGO_PKG_VERSION"))) {
+            Ok(w) => w,
+            // Only a timeout is said here: a connection closed during the handshake is
+            // explained by the platform, which knows where to look (ssh's stderr).
+            Err(e) => {
+                return Err(match watch.fault() {
+                    Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer { agent, asked: "to shake hands".into(), waited: limit.waited(), stalled: false, fix },
+                    _ => e.into(),
+                })
+            }
+        };
+        Ok(AgentClient { conn, welcome, watch, answer, agent, fix })
+    }
+
+    /// Says how the transport failed, when it did, instead of `err` (which is what the layer
+    /// that noticed saw, e.g. a broken pipe while encoding a NAR).
+    fn explain(&self, err: RemoteError, asked: &str) -> RemoteError {
+        match self.watch.fault() {
+            Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer {
+                agent: self.agent.clone(),
+                asked: asked.to_owned(),
+                waited: limit.waited(),
+                stalled: matches!(limit, Limit::Stall(_)),
+                fix: self.fix.clone(),
+            },
+            Some(Fault::PeerGone) => RemoteError::AgentGone { agent: self.agent.clone(), asked: asked.to_owned(), fix: self.fix.clone() },
+            None => err,
+        }
     }
 
     /// What the agent said in the handshake.
@@ -175,13 +312,15 @@ impl AgentClient {
         &self.welcome
     }
 
-    fn call(&mut self, request: &Request) -> Result<Response, RemoteError> {
+    /// Sends `request` and waits for its answer, at most `extra` beyond the answer timeout.
+    fn call(&mut self, request: &Request, extra: Duration) -> Result<Response, RemoteError> {
+        self.watch.set(Limit::from_now(self.answer + extra));
         match self.conn.call(request, |_| {}) {
             Ok(Response::Error { kind, message }) | Err(flotilla_protocol::ProtocolError::Agent { kind, message }) => {
                 Err(RemoteError::Agent { kind, message })
             }
             Ok(r) => Ok(r),
-            Err(e) => Err(e.into()),
+            Err(e) => Err(self.explain(e.into(), &format!("`{}`", request.name()))),
         }
     }
 
@@ -217,7 +356,7 @@ impl AgentClient {
     /// Which of `infos` the machine lacks: what [`AgentClient::copy_planned`] would send.
     pub fn plan_copy(&mut self, infos: &[flotilla_nix::PathInfo]) -> Result<CopyPlan, RemoteError> {
         let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
-        let missing = match self.call(&Request::QueryMissing { paths: all })? {
+        let missing = match self.call(&Request::QueryMissing { paths: all }, Duration::ZERO)? {
             Response::Missing { paths } => paths.into_iter().collect::<std::collections::BTreeSet<_>>(),
             other => return Err(RemoteError::Unexpected { request: "query_missing", got: other.name() }),
         };
@@ -238,37 +377,49 @@ impl AgentClient {
             stats.seconds = start.elapsed().as_secs_f64();
             return Ok(stats);
         }
-        self.conn.send(&Request::AddPaths { paths: send.clone(), compression })?;
-        let total_paths = send.len() as u64;
-        let total_bytes: u64 = send.iter().map(|i| i.nar_size).sum();
-        {
-            let mut writer = self.conn.bulk_writer(compression)?;
-            for info in &send {
-                let n = flotilla_store::encode_path(Path::new(&info.path.to_absolute()), &mut writer)
-                    .map_err(|source| RemoteError::Local { path: info.path.clone(), source })?;
-                stats.paths_sent += 1;
-                stats.bytes_sent += n;
-                progress(&CopyProgress { paths: stats.paths_sent, total_paths, bytes: stats.bytes_sent, total_bytes });
-            }
-            writer.finish()?;
+        // While the stream flows, a wait for the agent ends only when no byte moved for the
+        // answer timeout; the answer after the last byte may take the agent's registration.
+        self.watch.set(Limit::Stall(self.answer));
+        let sent = self.send_paths(&send, compression, &mut stats, progress);
+        if let Err(e) = sent {
+            return Err(self.explain(e, "to receive a copy of store paths"));
         }
+        self.watch.set(Limit::from_now(self.answer + flotilla_protocol::REGISTER_TIMEOUT));
         match self.conn.wait_response(|_| {}) {
             Ok(Response::PathsAdded { .. }) => {}
             Ok(Response::Error { kind, message }) | Err(flotilla_protocol::ProtocolError::Agent { kind, message }) => {
                 return Err(RemoteError::Agent { kind, message })
             }
             Ok(other) => return Err(RemoteError::Unexpected { request: "add_paths", got: other.name() }),
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(self.explain(e.into(), "to confirm the copied store paths")),
         }
         stats.seconds = start.elapsed().as_secs_f64();
         Ok(stats)
+    }
+
+    /// Sends `AddPaths` and its bulk stream of NARs.
+    fn send_paths(&mut self, send: &[PathInfo], compression: Compression, stats: &mut CopyStats, progress: &mut dyn FnMut(&CopyProgress)) -> Result<(), RemoteError> {
+        self.conn.send(&Request::AddPaths { paths: send.to_vec(), compression })?;
+        let total_paths = send.len() as u64;
+        let total_bytes: u64 = send.iter().map(|i| i.nar_size).sum();
+        let mut writer = self.conn.bulk_writer(compression)?;
+        for info in send {
+            let n = flotilla_store::encode_path(Path::new(&info.path.to_absolute()), &mut writer)
+                .map_err(|source| RemoteError::Local { path: info.path.clone(), source })?;
+            stats.paths_sent += 1;
+            stats.bytes_sent += n;
+            progress(&CopyProgress { paths: stats.paths_sent, total_paths, bytes: stats.bytes_sent, total_bytes });
+        }
+        writer.finish()?;
+        Ok(())
     }
 
     /// Activates a toplevel already on the machine; the agent checks its health (within
     /// `check_timeout_secs`) and, with `confirm_within_secs`, waits for [`AgentClient::confirm`]
     /// over another connection.
     pub fn activate(&mut self, toplevel: &StorePath, goal: ActivationGoal, check_timeout_secs: Option<u64>, confirm_within_secs: Option<u64>) -> Result<Activated, RemoteError> {
-        match self.call(&Request::Activate { toplevel: toplevel.clone(), goal, confirm_within_secs, check_timeout_secs })? {
+        let extra = Duration::from_secs(check_timeout_secs.unwrap_or(0) + confirm_within_secs.unwrap_or(0)) + CHANGE_MARGIN;
+        match self.call(&Request::Activate { toplevel: toplevel.clone(), goal, confirm_within_secs, check_timeout_secs }, extra)? {
             Response::Activated { generation, report, health, awaiting_confirmation } => Ok(Activated { generation, report, health, awaiting_confirmation }),
             other => Err(RemoteError::Unexpected { request: "activate", got: other.name() }),
         }
@@ -276,7 +427,7 @@ impl AgentClient {
 
     /// Keeps a generation that awaits confirmation.
     pub fn confirm(&mut self, generation: u64) -> Result<(), RemoteError> {
-        match self.call(&Request::Confirm { generation })? {
+        match self.call(&Request::Confirm { generation }, Duration::ZERO)? {
             Response::Confirmed { .. } => Ok(()),
             other => Err(RemoteError::Unexpected { request: "confirm", got: other.name() }),
         }
@@ -284,7 +435,7 @@ impl AgentClient {
 
     /// Probes the running system's health checks once.
     pub fn check_health(&mut self) -> Result<Vec<HealthResult>, RemoteError> {
-        match self.call(&Request::CheckHealth)? {
+        match self.call(&Request::CheckHealth, PROBE_MARGIN)? {
             Response::Health { services } => Ok(services),
             other => Err(RemoteError::Unexpected { request: "check_health", got: other.name() }),
         }
@@ -292,7 +443,7 @@ impl AgentClient {
 
     /// The keys on the machine, with digests.
     pub fn list_keys(&mut self) -> Result<Vec<KeyState>, RemoteError> {
-        match self.call(&Request::ListKeys)? {
+        match self.call(&Request::ListKeys, Duration::ZERO)? {
             Response::Keys { keys } => Ok(keys),
             other => Err(RemoteError::Unexpected { request: "list_keys", got: other.name() }),
         }
@@ -300,7 +451,7 @@ impl AgentClient {
 
     /// Writes and deletes keys.
     pub fn put_keys(&mut self, put: Vec<KeyUpload>, remove: Vec<String>) -> Result<KeysPut, RemoteError> {
-        match self.call(&Request::PutKeys { put, remove })? {
+        match self.call(&Request::PutKeys { put, remove }, CHANGE_MARGIN)? {
             Response::KeysPut { written, removed, restarted, started } => Ok(KeysPut { written, removed, restarted, started }),
             other => Err(RemoteError::Unexpected { request: "put_keys", got: other.name() }),
         }
@@ -309,7 +460,7 @@ impl AgentClient {
     /// Re-activates an earlier generation (default: the previous one; while a generation
     /// awaits confirmation, what ran before it, and `reason` is recorded as why it failed).
     pub fn rollback(&mut self, to: Option<u64>, reason: Option<&str>) -> Result<(u64, ActivationReport), RemoteError> {
-        match self.call(&Request::Rollback { to, reason: reason.map(str::to_owned) })? {
+        match self.call(&Request::Rollback { to, reason: reason.map(str::to_owned) }, CHANGE_MARGIN)? {
             Response::Activated { generation, report, .. } => Ok((generation, report)),
             other => Err(RemoteError::Unexpected { request: "rollback", got: other.name() }),
         }
@@ -317,7 +468,7 @@ impl AgentClient {
 
     /// The machine's generations.
     pub fn generations(&mut self) -> Result<Vec<GenerationInfo>, RemoteError> {
-        match self.call(&Request::ListGenerations)? {
+        match self.call(&Request::ListGenerations, Duration::ZERO)? {
             Response::Generations { generations } => Ok(generations),
             other => Err(RemoteError::Unexpected { request: "list_generations", got: other.name() }),
         }
@@ -325,7 +476,7 @@ impl AgentClient {
 
     /// Deletes old generations; returns their numbers.
     pub fn delete_generations(&mut self, keep_last: Option<u32>, older_than_secs: Option<u64>) -> Result<Vec<u64>, RemoteError> {
-        match self.call(&Request::DeleteGenerations { keep_last, older_than_secs })? {
+        match self.call(&Request::DeleteGenerations { keep_last, older_than_secs }, HOUSEKEEPING_MARGIN)? {
             Response::GenerationsDeleted { deleted } => Ok(deleted),
             other => Err(RemoteError::Unexpected { request: "delete_generations", got: other.name() }),
         }
@@ -333,7 +484,7 @@ impl AgentClient {
 
     /// Removes store paths no generation needs; returns (paths, bytes).
     pub fn collect_garbage(&mut self) -> Result<(u64, u64), RemoteError> {
-        match self.call(&Request::CollectGarbage)? {
+        match self.call(&Request::CollectGarbage, HOUSEKEEPING_MARGIN)? {
             Response::GarbageCollected { paths, bytes } => Ok((paths, bytes)),
             other => Err(RemoteError::Unexpected { request: "collect_garbage", got: other.name() }),
         }
@@ -341,7 +492,7 @@ impl AgentClient {
 
     /// The current generation, running system and services.
     pub fn status(&mut self) -> Result<MachineStatus, RemoteError> {
-        match self.call(&Request::Status)? {
+        match self.call(&Request::Status, Duration::ZERO)? {
             Response::Status { generation, toplevel, services, store_free_bytes, pending_confirmation } => {
                 Ok(MachineStatus { generation, toplevel, services, store_free_bytes, pending_confirmation })
             }

@@ -35,5 +35,10 @@ pub const PROTOCOL_VERSION: u32 = 2;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
+/// The longest an agent lets the host's Nix take to register the paths of one `AddPaths`
+/// (on a machine with Nix): the deployer waits this long beyond its usual answer timeout for
+/// `PathsAdded`, after the last byte.
+pub const REGISTER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 #[cfg(test)]
 mod tests;

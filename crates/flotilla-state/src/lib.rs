@@ -11,6 +11,9 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
+
+mod files;
+pub use files::storage_problem;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -31,6 +34,17 @@ pub enum StateError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// The file could not be opened or created (before SQLite: it is a link, or not ours).
+    #[error("cannot open the state database {path}: {source}")]
+    OpenFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The filesystem under the state cannot take writes: read-only, full, not ours.
+    #[error("{0}")]
+    Storage(String),
     /// Its directory could not be created.
     #[error("cannot create the state directory {path}: {source}")]
     CreateDir {
@@ -63,7 +77,7 @@ pub enum StateError {
     #[error("no deployment named `{0}` in the state database; `flotilla list` shows the known ones")]
     NoDeployment(String),
     /// Another live process holds the deployment's lock.
-    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command; one left by a dead process on another host is broken with `flotilla unlock -d {deployment}`)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
+    #[error("deployment `{deployment}` is locked by {} (pid {} on {}, `{}`) since {}; wait for it to finish (a lock whose process died on this host is taken over by the next command; one left by a dead process on another host is broken with `flotilla unlock -d {deployment} --force`)", .holder.holder, .holder.pid, .holder.host, .holder.command, format_time(.holder.since))]
     Locked {
         /// The deployment.
         deployment: String,
@@ -231,6 +245,17 @@ pub enum Acquired {
     TookOver(Lock),
 }
 
+/// What [`State::break_lock`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Broken {
+    /// Nobody held it.
+    NotLocked,
+    /// This lock was broken.
+    Broken(Lock),
+    /// This lock was kept, for the reason given.
+    Refused(Lock, String),
+}
+
 /// Unix seconds as `YYYY-MM-DD HH:MM:SS UTC`.
 pub fn format_time(t: i64) -> String {
     let days = t.div_euclid(86_400);
@@ -257,9 +282,17 @@ pub struct State {
 impl State {
     /// Opens (creating if needed) the state DB at `path` and brings its schema up to date.
     pub fn open(path: &Path) -> Result<State> {
+        Self::open_private(path).map_err(|e| match storage_problem(path, &e) {
+            Some(message) => StateError::Storage(message),
+            None => e,
+        })
+    }
+
+    fn open_private(path: &Path) -> Result<State> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::CreateDir { path: dir.to_owned(), source })?;
+            files::make_dir(dir).map_err(|source| StateError::CreateDir { path: dir.to_owned(), source })?;
         }
+        files::make_db_file(path).map_err(|source| StateError::OpenFile { path: path.to_owned(), source })?;
         let conn = Connection::open(path).map_err(|source| StateError::Open { path: path.to_owned(), source })?;
         let open_err = |source| StateError::Open { path: path.to_owned(), source };
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
@@ -524,26 +557,30 @@ impl State {
         Ok(())
     }
 
-    /// Breaks the lock of `deployment` whoever holds it, with a ledger event naming the
-    /// holder; returns the lock that was broken.
-    pub fn break_lock(&mut self, deployment: &str, actor: &str) -> Result<Option<Lock>> {
+    /// Breaks the lock of `deployment` if `judge` allows it, with a ledger event naming the
+    /// holder. `judge` sees the holder inside the same immediate transaction as the delete
+    /// (so the lock it judged is the one broken) and answers the ledger event's status and
+    /// why it may be broken, or why not.
+    pub fn break_lock(&mut self, deployment: &str, actor: &str, judge: impl FnOnce(&Lock) -> std::result::Result<(&'static str, String), String>) -> Result<Broken> {
         let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        let held = lock_row(&tx, deployment)?;
-        if let Some(h) = &held {
-            tx.execute("DELETE FROM locks WHERE deployment = ?1", [deployment])?;
-            insert_event(&tx, &Event {
-                deployment: deployment.to_owned(),
-                machine: None,
-                at: now(),
-                actor: actor.to_owned(),
-                kind: "lock".into(),
-                status: "broken".into(),
-                message: format!("broke the lock of pid {} on {} ({}, `{}`, since {})", h.pid, h.host, h.holder, h.command, format_time(h.since)),
-                details: None,
-            })?;
-        }
+        let Some(h) = lock_row(&tx, deployment)? else { return Ok(Broken::NotLocked) };
+        let (status, why) = match judge(&h) {
+            Ok(v) => v,
+            Err(refusal) => return Ok(Broken::Refused(h, refusal)),
+        };
+        tx.execute("DELETE FROM locks WHERE deployment = ?1", [deployment])?;
+        insert_event(&tx, &Event {
+            deployment: deployment.to_owned(),
+            machine: None,
+            at: now(),
+            actor: actor.to_owned(),
+            kind: "lock".into(),
+            status: status.into(),
+            message: format!("broke the lock of pid {} on {} ({}, `{}`, since {}): {why}", h.pid, h.host, h.holder, h.command, format_time(h.since)),
+            details: None,
+        })?;
         tx.commit()?;
-        Ok(held)
+        Ok(Broken::Broken(h))
     }
 
     /// Who holds the lock of `deployment`, if anyone.

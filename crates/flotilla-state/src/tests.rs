@@ -117,9 +117,13 @@ fn a_held_lock_is_refused_with_its_holder_and_a_dead_one_taken_over() {
     assert_eq!(state.lock("web").unwrap(), None);
     // Breaking a lock held elsewhere says whose it was.
     state.acquire_lock("web", &holder(3), |_| false).unwrap();
-    assert_eq!(state.break_lock("web", "bob").unwrap().map(|l| l.pid), Some(3));
+    let refused = state.break_lock("web", "bob", |_| Err("it runs".into())).unwrap();
+    assert_eq!(refused, Broken::Refused(holder(3), "it runs".into()));
+    assert_eq!(state.lock("web").unwrap().map(|l| l.pid), Some(3), "a refused break keeps the lock");
+    assert_eq!(state.break_lock("web", "bob", |_| Ok(("forced", "said so".into()))).unwrap(), Broken::Broken(holder(3)));
     assert_eq!(state.lock("web").unwrap(), None);
-    assert!(state.events(Some("web"), 10).unwrap().iter().any(|e| e.status == "broken" && e.message.contains("pid 3")));
+    assert!(state.events(Some("web"), 10).unwrap().iter().any(|e| e.status == "forced" && e.message.contains("pid 3") && e.message.ends_with("said so")));
+    assert_eq!(state.break_lock("web", "bob", |_| unreachable!()).unwrap(), Broken::NotLocked);
 }
 
 #[test]

@@ -185,6 +185,10 @@ pub enum Command {
         /// Run it in these machines (names, globs, @tags)
         #[arg(long, value_name = "SELECTION")]
         on: Option<String>,
+        /// Record the command line in the ledger (by default the ledger says only that a
+        /// command ran, and how it ended: arguments may hold passwords)
+        #[arg(long)]
+        record_command: bool,
         /// The command and its arguments
         #[arg(last = true, required = true)]
         command: Vec<String>,
@@ -211,10 +215,14 @@ pub enum Command {
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
     },
-    /// Break a deployment's lock left by a process that died on another host
+    /// Break a deployment's lock whose process died (never one that runs on this host)
     Unlock {
         #[command(flatten)]
         target: Target,
+        /// Also break a lock held on another host, whose process cannot be checked from here
+        /// (the ledger records that it was forced)
+        #[arg(long)]
+        force: bool,
     },
     /// List the deployments in the state database
     List {

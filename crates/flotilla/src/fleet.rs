@@ -209,7 +209,17 @@ fn one_machine(engine: &Engine, deployment: &str, machine: &str) -> Result<Box<d
     }
 }
 
-pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: Option<&str>, argv: &[String]) -> Result<Outcome> {
+/// What the ledger says of an `exec` that ended with `how`: the command line only when asked
+/// (`--record-command`), as arguments may hold passwords.
+fn exec_entry(argv: &[String], record: bool, how: &str) -> String {
+    if record {
+        format!("{} ({how})", argv.join(" "))
+    } else {
+        format!("a command ran ({how}); its arguments are not recorded without --record-command")
+    }
+}
+
+pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: Option<&str>, argv: &[String], record: bool) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     if let (Some(machine), false, None) = (machine, all, on) {
@@ -217,7 +227,7 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
         let m = one_machine(&engine, &name, machine)?;
         let mut cmd = m.command(argv, false)?;
         let status = cmd.status().with_context(|| format!("cannot run {}", cmd.get_program().to_string_lossy()))?;
-        engine.event(&name, Some(machine), "exec", if status.success() { "ok" } else { "failed" }, &format!("{} ({status})", argv.join(" ")))?;
+        engine.event(&name, Some(machine), "exec", if status.success() { "ok" } else { "failed" }, &exec_entry(argv, record, &status.to_string()))?;
         return Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)));
     }
     let sel = Selection::parse(on.unwrap_or(""));
@@ -244,7 +254,7 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
         if status == "failed" {
             failed.push(format!("{machine}: {detail}"));
         }
-        engine.event(&name, Some(machine), "exec", status, &format!("{} ({detail})", argv.join(" ")))?;
+        engine.event(&name, Some(machine), "exec", status, &exec_entry(argv, record, &detail))?;
     }
     if failed.is_empty() {
         Ok(Outcome::Ok)

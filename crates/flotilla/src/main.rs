@@ -32,13 +32,20 @@ pub(crate) enum Outcome {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let state_path = cli.global.state.clone().unwrap_or_else(flotilla_state::default_path);
     match run(cli) {
         Ok(Outcome::Ok) => ExitCode::SUCCESS,
         Ok(Outcome::SomeFailed) => ExitCode::from(1),
         Ok(Outcome::Code(c)) => ExitCode::from(c),
         Err(e) => {
-            // An error may carry a machine's words (an agent's reason, a command's output).
-            eprintln!("error: {}", flotilla_model::escape_controls_block(&format!("{e:#}")));
+            // A write to the state that failed midway (a full disk) is said in words too, not
+            // only one at opening. An error may carry a machine's words (an agent's reason, a
+            // command's output): control characters are escaped.
+            let sql = e.chain().find(|c| c.downcast_ref::<flotilla_state::StateError>().is_some() || c.is::<flotilla_engine::EngineError>());
+            match sql.and_then(|c| flotilla_state::storage_problem(&state_path, c)) {
+                Some(problem) => eprintln!("error: {problem}"),
+                None => eprintln!("error: {}", flotilla_model::escape_controls_block(&format!("{e:#}"))),
+            }
             ExitCode::from(2)
         }
     }
@@ -98,14 +105,16 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Destroy { target, on, yes } => fleet::operate(g, target, &on.on, Operation::Destroy, *yes),
         Command::Check { target, on, json } => fleet::check(g, target, &on.on, *json),
-        Command::Exec { target, machine, all, on, command } => fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command),
+        Command::Exec { target, machine, all, on, record_command, command } => {
+            fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command, *record_command)
+        }
         Command::Shell { target, machine } => fleet::shell(g, target, machine),
         Command::Logs { target, machine, service, follow, lines } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines),
-        Command::Unlock { target } => {
+        Command::Unlock { target, force } => {
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;
-            match engine.unlock(&name)? {
-                Some(l) => eprintln!(
+            match engine.unlock(&name, *force)? {
+                flotilla_state::Broken::Broken(l) => eprintln!(
                     "broke the lock of deployment {name} held by {} (pid {} on {}, `{}`) since {}",
                     l.holder,
                     l.pid,
@@ -113,7 +122,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                     l.command,
                     flotilla_state::format_time(l.since)
                 ),
-                None => eprintln!("deployment {name} was not locked"),
+                flotilla_state::Broken::Refused(_, why) => bail!("{why}"),
+                flotilla_state::Broken::NotLocked => eprintln!("deployment {name} was not locked"),
             }
             Ok(Outcome::Ok)
         }

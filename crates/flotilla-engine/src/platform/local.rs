@@ -357,6 +357,13 @@ impl LocalMachine {
     fn prepare_root(&self) -> Result<(), PlatformError> {
         let root = self.root();
         let io = |what: &str, p: &Path, e: std::io::Error| self.err(format!("cannot {what} {}: {e}", p.display()));
+        // The machine's directory (and `machines/<deployment>` above it) is root's alone, so
+        // no user of this host reaches into the machine's files; `root/` itself stays 0755,
+        // as it is the machine's `/`, which its own users must be able to enter.
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(|e| io("create", &self.dir, e))?;
+        }
         for d in ["nix/store", "nix/var/flotilla/bin", "etc", "var/log", "run", "tmp", "proc", "dev", "root", "bin"] {
             let p = root.join(d);
             fs::create_dir_all(&p).map_err(|e| io("create", &p, e))?;
@@ -675,7 +682,7 @@ impl Machine for LocalMachine {
         })?;
         let shown = socket(pids.init);
         let opened = agent_socket(pids.init).map_err(|source| RemoteError::Connect { socket: shown.clone(), source })?;
-        AgentClient::connect_unix(&fd_path(&opened)).map_err(|e| match e {
+        AgentClient::connect_unix_for(&self.name, &fd_path(&opened)).map_err(|e| match e {
             RemoteError::Connect { source, .. } => RemoteError::Connect { socket: shown, source },
             e => e,
         })

@@ -451,7 +451,7 @@ fi
             });
         }
         let reader = ChildReader { stdout, child };
-        match AgentClient::over(Box::new(reader), Box::new(stdin)) {
+        match AgentClient::over(&self.name, reader, stdin) {
             Ok(c) => Ok(c),
             Err(RemoteError::Protocol(flotilla_protocol::ProtocolError::HandshakeClosed)) => {
                 // ssh ended before the agent answered; its stderr says why.
@@ -518,6 +518,12 @@ struct ChildReader {
 impl Read for ChildReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         self.stdout.read(buf)
+    }
+}
+
+impl std::os::fd::AsFd for ChildReader {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stdout.as_fd()
     }
 }
 
