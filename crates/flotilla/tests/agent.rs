@@ -114,6 +114,19 @@ fn push_activate_change_rollback_and_stop() {
     assert!(http_get_once(port).is_none(), "the web service still answers");
 }
 
+/// Kills what a SIGKILLed agent left running (as a crash or a power cut would have), each
+/// service with its process group, and waits until it is gone.
+fn kill_orphaned_services(pids: &[u32]) {
+    for pid in pids {
+        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while pids.iter().any(|p| alive(*p)) {
+        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 /// The children of `parent` with `arg` among their arguments.
 fn pids_of_children_with_arg(parent: u32, arg: &str) -> Vec<u32> {
     std::fs::read_dir("/proc")
@@ -207,15 +220,7 @@ fn an_agent_that_restarts_before_a_generation_is_confirmed_returns_to_the_one_be
     let services = [pid_of(&st, "web"), pid_of(&st, "idle")];
     drop(client);
     agent.kill();
-    for pid in services {
-        // Each service leads its own process group.
-        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while services.iter().any(|p| alive(*p)) {
-        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    kill_orphaned_services(&services);
 
     // The next agent restores generation 1 before starting anything, and says why 2 failed.
     let _agent = RunningAgent::start(&root);
@@ -269,14 +274,7 @@ fn an_agent_that_dies_during_health_checks_returns_to_the_generation_before() {
     agent.kill();
     let outcome = activating.join().unwrap();
     assert!(outcome.is_err(), "the activation cannot have succeeded: its agent died: {outcome:?}");
-    for pid in &services {
-        let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
-    }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while services.iter().any(|p| alive(*p)) {
-        assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    kill_orphaned_services(&services);
 
     // The next agent does not keep the generation nobody checked: generation 1 runs again.
     let _agent = RunningAgent::start(&root);

@@ -13,24 +13,7 @@ use common::{row, Fleet};
 /// A web server serving `page` on port 80, forwarded from the host's 127.0.0.1:`port`;
 /// `extra` is added to the machine's settings.
 fn web(page: &str, port: u16, extra: &str) -> String {
-    format!(
-        r#"{{ meta.name = "plumb"; machines.web = {{ pkgs, ... }}: let
-    site = pkgs.runCommand "site" {{}} ''
-      mkdir $out
-      echo '{page}' > $out/index.html
-    '';
-  in {{
-    packages = [ pkgs.busybox ];
-    binsh = "${{pkgs.busybox}}/bin/sh";
-    platform.forwardPorts = [ {{ host = {port}; guest = 80; }} ];
-    services.httpd = {{
-      command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
-      healthCheck = {{ http = "http://127.0.0.1/"; interval = 1; retries = 3; timeout = 2; }};
-    }};
-    {extra}
-  }}; }}
-"#
-    )
+    common::web_deployment("plumb", page, &format!("platform.forwardPorts = [ {{ host = {port}; guest = 80; }} ];\n    {extra}"))
 }
 
 /// A service that takes the machine off its network as soon as it starts; its own health

@@ -10,23 +10,7 @@ use common::{row, Fleet};
 
 /// A web server serving `page`; `extra` is added to the machine's settings.
 fn web(page: &str, extra: &str) -> String {
-    format!(
-        r#"{{ meta.name = "rec"; machines.web = {{ pkgs, ... }}: let
-    site = pkgs.runCommand "site" {{}} ''
-      mkdir $out
-      echo '{page}' > $out/index.html
-    '';
-  in {{
-    packages = [ pkgs.busybox ];
-    binsh = "${{pkgs.busybox}}/bin/sh";
-    services.httpd = {{
-      command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
-      healthCheck = {{ http = "http://127.0.0.1/"; interval = 1; retries = 3; timeout = 2; }};
-    }};
-    {extra}
-  }}; }}
-"#
-    )
+    common::web_deployment("rec", page, extra)
 }
 
 /// A service that removes the agent's socket a moment after the deploy was confirmed, and

@@ -396,3 +396,25 @@ pub fn example() -> String {
 pub fn row<'a>(report: &'a serde_json::Value, machine: &str) -> &'a serde_json::Value {
     report["machines"].as_array().unwrap().iter().find(|m| m["machine"] == machine).unwrap_or_else(|| panic!("no row for {machine} in {report:#}"))
 }
+
+/// A deployment `name` of one machine `web`: busybox's httpd on port 80 serving `page`, with
+/// an http health check; `extra` is added to the machine's settings.
+pub fn web_deployment(name: &str, page: &str, extra: &str) -> String {
+    format!(
+        r#"{{ meta.name = "{name}"; machines.web = {{ pkgs, ... }}: let
+    site = pkgs.runCommand "site" {{}} ''
+      mkdir $out
+      echo '{page}' > $out/index.html
+    '';
+  in {{
+    packages = [ pkgs.busybox ];
+    binsh = "${{pkgs.busybox}}/bin/sh";
+    services.httpd = {{
+      command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
+      healthCheck = {{ http = "http://127.0.0.1/"; interval = 1; retries = 3; timeout = 2; }};
+    }};
+    {extra}
+  }}; }}
+"#
+    )
+}
