@@ -454,6 +454,7 @@ impl Agent {
         symlink_atomic(Path::new(&format!("system-{}-link", target.number)), &self.root.profiles_dir().join("system"))
             .map_err(io_err("cannot switch the system profile"))?;
         let mut report = self.switch_to(&target.toplevel, &m.system, false)?;
+        self.forget_stale_record();
         report.messages.extend(self.sync_gc_roots());
         Ok((target.number, report))
     }
@@ -616,6 +617,10 @@ impl Agent {
         let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
         if !checked {
             let (generation, report) = self.activate_prepared(toplevel, &new.system, goal, notes)?;
+            if goal == ActivationGoal::Boot {
+                // A record left by a restore that failed would undo this boot default.
+                self.forget_stale_record();
+            }
             return Ok(Activation { generation, report, health: Vec::new(), awaiting_confirmation: false });
         }
         let expected = self.generation_for(toplevel, goal)?;
@@ -663,13 +668,24 @@ impl Agent {
                 *self.pending.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(Pending { generation, connection, deadline: Instant::now() + window, window, previous });
             }
+            // Checked, and no confirmation asked for: the generation is kept, and a restarted
+            // agent must not undo it.
             _ if !unchanged => {
-                // Checked, and no confirmation asked for: the generation is kept.
-                self.forget_pending_record().map_err(AgentError::Conflict)?;
+                if let Err(e) = self.forget_pending_record() {
+                    return Err(self.fail_back_pending(&previous, &e));
+                }
             }
-            _ => {}
+            _ => self.forget_stale_record(),
         }
         Ok(Activation { generation, report, health, awaiting_confirmation })
+    }
+
+    /// Removes a record no activation is waiting on (one a failed restore left, kept so that
+    /// a restarted agent would try again) once the profile was changed on purpose since.
+    fn forget_stale_record(&self) {
+        if let Err(e) = self.forget_pending_record() {
+            eprintln!("flotilla-agent: {e}");
+        }
     }
 
     /// [`Agent::fail_back`] for an activation whose record is on disk: once what ran before
@@ -846,7 +862,11 @@ impl Agent {
 
     fn forget_pending_record(&self) -> Result<(), String> {
         match fs::remove_file(self.root.state_dir().join(PENDING)) {
-            Ok(()) => Ok(()),
+            // Gone for good only once the directory is on disk: a power cut must not bring
+            // back a record that undoes a kept generation.
+            Ok(()) => fs::File::open(self.root.state_dir())
+                .and_then(|d| d.sync_all())
+                .map_err(|e| format!("removed {PENDING}, but cannot sync its directory, so a power cut could bring it back: {e}")),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(format!("cannot remove {PENDING}; a restarted agent would roll back a generation no longer pending: {e}")),
         }

@@ -333,13 +333,14 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     // stopped.
     let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
     let agent = Arc::new(Mutex::new(agent));
-    flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");
     // Hold the lock so no activation runs while everything stops.
     let _held = agent.lock().unwrap_or_else(|p| p.into_inner());
     supervisor.stop_all();
+    keeper.stop();
     let _ = std::fs::remove_file(&socket);
     Ok(())
 }

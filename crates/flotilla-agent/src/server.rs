@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::MetadataExt as _;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,15 @@ pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Accepts connections until the listener fails; each is served on its own thread.
 pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
+    serve_until(agent, &listener, &AtomicBool::new(false));
+}
+
+/// [`serve`], until `retired` is set and the listener shut down (which wakes its accept).
+fn serve_until(agent: Arc<Mutex<Agent>>, listener: &UnixListener, retired: &AtomicBool) {
     for stream in listener.incoming() {
+        if retired.load(Ordering::SeqCst) {
+            return;
+        }
         match stream {
             Ok(stream) => {
                 let agent = Arc::clone(&agent);
@@ -44,20 +52,61 @@ pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
 /// How often the agent looks whether its socket's path still leads to its socket.
 const SOCKET_WATCH: Duration = Duration::from_secs(1);
 
+/// Keeps the agent's socket while it lives; [`SocketKeeper::stop`] before removing it.
+pub struct SocketKeeper {
+    stopped: Arc<AtomicBool>,
+}
+
+impl SocketKeeper {
+    /// Stops watching the socket (the agent is stopping and removes it).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+}
+
+/// One listener and its accept loop, which ends when it is retired.
+struct Serving {
+    retired: Arc<AtomicBool>,
+    listener: Arc<UnixListener>,
+}
+
+impl Serving {
+    fn start(agent: &Arc<Mutex<Agent>>, listener: UnixListener) -> Serving {
+        let retired = Arc::new(AtomicBool::new(false));
+        let listener = Arc::new(listener);
+        let (agent, flag, serving) = (Arc::clone(agent), Arc::clone(&retired), Arc::clone(&listener));
+        std::thread::spawn(move || serve_until(agent, &serving, &flag));
+        Serving { retired, listener }
+    }
+
+    /// Ends the accept loop, which closes the listener, so that a service removing the
+    /// socket again and again costs no descriptor and no thread each time.
+    fn retire(self) {
+        use std::os::fd::AsFd as _;
+        self.retired.store(true, Ordering::SeqCst);
+        if let Err(e) = crate::supervisor::sys::shut_down_listener(self.listener.as_fd()) {
+            eprintln!("flotilla-agent: cannot close the socket it no longer listens on: {e}");
+        }
+    }
+}
+
 /// Listens on `socket`, and keeps listening there for the agent's life: a service (root on
 /// its machine) that removes or replaces the socket would otherwise cut every deployer
 /// command off the machine, the `reboot`, `deploy` or `rollback` that would undo it included.
 /// Once a second the path's device and inode are compared with the socket bound; when they
-/// differ a new socket is bound beside it and renamed over whatever is there.
-pub fn listen(agent: Arc<Mutex<Agent>>, socket: &Path) -> io::Result<()> {
+/// differ a new socket is bound beside it and renamed over whatever is there, and the old
+/// listener is closed.
+pub fn listen(agent: Arc<Mutex<Agent>>, socket: &Path) -> io::Result<SocketKeeper> {
     let (listener, mut ours) = bind(socket)?;
-    {
-        let agent = Arc::clone(&agent);
-        std::thread::spawn(move || serve(agent, listener));
-    }
+    let mut serving = Serving::start(&agent, listener);
+    let stopped = Arc::new(AtomicBool::new(false));
+    let keeper = SocketKeeper { stopped: Arc::clone(&stopped) };
     let socket = socket.to_owned();
     std::thread::spawn(move || loop {
         std::thread::sleep(SOCKET_WATCH);
+        if stopped.load(Ordering::SeqCst) {
+            return;
+        }
         if identity(&socket).is_ok_and(|id| id == ours) {
             continue;
         }
@@ -65,13 +114,12 @@ pub fn listen(agent: Arc<Mutex<Agent>>, socket: &Path) -> io::Result<()> {
             Ok((listener, id)) => {
                 eprintln!("flotilla-agent: {} was removed or replaced; listening there again", socket.display());
                 ours = id;
-                let agent = Arc::clone(&agent);
-                std::thread::spawn(move || serve(agent, listener));
+                std::mem::replace(&mut serving, Serving::start(&agent, listener)).retire();
             }
             Err(e) => eprintln!("flotilla-agent: {} was removed or replaced, and binding it again failed: {e}", socket.display()),
         }
     });
-    Ok(())
+    Ok(keeper)
 }
 
 /// A path's device and inode, not following a link.

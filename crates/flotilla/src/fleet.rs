@@ -282,12 +282,14 @@ fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync
         s.spawn(|| {
             for_each_line(stderr, |line| {
                 let _held = lock.lock();
-                eprintln!("{prefix}{}", escape_controls_block(line));
+                writeln!(std::io::stderr(), "{prefix}{}", escape_controls_block(line))
             })
         });
-        for_each_line(stdout, |line| {
+        // A reader that went away (`| head`) ends the reading; the command then gets its
+        // SIGPIPE at its next write.
+        let _ = for_each_line(stdout, |line| {
             let _held = lock.lock();
-            println!("{prefix}{}", escape_controls_block(line));
+            writeln!(std::io::stdout(), "{prefix}{}", escape_controls_block(line))
         });
     });
     child.wait().map_err(|e| e.to_string())
@@ -295,16 +297,17 @@ fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync
 
 /// Calls `f` with each line of `r` (without its newline; bytes that are not UTF-8 shown as
 /// U+FFFD), as each line arrives.
-fn for_each_line(r: impl std::io::Read, mut f: impl FnMut(&str)) {
+/// Stops at the end of `r`, or at the first line `f` could not write (returning that error).
+fn for_each_line(r: impl std::io::Read, mut f: impl FnMut(&str) -> std::io::Result<()>) -> std::io::Result<()> {
     let mut r = std::io::BufReader::new(r);
     let mut buf = Vec::new();
     loop {
         buf.clear();
         match r.read_until(b'\n', &mut buf) {
-            Ok(0) | Err(_) => return,
+            Ok(0) | Err(_) => return Ok(()),
             Ok(_) => {
                 let line = String::from_utf8_lossy(&buf);
-                f(line.strip_suffix('\n').unwrap_or(&line));
+                f(line.strip_suffix('\n').unwrap_or(&line))?;
             }
         }
     }
@@ -338,13 +341,21 @@ pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, f
             said
         });
         let mut out = std::io::stdout().lock();
-        for_each_line(stdout, |line| {
-            let _ = writeln!(out, "{}", escape_controls_block(line));
-            let _ = out.flush();
+        let written = for_each_line(stdout, |line| {
+            writeln!(out, "{}", escape_controls_block(line))?;
+            out.flush()
         });
-        said.join().expect("stderr reader")
+        if written.is_err() {
+            // Whoever read the lines went away (`logs -F | head`): so does the reading.
+            let _ = child.kill();
+        }
+        (said.join().expect("stderr reader"), written.is_err())
     });
+    let (said, reader_gone) = said;
     let status = child.wait().with_context(|| format!("cannot run {program}"))?;
+    if reader_gone {
+        return Ok(Outcome::Ok);
+    }
     if status.success() {
         return Ok(Outcome::Ok);
     }

@@ -394,3 +394,10 @@ pub(crate) fn free_bytes(path: &std::path::Path) -> io::Result<u64> {
     cvt(unsafe { libc::statvfs(c.as_ptr(), &mut st) })?;
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
+
+/// Wakes every `accept` waiting on the listening socket `fd` (it fails with `EINVAL`), so the
+/// thread blocked there can end and close it.
+pub(crate) fn shut_down_listener(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: shutdown(2) on a descriptor the caller keeps open; it touches no memory of ours.
+    cvt(unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) }).map(drop)
+}

@@ -361,8 +361,14 @@ impl LocalMachine {
         // no user of this host reaches into the machine's files; `root/` itself stays 0755,
         // as it is the machine's `/`, which its own users must be able to enter.
         {
-            use std::os::unix::fs::DirBuilderExt as _;
+            use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&self.dir).map_err(|e| io("create", &self.dir, e))?;
+            // One an older flotilla made 0755 is made private too, through the directory itself.
+            let dir = fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_DIRECTORY).open(&self.dir).map_err(|e| io("open", &self.dir, e))?;
+            let mode = dir.metadata().map_err(|e| io("read", &self.dir, e))?.permissions().mode();
+            if mode & 0o077 != 0 {
+                dir.set_permissions(fs::Permissions::from_mode(0o700)).map_err(|e| io("make private", &self.dir, e))?;
+            }
         }
         for d in ["nix/store", "nix/var/flotilla/bin", "etc", "var/log", "run", "tmp", "proc", "dev", "root", "bin"] {
             let p = root.join(d);
@@ -714,8 +720,14 @@ impl Machine for LocalMachine {
             .ok()
             .and_then(|fd| serde_json::from_reader(fs::File::from(fd)).ok())
             .unwrap_or_default();
+        // A generation not yet kept when the machine stopped: its agent would have returned
+        // to the one its record names, and so does a rollback without `--to`.
+        let pending_previous: Option<u64> = sys::open_beneath(&state_at, Path::new(PENDING), libc::O_RDONLY, sys::Resolve::NoLinks)
+            .ok()
+            .and_then(|fd| serde_json::from_reader::<_, Value>(fs::File::from(fd)).ok())
+            .and_then(|record| record.get("previous_generation")?.as_u64());
         let listed = || generations.keys().map(u64::to_string).collect::<Vec<_>>().join(", ");
-        let target = match to {
+        let target = match to.or(pending_previous) {
             Some(n) if generations.contains_key(&n) => n,
             Some(n) => return Err(self.err(format!("it has no generation {n}; its generations: {}", listed()))),
             None => *generations
