@@ -277,6 +277,19 @@ impl Engine {
         crate::check_agent(agent)?;
         let ctx = self.context(ev.name.as_str(), agent);
 
+        // A platform this build cannot use (or options it cannot make sense of) is the
+        // configuration's error, said before anything is built, recorded or created; a machine
+        // that is only unreachable now fails alone, later.
+        if opts.goal != Goal::Build {
+            let unusable: Vec<String> = selected
+                .iter()
+                .filter_map(|n| platform::machine(&ctx, n.as_str(), &ev.machines[n].platform, &ev.facts.get(n).cloned().unwrap_or_default()).err())
+                .map(|e| e.to_string())
+                .collect();
+            if !unusable.is_empty() {
+                return Err(crate::EngineError::Config(unusable));
+            }
+        }
         // The host tools the platforms need, before anything is built, recorded or created.
         if opts.goal != Goal::Build {
             crate::doctor::require_tools(selected.iter().map(|n| (n, &ev.machines[n].platform))).map_err(crate::EngineError::Host)?;

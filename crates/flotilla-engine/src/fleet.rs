@@ -26,6 +26,8 @@ pub enum Operation {
     HardReboot,
     /// Remove machines entirely.
     Destroy,
+    /// Remove from the state machines whose host is gone for good, doing nothing on it.
+    Forget,
 }
 
 impl Operation {
@@ -34,7 +36,7 @@ impl Operation {
             Operation::Start => Phase::Start,
             Operation::Stop => Phase::Stop,
             Operation::Reboot | Operation::HardReboot => Phase::Reboot,
-            Operation::Destroy => Phase::Destroy,
+            Operation::Destroy | Operation::Forget => Phase::Destroy,
         }
     }
 
@@ -46,6 +48,7 @@ impl Operation {
             Operation::Reboot => "reboot",
             Operation::HardReboot => "reboot --hard",
             Operation::Destroy => "destroy",
+            Operation::Forget => "destroy --forget",
         }
     }
 }
@@ -129,6 +132,18 @@ pub struct MachineInfo {
     pub last_build: Option<flotilla_state::GenerationRecord>,
 }
 
+/// Whether `m` may be forgotten: only a machine its platform cannot reach or handle (or that
+/// is gone already); one that still exists would be left running with nothing to reach it.
+fn forgettable(m: &dyn Machine) -> std::result::Result<(), PlatformError> {
+    match m.state() {
+        MachineState::Unreachable | MachineState::Unusable | MachineState::Missing => Ok(()),
+        state @ (MachineState::Running | MachineState::Stopped) => Err(PlatformError {
+            machine: m.name().to_owned(),
+            message: format!("it is {} on its platform, so forgetting it would leave it behind; `flotilla destroy` without --forget removes it", state.as_str()),
+        }),
+    }
+}
+
 impl Engine {
     /// The recorded machines of a deployment that `sel` picks, with their platform handles.
     pub fn fleet(&self, deployment: &str, sel: &Selection, agent: &Path) -> Result<Vec<(MachineRecord, Box<dyn Machine>)>> {
@@ -140,16 +155,14 @@ impl Engine {
         let picked = sel.apply(names.iter().zip(&records).map(|(n, r)| (n, r.tags.as_slice())))?;
         let ctx = self.context(deployment, agent);
         let mut out = Vec::new();
-        let mut errors = Vec::new();
         for r in records.into_iter().filter(|r| picked.iter().any(|p| p.as_str() == r.name)) {
-            let platform = serde_json::from_value(r.platform_spec.clone());
-            match platform.map_err(|e| format!("machine {}: {e}", r.name)).and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(|e| e.to_string())) {
-                Ok(m) => out.push((r, m)),
-                Err(e) => errors.push(e),
-            }
-        }
-        if !errors.is_empty() {
-            return Err(crate::EngineError::Config(errors));
+            // A machine this build cannot handle is one failed row of whatever command runs,
+            // never the end of the command for every other machine.
+            let machine = serde_json::from_value(r.platform_spec.clone())
+                .map_err(|e| format!("its recorded platform options make no sense to this flotilla ({e}); `flotilla destroy --forget --on {}` removes it from the state", r.name))
+                .and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(|e| e.message))
+                .unwrap_or_else(|why| Box::new(platform::Unusable::new(&r.name, why)));
+            out.push((r, machine));
         }
         Ok(out)
     }
@@ -167,6 +180,7 @@ impl Engine {
                 Operation::Reboot => m.reboot(false),
                 Operation::HardReboot => m.reboot(true),
                 Operation::Destroy => m.destroy(),
+                Operation::Forget => forgettable(*m),
             };
             let state = m.state();
             send(done(m.name(), op.phase(), r.as_ref().map(|()| state.as_str()).map_err(|e| e.message.as_str())));
@@ -176,6 +190,10 @@ impl Engine {
             match (&r.error, op) {
                 (None, Operation::Destroy) => {
                     self.state.remove_machine(deployment, &r.machine, &self.actor)?;
+                    crate::gcroots::Roots::new(self.state.path(), deployment).remove(&r.machine);
+                }
+                (None, Operation::Forget) => {
+                    self.state.forget_machine(deployment, &r.machine, &self.actor)?;
                     crate::gcroots::Roots::new(self.state.path(), deployment).remove(&r.machine);
                 }
                 (None, _) => self.event(deployment, Some(&r.machine), op.as_str(), "ok", r.state.as_str())?,
@@ -210,6 +228,9 @@ impl Engine {
             };
             if info.state != MachineState::Running {
                 info.problems.push(format!("machine is {}", info.state.as_str()));
+                if info.state == MachineState::Unusable {
+                    info.problems.extend(m.problems());
+                }
                 out.push(info);
                 continue;
             }
@@ -335,8 +356,10 @@ impl Engine {
         let results = fan_out(&work, parallel, listen, |(m, cfg), send| {
             send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Keys });
             let r = crate::keys::resolve(m.name(), &cfg.keys).and_then(|keys| {
-                if m.state() != MachineState::Running {
-                    return Err(format!("machine {} is {}; its keys are sent when it starts", m.name(), m.state().as_str()));
+                match m.state() {
+                    MachineState::Running => {}
+                    MachineState::Unusable => return Err(m.problems().join("; ")),
+                    state => return Err(format!("machine {} is {}; its keys are sent when it starts", m.name(), state.as_str())),
                 }
                 let mut c = m.connect().map_err(|e| e.to_string())?;
                 crate::keys::sync(&mut c, &keys, None, true).map_err(|e| e.to_string())

@@ -628,6 +628,16 @@ impl State {
     /// Forgets one machine of a deployment (its facts and generations) after it was
     /// destroyed, with a ledger event. Returns whether it was known.
     pub fn remove_machine(&mut self, deployment: &str, machine: &str, actor: &str) -> Result<bool> {
+        self.remove_machine_saying(deployment, machine, actor, "destroy", "machine destroyed")
+    }
+
+    /// Forgets one machine of a deployment whose host is gone for good, without anything
+    /// done on it: the ledger says so. Returns whether it was known.
+    pub fn forget_machine(&mut self, deployment: &str, machine: &str, actor: &str) -> Result<bool> {
+        self.remove_machine_saying(deployment, machine, actor, "forget", "machine forgotten: nothing on its host was cleaned up")
+    }
+
+    fn remove_machine_saying(&mut self, deployment: &str, machine: &str, actor: &str, kind: &str, message: &str) -> Result<bool> {
         let tx = self.conn.transaction()?;
         let n = tx.execute(
             "DELETE FROM machines WHERE name = ?2 AND deployment_id = (SELECT id FROM deployments WHERE name = ?1)",
@@ -638,9 +648,9 @@ impl State {
             machine: Some(machine.to_owned()),
             at: now(),
             actor: actor.to_owned(),
-            kind: "destroy".into(),
+            kind: kind.into(),
             status: "ok".into(),
-            message: "machine destroyed".into(),
+            message: message.into(),
             details: None,
         })?;
         tx.commit()?;

@@ -161,6 +161,10 @@ pub enum Command {
         /// Do not ask for confirmation
         #[arg(long, short = 'y')]
         yes: bool,
+        /// Only remove them from the state, doing nothing on their hosts: for machines whose
+        /// host is gone for good (an ssh host decommissioned), which destroy cannot reach
+        #[arg(long)]
+        forget: bool,
     },
     /// Compare machines' live state with what was deployed; differences are recorded as drift
     Check {
@@ -256,6 +260,10 @@ pub enum Command {
     Delete {
         #[command(flatten)]
         target: Target,
+        /// Forget first the machines whose hosts are gone for good (as `destroy --forget`);
+        /// machines that still exist are still refused
+        #[arg(long)]
+        force: bool,
     },
     /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
     /// (exit status 0 when the default platform can deploy from here)

@@ -34,7 +34,9 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 .clone()
                 .ok_or_else(|| anyhow!("machine {machine} did not build: {}", built.error.as_deref().unwrap_or("")))?;
 
-            let mut client = connect_or_start(dir, &agent)?;
+            // An agent started here keeps running once it activated a system (it runs the
+            // system's services); with nothing activated, it stops before this returns.
+            let (mut client, started) = connect_or_start(dir, &agent)?;
             let nix = nix(g)?;
             let compression = if *compress { Compression::Zstd } else { Compression::None };
             let copy = client.copy_closure(&nix, std::slice::from_ref(&toplevel), compression, &mut progress_printer())?;
@@ -49,6 +51,10 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 Some(goal) => client.activate(&toplevel, goal, None, None).map(|a| Some((a.generation, a.report)))?,
                 None => None,
             };
+            if matches!(goal, Goal::Copy | Goal::DryActivate) {
+                drop(client);
+                started.stop()?;
+            }
             if *json {
                 output::json(&serde_json::json!({
                     "machine": machine,
@@ -58,7 +64,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                     "report": activation.as_ref().map(|a| &a.1),
                 }));
             } else {
-                println!(
+                outln!(
                     "{machine}: copied {} of {} paths ({} bytes) in {:.2}s",
                     copy.paths_sent, copy.closure_paths, copy.bytes_sent, copy.seconds
                 );
@@ -73,13 +79,16 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 .iter()
                 .map(|p| StorePath::parse(p).map_err(|e| anyhow!("{e}: pass store paths, e.g. $(nix-build ...)")))
                 .collect::<Result<Vec<_>>>()?;
-            let mut client = connect_or_start(dir, &agent_path()?)?;
+            let (mut client, started) = connect_or_start(dir, &agent_path()?)?;
             let compression = if *compress { Compression::Zstd } else { Compression::None };
-            let copy = client.copy_closure(&nix(g)?, &roots, compression, &mut progress_printer())?;
+            let copy = client.copy_closure(&nix(g)?, &roots, compression, &mut progress_printer());
+            drop(client);
+            started.stop()?;
+            let copy = copy?;
             if *json {
                 output::json(&copy);
             } else {
-                println!("copied {} of {} paths ({} bytes) in {:.2}s", copy.paths_sent, copy.closure_paths, copy.bytes_sent, copy.seconds);
+                outln!("copied {} of {} paths ({} bytes) in {:.2}s", copy.paths_sent, copy.closure_paths, copy.bytes_sent, copy.seconds);
             }
             Ok(Outcome::Ok)
         }
@@ -92,9 +101,9 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                         output::json(&status);
                     } else {
                         let (generation, toplevel, services) = (status.generation, status.toplevel, status.services);
-                        println!("generation {}: {}", generation.map(|n| n.to_string()).unwrap_or("-".into()), toplevel.map(|t| t.to_string()).unwrap_or("-".into()));
+                        outln!("generation {}: {}", generation.map(|n| n.to_string()).unwrap_or("-".into()), toplevel.map(|t| t.to_string()).unwrap_or("-".into()));
                         for s in services {
-                            println!("  {:<16} {:?} pid {} restarts {}", s.name, s.state, s.pid.map(|p| p.to_string()).unwrap_or("-".into()), s.restarts);
+                            outln!("  {:<16} {:?} pid {} restarts {}", s.name, s.state, s.pid.map(|p| p.to_string()).unwrap_or("-".into()), s.restarts);
                         }
                     }
                 }
@@ -104,7 +113,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                         output::json(&gens);
                     } else {
                         for gen in gens {
-                            println!("{:>4}{} {} {}", gen.number, if gen.current { "*" } else { " " }, gen.created_unix, gen.toplevel);
+                            outln!("{:>4}{} {} {}", gen.number, if gen.current { "*" } else { " " }, gen.created_unix, gen.toplevel);
                         }
                     }
                 }
@@ -121,7 +130,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                     if *json {
                         output::json(&deleted);
                     } else {
-                        println!("deleted generations {deleted:?}");
+                        outln!("deleted generations {deleted:?}");
                     }
                 }
                 RootOp::Gc => {
@@ -129,7 +138,7 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                     if *json {
                         output::json(&serde_json::json!({ "paths": paths, "bytes": bytes }));
                     } else {
-                        println!("removed {paths} store paths, {bytes} bytes");
+                        outln!("removed {paths} store paths, {bytes} bytes");
                     }
                 }
             }
@@ -159,17 +168,34 @@ fn socket(dir: &Path) -> std::path::PathBuf {
     dir.join("run/flotilla/agent.sock")
 }
 
-/// Connects to the agent of `dir`, starting one (detached, logging beside its services) when
-/// none answers.
-fn connect_or_start(dir: &Path, agent: &Path) -> Result<AgentClient> {
+/// An agent a debug command started for its own use.
+struct Started(Option<std::process::Child>);
+
+impl Started {
+    /// Stops it (SIGTERM: it stops whatever it runs first) and waits for it, when this command
+    /// started it; one that was running already is left running.
+    fn stop(self) -> Result<()> {
+        let Some(mut child) = self.0 else { return Ok(()) };
+        let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+        let status = child.wait().context("cannot wait for the agent it started")?;
+        if !status.success() {
+            bail!("the agent it started for its own use ended with {status}");
+        }
+        Ok(())
+    }
+}
+
+/// Connects to the agent of `dir`, starting one (logging beside its services) when none
+/// answers; says whether it started one.
+fn connect_or_start(dir: &Path, agent: &Path) -> Result<(AgentClient, Started)> {
     let sock = socket(dir);
     if let Ok(c) = AgentClient::connect_unix(&sock) {
-        return Ok(c);
+        return Ok((c, Started(None)));
     }
     std::fs::create_dir_all(dir.join("var/log/flotilla")).with_context(|| format!("cannot create {}", dir.display()))?;
     let log = std::fs::File::create(dir.join("var/log/flotilla/agent.log"))?;
     use std::os::unix::process::CommandExt;
-    Command::new(agent)
+    let mut child = Command::new(agent)
         .arg("init")
         .arg("--root")
         .arg(dir)
@@ -182,8 +208,12 @@ fn connect_or_start(dir: &Path, agent: &Path) -> Result<AgentClient> {
     let start = Instant::now();
     loop {
         match AgentClient::connect_unix(&sock) {
-            Ok(c) => return Ok(c),
-            Err(e) if start.elapsed() > Duration::from_secs(10) => bail!("the agent started for {} does not answer: {e}", dir.display()),
+            Ok(c) => return Ok((c, Started(Some(child)))),
+            Err(e) if start.elapsed() > Duration::from_secs(10) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("the agent started for {} does not answer: {e}", dir.display())
+            }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }
     }
@@ -206,8 +236,8 @@ fn print_report(generation: u64, r: &ActivationReport) {
             parts.push(format!("{what} {}", list.join(",")));
         }
     }
-    println!("{}generation {generation}: {}", if r.dry_run { "would activate " } else { "" }, if parts.is_empty() { "nothing changed".into() } else { parts.join("; ") });
+    outln!("{}generation {generation}: {}", if r.dry_run { "would activate " } else { "" }, if parts.is_empty() { "nothing changed".into() } else { parts.join("; ") });
     for m in &r.messages {
-        println!("  {}", flotilla_model::escape_controls(m));
+        outln!("  {}", flotilla_model::escape_controls(m));
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use flotilla_engine::deploy::{DeployOptions, Goal};
-use flotilla_engine::fleet::Operation;
+use flotilla_engine::fleet::{MachineInfo, Operation};
 use flotilla_engine::platform::Machine;
 use flotilla_engine::Engine;
 use flotilla_model::{escape_controls_block, Selection};
@@ -46,7 +46,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
     progress.finish();
     let report = report?;
     if json {
-        println!("{}", serde_json::to_string(&report)?);
+        outln!("{}", serde_json::to_string(&report)?);
     } else {
         output::deploy_report(&report);
     }
@@ -119,16 +119,16 @@ pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) 
     let name = deployment_name(&engine, target)?;
     let sel = Selection::parse(on);
     let agent = agent_path()?;
-    if op == Operation::Destroy && !yes {
+    if matches!(op, Operation::Destroy | Operation::Forget) && !yes {
         let machines: Vec<String> = engine.fleet(&name, &sel, &agent)?.into_iter().map(|(r, _)| r.name).collect();
         if machines.is_empty() {
             bail!("deployment `{name}` has no machines to destroy");
         }
-        confirm(&format!(
-            "Destroy {} machine(s) of {name} ({})? Their processes, network and disks are deleted.",
-            machines.len(),
-            machines.join(", ")
-        ))?;
+        let (verb, what) = match op {
+            Operation::Forget => ("Forget", "They leave the state; nothing on their hosts is cleaned up."),
+            _ => ("Destroy", "Their processes, network and disks are deleted."),
+        };
+        confirm(&format!("{verb} {} machine(s) of {name} ({})? {what}", machines.len(), machines.join(", ")))?;
     }
     let mut progress = Progress::new(false, g.verbose);
     let results = engine.operate(&name, &sel, op, &agent, 8, &mut |e| progress.event(e));
@@ -182,22 +182,49 @@ fn confirm(question: &str) -> Result<()> {
 
 pub fn info(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome> {
     let engine = engine(g, open_state(g)?)?;
-    let name = deployment_name(&engine, target)?;
+    let (name, declared) = deployment_and_machines(&engine, target)?;
     let dep = engine
         .state()
         .deployment(&name)?
         .ok_or_else(|| anyhow!("no deployment named `{name}` in the state database; `flotilla list` shows the known ones"))?;
-    let infos = engine.info(&name, &Selection::parse(on), &agent_path()?)?;
+    let mut infos = engine.info(&name, &Selection::parse(on), &agent_path()?)?;
+    mark_orphans(&mut infos, &name, target, declared.as_deref());
     output::machine_infos(&dep, &infos, json);
     Ok(Outcome::Ok)
 }
 
 pub fn check(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
-    let name = deployment_name(&engine, target)?;
-    let infos = engine.check(&name, &Selection::parse(on), &agent_path()?)?;
+    let (name, declared) = deployment_and_machines(&engine, target)?;
+    let mut infos = engine.check(&name, &Selection::parse(on), &agent_path()?)?;
+    mark_orphans(&mut infos, &name, target, declared.as_deref());
     output::drift(&infos, json);
     Ok(if infos.iter().all(|i| i.problems.is_empty()) { Outcome::Ok } else { Outcome::SomeFailed })
+}
+
+/// The deployment's name and, when it was named by its file, the machines the file declares.
+fn deployment_and_machines(engine: &Engine, target: &Target) -> Result<(String, Option<Vec<String>>)> {
+    match (&target.deployment, &target.file) {
+        (None, Some(file)) => {
+            let ev = engine.evaluate(file)?;
+            Ok((ev.name.to_string(), Some(ev.machines.keys().map(ToString::to_string).collect())))
+        }
+        _ => Ok((deployment_name(engine, target)?, None)),
+    }
+}
+
+/// A machine in the state that its deployment's file no longer declares is orphaned: said,
+/// with how to remove it (from the state alone: the file has no definition of it any more).
+fn mark_orphans(infos: &mut [MachineInfo], deployment: &str, target: &Target, declared: Option<&[String]>) {
+    let (Some(declared), Some(file)) = (declared, &target.file) else { return };
+    for i in infos.iter_mut().filter(|i| !declared.contains(&i.machine)) {
+        i.health = "orphaned".into();
+        i.problems.push(format!(
+            "orphaned: {} no longer declares it; `flotilla destroy -d {deployment} --on {} --yes` removes it (with --forget when its host is gone for good)",
+            file.display(),
+            i.machine
+        ));
+    }
 }
 
 fn one_machine(engine: &Engine, deployment: &str, machine: &str) -> Result<Box<dyn Machine>> {

@@ -2,10 +2,11 @@
 //! the Nix layer, state DB and engine together, renders progress, tables and `--json`, and
 //! chooses the exit status: 0 all good, 1 some machines failed, 2 could not run.
 
+#[macro_use]
+mod output;
 mod cli;
 mod debug;
 mod fleet;
-mod output;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -55,11 +56,15 @@ fn run(cli: Cli) -> Result<Outcome> {
     let g = &cli.global;
     match &cli.command {
         Command::Completions { shell } => {
-            clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
+            let mut text = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "flotilla", &mut text);
+            output::emit(&String::from_utf8_lossy(&text));
             Ok(Outcome::Ok)
         }
         Command::Man => {
-            clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
+            let mut text = Vec::new();
+            clap_mangen::Man::new(Cli::command()).render(&mut text)?;
+            output::emit(&String::from_utf8_lossy(&text));
             Ok(Outcome::Ok)
         }
         Command::Doctor { json } => {
@@ -70,7 +75,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Options => {
             let nix = nix(g)?;
             let schema: flotilla_model::Schema = serde_json::from_value(nix.options_schema()?)?;
-            print!("{}", output::options_markdown(&schema));
+            out!("{}", output::options_markdown(&schema));
             Ok(Outcome::Ok)
         }
         Command::List { json } => {
@@ -103,7 +108,9 @@ fn run(cli: Cli) -> Result<Outcome> {
         Command::Reboot { target, on, hard } => {
             fleet::operate(g, target, &on.on, if *hard { Operation::HardReboot } else { Operation::Reboot }, true)
         }
-        Command::Destroy { target, on, yes } => fleet::operate(g, target, &on.on, Operation::Destroy, *yes),
+        Command::Destroy { target, on, yes, forget } => {
+            fleet::operate(g, target, &on.on, if *forget { Operation::Forget } else { Operation::Destroy }, *yes)
+        }
         Command::Check { target, on, json } => fleet::check(g, target, &on.on, *json),
         Command::Exec { target, machine, all, on, record_command, command } => {
             fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command, *record_command)
@@ -127,7 +134,10 @@ fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        Command::Delete { target } => {
+        Command::Delete { target, force } => {
+            if *force && fleet::operate(g, target, "", Operation::Forget, true)? != Outcome::Ok {
+                bail!("some machines could not be forgotten (above); destroy them, then delete again");
+            }
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;
             if !engine.delete(&name, &agent_path()?)? {

@@ -13,8 +13,35 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// Prints any value as pretty JSON on stdout.
+/// Writes `text` to stdout. A reader that went away (`flotilla log | head`) ends flotilla
+/// quietly with exit status 0, as a closed pipe ends `cat`; any other failure to write is one
+/// error line and exit status 2. Everything flotilla prints for its user goes through here
+/// (`out!`/`outln!`), never through `print!`, which panics on a closed pipe.
+pub fn emit(text: &str) {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(2);
+    }
+}
+
+/// `print!` through [`emit`].
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::output::emit(&format!($($arg)*)) };
+}
+
+/// `println!` through [`emit`].
+macro_rules! outln {
+    () => { $crate::output::emit("\n") };
+    ($($arg:tt)*) => { $crate::output::emit(&format!("{}\n", format_args!($($arg)*))) };
+}
+
 pub fn json<T: Serialize + ?Sized>(v: &T) {
-    println!("{}", serde_json::to_string_pretty(v).expect("output serialises"));
+    outln!("{}", serde_json::to_string_pretty(v).expect("output serialises"));
 }
 
 /// A left-aligned text table. Cells often hold text from a machine (a reason, a check's
@@ -71,7 +98,7 @@ pub fn deployments(deps: &[DeploymentRecord], as_json: bool) {
         .iter()
         .map(|d| vec![d.name.clone(), d.machines.to_string(), ago(d.updated_at), d.file.clone().unwrap_or_default()])
         .collect();
-    print!("{}", table(&["DEPLOYMENT", "MACHINES", "UPDATED", "FILE"], &rows));
+    out!("{}", table(&["DEPLOYMENT", "MACHINES", "UPDATED", "FILE"], &rows));
 }
 
 pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: bool) {
@@ -94,8 +121,8 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
             ]
         })
         .collect();
-    println!("deployment {} ({} machines){}", dep.name, dep.machines, if dep.description.is_empty() { String::new() } else { format!(": {}", dep.description) });
-    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "STATE", "GEN", "SERVICES", "HEALTH", "TAGS"], &rows));
+    outln!("deployment {} ({} machines){}", dep.name, dep.machines, if dep.description.is_empty() { String::new() } else { format!(": {}", dep.description) });
+    out!("{}", table(&["MACHINE", "PLATFORM", "IP", "STATE", "GEN", "SERVICES", "HEALTH", "TAGS"], &rows));
     let checks: Vec<Vec<String>> = machines
         .iter()
         .flat_map(|m| {
@@ -106,8 +133,8 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         })
         .collect();
     if !checks.is_empty() {
-        println!();
-        print!("{}", table(&["MACHINE", "SERVICE", "HEALTH", "CHECK", "LAST OUTPUT"], &checks));
+        outln!();
+        out!("{}", table(&["MACHINE", "SERVICE", "HEALTH", "CHECK", "LAST OUTPUT"], &checks));
     }
     for m in machines.iter().filter(|m| !m.problems.is_empty() && m.state == MachineState::Running) {
         eprintln!("{}: {}", m.machine, escape_controls(&m.problems.join("; ")));
@@ -121,11 +148,17 @@ pub fn drift(machines: &[MachineInfo], as_json: bool) {
     let rows: Vec<Vec<String>> = machines
         .iter()
         .map(|m| {
-            let (result, detail) = if m.problems.is_empty() { ("ok", "as deployed".to_owned()) } else { ("DRIFT", m.problems.join("; ")) };
+            // A machine that cannot be checked at all is a failure, not drift.
+            let result = match m.state {
+                _ if m.problems.is_empty() => "ok",
+                MachineState::Unusable | MachineState::Unreachable => "FAILED",
+                _ => "DRIFT",
+            };
+            let detail = if m.problems.is_empty() { "as deployed".to_owned() } else { m.problems.join("; ") };
             vec![m.machine.clone(), result.into(), detail]
         })
         .collect();
-    print!("{}", table(&["MACHINE", "CHECK", "DETAIL"], &rows));
+    out!("{}", table(&["MACHINE", "CHECK", "DETAIL"], &rows));
 }
 
 pub fn deploy_report(r: &DeployReport) {
@@ -141,14 +174,14 @@ pub fn deploy_report(r: &DeployReport) {
             vec![m.machine.clone(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
         })
         .collect();
-    print!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
+    out!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
     let reverted: Vec<Vec<String>> = r
         .reverted()
         .map(|m| vec![m.machine.clone(), m.generation.map_or_else(|| "-".into(), |g| g.to_string()), m.summary.clone()])
         .collect();
     if !reverted.is_empty() {
-        println!("\nreverted by --rollback-all-on-failure:");
-        print!("{}", table(&["MACHINE", "FROM GEN", "DETAIL"], &reverted));
+        outln!("\nreverted by --rollback-all-on-failure:");
+        out!("{}", table(&["MACHINE", "FROM GEN", "DETAIL"], &reverted));
     }
     let failed = r.machines.iter().filter(|m| !matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged)).count();
     eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), r.goal.as_str(), r.elapsed.as_secs_f64());
@@ -167,7 +200,7 @@ pub fn rollback_results(results: &[RollbackResult]) {
             Some(e) => vec![r.machine.clone(), "FAILED".into(), gen(r.from), "-".into(), first_line(e)],
         })
         .collect();
-    print!("{}", table(&["MACHINE", "RESULT", "FROM", "TO", "REASON"], &rows));
+    out!("{}", table(&["MACHINE", "RESULT", "FROM", "TO", "REASON"], &rows));
 }
 
 pub fn generations(gens: &[flotilla_protocol::GenerationInfo]) {
@@ -187,7 +220,7 @@ pub fn generations(gens: &[flotilla_protocol::GenerationInfo]) {
             ]
         })
         .collect();
-    print!("{}", table(&["GEN", "DATE", "TOPLEVEL", "STATUS", "CURRENT"], &rows));
+    out!("{}", table(&["GEN", "DATE", "TOPLEVEL", "STATUS", "CURRENT"], &rows));
 }
 
 pub fn keys_results(results: &[KeysResult]) {
@@ -198,18 +231,19 @@ pub fn keys_results(results: &[KeysResult]) {
             Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
         })
         .collect();
-    print!("{}", table(&["MACHINE", "KEYS", "DETAIL"], &rows));
+    out!("{}", table(&["MACHINE", "KEYS", "DETAIL"], &rows));
 }
 
 pub fn operation_results(op: Operation, results: &[OperationResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| match &r.error {
+            None if op == Operation::Forget => vec![r.machine.clone(), "ok".into(), "forgotten (nothing on its host was cleaned up)".into()],
             None => vec![r.machine.clone(), "ok".into(), r.state.as_str().into()],
             Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
         })
         .collect();
-    print!("{}", table(&["MACHINE", op.as_str().to_uppercase().as_str(), "STATE / REASON"], &rows));
+    out!("{}", table(&["MACHINE", op.as_str().to_uppercase().as_str(), "STATE / REASON"], &rows));
 }
 
 pub fn events(events: &[Event], as_json: bool) {
@@ -230,11 +264,11 @@ pub fn events(events: &[Event], as_json: bool) {
             ]
         })
         .collect();
-    print!("{}", table(&["WHEN", "DEPLOYMENT", "MACHINE", "WHAT", "RESULT", "WHO", "DETAIL"], &rows));
+    out!("{}", table(&["WHEN", "DEPLOYMENT", "MACHINE", "WHAT", "RESULT", "WHO", "DETAIL"], &rows));
 }
 
 pub fn evaluated(ev: &Evaluated) {
-    println!("deployment {}: {} machines, all checked", ev.name, ev.machines.len());
+    outln!("deployment {}: {} machines, all checked", ev.name, ev.machines.len());
     let rows: Vec<Vec<String>> = ev
         .machines
         .iter()
@@ -249,7 +283,7 @@ pub fn evaluated(ev: &Evaluated) {
             ]
         })
         .collect();
-    print!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "SERVICES"], &rows));
+    out!("{}", table(&["MACHINE", "PLATFORM", "IP", "TAGS", "SERVICES"], &rows));
 }
 
 /// `flotilla doctor`: a line per check, its fix indented below it, and a verdict.
@@ -271,7 +305,7 @@ pub fn doctor(r: &flotilla_engine::doctor::Report, as_json: bool) {
     } else {
         let _ = writeln!(out, "this host cannot deploy local machines yet: {failed} check{} failed", if failed == 1 { "" } else { "s" });
     }
-    print!("{out}");
+    out!("{out}");
 }
 
 pub fn build_report(r: &BuildReport, as_json: bool) {
@@ -286,7 +320,7 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
             (None, e) => vec![m.machine.clone(), "FAILED".into(), first_line(e.as_deref().unwrap_or("unknown error"))],
         })
         .collect();
-    print!("{}", table(&["MACHINE", "RESULT", "TOPLEVEL / REASON"], &rows));
+    out!("{}", table(&["MACHINE", "RESULT", "TOPLEVEL / REASON"], &rows));
     let failed = r.machines.iter().filter(|m| m.error.is_some()).count();
     eprintln!("{} built, {failed} failed in {:.1}s", r.machines.len() - failed, r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.is_some()) {

@@ -36,7 +36,7 @@ impl Progress {
     pub fn event(&mut self, e: &EngineEvent) {
         match self {
             Progress::Json => {
-                println!("{}", serde_json::to_string(e).expect("events serialise"));
+                outln!("{}", serde_json::to_string(e).expect("events serialise"));
             }
             Progress::Plain { verbose } => match e {
                 EngineEvent::PhaseStarted { phase, machines } => eprintln!("{}: {}", phase.as_str(), machines.join(", ")),

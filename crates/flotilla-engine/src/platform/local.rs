@@ -561,7 +561,7 @@ impl Machine for LocalMachine {
         }
         match self.state() {
             MachineState::Running => self.restore_running(),
-            MachineState::Unreachable => Ok(None),
+            MachineState::Unreachable | MachineState::Unusable => Ok(None),
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
                 let made = self.prepare_root().and_then(|()| self.start());

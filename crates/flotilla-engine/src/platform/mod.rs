@@ -49,6 +49,9 @@ pub enum MachineState {
     Running,
     /// Its host does not answer, so its state is unknown.
     Unreachable,
+    /// This flotilla cannot handle it: its platform is unknown to this build, or its
+    /// recorded options make no sense. Nothing can be done to it but forget it.
+    Unusable,
 }
 
 impl MachineState {
@@ -59,6 +62,7 @@ impl MachineState {
             MachineState::Stopped => "stopped",
             MachineState::Running => "running",
             MachineState::Unreachable => "unreachable",
+            MachineState::Unusable => "unusable",
         }
     }
 }
@@ -143,6 +147,63 @@ impl Context {
     /// Where a deployment's local machine data lives.
     pub fn machines_dir(&self) -> PathBuf {
         self.state_path.parent().unwrap_or(Path::new(".")).join("machines").join(&self.deployment)
+    }
+}
+
+/// A machine this flotilla cannot handle (see [`MachineState::Unusable`]): every operation
+/// fails with why, so that a fleet command makes it one failed row and goes on with the rest.
+pub struct Unusable {
+    name: String,
+    why: String,
+}
+
+impl Unusable {
+    /// Machine `name`, unusable for `why` (a sentence with the fix).
+    pub fn new(name: &str, why: impl Into<String>) -> Unusable {
+        Unusable { name: name.to_owned(), why: why.into() }
+    }
+
+    fn err(&self) -> PlatformError {
+        PlatformError { machine: self.name.clone(), message: self.why.clone() }
+    }
+}
+
+impl Machine for Unusable {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn state(&self) -> MachineState {
+        MachineState::Unusable
+    }
+    fn provision(&self) -> Result<Option<String>, PlatformError> {
+        Err(self.err())
+    }
+    fn start(&self) -> Result<(), PlatformError> {
+        Err(self.err())
+    }
+    fn stop(&self) -> Result<(), PlatformError> {
+        Err(self.err())
+    }
+    fn problems(&self) -> Vec<String> {
+        vec![self.why.clone()]
+    }
+    fn set_boot_generation(&self, _to: Option<u64>) -> Result<BootGeneration, PlatformError> {
+        Err(self.err())
+    }
+    fn destroy(&self) -> Result<(), PlatformError> {
+        Err(self.err())
+    }
+    fn connect(&self) -> Result<AgentClient, RemoteError> {
+        Err(RemoteError::Transport { destination: format!("machine {}", self.name), message: self.why.clone() })
+    }
+    fn command(&self, _argv: &[String], _tty: bool) -> Result<Command, PlatformError> {
+        Err(self.err())
+    }
+    fn logs(&self, _service: Option<&str>, _lines: usize, _follow: bool) -> Result<Command, PlatformError> {
+        Err(self.err())
+    }
+    fn resources(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
     }
 }
 
