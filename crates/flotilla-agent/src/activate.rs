@@ -41,10 +41,10 @@ use crate::supervisor::{Supervisor, SupervisorError};
 use crate::{etc, health, keys, users};
 
 /// The agent's record of failed generations (number → why), in its state directory.
-const FAILED: &str = "failed-generations.json";
+const FAILED: &str = flotilla_protocol::layout::records::FAILED;
 
 /// The generation awaiting confirmation, as [`PendingRecord`], in the agent's state directory.
-const PENDING: &str = "pending.json";
+const PENDING: &str = flotilla_protocol::layout::records::PENDING;
 
 /// How long services without a health check get to be running after an activation.
 const SETTLE: Duration = Duration::from_secs(10);

@@ -34,18 +34,18 @@ const POLL: Duration = Duration::from_millis(50);
 
 /// The agent's pidfile, inside the machine.
 pub fn pidfile_path(root: &MachineRoot) -> PathBuf {
-    root.path("/run/flotilla/agent.pid")
+    root.path(flotilla_protocol::layout::PIDFILE)
 }
 
 /// The file `init` holds locked while it runs.
 pub fn lock_path(root: &MachineRoot) -> PathBuf {
-    root.path("/run/flotilla/agent.lock")
+    root.path(flotilla_protocol::layout::LOCKFILE)
 }
 
 /// Where `init --detach` appends the agent's output unless told otherwise: beside the
 /// services' logs, not among them, so no service's name can clash with it.
 pub fn default_log(root: &MachineRoot) -> PathBuf {
-    root.path("/var/log/flotilla-agent.log")
+    root.path(flotilla_protocol::layout::AGENT_LOG)
 }
 
 /// Whether an agent answers on the machine's control socket.

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::activate::AgentError;
 use crate::machine::{symlink_atomic, MachineRoot};
 
-const STATE: &str = "etc.json";
+const STATE: &str = flotilla_protocol::layout::records::ETC;
 
 /// What the agent placed: entry path → a fingerprint of what it placed there.
 #[derive(Debug, Default, Serialize, Deserialize)]

@@ -30,7 +30,7 @@ use crate::machine::MachineRoot;
 use crate::users;
 
 /// The agent's record of the keys it placed, in its state directory.
-const STATE: &str = "keys.json";
+const STATE: &str = flotilla_protocol::layout::records::KEYS;
 
 /// Where a key lives and whose it is; no contents.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

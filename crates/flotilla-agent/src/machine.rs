@@ -20,7 +20,7 @@ use std::fs;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
-use flotilla_protocol::PathInfo;
+use flotilla_protocol::{layout, PathInfo};
 use flotilla_store::{HashingReader, NarHash, StorePath};
 use serde::{Deserialize, Serialize};
 
@@ -249,11 +249,11 @@ impl MachineRoot {
 
     /// The agent's own state directory.
     pub fn state_dir(&self) -> PathBuf {
-        self.path("/nix/var/flotilla")
+        self.path(layout::STATE_DIR)
     }
 
     fn registry_dir(&self) -> PathBuf {
-        self.state_dir().join("db")
+        self.path(layout::REGISTRY)
     }
 
     /// Whether the machine has Nix of its own (its database directory exists).
@@ -271,22 +271,22 @@ impl MachineRoot {
 
     /// Where the machine's Nix roots are that keep the agent's paths from Nix's collector.
     pub fn nix_gcroots_dir(&self) -> PathBuf {
-        self.path("/nix/var/nix/gcroots/flotilla")
+        self.path(layout::NIX_GCROOTS)
     }
 
     /// Where system generations are linked.
     pub fn profiles_dir(&self) -> PathBuf {
-        self.state_dir().join("profiles")
+        self.path(layout::PROFILES)
     }
 
     /// The control socket inside the machine.
     pub fn socket_path(&self) -> PathBuf {
-        self.path("/run/flotilla/agent.sock")
+        self.path(layout::SOCKET)
     }
 
     /// Where service logs go.
     pub fn log_dir(&self) -> PathBuf {
-        self.path("/var/log/flotilla")
+        self.path(layout::LOG_DIR)
     }
 
     /// Creates the directories the agent needs and removes leftovers of interrupted
@@ -297,7 +297,7 @@ impl MachineRoot {
         }
         // The agent's socket and services' output are root's: their directories are root's
         // alone (only root may connect to the agent; a service user reads no other's logs).
-        for d in [self.path("/run/flotilla"), self.log_dir()] {
+        for d in [self.path(layout::RUN_DIR), self.log_dir()] {
             make_private_dir(&d)?;
         }
         for entry in fs::read_dir(self.store_dir())?.flatten() {

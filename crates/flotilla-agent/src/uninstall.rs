@@ -25,6 +25,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use flotilla_protocol::layout::{self, records};
 use flotilla_store::StorePath;
 use serde::Deserialize;
 
@@ -138,9 +139,9 @@ pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Su
     };
 
     let read = |name: &str| format!("cannot read the agent's record {}", root.state_dir().join(name).display());
-    let etc: EtcRecord = root.read_state("etc.json").map_err(|e| format!("{}: {e}; nothing was removed", read("etc.json")))?;
-    let accounts: AccountsRecord = root.read_state("accounts.json").map_err(|e| format!("{}: {e}; nothing was removed", read("accounts.json")))?;
-    let keys: BTreeMap<String, KeyRecord> = root.read_state("keys.json").map_err(|e| format!("{}: {e}; nothing was removed", read("keys.json")))?;
+    let etc: EtcRecord = root.read_state(records::ETC).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ETC)))?;
+    let accounts: AccountsRecord = root.read_state(records::ACCOUNTS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ACCOUNTS)))?;
+    let keys: BTreeMap<String, KeyRecord> = root.read_state(records::KEYS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::KEYS)))?;
     let registered = registry(root);
     check_bin_sh(root, &registered)?;
 
@@ -154,7 +155,7 @@ pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Su
     }
     remove_accounts(&mut run, &accounts);
     let last = remove_store_paths(&mut run, &registered);
-    for dir in ["/nix/var/flotilla", "/var/log/flotilla", "/var/log/flotilla-agent.log", "/run/flotilla"] {
+    for dir in [layout::STATE_DIR, layout::LOG_DIR, layout::AGENT_LOG, layout::RUN_DIR] {
         let path = root.path(dir);
         if fs::symlink_metadata(&path).is_ok() {
             run.remove(&path, path.display().to_string());

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use crate::activate::AgentError;
 use crate::machine::MachineRoot;
 
-const STATE: &str = "accounts.json";
+const STATE: &str = flotilla_protocol::layout::records::ACCOUNTS;
 
 /// `users.<name>.home` when the config does not set it (`nix/options.nix`).
 const DEFAULT_HOME: &str = "/var/empty";

@@ -13,6 +13,7 @@ mod data;
 mod error;
 pub mod frame;
 mod handshake;
+pub mod layout;
 pub mod message;
 
 pub use connection::{BoxedConnection, Connection, IO_BUFFER_SIZE};

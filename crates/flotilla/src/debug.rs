@@ -165,7 +165,7 @@ fn progress_printer() -> impl FnMut(&CopyProgress) {
 }
 
 fn socket(dir: &Path) -> std::path::PathBuf {
-    dir.join("run/flotilla/agent.sock")
+    flotilla_protocol::layout::under(dir, flotilla_protocol::layout::SOCKET)
 }
 
 /// An agent a debug command started for its own use.
@@ -192,8 +192,9 @@ fn connect_or_start(dir: &Path, agent: &Path) -> Result<(AgentClient, Started)> 
     if let Ok(c) = AgentClient::connect_unix(&sock) {
         return Ok((c, Started(None)));
     }
-    std::fs::create_dir_all(dir.join("var/log/flotilla")).with_context(|| format!("cannot create {}", dir.display()))?;
-    let log = std::fs::File::create(dir.join("var/log/flotilla/agent.log"))?;
+    let log_dir = flotilla_protocol::layout::under(dir, flotilla_protocol::layout::LOG_DIR);
+    std::fs::create_dir_all(&log_dir).with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let log = std::fs::File::create(log_dir.join("agent.log"))?;
     use std::os::unix::process::CommandExt;
     let mut child = Command::new(agent)
         .arg("init")

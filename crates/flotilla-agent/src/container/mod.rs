@@ -31,9 +31,9 @@ use serde::{Deserialize, Serialize};
 use sys::Action;
 
 /// The agent of the activated system, tried first (as the container sees it).
-pub const SYSTEM_AGENT: &str = "/nix/var/flotilla/profiles/system/bin/flotilla-agent";
+pub const SYSTEM_AGENT: &str = flotilla_protocol::layout::SYSTEM_AGENT;
 /// The bootstrap agent the deployer copies in, run when no system was activated yet.
-pub const BOOTSTRAP_AGENT: &str = "/nix/var/flotilla/bin/flotilla-agent";
+pub const BOOTSTRAP_AGENT: &str = flotilla_protocol::layout::BOOTSTRAP_AGENT;
 /// The environment of the container's PID 1, and nothing else.
 pub const INIT_ENV: [&str; 3] = ["PATH=/run/current-system/sw/bin:/bin", "HOME=/root", "container=flotilla"];
 

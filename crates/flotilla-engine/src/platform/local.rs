@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use std::os::fd::AsRawFd as _;
 
+use flotilla_protocol::layout::{self, records};
 use flotilla_store::StorePath;
 
 use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError};
@@ -370,12 +371,13 @@ impl LocalMachine {
                 dir.set_permissions(fs::Permissions::from_mode(0o700)).map_err(|e| io("make private", &self.dir, e))?;
             }
         }
-        for d in ["nix/store", "nix/var/flotilla/bin", "etc", "var/log", "run", "tmp", "proc", "dev", "root", "bin"] {
-            let p = root.join(d);
+        let bootstrap = layout::under(&root, layout::BOOTSTRAP_AGENT);
+        let bin = bootstrap.parent().expect("the bootstrap agent is in a directory");
+        for p in ["nix/store", "etc", "var/log", "run", "tmp", "proc", "dev", "root", "bin"].iter().map(|d| root.join(d)).chain([bin.to_owned()]) {
             fs::create_dir_all(&p).map_err(|e| io("create", &p, e))?;
         }
-        let dest = root.join("nix/var/flotilla/bin/flotilla-agent");
-        let tmp = root.join("nix/var/flotilla/bin/.flotilla-agent.new");
+        let dest = bootstrap.clone();
+        let tmp = bin.join(".flotilla-agent.new");
         fs::copy(&self.agent, &tmp).map_err(|e| io("copy the agent to", &tmp, e))?;
         fs::rename(&tmp, &dest).map_err(|e| io("install", &dest, e))?;
         Ok(())
@@ -512,26 +514,17 @@ impl LocalMachine {
     }
 }
 
-/// Where the agent listens, below the machine's root.
-const AGENT_SOCKET: &str = "run/flotilla/agent.sock";
-/// Where the agent keeps its generations, below the machine's root.
-const PROFILES: &str = "nix/var/flotilla/profiles";
-/// The agent's state directory, below the machine's root, and two records in it.
-const AGENT_STATE: &str = "nix/var/flotilla";
-const FAILED_GENERATIONS: &str = "failed-generations.json";
-const PENDING: &str = "pending.json";
-
 /// The agent's socket of a running container, through its init's view of the filesystem
 /// (its `/run` is a tmpfs the host cannot otherwise see), as users read it.
 fn socket(init: i32) -> PathBuf {
-    PathBuf::from(format!("/proc/{init}/root/{AGENT_SOCKET}"))
+    layout::under(Path::new(&format!("/proc/{init}/root")), layout::SOCKET)
 }
 
 /// The agent's socket of a running container, opened (`O_PATH`) as the machine sees it: a
 /// link a service planted on the way (`/run` → somewhere of the host's) resolves inside the
 /// machine, never on the host.
 fn agent_socket(init: i32) -> std::io::Result<std::os::fd::OwnedFd> {
-    sys::open_beneath(Path::new(&format!("/proc/{init}/root")), Path::new(AGENT_SOCKET), libc::O_PATH, sys::Resolve::InRoot)
+    sys::open_beneath(Path::new(&format!("/proc/{init}/root")), Path::new(layout::relative(layout::SOCKET)), libc::O_PATH, sys::Resolve::InRoot)
 }
 
 /// A path naming what `fd` is open on, for the std calls that take a path: what they look
@@ -548,7 +541,7 @@ impl Machine for LocalMachine {
     fn state(&self) -> MachineState {
         if self.running().is_some() {
             MachineState::Running
-        } else if self.root().join("nix/var/flotilla/bin/flotilla-agent").exists() {
+        } else if layout::under(&self.root(), layout::BOOTSTRAP_AGENT).exists() {
             MachineState::Stopped
         } else {
             MachineState::Missing
@@ -683,7 +676,7 @@ impl Machine for LocalMachine {
 
     fn connect(&self) -> Result<AgentClient, RemoteError> {
         let pids = self.running().ok_or_else(|| RemoteError::Connect {
-            socket: self.root().join("run/flotilla/agent.sock"),
+            socket: layout::under(&self.root(), layout::SOCKET),
             source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
         })?;
         let shown = socket(pids.init);
@@ -703,8 +696,8 @@ impl Machine for LocalMachine {
             sys::open_beneath(&root, Path::new(rel), libc::O_RDONLY | libc::O_DIRECTORY, sys::Resolve::NoLinks)
                 .map_err(|e| self.err(format!("cannot open {rel} in its root {} without following a link: {e}", root.display())))
         };
-        let profiles = opened(PROFILES)?;
-        let state = opened(AGENT_STATE)?;
+        let profiles = opened(layout::relative(layout::PROFILES))?;
+        let state = opened(layout::relative(layout::STATE_DIR))?;
         let (profiles_at, state_at) = (fd_path(&profiles), fd_path(&state));
         let link = |name: &str| fs::read_link(profiles_at.join(name)).ok().map(|t| t.to_string_lossy().into_owned());
         let mut generations: BTreeMap<u64, StorePath> = BTreeMap::new();
@@ -716,13 +709,13 @@ impl Machine for LocalMachine {
             }
         }
         let current: Option<u64> = link("system").and_then(|t| t.strip_prefix("system-")?.strip_suffix("-link")?.parse().ok());
-        let failed: BTreeMap<u64, String> = sys::open_beneath(&state_at, Path::new(FAILED_GENERATIONS), libc::O_RDONLY, sys::Resolve::NoLinks)
+        let failed: BTreeMap<u64, String> = sys::open_beneath(&state_at, Path::new(records::FAILED), libc::O_RDONLY, sys::Resolve::NoLinks)
             .ok()
             .and_then(|fd| serde_json::from_reader(fs::File::from(fd)).ok())
             .unwrap_or_default();
         // A generation not yet kept when the machine stopped: its agent would have returned
         // to the one its record names, and so does a rollback without `--to`.
-        let pending_previous: Option<u64> = sys::open_beneath(&state_at, Path::new(PENDING), libc::O_RDONLY, sys::Resolve::NoLinks)
+        let pending_previous: Option<u64> = sys::open_beneath(&state_at, Path::new(records::PENDING), libc::O_RDONLY, sys::Resolve::NoLinks)
             .ok()
             .and_then(|fd| serde_json::from_reader::<_, Value>(fs::File::from(fd)).ok())
             .and_then(|record| record.get("previous_generation")?.as_u64());
@@ -743,10 +736,10 @@ impl Machine for LocalMachine {
             .and_then(|()| fs::rename(&tmp, profiles_at.join("system")))
             .map_err(|e| self.err(format!("cannot switch its system profile to generation {target}: {e}")))?;
         // A generation that awaited confirmation when it stopped is what this replaces.
-        match fs::remove_file(state_at.join(PENDING)) {
+        match fs::remove_file(state_at.join(records::PENDING)) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(self.err(format!("switched its profile to generation {target}, but cannot remove its {PENDING}, whose record would undo that at the next start: {e}"))),
+            Err(e) => return Err(self.err(format!("switched its profile to generation {target}, but cannot remove its {}, whose record would undo that at the next start: {e}", records::PENDING))),
         }
         Ok(BootGeneration { from: current, to: target, toplevel: generations[&target].clone() })
     }

@@ -37,7 +37,7 @@ use super::{Context, Machine, MachineState, PlatformError};
 use crate::remote::{AgentClient, RemoteError};
 
 /// The link to the agent the host runs (the systemd unit and `start` use it).
-const AGENT_LINK: &str = "/nix/var/flotilla/bin/flotilla-agent";
+const AGENT_LINK: &str = flotilla_protocol::layout::BOOTSTRAP_AGENT;
 /// The systemd unit flotilla installs.
 const UNIT_NAME: &str = "flotilla-agent.service";
 const UNIT_PATH: &str = "/etc/systemd/system/flotilla-agent.service";
