@@ -18,6 +18,9 @@ command -v script >/dev/null 2>&1 || need+=(bsdutils) # a terminal for the `shel
 [ -x /usr/sbin/sshd ] || need+=(openssh-server)
 command -v ssh >/dev/null 2>&1 || need+=(openssh-client)
 command -v sudo >/dev/null 2>&1 || need+=(sudo)
+# The systemd unit of ssh hosts is checked with systemd-analyze (tests/systemd_unit.rs);
+# installing the package starts nothing where PID 1 is not systemd.
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

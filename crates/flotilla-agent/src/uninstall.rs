@@ -12,10 +12,11 @@
 //! - `/run/current-system`, when it is a link to a store path the agent received;
 //! - every store path of the agent's registry, except those registered as `foreign` (the
 //!   host's own Nix had them), and leftovers of interrupted transfers;
-//! - `nix/var/flotilla`, `var/log/flotilla`, `run/flotilla`; then `/nix/store` and `/nix` if
+//! - `nix/var/flotilla`, `var/log/flotilla`, `run/flotilla`, and on a host with Nix its own
+//!   GC roots directory `nix/var/nix/gcroots/flotilla`; then `/nix/store` and `/nix` if
 //!   that left them empty and the host has no Nix of its own (no `/nix/var/nix`).
 //!
-//! It never touches `/nix/var/nix`, an unregistered store path, or a file the records do not
+//! It never touches the rest of `/nix/var/nix`, an unregistered store path, or a file the records do not
 //! name, and refuses to start while an agent runs (it would put everything back).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -155,8 +156,10 @@ pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Su
     }
     remove_accounts(&mut run, &accounts);
     let last = remove_store_paths(&mut run, &registered);
-    for dir in [layout::STATE_DIR, layout::LOG_DIR, layout::AGENT_LOG, layout::RUN_DIR] {
-        let path = root.path(dir);
+    // The GC roots directory holds only the agent's links: left behind, they would dangle into
+    // the paths removed above.
+    let gcroots = root.nix_gcroots_dir();
+    for path in [layout::STATE_DIR, layout::LOG_DIR, layout::AGENT_LOG, layout::RUN_DIR].map(|d| root.path(d)).into_iter().chain([gcroots]) {
         if fs::symlink_metadata(&path).is_ok() {
             run.remove(&path, path.display().to_string());
         }

@@ -59,7 +59,15 @@ fn ok(r: Run, what: &str) -> Run {
 /// Files the agent leaves on a host while it manages it.
 fn flotilla_traces(host: &SshHost) -> Vec<String> {
     let root = host.root();
-    let mut found: Vec<String> = ["nix/var/flotilla", "run/flotilla", "var/log/flotilla", "etc/flotilla-page", "run/current-system"]
+    let mut found: Vec<String> = [
+        "nix/var/flotilla",
+        "run/flotilla",
+        "var/log/flotilla",
+        "var/log/flotilla-agent.log",
+        "nix/var/nix/gcroots/flotilla",
+        "etc/flotilla-page",
+        "run/current-system",
+    ]
         .iter()
         .filter(|p| std::fs::symlink_metadata(root.join(p)).is_ok())
         .map(|p| format!("/{p}"))
@@ -74,12 +82,34 @@ fn flotilla_traces(host: &SshHost) -> Vec<String> {
     found
 }
 
+/// The host's account files, to compare with what they were before flotilla came.
+fn accounts(host: &SshHost) -> Vec<(&'static str, String)> {
+    ["etc/passwd", "etc/group", "etc/shadow", "etc/gshadow"]
+        .into_iter()
+        .map(|f| (f, std::fs::read_to_string(host.root().join(f)).unwrap_or_else(|e| panic!("cannot read {f} of {}: {e}", host.name()))))
+        .collect()
+}
+
+/// Waits until no ssh session of `user` is left on `host` (sshd's per-connection processes).
+fn wait_until_no_ssh_session(host: &SshHost, user: &str) {
+    let session = format!("sshd: {user}");
+    let start = std::time::Instant::now();
+    loop {
+        let left: Vec<_> = host.processes().into_iter().filter(|(_, cmd)| cmd.starts_with(&session)).collect();
+        if left.is_empty() {
+            return;
+        }
+        assert!(start.elapsed() < std::time::Duration::from_secs(30), "{user}'s ssh sessions are still open on {}: {left:?}", host.name());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn first_deploy_bootstraps_the_agent_then_noop_change_rollback_stop_start_and_destroy() {
     let f = Fleet::new();
     let lab = SshLab::new(&f.ns);
     let host = lab.host("web1", HostOpts::default());
-    let passwd_before = std::fs::read_to_string(host.root().join("etc/passwd")).unwrap();
+    let accounts_before = accounts(&host);
     assert!(flotilla_traces(&host).is_empty(), "a fresh host has no flotilla: {:?}", flotilla_traces(&host));
 
     // First deploy: the agent is copied (by its store path) and started detached: no systemd.
@@ -94,9 +124,16 @@ fn first_deploy_bootstraps_the_agent_then_noop_change_rollback_stop_start_and_de
     let agent = std::fs::read_link(host.root().join("nix/var/flotilla/bin/flotilla-agent")).expect("the agent link");
     assert!(agent.starts_with("/nix/store") && host.root().join(agent.strip_prefix("/").unwrap()).is_file(), "{agent:?}");
     assert_eq!(std::fs::read_to_string(host.root().join("etc/flotilla-page")).unwrap(), "one\n");
+    // What destroy must take away is there now, so the checks after it can see it.
+    let traces = flotilla_traces(&host);
+    for t in ["/nix/var/flotilla", "/run/flotilla", "/var/log/flotilla-agent.log", "/etc/flotilla-page", "user www"] {
+        assert!(traces.iter().any(|x| x == t), "{t} is not among the traces after a deploy: {traces:?}");
+    }
+    assert_ne!(accounts(&host), accounts_before, "the deploy added the user www");
 
-    // The deployer leaving does not stop anything: the page is served after the deploy ended.
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The deployer leaving does not stop anything: the page is served once its ssh
+    // connection is gone from the host.
+    wait_until_no_ssh_session(&host, "root");
     assert_eq!(page(&f, &host).as_deref(), Some("one"));
 
     // No-op redeploy: nothing copied, nothing restarted, one connection again.
@@ -140,7 +177,22 @@ fn first_deploy_bootstraps_the_agent_then_noop_change_rollback_stop_start_and_de
     // Destroy removes flotilla from the host and leaves the host.
     ok(f.run(&["destroy", "-f", &v2, "--yes"]), "destroy");
     assert!(flotilla_traces(&host).is_empty(), "left on the host: {:?}", flotilla_traces(&host));
-    assert_eq!(std::fs::read_to_string(host.root().join("etc/passwd")).unwrap(), passwd_before, "the host's accounts are as they were");
+    // Exactly as they were, but for the groups every machine has (`nobody` on Debian, which
+    // names gid 65534 `nogroup`): the agent adds them and uninstall by design never removes them.
+    for ((file, after), (_, before)) in accounts(&host).iter().zip(&accounts_before) {
+        let mut expected = before.clone();
+        let added = match *file {
+            "etc/group" => ":x:65534:\n",
+            "etc/gshadow" => ":!::\n",
+            _ => "",
+        };
+        if !added.is_empty() {
+            for name in ["nogroup", "nobody"].into_iter().filter(|g| !before.lines().any(|l| l.split(':').next() == Some(*g))) {
+                expected.push_str(&format!("{name}{added}"));
+            }
+        }
+        assert_eq!(after, &expected, "the host's /{file} is not as it was");
+    }
     assert!(host.run(&["sh", "-c", "ps -eo args | grep -v grep | grep -c flotilla-agent"]).stdout().trim() == "0", "no agent runs");
     assert_eq!(lab.ssh(&host, "root", "echo still here").stdout().trim(), "still here");
     assert!(f.info(&v2).is_empty(), "web1 is forgotten: {:?}", f.info(&v2));
@@ -230,6 +282,8 @@ fn on_a_host_with_nix_flotillas_paths_survive_its_garbage_collector_and_destroy_
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("the host has Nix"), "{out}");
     let toplevel = row(&report, "nixhost")["toplevel"].as_str().unwrap().to_owned();
+    let gcroots = host.root().join("nix/var/nix/gcroots/flotilla");
+    assert!(gcroots.join("agent").exists(), "the agent keeps its GC roots in {}", gcroots.display());
 
     // The host's own Nix knows the system and its garbage collector keeps it.
     let gc = host.run(&["nix-store", "--gc"]);
@@ -247,4 +301,5 @@ fn on_a_host_with_nix_flotillas_paths_survive_its_garbage_collector_and_destroy_
     let verify = host.run(&["nix-store", "--verify"]);
     assert_eq!(verify.code(), 0, "the host's store is consistent after destroy: {}", verify.stderr());
     assert!(!host.root().join("nix/var/flotilla").exists());
+    assert!(std::fs::symlink_metadata(&gcroots).is_err(), "destroy left flotilla's GC roots in the host's Nix: {}", gcroots.display());
 }

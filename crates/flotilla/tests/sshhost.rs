@@ -58,23 +58,55 @@ fn root_and_sudo_users_log_in_from_the_fleet_namespace() {
     assert_ne!(plain.code(), 0, "a user without a sudo rule got root");
     assert_eq!(lab.ssh(&alpha, "plain", "id -un").ok().stdout().trim(), "plain");
 
-    // Password logins are off: a key-less client is refused rather than asked.
-    let no_key = fleet.host(&[
-        "ssh",
-        "-F",
-        "/dev/null",
-        "-o",
-        "BatchMode=yes",
-        "-o",
-        "StrictHostKeyChecking=no",
-        "-o",
-        "UserKnownHostsFile=/dev/null",
-        "-o",
-        "IdentityFile=/dev/null",
-        &format!("root@{}", alpha.address()),
-        "true",
-    ]);
-    assert_ne!(no_key.code(), 0);
+    // Password logins are off: a client offering guard's right password, and no key, is
+    // refused because the server offers only public keys (not for a network error), and is
+    // never even asked for the password. The same client with the key gets in.
+    password_login_is_refused_and_a_key_login_works(&fleet, &lab, &alpha);
+}
+
+/// Tries `guard@host` with its real password and no key, then `guard@host` with the lab's key.
+fn password_login_is_refused_and_a_key_login_works(fleet: &Fleet, lab: &SshLab, host: &common::sshhost::SshHost) {
+    let dir = tempfile::tempdir().unwrap();
+    let asked = dir.path().join("asked");
+    let askpass = dir.path().join("askpass");
+    std::fs::write(&askpass, format!("#!/bin/sh\ntouch '{}'\necho '{}'\n", asked.display(), common::sshhost::USER_PASSWORD)).unwrap();
+    std::fs::set_permissions(&askpass, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let login = |with_key: bool| {
+        let mut c = std::process::Command::new("nsenter");
+        c.arg(format!("--net=/run/netns/{}", fleet.ns))
+            .args(["--", "ssh", "-F", "/dev/null", "-o", "ConnectTimeout=5", "-o", "NumberOfPasswordPrompts=1"])
+            .args(lab.ssh_options())
+            .env("SSH_ASKPASS", &askpass)
+            .env("SSH_ASKPASS_REQUIRE", "force")
+            .env("DISPLAY", ":0")
+            .stdin(std::process::Stdio::null());
+        if with_key {
+            c.args(["-o", "IdentitiesOnly=yes", "-i"]).arg(lab.identity_file());
+        } else {
+            c.args(["-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=password,keyboard-interactive"]);
+        }
+        c.arg(format!("guard@{}", host.address())).arg("id -un");
+        common::Run(c.output().expect("nsenter runs ssh"))
+    };
+    let before = host.sshd_log().matches("Connection closed by authenticating user guard").count();
+    let refused = login(false);
+    assert_eq!(refused.code(), 255, "stdout: {}\nstderr: {}", refused.stdout(), refused.stderr());
+    // The methods in parentheses are what sshd offers: "password" or "keyboard-interactive"
+    // there would mean password logins are on.
+    assert!(
+        refused.stderr().contains("guard@") && refused.stderr().contains("Permission denied (publickey)."),
+        "not refused for the method (a connection error?): {}",
+        refused.stderr()
+    );
+    assert!(!asked.exists(), "ssh asked for a password: the host offered password logins");
+    // sshd saw the login attempt and let it go unauthenticated.
+    let log = host.sshd_log();
+    assert!(log.matches("Connection closed by authenticating user guard").count() > before, "sshd log:\n{log}");
+    assert!(!log.contains("Accepted password") && !log.contains("Accepted keyboard-interactive"), "sshd log:\n{log}");
+
+    let with_key = login(true);
+    assert_eq!((with_key.code(), with_key.stdout().trim()), (0, "guard"), "stderr: {}", with_key.stderr());
+    assert!(!asked.exists(), "ssh asked for a password although the key works");
 }
 
 #[test]
@@ -140,13 +172,21 @@ fn orphans_are_reaped_and_everything_goes_with_the_host() {
         "for i in 1 2 3; do (sleep 0.1 &) ; done; setsid sh -c 'sleep 0.1 &' </dev/null >/dev/null 2>&1",
     )
     .ok();
-    std::thread::sleep(Duration::from_millis(1500));
-    let zombies = host.run(&["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"]).ok();
-    assert_eq!(zombies.stdout(), "", "zombies inside the host");
+    // Once every orphan has exited (a zombie's command line is empty), none is left a zombie.
+    let zombies_or_sleepers = || {
+        let zombies = host.run(&["sh", "-c", "grep -l '^State:.*Z' /proc/[0-9]*/status || true"]).ok().stdout();
+        let sleepers: Vec<_> = host.processes().into_iter().filter(|(_, cmd)| cmd == "sleep 0.1").collect();
+        (zombies, sleepers)
+    };
+    let start = std::time::Instant::now();
+    while zombies_or_sleepers() != (String::new(), Vec::new()) {
+        assert!(start.elapsed() < Duration::from_secs(30), "zombies inside the host: {:?}", zombies_or_sleepers());
+        std::thread::sleep(Duration::from_millis(50));
+    }
 
     // A daemon that double-forked away from its ssh session keeps running...
     lab.ssh(&host, "root", "setsid sleep 1000 </dev/null >/dev/null 2>&1 &").ok();
-    let sleeper = wait_for(|| processes_in(&host).into_iter().find(|(_, cmd)| cmd == "sleep 1000").map(|(pid, _)| pid));
+    let sleeper = wait_for(|| host.processes().into_iter().find(|(_, cmd)| cmd == "sleep 1000").map(|(pid, _)| pid));
     let init = host.init_pid();
     let netns = host.netns().to_owned();
     let root = host.root().to_path_buf();
@@ -160,6 +200,48 @@ fn orphans_are_reaped_and_everything_goes_with_the_host() {
     assert!(!std::path::Path::new("/run/netns").join(&netns).exists());
     let port = fleet.host(&["ip", "link", "show", "flsshv2"]);
     assert_ne!(port.code(), 0, "the host's veth is still on the bridge");
+}
+
+/// Dropping a host returns only once every process of its PID namespace is gone, even one
+/// whose parent is outside (as `SshHost::run` makes them) and does not reap it for a while:
+/// the kernel keeps the namespace's PID 1 until then, so "nothing of the host runs" holds
+/// when drop returns, not some time later.
+#[test]
+fn dropping_a_host_waits_until_its_pid_namespace_is_empty() {
+    let fleet = Fleet::new();
+    let lab = SshLab::new(&fleet.ns);
+    let host = lab.host("alpha", HostOpts::default());
+    let mut outside = std::process::Command::new("nsenter")
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .arg("--target")
+        .arg(host.init_pid().to_string())
+        .args(["--mount", "--pid", "--root", "--wd", "--", "sleep", "1000"])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("nsenter starts");
+    let sleeper = wait_for(|| host.processes().into_iter().find(|(_, cmd)| cmd == "sleep 1000").map(|(pid, _)| pid));
+    let init = host.init_pid();
+    // Stopped, nsenter cannot reap its killed child, which keeps the namespace from ending.
+    let signal = |sig: &str| assert!(std::process::Command::new("kill").args([sig, &outside.id().to_string()]).status().unwrap().success());
+    signal("-STOP");
+    let held = Duration::from_secs(3);
+    let started = std::time::Instant::now();
+    let resume = std::thread::spawn({
+        let pid = outside.id().to_string();
+        move || {
+            std::thread::sleep(held);
+            std::process::Command::new("kill").args(["-CONT", &pid]).status().unwrap();
+        }
+    });
+    drop(host);
+    let took = started.elapsed();
+    let (init_alive, sleeper_alive) = (alive(init), alive(sleeper));
+    resume.join().unwrap();
+    let _ = outside.wait();
+    assert!(!init_alive, "the host's PID 1 ({init}) was still there when drop returned, after {took:?}");
+    assert!(!sleeper_alive, "a process of the host outlived it");
+    assert!(took >= held, "drop returned after {took:?}, before the last process of the host was reaped");
 }
 
 #[test]
@@ -213,19 +295,18 @@ fn a_nix_host_has_a_store_of_its_own() {
     let lab = SshLab::new(&fleet.ns);
     let host = lab.host("nixy", HostOpts::default().nix());
 
-    let verify = lab
-        .ssh(
-            &host,
-            "root",
-            "nix-store --verify && nix-store -q --references /nix/store 2>&1 | head -1; ls /nix/var/nix/db",
-        )
-        .ok();
-    assert!(
-        verify.stdout().contains("db.sqlite"),
-        "stdout: {}\nstderr: {}",
-        verify.stdout(),
-        verify.stderr()
-    );
+    let verify = lab.ssh(&host, "root", "nix-store --verify --check-contents");
+    assert_eq!(verify.code(), 0, "the host's store is not consistent:\n{}", verify.stderr());
+    // A path added inside goes into the host's store, valid in its database, not this machine's.
+    let nonce = format!("{}-{:?}", std::process::id(), std::time::SystemTime::now());
+    let added = lab
+        .ssh(&host, "root", &format!("echo '{nonce}' > /tmp/own && p=$(nix-store --add /tmp/own) && nix-store --check-validity \"$p\" && echo \"$p\""))
+        .ok()
+        .stdout();
+    let added = added.trim();
+    assert!(added.starts_with("/nix/store/") && added.ends_with("-own"), "{added}");
+    assert!(host.root().join(added.trim_start_matches('/')).is_file(), "{added} is not in the host's store");
+    assert!(!std::path::Path::new(added).exists(), "{added} went into this machine's store");
     assert!(host.root().join("nix/var/nix/db/db.sqlite").exists());
     assert!(host.root().join("nix/store").is_dir());
 
@@ -233,27 +314,6 @@ fn a_nix_host_has_a_store_of_its_own() {
     let plain = lab.host("plain", HostOpts::default());
     let none = lab.ssh(&plain, "root", "command -v nix-store nix nix-build; ls /usr/bin | grep -c ^nix; ls -A /nix");
     assert_eq!(none.stdout(), "0\n", "stderr: {}", none.stderr());
-}
-
-/// The processes of `host`'s PID namespace, as this machine numbers them, with their command lines.
-fn processes_in(host: &common::sshhost::SshHost) -> Vec<(u32, String)> {
-    let ns = std::fs::read_link(format!("/proc/{}/ns/pid", host.init_pid())).unwrap();
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if std::fs::read_link(entry.path().join("ns/pid")).ok().as_ref() == Some(&ns) {
-            let cmd = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-            let cmd = String::from_utf8_lossy(&cmd)
-                .split('\0')
-                .filter(|s| !s.is_empty())
-                .collect::<Vec<_>>()
-                .join(" ");
-            found.push((pid, cmd));
-        }
-    }
-    found
 }
 
 fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {

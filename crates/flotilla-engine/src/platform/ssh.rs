@@ -40,7 +40,8 @@ use crate::remote::{AgentClient, RemoteError};
 const AGENT_LINK: &str = flotilla_protocol::layout::BOOTSTRAP_AGENT;
 /// The systemd unit flotilla installs.
 const UNIT_NAME: &str = "flotilla-agent.service";
-const UNIT_PATH: &str = "/etc/systemd/system/flotilla-agent.service";
+/// Where the unit goes on the host.
+pub const UNIT_PATH: &str = "/etc/systemd/system/flotilla-agent.service";
 
 /// Master connections being opened, so two machines on one host do not race to open one.
 static MASTERS: Mutex<()> = Mutex::new(());
@@ -247,34 +248,7 @@ fi
     /// Points the host's agent link at this flotilla's agent and (re)starts it: as a systemd
     /// service where systemd runs, detached elsewhere. Returns what it did, for the user.
     fn start_agent(&self, systemd: bool, restart: bool) -> Result<String, PlatformError> {
-        let agent = self.agent()?.path.to_absolute();
-        let link = AGENT_LINK;
-        let script = if systemd {
-            let verb = if restart { "restart" } else { "start" };
-            format!(
-                r#"set -e
-mkdir -p /nix/var/flotilla/bin
-ln -sfn {agent} {link}
-unit={unit_text}
-if [ ! -f {UNIT_PATH} ] || [ "$(cat {UNIT_PATH})" != "$unit" ]; then
-  printf '%s\n' "$unit" > {UNIT_PATH}.flotilla-tmp
-  mv -f {UNIT_PATH}.flotilla-tmp {UNIT_PATH}
-  systemctl daemon-reload
-fi
-systemctl enable --quiet {UNIT_NAME}
-systemctl {verb} {UNIT_NAME}
-i=0
-until {link} status-line | grep -q '^running'; do
-  i=$((i+1)); [ $i -lt 150 ] || {{ echo "the agent did not answer within 15 s; see journalctl -u {UNIT_NAME}" >&2; exit 1; }}
-  sleep 0.1
-done
-"#,
-                unit_text = shell_quote(&unit_text())
-            )
-        } else {
-            let stop = if restart { format!("{link} stop >/dev/null\n") } else { String::new() };
-            format!("set -e\nmkdir -p /nix/var/flotilla/bin\n{stop}ln -sfn {agent} {link}\n{link} init --detach >/dev/null\n")
-        };
+        let script = start_script(&self.agent()?.path.to_absolute(), systemd, restart);
         self.run_root(&["sh", "-c", &script], "starting the agent")?;
         Ok(if systemd {
             format!("agent {} as systemd service {UNIT_NAME}", if restart { "restarted" } else { "started" })
@@ -760,8 +734,42 @@ fn agent_file(binary: &Path) -> Result<AgentFile, String> {
     Ok(AgentFile { path, nar_hash: digest.hash, nar_size: digest.size })
 }
 
-/// The systemd unit that runs the agent.
-fn unit_text() -> String {
+/// The script (run as root with `sh -c`) that points the host's agent link at `agent` and
+/// starts it, or restarts it with `restart`: through `flotilla-agent.service` (written to
+/// [`UNIT_PATH`] when it differs from [`unit_text`]) with `systemd`, detached without.
+pub fn start_script(agent: &str, systemd: bool, restart: bool) -> String {
+    let link = AGENT_LINK;
+    if systemd {
+        let verb = if restart { "restart" } else { "start" };
+        format!(
+            r#"set -e
+mkdir -p /nix/var/flotilla/bin
+ln -sfn {agent} {link}
+unit={unit_text}
+if [ ! -f {UNIT_PATH} ] || [ "$(cat {UNIT_PATH})" != "$unit" ]; then
+  printf '%s\n' "$unit" > {UNIT_PATH}.flotilla-tmp
+  mv -f {UNIT_PATH}.flotilla-tmp {UNIT_PATH}
+  systemctl daemon-reload
+fi
+systemctl enable --quiet {UNIT_NAME}
+systemctl {verb} {UNIT_NAME}
+i=0
+until {link} status-line | grep -q '^running'; do
+  i=$((i+1)); [ $i -lt 150 ] || {{ echo "the agent did not answer within 15 s; see journalctl -u {UNIT_NAME}" >&2; exit 1; }}
+  sleep 0.1
+done
+"#,
+            unit_text = shell_quote(&unit_text())
+        )
+    } else {
+        let stop = if restart { format!("{link} stop >/dev/null\n") } else { String::new() };
+        format!("set -e\nmkdir -p /nix/var/flotilla/bin\n{stop}ln -sfn {agent} {link}\n{link} init --detach >/dev/null\n")
+    }
+}
+
+/// The systemd unit that runs the agent, as [`start_script`] writes it to [`UNIT_PATH`]
+/// (followed by a newline).
+pub fn unit_text() -> String {
     format!(
         "[Unit]
 Description=flotilla agent: runs the services flotilla deploys

@@ -17,11 +17,11 @@ pub fn repo() -> PathBuf {
 pub fn require_prerequisites() {
     for (what, path) in [("nix-instantiate (Debian: nix-bin)", "nix-instantiate"), ("nix-store (Debian: nix-bin)", "nix-store")] {
         let ok = Command::new(path).arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
-        assert!(ok, "prerequisite missing: {what}; run scripts/setup.sh");
+        assert!(ok, "prerequisite missing: {what}; run scripts/install-deps.sh");
     }
     assert!(
         Path::new("/usr/bin/busybox").exists() || Path::new("/bin/busybox").exists(),
-        "prerequisite missing: a static busybox (Debian: busybox-static); run scripts/setup.sh"
+        "prerequisite missing: a static busybox (Debian: busybox-static); run scripts/install-deps.sh"
     );
     let agent = Path::new(env!("CARGO_BIN_EXE_flotilla")).with_file_name("flotilla-agent");
     assert!(agent.exists(), "the agent binary {} is missing: build the workspace (cargo build --workspace) first", agent.display());
@@ -304,10 +304,11 @@ impl Fleet {
         (r.code(), report, format!("{out}\n{}", r.stderr()))
     }
 
-    /// Each machine's `info --json` record.
+    /// Each machine's `info --json` record. Panics when the output has no `machines` list:
+    /// an empty answer must mean no machines, never a renamed key.
     pub fn info(&self, file: &str) -> Vec<serde_json::Value> {
         let j = self.run(&["info", "-f", file, "--json"]).ok().json();
-        j["machines"].as_array().cloned().unwrap_or_default()
+        j["machines"].as_array().cloned().unwrap_or_else(|| panic!("`info --json` has no \"machines\" list:\n{j:#}"))
     }
 
     /// A machine's info record.
@@ -417,4 +418,24 @@ pub fn web_deployment(name: &str, page: &str, extra: &str) -> String {
   }}; }}
 "#
     )
+}
+
+/// Compares `actual` with the golden file `golden`. With `FLOTILLA_BLESS` set it writes
+/// `actual` there instead and fails, so a blessing run never counts as a pass: rerun without
+/// it (and review the diff) to see the tests pass.
+#[track_caller]
+pub fn check_golden(golden: &Path, actual: &str, regenerate: &str) {
+    check_golden_with(golden, actual, regenerate, std::env::var_os("FLOTILLA_BLESS").is_some())
+}
+
+/// [`check_golden`] with the blessing decided by the caller (its own tests cannot set the
+/// environment of a process whose other tests run in parallel).
+#[track_caller]
+pub fn check_golden_with(golden: &Path, actual: &str, regenerate: &str, bless: bool) {
+    if bless {
+        std::fs::write(golden, actual).unwrap_or_else(|e| panic!("cannot bless {}: {e}", golden.display()));
+        panic!("blessed {}: FLOTILLA_BLESS wrote it and proves nothing; review `git diff` and rerun without FLOTILLA_BLESS", golden.display());
+    }
+    let expected = std::fs::read_to_string(golden).unwrap_or_else(|e| panic!("cannot read the golden file {} ({e}); {regenerate}", golden.display()));
+    assert!(actual == expected, "{} differs from what the test produced; if the change is intended, {regenerate}\n--- expected\n{expected}\n--- actual\n{actual}", golden.display());
 }

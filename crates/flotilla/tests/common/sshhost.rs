@@ -32,6 +32,8 @@ pub const USER_PASSWORD: &str = "flotilla";
 const USER_PASSWORD_HASH: &str = "$6$flotillasalt$.cUM6o0wCEuj3v7tkNclZPa73JKGxg8k2rhvSucPOZuAhnyARwX3tHW9nf3V7DqXTQLBEJpjVGZ6l/X8B8Cn1/";
 /// How long a host's sshd may take to accept; generous for a loaded CI machine.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a killed host's processes may take to be gone; generous for a loaded CI machine.
+const KILL_TIMEOUT: Duration = Duration::from_secs(60);
 /// The PATH of every command run inside a host.
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -243,6 +245,8 @@ pub struct SshHost {
     unshare: Option<Child>,
     /// The host's PID 1 as this machine numbers it, with its start time.
     init: (u32, u64),
+    /// The host's PID namespace (`pid:[inode]`), to see that none of its processes is left.
+    pid_ns: Option<PathBuf>,
 }
 
 impl SshHost {
@@ -272,6 +276,7 @@ impl SshHost {
             root,
             unshare: None,
             init: (0, 0),
+            pid_ns: None,
         };
 
         let host_pub = host.make_root(&opts);
@@ -318,6 +323,12 @@ impl SshHost {
         self.init.0
     }
 
+    /// The processes of the host's PID namespace as this machine numbers them, each with its
+    /// command line.
+    pub fn processes(&self) -> Vec<(u32, String)> {
+        processes_in_pid_ns(self.pid_ns.as_ref().expect("a started host has a PID namespace"))
+    }
+
     /// What sshd wrote to stderr (`-e`), for a failing test to print.
     pub fn sshd_log(&self) -> String {
         fs::read_to_string(self.dir.path().join("sshd.log")).unwrap_or_default()
@@ -343,16 +354,34 @@ impl SshHost {
         self.wait_for_sshd();
     }
 
-    /// Kills the host: its PID 1, and with it every process inside and its mounts. Idempotent.
+    /// Kills the host: its PID 1, and with it every process inside and its mounts; returns
+    /// once none of them is left. Idempotent.
     pub fn kill(&mut self) {
-        if let Some(mut unshare) = self.unshare.take() {
-            if start_time(self.init.0) == Some(self.init.1) {
-                let _ = Command::new("kill").args(["-KILL", &self.init.0.to_string()]).status();
+        let Some(mut unshare) = self.unshare.take() else { return };
+        // Named by pid and start time: if it died by itself unshare may have reaped it.
+        if start_time(self.init.0) == Some(self.init.1) {
+            let _ = Command::new("kill").args(["-KILL", &self.init.0.to_string()]).status();
+        }
+        // Not unshare itself: it reaps PID 1 only once the kernel has ended, and someone has
+        // reaped, every other process of the namespace (even one `nsenter` put there from
+        // outside), so unshare exiting is the host being gone. Killing it instead would return
+        // while the namespace is still being torn down.
+        let start = Instant::now();
+        let left = loop {
+            let exited = unshare.try_wait().ok().flatten().is_some();
+            let left = self.pid_ns.as_ref().map(|ns| processes_in_pid_ns(ns)).unwrap_or_default();
+            if exited && left.is_empty() {
+                return;
             }
-            // The kernel ends every process of the PID namespace before unshare sees its
-            // child die, so once unshare has exited nothing of the host runs.
-            let _ = unshare.kill();
-            let _ = unshare.wait();
+            if start.elapsed() > KILL_TIMEOUT {
+                break left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let _ = unshare.kill();
+        let _ = unshare.wait();
+        if !std::thread::panicking() {
+            panic!("{}'s processes were still there {KILL_TIMEOUT:?} after its PID 1 was killed: {left:?}", self.name);
         }
     }
 
@@ -625,6 +654,8 @@ impl SshHost {
             std::thread::sleep(Duration::from_millis(5));
         };
         self.init = init;
+        self.pid_ns = fs::read_link(format!("/proc/{}/ns/pid", init.0)).ok();
+        assert!(self.pid_ns.is_some(), "cannot read {}'s PID namespace", self.name);
     }
 
     /// Polls with the real client, strictly checking the host key, until root gets in.
@@ -704,6 +735,21 @@ pub fn require_ssh_prerequisites(nix: bool) {
         fs::read_link("/bin").is_ok_and(|t| t == Path::new("usr/bin")),
         "the ssh test hosts need a merged /usr (/bin -> usr/bin), as Debian 12 has"
     );
+}
+
+/// The processes whose PID namespace is `ns` (a `pid:[inode]` link target), with their
+/// command lines.
+fn processes_in_pid_ns(ns: &Path) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if fs::read_link(entry.path().join("ns/pid")).is_ok_and(|n| n == ns) {
+            let cmd = fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            let cmd = String::from_utf8_lossy(&cmd).split('\0').filter(|s| !s.is_empty()).collect::<Vec<_>>().join(" ");
+            found.push((pid, cmd));
+        }
+    }
+    found
 }
 
 /// Makes an ed25519 host key under `root`/etc/ssh; returns the public key without comment.
