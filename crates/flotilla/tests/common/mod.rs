@@ -418,3 +418,11 @@ pub fn web_deployment(name: &str, page: &str, extra: &str) -> String {
 "#
     )
 }
+
+/// `bytes` random bytes from the kernel, as hex: a name no earlier run can have used.
+pub fn random_hex(bytes: usize) -> String {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("/dev/urandom is readable");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
