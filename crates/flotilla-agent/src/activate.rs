@@ -49,9 +49,9 @@ const PENDING: &str = "pending.json";
 /// How long services without a health check get to be running after an activation.
 const SETTLE: Duration = Duration::from_secs(10);
 
-/// How long a service an activation started or restarted must then stay up, the same process
-/// without exiting, to count as running: one that is up for a moment and then dies is no
-/// running service (its first instant of `Running` says nothing).
+/// How long a service without a health check that an activation started or restarted must
+/// then stay up, the same process without exiting, to count as running: one that is up for a
+/// moment and then dies is no running service (its first instant of `Running` says nothing).
 const STAY_UP: Duration = Duration::from_secs(2);
 
 /// Why an operation on the machine failed; the message is for the deployer's user.
@@ -722,9 +722,11 @@ impl Agent {
                 .filter(|(name, _)| !waiting.contains_key(*name))
                 .filter(|(name, spec)| spec.health_check.is_some() || fresh.contains(name))
                 .map(|(name, spec)| {
-                    // A service restarted whenever it exits (`restart = "always"`) is declared
-                    // to exit; any other one that exits right after it started has failed.
-                    let stay = (fresh.contains(name) && spec.restart != flotilla_model::RestartPolicy::Always).then_some(STAY_UP);
+                    // Without a health check, being up is all there is to check: a service that
+                    // exits right after it started has failed, unless it is restarted whenever
+                    // it exits (`restart = "always"`: declared to exit). With one, the check decides.
+                    let stay = (fresh.contains(name) && spec.health_check.is_none() && spec.restart != flotilla_model::RestartPolicy::Always)
+                        .then_some(STAY_UP);
                     scope.spawn(move || {
                         if let Some(bad) = self.wait_running(name, settle_until, stay) {
                             return bad;
