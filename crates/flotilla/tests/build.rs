@@ -92,11 +92,10 @@ fn building_twice_changes_nothing() {
     };
     let first_run = fl.run(&["-v", "build", "--json", "-f", &file]).ok();
     let first = first_run.json();
-    let mut built_first = built(&first_run);
-    built_first.sort();
+    let built_first = built(&first_run);
     assert_eq!(built_first.len(), 3, "the first build did not build the three toplevels:\n{}", first_run.stderr());
-    for (drv, m) in built_first.iter().zip(["monitor", "web1", "web2"]) {
-        assert!(drv.ends_with(&format!("-flotilla-system-{m}.drv")), "{built_first:?}");
+    for m in ["monitor", "web1", "web2"] {
+        assert!(built_first.iter().any(|drv| drv.ends_with(&format!("-flotilla-system-{m}.drv"))), "{m} was not built: {built_first:?}");
     }
     let info_first = fl.run(&["info", "--json", "-d", "webfleet"]).ok().json();
     let second_run = fl.run(&["-v", "build", "--json", "-f", &file]).ok();
