@@ -49,6 +49,11 @@ const PENDING: &str = flotilla_protocol::layout::records::PENDING;
 /// How long services without a health check get to be running after an activation.
 const SETTLE: Duration = Duration::from_secs(10);
 
+/// How long a service without a health check that an activation started or restarted must
+/// then stay up, the same process without exiting, to count as running: one that is up for a
+/// moment and then dies is no running service (its first instant of `Running` says nothing).
+const STAY_UP: Duration = Duration::from_secs(2);
+
 /// Why an operation on the machine failed; the message is for the deployer's user.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -717,8 +722,13 @@ impl Agent {
                 .filter(|(name, _)| !waiting.contains_key(*name))
                 .filter(|(name, spec)| spec.health_check.is_some() || fresh.contains(name))
                 .map(|(name, spec)| {
+                    // Without a health check, being up is all there is to check: a service that
+                    // exits right after it started has failed, unless it is restarted whenever
+                    // it exits (`restart = "always"`: declared to exit). With one, the check decides.
+                    let stay = (fresh.contains(name) && spec.health_check.is_none() && spec.restart != flotilla_model::RestartPolicy::Always)
+                        .then_some(STAY_UP);
                     scope.spawn(move || {
-                        if let Some(bad) = self.wait_running(name, settle_until) {
+                        if let Some(bad) = self.wait_running(name, settle_until, stay) {
                             return bad;
                         }
                         match &spec.health_check {
@@ -732,18 +742,39 @@ impl Agent {
         })
     }
 
-    /// Waits for `name` to be running; `Some` with why when it failed or did not come up.
-    fn wait_running(&self, name: &str, until: Instant) -> Option<HealthResult> {
+    /// Waits for `name` to be running, and with `stay`, to stay up that long (the same
+    /// process, not restarted; bounded by `until`); `Some` with why when it failed, exited or
+    /// did not come up.
+    fn wait_running(&self, name: &str, until: Instant, stay: Option<Duration>) -> Option<HealthResult> {
+        // The process seen running, and since when.
+        let mut up: Option<(Option<u32>, u32, Instant)> = None;
         loop {
             let status = self.supervisor.status().into_iter().find(|s| s.name == name);
             let state = status.as_ref().map(|s| s.state);
-            if state == Some(ServiceState::Running) {
-                return None;
+            let now = Instant::now();
+            let same = |s: &ServiceStatus, seen: &(Option<u32>, u32, Instant)| s.pid == seen.0 && s.restarts == seen.1;
+            match (&status, stay, &up) {
+                (Some(s), _, _) if s.state != ServiceState::Running => {}
+                (Some(_), None, _) => return None,
+                (Some(s), Some(_), None) => up = Some((s.pid, s.restarts, now)),
+                (Some(s), Some(stay), Some(seen)) if same(s, seen) => {
+                    if now.duration_since(seen.2) >= stay || now >= until {
+                        return None;
+                    }
+                }
+                // Running again, as another process: the one seen running exited.
+                (Some(_), Some(_), Some(_)) => {}
+                (None, _, _) => {}
             }
-            if state == Some(ServiceState::Failed) || Instant::now() >= until {
+            let exited = up.as_ref().is_some_and(|seen| status.as_ref().is_none_or(|s| !same(s, seen) || s.state != ServiceState::Running));
+            if exited || state == Some(ServiceState::Failed) || now >= until {
                 let last = status.as_ref().and_then(|s| s.last_exit.clone());
                 let tail = self.log_tail(name);
                 let output = match (last, state) {
+                    (Some(exit), Some(_)) if exited => {
+                        let after = up.as_ref().map_or(0.0, |seen| now.duration_since(seen.2).as_secs_f64());
+                        format!("did not stay up: exited within {after:.1} s of starting ({exit}){tail}")
+                    }
                     (Some(exit), Some(state)) => format!("{state}, last exit: {exit}{tail}"),
                     (None, Some(state)) => format!("still {state}{tail}"),
                     (_, None) => "not supervised".into(),

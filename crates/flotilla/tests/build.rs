@@ -31,11 +31,7 @@ fn eval_json_matches_the_golden_file() {
     let run = fl.run(&["eval", "--json", "-f", EXAMPLE]).ok();
     let actual = normalise_store_paths(&serde_json::to_string_pretty(&run.json()).unwrap()) + "\n";
     let golden = repo().join("crates/flotilla/tests/golden/webfleet-eval.json");
-    if std::env::var_os("FLOTILLA_BLESS").is_some() {
-        std::fs::write(&golden, &actual).unwrap();
-    }
-    let expected = std::fs::read_to_string(&golden).expect("golden file (regenerate with FLOTILLA_BLESS=1)");
-    assert_eq!(actual, expected, "eval output differs from {}; if the change is intended, rerun with FLOTILLA_BLESS=1", golden.display());
+    common::check_golden(&golden, &actual, "rerun with FLOTILLA_BLESS=1 to rewrite it");
     // Secrets never appear in output.
     assert!(!run.stdout().contains("example-token-not-a-real-secret"));
 }
@@ -80,16 +76,42 @@ fn build_realises_every_toplevel_with_busybox_and_the_agent_in_its_closure() {
 #[test]
 fn building_twice_changes_nothing() {
     let fl = Fl::new();
-    let first = fl.run(&["build", "--json", "-f", EXAMPLE]).ok().json();
+    // The example with a motd of this run's own, so the first build has to build every
+    // toplevel: Nix's report of what it built is then known to show up, and its absence from
+    // the second run means something.
+    let example = std::fs::read_to_string(repo().join(EXAMPLE)).unwrap();
+    let motd = "Changes here are lost at the next deploy.";
+    assert!(example.contains(motd), "the example changed shape; update this test");
+    let file = fl.file("deployment.nix", &example.replace(motd, &format!("{motd} {}", common::random_hex(8))));
+    let built = |run: &common::Run| -> Vec<String> {
+        run.stderr().lines().filter_map(|l| l.split_once("nix: building '").map(|(_, drv)| drv.trim_end_matches("'...").to_owned())).collect()
+    };
+    let first_run = fl.run(&["-v", "build", "--json", "-f", &file]).ok();
+    let first = first_run.json();
+    let built_first = built(&first_run);
+    assert_eq!(built_first.len(), 3, "the first build did not build the three toplevels:\n{}", first_run.stderr());
+    for m in ["monitor", "web1", "web2"] {
+        assert!(built_first.iter().any(|drv| drv.ends_with(&format!("-flotilla-system-{m}.drv"))), "{m} was not built: {built_first:?}");
+    }
     let info_first = fl.run(&["info", "--json", "-d", "webfleet"]).ok().json();
-    let second = fl.run(&["build", "--json", "-f", EXAMPLE]).ok().json();
+    let second_run = fl.run(&["-v", "build", "--json", "-f", &file]).ok();
+    let second = second_run.json();
     let info_second = fl.run(&["info", "--json", "-d", "webfleet"]).ok().json();
-    // Same toplevels, built once: the second run realised nothing new.
+    // Built once: the second run had Nix build no derivation at all.
+    assert_eq!(built(&second_run), Vec::<String>::new(), "{}", second_run.stderr());
+    assert!(!second_run.stderr().contains("will be built"), "{}", second_run.stderr());
+    // Same toplevels.
+    assert_eq!(first["machines"].as_array().map(Vec::len), Some(3), "{first:#}");
     assert_eq!(first["machines"], second["machines"]);
     let machines = |info: &serde_json::Value| info["machines"].as_array().unwrap().clone();
+    assert_eq!(machines(&info_first).len(), 3, "{info_first:#}");
+    assert_eq!(machines(&info_second).len(), 3, "{info_second:#}");
     for (a, b) in machines(&info_first).iter().zip(machines(&info_second).iter()) {
         // Addresses (facts) and the recorded build stay the same; only its timestamp moves.
+        assert_eq!(a["machine"], b["machine"]);
+        assert!(a["facts"]["ip"].is_string(), "{a:#}");
         assert_eq!(a["facts"], b["facts"]);
+        assert!(a["last_build"]["toplevel"].is_string(), "{a:#}");
         assert_eq!(a["last_build"]["toplevel"], b["last_build"]["toplevel"]);
         assert_eq!(b["last_build"]["status"], "built");
     }
@@ -167,10 +189,7 @@ fn docs_options_md_is_the_generated_reference() {
     let fl = Fl::new();
     let generated = fl.run(&["options"]).ok().stdout();
     let doc = repo().join("docs/options.md");
-    if std::env::var_os("FLOTILLA_BLESS").is_some() {
-        std::fs::write(&doc, &generated).unwrap();
-    }
-    assert_eq!(std::fs::read_to_string(&doc).unwrap(), generated, "docs/options.md is stale: regenerate with `flotilla options > docs/options.md`");
+    common::check_golden(&doc, &generated, "regenerate it with `flotilla options > docs/options.md` (or FLOTILLA_BLESS=1)");
     for option in ["services.<name>.healthCheck", "keys.<name>.destDir", "files.<name>.mode", "platform"] {
         assert!(generated.contains(&format!("### `{option}`")), "{option} undocumented");
     }

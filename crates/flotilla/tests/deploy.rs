@@ -115,11 +115,21 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     let plain = f.run(&["deploy", "-f", &file]).ok();
     assert!(plain.stdout().contains("unchanged: nothing copied, nothing restarted"), "{}", plain.stdout());
 
-    // The ledger has it all.
-    let log = f.run(&["log", "-d", "webfleet"]).ok().stdout();
-    for what in ["provision", "activate", "deploy", "exec"] {
-        assert!(log.contains(what), "no {what} in the ledger:\n{log}");
+    // The ledger has it all, each event under its own kind with its own status: every
+    // machine provisioned and generation 1 activated, the deploy, and the commands run.
+    let log = f.run(&["log", "--json", "-n", "1000", "-d", "webfleet"]).ok().json();
+    let events = log.as_array().unwrap_or_else(|| panic!("the ledger is not a list: {log:#}"));
+    let has = |machine: Option<&str>, kind: &str, status: &str| {
+        events.iter().any(|e| e["machine"].as_str() == machine && e["kind"] == kind && e["status"] == status)
+    };
+    for m in ["web1", "web2", "monitor"] {
+        assert!(has(Some(m), "provision", "ok"), "no provision of {m} in the ledger:\n{log:#}");
+        let activated = events.iter().any(|e| e["machine"] == m && e["kind"] == "activate" && e["status"] == "ok" && e["details"]["generation"] == 1);
+        assert!(activated, "no activation of {m}'s generation 1 in the ledger:\n{log:#}");
     }
+    assert!(events.iter().any(|e| e["kind"] == "deploy" && e["status"] == "ok"), "no deploy in the ledger:\n{log:#}");
+    assert!(has(Some("web1"), "exec", "ok") && has(Some("web1"), "exec", "failed"), "the commands run on web1 are not in the ledger:\n{log:#}");
+    assert!(!events.iter().any(|e| e["status"] == "failed" && e["kind"] != "exec"), "a failure in the ledger of a deploy that worked:\n{log:#}");
 }
 
 #[test]
@@ -239,44 +249,92 @@ fn a_changed_machine_is_the_only_one_redeployed_and_a_failed_build_fails_only_it
     assert_eq!(f.machine(&file, "monitor")["generation"], 1);
 }
 
-#[test]
-fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
+/// `flotilla ARGS`, failing the test when it has not finished within `secs`: a command that
+/// waited on a held lock would hang. Output goes to files, so a full pipe never stalls it.
+fn finishes_within(f: &Fleet, args: &[&str], secs: u64) -> common::Run {
+    let out = tempfile::tempfile().unwrap();
+    let err = tempfile::tempfile().unwrap();
+    let mut child = common::KillOnDrop(f.cmd().args(args).stdout(out.try_clone().unwrap()).stderr(err.try_clone().unwrap()).spawn().unwrap());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "`flotilla {}` did not finish within {secs} s: it waits on the lock", args.join(" "));
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let read = |mut file: std::fs::File| {
+        use std::io::{Read as _, Seek as _};
+        let mut bytes = Vec::new();
+        file.rewind().unwrap();
+        file.read_to_end(&mut bytes).unwrap();
+        bytes
+    };
+    common::Run(std::process::Output { status, stdout: read(out), stderr: read(err) })
+}
+
+/// A deploy of `file` that holds the lock until the test lets it go: its deployer's own check
+/// (`checks.gate`) asks 127.0.0.1:`port` in the test's namespace, where nothing answers until
+/// the test serves a page there. Returns once the deploy is in that check.
+fn held_deploy(f: &Fleet, file: &str) -> (common::KillOnDrop, std::thread::JoinHandle<Vec<String>>) {
     use std::io::BufRead as _;
-    let f = Fleet::new();
-    let file = example();
-    let mut first = common::KillOnDrop(f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap());
-    let mut lines = std::io::BufReader::new(first.0.stderr.take().unwrap()).lines();
-    // The first deploy holds the lock once it says it provisions.
+    let mut child = common::KillOnDrop(
+        f.cmd().args(["deploy", "--json", "-f", file, "--confirm-timeout", "0"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
     for line in lines.by_ref() {
         let line = line.unwrap();
         seen.push(line.clone());
-        if line.starts_with("provision:") {
-            break;
+        if line.contains("\"machine-phase\"") && line.contains("\"phase\":\"check\"") {
+            let rest = std::thread::spawn(move || seen.into_iter().chain(lines.map_while(Result::ok)).collect());
+            return (child, rest);
         }
     }
-    assert!(seen.last().is_some_and(|l| l.starts_with("provision:")), "{seen:?}");
+    panic!("the deploy ended without reaching its own check: {seen:?}");
+}
+
+fn gated_deployment(name: &str, port: u16) -> String {
+    common::web_deployment(name, "gated", &format!(r#"checks.gate = {{ http = "http://127.0.0.1:{port}/"; interval = 1; retries = 600; timeout = 1; }};"#))
+}
+
+#[test]
+fn a_second_deploy_is_refused_while_one_runs_and_a_dead_holder_is_taken_over() {
+    let f = Fleet::new();
+    const GATE: u16 = 8765;
+    let file = f.fl.file("gated.nix", &gated_deployment("locked", GATE));
+    // The first deploy holds the lock, blocked in its own check until the gate opens.
+    let (mut first, first_out) = held_deploy(&f, &file);
     let r = f.run(&["deploy", "-f", &file]);
     assert_eq!(r.code(), 2, "{}", r.stderr());
-    assert!(r.stderr().contains("deployment `webfleet` is locked by") && r.stderr().contains(&format!("pid {}", first.0.id())), "{}", r.stderr());
-    // Read-only commands do not wait on it.
-    f.run(&["log"]).ok();
-    f.run(&["list"]).ok();
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
-    assert!(first.0.wait().unwrap().success(), "{rest:?}");
+    assert!(r.stderr().contains("deployment `locked` is locked by") && r.stderr().contains(&format!("pid {}", first.0.id())), "{}", r.stderr());
+    assert!(first.0.try_wait().unwrap().is_none(), "the first deploy ended before the second was refused: the refusal proves nothing");
+    // Read-only commands do not wait on it: they finish while the lock is still held.
+    assert!(finishes_within(&f, &["log", "-d", "locked"], 60).ok().stdout().contains("locked"));
+    let list = finishes_within(&f, &["list", "--json"], 60).ok().json();
+    assert_eq!(list[0]["name"], "locked", "{list:#}");
+    let info = finishes_within(&f, &["info", "-d", "locked", "--json"], 60).ok().json();
+    assert_eq!(info["machines"][0]["machine"], "web", "{info:#}");
+    assert!(first.0.try_wait().unwrap().is_none(), "the first deploy ended while the read-only commands ran");
+    // Open the gate: the first deploy passes its check and finishes.
+    let www = f.fl.dir.path().join("gate");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), "open\n").unwrap();
+    let _gate = common::KillOnDrop(f.in_ns_command(&["busybox", "httpd", "-f", "-p", &format!("127.0.0.1:{GATE}"), "-h", www.to_str().unwrap()]).spawn().unwrap());
+    let status = first.0.wait().unwrap();
+    let out = first_out.join().unwrap();
+    assert!(status.success(), "{out:?}");
+    assert!(out.last().is_some_and(|l| l.contains("\"outcome\":\"deployed\"")), "{out:?}");
+    drop(_gate);
 
     // A deploy killed while holding the lock leaves it behind; the next one takes it over.
-    let mut doomed = common::KillOnDrop(f.cmd().args(["deploy", "-f", &file]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::piped()).spawn().unwrap());
-    let mut lines = std::io::BufReader::new(doomed.0.stderr.take().unwrap()).lines();
-    while let Some(Ok(line)) = lines.next() {
-        if line.starts_with("provision:") || line.starts_with("build:") {
-            break;
-        }
-    }
+    f.fl.file("gated.nix", &gated_deployment("locked", GATE + 1));
+    let (mut doomed, _) = held_deploy(&f, &file);
     // nsenter execs flotilla, so the child's pid is flotilla's.
     doomed.stop();
+    f.fl.file("gated.nix", &common::web_deployment("locked", "free", ""));
     let r = f.run(&["deploy", "-f", &file]).ok();
-    assert!(r.stderr().contains("took over the lock of deployment `webfleet`"), "{}", r.stderr());
+    assert!(r.stderr().contains("took over the lock of deployment `locked`"), "{}", r.stderr());
 }
 
 #[test]

@@ -51,6 +51,13 @@ fn generations(f: &Fleet, file: &str, machine: &str) -> Vec<Value> {
     f.run(&["generations", "-f", file, machine, "--json"]).ok().json().as_array().cloned().unwrap()
 }
 
+/// The newest ledger event of `machine` (`log --json` lists the newest last).
+fn newest_event(f: &Fleet, machine: &str) -> Value {
+    let ledger = f.run(&["log", "--json", "-d", "safe"]).ok().json();
+    let events = ledger.as_array().unwrap_or_else(|| panic!("the ledger is not a list: {ledger:#}"));
+    events.iter().rev().find(|e| e["machine"] == machine).cloned().unwrap_or_else(|| panic!("no event for {machine}: {ledger:#}"))
+}
+
 fn current(gens: &[Value]) -> u64 {
     gens.iter().find(|g| g["current"] == true).and_then(|g| g["number"].as_u64()).unwrap_or_else(|| panic!("no current generation: {gens:?}"))
 }
@@ -81,15 +88,30 @@ fn a_failing_health_check_rolls_back_and_manual_rollback_survives_stop_and_start
     assert!(table.lines().any(|l| l.starts_with("2 ") && l.contains("failed: health check")), "{table}");
     assert!(table.lines().any(|l| l.starts_with("1 ") && l.contains("ok") && l.ends_with("current")), "{table}");
     // The ledger records the rollback; the state DB still says generation 1.
+    let event = newest_event(&f, "web");
+    assert_eq!((event["kind"].as_str(), event["status"].as_str()), (Some("activate"), Some("rolled back")), "{event:#}");
+    assert!(event["message"].as_str().unwrap_or_default().contains("health check of service httpd"), "{event:#}");
     assert_eq!(f.machine(&file, "web")["recorded_generation"], 1);
 
-    // A service that cannot even start: activation fails, rolled back the same way.
-    let crashing = web_fleet(&[("web", "v2b ok")], "").replace("\"-f\" \"-p\" \"80\"", "\"-f\" \"-p\" \"no-such-port\"");
-    f.fl.file("safe.nix", &crashing);
+    // A service that does not stay up, beside an httpd that passes its check: the agent
+    // rolls back for that service, and says so; the health check has nothing to do with it.
+    let flaky = r#"services.flaky = { script = "echo flaky is up; sleep 1; echo flaky gives up; exit 3"; };"#;
+    f.fl.file("safe.nix", &web_fleet(&[("web", "v2b ok")], flaky));
     let (code, report, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 1, "{out}");
-    assert_eq!(row(&report, "web")["outcome"], "rolled-back", "{report:#}");
+    let web = row(&report, "web");
+    assert_eq!(web["outcome"], "rolled-back", "{report:#}");
+    let error = web["error"].as_str().unwrap_or_default();
+    assert!(error.contains("service flaky") && error.contains("did not stay up") && error.contains("(exit 3)"), "the error does not name the service that died: {error}");
+    assert!(!error.contains("httpd"), "httpd passed its check, yet the error names it: {error}");
     assert_eq!(page(&f, &file, "web"), "v1 ok");
+    let gens = generations(&f, &file, "web");
+    assert_eq!(current(&gens), 1, "{gens:?}");
+    assert!(gens.last().unwrap()["failed"].as_str().unwrap_or_default().contains("flaky"), "{gens:?}");
+    // The ledger: this deploy's event for web is a rollback that names the service.
+    let event = newest_event(&f, "web");
+    assert_eq!((event["kind"].as_str(), event["status"].as_str()), (Some("activate"), Some("rolled back")), "{event:#}");
+    assert!(event["message"].as_str().unwrap_or_default().contains("flaky"), "{event:#}");
 
     // Two good deploys, then back to generation 1 by hand.
     f.fl.file("safe.nix", &web_fleet(&[("web", "v3 ok")], ""));
@@ -121,14 +143,23 @@ fn a_deployer_that_vanishes_before_confirming_gets_its_change_rolled_back() {
     let file = f.fl.file("safe.nix", &web_fleet(&[("web", "v1 ok")], ""));
     let (code, _, out) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{out}");
+    // The address now, so that nothing inside the confirmation window evaluates or probes.
+    let url = format!("http://{}/", f.machine(&file, "web")["ip"].as_str().unwrap());
+    let served = |f: &Fleet| f.host(&["curl", "-sSf", "--max-time", "2", &url]).stdout().trim().to_owned();
 
     // v2 passes the agent's health check, but the deployer's own check (nothing listens on
     // port 1) keeps the deployer busy probing; it is killed while the agent awaits its
-    // confirmation.
+    // confirmation. The window is wide enough that a loaded machine still reads v2 inside it.
+    const WINDOW: u64 = 8;
     let slow_check = r#"checks.outside = { http = "http://127.0.0.1:1/"; interval = 1; retries = 60; };"#;
     f.fl.file("safe.nix", &web_fleet(&[("web", "v2 ok")], slow_check));
     let mut child = KillOnDrop(
-        f.cmd().args(["deploy", "--json", "-f", &file, "--confirm-timeout", "3"]).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap(),
+        f.cmd()
+            .args(["deploy", "--json", "-f", &file, "--confirm-timeout", &WINDOW.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
     );
     let stdout = child.0.stdout.take().unwrap();
     let mut awaited = None;
@@ -140,21 +171,35 @@ fn a_deployer_that_vanishes_before_confirming_gets_its_change_rolled_back() {
         }
     }
     let awaited = awaited.expect("the deploy never reported a generation awaiting confirmation");
-    assert!(awaited.contains("\"within_secs\":3"), "{awaited}");
+    let window_opened = Instant::now();
+    assert!(awaited.contains(&format!("\"within_secs\":{WINDOW}")), "{awaited}");
     child.0.kill().unwrap();
     child.0.wait().unwrap();
-    // Right now v2 runs, unconfirmed.
-    assert_eq!(page(&f, &file, "web"), "v2 ok");
 
-    // Without its confirmation the agent returns to v1 by itself.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while page(&f, &file, "web") != "v1 ok" {
-        assert!(Instant::now() < deadline, "the agent never rolled back the unconfirmed generation");
-        std::thread::sleep(Duration::from_millis(250));
+    // The order of events, each with the time it was seen: v2 is served, unconfirmed, inside
+    // the window; v1 is served again only once the window has run out, without a deployer.
+    let mut seen: Vec<(String, Duration)> = Vec::new();
+    let deadline = window_opened + Duration::from_secs(WINDOW + 20);
+    loop {
+        let page = served(&f);
+        if seen.last().map(|(p, _)| p) != Some(&page) {
+            seen.push((page.clone(), window_opened.elapsed()));
+        }
+        if page == "v1 ok" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the agent never rolled back the unconfirmed generation: {seen:?}");
+        std::thread::sleep(Duration::from_millis(200));
     }
+    let pages: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).filter(|p| !p.is_empty()).collect();
+    assert_eq!(pages, ["v2 ok", "v1 ok"], "{seen:?}");
+    let v2_at = seen.iter().find(|(p, _)| p == "v2 ok").unwrap().1;
+    assert!(v2_at < Duration::from_secs(WINDOW), "v2 was first read {v2_at:?} after the window opened, too late to prove anything: {seen:?}");
+    let back_at = seen.last().unwrap().1;
+    assert!(back_at >= Duration::from_secs(WINDOW - 1), "v1 returned {back_at:?} after the window opened, before the {WINDOW} s window ran out: {seen:?}");
     let gens = generations(&f, &file, "web");
     assert_eq!(current(&gens), 1, "{gens:?}");
-    assert!(gens[1]["failed"].as_str().unwrap().contains("not confirmed within 3 s"), "{gens:?}");
+    assert!(gens[1]["failed"].as_str().unwrap().contains(&format!("not confirmed within {WINDOW} s")), "{gens:?}");
 
     // A deployer that stays confirms: the same change, without the slow check, is kept.
     f.fl.file("safe.nix", &web_fleet(&[("web", "v2 ok")], ""));
@@ -201,7 +246,10 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
     let f = Fleet::new();
     let marker = f.fl.file("marker", "");
     std::thread::sleep(Duration::from_millis(1100)); // ctimes after the marker's
-    let nonce = format!("{}-{}", std::process::id(), Instant::now().elapsed().as_nanos() ^ 0x5eed);
+    // A random nonce: this run's toplevel and its derivation are then new store paths, made
+    // after the marker, so the scan below covers them (a nonce that repeats across runs would
+    // name paths an earlier run made, older than the marker and never scanned).
+    let nonce = common::random_hex(16);
     let text_secret = format!("TEXT-SECRET-{nonce}");
     let file_secret = format!("FILE-SECRET-{nonce}");
     let key_file = f.fl.file("key-on-deployer", &file_secret);
@@ -242,7 +290,8 @@ fn keys_land_with_owner_and_mode_never_in_a_store_or_the_state_db_and_restart_on
     // and its derivation new too, so the scan covers them), not in the machine's store.
     let host_paths = f.host(&["find", "/nix/store", "-maxdepth", "1", "-cnewer", &marker]).stdout();
     let host_paths: Vec<&str> = host_paths.lines().filter(|p| *p != "/nix/store").collect();
-    assert!(!host_paths.is_empty(), "the deploy built nothing new? the scan would prove nothing");
+    let toplevel = row(&report, "vault")["toplevel"].as_str().unwrap_or_else(|| panic!("no toplevel in {report:#}")).to_owned();
+    assert!(host_paths.contains(&toplevel.as_str()), "this run's toplevel {toplevel} is not among the scanned paths, so the scan would prove nothing: {host_paths:?}");
     let root = f.machine(&file, "vault")["resources"]["root"].as_str().unwrap_or_else(|| panic!("info names no root")).to_owned();
     for secret in [&text_secret, &file_secret, &format!("CMD-SECRET-{nonce}")] {
         let mut grep = std::process::Command::new("grep");

@@ -439,3 +439,11 @@ pub fn check_golden_with(golden: &Path, actual: &str, regenerate: &str, bless: b
     let expected = std::fs::read_to_string(golden).unwrap_or_else(|e| panic!("cannot read the golden file {} ({e}); {regenerate}", golden.display()));
     assert!(actual == expected, "{} differs from what the test produced; if the change is intended, {regenerate}\n--- expected\n{expected}\n--- actual\n{actual}", golden.display());
 }
+
+/// `bytes` random bytes from the kernel, as hex: a name no earlier run can have used.
+pub fn random_hex(bytes: usize) -> String {
+    use std::io::Read as _;
+    let mut buf = vec![0u8; bytes];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("/dev/urandom is readable");
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
