@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{alive, free_port, http_get, Fl, RunningAgent};
+use common::{alive, free_port, http_get, listeners, Fl, RunningAgent};
 use flotilla_engine::remote::AgentClient;
 use flotilla_protocol::ActivationGoal;
 use flotilla_store::StorePath;
@@ -111,6 +111,7 @@ fn push_activate_change_rollback_and_stop() {
     for pid in pids {
         assert!(!alive(pid), "service pid {pid} survived the agent");
     }
+    assert_eq!(listeners(port), Vec::<u32>::new(), "port {port} is still served after the agent stopped");
     assert!(http_get_once(port).is_none(), "the web service still answers");
 }
 
@@ -146,19 +147,34 @@ fn http_get_once(port: u16) -> Option<()> {
     std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
 }
 
+/// Issue 21, item 5: the page served after the restart must come from a new httpd the new
+/// agent started, not from the old one a SIGTERM failed to stop.
 #[test]
 fn the_agent_restarts_services_of_the_current_system_when_it_starts_again() {
     let fl = Fl::new();
     let root = fl.dir.path().join("machine");
     let port = free_port();
     let file = fl.file("deployment.nix", &deployment(port, "again"));
-    {
-        let _agent = RunningAgent::start(&root);
-        push(&fl, &root, &file, "switch");
-        assert_eq!(http_get(port).as_deref(), Some("again"));
-    }
+    let mut agent = RunningAgent::start(&root);
+    push(&fl, &root, &file, "switch");
+    assert_eq!(http_get(port).as_deref(), Some("again"));
+    let old = pid_of(&status(&fl, &root), "web");
+    assert!(listeners(port).contains(&old), "the agent's httpd (pid {old}) serves port {port}: {:?}", listeners(port));
+
+    // Stopped, the agent leaves nothing serving the port.
+    let exit = agent.terminate();
+    assert!(exit.success(), "agent exit: {exit}");
+    assert!(!alive(old), "the old httpd (pid {old}) survived its agent's SIGTERM");
+    assert_eq!(listeners(port), Vec::<u32>::new(), "port {port} is still served after the agent stopped");
+    assert!(http_get_once(port).is_none(), "port {port} still answers after the agent stopped");
+    drop(agent);
+
+    // Started again, it starts the current system's httpd: a new process serves the page.
     let _agent = RunningAgent::start(&root);
     assert_eq!(http_get(port).as_deref(), Some("again"));
+    let new = pid_of(&status(&fl, &root), "web");
+    assert_ne!(new, old, "the web service was not started again");
+    assert!(listeners(port).contains(&new), "the new httpd (pid {new}) serves port {port}: {:?}", listeners(port));
 }
 
 /// The machine's Nix GC roots the agent keeps: name → target.
