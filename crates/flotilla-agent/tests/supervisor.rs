@@ -100,25 +100,23 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
 const PATIENCE: Duration = Duration::from_secs(30);
 
 /// A port on 127.0.0.1 no other test gets, in this process or another: the same range and
-/// locks as `free_port` in the flotilla crate's tests/common/mod.rs (a port 0 bind let go at
-/// once could be handed to anyone next, and a "port closed" check reach their listener).
+/// claims (an abstract unix socket named after the port, held for the process's life) as
+/// `free_port` in the flotilla crate's tests/common/mod.rs. A port 0 bind let go at once
+/// could be handed to anyone next, and a "port closed" check reach their listener.
 fn free_port() -> u16 {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static HELD: std::sync::Mutex<Vec<UnixListener>> = std::sync::Mutex::new(Vec::new());
     const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
-    let dir = if uid == 0 { PathBuf::from("/run/flotilla-test-ports") } else { std::env::temp_dir().join(format!("flotilla-test-ports-{uid}")) };
-    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
-    let meta = std::fs::symlink_metadata(&dir).unwrap();
-    assert!(meta.is_dir() && meta.uid() == uid && meta.mode() & 0o022 == 0, "{} is not a private directory of uid {uid}; remove it", dir.display());
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
     let first = std::process::id().wrapping_mul(7919) % span;
     for i in 0..span {
         let port = TEST_PORTS.start + ((first + i) % span) as u16;
-        let lock = std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(port.to_string())).unwrap();
-        if lock.try_lock().is_ok() && TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            held.push(lock);
+        let name = SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap();
+        let Ok(claim) = UnixListener::bind_addr(&name) else { continue };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            held.push(claim);
             return port;
         }
     }

@@ -121,7 +121,7 @@ fn kill_orphaned_services(pids: &[u32]) {
     for pid in pids {
         let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while pids.iter().any(|p| alive(*p)) {
         assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
         std::thread::sleep(std::time::Duration::from_millis(50));

@@ -164,60 +164,36 @@ impl Drop for RunningAgent {
 /// port 0 or to an outgoing connection, so a service could find it taken, and a "nothing
 /// answers any more" check could reach another test's listener. Ports come from
 /// [`TEST_PORTS`], below Linux's ephemeral range (32768-60999, where port 0 and outgoing
-/// connections get theirs), and one is taken by holding an exclusive lock on a file named
-/// after it in [`port_lock_dir`] for the rest of this process's life: every other test
-/// process skips it, and the lock goes with the process however it ends.
+/// connections get theirs), and one is taken by binding the abstract unix socket
+/// `flotilla-test-port-<port>` and keeping it for the rest of this process's life: only one
+/// process can hold the name, so every other test process skips the port, and the name is
+/// freed with the process however it ends (no lock file to clean up or to plant a link at).
 pub fn free_port() -> u16 {
-    static HELD: std::sync::Mutex<Vec<std::fs::File>> = std::sync::Mutex::new(Vec::new());
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = port_lock_dir();
+    use std::os::linux::net::SocketAddrExt;
+    static HELD: std::sync::Mutex<Vec<std::os::unix::net::UnixListener>> = std::sync::Mutex::new(Vec::new());
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
     // Processes started together begin at different places, so they rarely contend.
     let first = std::process::id().wrapping_mul(7919) % span;
     for i in 0..span {
         let port = TEST_PORTS.start + ((first + i) % span) as u16;
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o600)
-            .open(dir.join(port.to_string()))
-            .unwrap_or_else(|e| panic!("cannot open the port lock {}/{port}: {e}", dir.display()));
-        if lock.try_lock().is_err() {
+        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap();
+        let Ok(claim) = std::os::unix::net::UnixListener::bind_addr(&name) else {
             continue; // another test process has it
-        }
+        };
         // Something that is not a flotilla test may listen there.
         if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
             continue;
         }
-        held.push(lock);
+        held.push(claim);
         return port;
     }
-    panic!("no free test port in {TEST_PORTS:?}: every one is locked in {} or listened on", dir.display());
+    panic!("no free test port in {TEST_PORTS:?}: every one is claimed by a test process or listened on");
 }
 
 /// The ports [`free_port`] hands out; the agent crate's tests take theirs from the same
-/// range under the same locks.
+/// range with the same claims.
 pub const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
-
-/// Where the port locks live: `/run/flotilla-test-ports` (only root may create in /run),
-/// else a directory of this user's under the temporary directory; refused unless it is a
-/// real directory of this user's that nobody else may write, so nobody can plant a link
-/// among the lock files.
-pub fn port_lock_dir() -> PathBuf {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(u32::MAX);
-    let dir = if uid == 0 { PathBuf::from("/run/flotilla-test-ports") } else { std::env::temp_dir().join(format!("flotilla-test-ports-{uid}")) };
-    let _ = std::fs::DirBuilder::new().mode(0o700).create(&dir);
-    let meta = std::fs::symlink_metadata(&dir).unwrap_or_else(|e| panic!("cannot make the port lock directory {}: {e}", dir.display()));
-    assert!(
-        meta.is_dir() && meta.uid() == uid && meta.mode() & 0o022 == 0,
-        "{} is not a directory of uid {uid} that only it may write; remove it and run the tests again",
-        dir.display()
-    );
-    dir
-}
 
 /// GET http://127.0.0.1:port/ → body, retrying while the server starts (for up to 30 s,
 /// which only a server that never answers uses up).
