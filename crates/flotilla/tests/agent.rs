@@ -115,6 +115,21 @@ fn push_activate_change_rollback_and_stop() {
     assert!(http_get_once(port).is_none(), "the web service still answers");
 }
 
+/// Issue 21: a port handed to one test is handed to no other, in this process or another
+/// (so a "nothing answers any more" check never reaches another test's listener), and comes
+/// from outside the range the kernel hands out for port 0 and outgoing connections.
+#[test]
+fn test_ports_are_claimed_for_the_life_of_the_process() {
+    let (a, b) = (free_port(), free_port());
+    assert_ne!(a, b, "one port handed out twice");
+    for port in [a, b] {
+        assert!(common::TEST_PORTS.contains(&port), "port {port} is outside the test range {:?}", common::TEST_PORTS);
+        // Any process binding the claim is refused while this one holds it.
+        let other = std::os::unix::net::UnixListener::bind_addr(&common::port_claim(port));
+        assert!(other.is_err(), "port {port} is not claimed: another test process could get it too");
+    }
+}
+
 /// Kills what a SIGKILLed agent left running (as a crash or a power cut would have), each
 /// service with its process group, and waits until it is gone.
 fn kill_orphaned_services(pids: &[u32]) {

@@ -169,7 +169,6 @@ impl Drop for RunningAgent {
 /// process can hold the name, so every other test process skips the port, and the name is
 /// freed with the process however it ends (no lock file to clean up or to plant a link at).
 pub fn free_port() -> u16 {
-    use std::os::linux::net::SocketAddrExt;
     static HELD: std::sync::Mutex<Vec<std::os::unix::net::UnixListener>> = std::sync::Mutex::new(Vec::new());
     let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
     let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
@@ -177,8 +176,7 @@ pub fn free_port() -> u16 {
     let first = std::process::id().wrapping_mul(7919) % span;
     for i in 0..span {
         let port = TEST_PORTS.start + ((first + i) % span) as u16;
-        let name = std::os::unix::net::SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap();
-        let Ok(claim) = std::os::unix::net::UnixListener::bind_addr(&name) else {
+        let Ok(claim) = std::os::unix::net::UnixListener::bind_addr(&port_claim(port)) else {
             continue; // another test process has it
         };
         // Something that is not a flotilla test may listen there.
@@ -189,6 +187,12 @@ pub fn free_port() -> u16 {
         return port;
     }
     panic!("no free test port in {TEST_PORTS:?}: every one is claimed by a test process or listened on");
+}
+
+/// The abstract unix socket address whose holder has claimed test port `port`.
+pub fn port_claim(port: u16) -> std::os::unix::net::SocketAddr {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap()
 }
 
 /// The ports [`free_port`] hands out; the agent crate's tests take theirs from the same
