@@ -345,11 +345,56 @@ mod tests {
         assert!(!dir.path().join("etc/tok").exists());
     }
 
+    /// Every entry under `dir`: its path, and a file's contents or a link's target.
+    fn tree(dir: &Path) -> BTreeMap<PathBuf, String> {
+        let mut out = BTreeMap::new();
+        let mut todo = vec![dir.to_owned()];
+        while let Some(d) = todo.pop() {
+            for e in fs::read_dir(&d).unwrap().flatten() {
+                let path = e.path();
+                let meta = fs::symlink_metadata(&path).unwrap();
+                let what = if meta.is_dir() {
+                    todo.push(path.clone());
+                    format!("dir {:o}", meta.mode())
+                } else if meta.file_type().is_symlink() {
+                    format!("link to {}", fs::read_link(&path).unwrap().display())
+                } else {
+                    format!("file {:o}: {}", meta.mode(), String::from_utf8_lossy(&fs::read(&path).unwrap()))
+                };
+                out.insert(path.strip_prefix(dir).unwrap().to_owned(), what);
+            }
+        }
+        out
+    }
+
+    /// A key whose name or directory climbs out is refused, and nothing is written: not in
+    /// the machine, not beside it (the machine root sits one level down in the test's
+    /// directory, so a key that escaped it would show up there).
     #[test]
     fn names_and_directories_cannot_escape() {
-        let (_dir, root) = root_with_accounts();
-        assert!(apply(&root, &[key("../x", b"x")], &[]).is_err());
-        let bad = KeyUpload { dest_dir: "/run/../etc".into(), ..key("a", b"x") };
-        assert!(apply(&root, &[bad], &[]).is_err());
+        let (outer, _) = root_with_accounts();
+        let machine = outer.path().join("machine");
+        fs::create_dir_all(machine.join("etc")).unwrap();
+        fs::copy(outer.path().join("etc/passwd"), machine.join("etc/passwd")).unwrap();
+        fs::copy(outer.path().join("etc/group"), machine.join("etc/group")).unwrap();
+        let root = MachineRoot::new(&machine);
+        root.prepare().unwrap();
+        let before = tree(outer.path());
+        let bad_names = ["../x", "../../../x", "a/../../x", "..", "x/y"];
+        for name in bad_names {
+            let err = apply(&root, &[key(name, b"escaped")], &[]).unwrap_err().to_string();
+            assert!(err.contains("cannot name a key"), "{name}: {err}");
+            assert_eq!(tree(outer.path()), before, "key {name:?} wrote something");
+        }
+        for dir in ["/run/../etc", "/../..", "/run/keys/../../..", "run/keys", "/"] {
+            let bad = KeyUpload { dest_dir: dir.into(), ..key("a", b"escaped") };
+            let err = apply(&root, &[bad], &[]).unwrap_err().to_string();
+            assert!(err.contains("must be an absolute directory without `..`"), "{dir}: {err}");
+            assert_eq!(tree(outer.path()), before, "destDir {dir:?} wrote something");
+        }
+        // Nor does a good key beside a bad one get written: all are checked first.
+        let err = apply(&root, &[key("good", b"x"), key("../bad", b"x")], &[]);
+        assert!(err.is_err());
+        assert_eq!(tree(outer.path()), before, "a good key was written before a bad one was refused");
     }
 }

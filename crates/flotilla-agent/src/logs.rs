@@ -348,7 +348,21 @@ mod tests {
         let path = dir.path().join("web.log");
         write(&path, "");
         let mut tail = Tail::new(select(dir.path(), None).unwrap());
-        let mut out = Vec::new();
+        // What follow prints, seen by its stop condition too: it stops once all three lines
+        // are out (or at a deadline no loaded machine reaches), not at a guess of how long
+        // the writer takes.
+        #[derive(Clone, Default)]
+        struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = Shared::default();
         tail.print_last(10, true, &mut out).unwrap();
         let writer = {
             let path = path.clone();
@@ -359,9 +373,11 @@ mod tests {
                 }
             })
         };
-        let deadline = Instant::now() + Duration::from_millis(600);
-        tail.follow(&mut out, Duration::from_millis(10), &mut || Instant::now() > deadline).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let seen = out.clone();
+        let mut stop = || text(&seen.0.lock().unwrap()).lines().count() >= 3 || Instant::now() > deadline;
+        tail.follow(&mut out, Duration::from_millis(10), &mut stop).unwrap();
         writer.join().unwrap();
-        assert_eq!(text(&out), "tick 0\ntick 1\ntick 2\n");
+        assert_eq!(text(&out.0.lock().unwrap()), "tick 0\ntick 1\ntick 2\n");
     }
 }

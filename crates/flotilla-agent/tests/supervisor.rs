@@ -64,7 +64,7 @@ impl Fixture {
     }
 
     fn wait_log(&self, name: &str, needle: &str) {
-        wait_for(&format!("{needle:?} in {name}.log"), Duration::from_secs(5), || self.log(name).contains(needle));
+        wait_for(&format!("{needle:?} in {name}.log"), PATIENCE, || self.log(name).contains(needle));
     }
 }
 
@@ -95,8 +95,32 @@ fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     }
 }
 
+/// How long a test waits for something that must happen: long enough that only a real
+/// failure, not a loaded machine, uses it up.
+const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A port on 127.0.0.1 no other test gets, in this process or another: the same range and
+/// claims (an abstract unix socket named after the port, held for the process's life) as
+/// `free_port` in the flotilla crate's tests/common/mod.rs. A port 0 bind let go at once
+/// could be handed to anyone next, and a "port closed" check reach their listener.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener};
+    static HELD: std::sync::Mutex<Vec<UnixListener>> = std::sync::Mutex::new(Vec::new());
+    const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    let first = std::process::id().wrapping_mul(7919) % span;
+    for i in 0..span {
+        let port = TEST_PORTS.start + ((first + i) % span) as u16;
+        let name = SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap();
+        let Ok(claim) = UnixListener::bind_addr(&name) else { continue };
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            held.push(claim);
+            return port;
+        }
+    }
+    panic!("no free test port in {TEST_PORTS:?}");
 }
 
 /// (pid, state, ppid, pgrp) of every process, from /proc.
@@ -146,7 +170,7 @@ fn httpd_serves_and_stop_empties_its_process_group() {
         .unwrap();
 
     let mut page = None;
-    wait_for("httpd to answer", Duration::from_secs(5), || {
+    wait_for("httpd to answer", PATIENCE, || {
         page = http_get(port, "/index.html");
         page.is_some()
     });
@@ -178,7 +202,7 @@ fn on_failure_restarts_with_growing_backoff_until_stopped() {
     let f = Fixture::new(Duration::from_secs(5));
     f.sup.start("flaky", &sh("echo attempt; exit 1", RestartPolicy::OnFailure)).unwrap();
     let mut saw_backoff = false;
-    wait_for("three restarts", Duration::from_secs(5), || {
+    wait_for("three restarts", PATIENCE, || {
         let s = f.status("flaky");
         saw_backoff |= s.state == ServiceState::Backoff;
         s.restarts >= 3
@@ -208,7 +232,7 @@ fn never_and_clean_exits_are_not_restarted() {
     f.sup.start("fails", &sh("exit 1", RestartPolicy::Never)).unwrap();
     f.sup.start("killed", &sh("kill -9 $$", RestartPolicy::Never)).unwrap();
     f.sup.start("done", &sh("exit 0", RestartPolicy::OnFailure)).unwrap();
-    wait_for("all three to settle", Duration::from_secs(5), || f.sup.running().is_empty());
+    wait_for("all three to settle", PATIENCE, || f.sup.running().is_empty());
     std::thread::sleep(Duration::from_millis(300));
     let got: Vec<_> = f.sup.status().into_iter().map(|s| (s.name, s.state, s.restarts, s.last_exit, s.pid)).collect();
     assert_eq!(
@@ -225,7 +249,7 @@ fn never_and_clean_exits_are_not_restarted() {
 fn always_restarts_after_a_clean_exit() {
     let f = Fixture::new(Duration::from_secs(5));
     f.sup.start("oneshot", &sh("exit 0", RestartPolicy::Always)).unwrap();
-    wait_for("two restarts", Duration::from_secs(5), || f.status("oneshot").restarts >= 2);
+    wait_for("two restarts", PATIENCE, || f.status("oneshot").restarts >= 2);
     assert_eq!(f.status("oneshot").last_exit.as_deref(), Some("exit 0"));
     f.sup.stop("oneshot").unwrap();
 }
@@ -242,7 +266,7 @@ fn a_service_ignoring_sigterm_is_killed_after_the_stop_timeout() {
     f.sup.stop("stubborn").unwrap();
     let took = started.elapsed();
     assert!(took >= timeout, "stopped after {took:?}, before the timeout: SIGTERM was not ignored?");
-    assert!(took < timeout + Duration::from_secs(3), "stop took {took:?}");
+    assert!(took < timeout + PATIENCE, "stop took {took:?}");
     let status = f.status("stubborn");
     assert_eq!((status.state, status.last_exit.as_deref()), (ServiceState::Stopped, Some("signal 9")));
     assert_eq!(group_members(pid), Vec::<i32>::new());
@@ -253,7 +277,8 @@ fn double_forked_grandchildren_are_reaped() {
     let f = Fixture::new(Duration::from_secs(5));
     let pidfile = f.path("grandchild.pid");
     let grandchild = f.path("grandchild.sh");
-    std::fs::write(&grandchild, format!("echo $$ > {}\nexec {} sleep 1\n", pidfile.display(), busybox())).unwrap();
+    // The grandchild lives until the test ends it, not for a time the test must beat.
+    std::fs::write(&grandchild, format!("echo $$ > {}\nexec {} sleep 100000\n", pidfile.display(), busybox())).unwrap();
     // The middle shell backgrounds the grandchild and exits at once: the grandchild is orphaned.
     let script = format!(
         "{bb} sh -c '{bb} sh {gc} &'; echo forked; exec {bb} sleep 1000",
@@ -261,25 +286,28 @@ fn double_forked_grandchildren_are_reaped() {
         gc = grandchild.display()
     );
     f.sup.start("forker", &sh(&script, RestartPolicy::Never)).unwrap();
-    wait_for("the grandchild's pid file", Duration::from_secs(5), || {
+    wait_for("the grandchild's pid file", PATIENCE, || {
         std::fs::read_to_string(&pidfile).is_ok_and(|s| s.ends_with('\n'))
     });
     let gc: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     let me = std::process::id() as i32;
     // Re-parented to this process (the subreaper), not to the host's init ...
-    wait_for("the grandchild to be re-parented here", Duration::from_secs(3), || {
+    wait_for("the grandchild to be re-parented here", PATIENCE, || {
         processes().iter().any(|p| p.0 == gc && p.2 == me)
     });
     // ... and reaped when it exits: no zombie entry stays in /proc.
-    wait_for("the grandchild to be reaped", Duration::from_secs(5), || !Path::new(&format!("/proc/{gc}")).exists());
-    // No child of this process stays a zombie (other tests' children may be one for a moment).
-    let zombies = |ps: Vec<(i32, char, i32, i32)>| -> Vec<i32> {
-        ps.into_iter().filter(|p| p.1 == 'Z' && p.2 == me).map(|p| p.0).collect()
-    };
-    let first = zombies(processes());
-    std::thread::sleep(Duration::from_millis(500));
-    let lasting: Vec<i32> = zombies(processes()).into_iter().filter(|p| first.contains(p)).collect();
-    assert_eq!(lasting, Vec::<i32>::new(), "zombie children of the test process");
+    let argv: Vec<String> = [busybox(), "kill", &gc.to_string()].iter().map(|s| s.to_string()).collect();
+    assert!(f.sup.run_command(&argv, PATIENCE).unwrap().status.success(), "cannot end the grandchild {gc}");
+    wait_for("the grandchild to be reaped", PATIENCE, || !Path::new(&format!("/proc/{gc}")).exists());
+    // No child of this process stays a zombie: each one seen now (other tests' children may
+    // be one for a moment) is reaped in time.
+    let zombies = || -> Vec<i32> { processes().into_iter().filter(|p| p.1 == 'Z' && p.2 == me).map(|p| p.0).collect() };
+    let first = zombies();
+    let mut lasting = first.clone();
+    wait_for(&format!("the zombie children {first:?} of the test process to be reaped"), PATIENCE, || {
+        lasting = zombies().into_iter().filter(|p| first.contains(p)).collect();
+        lasting.is_empty()
+    });
     assert_eq!(f.status("forker").state, ServiceState::Running);
     f.sup.stop("forker").unwrap();
 }
@@ -289,7 +317,7 @@ fn logs_rotate_within_limits() {
     let f = Fixture::with_root(None, Duration::from_secs(5), 2000, 2);
     let script = "i=0; while [ $i -lt 500 ]; do echo \"line $i: the quick brown fox jumps over\"; i=$((i+1)); done";
     f.sup.start("chatty", &sh(script, RestartPolicy::Never)).unwrap();
-    wait_for("chatty to finish", Duration::from_secs(10), || f.status("chatty").state == ServiceState::Stopped);
+    wait_for("chatty to finish", PATIENCE, || f.status("chatty").state == ServiceState::Stopped);
     let size = |rel: &str| std::fs::metadata(f.path(rel)).map(|m| m.len()).ok();
     for rel in ["logs/chatty.log", "logs/chatty.log.1", "logs/chatty.log.2"] {
         let len = size(rel).unwrap_or_else(|| panic!("{rel} missing"));
@@ -366,7 +394,7 @@ fn chrooted_service_runs_as_the_user_of_the_roots_passwd() {
     assert!(log.contains("root: bin etc home"), "not chrooted into the machine root:\n{log}");
 
     // One-off commands run inside the machine root too.
-    let out = f.sup.run_command(&["/bin/busybox".into(), "ls".into(), "/".into()], Duration::from_secs(5)).unwrap();
+    let out = f.sup.run_command(&["/bin/busybox".into(), "ls".into(), "/".into()], PATIENCE).unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "bin\netc\nhome\n");
 
     // A user missing from the root's passwd is a clear error, before anything runs.
@@ -431,19 +459,19 @@ fn run_command_returns_output_and_status_and_times_out() {
     let argv = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
     let out = f
         .sup
-        .run_command(&argv(&[busybox(), "sh", "-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(5))
+        .run_command(&argv(&[busybox(), "sh", "-c", "echo out; echo err >&2; exit 3"]), PATIENCE)
         .unwrap();
     assert_eq!(out.status, ExitStatus::Exited(3));
     assert_eq!((out.stdout.as_slice(), out.stderr.as_slice()), (&b"out\n"[..], &b"err\n"[..]));
     assert!(!out.status.success());
 
-    let ok = f.sup.run_command(&argv(&[busybox(), "true"]), Duration::from_secs(5)).unwrap();
+    let ok = f.sup.run_command(&argv(&[busybox(), "true"]), PATIENCE).unwrap();
     assert!(ok.status.success());
 
     let started = Instant::now();
-    let err = f.sup.run_command(&argv(&[busybox(), "sleep", "10"]), Duration::from_millis(300)).unwrap_err();
+    let err = f.sup.run_command(&argv(&[busybox(), "sleep", "1000"]), Duration::from_millis(300)).unwrap_err();
     assert!(matches!(err, SupervisorError::CommandTimeout { .. }), "{err:?}");
-    assert!(started.elapsed() < Duration::from_secs(3), "timeout took {:?}", started.elapsed());
+    assert!(started.elapsed() < PATIENCE, "timeout took {:?}", started.elapsed());
 
     let err = f.sup.run_command(&argv(&["/nonexistent"]), Duration::from_secs(5)).unwrap_err();
     assert!(matches!(err, SupervisorError::CommandSpawn { .. }), "{err:?}");
@@ -488,7 +516,7 @@ fn termination_handler_reports_sigterm_and_sigint() {
     let me = std::process::id().to_string();
     for (flag, kind) in [("-TERM", TerminationKind::Terminate), ("-INT", TerminationKind::Interrupt)] {
         let argv: Vec<String> = [busybox(), "kill", flag, &me].iter().map(|s| s.to_string()).collect();
-        assert!(f.sup.run_command(&argv, Duration::from_secs(5)).unwrap().status.success());
-        assert_eq!(install_termination_handler().unwrap().wait_timeout(Duration::from_secs(5)), Some(kind));
+        assert!(f.sup.run_command(&argv, PATIENCE).unwrap().status.success());
+        assert_eq!(install_termination_handler().unwrap().wait_timeout(PATIENCE), Some(kind));
     }
 }

@@ -6,7 +6,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{alive, free_port, http_get, Fl, RunningAgent};
+use common::{alive, free_port, http_get, listeners, Fl, RunningAgent};
 use flotilla_engine::remote::AgentClient;
 use flotilla_protocol::ActivationGoal;
 use flotilla_store::StorePath;
@@ -111,7 +111,23 @@ fn push_activate_change_rollback_and_stop() {
     for pid in pids {
         assert!(!alive(pid), "service pid {pid} survived the agent");
     }
+    assert_eq!(listeners(port), Vec::<u32>::new(), "port {port} is still served after the agent stopped");
     assert!(http_get_once(port).is_none(), "the web service still answers");
+}
+
+/// Issue 21: a port handed to one test is handed to no other, in this process or another
+/// (so a "nothing answers any more" check never reaches another test's listener), and comes
+/// from outside the range the kernel hands out for port 0 and outgoing connections.
+#[test]
+fn test_ports_are_claimed_for_the_life_of_the_process() {
+    let (a, b) = (free_port(), free_port());
+    assert_ne!(a, b, "one port handed out twice");
+    for port in [a, b] {
+        assert!(common::TEST_PORTS.contains(&port), "port {port} is outside the test range {:?}", common::TEST_PORTS);
+        // Any process binding the claim is refused while this one holds it.
+        let other = std::os::unix::net::UnixListener::bind_addr(&common::port_claim(port));
+        assert!(other.is_err(), "port {port} is not claimed: another test process could get it too");
+    }
 }
 
 /// Kills what a SIGKILLed agent left running (as a crash or a power cut would have), each
@@ -120,7 +136,7 @@ fn kill_orphaned_services(pids: &[u32]) {
     for pid in pids {
         let _ = std::process::Command::new("kill").args(["-KILL", "--", &format!("-{pid}")]).status();
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while pids.iter().any(|p| alive(*p)) {
         assert!(std::time::Instant::now() < deadline, "the services of the killed agent did not die");
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -146,19 +162,34 @@ fn http_get_once(port: u16) -> Option<()> {
     std::net::TcpStream::connect(("127.0.0.1", port)).ok().map(|_| ())
 }
 
+/// Issue 21, item 5: the page served after the restart must come from a new httpd the new
+/// agent started, not from the old one a SIGTERM failed to stop.
 #[test]
 fn the_agent_restarts_services_of_the_current_system_when_it_starts_again() {
     let fl = Fl::new();
     let root = fl.dir.path().join("machine");
     let port = free_port();
     let file = fl.file("deployment.nix", &deployment(port, "again"));
-    {
-        let _agent = RunningAgent::start(&root);
-        push(&fl, &root, &file, "switch");
-        assert_eq!(http_get(port).as_deref(), Some("again"));
-    }
+    let mut agent = RunningAgent::start(&root);
+    push(&fl, &root, &file, "switch");
+    assert_eq!(http_get(port).as_deref(), Some("again"));
+    let old = pid_of(&status(&fl, &root), "web");
+    assert!(listeners(port).contains(&old), "the agent's httpd (pid {old}) serves port {port}: {:?}", listeners(port));
+
+    // Stopped, the agent leaves nothing serving the port.
+    let exit = agent.terminate();
+    assert!(exit.success(), "agent exit: {exit}");
+    assert!(!alive(old), "the old httpd (pid {old}) survived its agent's SIGTERM");
+    assert_eq!(listeners(port), Vec::<u32>::new(), "port {port} is still served after the agent stopped");
+    assert!(http_get_once(port).is_none(), "port {port} still answers after the agent stopped");
+    drop(agent);
+
+    // Started again, it starts the current system's httpd: a new process serves the page.
     let _agent = RunningAgent::start(&root);
     assert_eq!(http_get(port).as_deref(), Some("again"));
+    let new = pid_of(&status(&fl, &root), "web");
+    assert_ne!(new, old, "the web service was not started again");
+    assert!(listeners(port).contains(&new), "the new httpd (pid {new}) serves port {port}: {:?}", listeners(port));
 }
 
 /// The machine's Nix GC roots the agent keeps: name → target.

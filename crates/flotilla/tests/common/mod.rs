@@ -157,17 +157,56 @@ impl Drop for RunningAgent {
     }
 }
 
-/// A TCP port nothing listens on now.
+/// A TCP port on 127.0.0.1 that no other test gets, in this process or in any other flotilla
+/// test process on this machine, and that nothing listened on when it was handed out.
+///
+/// Not a port 0 bind let go at once: the kernel hands the same port to the next caller of
+/// port 0 or to an outgoing connection, so a service could find it taken, and a "nothing
+/// answers any more" check could reach another test's listener. Ports come from
+/// [`TEST_PORTS`], below Linux's ephemeral range (32768-60999, where port 0 and outgoing
+/// connections get theirs), and one is taken by binding the abstract unix socket
+/// `flotilla-test-port-<port>` and keeping it for the rest of this process's life: only one
+/// process can hold the name, so every other test process skips the port, and the name is
+/// freed with the process however it ends (no lock file to clean up or to plant a link at).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static HELD: std::sync::Mutex<Vec<std::os::unix::net::UnixListener>> = std::sync::Mutex::new(Vec::new());
+    let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+    let span = u32::from(TEST_PORTS.end - TEST_PORTS.start);
+    // Processes started together begin at different places, so they rarely contend.
+    let first = std::process::id().wrapping_mul(7919) % span;
+    for i in 0..span {
+        let port = TEST_PORTS.start + ((first + i) % span) as u16;
+        let Ok(claim) = std::os::unix::net::UnixListener::bind_addr(&port_claim(port)) else {
+            continue; // another test process has it
+        };
+        // Something that is not a flotilla test may listen there.
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        held.push(claim);
+        return port;
+    }
+    panic!("no free test port in {TEST_PORTS:?}: every one is claimed by a test process or listened on");
 }
 
-/// GET http://127.0.0.1:port/ → body, retrying while the server starts.
+/// The abstract unix socket address whose holder has claimed test port `port`.
+pub fn port_claim(port: u16) -> std::os::unix::net::SocketAddr {
+    use std::os::linux::net::SocketAddrExt;
+    std::os::unix::net::SocketAddr::from_abstract_name(format!("flotilla-test-port-{port}")).unwrap()
+}
+
+/// The ports [`free_port`] hands out; the agent crate's tests take theirs from the same
+/// range with the same claims.
+pub const TEST_PORTS: std::ops::Range<u16> = 20000..30000;
+
+/// GET http://127.0.0.1:port/ → body, retrying while the server starts (for up to 30 s,
+/// which only a server that never answers uses up).
 pub fn http_get(port: u16) -> Option<String> {
     use std::io::{Read, Write};
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
         if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
-            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(5)));
+            let _ = s.set_read_timeout(Some(std::time::Duration::from_secs(10)));
             if s.write_all(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n").is_ok() {
                 let mut buf = String::new();
                 if s.read_to_string(&mut buf).is_ok() && buf.starts_with("HTTP/1") {
@@ -175,9 +214,11 @@ pub fn http_get(port: u16) -> Option<String> {
                 }
             }
         }
+        if std::time::Instant::now() > deadline {
+            return None;
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    None
 }
 
 /// Whether a process exists.
@@ -446,4 +487,40 @@ pub fn random_hex(bytes: usize) -> String {
     let mut buf = vec![0u8; bytes];
     std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf)).expect("/dev/urandom is readable");
     buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The processes listening on TCP port `port` of 127.0.0.1 (or of every address) in this
+/// network namespace: whose socket it is, from /proc/net/tcp and each process's descriptors,
+/// so that a test can tell its own service from anyone else's.
+pub fn listeners(port: u16) -> Vec<u32> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp is readable");
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let (addr, p) = f.get(1)?.split_once(':')?;
+            let listening = f.get(3) == Some(&"0A");
+            let ours = u16::from_str_radix(p, 16).ok() == Some(port) && (addr == "0100007F" || addr == "00000000");
+            let inode = f.get(9)?;
+            (listening && ours).then(|| format!("socket:[{inode}]"))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let mut pids: Vec<u32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|l| inodes.iter().any(|i| l.as_os_str() == i.as_str())))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
 }
