@@ -196,3 +196,41 @@ fn built_toplevels_are_registered_as_gc_roots_under_gcroots_auto() {
     fl.run(&["delete", "-d", "roots"]).ok();
     assert!(!registered[0].exists() && std::fs::symlink_metadata(&registered[0]).is_err(), "the registration survived delete");
 }
+
+/// A tmpfs mounted for a test, unmounted when dropped (even when the test failed).
+struct Mounted(std::path::PathBuf);
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_machine_whose_store_lacks_room_is_refused_before_anything_is_copied() {
+    let f = Fleet::new();
+    let file = f.fl.file("room.nix", &web_deployment("room", "v1", ""));
+    // The machine's whole root is a disk 40 MiB bigger than the bootstrap agent: the agent
+    // fits, the closure (a few MiB) too, but not with the 64 MiB the pre-flight keeps spare.
+    let root = f.fl.state().parent().unwrap().join("machines/room/web/root");
+    std::fs::create_dir_all(&root).unwrap();
+    let agent = std::fs::metadata(common::agent_bin()).unwrap().len() >> 20;
+    let size = format!("size={}m", agent + 40);
+    let mounted = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &size, "flotilla-test-room"]).arg(&root).status().unwrap();
+    assert!(mounted.success(), "cannot mount a tmpfs on {}", root.display());
+    let _mounted = Mounted(root.clone());
+
+    let (code, report, said) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 1, "{said}");
+    let web = row(&report, "web");
+    assert_eq!(web["outcome"], "failed", "{web:#}");
+    let error = web["error"].as_str().unwrap();
+    assert!(error.contains("the machine's store needs") && error.contains("free; free space on the machine"), "{error}");
+    // Nothing was copied: the store holds no path of the closure.
+    let store: Vec<String> = std::fs::read_dir(root.join("nix/store")).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(store.iter().all(|n| n.starts_with('.')), "paths were copied: {store:?}");
+
+    // Stopped, the disk is unmounted, and the test's Fleet removes the rest.
+    f.run(&["stop", "-f", &file]).ok();
+    drop(_mounted);
+}
