@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use flotilla_model::{DeployerCheck, MachineName, UploadAt};
+use flotilla_model::{human_bytes, DeployerCheck, MachineName, UploadAt};
 use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ErrorKind, HealthResult};
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -738,22 +738,6 @@ fn activation_summary(r: &ActivationReport) -> String {
     parts.join(", ") + &r.messages.iter().map(|m| format!("; {m}")).collect::<String>()
 }
 
-/// `1.2 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -766,8 +750,13 @@ mod tests {
     }
 
     #[test]
-    fn bytes_read_as_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    fn goals_say_how_far_they_go() {
+        let row = |g: Goal| (g.provisions(), g.activates(), g.is_checked(), g.sends_keys());
+        assert_eq!(row(Goal::Build), (false, false, false, false));
+        assert_eq!(row(Goal::Copy), (true, false, false, false));
+        assert_eq!(row(Goal::Switch), (true, true, true, true));
+        assert_eq!(row(Goal::Boot), (true, true, false, true));
+        assert_eq!(row(Goal::Test), (true, true, true, true));
+        assert_eq!(row(Goal::DryActivate), (true, false, false, false));
     }
 }

@@ -54,7 +54,7 @@ impl Engine {
                         h.holder,
                         procfs::command_line(h.pid as i32).unwrap_or_else(|| "its command line cannot be read".into()),
                         h.command,
-                        flotilla_state::format_time(h.since),
+                        flotilla_model::format_time(h.since),
                     )),
                     _ => Ok(("broken", "its process no longer runs".into())),
                 }
@@ -67,7 +67,7 @@ impl Engine {
                     h.host,
                     h.holder,
                     h.command,
-                    flotilla_state::format_time(h.since),
+                    flotilla_model::format_time(h.since),
                 ))
             }
         })?)

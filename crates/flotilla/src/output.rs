@@ -213,7 +213,7 @@ pub fn generations(gens: &[flotilla_protocol::GenerationInfo]) {
             };
             vec![
                 g.number.to_string(),
-                flotilla_state::format_time(g.created_unix as i64),
+                flotilla_model::format_time(g.created_unix as i64),
                 g.toplevel.to_absolute(),
                 status,
                 if g.current { "current".into() } else { String::new() },

@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
-use flotilla_engine::deploy::human_bytes;
 use flotilla_engine::EngineEvent;
-use flotilla_model::{escape_controls, MachineName};
+use flotilla_model::{escape_controls, human_bytes, MachineName};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How events are shown.
