@@ -6,15 +6,15 @@
 //! whole run holds the deployment's lock.
 
 use std::collections::BTreeMap;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use flotilla_model::{DeployerCheck, MachineName, UploadAt};
+use flotilla_model::{human_bytes, DeployerCheck, MachineName, UploadAt};
 use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ErrorKind, HealthResult};
 use flotilla_store::StorePath;
 use serde::Serialize;
 
 use crate::checks::CheckResult;
+use crate::jobs::{done, fan_out, Slots};
 use crate::keys::ResolvedKey;
 use crate::platform::{self, Machine, PlatformError};
 use crate::remote::{CopyStats, RemoteError};
@@ -51,7 +51,9 @@ impl Goal {
         }
     }
 
-    fn activation(self) -> Option<ActivationGoal> {
+    /// What the agent is asked to do, when it is asked anything: the goals past the copy are
+    /// the wire's [`ActivationGoal`]s, one for one.
+    pub fn activation(self) -> Option<ActivationGoal> {
         match self {
             Goal::Build | Goal::Copy => None,
             Goal::Switch => Some(ActivationGoal::Switch),
@@ -60,6 +62,27 @@ impl Goal {
             Goal::DryActivate => Some(ActivationGoal::DryActivate),
         }
     }
+
+    /// Whether machines are touched at all (created, started, copied to): every goal but
+    /// `build`.
+    pub fn provisions(self) -> bool {
+        self != Goal::Build
+    }
+
+    /// Whether the machines change what they run or boot: `switch`, `boot`, `test`.
+    pub fn activates(self) -> bool {
+        self.activation().is_some_and(ActivationGoal::activates)
+    }
+
+    /// Whether the new system is health-checked, confirmed and rolled back on failure.
+    pub fn is_checked(self) -> bool {
+        self.activation().is_some_and(ActivationGoal::is_checked)
+    }
+
+    /// Whether the machines get their keys.
+    pub fn sends_keys(self) -> bool {
+        self.activation().is_some_and(ActivationGoal::sends_keys)
+    }
 }
 
 /// Options of a deploy.
@@ -67,8 +90,6 @@ impl Goal {
 pub struct DeployOptions {
     /// How far to go.
     pub goal: Goal,
-    /// Machines worked on at once.
-    pub parallel: usize,
     /// How long a machine's health checks may take in all before it rolls back.
     pub check_timeout: Duration,
     /// How long the agent waits for the deployer's confirmation of a `switch` or `test`
@@ -115,7 +136,7 @@ impl Outcome {
 #[derive(Debug, Clone, Serialize)]
 pub struct MachineDeploy {
     /// The machine.
-    pub machine: String,
+    pub machine: MachineName,
     /// How it ended.
     pub outcome: Outcome,
     /// The phase it failed in.
@@ -176,9 +197,9 @@ impl DeployReport {
 
 impl MachineDeploy {
     /// A row for `machine`, deployed until it says otherwise.
-    fn new(machine: &str, toplevel: Option<StorePath>) -> MachineDeploy {
+    fn new(machine: &MachineName, toplevel: Option<StorePath>) -> MachineDeploy {
         MachineDeploy {
-            machine: machine.to_owned(),
+            machine: machine.clone(),
             outcome: Outcome::Deployed,
             failed_phase: None,
             generation: None,
@@ -217,42 +238,8 @@ impl MachineDeploy {
     }
 }
 
-fn failed(machine: &str, phase: Phase, error: String) -> MachineDeploy {
+fn failed(machine: &MachineName, phase: Phase, error: String) -> MachineDeploy {
     MachineDeploy::new(machine, None).fail(phase, error)
-}
-
-/// Runs `work` on every item with at most `parallel` at once, sending what it reports to the
-/// caller's thread, where `listen` sees each event in order; returns the results in the
-/// order of `items`.
-pub(crate) fn fan_out<T: Sync, R: Send>(
-    items: &[T],
-    parallel: usize,
-    listen: Listener<'_>,
-    work: impl Fn(&T, &dyn Fn(EngineEvent)) -> R + Sync,
-) -> Vec<R> {
-    let (tx, rx) = mpsc::channel::<EngineEvent>();
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<std::sync::Mutex<Option<R>>> = items.iter().map(|_| std::sync::Mutex::new(None)).collect();
-    std::thread::scope(|s| {
-        for _ in 0..parallel.clamp(1, items.len().max(1)) {
-            let tx = tx.clone();
-            let (next, results, work) = (&next, &results, &work);
-            s.spawn(move || loop {
-                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(item) = items.get(i) else { break };
-                let send = |e: EngineEvent| {
-                    let _ = tx.send(e);
-                };
-                let r = work(item, &send);
-                *results[i].lock().expect("result slot") = Some(r);
-            });
-        }
-        drop(tx);
-        for event in rx {
-            listen(&event);
-        }
-    });
-    results.into_iter().map(|r| r.into_inner().expect("result slot").expect("every item worked on")).collect()
 }
 
 impl Engine {
@@ -274,13 +261,15 @@ impl Engine {
     ) -> Result<DeployReport> {
         let _lock = self.lock(ev.name.as_str(), "deploy", listen)?;
         let start = Instant::now();
+        // The one check of the agent binary for this deploy (the build below trusts it).
         crate::check_agent(agent)?;
         let ctx = self.context(ev.name.as_str(), agent);
+        let limits = self.limits;
 
         // A platform this build cannot use (or options it cannot make sense of) is the
         // configuration's error, said before anything is built, recorded or created; a machine
         // that is only unreachable now fails alone, later.
-        if opts.goal != Goal::Build {
+        if opts.goal.provisions() {
             let unusable: Vec<String> = selected
                 .iter()
                 .filter_map(|n| platform::machine(&ctx, n.as_str(), &ev.machines[n].platform, &ev.facts.get(n).cloned().unwrap_or_default()).err())
@@ -289,26 +278,24 @@ impl Engine {
             if !unusable.is_empty() {
                 return Err(crate::EngineError::Config(unusable));
             }
-        }
-        // The host tools the platforms need, before anything is built, recorded or created.
-        if opts.goal != Goal::Build {
+            // The host tools the platforms need, before anything is built, recorded or created.
             crate::doctor::require_tools(selected.iter().map(|n| (n, &ev.machines[n].platform))).map_err(crate::EngineError::Host)?;
         }
 
-        let mut failures: BTreeMap<String, MachineDeploy> = BTreeMap::new();
+        let mut failures: BTreeMap<MachineName, MachineDeploy> = BTreeMap::new();
 
         // Keys are read before any machine is touched: a missing key file stops its machine
         // before anything changes on it.
-        let mut keys: BTreeMap<String, Vec<ResolvedKey>> = BTreeMap::new();
-        if opts.goal.activation().is_some_and(|g| g != ActivationGoal::DryActivate) {
+        let mut keys: BTreeMap<MachineName, Vec<ResolvedKey>> = BTreeMap::new();
+        if opts.goal.sends_keys() {
             for name in selected {
                 match crate::keys::resolve(name.as_str(), &ev.machines[name].keys) {
                     Ok(k) => {
-                        keys.insert(name.to_string(), k);
+                        keys.insert(name.clone(), k);
                     }
                     Err(e) => {
-                        listen(&done(name.as_str(), Phase::Keys, Err(&e)));
-                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Keys, e));
+                        listen(&done(name, Phase::Keys, Err(&e)));
+                        failures.insert(name.clone(), failed(name, Phase::Keys, e));
                     }
                 }
             }
@@ -320,8 +307,8 @@ impl Engine {
         // (a first deploy whose build fails leaves nothing behind). Everything selected is
         // built in one Nix call, keys or not: a build failure is worth knowing regardless.
         // The build records the deployment, its machines and their facts.
-        let build = self.build_instantiated(ev, selected_all, agent, instantiated, listen)?;
-        let mut toplevels: BTreeMap<String, StorePath> = BTreeMap::new();
+        let build = self.build_checked(ev, selected_all, agent, instantiated, listen)?;
+        let mut toplevels: BTreeMap<MachineName, StorePath> = BTreeMap::new();
         for b in &build.machines {
             match (&b.toplevel, &b.error) {
                 (Some(t), _) => {
@@ -334,91 +321,98 @@ impl Engine {
                 }
             }
         }
-        let selected: Vec<MachineName> = selected_all.iter().filter(|n| !failures.contains_key(n.as_str())).cloned().collect();
+        let selected: Vec<MachineName> = selected_all.iter().filter(|n| !failures.contains_key(*n)).cloned().collect();
 
         // Provision the machines that built.
-        let mut machines: BTreeMap<String, Box<dyn Machine>> = BTreeMap::new();
-        if opts.goal != Goal::Build && !selected.is_empty() {
-            listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: names(&selected) });
-            let mut handles = Vec::new();
+        let mut machines: BTreeMap<MachineName, Box<dyn Machine>> = BTreeMap::new();
+        if opts.goal.provisions() && !selected.is_empty() {
+            listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: selected.clone() });
+            let mut handles: Vec<(MachineName, Box<dyn Machine>)> = Vec::new();
             for name in &selected {
                 let cfg = &ev.machines[name];
                 let facts = ev.facts.get(name).cloned().unwrap_or_default();
                 match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
-                    Ok(m) => handles.push(m),
+                    Ok(m) => handles.push((name.clone(), m)),
                     Err(e) => {
-                        listen(&done(name.as_str(), Phase::Provision, Err(&e.message)));
-                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Provision, e.message));
+                        listen(&done(name, Phase::Provision, Err(&e.message)));
+                        failures.insert(name.clone(), failed(name, Phase::Provision, e.message));
                     }
                 }
             }
-            let provisioned = fan_out(&handles, opts.parallel, listen, |m, send| {
-                send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Provision });
+            let provisioned = fan_out(&handles, limits.provision, listen, |(name, m), send| {
+                send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Provision });
                 let r = m.provision();
                 let detail = match &r {
                     Ok(Some(did)) => Ok(did.as_str()),
                     Ok(None) => Ok("running"),
                     Err(e) => Err(e.message.as_str()),
                 };
-                send(done(m.name(), Phase::Provision, detail));
+                send(done(name, Phase::Provision, detail));
                 r
             });
-            for (m, r) in handles.into_iter().zip(provisioned) {
+            for ((name, m), r) in handles.into_iter().zip(provisioned) {
                 match r {
                     Ok(did) => {
                         if let Some(did) = did {
-                            self.event(ev.name.as_str(), Some(m.name()), "provision", "ok", &did)?;
+                            self.event(ev.name.as_str(), Some(name.as_str()), "provision", "ok", &did)?;
                         }
-                        machines.insert(m.name().to_owned(), m);
+                        machines.insert(name, m);
                     }
-                    Err(PlatformError { machine, message }) => {
-                        self.event(ev.name.as_str(), Some(&machine), "provision", "failed", &message)?;
-                        failures.insert(machine.clone(), failed(&machine, Phase::Provision, message));
+                    Err(PlatformError { message, .. }) => {
+                        self.event(ev.name.as_str(), Some(name.as_str()), "provision", "failed", &message)?;
+                        failures.insert(name.clone(), failed(&name, Phase::Provision, message));
                     }
                 }
             }
         }
 
         // Copy, activate, check: per machine, in parallel, each machine's closure cut from the
-        // one closure of every toplevel (one Nix call for the whole fleet).
-        let work: Vec<(&dyn Machine, StorePath)> = machines
-            .values()
-            .filter(|m| !failures.contains_key(m.name()))
-            .filter_map(|m| Some((m.as_ref(), toplevels.get(m.name())?.clone())))
+        // one closure of every toplevel (one Nix call for the whole fleet). Each phase keeps
+        // its own limit: a machine waits for a place in the copy, then in the activation.
+        let work: Vec<Target<'_>> = machines
+            .iter()
+            .filter(|(n, _)| !failures.contains_key(*n))
+            .filter_map(|(n, m)| {
+                Some(Target {
+                    name: n,
+                    machine: m.as_ref(),
+                    toplevel: toplevels.get(n)?.clone(),
+                    keys: keys.get(n).map_or(&[][..], Vec::as_slice),
+                    checks: &ev.machines[n].checks,
+                })
+            })
             .collect();
         let closure = match build.closure {
             Some(c) => c,
             None if work.is_empty() => Vec::new(),
             None => {
-                let outs: Vec<StorePath> = work.iter().map(|(_, t)| t.clone()).collect();
+                let outs: Vec<StorePath> = work.iter().map(|t| t.toplevel.clone()).collect();
                 self.nix.closure_info(&outs)?.unwrap_or_default()
             }
         };
-        let no_keys = Vec::new();
-        let mut results = fan_out(&work, opts.parallel, listen, |(m, toplevel), send| {
-            let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(toplevel));
-            let machine_keys = keys.get(m.name()).unwrap_or(&no_keys);
-            let checks = &ev.machines.iter().find(|(n, _)| n.as_str() == m.name()).expect("selected machines are evaluated").1.checks;
-            roll_out(*m, toplevel, &infos, machine_keys, checks, opts, send)
+        let slots = PhaseSlots { copy: Slots::new(limits.copy), activate: Slots::new(limits.activate) };
+        let mut results = fan_out(&work, limits.copy.max(limits.activate), listen, |t, send| {
+            let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(&t.toplevel));
+            roll_out(t, &infos, &slots, opts, send)
         });
 
         // Fleet policy: one machine down reverts the others.
         let any_failed = !failures.is_empty() || results.iter().any(|r| !matches!(r.outcome, Outcome::Deployed | Outcome::Unchanged));
         if opts.rollback_all_on_failure && any_failed {
-            let by_name: BTreeMap<&str, &dyn Machine> = work.iter().map(|(m, _)| (m.name(), *m)).collect();
-            let revert: Vec<(usize, &dyn Machine)> = results
+            let revert: Vec<(usize, &Target<'_>)> = results
                 .iter()
+                .zip(&work)
                 .enumerate()
-                .filter(|(_, r)| r.activated && r.previous_generation != r.generation)
-                .filter_map(|(i, r)| Some((i, *by_name.get(r.machine.as_str())?)))
+                .filter(|(_, (r, _))| r.activated && r.previous_generation != r.generation)
+                .map(|(i, (_, t))| (i, t))
                 .collect();
             if !revert.is_empty() {
-                listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: revert.iter().map(|(_, m)| m.name().to_owned()).collect() });
+                listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: revert.iter().map(|(_, t)| t.name.clone()).collect() });
             }
-            let reverted = fan_out(&revert, opts.parallel, listen, |(i, m), send| {
-                send(EngineEvent::MachinePhase { machine: m.name().to_owned(), phase: Phase::Rollback });
-                let r = revert_machine(*m, results[*i].previous_generation);
-                send(done(m.name(), Phase::Rollback, r.as_deref().map(|_| "reverted").map_err(String::as_str)));
+            let reverted = fan_out(&revert, limits.activate, listen, |(i, t), send| {
+                send(EngineEvent::MachinePhase { machine: t.name.clone(), phase: Phase::Rollback });
+                let r = revert_machine(t.machine, results[*i].previous_generation);
+                send(done(t.name, Phase::Rollback, r.as_deref().map(|_| "reverted").map_err(String::as_str)));
                 r
             });
             for ((i, _), r) in revert.iter().zip(reverted) {
@@ -434,10 +428,10 @@ impl Engine {
             }
         }
 
-        let mut rows: BTreeMap<String, MachineDeploy> = failures;
+        let mut rows: BTreeMap<MachineName, MachineDeploy> = failures;
         let mut events = Vec::new();
         let mut activated = Vec::new();
-        let event = |machine: &str, kind: &str, status: &str, message: &str| self.ledger_entry(ev.name.as_str(), Some(machine), kind, status, message);
+        let event = |machine: &MachineName, kind: &str, status: &str, message: &str| self.ledger_entry(ev.name.as_str(), Some(machine.as_str()), kind, status, message);
         for mut r in results {
             r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
             match r.outcome {
@@ -452,7 +446,9 @@ impl Engine {
                         activated.push((r.machine.clone(), top.to_absolute(), n as i64, r.summary.clone()));
                     }
                 }
-                Outcome::Deployed | Outcome::Unchanged if r.generation.is_none() || opts.goal.activation() == Some(ActivationGoal::DryActivate) => {
+                // What changed nothing on the machine (a copy, a dry run) is an event; an
+                // activation is recorded below as the generation it made.
+                Outcome::Deployed | Outcome::Unchanged if r.generation.is_none() || !opts.goal.activates() => {
                     events.push(event(&r.machine, opts.goal.as_str(), "ok", &r.summary));
                 }
                 Outcome::Deployed | Outcome::Unchanged => {}
@@ -468,10 +464,10 @@ impl Engine {
         }
         let activations: Vec<flotilla_state::Activation<'_>> = activated
             .iter()
-            .map(|(machine, toplevel, number, message)| flotilla_state::Activation { machine, toplevel, number: *number, message })
+            .map(|(machine, toplevel, number, message)| flotilla_state::Activation { machine: machine.as_str(), toplevel, number: *number, message })
             .collect();
         self.state.record_deploy(ev.name.as_str(), &self.actor, &activations, &events)?;
-        if opts.goal == Goal::Build {
+        if !opts.goal.provisions() {
             for (machine, t) in &toplevels {
                 rows.entry(machine.clone())
                     .or_insert_with(|| MachineDeploy { summary: "built".into(), ..MachineDeploy::new(machine, Some(t.clone())) });
@@ -480,7 +476,7 @@ impl Engine {
         let report = DeployReport {
             deployment: ev.name.to_string(),
             goal: opts.goal,
-            machines: selected_all.iter().filter_map(|n| rows.remove(n.as_str())).collect(),
+            machines: selected_all.iter().filter_map(|n| rows.remove(n)).collect(),
             elapsed: start.elapsed(),
         };
         let failed_count = report.machines.iter().filter(|m| !matches!(m.outcome, Outcome::Deployed | Outcome::Unchanged)).count();
@@ -491,33 +487,25 @@ impl Engine {
     }
 }
 
-fn names(selected: &[MachineName]) -> Vec<String> {
-    selected.iter().map(ToString::to_string).collect()
+/// One machine a deploy rolls out to, with everything its job needs.
+struct Target<'a> {
+    name: &'a MachineName,
+    machine: &'a dyn Machine,
+    toplevel: StorePath,
+    keys: &'a [ResolvedKey],
+    checks: &'a BTreeMap<String, DeployerCheck>,
 }
 
-pub(crate) fn done(machine: &str, phase: Phase, r: std::result::Result<&str, &str>) -> EngineEvent {
-    EngineEvent::MachineDone {
-        machine: machine.to_owned(),
-        phase,
-        ok: r.is_ok(),
-        detail: match r {
-            Ok(s) | Err(s) => s.to_owned(),
-        },
-    }
+/// The places in the phases of a roll-out that have their own limits.
+struct PhaseSlots {
+    copy: Slots,
+    activate: Slots,
 }
 
 /// Pre-flight, copy, keys, activate, check and confirm one machine.
-fn roll_out(
-    m: &dyn Machine,
-    toplevel: &StorePath,
-    closure: &[flotilla_nix::PathInfo],
-    keys: &[ResolvedKey],
-    checks: &BTreeMap<String, DeployerCheck>,
-    opts: DeployOptions,
-    send: &dyn Fn(EngineEvent),
-) -> MachineDeploy {
+fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlots, opts: DeployOptions, send: &dyn Fn(EngineEvent)) -> MachineDeploy {
     let start = Instant::now();
-    let name = m.name();
+    let (name, m, toplevel, keys, checks) = (t.name, t.machine, &t.toplevel, t.keys, t.checks);
     let mut row = MachineDeploy::new(name, Some(toplevel.clone()));
     let fail = |row: MachineDeploy, phase: Phase, e: String| {
         send(done(name, phase, Err(&e)));
@@ -536,7 +524,9 @@ fn roll_out(
     };
 
     // Pre-flight: reachable, a protocol this deployer speaks, not busy, room for the closure.
-    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Preflight });
+    // It and the copy take a place in the copy phase.
+    let copying = slots.copy.take();
+    send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Preflight });
     let mut client = match m.connect() {
         Ok(c) => c,
         Err(e) => return fail(row, Phase::Preflight, e.to_string()),
@@ -568,9 +558,9 @@ fn roll_out(
     }
     send(done(name, Phase::Preflight, Ok(&format!("protocol {}, {} paths to send", client.welcome().version, plan.send.len()))));
 
-    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Copy });
+    send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Copy });
     let mut progress = |p: &crate::remote::CopyProgress| {
-        send(EngineEvent::CopyProgress { machine: name.to_owned(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
+        send(EngineEvent::CopyProgress { machine: name.clone(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
     };
     let copy = match client.copy_planned(plan, Compression::None, &mut progress) {
         Ok(c) => c,
@@ -579,6 +569,7 @@ fn roll_out(
     let copied = copy.paths_sent;
     send(done(name, Phase::Copy, Ok(&copy_summary(&copy))));
     row.copy = Some(copy);
+    drop(copying);
 
     let Some(goal) = opts.goal.activation() else {
         row.outcome = if copied == 0 { Outcome::Unchanged } else { Outcome::Deployed };
@@ -587,17 +578,19 @@ fn roll_out(
         return row;
     };
 
+    // Keys, activation, checks and confirmation take a place in the activation phase.
+    let _activating = slots.activate.take();
     let mut key_notes = Vec::new();
-    if goal != ActivationGoal::DryActivate && keys.iter().any(|k| k.upload_at == UploadAt::PreActivation) {
-        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Keys });
+    if goal.sends_keys() && keys.iter().any(|k| k.upload_at == UploadAt::PreActivation) {
+        send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Keys });
         match crate::keys::sync(&mut client, keys, Some(UploadAt::PreActivation), false) {
             Ok(put) => key_notes.push(crate::keys::summary(&put)),
             Err(e) => return fail(row, Phase::Keys, e.to_string()),
         }
     }
 
-    send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Activate });
-    let checked = matches!(goal, ActivationGoal::Switch | ActivationGoal::Test);
+    send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Activate });
+    let checked = goal.is_checked();
     let confirm = opts.confirm_timeout.filter(|_| checked).map(|t| t.as_secs().max(1));
     let activated = match client.activate(toplevel, goal, Some(opts.check_timeout.as_secs().max(1)), confirm) {
         Ok(a) => a,
@@ -611,17 +604,17 @@ fn roll_out(
     let changes = activation_summary(&activated.report);
     send(done(name, Phase::Activate, Ok(&changes)));
     row.generation = Some(generation);
-    row.activated = goal != ActivationGoal::DryActivate;
+    row.activated = goal.activates();
     row.health = activated.health;
     let mut unchanged = copied == 0 && row.previous_generation == Some(generation) && nothing_changed(&activated.report);
     row.activation = Some(activated.report);
     if activated.awaiting_confirmation {
-        send(EngineEvent::AwaitingConfirmation { machine: name.to_owned(), generation, within_secs: confirm.unwrap_or(0) });
+        send(EngineEvent::AwaitingConfirmation { machine: name.clone(), generation, within_secs: confirm.unwrap_or(0) });
     }
 
     // The deployer's own checks: what users outside the machine see.
     if checked && !checks.is_empty() {
-        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Check });
+        send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Check });
         row.checks = checks.iter().map(|(n, c)| crate::checks::run(n, c)).collect();
         if let Some(bad) = row.checks.iter().find(|c| !c.ok) {
             let problem = format!("deployer check {} ({}) failed after {} probes: {}", bad.name, bad.url, bad.probes, bad.output);
@@ -651,7 +644,7 @@ fn roll_out(
     // once the machine proved it is reachable the way its users reach it (for a local
     // machine the agent's connection goes through its root directory, not its network).
     if activated.awaiting_confirmation {
-        send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Confirm });
+        send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Confirm });
         if let Err(why) = m.check_reachable() {
             let problem = format!("the machine is not reachable after activating generation {generation}: {why}");
             return match client.rollback(None, Some(&problem)) {
@@ -668,10 +661,10 @@ fn roll_out(
         }
     }
 
-    if goal != ActivationGoal::DryActivate {
+    if goal.sends_keys() {
         let post = keys.iter().any(|k| k.upload_at == UploadAt::PostActivation);
         if post {
-            send(EngineEvent::MachinePhase { machine: name.to_owned(), phase: Phase::Keys });
+            send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Keys });
         }
         match crate::keys::sync(&mut client, keys, Some(UploadAt::PostActivation), true) {
             Ok(put) => key_notes.push(crate::keys::summary(&put)),
@@ -745,22 +738,6 @@ fn activation_summary(r: &ActivationReport) -> String {
     parts.join(", ") + &r.messages.iter().map(|m| format!("; {m}")).collect::<String>()
 }
 
-/// `1.2 MiB`.
-pub fn human_bytes(n: u64) -> String {
-    const UNITS: [&str; 4] = ["B", "KiB", "MiB", "GiB"];
-    let mut v = n as f64;
-    let mut unit = 0;
-    while v >= 1024.0 && unit < UNITS.len() - 1 {
-        v /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[unit])
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -773,20 +750,13 @@ mod tests {
     }
 
     #[test]
-    fn fan_out_keeps_order_and_delivers_every_event() {
-        let items: Vec<u32> = (0..20).collect();
-        let mut seen = 0;
-        let out = fan_out(&items, 4, &mut |_| seen += 1, |i, send| {
-            send(EngineEvent::NixLog { line: i.to_string() });
-            i * 2
-        });
-        assert_eq!(out, items.iter().map(|i| i * 2).collect::<Vec<_>>());
-        assert_eq!(seen, 20);
-    }
-
-    #[test]
-    fn bytes_read_as_people_write_them() {
-        assert_eq!(human_bytes(512), "512 B");
-        assert_eq!(human_bytes(3 << 20), "3.0 MiB");
+    fn goals_say_how_far_they_go() {
+        let row = |g: Goal| (g.provisions(), g.activates(), g.is_checked(), g.sends_keys());
+        assert_eq!(row(Goal::Build), (false, false, false, false));
+        assert_eq!(row(Goal::Copy), (true, false, false, false));
+        assert_eq!(row(Goal::Switch), (true, true, true, true));
+        assert_eq!(row(Goal::Boot), (true, true, false, true));
+        assert_eq!(row(Goal::Test), (true, true, true, true));
+        assert_eq!(row(Goal::DryActivate), (true, false, false, false));
     }
 }

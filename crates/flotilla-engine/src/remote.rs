@@ -345,7 +345,7 @@ impl AgentClient {
     /// Copies `infos` (a closure, references first), sending only the paths the machine lacks.
     pub fn copy_paths(
         &mut self,
-        infos: &[flotilla_nix::PathInfo],
+        infos: &[PathInfo],
         compression: Compression,
         progress: &mut dyn FnMut(&CopyProgress),
     ) -> Result<CopyStats, RemoteError> {
@@ -354,7 +354,7 @@ impl AgentClient {
     }
 
     /// Which of `infos` the machine lacks: what [`AgentClient::copy_planned`] would send.
-    pub fn plan_copy(&mut self, infos: &[flotilla_nix::PathInfo]) -> Result<CopyPlan, RemoteError> {
+    pub fn plan_copy(&mut self, infos: &[PathInfo]) -> Result<CopyPlan, RemoteError> {
         let all: Vec<StorePath> = infos.iter().map(|i| i.path.clone()).collect();
         let missing = match self.call(&Request::QueryMissing { paths: all }, Duration::ZERO)? {
             Response::Missing { paths } => paths.into_iter().collect::<std::collections::BTreeSet<_>>(),
@@ -363,7 +363,7 @@ impl AgentClient {
         let send: Vec<PathInfo> = infos
             .iter()
             .filter(|i| missing.contains(&i.path))
-            .map(|i| PathInfo { path: i.path.clone(), references: i.references.clone(), nar_hash: i.nar_hash, nar_size: i.nar_size })
+            .cloned()
             .collect();
         Ok(CopyPlan { closure_paths: infos.len(), send })
     }

@@ -10,6 +10,7 @@ mod names;
 mod schema;
 mod select;
 mod text;
+mod units;
 
 pub use config::{
     etc_relative, start_order, DeployerCheck, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
@@ -23,3 +24,4 @@ pub use schema::{
 };
 pub use select::{Selection, SelectionError};
 pub use text::{escape_controls, escape_controls_block};
+pub use units::{format_time, human_bytes};

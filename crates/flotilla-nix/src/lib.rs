@@ -118,18 +118,9 @@ pub struct RealiseOutcome {
     pub notes: Vec<String>,
 }
 
-/// A store path's metadata, for copying.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PathInfo {
-    /// The path.
-    pub path: StorePath,
-    /// Its direct references.
-    pub references: Vec<StorePath>,
-    /// SHA-256 of its NAR.
-    pub nar_hash: NarHash,
-    /// NAR size in bytes.
-    pub nar_size: u64,
-}
+/// A store path's metadata, for copying: the wire's type itself, so what Nix reports here is
+/// what the deployer sends and the agent registers, with no copy field by field between them.
+pub use flotilla_protocol::PathInfo;
 
 impl Nix {
     /// Prepares to run Nix with `opts`, writing out the Nix library if needed.

@@ -154,6 +154,30 @@ pub enum ActivationGoal {
     DryActivate,
 }
 
+impl ActivationGoal {
+    /// Whether it changes the machine at all: every goal but `dry-activate`.
+    pub fn activates(self) -> bool {
+        self != ActivationGoal::DryActivate
+    }
+
+    /// Whether the new system runs now, so its health is checked, it may wait for the
+    /// deployer's confirmation, and it is rolled back when either fails: `switch` and `test`.
+    pub fn is_checked(self) -> bool {
+        matches!(self, ActivationGoal::Switch | ActivationGoal::Test)
+    }
+
+    /// Whether the machine gets its keys: a system that will run needs them, a dry run
+    /// changes nothing.
+    pub fn sends_keys(self) -> bool {
+        self.activates()
+    }
+
+    /// Whether it adds a generation (the machine boots it): `switch` and `boot`.
+    pub fn adds_generation(self) -> bool {
+        matches!(self, ActivationGoal::Switch | ActivationGoal::Boot)
+    }
+}
+
 impl fmt::Display for ActivationGoal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

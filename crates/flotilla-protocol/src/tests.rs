@@ -1014,3 +1014,13 @@ proptest! {
         read_stream(&wire, compression, &data);
     }
 }
+
+#[test]
+fn activation_goals_say_what_they_do() {
+    use ActivationGoal::*;
+    let row = |g: ActivationGoal| (g.activates(), g.is_checked(), g.sends_keys(), g.adds_generation());
+    assert_eq!(row(Switch), (true, true, true, true));
+    assert_eq!(row(Boot), (true, false, true, true));
+    assert_eq!(row(Test), (true, true, true, false));
+    assert_eq!(row(DryActivate), (false, false, false, false));
+}

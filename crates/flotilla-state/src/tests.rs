@@ -144,12 +144,6 @@ fn activation_marks_one_generation_active_and_supersedes_the_last() {
 }
 
 #[test]
-fn times_format_as_utc() {
-    assert_eq!(format_time(0), "1970-01-01 00:00:00 UTC");
-    assert_eq!(format_time(951_782_400), "2000-02-29 00:00:00 UTC");
-}
-
-#[test]
 fn the_ledger_keeps_no_control_characters() {
     let (_dir, mut state) = open();
     state

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use flotilla_engine::deploy::Goal;
 
 /// Deploy fleets of machines from one declarative Nix file.
 #[derive(Debug, Parser)]
@@ -77,8 +78,8 @@ pub enum Command {
         /// How far to go
         #[arg(long, value_enum, default_value = "switch")]
         goal: DeployGoal,
-        /// Machines worked on at once
-        #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        /// Machines worked on at once (in the copy and in the activation each)
+        #[arg(long, default_value_t = DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..))]
         parallel: u16,
         /// Seconds a machine's health checks may take in all before it rolls back
         #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
@@ -297,7 +298,10 @@ pub struct On {
     pub on: String,
 }
 
-/// How far `deploy` goes.
+/// `--parallel`'s default: the engine's, as a flag value.
+const DEFAULT_PARALLEL: u16 = flotilla_engine::jobs::DEFAULT_PARALLEL as u16;
+
+/// How far `deploy` goes: the engine's [`Goal`], one for one, spelled for the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum DeployGoal {
     /// Activate now and make it the boot default
@@ -314,19 +318,25 @@ pub enum DeployGoal {
     Copy,
 }
 
-/// What activation should do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Goal {
-    /// Copy the closure only
-    Copy,
-    /// Make it the current generation and run it now
-    Switch,
-    /// Make it the current generation for the next start only
-    Boot,
-    /// Run it now without making it a generation
-    Test,
-    /// Say what activation would change, change nothing
-    DryActivate,
+impl From<DeployGoal> for Goal {
+    fn from(g: DeployGoal) -> Goal {
+        match g {
+            DeployGoal::Switch => Goal::Switch,
+            DeployGoal::Boot => Goal::Boot,
+            DeployGoal::Test => Goal::Test,
+            DeployGoal::DryActivate => Goal::DryActivate,
+            DeployGoal::Build => Goal::Build,
+            DeployGoal::Copy => Goal::Copy,
+        }
+    }
+}
+
+/// The goals `debug push-to-root` takes: it copies, so every goal but `build`.
+fn push_goal() -> impl clap::builder::TypedValueParser<Value = Goal> {
+    use clap::builder::TypedValueParser as _;
+    use clap::ValueEnum as _;
+    let values = DeployGoal::value_variants().iter().filter(|g| **g != DeployGoal::Build).filter_map(DeployGoal::to_possible_value);
+    clap::builder::PossibleValuesParser::new(values).map(|s: String| Goal::from(DeployGoal::from_str(&s, false).expect("one of the listed values")))
 }
 
 #[derive(Debug, Subcommand)]
@@ -341,7 +351,7 @@ pub enum DebugCommand {
         #[arg(long)]
         machine: String,
         /// What to do once copied
-        #[arg(long, value_enum, default_value = "switch")]
+        #[arg(long, value_parser = push_goal(), default_value = "switch")]
         goal: Goal,
         /// Compress the stream with zstd (worth it on slow links only)
         #[arg(long)]

@@ -9,10 +9,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use flotilla_engine::remote::{AgentClient, CopyProgress};
 use flotilla_engine::EngineEvent;
 use flotilla_model::{MachineName, Selection};
-use flotilla_protocol::{ActivationGoal, ActivationReport, Compression};
+use flotilla_protocol::{ActivationReport, Compression};
 use flotilla_store::StorePath;
 
-use crate::cli::{DebugCommand, Global, Goal, RootOp};
+use crate::cli::{DebugCommand, Global, RootOp};
 use crate::{agent_path, deployment_file, engine, nix, open_state, output, Outcome};
 
 pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
@@ -40,18 +40,12 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let nix = nix(g)?;
             let compression = if *compress { Compression::Zstd } else { Compression::None };
             let copy = client.copy_closure(&nix, std::slice::from_ref(&toplevel), compression, &mut progress_printer())?;
-            let activation = match goal {
-                Goal::Copy => None,
-                Goal::Switch => Some(ActivationGoal::Switch),
-                Goal::Boot => Some(ActivationGoal::Boot),
-                Goal::Test => Some(ActivationGoal::Test),
-                Goal::DryActivate => Some(ActivationGoal::DryActivate),
-            };
-            let activation = match activation {
+            let activation = match goal.activation() {
                 Some(goal) => client.activate(&toplevel, goal, None, None).map(|a| Some((a.generation, a.report)))?,
                 None => None,
             };
-            if matches!(goal, Goal::Copy | Goal::DryActivate) {
+            // Nothing activated (a copy, a dry run): nothing for the agent to keep running.
+            if !goal.activates() {
                 drop(client);
                 started.stop()?;
             }

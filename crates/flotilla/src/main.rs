@@ -127,7 +127,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                     l.pid,
                     l.host,
                     l.command,
-                    flotilla_state::format_time(l.since)
+                    flotilla_model::format_time(l.since)
                 ),
                 flotilla_state::Broken::Refused(_, why) => bail!("{why}"),
                 flotilla_state::Broken::NotLocked => eprintln!("deployment {name} was not locked"),

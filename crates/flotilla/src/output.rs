@@ -110,7 +110,7 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         .map(|m| {
             let services = if m.state == MachineState::Running { format!("{}/{}", m.services_up, m.services_total) } else { "-".into() };
             vec![
-                m.machine.clone(),
+                m.machine.to_string(),
                 m.platform.clone(),
                 m.ip.clone().unwrap_or_else(|| "-".into()),
                 m.state.as_str().to_owned(),
@@ -128,7 +128,7 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         .flat_map(|m| {
             m.service_health.iter().map(|h| {
                 let state = if h.healthy { "healthy" } else { "UNHEALTHY" };
-                vec![m.machine.clone(), h.service.clone(), state.to_owned(), h.check.clone(), first_line(&h.output)]
+                vec![m.machine.to_string(), h.service.clone(), state.to_owned(), h.check.clone(), first_line(&h.output)]
             })
         })
         .collect();
@@ -155,7 +155,7 @@ pub fn drift(machines: &[MachineInfo], as_json: bool) {
                 _ => "DRIFT",
             };
             let detail = if m.problems.is_empty() { "as deployed".to_owned() } else { m.problems.join("; ") };
-            vec![m.machine.clone(), result.into(), detail]
+            vec![m.machine.to_string(), result.into(), detail]
         })
         .collect();
     out!("{}", table(&["MACHINE", "CHECK", "DETAIL"], &rows));
@@ -171,13 +171,13 @@ pub fn deploy_report(r: &DeployReport) {
                 Some(e) => format!("{}: {}", m.failed_phase.map_or("deploy", |p| p.as_str()), first_line(e)),
                 None => m.summary.clone(),
             };
-            vec![m.machine.clone(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
+            vec![m.machine.to_string(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
         })
         .collect();
     out!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
     let reverted: Vec<Vec<String>> = r
         .reverted()
-        .map(|m| vec![m.machine.clone(), m.generation.map_or_else(|| "-".into(), |g| g.to_string()), m.summary.clone()])
+        .map(|m| vec![m.machine.to_string(), m.generation.map_or_else(|| "-".into(), |g| g.to_string()), m.summary.clone()])
         .collect();
     if !reverted.is_empty() {
         outln!("\nreverted by --rollback-all-on-failure:");
@@ -195,9 +195,9 @@ pub fn rollback_results(results: &[RollbackResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| match &r.error {
-            None if r.stopped => vec![r.machine.clone(), "rolled back".into(), gen(r.from), gen(r.to), "stopped: it boots this generation when it starts".into()],
-            None => vec![r.machine.clone(), "rolled back".into(), gen(r.from), gen(r.to), String::new()],
-            Some(e) => vec![r.machine.clone(), "FAILED".into(), gen(r.from), "-".into(), first_line(e)],
+            None if r.stopped => vec![r.machine.to_string(), "rolled back".into(), gen(r.from), gen(r.to), "stopped: it boots this generation when it starts".into()],
+            None => vec![r.machine.to_string(), "rolled back".into(), gen(r.from), gen(r.to), String::new()],
+            Some(e) => vec![r.machine.to_string(), "FAILED".into(), gen(r.from), "-".into(), first_line(e)],
         })
         .collect();
     out!("{}", table(&["MACHINE", "RESULT", "FROM", "TO", "REASON"], &rows));
@@ -213,7 +213,7 @@ pub fn generations(gens: &[flotilla_protocol::GenerationInfo]) {
             };
             vec![
                 g.number.to_string(),
-                flotilla_state::format_time(g.created_unix as i64),
+                flotilla_model::format_time(g.created_unix as i64),
                 g.toplevel.to_absolute(),
                 status,
                 if g.current { "current".into() } else { String::new() },
@@ -227,8 +227,8 @@ pub fn keys_results(results: &[KeysResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| match &r.error {
-            None => vec![r.machine.clone(), "ok".into(), r.summary.clone().unwrap_or_default()],
-            Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
+            None => vec![r.machine.to_string(), "ok".into(), r.summary.clone().unwrap_or_default()],
+            Some(e) => vec![r.machine.to_string(), "FAILED".into(), first_line(e)],
         })
         .collect();
     out!("{}", table(&["MACHINE", "KEYS", "DETAIL"], &rows));
@@ -238,9 +238,9 @@ pub fn operation_results(op: Operation, results: &[OperationResult]) {
     let rows: Vec<Vec<String>> = results
         .iter()
         .map(|r| match &r.error {
-            None if op == Operation::Forget => vec![r.machine.clone(), "ok".into(), "forgotten (nothing on its host was cleaned up)".into()],
-            None => vec![r.machine.clone(), "ok".into(), r.state.as_str().into()],
-            Some(e) => vec![r.machine.clone(), "FAILED".into(), first_line(e)],
+            None if op == Operation::Forget => vec![r.machine.to_string(), "ok".into(), "forgotten (nothing on its host was cleaned up)".into()],
+            None => vec![r.machine.to_string(), "ok".into(), r.state.as_str().into()],
+            Some(e) => vec![r.machine.to_string(), "FAILED".into(), first_line(e)],
         })
         .collect();
     out!("{}", table(&["MACHINE", op.as_str().to_uppercase().as_str(), "STATE / REASON"], &rows));
@@ -316,8 +316,8 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
         .machines
         .iter()
         .map(|m| match (&m.toplevel, &m.error) {
-            (Some(t), _) => vec![m.machine.clone(), "built".into(), t.to_string()],
-            (None, e) => vec![m.machine.clone(), "FAILED".into(), first_line(e.as_deref().unwrap_or("unknown error"))],
+            (Some(t), _) => vec![m.machine.to_string(), "built".into(), t.to_string()],
+            (None, e) => vec![m.machine.to_string(), "FAILED".into(), first_line(e.as_deref().unwrap_or("unknown error"))],
         })
         .collect();
     out!("{}", table(&["MACHINE", "RESULT", "TOPLEVEL / REASON"], &rows));
@@ -331,7 +331,7 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
 pub fn progress(e: &EngineEvent, verbose: bool) {
     match e {
         EngineEvent::PhaseStarted { phase, machines } => {
-            eprintln!("{}: {}", phase.as_str(), machines.join(", "))
+            eprintln!("{}: {}", phase.as_str(), names(machines))
         }
         EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {}", escape_controls(line)),
         EngineEvent::NixLog { .. } => {}
@@ -398,4 +398,9 @@ pub fn options_markdown(schema: &flotilla_model::Schema) -> String {
     );
     walk(&mut out, "", schema);
     out.trim_end().to_owned() + "\n"
+}
+
+/// Machine names as a list users read: `web1, web2`.
+pub fn names(machines: &[flotilla_model::MachineName]) -> String {
+    machines.iter().map(flotilla_model::MachineName::as_str).collect::<Vec<_>>().join(", ")
 }

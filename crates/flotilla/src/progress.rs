@@ -5,15 +5,14 @@ use std::collections::BTreeMap;
 use std::io::IsTerminal as _;
 use std::time::Duration;
 
-use flotilla_engine::deploy::human_bytes;
 use flotilla_engine::EngineEvent;
-use flotilla_model::escape_controls;
+use flotilla_model::{escape_controls, human_bytes, MachineName};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 /// How events are shown.
 pub enum Progress {
     /// Redrawn lines on a terminal.
-    Live { bars: MultiProgress, lines: BTreeMap<String, ProgressBar>, verbose: bool },
+    Live { bars: MultiProgress, lines: BTreeMap<MachineName, ProgressBar>, verbose: bool },
     /// One line per step.
     Plain { verbose: bool },
     /// One JSON object per event on stdout.
@@ -39,7 +38,7 @@ impl Progress {
                 outln!("{}", serde_json::to_string(e).expect("events serialise"));
             }
             Progress::Plain { verbose } => match e {
-                EngineEvent::PhaseStarted { phase, machines } => eprintln!("{}: {}", phase.as_str(), machines.join(", ")),
+                EngineEvent::PhaseStarted { phase, machines } => eprintln!("{}: {}", phase.as_str(), crate::output::names(machines)),
                 EngineEvent::MachineDone { machine, phase, ok, detail } => {
                     let status = if *ok { "" } else { "FAILED: " };
                     eprintln!("{machine}: {}: {status}{}", phase.as_str(), first_line(detail));
@@ -52,13 +51,13 @@ impl Progress {
                 _ => {}
             },
             Progress::Live { bars, lines, verbose } => {
-                let mut line = |machine: &str| -> ProgressBar {
+                let mut line = |machine: &MachineName| -> ProgressBar {
                     lines
-                        .entry(machine.to_owned())
+                        .entry(machine.clone())
                         .or_insert_with(|| {
                             let bar = bars.add(ProgressBar::new_spinner());
                             bar.set_style(ProgressStyle::with_template("{spinner} {prefix:<12} {msg}").expect("template parses"));
-                            bar.set_prefix(machine.to_owned());
+                            bar.set_prefix(machine.to_string());
                             bar.enable_steady_tick(Duration::from_millis(120));
                             bar
                         })
