@@ -6,6 +6,7 @@ pub mod activate;
 pub mod build_system;
 pub mod container;
 pub mod daemon;
+pub mod error;
 mod etc;
 pub mod health;
 pub mod keys;

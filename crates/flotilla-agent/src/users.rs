@@ -26,7 +26,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use flotilla_model::{GroupSpec, UserSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::activate::AgentError;
+use crate::error::AgentError;
 use crate::machine::MachineRoot;
 
 const STATE: &str = flotilla_protocol::layout::records::ACCOUNTS;
