@@ -25,9 +25,9 @@
 //! so that Nix's collector never deletes them.
 //!
 //! [`Agent`] is the one face the server sees; its parts live in submodules along their seams:
-//! activation and its health checks here, [`generations`] (the profile and its links),
-//! [`switch`] (what a switch reconciles), [`confirm`] (the confirmation state machine and its
-//! record) and [`gc`] (garbage and Nix GC roots). Its errors are [`crate::error`]'s.
+//! activation and its health checks here, `generations` (the profile and its links),
+//! `switch` (what a switch reconciles), `confirm` (the confirmation state machine and its
+//! record) and `gc` (garbage and Nix GC roots). Its errors are [`crate::error`]'s.
 
 mod confirm;
 mod gc;

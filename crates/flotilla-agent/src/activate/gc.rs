@@ -45,7 +45,7 @@ impl Agent {
 
     /// Removes every store path no generation, no running system and not the running agent
     /// needs (the last matters where a systemd unit starts the agent from its store path).
-    /// Paths of the machine's Nix are only unregistered: see [`MachineRoot::collect_garbage`].
+    /// Paths of the machine's Nix are only unregistered: see [`crate::machine::MachineRoot::collect_garbage`].
     /// Returns the paths deleted and their NAR bytes.
     pub fn collect_garbage(&self) -> Result<(u64, u64), AgentError> {
         self.refuse_while_pending("collect garbage")?;
