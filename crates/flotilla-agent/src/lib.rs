@@ -2,6 +2,7 @@
 //! Nix builds (`build-system`), and on a machine receives closures, activates generations and
 //! supervises services. It must stay small and static: it is copied to every machine.
 
+mod accounts_file;
 pub mod activate;
 pub mod build_system;
 pub mod container;

@@ -22,14 +22,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_protocol::layout::{self, records};
 use flotilla_store::StorePath;
 use serde::Deserialize;
 
+use crate::accounts_file;
 use crate::daemon::{self, AgentLock, State};
 use crate::machine::{remove_tree, MachineRoot};
 
@@ -288,22 +288,17 @@ fn remove_accounts(run: &mut Run<'_>, accounts: &AccountsRecord) {
             continue;
         }
         let mut gone = Vec::new();
-        let edited = rewrite_lines(&path, |line| {
-            let mut fields: Vec<&str> = line.split(':').collect();
-            if names.contains(fields[0]) {
-                gone.push(fields[0].to_owned());
-                return None;
+        let edited = accounts_file::rewrite(&path, |fields| {
+            if names.contains(fields[0].as_str()) {
+                gone.push(fields[0].clone());
+                return false;
             }
-            let mut new_lists = Vec::new();
             for &i in member_fields {
-                if let Some(list) = fields.get(i) {
-                    new_lists.push((i, without(list)));
+                if let Some(list) = fields.get_mut(i) {
+                    *list = without(list);
                 }
             }
-            for (i, list) in &new_lists {
-                fields[*i] = list;
-            }
-            Some(fields.join(":"))
+            true
         });
         match edited {
             Ok(()) => {
@@ -318,43 +313,6 @@ fn remove_accounts(run: &mut Run<'_>, accounts: &AccountsRecord) {
     for ((kind, name), files) in removed {
         run.step(Step::Removed(format!("{kind} {name} (from {})", files.join(", "))));
     }
-}
-
-/// Rewrites the lines of an account file through `edit` (`None` drops a line), keeping its
-/// mode and owner: a temporary file with both, fsynced, renamed over it. An unchanged file is
-/// not written.
-fn rewrite_lines(path: &Path, mut edit: impl FnMut(&str) -> Option<String>) -> io::Result<()> {
-    let text = fs::read_to_string(path)?;
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        let (body, end) = line.strip_suffix('\n').map_or((line, ""), |b| (b, "\n"));
-        if body.trim().is_empty() || body.starts_with('#') {
-            out.push_str(line);
-            continue;
-        }
-        if let Some(new) = edit(body) {
-            out.push_str(&new);
-            out.push_str(end);
-        }
-    }
-    if out == text {
-        return Ok(());
-    }
-    let meta = fs::metadata(path)?;
-    let tmp = path.with_file_name(format!(".{}.flotilla-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
-        f.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        f.write_all(out.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Removes the registered store paths that are the agent's, except the one holding the
@@ -415,20 +373,6 @@ fn remove_empty_nix(run: &mut Run<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn account_files_keep_their_mode_owner_and_other_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shadow");
-        fs::write(&path, "root:*:1::::::\n# comment\nalice:!:1::::::\nbob:!:1::::::").unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        rewrite_lines(&path, |l| (!l.starts_with("alice:")).then(|| l.to_owned())).unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "root:*:1::::::\n# comment\nbob:!:1::::::");
-        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
-        let before = fs::metadata(&path).unwrap().ino();
-        rewrite_lines(&path, |l| Some(l.to_owned())).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().ino(), before, "an unchanged file is not rewritten");
-    }
 
     #[test]
     fn store_path_of_a_link_target() {
