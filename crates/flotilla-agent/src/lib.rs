@@ -5,6 +5,7 @@
 mod accounts_file;
 pub mod activate;
 pub mod build_system;
+pub mod cli;
 pub mod container;
 pub mod daemon;
 pub mod error;

@@ -1,13 +1,14 @@
-//! The `flotilla-agent` command. Subcommands are parsed by hand to keep the agent's
-//! dependencies few: it is copied to every machine.
+//! The `flotilla-agent` command. Every subcommand's options go through the agent's one parser,
+//! [`flotilla_agent::cli`], written by hand to keep the agent's dependencies few: it is copied
+//! to every machine.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_agent::activate::Agent;
+use flotilla_agent::cli::{Options, UsageError};
 use flotilla_agent::container::ContainerArgs;
 use flotilla_agent::daemon::{self, AgentLock, Detached, PidFileGuard, State, Stopped};
 use flotilla_agent::logs::Tail;
@@ -94,6 +95,12 @@ enum Failure {
     Failed(String),
 }
 
+impl From<UsageError> for Failure {
+    fn from(e: UsageError) -> Failure {
+        Failure::Usage(e.to_string())
+    }
+}
+
 impl From<String> for Failure {
     fn from(e: String) -> Failure {
         Failure::Usage(e)
@@ -114,7 +121,7 @@ fn main() -> ExitCode {
         Some("status-line") => status_line(rest),
         Some("logs") => logs(rest),
         Some("uninstall") => uninstall(rest),
-        Some("stdio") => Opts::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
+        Some("stdio") => Options::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
         Some("container") => return container(rest),
         Some("--version") => {
             println!("flotilla-agent {}", env!("CARGO_PKG_VERSION"));
@@ -139,56 +146,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// A subcommand's options: `--root DIR` (every command has it), the valued options and
-/// flags it takes, and its positional arguments.
-struct Opts {
-    root: PathBuf,
-    values: BTreeMap<&'static str, String>,
-    flags: BTreeSet<&'static str>,
-    positional: Vec<String>,
-}
-
-impl Opts {
-    fn parse(args: &[String], valued: &[&'static str], flags: &[&'static str], max_positional: usize) -> Result<Opts, String> {
-        let (mut values, mut set, mut positional) = (BTreeMap::new(), BTreeSet::new(), Vec::new());
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            if let Some(flag) = flags.iter().copied().find(|f| f == arg) {
-                set.insert(flag);
-            } else if let Some(name) = valued.iter().copied().chain(["--root"]).find(|f| f == arg) {
-                let value = it.next().ok_or_else(|| format!("{name} needs a value"))?;
-                if values.insert(name, value.clone()).is_some() {
-                    return Err(format!("{name} is given twice"));
-                }
-            } else if arg.starts_with('-') && arg.len() > 1 {
-                return Err(format!("unknown option {arg:?} (see `flotilla-agent --help`)"));
-            } else if positional.len() < max_positional {
-                positional.push(arg.clone());
-            } else {
-                return Err(format!("unexpected argument {arg:?} (see `flotilla-agent --help`)"));
-            }
-        }
-        let root = match values.remove("--root") {
-            Some(dir) => std::path::absolute(&dir).map_err(|e| format!("--root {dir}: {e}"))?,
-            None => PathBuf::from("/"),
-        };
-        Ok(Opts { root, values, flags: set, positional })
-    }
-
-    fn machine(&self) -> MachineRoot {
-        MachineRoot::new(&self.root)
-    }
+/// The machine a command's `--root` names.
+fn machine(opts: &Options) -> MachineRoot {
+    MachineRoot::new(&opts.root)
 }
 
 fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["--log"], &["--detach"], 0)?;
+    let opts = Options::parse(args, &["--log"], &["--detach"], 0)?;
     if !opts.flags.contains("--detach") {
         if opts.values.contains_key("--log") {
             return Err(Failure::Usage("--log goes with --detach (in the foreground the agent writes to its stdout and stderr)".into()));
         }
         return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::Usage);
     }
-    let root = opts.machine();
+    let root = machine(&opts);
     let log = match opts.values.get("--log") {
         Some(f) => std::path::absolute(f).map_err(|e| Failure::Usage(format!("--log {f}: {e}")))?,
         None => daemon::default_log(&root),
@@ -209,12 +180,12 @@ fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn stop(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["--timeout"], &[], 0)?;
+    let opts = Options::parse(args, &["--timeout"], &[], 0)?;
     let timeout = match opts.values.get("--timeout") {
         Some(t) => Duration::from_secs(t.parse().map_err(|_| Failure::Usage(format!("--timeout {t}: not a number of seconds")))?),
         None => Duration::from_secs(30),
     };
-    match daemon::stop(&opts.machine(), timeout).map_err(Failure::Failed)? {
+    match daemon::stop(&machine(&opts), timeout).map_err(Failure::Failed)? {
         Stopped::NotRunning => println!("not running"),
         Stopped::Stopped(_) => println!("stopped"),
         Stopped::Killed(pid) => {
@@ -229,8 +200,8 @@ fn stop(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &[], &[], 0)?;
-    match daemon::state(&opts.machine()).map_err(Failure::Failed)? {
+    let opts = Options::parse(args, &[], &[], 0)?;
+    match daemon::state(&machine(&opts)).map_err(Failure::Failed)? {
         State::Running(Some(pid)) => println!("running {pid}"),
         State::Running(None) => println!("running"),
         State::Stopped => println!("stopped"),
@@ -239,13 +210,13 @@ fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn logs(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["-n"], &["-f"], 1)?;
+    let opts = Options::parse(args, &["-n"], &["-f"], 1)?;
     let lines: usize = match opts.values.get("-n") {
         Some(n) => n.parse().map_err(|_| Failure::Usage(format!("-n {n}: not a number of lines")))?,
         None => 50,
     };
     // An unknown service is a wrong command line (exit 2), as for the deployer's other checks.
-    let selected = flotilla_agent::logs::select(&opts.machine().log_dir(), opts.positional.first().map(String::as_str))
+    let selected = flotilla_agent::logs::select(&machine(&opts).log_dir(), opts.positional.first().map(String::as_str))
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let follow = opts.flags.contains("-f");
     let mut tail = Tail::new(selected);
@@ -266,14 +237,14 @@ fn logs(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn uninstall(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &[], &["--yes"], 0)?;
+    let opts = Options::parse(args, &[], &["--yes"], 0)?;
     if !opts.flags.contains("--yes") {
         return Err(Failure::Usage(format!(
             "uninstall removes everything flotilla's agent placed on {}: its store paths, users, /etc entries, keys and state; run it again with --yes to do it",
             opts.root.display()
         )));
     }
-    let summary = flotilla_agent::uninstall::uninstall(&opts.machine(), &mut |step| println!("{step}")).map_err(Failure::Failed)?;
+    let summary = flotilla_agent::uninstall::uninstall(&machine(&opts), &mut |step| println!("{step}")).map_err(Failure::Failed)?;
     println!("uninstalled: {} removed, {} kept, {} failed", summary.removed, summary.kept, summary.failed);
     if summary.failed > 0 {
         return Err(Failure::Failed(format!("{} thing(s) could not be removed; see the `failed` lines above", summary.failed)));
@@ -287,7 +258,7 @@ fn container(args: &[String]) -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    match ContainerArgs::parse(args).and_then(|a| flotilla_agent::container::launch(&a)) {
+    match ContainerArgs::parse(args).map_err(|e| e.to_string()).and_then(|a| flotilla_agent::container::launch(&a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flotilla-agent: {e}");

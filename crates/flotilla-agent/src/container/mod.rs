@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use sys::Action;
 
+use crate::cli::{Arg, Parser, UsageError};
+
 /// The agent of the activated system, tried first (as the container sees it).
 pub const SYSTEM_AGENT: &str = flotilla_protocol::layout::SYSTEM_AGENT;
 /// The bootstrap agent the deployer copies in, run when no system was activated yet.
@@ -99,55 +101,57 @@ pub struct ContainerArgs {
 
 impl ContainerArgs {
     /// Parses the options after `container`; each error is one line naming the option.
-    pub fn parse(args: &[String]) -> Result<ContainerArgs, String> {
+    pub fn parse(args: &[String]) -> Result<ContainerArgs, UsageError> {
         let (mut root, mut hostname, mut netns, mut pidfile, mut console) = (None, None, None, None, None);
         let mut forwards: Vec<Forward> = Vec::new();
         let mut adopt = false;
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            if flag == "--adopt" {
-                adopt = true;
-                continue;
-            }
-            if !["--root", "--hostname", "--netns", "--pidfile", "--console", "--forward"].contains(&flag.as_str()) {
-                return Err(format!("unknown option {flag:?} (see `flotilla-agent container --help`)"));
-            }
-            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-            let slot = match flag.as_str() {
+        let valued = ["--root", "--hostname", "--netns", "--pidfile", "--console", "--forward"];
+        let mut parser = Parser::new(args, &valued, &["--adopt"], "flotilla-agent container --help");
+        while let Some(arg) = parser.next() {
+            let (flag, value) = match arg? {
+                Arg::Flag(_) => {
+                    adopt = true;
+                    continue;
+                }
+                // `container` takes no positional argument.
+                Arg::Positional(other) => return Err(parser.unknown(other)),
+                Arg::Value(flag, value) => (flag, value),
+            };
+            let slot = match flag {
                 "--root" => &mut root,
                 "--hostname" => &mut hostname,
                 "--netns" => &mut netns,
                 "--pidfile" => &mut pidfile,
                 "--console" => &mut console,
                 "--forward" => {
-                    let forward = Forward::parse(value).map_err(|e| format!("--forward {value}: {e}"))?;
+                    let forward = Forward::parse(value).map_err(|e| UsageError::Invalid(format!("--forward {value}: {e}")))?;
                     if let Some(other) = forwards.iter().find(|f| f.host_port == forward.host_port) {
-                        return Err(format!("--forward {forward}: port {} is already forwarded by --forward {other}", forward.host_port));
+                        return Err(UsageError::Invalid(format!("--forward {forward}: port {} is already forwarded by --forward {other}", forward.host_port)));
                     }
                     forwards.push(forward);
                     continue;
                 }
-                _ => unreachable!("checked above"),
+                _ => unreachable!("the parser knows only these"),
             };
             if slot.is_some() {
-                return Err(format!("{flag} is given twice"));
+                return Err(UsageError::Twice(flag));
             }
-            *slot = Some(value.clone());
+            *slot = Some(value.to_owned());
         }
-        let required = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required (see `flotilla-agent container --help`)"));
-        let path = |v: Option<String>, flag: &str| -> Result<PathBuf, String> {
+        let required = |v: Option<String>, flag: &'static str| v.ok_or_else(|| parser.required(flag));
+        let path = |v: Option<String>, flag: &'static str| -> Result<PathBuf, UsageError> {
             let v = required(v, flag)?;
             if v.is_empty() {
-                return Err(format!("{flag} needs a non-empty path"));
+                return Err(UsageError::Invalid(format!("{flag} needs a non-empty path")));
             }
-            std::path::absolute(&v).map_err(|e| format!("{flag} {v}: {}", errno_text(&e)))
+            std::path::absolute(&v).map_err(|e| UsageError::Invalid(format!("{flag} {v}: {}", errno_text(&e))))
         };
         let root = path(root, "--root")?;
         let hostname = required(hostname, "--hostname")?;
         if !valid_hostname(&hostname) {
-            return Err(format!(
+            return Err(UsageError::Invalid(format!(
                 "--hostname {hostname:?}: not a valid hostname: use dot-separated labels of 1 to 63 letters, digits and `-` (not first or last), at most 64 characters"
-            ));
+            )));
         }
         Ok(ContainerArgs {
             root,
@@ -656,7 +660,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_option() {
-        let err = |s: &str| ContainerArgs::parse(&args(s)).unwrap_err();
+        let err = |s: &str| ContainerArgs::parse(&args(s)).unwrap_err().to_string();
         assert!(err("--hostname a --netns n --pidfile p --console c").starts_with("--root is required"));
         assert!(err(&format!("{FULL} --root")).starts_with("--root needs a value"));
         assert!(err(&format!("{FULL} --root /x")).starts_with("--root is given twice"));
