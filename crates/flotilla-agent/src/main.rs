@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use flotilla_agent::activate::Agent;
 use flotilla_agent::cli::{Options, UsageError};
-use flotilla_agent::container::ContainerArgs;
+use flotilla_agent::container::{ContainerArgs, ContainerError};
 use flotilla_agent::daemon::{self, AgentLock, Detached, PidFileGuard, State, Stopped};
 use flotilla_agent::logs::Tail;
 use flotilla_agent::machine::MachineRoot;
@@ -258,7 +258,7 @@ fn container(args: &[String]) -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    match ContainerArgs::parse(args).map_err(|e| e.to_string()).and_then(|a| flotilla_agent::container::launch(&a)) {
+    match ContainerArgs::parse(args).map_err(ContainerError::from).and_then(|a| flotilla_agent::container::launch(&a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flotilla-agent: {e}");
