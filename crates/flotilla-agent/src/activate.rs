@@ -97,9 +97,9 @@ impl Agent {
 
     /// Runs the host's `nix-store` for [`MachineRoot::register_with_nix`] through the
     /// supervisor, which waits for every child of the agent.
-    pub fn nix_runner(&self) -> impl Fn(&[String], &Path) -> Result<(bool, String), String> + '_ {
+    pub fn nix_runner(&self) -> impl Fn(&[String], &Path) -> io::Result<(bool, String)> + '_ {
         |argv: &[String], input: &Path| {
-            let out = self.supervisor.run_command_with_input(argv, flotilla_protocol::REGISTER_TIMEOUT, input).map_err(|e| e.to_string())?;
+            let out = self.supervisor.run_command_with_input(argv, flotilla_protocol::REGISTER_TIMEOUT, input).map_err(io::Error::other)?;
             let mut said = String::from_utf8_lossy(&out.stderr).trim().to_owned();
             if !out.status.success() {
                 said = format!("{} ({})", said, out.status);

@@ -13,7 +13,7 @@ use flotilla_agent::container::{ContainerArgs, ContainerError};
 use flotilla_agent::daemon::{self, AgentLock, Detached, PidFileGuard, State, Stopped};
 use flotilla_agent::logs::Tail;
 use flotilla_agent::machine::MachineRoot;
-use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig};
+use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig, SupervisorError};
 
 const USAGE: &str = "usage: flotilla-agent <command> [options]
 
@@ -101,9 +101,26 @@ impl From<UsageError> for Failure {
     }
 }
 
-impl From<String> for Failure {
-    fn from(e: String) -> Failure {
-        Failure::Usage(e)
+/// Why `init` or `stdio` could not run (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Something on the machine failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The connection to the agent broke.
+    #[error("{0}")]
+    Stream(#[from] std::io::Error),
+    /// The supervisor could not start.
+    #[error("{0}")]
+    Supervisor(#[from] SupervisorError),
+    /// Another agent runs, or none does; the sentence says what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<RunError> for Failure {
+    fn from(e: RunError) -> Failure {
+        Failure::Usage(e.to_string())
     }
 }
 
@@ -157,7 +174,7 @@ fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
         if opts.values.contains_key("--log") {
             return Err(Failure::Usage("--log goes with --detach (in the foreground the agent writes to its stdout and stderr)".into()));
         }
-        return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::Usage);
+        return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::from);
     }
     let root = machine(&opts);
     let log = match opts.values.get("--log") {
@@ -172,7 +189,7 @@ fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
             2
         }
     });
-    match started.map_err(Failure::Failed)? {
+    match started.map_err(|e| Failure::Failed(e.to_string()))? {
         Detached::Started(pid) => println!("started {pid}"),
         Detached::AlreadyRunning => println!("already running"),
     }
@@ -185,7 +202,7 @@ fn stop(args: &[String]) -> Result<ExitCode, Failure> {
         Some(t) => Duration::from_secs(t.parse().map_err(|_| Failure::Usage(format!("--timeout {t}: not a number of seconds")))?),
         None => Duration::from_secs(30),
     };
-    match daemon::stop(&machine(&opts), timeout).map_err(Failure::Failed)? {
+    match daemon::stop(&machine(&opts), timeout).map_err(|e| Failure::Failed(e.to_string()))? {
         Stopped::NotRunning => println!("not running"),
         Stopped::Stopped(_) => println!("stopped"),
         Stopped::Killed(pid) => {
@@ -201,7 +218,7 @@ fn stop(args: &[String]) -> Result<ExitCode, Failure> {
 
 fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
     let opts = Options::parse(args, &[], &[], 0)?;
-    match daemon::state(&machine(&opts)).map_err(Failure::Failed)? {
+    match daemon::state(&machine(&opts)).map_err(|e| Failure::Failed(e.to_string()))? {
         State::Running(Some(pid)) => println!("running {pid}"),
         State::Running(None) => println!("running"),
         State::Stopped => println!("stopped"),
@@ -244,7 +261,7 @@ fn uninstall(args: &[String]) -> Result<ExitCode, Failure> {
             opts.root.display()
         )));
     }
-    let summary = flotilla_agent::uninstall::uninstall(&machine(&opts), &mut |step| println!("{step}")).map_err(Failure::Failed)?;
+    let summary = flotilla_agent::uninstall::uninstall(&machine(&opts), &mut |step| println!("{step}")).map_err(|e| Failure::Failed(e.to_string()))?;
     println!("uninstalled: {} removed, {} kept, {} failed", summary.removed, summary.kept, summary.failed);
     if summary.failed > 0 {
         return Err(Failure::Failed(format!("{} thing(s) could not be removed; see the `failed` lines above", summary.failed)));
@@ -269,22 +286,22 @@ fn container(args: &[String]) -> ExitCode {
 
 /// Runs the agent in this process until SIGTERM. `lock` is the agent's lock when the caller
 /// (`init --detach`) took it already.
-fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
+fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), RunError> {
     let root = MachineRoot::new(&root_dir);
-    root.prepare().map_err(|e| format!("cannot prepare {}: {e}", root_dir.display()))?;
+    root.prepare().map_err(|source| RunError::Io { what: format!("cannot prepare {}", root_dir.display()), source })?;
     let socket = root.socket_path();
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        return Err(format!("an agent already answers on {}; stop it first", socket.display()));
+        return Err(RunError::Refused(format!("an agent already answers on {}; stop it first", socket.display())));
     }
     let lock_path = daemon::lock_path(&root);
     let _lock = match lock {
         Some(lock) => lock,
         None => AgentLock::acquire(&root)
-            .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?
-            .ok_or_else(|| format!("another agent runs on {}: it holds {}; stop it first", root_dir.display(), lock_path.display()))?,
+            .map_err(|source| RunError::Io { what: format!("cannot lock {}", lock_path.display()), source })?
+            .ok_or_else(|| RunError::Refused(format!("another agent runs on {}: it holds {}; stop it first", root_dir.display(), lock_path.display())))?,
     };
     let _ = std::fs::remove_file(&socket);
-    let term = install_termination_handler().map_err(|e| e.to_string())?;
+    let term = install_termination_handler()?;
     let supervisor = Arc::new(
         Supervisor::new(SupervisorConfig {
             root: root_dir.clone(),
@@ -292,8 +309,7 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
             stop_timeout: Duration::from_secs(10),
             log_max_bytes: 10 << 20,
             log_keep: 3,
-        })
-        .map_err(|e| e.to_string())?,
+        })?,
     );
     let agent = Agent::new(root.clone(), Arc::clone(&supervisor));
     for e in agent.start_running_system() {
@@ -302,9 +318,9 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     // Written before the socket answers, so whoever sees the agent answer finds its pid (a
     // launcher returns at the first answer); removed when this returns, after every service
     // stopped.
-    let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
+    let _pidfile = PidFileGuard::write(&root).map_err(|source| RunError::Io { what: format!("cannot write {}", daemon::pidfile_path(&root).display()), source })?;
     let agent = Arc::new(Mutex::new(agent));
-    let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|source| RunError::Io { what: format!("cannot listen on {}", socket.display()), source })?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");
@@ -316,17 +332,17 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     Ok(())
 }
 
-fn stdio(root_dir: PathBuf) -> Result<(), String> {
+fn stdio(root_dir: PathBuf) -> Result<(), RunError> {
     let socket = MachineRoot::new(&root_dir).socket_path();
     let stream = std::os::unix::net::UnixStream::connect(&socket)
-        .map_err(|e| format!("no agent answers on {} ({e}); start one with `flotilla-agent init`", socket.display()))?;
-    let mut to_agent = stream.try_clone().map_err(|e| e.to_string())?;
+        .map_err(|e| RunError::Refused(format!("no agent answers on {} ({e}); start one with `flotilla-agent init`", socket.display())))?;
+    let mut to_agent = stream.try_clone()?;
     let mut from_agent = stream;
     let up = std::thread::spawn(move || {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_agent);
         let _ = to_agent.shutdown(std::net::Shutdown::Write);
     });
-    relay(&mut from_agent, &mut std::io::stdout().lock()).map_err(|e| e.to_string())?;
+    relay(&mut from_agent, &mut std::io::stdout().lock())?;
     let _ = up.join();
     Ok(())
 }

@@ -22,6 +22,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
+use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +31,7 @@ use flotilla_store::StorePath;
 use serde::Deserialize;
 
 use crate::accounts_file;
-use crate::daemon::{self, AgentLock, State};
+use crate::daemon::{self, AgentLock, DaemonError, State};
 use crate::machine::{remove_tree, MachineRoot};
 
 /// One line of the report.
@@ -52,6 +53,34 @@ impl fmt::Display for Step {
             Step::Failed(what, why) => write!(f, "failed {what}: {why}"),
         }
     }
+}
+
+/// Why uninstall refused, having changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    /// Whether an agent runs cannot be told.
+    #[error("{0}")]
+    Daemon(#[from] DaemonError),
+    /// A record of the agent's cannot be read, so what is its own is unknown.
+    #[error("cannot read the agent's record {}: {source}; nothing was removed", path.display())]
+    Record {
+        /// The record.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// A system call failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// It must not run now (an agent runs, `/bin/sh` needs a path it would remove); the
+    /// sentence says what to do first.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How many steps of each kind there were.
@@ -122,27 +151,27 @@ impl Run<'_> {
 /// Removes what the agent placed on `root`, reporting each thing removed or kept. Refuses,
 /// changing nothing, while an agent runs there, while `/bin/sh` is the agent's link into a
 /// store path it would remove, or when one of its records cannot be read.
-pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Summary, String> {
+pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Summary, UninstallError> {
     let stop_first = "stop it first with `flotilla-agent stop` (or, when a service manager runs it, e.g. `systemctl stop flotilla-agent`)";
     match daemon::state(root)? {
-        State::Running(Some(pid)) => return Err(format!("an agent runs on {} (pid {pid}); {stop_first}", root.root().display())),
-        State::Running(None) => return Err(format!("an agent answers on {}; {stop_first}", root.socket_path().display())),
+        State::Running(Some(pid)) => return Err(UninstallError::Refused(format!("an agent runs on {} (pid {pid}); {stop_first}", root.root().display()))),
+        State::Running(None) => return Err(UninstallError::Refused(format!("an agent answers on {}; {stop_first}", root.socket_path().display()))),
         State::Stopped => {}
     }
     // Held to the end, so no agent starts meanwhile (the file goes with run/flotilla).
     let _lock = if daemon::lock_path(root).exists() {
-        match AgentLock::acquire(root).map_err(|e| format!("cannot lock {}: {e}", daemon::lock_path(root).display()))? {
+        match AgentLock::acquire(root).map_err(|source| UninstallError::Io { what: format!("cannot lock {}", daemon::lock_path(root).display()), source })? {
             Some(lock) => Some(lock),
-            None => return Err(format!("an agent holds {} (it is starting, or does not answer); {stop_first}", daemon::lock_path(root).display())),
+            None => return Err(UninstallError::Refused(format!("an agent holds {} (it is starting, or does not answer); {stop_first}", daemon::lock_path(root).display()))),
         }
     } else {
         None
     };
 
-    let read = |name: &str| format!("cannot read the agent's record {}", root.state_dir().join(name).display());
-    let etc: EtcRecord = root.read_state(records::ETC).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ETC)))?;
-    let accounts: AccountsRecord = root.read_state(records::ACCOUNTS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ACCOUNTS)))?;
-    let keys: BTreeMap<String, KeyRecord> = root.read_state(records::KEYS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::KEYS)))?;
+    let read = |name: &'static str| move |source| UninstallError::Record { path: root.state_dir().join(name), source };
+    let etc: EtcRecord = root.read_state(records::ETC).map_err(read(records::ETC))?;
+    let accounts: AccountsRecord = root.read_state(records::ACCOUNTS).map_err(read(records::ACCOUNTS))?;
+    let keys: BTreeMap<String, KeyRecord> = root.read_state(records::KEYS).map_err(read(records::KEYS))?;
     let registered = registry(root);
     check_bin_sh(root, &registered)?;
 
@@ -193,17 +222,17 @@ fn store_path_of(target: &Path) -> Option<StorePath> {
 }
 
 /// Removing the store path `/bin/sh` points into would leave the host without a shell.
-fn check_bin_sh(root: &MachineRoot, registered: &[(StorePath, Option<bool>)]) -> Result<(), String> {
+fn check_bin_sh(root: &MachineRoot, registered: &[(StorePath, Option<bool>)]) -> Result<(), UninstallError> {
     let sh = root.path("/bin/sh");
     let Ok(target) = fs::read_link(&sh) else { return Ok(()) };
     let Some(p) = store_path_of(&target) else { return Ok(()) };
     if ours(registered, &p) {
-        return Err(format!(
+        return Err(UninstallError::Refused(format!(
             "{} links to {} (the system's `binsh`), a store path uninstall removes: point it at the host's own shell first (Debian: `ln -sfn dash {}`); nothing was removed",
             sh.display(),
             target.display(),
             sh.display()
-        ));
+        )));
     }
     Ok(())
 }

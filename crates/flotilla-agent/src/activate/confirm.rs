@@ -86,7 +86,7 @@ impl Agent {
             Ok(done) => done,
             Err(e) => e.to_string(),
         }];
-        messages.extend(self.forget_pending_record().err());
+        messages.extend(self.forget_pending_record().err().map(|e| e.to_string()));
         messages
     }
 
@@ -132,7 +132,8 @@ impl Agent {
                 "generation {generation} must be confirmed over a new connection, not the one that activated it"
             ))),
             Some(p) if p.generation == generation => {
-                self.forget_pending_record().map_err(AgentError::Conflict)?;
+                // A conflict, as before the record had a type: the generation still awaits confirmation.
+                self.forget_pending_record().map_err(|e| AgentError::Conflict(e.to_string()))?;
                 *pending = None;
                 Ok(())
             }
@@ -238,15 +239,15 @@ impl Agent {
         }
     }
 
-    pub(super) fn forget_pending_record(&self) -> Result<(), String> {
+    pub(super) fn forget_pending_record(&self) -> Result<(), AgentError> {
         match fs::remove_file(self.root.state_dir().join(PENDING)) {
             // Gone for good only once the directory is on disk: a power cut must not bring
             // back a record that undoes a kept generation.
             Ok(()) => fs::File::open(self.root.state_dir())
                 .and_then(|d| d.sync_all())
-                .map_err(|e| format!("removed {PENDING}, but cannot sync its directory, so a power cut could bring it back: {e}")),
+                .map_err(io_err(format!("removed {PENDING}, but cannot sync its directory, so a power cut could bring it back"))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(format!("cannot remove {PENDING}; a restarted agent would roll back a generation no longer pending: {e}")),
+            Err(e) => Err(io_err(format!("cannot remove {PENDING}; a restarted agent would roll back a generation no longer pending"))(e)),
         }
     }
 
@@ -310,7 +311,7 @@ impl Agent {
     /// must not undo it. When its record cannot go, `previous` is restored instead.
     pub(super) fn keep_checked(&self, previous: &Previous) -> Result<(), AgentError> {
         if let Err(e) = self.forget_pending_record() {
-            return Err(self.fail_back_pending(previous, &e));
+            return Err(self.fail_back_pending(previous, &e.to_string()));
         }
         Ok(())
     }

@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
+use std::io;
 use std::path::Path;
 
 use flotilla_store::StorePath;
@@ -22,21 +23,21 @@ impl Agent {
             return None;
         }
         let dir = self.root.nix_gcroots_dir();
-        let synced = (|| -> Result<(), String> {
+        let synced = (|| -> io::Result<()> {
             let mut want: BTreeMap<String, StorePath> = BTreeMap::new();
-            for g in self.generations().map_err(|e| e.to_string())? {
+            for g in self.generations().map_err(io::Error::other)? {
                 want.insert(format!("system-{}", g.number), g.toplevel);
             }
             want.extend(self.running_system().map(|t| ("running".to_owned(), t)));
             want.extend(agent_store_path(&self.root).map(|a| ("agent".to_owned(), a)));
-            fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-            for e in fs::read_dir(&dir).map_err(|e| e.to_string())?.flatten() {
+            fs::create_dir_all(&dir)?;
+            for e in fs::read_dir(&dir)?.flatten() {
                 if !want.contains_key(e.file_name().to_string_lossy().as_ref()) {
-                    fs::remove_file(e.path()).map_err(|e| e.to_string())?;
+                    fs::remove_file(e.path())?;
                 }
             }
             for (name, target) in &want {
-                symlink_atomic(Path::new(&target.to_absolute()), &dir.join(name)).map_err(|e| e.to_string())?;
+                symlink_atomic(Path::new(&target.to_absolute()), &dir.join(name))?;
             }
             Ok(())
         })();
