@@ -58,7 +58,7 @@ impl fmt::Display for Step {
 /// Why uninstall refused, having changed nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum UninstallError {
-    /// Whether an agent runs cannot be told.
+    /// Whether an agent runs cannot be told, or its lock cannot be taken.
     #[error("{0}")]
     Daemon(#[from] DaemonError),
     /// A record of the agent's cannot be read, so what is its own is unknown.
@@ -66,14 +66,6 @@ pub enum UninstallError {
     Record {
         /// The record.
         path: PathBuf,
-        /// Why.
-        source: io::Error,
-    },
-    /// A system call failed: what was being done, and why.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
         /// Why.
         source: io::Error,
     },
@@ -160,7 +152,7 @@ pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Su
     }
     // Held to the end, so no agent starts meanwhile (the file goes with run/flotilla).
     let _lock = if daemon::lock_path(root).exists() {
-        match AgentLock::acquire(root).map_err(|source| UninstallError::Io { what: format!("cannot lock {}", daemon::lock_path(root).display()), source })? {
+        match AgentLock::acquire(root).map_err(|source| DaemonError::Io { what: format!("cannot lock {}", daemon::lock_path(root).display()), source })? {
             Some(lock) => Some(lock),
             None => return Err(UninstallError::Refused(format!("an agent holds {} (it is starting, or does not answer); {stop_first}", daemon::lock_path(root).display()))),
         }
