@@ -151,6 +151,31 @@ impl AgentLock {
     }
 }
 
+/// Why the agent's lifecycle commands (`status-line`, `stop`, `init --detach`) failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// The pidfile cannot be read.
+    #[error("{0}")]
+    Pidfile(io::Error),
+    /// A system call failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The agent cannot be stopped or started as asked; the sentence says why and what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// `DaemonError::Io` for `what`, as a `map_err` argument.
+fn failed(what: impl Into<String>) -> impl FnOnce(io::Error) -> DaemonError {
+    let what = what.into();
+    move |source| DaemonError::Io { what, source }
+}
+
 /// Whether an agent runs on a root, as `status-line` prints it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
@@ -162,8 +187,8 @@ pub enum State {
 }
 
 /// Whether an agent runs on `root`.
-pub fn state(root: &MachineRoot) -> Result<State, String> {
-    match AgentPid::read(&pidfile_path(root)).map_err(|e| e.to_string())? {
+pub fn state(root: &MachineRoot) -> Result<State, DaemonError> {
+    match AgentPid::read(&pidfile_path(root)).map_err(DaemonError::Pidfile)? {
         Some(p) if p.is_running() => Ok(State::Running(Some(p.pid))),
         _ if answers(root) => Ok(State::Running(None)),
         _ => Ok(State::Stopped),
@@ -195,30 +220,30 @@ fn wait_gone(agent: &AgentPid, timeout: Duration) -> bool {
 
 /// Stops the agent of `root`: SIGTERM (it stops every service, then exits), then after
 /// `timeout` SIGKILL.
-pub fn stop(root: &MachineRoot, timeout: Duration) -> Result<Stopped, String> {
+pub fn stop(root: &MachineRoot, timeout: Duration) -> Result<Stopped, DaemonError> {
     let path = pidfile_path(root);
-    let recorded = AgentPid::read(&path).map_err(|e| e.to_string())?;
+    let recorded = AgentPid::read(&path).map_err(DaemonError::Pidfile)?;
     let Some(agent) = recorded.filter(AgentPid::is_running) else {
         if answers(root) {
-            return Err(format!(
+            return Err(DaemonError::Refused(format!(
                 "an agent answers on {} but {} names no running process: it was started by an older agent, or runs in another PID namespace; stop it the way it was started",
                 root.socket_path().display(),
                 path.display()
-            ));
+            )));
         }
         return Ok(Stopped::NotRunning);
     };
     if agent.pid == 1 {
-        return Err("the agent is PID 1 here (a container's init): stop the machine instead".into());
+        return Err(DaemonError::Refused("the agent is PID 1 here (a container's init): stop the machine instead".into()));
     }
     let pid = agent.pid as i32;
-    sys::kill(pid, libc::SIGTERM).map_err(|e| format!("cannot send SIGTERM to the agent (pid {pid}): {e}"))?;
+    sys::kill(pid, libc::SIGTERM).map_err(failed(format!("cannot send SIGTERM to the agent (pid {pid})")))?;
     if wait_gone(&agent, timeout) {
         return Ok(Stopped::Stopped(agent.pid));
     }
-    sys::kill(pid, libc::SIGKILL).map_err(|e| format!("the agent (pid {pid}) did not stop within {} s and cannot be killed: {e}", timeout.as_secs()))?;
+    sys::kill(pid, libc::SIGKILL).map_err(failed(format!("the agent (pid {pid}) did not stop within {} s and cannot be killed", timeout.as_secs())))?;
     if !wait_gone(&agent, KILL_TIMEOUT) {
-        return Err(format!("the agent (pid {pid}) did not stop within {} s and is still there after SIGKILL", timeout.as_secs()));
+        return Err(DaemonError::Refused(format!("the agent (pid {pid}) did not stop within {} s and is still there after SIGKILL", timeout.as_secs())));
     }
     // A killed agent cleaned up nothing.
     if AgentPid::read(&path).ok().flatten() == Some(agent) {
@@ -258,35 +283,35 @@ fn wait_answer(root: &MachineRoot, deadline: Instant) -> bool {
 ///
 /// Call it only from a single-threaded process, as `flotilla-agent`'s `main` is: it forks and
 /// the child goes on running ordinary code.
-pub fn detach(root: &MachineRoot, log: &Path, run: impl FnOnce(AgentLock) -> i32) -> Result<Detached, String> {
-    sys::sanitize_descriptors().map_err(|e| format!("cannot set up descriptors: {e}"))?;
+pub fn detach(root: &MachineRoot, log: &Path, run: impl FnOnce(AgentLock) -> i32) -> Result<Detached, DaemonError> {
+    sys::sanitize_descriptors().map_err(failed("cannot set up descriptors"))?;
     if answers(root) {
         return Ok(Detached::AlreadyRunning);
     }
     let lock_file = lock_path(root);
-    let Some(lock) = AgentLock::acquire(root).map_err(|e| format!("cannot lock {}: {e}", lock_file.display()))? else {
+    let Some(lock) = AgentLock::acquire(root).map_err(failed(format!("cannot lock {}", lock_file.display())))? else {
         // Another agent holds the lock: it is starting (or answers no more).
         if wait_answer(root, Instant::now() + START_TIMEOUT) {
             return Ok(Detached::AlreadyRunning);
         }
         let who = AgentPid::read(&pidfile_path(root)).ok().flatten().map_or(String::new(), |p| format!(" (pid {})", p.pid));
-        return Err(format!(
+        return Err(DaemonError::Refused(format!(
             "another agent{who} holds {} but has not answered on {} for {} s; see its log, or stop it with `flotilla-agent stop`",
             lock_file.display(),
             root.socket_path().display(),
             START_TIMEOUT.as_secs()
-        ));
+        )));
     };
     if let Some(dir) = log.parent() {
-        fs::create_dir_all(dir).map_err(|e| format!("--log {}: cannot create {}: {e}", log.display(), dir.display()))?;
+        fs::create_dir_all(dir).map_err(failed(format!("--log {}: cannot create {}", log.display(), dir.display())))?;
     }
-    let log_file = OpenOptions::new().append(true).create(true).mode(0o640).open(log).map_err(|e| format!("--log {}: {e}", log.display()))?;
+    let log_file = OpenOptions::new().append(true).create(true).mode(0o640).open(log).map_err(failed(format!("--log {}", log.display())))?;
     let log_start = log_file.metadata().map(|m| m.len()).unwrap_or(0);
-    let dev_null = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {e}"))?;
+    let dev_null = File::open("/dev/null").map_err(failed("cannot open /dev/null"))?;
     // The daemon holds the write end (close-on-exec, so services do not) for its life: the
     // end of file tells the launcher that it died.
-    let (alive_read, alive_write) = crate::supervisor::sys::pipe().map_err(|e| format!("cannot create a pipe: {e}"))?;
-    match sys::fork_single_threaded().map_err(|e| format!("cannot fork: {e}"))? {
+    let (alive_read, alive_write) = crate::supervisor::sys::pipe().map_err(failed("cannot create a pipe"))?;
+    match sys::fork_single_threaded().map_err(failed("cannot fork"))? {
         sys::Forked::Child => {
             drop(alive_read);
             daemonise(log_file, dev_null, alive_write, lock, run)
@@ -333,7 +358,7 @@ fn daemonise(log: File, dev_null: File, alive: OwnedFd, lock: AgentLock, run: im
 
 /// The launcher side of [`detach`]: reads the daemon's pid, then waits for its answer on the
 /// socket or its death (end of file on `alive`).
-fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -> Result<Detached, String> {
+fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -> Result<Detached, DaemonError> {
     let deadline = Instant::now() + START_TIMEOUT;
     let socket = root.socket_path();
     let mut alive = File::from(alive);
@@ -342,7 +367,7 @@ fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -
     let mut ended = false;
     loop {
         if !ended {
-            let ready = crate::supervisor::sys::poll_readable(&[alive.as_fd()], POLL).map_err(|e| format!("cannot wait for the agent: {e}"))?;
+            let ready = crate::supervisor::sys::poll_readable(&[alive.as_fd()], POLL).map_err(failed("cannot wait for the agent"))?;
             if ready[0] {
                 let mut buf = [0u8; 256];
                 match alive.read(&mut buf) {
@@ -352,7 +377,7 @@ fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -
                 let text = String::from_utf8_lossy(&report);
                 pid = pid.or_else(|| text.lines().find_map(|l| l.strip_prefix("pid ")?.trim().parse().ok()));
                 if let Some(e) = text.lines().find_map(|l| l.strip_prefix("error ")) {
-                    return Err(format!("{e}; the agent was not started"));
+                    return Err(DaemonError::Refused(format!("{e}; the agent was not started")));
                 }
             }
         } else {
@@ -366,7 +391,7 @@ fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -
             if answers(root) {
                 return Ok(Detached::AlreadyRunning);
             }
-            return Err(format!("the agent exited before it answered on {}; {}", socket.display(), log_tail(log, log_start)));
+            return Err(DaemonError::Refused(format!("the agent exited before it answered on {}; {}", socket.display(), log_tail(log, log_start))));
         }
         if Instant::now() >= deadline {
             let what = match pid {
@@ -376,7 +401,7 @@ fn watch_start(root: &MachineRoot, log: &Path, log_start: u64, alive: OwnedFd) -
                 }
                 None => format!("the agent did not start within {} s", START_TIMEOUT.as_secs()),
             };
-            return Err(format!("{what}; {}", log_tail(log, log_start)));
+            return Err(DaemonError::Refused(format!("{what}; {}", log_tail(log, log_start))));
         }
     }
 }

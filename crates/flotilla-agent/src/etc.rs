@@ -15,7 +15,7 @@ use std::path::Path;
 use flotilla_model::{etc_relative, FileSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::activate::AgentError;
+use crate::error::AgentError;
 use crate::machine::{symlink_atomic, MachineRoot};
 
 const STATE: &str = flotilla_protocol::layout::records::ETC;

@@ -25,7 +25,7 @@ use flotilla_protocol::{KeyState, KeyUpload};
 use flotilla_store::NarHash;
 use serde::{Deserialize, Serialize};
 
-use crate::activate::AgentError;
+use crate::error::AgentError;
 use crate::machine::MachineRoot;
 use crate::users;
 

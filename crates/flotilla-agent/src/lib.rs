@@ -2,10 +2,13 @@
 //! Nix builds (`build-system`), and on a machine receives closures, activates generations and
 //! supervises services. It must stay small and static: it is copied to every machine.
 
+mod accounts_file;
 pub mod activate;
 pub mod build_system;
+pub mod cli;
 pub mod container;
 pub mod daemon;
+pub mod error;
 mod etc;
 pub mod health;
 pub mod keys;

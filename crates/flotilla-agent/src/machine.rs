@@ -126,7 +126,7 @@ pub enum NixError {
 }
 
 /// Runs a program (argv) with stdin from a file; answers whether it exited 0, and its stderr.
-pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> Result<(bool, String), String> + 'a;
+pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> io::Result<(bool, String)> + 'a;
 
 /// What [`MachineRoot::register_with_nix`] did.
 #[derive(Debug, PartialEq, Eq)]
@@ -496,7 +496,7 @@ impl MachineRoot {
         let argv = [program.display().to_string(), "--register-validity".into(), "--hash-given".into()];
         let result = run(&argv, &input);
         let _ = fs::remove_file(&input);
-        let (ok, stderr) = result.map_err(|e| spawn(io::Error::other(e)))?;
+        let (ok, stderr) = result.map_err(spawn)?;
         if !ok {
             return Err(NixError::Failed { program, stderr: stderr.trim().to_owned() });
         }
@@ -682,7 +682,7 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     /// Test roots are never `/`, so the host's Nix is never asked.
-    fn no_nix(_: &[String], _: &Path) -> Result<(bool, String), String> {
+    fn no_nix(_: &[String], _: &Path) -> io::Result<(bool, String)> {
         unreachable!("a test root never registers with the host's Nix")
     }
     use super::*;

@@ -1,18 +1,19 @@
-//! The `flotilla-agent` command. Subcommands are parsed by hand to keep the agent's
-//! dependencies few: it is copied to every machine.
+//! The `flotilla-agent` command. Every subcommand's options go through the agent's one parser,
+//! [`flotilla_agent::cli`], written by hand to keep the agent's dependencies few: it is copied
+//! to every machine.
 
-use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_agent::activate::Agent;
-use flotilla_agent::container::ContainerArgs;
+use flotilla_agent::cli::{Options, UsageError};
+use flotilla_agent::container::{ContainerArgs, ContainerError};
 use flotilla_agent::daemon::{self, AgentLock, Detached, PidFileGuard, State, Stopped};
 use flotilla_agent::logs::Tail;
 use flotilla_agent::machine::MachineRoot;
-use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig};
+use flotilla_agent::supervisor::{install_termination_handler, Supervisor, SupervisorConfig, SupervisorError};
 
 const USAGE: &str = "usage: flotilla-agent <command> [options]
 
@@ -94,9 +95,32 @@ enum Failure {
     Failed(String),
 }
 
-impl From<String> for Failure {
-    fn from(e: String) -> Failure {
-        Failure::Usage(e)
+impl From<UsageError> for Failure {
+    fn from(e: UsageError) -> Failure {
+        Failure::Usage(e.to_string())
+    }
+}
+
+/// Why `init` or `stdio` could not run (exit status 2).
+#[derive(Debug, thiserror::Error)]
+enum RunError {
+    /// Something on the machine failed: what was being done, and why.
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    /// The connection to the agent broke.
+    #[error("{0}")]
+    Stream(#[from] std::io::Error),
+    /// The supervisor could not start.
+    #[error("{0}")]
+    Supervisor(#[from] SupervisorError),
+    /// Another agent runs, or none does; the sentence says what to do.
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl From<RunError> for Failure {
+    fn from(e: RunError) -> Failure {
+        Failure::Usage(e.to_string())
     }
 }
 
@@ -114,7 +138,7 @@ fn main() -> ExitCode {
         Some("status-line") => status_line(rest),
         Some("logs") => logs(rest),
         Some("uninstall") => uninstall(rest),
-        Some("stdio") => Opts::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
+        Some("stdio") => Options::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
         Some("container") => return container(rest),
         Some("--version") => {
             println!("flotilla-agent {}", env!("CARGO_PKG_VERSION"));
@@ -139,56 +163,20 @@ fn main() -> ExitCode {
     }
 }
 
-/// A subcommand's options: `--root DIR` (every command has it), the valued options and
-/// flags it takes, and its positional arguments.
-struct Opts {
-    root: PathBuf,
-    values: BTreeMap<&'static str, String>,
-    flags: BTreeSet<&'static str>,
-    positional: Vec<String>,
-}
-
-impl Opts {
-    fn parse(args: &[String], valued: &[&'static str], flags: &[&'static str], max_positional: usize) -> Result<Opts, String> {
-        let (mut values, mut set, mut positional) = (BTreeMap::new(), BTreeSet::new(), Vec::new());
-        let mut it = args.iter();
-        while let Some(arg) = it.next() {
-            if let Some(flag) = flags.iter().copied().find(|f| f == arg) {
-                set.insert(flag);
-            } else if let Some(name) = valued.iter().copied().chain(["--root"]).find(|f| f == arg) {
-                let value = it.next().ok_or_else(|| format!("{name} needs a value"))?;
-                if values.insert(name, value.clone()).is_some() {
-                    return Err(format!("{name} is given twice"));
-                }
-            } else if arg.starts_with('-') && arg.len() > 1 {
-                return Err(format!("unknown option {arg:?} (see `flotilla-agent --help`)"));
-            } else if positional.len() < max_positional {
-                positional.push(arg.clone());
-            } else {
-                return Err(format!("unexpected argument {arg:?} (see `flotilla-agent --help`)"));
-            }
-        }
-        let root = match values.remove("--root") {
-            Some(dir) => std::path::absolute(&dir).map_err(|e| format!("--root {dir}: {e}"))?,
-            None => PathBuf::from("/"),
-        };
-        Ok(Opts { root, values, flags: set, positional })
-    }
-
-    fn machine(&self) -> MachineRoot {
-        MachineRoot::new(&self.root)
-    }
+/// The machine a command's `--root` names.
+fn machine(opts: &Options) -> MachineRoot {
+    MachineRoot::new(&opts.root)
 }
 
 fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["--log"], &["--detach"], 0)?;
+    let opts = Options::parse(args, &["--log"], &["--detach"], 0)?;
     if !opts.flags.contains("--detach") {
         if opts.values.contains_key("--log") {
             return Err(Failure::Usage("--log goes with --detach (in the foreground the agent writes to its stdout and stderr)".into()));
         }
-        return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::Usage);
+        return init(opts.root, None).map(|()| ExitCode::SUCCESS).map_err(Failure::from);
     }
-    let root = opts.machine();
+    let root = machine(&opts);
     let log = match opts.values.get("--log") {
         Some(f) => std::path::absolute(f).map_err(|e| Failure::Usage(format!("--log {f}: {e}")))?,
         None => daemon::default_log(&root),
@@ -201,7 +189,7 @@ fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
             2
         }
     });
-    match started.map_err(Failure::Failed)? {
+    match started.map_err(|e| Failure::Failed(e.to_string()))? {
         Detached::Started(pid) => println!("started {pid}"),
         Detached::AlreadyRunning => println!("already running"),
     }
@@ -209,12 +197,12 @@ fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn stop(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["--timeout"], &[], 0)?;
+    let opts = Options::parse(args, &["--timeout"], &[], 0)?;
     let timeout = match opts.values.get("--timeout") {
         Some(t) => Duration::from_secs(t.parse().map_err(|_| Failure::Usage(format!("--timeout {t}: not a number of seconds")))?),
         None => Duration::from_secs(30),
     };
-    match daemon::stop(&opts.machine(), timeout).map_err(Failure::Failed)? {
+    match daemon::stop(&machine(&opts), timeout).map_err(|e| Failure::Failed(e.to_string()))? {
         Stopped::NotRunning => println!("not running"),
         Stopped::Stopped(_) => println!("stopped"),
         Stopped::Killed(pid) => {
@@ -229,8 +217,8 @@ fn stop(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &[], &[], 0)?;
-    match daemon::state(&opts.machine()).map_err(Failure::Failed)? {
+    let opts = Options::parse(args, &[], &[], 0)?;
+    match daemon::state(&machine(&opts)).map_err(|e| Failure::Failed(e.to_string()))? {
         State::Running(Some(pid)) => println!("running {pid}"),
         State::Running(None) => println!("running"),
         State::Stopped => println!("stopped"),
@@ -239,13 +227,13 @@ fn status_line(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn logs(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &["-n"], &["-f"], 1)?;
+    let opts = Options::parse(args, &["-n"], &["-f"], 1)?;
     let lines: usize = match opts.values.get("-n") {
         Some(n) => n.parse().map_err(|_| Failure::Usage(format!("-n {n}: not a number of lines")))?,
         None => 50,
     };
     // An unknown service is a wrong command line (exit 2), as for the deployer's other checks.
-    let selected = flotilla_agent::logs::select(&opts.machine().log_dir(), opts.positional.first().map(String::as_str))
+    let selected = flotilla_agent::logs::select(&machine(&opts).log_dir(), opts.positional.first().map(String::as_str))
         .map_err(|e| Failure::Usage(e.to_string()))?;
     let follow = opts.flags.contains("-f");
     let mut tail = Tail::new(selected);
@@ -266,14 +254,14 @@ fn logs(args: &[String]) -> Result<ExitCode, Failure> {
 }
 
 fn uninstall(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Opts::parse(args, &[], &["--yes"], 0)?;
+    let opts = Options::parse(args, &[], &["--yes"], 0)?;
     if !opts.flags.contains("--yes") {
         return Err(Failure::Usage(format!(
             "uninstall removes everything flotilla's agent placed on {}: its store paths, users, /etc entries, keys and state; run it again with --yes to do it",
             opts.root.display()
         )));
     }
-    let summary = flotilla_agent::uninstall::uninstall(&opts.machine(), &mut |step| println!("{step}")).map_err(Failure::Failed)?;
+    let summary = flotilla_agent::uninstall::uninstall(&machine(&opts), &mut |step| println!("{step}")).map_err(|e| Failure::Failed(e.to_string()))?;
     println!("uninstalled: {} removed, {} kept, {} failed", summary.removed, summary.kept, summary.failed);
     if summary.failed > 0 {
         return Err(Failure::Failed(format!("{} thing(s) could not be removed; see the `failed` lines above", summary.failed)));
@@ -287,7 +275,7 @@ fn container(args: &[String]) -> ExitCode {
         println!("{USAGE}");
         return ExitCode::SUCCESS;
     }
-    match ContainerArgs::parse(args).and_then(|a| flotilla_agent::container::launch(&a)) {
+    match ContainerArgs::parse(args).map_err(ContainerError::from).and_then(|a| flotilla_agent::container::launch(&a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("flotilla-agent: {e}");
@@ -298,22 +286,22 @@ fn container(args: &[String]) -> ExitCode {
 
 /// Runs the agent in this process until SIGTERM. `lock` is the agent's lock when the caller
 /// (`init --detach`) took it already.
-fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
+fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), RunError> {
     let root = MachineRoot::new(&root_dir);
-    root.prepare().map_err(|e| format!("cannot prepare {}: {e}", root_dir.display()))?;
+    root.prepare().map_err(|source| RunError::Io { what: format!("cannot prepare {}", root_dir.display()), source })?;
     let socket = root.socket_path();
     if std::os::unix::net::UnixStream::connect(&socket).is_ok() {
-        return Err(format!("an agent already answers on {}; stop it first", socket.display()));
+        return Err(RunError::Refused(format!("an agent already answers on {}; stop it first", socket.display())));
     }
     let lock_path = daemon::lock_path(&root);
     let _lock = match lock {
         Some(lock) => lock,
         None => AgentLock::acquire(&root)
-            .map_err(|e| format!("cannot lock {}: {e}", lock_path.display()))?
-            .ok_or_else(|| format!("another agent runs on {}: it holds {}; stop it first", root_dir.display(), lock_path.display()))?,
+            .map_err(|source| RunError::Io { what: format!("cannot lock {}", lock_path.display()), source })?
+            .ok_or_else(|| RunError::Refused(format!("another agent runs on {}: it holds {}; stop it first", root_dir.display(), lock_path.display())))?,
     };
     let _ = std::fs::remove_file(&socket);
-    let term = install_termination_handler().map_err(|e| e.to_string())?;
+    let term = install_termination_handler()?;
     let supervisor = Arc::new(
         Supervisor::new(SupervisorConfig {
             root: root_dir.clone(),
@@ -321,8 +309,7 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
             stop_timeout: Duration::from_secs(10),
             log_max_bytes: 10 << 20,
             log_keep: 3,
-        })
-        .map_err(|e| e.to_string())?,
+        })?,
     );
     let agent = Agent::new(root.clone(), Arc::clone(&supervisor));
     for e in agent.start_running_system() {
@@ -331,9 +318,9 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     // Written before the socket answers, so whoever sees the agent answer finds its pid (a
     // launcher returns at the first answer); removed when this returns, after every service
     // stopped.
-    let _pidfile = PidFileGuard::write(&root).map_err(|e| format!("cannot write {}: {e}", daemon::pidfile_path(&root).display()))?;
+    let _pidfile = PidFileGuard::write(&root).map_err(|source| RunError::Io { what: format!("cannot write {}", daemon::pidfile_path(&root).display()), source })?;
     let agent = Arc::new(Mutex::new(agent));
-    let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|e| format!("cannot listen on {}: {e}", socket.display()))?;
+    let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|source| RunError::Io { what: format!("cannot listen on {}", socket.display()), source })?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
     term.wait();
     eprintln!("flotilla-agent: stopping services");
@@ -345,17 +332,17 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), String> {
     Ok(())
 }
 
-fn stdio(root_dir: PathBuf) -> Result<(), String> {
+fn stdio(root_dir: PathBuf) -> Result<(), RunError> {
     let socket = MachineRoot::new(&root_dir).socket_path();
     let stream = std::os::unix::net::UnixStream::connect(&socket)
-        .map_err(|e| format!("no agent answers on {} ({e}); start one with `flotilla-agent init`", socket.display()))?;
-    let mut to_agent = stream.try_clone().map_err(|e| e.to_string())?;
+        .map_err(|e| RunError::Refused(format!("no agent answers on {} ({e}); start one with `flotilla-agent init`", socket.display())))?;
+    let mut to_agent = stream.try_clone()?;
     let mut from_agent = stream;
     let up = std::thread::spawn(move || {
         let _ = std::io::copy(&mut std::io::stdin().lock(), &mut to_agent);
         let _ = to_agent.shutdown(std::net::Shutdown::Write);
     });
-    relay(&mut from_agent, &mut std::io::stdout().lock()).map_err(|e| e.to_string())?;
+    relay(&mut from_agent, &mut std::io::stdout().lock())?;
     let _ = up.join();
     Ok(())
 }

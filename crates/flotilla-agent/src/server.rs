@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_protocol::{server_handshake, server_handshake_range, Connection, ErrorKind, ProtocolError, Request, Response};
 
-use crate::activate::{Agent, AgentError};
+use crate::activate::Agent;
+use crate::error::AgentError;
 
 /// The agent's version, told to deployers in the handshake.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");

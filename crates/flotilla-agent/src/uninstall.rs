@@ -22,15 +22,16 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use flotilla_protocol::layout::{self, records};
 use flotilla_store::StorePath;
 use serde::Deserialize;
 
-use crate::daemon::{self, AgentLock, State};
+use crate::accounts_file;
+use crate::daemon::{self, AgentLock, DaemonError, State};
 use crate::machine::{remove_tree, MachineRoot};
 
 /// One line of the report.
@@ -52,6 +53,26 @@ impl fmt::Display for Step {
             Step::Failed(what, why) => write!(f, "failed {what}: {why}"),
         }
     }
+}
+
+/// Why uninstall refused, having changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum UninstallError {
+    /// Whether an agent runs cannot be told, or its lock cannot be taken.
+    #[error("{0}")]
+    Daemon(#[from] DaemonError),
+    /// A record of the agent's cannot be read, so what is its own is unknown.
+    #[error("cannot read the agent's record {}: {source}; nothing was removed", path.display())]
+    Record {
+        /// The record.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
+    /// It must not run now (an agent runs, `/bin/sh` needs a path it would remove); the
+    /// sentence says what to do first.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// How many steps of each kind there were.
@@ -122,27 +143,27 @@ impl Run<'_> {
 /// Removes what the agent placed on `root`, reporting each thing removed or kept. Refuses,
 /// changing nothing, while an agent runs there, while `/bin/sh` is the agent's link into a
 /// store path it would remove, or when one of its records cannot be read.
-pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Summary, String> {
+pub fn uninstall(root: &MachineRoot, report: &mut dyn FnMut(&Step)) -> Result<Summary, UninstallError> {
     let stop_first = "stop it first with `flotilla-agent stop` (or, when a service manager runs it, e.g. `systemctl stop flotilla-agent`)";
     match daemon::state(root)? {
-        State::Running(Some(pid)) => return Err(format!("an agent runs on {} (pid {pid}); {stop_first}", root.root().display())),
-        State::Running(None) => return Err(format!("an agent answers on {}; {stop_first}", root.socket_path().display())),
+        State::Running(Some(pid)) => return Err(UninstallError::Refused(format!("an agent runs on {} (pid {pid}); {stop_first}", root.root().display()))),
+        State::Running(None) => return Err(UninstallError::Refused(format!("an agent answers on {}; {stop_first}", root.socket_path().display()))),
         State::Stopped => {}
     }
     // Held to the end, so no agent starts meanwhile (the file goes with run/flotilla).
     let _lock = if daemon::lock_path(root).exists() {
-        match AgentLock::acquire(root).map_err(|e| format!("cannot lock {}: {e}", daemon::lock_path(root).display()))? {
+        match AgentLock::acquire(root).map_err(|source| DaemonError::Io { what: format!("cannot lock {}", daemon::lock_path(root).display()), source })? {
             Some(lock) => Some(lock),
-            None => return Err(format!("an agent holds {} (it is starting, or does not answer); {stop_first}", daemon::lock_path(root).display())),
+            None => return Err(UninstallError::Refused(format!("an agent holds {} (it is starting, or does not answer); {stop_first}", daemon::lock_path(root).display()))),
         }
     } else {
         None
     };
 
-    let read = |name: &str| format!("cannot read the agent's record {}", root.state_dir().join(name).display());
-    let etc: EtcRecord = root.read_state(records::ETC).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ETC)))?;
-    let accounts: AccountsRecord = root.read_state(records::ACCOUNTS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::ACCOUNTS)))?;
-    let keys: BTreeMap<String, KeyRecord> = root.read_state(records::KEYS).map_err(|e| format!("{}: {e}; nothing was removed", read(records::KEYS)))?;
+    let read = |name: &'static str| move |source| UninstallError::Record { path: root.state_dir().join(name), source };
+    let etc: EtcRecord = root.read_state(records::ETC).map_err(read(records::ETC))?;
+    let accounts: AccountsRecord = root.read_state(records::ACCOUNTS).map_err(read(records::ACCOUNTS))?;
+    let keys: BTreeMap<String, KeyRecord> = root.read_state(records::KEYS).map_err(read(records::KEYS))?;
     let registered = registry(root);
     check_bin_sh(root, &registered)?;
 
@@ -193,17 +214,17 @@ fn store_path_of(target: &Path) -> Option<StorePath> {
 }
 
 /// Removing the store path `/bin/sh` points into would leave the host without a shell.
-fn check_bin_sh(root: &MachineRoot, registered: &[(StorePath, Option<bool>)]) -> Result<(), String> {
+fn check_bin_sh(root: &MachineRoot, registered: &[(StorePath, Option<bool>)]) -> Result<(), UninstallError> {
     let sh = root.path("/bin/sh");
     let Ok(target) = fs::read_link(&sh) else { return Ok(()) };
     let Some(p) = store_path_of(&target) else { return Ok(()) };
     if ours(registered, &p) {
-        return Err(format!(
+        return Err(UninstallError::Refused(format!(
             "{} links to {} (the system's `binsh`), a store path uninstall removes: point it at the host's own shell first (Debian: `ln -sfn dash {}`); nothing was removed",
             sh.display(),
             target.display(),
             sh.display()
-        ));
+        )));
     }
     Ok(())
 }
@@ -288,22 +309,17 @@ fn remove_accounts(run: &mut Run<'_>, accounts: &AccountsRecord) {
             continue;
         }
         let mut gone = Vec::new();
-        let edited = rewrite_lines(&path, |line| {
-            let mut fields: Vec<&str> = line.split(':').collect();
-            if names.contains(fields[0]) {
-                gone.push(fields[0].to_owned());
-                return None;
+        let edited = accounts_file::rewrite(&path, |fields| {
+            if names.contains(fields[0].as_str()) {
+                gone.push(fields[0].clone());
+                return false;
             }
-            let mut new_lists = Vec::new();
             for &i in member_fields {
-                if let Some(list) = fields.get(i) {
-                    new_lists.push((i, without(list)));
+                if let Some(list) = fields.get_mut(i) {
+                    *list = without(list);
                 }
             }
-            for (i, list) in &new_lists {
-                fields[*i] = list;
-            }
-            Some(fields.join(":"))
+            true
         });
         match edited {
             Ok(()) => {
@@ -318,43 +334,6 @@ fn remove_accounts(run: &mut Run<'_>, accounts: &AccountsRecord) {
     for ((kind, name), files) in removed {
         run.step(Step::Removed(format!("{kind} {name} (from {})", files.join(", "))));
     }
-}
-
-/// Rewrites the lines of an account file through `edit` (`None` drops a line), keeping its
-/// mode and owner: a temporary file with both, fsynced, renamed over it. An unchanged file is
-/// not written.
-fn rewrite_lines(path: &Path, mut edit: impl FnMut(&str) -> Option<String>) -> io::Result<()> {
-    let text = fs::read_to_string(path)?;
-    let mut out = String::with_capacity(text.len());
-    for line in text.split_inclusive('\n') {
-        let (body, end) = line.strip_suffix('\n').map_or((line, ""), |b| (b, "\n"));
-        if body.trim().is_empty() || body.starts_with('#') {
-            out.push_str(line);
-            continue;
-        }
-        if let Some(new) = edit(body) {
-            out.push_str(&new);
-            out.push_str(end);
-        }
-    }
-    if out == text {
-        return Ok(());
-    }
-    let meta = fs::metadata(path)?;
-    let tmp = path.with_file_name(format!(".{}.flotilla-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-        std::os::unix::fs::fchown(&f, Some(meta.uid()), Some(meta.gid()))?;
-        f.set_permissions(fs::Permissions::from_mode(meta.mode() & 0o7777))?;
-        f.write_all(out.as_bytes())?;
-        f.sync_all()?;
-        fs::rename(&tmp, path)
-    })();
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
 }
 
 /// Removes the registered store paths that are the agent's, except the one holding the
@@ -415,20 +394,6 @@ fn remove_empty_nix(run: &mut Run<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn account_files_keep_their_mode_owner_and_other_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("shadow");
-        fs::write(&path, "root:*:1::::::\n# comment\nalice:!:1::::::\nbob:!:1::::::").unwrap();
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o640)).unwrap();
-        rewrite_lines(&path, |l| (!l.starts_with("alice:")).then(|| l.to_owned())).unwrap();
-        assert_eq!(fs::read_to_string(&path).unwrap(), "root:*:1::::::\n# comment\nbob:!:1::::::");
-        assert_eq!(fs::metadata(&path).unwrap().mode() & 0o7777, 0o640);
-        let before = fs::metadata(&path).unwrap().ino();
-        rewrite_lines(&path, |l| Some(l.to_owned())).unwrap();
-        assert_eq!(fs::metadata(&path).unwrap().ino(), before, "an unchanged file is not rewritten");
-    }
 
     #[test]
     fn store_path_of_a_link_target() {

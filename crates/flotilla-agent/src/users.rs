@@ -18,15 +18,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::{self, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::io;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use flotilla_model::{GroupSpec, UserSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::activate::AgentError;
+use crate::accounts_file::{find, id_of, members_mut, parse, render, set_members, write_keeping_owner, Entry};
+use crate::error::AgentError;
 use crate::machine::MachineRoot;
 
 const STATE: &str = flotilla_protocol::layout::records::ACCOUNTS;
@@ -57,38 +56,6 @@ impl Owned {
         }
         out
     }
-}
-
-/// One line of passwd, group, shadow or gshadow, split on `:`. Blank and comment lines are
-/// kept as they are (their first field is never an account name).
-type Entry = Vec<String>;
-
-fn parse(text: &str) -> Vec<Entry> {
-    text.lines().map(|l| l.split(':').map(str::to_owned).collect()).collect()
-}
-
-fn render(entries: &[Entry]) -> String {
-    entries.iter().map(|e| e.join(":") + "\n").collect()
-}
-
-fn find<'a>(entries: &'a [Entry], name: &str) -> Option<&'a Entry> {
-    entries.iter().find(|e| e[0] == name)
-}
-
-fn id_of(entries: &[Entry], name: &str) -> Option<u32> {
-    find(entries, name).and_then(|e| e.get(2)?.parse().ok())
-}
-
-/// The member list of a group or gshadow line (its last field: 4th of group, 4th of gshadow).
-fn members_mut(e: &mut Entry) -> BTreeSet<String> {
-    while e.len() < 4 {
-        e.push(String::new());
-    }
-    e[3].split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect()
-}
-
-fn set_members(e: &mut Entry, members: &BTreeSet<String>) {
-    e[3] = members.iter().cloned().collect::<Vec<_>>().join(",");
 }
 
 /// Adds (`add`) or removes `user` from group `name`'s member list in `entries`.
@@ -193,39 +160,6 @@ impl Files {
 
 fn days_since_epoch() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0)
-}
-
-/// Replaces `path` by `data` through a temporary file that gets the old file's owner and mode
-/// (`new_mode` for a new file) before a byte is written, then a rename: `/etc/shadow` is never
-/// readable by anyone it was not readable by, and readers see the old file or the new.
-fn write_keeping_owner(path: &Path, data: &[u8], new_mode: u32) -> io::Result<()> {
-    if fs::read(path).is_ok_and(|old| old == data) {
-        return Ok(()); // a redeploy of the same accounts rewrites nothing
-    }
-    let (mode, owner) = match fs::metadata(path) {
-        Ok(m) => (m.mode() & 0o7777, Some((m.uid(), m.gid()))),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => (new_mode, None),
-        Err(e) => return Err(e),
-    };
-    let tmp = path.with_file_name(format!(".{}.flotilla-tmp", path.file_name().unwrap_or_default().to_string_lossy()));
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
-    let written = (|| {
-        if let Some((uid, gid)) = owner {
-            std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
-        }
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-        file.write_all(data)?;
-        file.sync_all()
-    })();
-    drop(file);
-    match written.and_then(|()| fs::rename(&tmp, path)) {
-        Ok(()) => Ok(()),
-        Err(e) => {
-            let _ = fs::remove_file(&tmp);
-            Err(e)
-        }
-    }
 }
 
 /// Users and groups added and removed.
@@ -447,6 +381,8 @@ pub fn lookup_id(root: &MachineRoot, name: &str, user: bool) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
     use super::*;
 
     struct Machine {

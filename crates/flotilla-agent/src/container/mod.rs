@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 
 use sys::Action;
 
+use crate::cli::{Arg, Parser, UsageError};
+
 /// The agent of the activated system, tried first (as the container sees it).
 pub const SYSTEM_AGENT: &str = flotilla_protocol::layout::SYSTEM_AGENT;
 /// The bootstrap agent the deployer copies in, run when no system was activated yet.
@@ -51,13 +53,13 @@ pub struct Forward {
 
 impl Forward {
     /// Parses `HOSTPORT:IP:PORT` (an IPv6 address in brackets: `8080:[fd00::2]:80`).
-    pub fn parse(spec: &str) -> Result<Forward, String> {
+    pub fn parse(spec: &str) -> Result<Forward, UsageError> {
         let shape = "expected HOSTPORT:IP:PORT, e.g. 8080:10.231.0.2:80";
-        let (host, target) = spec.split_once(':').ok_or_else(|| shape.to_string())?;
-        let host_port = parse_port(host).ok_or_else(|| format!("{host:?} is not a port (1-65535); {shape}"))?;
-        let target: SocketAddr = target.parse().map_err(|_| format!("{target:?} is not IP:PORT; {shape}"))?;
+        let (host, target) = spec.split_once(':').ok_or_else(|| UsageError::Invalid(shape.to_string()))?;
+        let host_port = parse_port(host).ok_or_else(|| UsageError::Invalid(format!("{host:?} is not a port (1-65535); {shape}")))?;
+        let target: SocketAddr = target.parse().map_err(|_| UsageError::Invalid(format!("{target:?} is not IP:PORT; {shape}")))?;
         if target.port() == 0 {
-            return Err(format!("port 0 is not a port to forward to; {shape}"));
+            return Err(UsageError::Invalid(format!("port 0 is not a port to forward to; {shape}")));
         }
         Ok(Forward { host_port, target })
     }
@@ -99,55 +101,57 @@ pub struct ContainerArgs {
 
 impl ContainerArgs {
     /// Parses the options after `container`; each error is one line naming the option.
-    pub fn parse(args: &[String]) -> Result<ContainerArgs, String> {
+    pub fn parse(args: &[String]) -> Result<ContainerArgs, UsageError> {
         let (mut root, mut hostname, mut netns, mut pidfile, mut console) = (None, None, None, None, None);
         let mut forwards: Vec<Forward> = Vec::new();
         let mut adopt = false;
-        let mut it = args.iter();
-        while let Some(flag) = it.next() {
-            if flag == "--adopt" {
-                adopt = true;
-                continue;
-            }
-            if !["--root", "--hostname", "--netns", "--pidfile", "--console", "--forward"].contains(&flag.as_str()) {
-                return Err(format!("unknown option {flag:?} (see `flotilla-agent container --help`)"));
-            }
-            let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
-            let slot = match flag.as_str() {
+        let valued = ["--root", "--hostname", "--netns", "--pidfile", "--console", "--forward"];
+        let mut parser = Parser::new(args, &valued, &["--adopt"], "flotilla-agent container --help");
+        while let Some(arg) = parser.next() {
+            let (flag, value) = match arg? {
+                Arg::Flag(_) => {
+                    adopt = true;
+                    continue;
+                }
+                // `container` takes no positional argument.
+                Arg::Positional(other) => return Err(parser.unknown(other)),
+                Arg::Value(flag, value) => (flag, value),
+            };
+            let slot = match flag {
                 "--root" => &mut root,
                 "--hostname" => &mut hostname,
                 "--netns" => &mut netns,
                 "--pidfile" => &mut pidfile,
                 "--console" => &mut console,
                 "--forward" => {
-                    let forward = Forward::parse(value).map_err(|e| format!("--forward {value}: {e}"))?;
+                    let forward = Forward::parse(value).map_err(|e| UsageError::Invalid(format!("--forward {value}: {e}")))?;
                     if let Some(other) = forwards.iter().find(|f| f.host_port == forward.host_port) {
-                        return Err(format!("--forward {forward}: port {} is already forwarded by --forward {other}", forward.host_port));
+                        return Err(UsageError::Invalid(format!("--forward {forward}: port {} is already forwarded by --forward {other}", forward.host_port)));
                     }
                     forwards.push(forward);
                     continue;
                 }
-                _ => unreachable!("checked above"),
+                _ => unreachable!("the parser knows only these"),
             };
             if slot.is_some() {
-                return Err(format!("{flag} is given twice"));
+                return Err(UsageError::Twice(flag));
             }
-            *slot = Some(value.clone());
+            *slot = Some(value.to_owned());
         }
-        let required = |v: Option<String>, flag: &str| v.ok_or_else(|| format!("{flag} is required (see `flotilla-agent container --help`)"));
-        let path = |v: Option<String>, flag: &str| -> Result<PathBuf, String> {
+        let required = |v: Option<String>, flag: &'static str| v.ok_or_else(|| parser.required(flag));
+        let path = |v: Option<String>, flag: &'static str| -> Result<PathBuf, UsageError> {
             let v = required(v, flag)?;
             if v.is_empty() {
-                return Err(format!("{flag} needs a non-empty path"));
+                return Err(UsageError::Invalid(format!("{flag} needs a non-empty path")));
             }
-            std::path::absolute(&v).map_err(|e| format!("{flag} {v}: {}", errno_text(&e)))
+            std::path::absolute(&v).map_err(|e| UsageError::Invalid(format!("{flag} {v}: {}", errno_text(&e))))
         };
         let root = path(root, "--root")?;
         let hostname = required(hostname, "--hostname")?;
         if !valid_hostname(&hostname) {
-            return Err(format!(
+            return Err(UsageError::Invalid(format!(
                 "--hostname {hostname:?}: not a valid hostname: use dot-separated labels of 1 to 63 letters, digits and `-` (not first or last), at most 64 characters"
-            ));
+            )));
         }
         Ok(ContainerArgs {
             root,
@@ -239,8 +243,36 @@ fn errno_text(e: &io::Error) -> String {
     }
 }
 
-fn cstring(path: &Path) -> Result<CString, String> {
-    CString::new(path.as_os_str().as_bytes()).map_err(|_| format!("{} contains a NUL byte", path.display()))
+/// Why `flotilla-agent container` cannot start (or adopt) the machine; its exit status is 1.
+#[derive(Debug, thiserror::Error)]
+pub enum ContainerError {
+    /// The command line is wrong.
+    #[error("{0}")]
+    Usage(#[from] UsageError),
+    /// A system call failed: what was being done, and the system's words for why.
+    #[error("{what}: {}", errno_text(source))]
+    Os {
+        /// What was being done (naming the option it came from, if any).
+        what: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// A path or value cannot be handed to the system: it holds a NUL byte.
+    #[error("{0} contains a NUL byte")]
+    Nul(String),
+    /// The machine cannot be started as asked (a check refused, or the monitor said why).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// `ContainerError::Os` for `what`, as a `map_err` argument.
+fn os(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContainerError {
+    let what = what.into();
+    move |source| ContainerError::Os { what, source }
+}
+
+fn cstring(path: &Path) -> Result<CString, ContainerError> {
+    CString::new(path.as_os_str().as_bytes()).map_err(|_| ContainerError::Nul(path.display().to_string()))
 }
 
 /// Everything the monitor needs, opened by the launcher.
@@ -260,11 +292,11 @@ struct Prepared {
 ///
 /// Call it only from a single-threaded process, as `flotilla-agent`'s `main` is: it forks,
 /// and the monitor goes on running ordinary code in the child; it returns only in the launcher.
-pub fn launch(args: &ContainerArgs) -> Result<(), String> {
-    sys::sanitize_descriptors().map_err(|e| format!("cannot set up descriptors: {}", errno_text(&e)))?;
+pub fn launch(args: &ContainerArgs) -> Result<(), ContainerError> {
+    sys::sanitize_descriptors().map_err(os("cannot set up descriptors"))?;
     let prepared = prepare(args)?;
-    let (ready_read, ready_write) = sys::pipe().map_err(|e| format!("cannot create a pipe: {}", errno_text(&e)))?;
-    match sys::fork_single_threaded().map_err(|e| format!("cannot fork the monitor: {}", errno_text(&e)))? {
+    let (ready_read, ready_write) = sys::pipe().map_err(os("cannot create a pipe"))?;
+    match sys::fork_single_threaded().map_err(os("cannot fork the monitor"))? {
         sys::Forked::Child if args.adopt => {
             drop(ready_read);
             adoptive_monitor(args, prepared, ready_write)
@@ -285,31 +317,31 @@ pub fn launch(args: &ContainerArgs) -> Result<(), String> {
             // of the container is left.
             let _ = sys::wait_for(monitor_pid);
             let report = String::from_utf8_lossy(&report).trim().to_string();
-            Err(if report.is_empty() {
+            Err(ContainerError::Refused(if report.is_empty() {
                 format!("the container monitor ended before the container started; see {}", args.console.display())
             } else {
                 report
-            })
+            }))
         }
     }
 }
 
 /// The launcher's checks, in the order of the options.
-fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
-    let root = fs::canonicalize(&args.root).map_err(|e| format!("--root {}: {}", args.root.display(), errno_text(&e)))?;
+fn prepare(args: &ContainerArgs) -> Result<Prepared, ContainerError> {
+    let root = fs::canonicalize(&args.root).map_err(os(format!("--root {}", args.root.display())))?;
     if !root.is_dir() {
-        return Err(format!("--root {}: not a directory", args.root.display()));
+        return Err(ContainerError::Refused(format!("--root {}: not a directory", args.root.display())));
     }
     if root == Path::new("/") {
-        return Err("--root /: the container's root must be a machine directory, not the host's /".into());
+        return Err(ContainerError::Refused("--root /: the container's root must be a machine directory, not the host's /".into()));
     }
-    let netns = File::open(&args.netns).map_err(|e| format!("--netns {}: {}", args.netns.display(), errno_text(&e)))?;
+    let netns = File::open(&args.netns).map_err(os(format!("--netns {}", args.netns.display())))?;
     if !sys::is_net_namespace(netns.as_fd()) {
-        return Err(format!("--netns {}: not a network namespace (create one with `ip netns add`)", args.netns.display()));
+        return Err(ContainerError::Refused(format!("--netns {}: not a network namespace (create one with `ip netns add`)", args.netns.display())));
     }
     let pid_dir = args.pidfile.parent().unwrap_or(Path::new("/"));
     if !pid_dir.is_dir() {
-        return Err(format!("--pidfile {}: directory {} does not exist", args.pidfile.display(), pid_dir.display()));
+        return Err(ContainerError::Refused(format!("--pidfile {}: directory {} does not exist", args.pidfile.display(), pid_dir.display())));
     }
     let lock_path = args.pidfile.with_extension("lock");
     let lock = OpenOptions::new()
@@ -318,26 +350,26 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
         .write(true)
         .mode(0o600)
         .open(&lock_path)
-        .map_err(|e| format!("--pidfile {}: cannot open {}: {}", args.pidfile.display(), lock_path.display(), errno_text(&e)))?;
-    if !sys::try_lock_exclusive(lock.as_fd()).map_err(|e| format!("cannot lock {}: {}", lock_path.display(), errno_text(&e)))? {
-        return Err(format!(
+        .map_err(os(format!("--pidfile {}: cannot open {}", args.pidfile.display(), lock_path.display())))?;
+    if !sys::try_lock_exclusive(lock.as_fd()).map_err(os(format!("cannot lock {}", lock_path.display())))? {
+        return Err(ContainerError::Refused(format!(
             "--pidfile {}: another launcher or monitor holds {}: the machine is starting or running; stop it first",
             args.pidfile.display(),
             lock_path.display()
-        ));
+        )));
     }
     if args.adopt {
         match PidFile::read(&args.pidfile) {
             Ok(old) if old.init_running() => {}
-            _ => return Err(format!("--adopt: no container runs with --pidfile {}; start it instead", args.pidfile.display())),
+            _ => return Err(ContainerError::Refused(format!("--adopt: no container runs with --pidfile {}; start it instead", args.pidfile.display()))),
         }
     } else if let Ok(old) = PidFile::read(&args.pidfile) {
         if old.init_running() {
-            return Err(format!(
+            return Err(ContainerError::Refused(format!(
                 "--pidfile {}: a container already runs with it (init {}); stop it first",
                 args.pidfile.display(),
                 old.init
-            ));
+            )));
         }
     }
     let console = OpenOptions::new()
@@ -345,13 +377,11 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, String> {
         .create(true)
         .mode(0o640)
         .open(&args.console)
-        .map_err(|e| format!("--console {}: {}", args.console.display(), errno_text(&e)))?;
-    let dev_null = File::open("/dev/null").map_err(|e| format!("cannot open /dev/null: {}", errno_text(&e)))?;
+        .map_err(os(format!("--console {}", args.console.display())))?;
+    let dev_null = File::open("/dev/null").map_err(os("cannot open /dev/null"))?;
     let mut listeners = Vec::new();
     for forward in &args.forwards {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, forward.host_port)).map_err(|e| {
-            format!("cannot bind 127.0.0.1:{} for forward {forward}: {}", forward.host_port, errno_text(&e))
-        })?;
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, forward.host_port)).map_err(os(format!("cannot bind 127.0.0.1:{} for forward {forward}", forward.host_port)))?;
         listeners.push((listener, *forward));
     }
     Ok(Prepared { lock, root, netns, console, dev_null, listeners })
@@ -385,7 +415,7 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
     if let Err(e) = sys::forward_termination_signals() {
         fail(None, format!("cannot install the SIGTERM handler: {}", errno_text(&e)));
     }
-    let plan = init_plan(args, &root, netns.as_raw_fd()).unwrap_or_else(|e| fail(None, e));
+    let plan = init_plan(args, &root, netns.as_raw_fd()).unwrap_or_else(|e| fail(None, e.to_string()));
     let (actions, descriptions): (Vec<Action>, Vec<String>) = plan.into_iter().unzip();
     let argv = [c"flotilla-agent".to_owned(), c"init".to_owned()];
     let env: Vec<CString> = INIT_ENV.iter().filter_map(|e| CString::new(*e).ok()).collect();
@@ -518,14 +548,14 @@ fn adoptive_monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) ->
 }
 
 /// PID 1's steps from fork to exec, each with what it does in words for an error message.
-fn init_plan(args: &ContainerArgs, root: &Path, netns_fd: i32) -> Result<Vec<(Action, String)>, String> {
+fn init_plan(args: &ContainerArgs, root: &Path, netns_fd: i32) -> Result<Vec<(Action, String)>, ContainerError> {
     let at = |rel: &str| cstring(&root.join(rel));
-    let c = |s: &str| CString::new(s).map_err(|_| format!("{s:?} contains a NUL byte"));
+    let c = |s: &str| CString::new(s).map_err(|_| ContainerError::Nul(format!("{s:?}")));
     let r = root.display();
-    let mount = |source: Option<&str>, target: CString, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>| -> Result<Action, String> {
+    let mount = |source: Option<&str>, target: CString, fstype: Option<&str>, flags: libc::c_ulong, data: Option<&str>| -> Result<Action, ContainerError> {
         Ok(Action::Mount { source: source.map(c).transpose()?, target, fstype: fstype.map(c).transpose()?, flags, data: data.map(c).transpose()? })
     };
-    let tmpfs = |rel: &str, flags: libc::c_ulong, data: &str| -> Result<Vec<(Action, String)>, String> {
+    let tmpfs = |rel: &str, flags: libc::c_ulong, data: &str| -> Result<Vec<(Action, String)>, ContainerError> {
         Ok(vec![
             (Action::Mkdir(at(rel)?), format!("creating {r}/{rel}")),
             (mount(Some("tmpfs"), at(rel)?, Some("tmpfs"), flags, Some(data))?, format!("mounting a tmpfs on {r}/{rel}")),
@@ -656,7 +686,7 @@ mod tests {
 
     #[test]
     fn errors_name_the_option() {
-        let err = |s: &str| ContainerArgs::parse(&args(s)).unwrap_err();
+        let err = |s: &str| ContainerArgs::parse(&args(s)).unwrap_err().to_string();
         assert!(err("--hostname a --netns n --pidfile p --console c").starts_with("--root is required"));
         assert!(err(&format!("{FULL} --root")).starts_with("--root needs a value"));
         assert!(err(&format!("{FULL} --root /x")).starts_with("--root is given twice"));

@@ -1,12 +1,14 @@
 //! Looks services' users and groups up in the machine's own `etc/passwd` and `etc/group`.
 //!
 //! The agent is static (no NSS), and in the directory-as-root test mode the files that count
-//! are the ones under that root, not the host's; so this reads the files itself. It must never
-//! call `getpwnam` and friends, and never guess an id for a name it cannot find.
+//! are the ones under that root, not the host's; so this reads the files itself, with the
+//! agent's one parser of account files (`crate::accounts_file`). It must never call
+//! `getpwnam` and friends, and never guess an id for a name it cannot find.
 
 use std::path::{Path, PathBuf};
 
 use super::{Result, SupervisorError};
+use crate::accounts_file;
 
 /// Who a service runs as, resolved from the account files.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,52 +25,6 @@ pub(super) struct Identity {
     pub home: String,
 }
 
-struct PasswdEntry {
-    name: String,
-    uid: u32,
-    gid: u32,
-    home: String,
-}
-
-struct GroupEntry {
-    name: String,
-    gid: u32,
-    members: Vec<String>,
-}
-
-fn parse_passwd(text: &str) -> Vec<PasswdEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 7 || line.starts_with('#') {
-                return None;
-            }
-            Some(PasswdEntry {
-                name: f[0].to_owned(),
-                uid: f[2].parse().ok()?,
-                gid: f[3].parse().ok()?,
-                home: f[5].to_owned(),
-            })
-        })
-        .collect()
-}
-
-fn parse_group(text: &str) -> Vec<GroupEntry> {
-    text.lines()
-        .filter_map(|line| {
-            let f: Vec<&str> = line.split(':').collect();
-            if f.len() < 4 || line.starts_with('#') {
-                return None;
-            }
-            Some(GroupEntry {
-                name: f[0].to_owned(),
-                gid: f[2].parse().ok()?,
-                members: f[3].split(',').filter(|m| !m.is_empty()).map(str::to_owned).collect(),
-            })
-        })
-        .collect()
-}
-
 fn read(service: &str, path: &Path) -> Result<String> {
     std::fs::read_to_string(path).map_err(|source| SupervisorError::AccountFile {
         service: service.to_owned(),
@@ -81,7 +37,7 @@ fn read(service: &str, path: &Path) -> Result<String> {
 pub(super) fn resolve(service: &str, root: &Path, user: &str, group: Option<&str>) -> Result<Identity> {
     let passwd_path: PathBuf = root.join("etc/passwd");
     let group_path: PathBuf = root.join("etc/group");
-    let passwd = parse_passwd(&read(service, &passwd_path)?);
+    let passwd = accounts_file::users(&accounts_file::parse(&read(service, &passwd_path)?));
     let entry = passwd.iter().find(|e| e.name == user).ok_or_else(|| SupervisorError::UnknownUser {
         service: service.to_owned(),
         user: user.to_owned(),
@@ -89,7 +45,7 @@ pub(super) fn resolve(service: &str, root: &Path, user: &str, group: Option<&str
     })?;
     // A missing group file only matters when a group must be looked up by name.
     let groups = match std::fs::metadata(&group_path) {
-        Ok(_) => parse_group(&read(service, &group_path)?),
+        Ok(_) => accounts_file::groups(&accounts_file::parse(&read(service, &group_path)?)),
         Err(_) if group.is_none() => Vec::new(),
         Err(source) => {
             return Err(SupervisorError::AccountFile { service: service.to_owned(), path: group_path, source })

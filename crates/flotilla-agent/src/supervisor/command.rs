@@ -49,9 +49,9 @@ pub(super) fn run(
         Some(_) => {}
     }
     let program = Program {
-        path: cstring("program", &argv[0]).map_err(invalid)?,
-        argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(invalid)?,
-        env: vec![cstring("PATH", &format!("PATH={DEFAULT_PATH}")).map_err(invalid)?],
+        path: cstring("program", &argv[0]).map_err(|e| invalid(e.to_string()))?,
+        argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(|e| invalid(e.to_string()))?,
+        env: vec![cstring("PATH", &format!("PATH={DEFAULT_PATH}")).map_err(|e| invalid(e.to_string()))?],
         chroot,
         cwd: c"/".to_owned(),
         creds: None,

@@ -255,8 +255,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn cstring(what: &str, value: &str) -> std::result::Result<CString, String> {
-    CString::new(value).map_err(|_| format!("{what} {value:?} contains a NUL byte; remove it"))
+/// A value handed to the system holds a NUL byte: which one.
+#[derive(Debug)]
+struct NulIn(String);
+
+impl std::fmt::Display for NulIn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} contains a NUL byte; remove it", self.0)
+    }
+}
+
+/// `value` for the system; `Err` with the sentence for the spec's error when it holds a NUL byte.
+fn cstring(what: &str, value: &str) -> std::result::Result<CString, NulIn> {
+    CString::new(value).map_err(|_| NulIn(format!("{what} {value:?}")))
 }
 
 /// Supervises the services of one machine. Share it with `Arc`; dropping it stops them all.
@@ -343,18 +354,18 @@ impl Supervisor {
             if key.is_empty() || key.contains('=') {
                 return Err(invalid(format!("environment variable name {key:?} is empty or contains '='; rename it")));
             }
-            env_c.push(cstring("environment variable", &format!("{key}={value}")).map_err(invalid)?);
+            env_c.push(cstring("environment variable", &format!("{key}={value}")).map_err(|e| invalid(e.to_string()))?);
         }
         let cwd = spec.working_directory.as_deref().unwrap_or("/");
         if !cwd.starts_with('/') {
             return Err(invalid(format!("working directory {cwd:?} is not absolute; give a full path")));
         }
         let program = sys::Program {
-            path: cstring("program", &argv[0]).map_err(invalid)?,
-            argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(invalid)?,
+            path: cstring("program", &argv[0]).map_err(|e| invalid(e.to_string()))?,
+            argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(|e| invalid(e.to_string()))?,
             env: env_c,
             chroot: self.chroot.clone(),
-            cwd: cstring("working directory", cwd).map_err(invalid)?,
+            cwd: cstring("working directory", cwd).map_err(|e| invalid(e.to_string()))?,
             creds,
         };
         let dev_null = self.config.root.join("dev/null");
