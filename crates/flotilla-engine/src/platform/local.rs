@@ -20,18 +20,16 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_model::LocalPlatform;
-use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use std::os::fd::AsRawFd as _;
 
-use flotilla_protocol::layout::{self, records};
+use flotilla_protocol::layout::{self, records, PidFile};
 use flotilla_store::StorePath;
 
 use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError};
 use crate::facts::Subnet;
-use crate::procfs::{alive, start_time};
 use crate::remote::{AgentClient, RemoteError};
 
 /// How long a stopping machine's agent gets to stop its services before it is killed.
@@ -67,14 +65,6 @@ struct Net {
     veth: String,
     ip: Ipv4Addr,
     subnet: Subnet,
-}
-
-/// What the launcher writes to `pid.json`.
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Pids {
-    monitor: i32,
-    init: i32,
-    init_start_time: u64,
 }
 
 fn short_hash(parts: &[&str]) -> String {
@@ -147,9 +137,9 @@ impl LocalMachine {
     }
 
     /// The running container's processes, if it runs.
-    fn running(&self) -> Option<Pids> {
-        let pids: Pids = serde_json::from_slice(&fs::read(self.pidfile()).ok()?).ok()?;
-        (start_time(pids.init) == Some(pids.init_start_time)).then_some(pids)
+    fn running(&self) -> Option<PidFile> {
+        let pids: PidFile = serde_json::from_slice(&fs::read(self.pidfile()).ok()?).ok()?;
+        flotilla_proc::is_running(pids.init, pids.init_start_time).then_some(pids)
     }
 
     fn ip(&self, args: &[&str]) -> Result<String, PlatformError> {
@@ -516,14 +506,14 @@ impl LocalMachine {
 
 /// The agent's socket of a running container, through its init's view of the filesystem
 /// (its `/run` is a tmpfs the host cannot otherwise see), as users read it.
-fn socket(init: i32) -> PathBuf {
+fn socket(init: u32) -> PathBuf {
     layout::under(Path::new(&format!("/proc/{init}/root")), layout::SOCKET)
 }
 
 /// The agent's socket of a running container, opened (`O_PATH`) as the machine sees it: a
 /// link a service planted on the way (`/run` → somewhere of the host's) resolves inside the
 /// machine, never on the host.
-fn agent_socket(init: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+fn agent_socket(init: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     sys::open_beneath(Path::new(&format!("/proc/{init}/root")), Path::new(layout::relative(layout::SOCKET)), libc::O_PATH, sys::Resolve::InRoot)
 }
 
@@ -598,8 +588,8 @@ impl Machine for LocalMachine {
         let mut killed = false;
         // Init is named by pid and start time; the monitor by the pidfile it removes when
         // init has gone (its pid alone could be reused).
-        let init_alive = || start_time(pids.init) == Some(pids.init_start_time);
-        let monitor_alive = || self.pidfile().exists() && alive(pids.monitor);
+        let init_alive = || flotilla_proc::is_running(pids.init, pids.init_start_time);
+        let monitor_alive = || self.pidfile().exists() && flotilla_proc::alive(pids.monitor);
         while init_alive() || (monitor_alive() && Instant::now() < deadline + Duration::from_secs(2)) {
             if Instant::now() > deadline && !killed {
                 // The agent did not stop its services in time: end the whole namespace.
