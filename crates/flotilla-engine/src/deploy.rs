@@ -16,7 +16,7 @@ use serde::Serialize;
 
 use crate::checks::CheckResult;
 use crate::keys::ResolvedKey;
-use crate::platform::{self, Machine, PlatformError};
+use crate::platform::{self, Machine};
 use crate::remote::{CopyStats, RemoteError};
 use crate::{Engine, EngineEvent, Evaluated, Listener, Phase, Result};
 
@@ -347,8 +347,8 @@ impl Engine {
                 match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
                     Ok(m) => handles.push(m),
                     Err(e) => {
-                        listen(&done(name.as_str(), Phase::Provision, Err(&e.message)));
-                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Provision, e.message));
+                        listen(&done(name.as_str(), Phase::Provision, Err(e.message())));
+                        failures.insert(name.to_string(), failed(name.as_str(), Phase::Provision, e.into_message()));
                     }
                 }
             }
@@ -358,7 +358,7 @@ impl Engine {
                 let detail = match &r {
                     Ok(Some(did)) => Ok(did.as_str()),
                     Ok(None) => Ok("running"),
-                    Err(e) => Err(e.message.as_str()),
+                    Err(e) => Err(e.message()),
                 };
                 send(done(m.name(), Phase::Provision, detail));
                 r
@@ -371,7 +371,8 @@ impl Engine {
                         }
                         machines.insert(m.name().to_owned(), m);
                     }
-                    Err(PlatformError { machine, message }) => {
+                    Err(e) => {
+                        let (machine, message) = (e.machine().to_owned(), e.into_message());
                         self.event(ev.name.as_str(), Some(&machine), "provision", "failed", &message)?;
                         failures.insert(machine.clone(), failed(&machine, Phase::Provision, message));
                     }
@@ -529,7 +530,7 @@ fn roll_out(
         match m.restore() {
             Ok(Some(restored)) => e.push_str(&format!("; {restored}")),
             Ok(None) => {}
-            Err(r) => e.push_str(&format!("; restoring its plumbing failed too: {}", r.message)),
+            Err(r) => e.push_str(&format!("; restoring its plumbing failed too: {}", r.message())),
         }
         send(done(name, phase, Err(&e)));
         MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.rolled_back(phase, e) }

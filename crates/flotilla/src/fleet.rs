@@ -297,7 +297,7 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
 fn run_prefixed(m: &dyn Machine, argv: &[String], prefix: &str, lock: &std::sync::Mutex<()>) -> Result<std::process::ExitStatus, String> {
     let mut child = m
         .command(argv, false)
-        .map_err(|e| e.message)?
+        .map_err(flotilla_engine::platform::PlatformError::into_message)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

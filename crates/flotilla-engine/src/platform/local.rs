@@ -28,9 +28,9 @@ use std::os::fd::AsRawFd as _;
 use flotilla_protocol::layout::{self, records, PidFile};
 use flotilla_store::StorePath;
 
-use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError};
+use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError, Transport};
 use crate::facts::Subnet;
-use crate::remote::{AgentClient, RemoteError};
+use crate::remote::RemoteError;
 
 /// How long a stopping machine's agent gets to stop its services before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -80,7 +80,7 @@ impl LocalMachine {
     /// The container for machine `name`, from its checked platform options and its facts
     /// (`ip` and `subnet`, planned before provisioning).
     pub fn new(ctx: &Context, name: &str, spec: &LocalPlatform, facts: &BTreeMap<String, Value>) -> Result<LocalMachine, PlatformError> {
-        let err = |message: String| PlatformError { machine: name.to_owned(), message };
+        let err = |message: String| PlatformError::failed(name, message);
         let ip = facts
             .get("ip")
             .and_then(Value::as_str)
@@ -125,7 +125,12 @@ impl LocalMachine {
     }
 
     fn err(&self, message: impl Into<String>) -> PlatformError {
-        PlatformError { machine: self.name.clone(), message: message.into() }
+        PlatformError::failed(&self.name, message)
+    }
+
+    /// flotilla refuses, for the machine's sake (the message says why and the fix).
+    fn refused(&self, message: impl Into<String>) -> PlatformError {
+        PlatformError::refused(&self.name, message)
     }
 
     fn pidfile(&self) -> PathBuf {
@@ -177,7 +182,7 @@ impl LocalMachine {
             let Some(cidr) = words.skip_while(|w| *w != "inet").nth(1) else { continue };
             let Some(other) = Subnet::parse(cidr) else { continue };
             if other.overlaps(&n.subnet) {
-                return Err(self.err(format!(
+                return Err(self.refused(format!(
                     "option `platform.subnet` is {} but interface {dev} already has {cidr} on this host; pick a free subnet for the deployment, e.g. platform.subnet = \"10.232.0.0/24\"",
                     n.subnet
                 )));
@@ -468,7 +473,7 @@ impl LocalMachine {
         let want = format!("{}/{}", self.net.ip, self.net.subnet.prefix);
         let Ok(out) = self.ip(&["-n", &self.net.netns, "-4", "-o", "addr", "show", "dev", "eth0"]) else { return Ok(()) };
         match out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
-            Some(have) if have != want => Err(self.err(format!(
+            Some(have) if have != want => Err(self.refused(format!(
                 "it has address {have} but its options now give it {want} (`platform.address` or `platform.subnet` changed); a machine cannot move: run `flotilla destroy --on {}` and deploy again",
                 self.name
             ))),
@@ -482,7 +487,7 @@ impl LocalMachine {
     fn check_no_monitor(&self) -> Result<(), PlatformError> {
         let lock = self.dir.join("pid.lock");
         match fs::File::open(&lock) {
-            Ok(f) if sys::locked_by_another(&f) => Err(self.err(format!(
+            Ok(f) if sys::locked_by_another(&f) => Err(self.refused(format!(
                 "its container still runs but {} is gone; find its monitor with `fuser {}`, stop it (kill -TERM PID), and destroy again",
                 self.pidfile().display(),
                 lock.display()
@@ -498,7 +503,7 @@ impl LocalMachine {
         let prefix = root.to_string_lossy();
         if let Some(line) = mounts.lines().find(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&*prefix))) {
             let at = line.split(' ').nth(4).unwrap_or("");
-            return Err(self.err(format!("{at} is still mounted; unmount it (umount -l {at}) and destroy again")));
+            return Err(self.refused(format!("{at} is still mounted; unmount it (umount -l {at}) and destroy again")));
         }
         Ok(())
     }
@@ -548,16 +553,17 @@ impl Machine for LocalMachine {
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
                 let made = self.prepare_root().and_then(|()| self.start());
-                if let Err(mut e) = made {
+                if let Err(e) = made {
                     // Nothing half-made stays: a machine that never started (missing, so nothing
                     // of it runs) is removed whole, or the user is told what is left.
-                    if let Err(cleanup) = self.destroy() {
-                        e.message.push_str(&format!(
+                    return Err(match self.destroy() {
+                        Err(cleanup) => e.and(&format!(
                             "; removing what was made failed too ({}); run `flotilla destroy --on {}`",
-                            cleanup.message, self.name
-                        ));
-                    }
-                    return Err(e);
+                            cleanup.message(),
+                            self.name
+                        )),
+                        Ok(()) => e,
+                    });
                 }
                 Ok(Some("started".into()))
             }
@@ -569,7 +575,7 @@ impl Machine for LocalMachine {
             return self.restore_running().map(drop);
         }
         if !crate::procfs::is_root() {
-            return Err(self.err("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
+            return Err(self.refused("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
         }
         if !self.root().exists() {
             return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
@@ -628,7 +634,7 @@ impl Machine for LocalMachine {
         }
         let mut problems = match self.plumbing_faults() {
             Ok(faults) => faults.into_iter().map(|(what, _)| what).collect(),
-            Err(e) => vec![e.message],
+            Err(e) => vec![e.into_message()],
         };
         if !self.monitor_alive() {
             problems.push(if self.forwards.is_empty() {
@@ -664,22 +670,23 @@ impl Machine for LocalMachine {
         }
     }
 
-    fn connect(&self) -> Result<AgentClient, RemoteError> {
+    /// The agent's unix socket, opened below the container's root as the machine sees it.
+    fn transport(&self) -> Result<Transport, RemoteError> {
         let pids = self.running().ok_or_else(|| RemoteError::Connect {
             socket: layout::under(&self.root(), layout::SOCKET),
             source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
         })?;
         let shown = socket(pids.init);
-        let opened = agent_socket(pids.init).map_err(|source| RemoteError::Connect { socket: shown.clone(), source })?;
-        AgentClient::connect_unix_for(&self.name, &fd_path(&opened)).map_err(|e| match e {
-            RemoteError::Connect { source, .. } => RemoteError::Connect { socket: shown, source },
-            e => e,
-        })
+        let connect_err = |source| RemoteError::Connect { socket: shown.clone(), source };
+        let opened = agent_socket(pids.init).map_err(connect_err)?;
+        let stream = std::os::unix::net::UnixStream::connect(fd_path(&opened)).map_err(connect_err)?;
+        let reader = stream.try_clone().map_err(connect_err)?;
+        Ok(Transport::new(reader, stream))
     }
 
     fn set_boot_generation(&self, to: Option<u64>) -> Result<BootGeneration, PlatformError> {
         if self.running().is_some() {
-            return Err(self.err("it is running; `flotilla rollback` switches a running machine through its agent"));
+            return Err(self.refused("it is running; `flotilla rollback` switches a running machine through its agent"));
         }
         let root = self.root();
         let opened = |rel: &str| {
@@ -755,11 +762,7 @@ impl Machine for LocalMachine {
     /// stopped machine can be read too.
     fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError> {
         let mut cmd = Command::new(&self.agent);
-        cmd.arg("logs").arg("--root").arg(self.root()).args(["-n", &lines.to_string()]);
-        if follow {
-            cmd.arg("-f");
-        }
-        cmd.args(service);
+        cmd.arg("logs").arg("--root").arg(self.root()).args(super::logs_args(service, lines, follow));
         Ok(cmd)
     }
 
