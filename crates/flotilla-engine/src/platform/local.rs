@@ -28,6 +28,9 @@ use std::os::fd::AsRawFd as _;
 use flotilla_protocol::layout::{self, records, PidFile};
 use flotilla_store::StorePath;
 
+mod plan;
+pub use plan::plan_facts;
+
 use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError, Transport};
 use crate::facts::Subnet;
 use crate::remote::RemoteError;

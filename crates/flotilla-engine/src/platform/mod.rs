@@ -11,12 +11,13 @@ use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use flotilla_model::Platform;
+use flotilla_model::{MachineName, Platform};
 use flotilla_protocol::layout;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+use crate::facts::{Facts, PlanError};
 use crate::remote::{AgentClient, RemoteError};
 
 /// Why a platform operation failed: what kind of failure (so a table can say "unreachable"
@@ -381,6 +382,28 @@ impl Machine for Unusable {
     fn command(&self, _argv: &[String], _tty: bool) -> Result<Command, PlatformError> {
         Err(self.err())
     }
+}
+
+/// Plans the facts every machine of the file has before provisioning (`facts` holds them
+/// with what was stored; `stored` is every recorded machine, gone from the file or not): each
+/// platform plans its own machines. Returns every problem found, each naming the machine and
+/// the option. A new platform adds its arm here and in [`machine`].
+pub fn plan_facts(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap<String, Facts>, facts: &mut BTreeMap<MachineName, Facts>) -> Vec<PlanError> {
+    let (mut local_machines, mut ssh_machines) = (BTreeMap::new(), BTreeMap::new());
+    for (name, platform) in platforms {
+        match platform {
+            Platform::Local(spec) => {
+                local_machines.insert(name, spec);
+            }
+            Platform::Ssh(spec) => {
+                ssh_machines.insert(name, spec);
+            }
+            Platform::Qemu(_) => {} // refused by `machine` when it is provisioned
+        }
+    }
+    let mut errors = local::plan_facts(&local_machines, stored, facts);
+    errors.extend(ssh::plan_facts(&ssh_machines, facts));
+    errors
 }
 
 /// The machine `name` on `platform`, with its recorded facts.

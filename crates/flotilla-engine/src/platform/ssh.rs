@@ -33,13 +33,14 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flotilla_model::SshPlatform;
+use flotilla_model::{MachineName, SshPlatform};
 use flotilla_store::{HashingWriter, NarHash, StorePath};
 use serde::{Deserialize, Serialize};
 
 use flotilla_protocol::layout;
 
 use super::{Context, Machine, MachineState, PlatformError, Transport};
+use crate::facts::{Facts, PlanError};
 use crate::remote::RemoteError;
 
 /// The link to the agent the host runs (the systemd unit and `start` use it).
@@ -90,6 +91,16 @@ struct Probe {
     agent_present: bool,
     running: bool,
     nix: bool,
+}
+
+/// Adds `ip` (the host, as the options name it, unless a fact says otherwise) to the facts
+/// of the ssh machines `machines`.
+pub fn plan_facts(machines: &BTreeMap<&MachineName, &SshPlatform>, facts: &mut BTreeMap<MachineName, Facts>) -> Vec<PlanError> {
+    for (&name, ssh) in machines {
+        let facts = facts.get_mut(name).expect("every machine of the file has facts");
+        facts.entry("ip".into()).or_insert_with(|| serde_json::Value::from(ssh.host.clone()));
+    }
+    Vec::new()
 }
 
 impl SshMachine {
