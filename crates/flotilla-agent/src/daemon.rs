@@ -63,23 +63,10 @@ pub struct AgentPid {
     pub start_time: u64,
 }
 
-/// The state (field 3) and start time (field 22) of `/proc/<pid>/stat`.
-fn proc_stat(pid: &str) -> io::Result<(char, u64)> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The command name (field 2) is in parentheses and may hold anything, spaces and ')'
-    // included: the fields after the last ')' start at field 3.
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat"));
-    let mut fields = text[text.rfind(')').ok_or_else(bad)? + 1..].split_whitespace();
-    let state = fields.next().and_then(|s| s.chars().next()).ok_or_else(bad)?;
-    let start = fields.nth(22 - 4).and_then(|s| s.parse().ok()).ok_or_else(bad)?;
-    Ok((state, start))
-}
-
 impl AgentPid {
     /// This process.
     pub fn current() -> io::Result<AgentPid> {
-        let (_, start_time) = proc_stat("self")?;
-        Ok(AgentPid { pid: std::process::id(), start_time })
+        Ok(AgentPid { pid: std::process::id(), start_time: flotilla_proc::own_start_time()? })
     }
 
     /// Reads a pidfile; `None` when there is none.
@@ -102,7 +89,7 @@ impl AgentPid {
     /// Whether this process still runs: the pid exists, is not a zombie and started when
     /// recorded (otherwise the pid was given to another process since).
     pub fn is_running(&self) -> bool {
-        proc_stat(&self.pid.to_string()).is_ok_and(|(state, start)| state != 'Z' && start == self.start_time)
+        flotilla_proc::is_running(self.pid, self.start_time)
     }
 }
 

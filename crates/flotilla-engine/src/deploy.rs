@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::checks::CheckResult;
 use crate::jobs::{done, fan_out, Slots};
 use crate::keys::ResolvedKey;
-use crate::platform::{self, Machine, PlatformError};
+use crate::platform::{self, Machine};
 use crate::remote::{CopyStats, RemoteError};
 use crate::{Engine, EngineEvent, Evaluated, Listener, Phase, Result};
 
@@ -334,8 +334,8 @@ impl Engine {
                 match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
                     Ok(m) => handles.push((name.clone(), m)),
                     Err(e) => {
-                        listen(&done(name, Phase::Provision, Err(&e.message)));
-                        failures.insert(name.clone(), failed(name, Phase::Provision, e.message));
+                        listen(&done(name, Phase::Provision, Err(e.message())));
+                        failures.insert(name.clone(), failed(name, Phase::Provision, e.into_message()));
                     }
                 }
             }
@@ -345,7 +345,7 @@ impl Engine {
                 let detail = match &r {
                     Ok(Some(did)) => Ok(did.as_str()),
                     Ok(None) => Ok("running"),
-                    Err(e) => Err(e.message.as_str()),
+                    Err(e) => Err(e.message()),
                 };
                 send(done(name, Phase::Provision, detail));
                 r
@@ -358,7 +358,8 @@ impl Engine {
                         }
                         machines.insert(name, m);
                     }
-                    Err(PlatformError { message, .. }) => {
+                    Err(e) => {
+                        let message = e.into_message();
                         self.event(ev.name.as_str(), Some(name.as_str()), "provision", "failed", &message)?;
                         failures.insert(name.clone(), failed(&name, Phase::Provision, message));
                     }
@@ -517,7 +518,7 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
         match m.restore() {
             Ok(Some(restored)) => e.push_str(&format!("; {restored}")),
             Ok(None) => {}
-            Err(r) => e.push_str(&format!("; restoring its plumbing failed too: {}", r.message)),
+            Err(r) => e.push_str(&format!("; restoring its plumbing failed too: {}", r.message())),
         }
         send(done(name, phase, Err(&e)));
         MachineDeploy { seconds: start.elapsed().as_secs_f64(), ..row.rolled_back(phase, e) }

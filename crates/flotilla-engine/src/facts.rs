@@ -1,9 +1,11 @@
 //! Deploy-time facts known before provisioning: the addresses machines will have.
 //!
-//! Local machines get addresses on their deployment's bridge: a fixed `platform.address`, the
-//! one they were given before (stored facts), or the lowest free one. Keeping given addresses
-//! stable is what lets `nodes.web1.ip` in another machine's config mean the same thing from
-//! one deploy to the next.
+//! Facts are kept from one deploy to the next (stored in the state DB); what each platform
+//! adds before provisioning is that platform's business (`plan_facts` in its module, reached
+//! through `platform::plan_facts`): local machines get addresses on their deployment's
+//! bridge, ssh machines their host. Keeping given addresses stable is what lets
+//! `nodes.web1.ip` in another machine's config mean the same thing from one deploy to the
+//! next. [`Subnet`] is here because a deployment's bridge is not one platform's alone.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -52,7 +54,8 @@ impl Subnet {
         Ipv4Addr::from(u32::from(self.network) + 1)
     }
 
-    fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
+    /// Its machine addresses, lowest first (the first host is the bridge's).
+    pub fn hosts(&self) -> impl Iterator<Item = Ipv4Addr> {
         let size = 1u32 << (32 - self.prefix);
         let base = u32::from(self.network);
         (2..size - 1).map(move |i| Ipv4Addr::from(base + i))
@@ -68,100 +71,22 @@ impl std::fmt::Display for Subnet {
 /// A problem planning facts, naming the machine and option.
 pub type PlanError = String;
 
-/// Plans facts for every machine: stored facts are kept; local machines without an address
-/// get one. Returns the full fact set, or every problem found.
-pub fn plan(
-    platforms: &BTreeMap<MachineName, Platform>,
-    stored: &BTreeMap<String, BTreeMap<String, Value>>,
-) -> Result<BTreeMap<MachineName, BTreeMap<String, Value>>, Vec<PlanError>> {
-    let mut errors = Vec::new();
-    let mut out: BTreeMap<MachineName, BTreeMap<String, Value>> = BTreeMap::new();
-    let mut subnet: Option<(Subnet, &MachineName)> = None;
-    let mut taken: BTreeMap<Ipv4Addr, &MachineName> = BTreeMap::new();
-    let mut wanting: Vec<&MachineName> = Vec::new();
-    let mut forwarded: BTreeMap<u16, &MachineName> = BTreeMap::new();
-    // Machines still recorded but no longer in the file may still run (only `destroy` ends
-    // them): their addresses are not free.
-    let gone: Vec<MachineName> = stored
+/// A machine's facts: what its configuration sees of it as `nodes.<name>`.
+pub type Facts = BTreeMap<String, Value>;
+
+/// Plans facts for every machine: stored facts are kept, each machine's platform adds what it
+/// knows before provisioning (`platform::plan_facts`: a local machine's address, an ssh
+/// host's name). Returns the full fact set, or every problem found.
+pub fn plan(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap<String, Facts>) -> Result<BTreeMap<MachineName, Facts>, Vec<PlanError>> {
+    let mut out: BTreeMap<MachineName, Facts> = platforms
         .iter()
-        .filter(|(n, _)| !platforms.keys().any(|p| p.as_str() == n.as_str()))
-        .filter_map(|(n, _)| MachineName::new(n).ok())
+        .map(|(name, platform)| {
+            let mut facts = stored.get(name.as_str()).cloned().unwrap_or_default();
+            facts.insert("platform".into(), Value::from(platform.kind()));
+            (name.clone(), facts)
+        })
         .collect();
-    for name in &gone {
-        if let Some(ip) = stored[name.as_str()].get("ip").and_then(Value::as_str).and_then(|ip| ip.parse::<Ipv4Addr>().ok()) {
-            taken.insert(ip, name);
-        }
-    }
-
-    for (name, platform) in platforms {
-        let mut facts = stored.get(name.as_str()).cloned().unwrap_or_default();
-        facts.insert("platform".into(), Value::from(platform.kind()));
-        match platform {
-            Platform::Local(local) => {
-                let Some(s) = Subnet::parse(&local.subnet) else {
-                    errors.push(format!("machine {name}: option `platform.subnet` is \"{}\", which is not an IPv4 subnet in CIDR form with a prefix from /8 to /30, e.g. \"10.231.0.0/24\"", local.subnet));
-                    continue;
-                };
-                match subnet {
-                    Some((first, other)) if first != s => {
-                        errors.push(format!("machine {name}: option `platform.subnet` is {s} but machine {other} uses {first}; the local machines of one deployment share one bridge, so set the same subnet on all (e.g. in `defaults`)"));
-                        continue;
-                    }
-                    None => subnet = Some((s, name)),
-                    _ => {}
-                }
-                facts.insert("subnet".into(), Value::from(s.to_string()));
-                for f in &local.forward_ports {
-                    if let Some(other) = forwarded.insert(f.host, name) {
-                        errors.push(format!("machine {name}: option `platform.forwardPorts` forwards host port {} which machine {other} forwards too; give one of them another `host` port", f.host));
-                    }
-                }
-                let fixed = match &local.address {
-                    Some(a) => match a.parse::<Ipv4Addr>() {
-                        Ok(ip) if s.contains_host(ip) && ip != s.gateway() => Some(ip),
-                        _ => {
-                            errors.push(format!("machine {name}: option `platform.address` is \"{a}\", which is not a machine address in {s} (the first one, {}, is the bridge's)", s.gateway()));
-                            continue;
-                        }
-                    },
-                    None => facts
-                        .get("ip")
-                        .and_then(Value::as_str)
-                        .and_then(|ip| ip.parse::<Ipv4Addr>().ok())
-                        .filter(|ip| s.contains_host(*ip) && *ip != s.gateway()),
-                };
-                match fixed {
-                    Some(ip) => {
-                        if let Some(other) = taken.insert(ip, name) {
-                            errors.push(format!("machine {name}: address {ip} is already machine {other}'s; give one of them another `platform.address`"));
-                        }
-                        facts.insert("ip".into(), Value::from(ip.to_string()));
-                    }
-                    None => {
-                        facts.remove("ip");
-                        wanting.push(name);
-                    }
-                }
-            }
-            Platform::Ssh(ssh) => {
-                facts.entry("ip".into()).or_insert_with(|| Value::from(ssh.host.clone()));
-            }
-            Platform::Qemu(_) => {}
-        }
-        out.insert(name.clone(), facts);
-    }
-
-    if let Some((s, _)) = subnet {
-        let mut free = s.hosts().filter(|ip| !taken.contains_key(ip));
-        for name in wanting {
-            match free.next() {
-                Some(ip) => {
-                    out.get_mut(name).expect("planned above").insert("ip".into(), Value::from(ip.to_string()));
-                }
-                None => errors.push(format!("machine {name}: subnet {s} has no free address left; use a larger `platform.subnet`")),
-            }
-        }
-    }
+    let errors = crate::platform::plan_facts(platforms, stored, &mut out);
     if errors.is_empty() {
         Ok(out)
     } else {

@@ -157,10 +157,10 @@ pub struct MachineInfo {
 fn forgettable(m: &dyn Machine) -> std::result::Result<(), PlatformError> {
     match m.state() {
         MachineState::Unreachable | MachineState::Unusable | MachineState::Missing => Ok(()),
-        state @ (MachineState::Running | MachineState::Stopped) => Err(PlatformError {
-            machine: m.name().to_owned(),
-            message: format!("it is {} on its platform, so forgetting it would leave it behind; `flotilla destroy` without --forget removes it", state.as_str()),
-        }),
+        state @ (MachineState::Running | MachineState::Stopped) => Err(PlatformError::refused(
+            m.name(),
+            format!("it is {} on its platform, so forgetting it would leave it behind; `flotilla destroy` without --forget removes it", state.as_str()),
+        )),
     }
 }
 
@@ -180,7 +180,7 @@ impl Engine {
             // never the end of the command for every other machine.
             let machine = serde_json::from_value(r.platform_spec.clone())
                 .map_err(|e| format!("its recorded platform options make no sense to this flotilla ({e}); `flotilla destroy --forget --on {}` removes it from the state", r.name))
-                .and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(|e| e.message))
+                .and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(PlatformError::into_message))
                 .unwrap_or_else(|why| Box::new(platform::Unusable::new(&r.name, why)));
             out.push(FleetMachine { name, record: r, machine });
         }
@@ -202,8 +202,8 @@ impl Engine {
                 Operation::Forget => forgettable(m.as_ref()),
             };
             let state = m.state();
-            send(done(name, op.phase(), r.as_ref().map(|()| state.as_str()).map_err(|e| e.message.as_str())));
-            OperationResult { machine: name.clone(), state, error: r.err().map(|PlatformError { message, .. }| message) }
+            send(done(name, op.phase(), r.as_ref().map(|()| state.as_str()).map_err(PlatformError::message)));
+            OperationResult { machine: name.clone(), state, error: r.err().map(PlatformError::into_message) }
         });
         for r in &results {
             match (&r.error, op) {
@@ -303,7 +303,7 @@ impl Engine {
             let mut r = RollbackResult { machine: name.clone(), from: None, to: None, toplevel: None, stopped: false, error: None };
             let outcome = if m.state() == MachineState::Stopped {
                 // Its agent is not there to ask (a bad release may be why it was stopped).
-                m.set_boot_generation(to).map(|b| (r.from, r.to, r.toplevel, r.stopped) = (b.from, Some(b.to), Some(b.toplevel), true)).map_err(|e| e.message)
+                m.set_boot_generation(to).map(|b| (r.from, r.to, r.toplevel, r.stopped) = (b.from, Some(b.to), Some(b.toplevel), true)).map_err(PlatformError::into_message)
             } else {
                 (|| -> std::result::Result<(), crate::remote::RemoteError> {
                     let mut c = m.connect()?;
@@ -541,7 +541,7 @@ fn exec_entry(argv: &[String], record: bool, how: &str) -> String {
 fn run_lines(m: &dyn Machine, argv: &[String], line: &(dyn Fn(Stream, &str) -> std::io::Result<()> + Sync)) -> std::result::Result<ExitStatus, String> {
     let mut child = m
         .command(argv, false)
-        .map_err(|e| e.message)?
+        .map_err(PlatformError::into_message)?
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

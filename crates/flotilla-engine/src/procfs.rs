@@ -1,25 +1,14 @@
 //! What the deployer reads of processes from `/proc`: start times (a pid plus its start time
-//! names one process for good, where a pid alone may be reused) and this host's name.
+//! names one process for good, where a pid alone may be reused; read by `flotilla-proc`),
+//! command lines, whether it runs as root, and this host's name.
 
 use std::fs;
 
-/// A process's start time in clock ticks after boot (the 22nd field of its `stat`); `None`
-/// when it does not exist or is a zombie.
+/// A process's start time in clock ticks after boot, read by `flotilla-proc` (the one reader
+/// the deployer, the agent and the tests share); `None` when it does not exist, is a zombie,
+/// or `pid` is no process id.
 pub fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces and parentheses: the fields after it start
-    // after the last ')'.
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split(' ');
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
-}
-
-/// Whether a process exists and is not a zombie.
-pub fn alive(pid: i32) -> bool {
-    start_time(pid).is_some()
+    u32::try_from(pid).ok().and_then(flotilla_proc::start_time)
 }
 
 /// A process's command line as one line, its arguments joined by spaces, control characters
@@ -52,7 +41,7 @@ mod tests {
     #[test]
     fn reads_this_process_and_not_a_missing_one() {
         assert!(start_time(std::process::id() as i32).is_some());
-        assert!(!alive(i32::MAX));
+        assert_eq!(start_time(-1), None);
         let me = command_line(std::process::id() as i32).unwrap();
         assert!(!me.is_empty() && !me.contains('\0'), "{me}");
         assert_eq!(command_line(i32::MAX), None);

@@ -7,6 +7,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde::{Deserialize, Serialize};
+
 /// The agent's socket: the only way to talk to it.
 pub const SOCKET: &str = "/run/flotilla/agent.sock";
 /// The agent's runtime directory (socket, pidfile, lock): root's alone.
@@ -48,6 +50,28 @@ pub mod records {
     pub const KEYS: &str = "keys.json";
 }
 
+/// A local machine's pidfile (`pid.json` in its data directory on the deployer's host), written
+/// by the container launcher (`flotilla-agent container`) while the container runs and read by
+/// the deployer's `local` platform: who to signal, and how to tell that a pid was not reused
+/// (start times are field 22 of `/proc/<pid>/stat`, as `flotilla-proc` reads them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PidFile {
+    /// The monitor (exits after the container's PID 1 does; relays its port forwards).
+    pub monitor: u32,
+    /// The container's PID 1 as the host sees it: SIGTERM here stops the machine.
+    pub init: u32,
+    /// PID 1's start time, to tell a reused pid apart.
+    pub init_start_time: u64,
+}
+
+impl PidFile {
+    /// The file's text: one line of JSON.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).expect("plain numbers serialise") + "\n"
+    }
+}
+
 /// `path` (one of the above) below `root`, the directory standing for the machine's `/`.
 pub fn under(root: &Path, path: &str) -> PathBuf {
     root.join(path.trim_start_matches('/'))
@@ -73,5 +97,14 @@ mod tests {
         assert!(SYSTEM_AGENT.starts_with(PROFILES));
         assert_eq!(under(Path::new("/srv/m"), SOCKET), Path::new("/srv/m/run/flotilla/agent.sock"));
         assert_eq!(relative(PROFILES), "nix/var/flotilla/profiles");
+    }
+
+    #[test]
+    fn the_container_pidfile_is_one_line_of_json_both_sides_read() {
+        let p = PidFile { monitor: 4100, init: 4101, init_start_time: 123456 };
+        assert_eq!(p.to_json(), "{\"monitor\":4100,\"init\":4101,\"init_start_time\":123456}\n");
+        let spaced: PidFile = serde_json::from_str(r#"{"monitor": 1, "init": 2, "init_start_time": 3}"#).unwrap();
+        assert_eq!(spaced, PidFile { monitor: 1, init: 2, init_start_time: 3 });
+        assert!(serde_json::from_str::<PidFile>(r#"{"monitor": 1, "init": 2, "init_start_time": 3, "x": 4}"#).is_err());
     }
 }

@@ -26,7 +26,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
+pub use flotilla_protocol::layout::PidFile;
 
 use sys::Action;
 
@@ -178,60 +178,26 @@ fn valid_hostname(name: &str) -> bool {
         })
 }
 
-/// The pidfile: who to signal and how to tell that the pid was not reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PidFile {
-    /// The monitor (exits after PID 1 does).
-    pub monitor: u32,
-    /// The container's PID 1 as the host sees it: SIGTERM here stops the machine.
-    pub init: u32,
-    /// Field 22 of `/proc/<init>/stat` when it started, to detect pid reuse.
-    pub init_start_time: u64,
+/// Reads and parses the pidfile (its format is the contract's: [`PidFile`]).
+pub fn read_pidfile(path: &Path) -> io::Result<PidFile> {
+    let text = fs::read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-impl PidFile {
-    /// Reads and parses a pidfile.
-    pub fn read(path: &Path) -> io::Result<PidFile> {
-        let text = fs::read_to_string(path)?;
-        serde_json::from_str(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
+/// Writes the pidfile by renaming a complete temporary file over it.
+pub fn write_pidfile(pidfile: &PidFile, path: &Path) -> io::Result<()> {
+    let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
+    let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
+    let written = fs::write(&tmp, pidfile.to_json()).and_then(|()| fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
     }
-
-    /// The JSON text written to the file (one line).
-    pub fn to_json(&self) -> String {
-        let mut text = serde_json::to_string(self).unwrap_or_default();
-        text.push('\n');
-        text
-    }
-
-    /// Writes the pidfile by renaming a complete temporary file over it.
-    pub fn write_atomic(&self, path: &Path) -> io::Result<()> {
-        let name = path.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not a file name"))?;
-        let tmp = path.with_file_name(format!(".{}.{}.tmp", name.to_string_lossy(), std::process::id()));
-        let written = fs::write(&tmp, self.to_json()).and_then(|()| fs::rename(&tmp, path));
-        if written.is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
-        written
-    }
-
-    /// Whether the recorded PID 1 still runs (the same process, not a reuse of its pid).
-    pub fn init_running(&self) -> bool {
-        proc_start_time(self.init).is_ok_and(|t| t == self.init_start_time)
-    }
+    written
 }
 
-/// Field 22 (start time, in clock ticks since boot) of `/proc/<pid>/stat`.
-pub fn proc_start_time(pid: u32) -> io::Result<u64> {
-    let text = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    start_time_from_stat(&text).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unexpected /proc/{pid}/stat")))
-}
-
-fn start_time_from_stat(stat: &str) -> Option<u64> {
-    // The command name (field 2) is in parentheses and may hold anything, spaces and ')'
-    // included: the fields after the last ')' start at field 3.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(22 - 3)?.parse().ok()
+/// Whether the pidfile's PID 1 still runs (the same process, not a reuse of its pid).
+pub fn init_running(pidfile: &PidFile) -> bool {
+    flotilla_proc::is_running(pidfile.init, pidfile.init_start_time)
 }
 
 /// An OS error's text without Rust's " (os error N)" suffix.
@@ -359,12 +325,12 @@ fn prepare(args: &ContainerArgs) -> Result<Prepared, ContainerError> {
         )));
     }
     if args.adopt {
-        match PidFile::read(&args.pidfile) {
-            Ok(old) if old.init_running() => {}
+        match read_pidfile(&args.pidfile) {
+            Ok(old) if init_running(&old) => {}
             _ => return Err(ContainerError::Refused(format!("--adopt: no container runs with --pidfile {}; start it instead", args.pidfile.display()))),
         }
-    } else if let Ok(old) = PidFile::read(&args.pidfile) {
-        if old.init_running() {
+    } else if let Ok(old) = read_pidfile(&args.pidfile) {
+        if init_running(&old) {
             return Err(ContainerError::Refused(format!(
                 "--pidfile {}: a container already runs with it (init {}); stop it first",
                 args.pidfile.display(),
@@ -448,9 +414,9 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
     // PID 1 holds the network namespace now; the deployer may delete its name at will.
     drop(netns);
 
-    let start_time = proc_start_time(init as u32).unwrap_or_else(|e| fail(Some(init), format!("cannot read /proc/{init}/stat: {}", errno_text(&e))));
+    let start_time = flotilla_proc::Stat::read(&init.to_string()).map(|s| s.start_time).unwrap_or_else(|e| fail(Some(init), format!("cannot read /proc/{init}/stat: {}", errno_text(&e))));
     let pidfile = PidFile { monitor: sys::getpid() as u32, init: init as u32, init_start_time: start_time };
-    if let Err(e) = pidfile.write_atomic(&args.pidfile) {
+    if let Err(e) = write_pidfile(&pidfile, &args.pidfile) {
         fail(Some(init), format!("--pidfile {}: cannot write: {}", args.pidfile.display(), errno_text(&e)));
     }
     for (listener, forward) in listeners {
@@ -484,7 +450,7 @@ fn monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) -> ! {
         }
     };
     eprintln!("container stopped: {status}");
-    if PidFile::read(&args.pidfile).is_ok_and(|p| p == pidfile) {
+    if read_pidfile(&args.pidfile).is_ok_and(|p| p == pidfile) {
         let _ = fs::remove_file(&args.pidfile);
     }
     std::process::exit(0)
@@ -512,8 +478,8 @@ fn adoptive_monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) ->
     }
     drop((dev_null, console));
     let _ = std::env::set_current_dir("/");
-    let old = match PidFile::read(&args.pidfile) {
-        Ok(old) if old.init_running() => old,
+    let old = match read_pidfile(&args.pidfile) {
+        Ok(old) if init_running(&old) => old,
         _ => fail(format!("--adopt: the container of --pidfile {} stopped meanwhile", args.pidfile.display())),
     };
     if let Err(e) = sys::forward_termination_signals() {
@@ -523,25 +489,25 @@ fn adoptive_monitor(args: &ContainerArgs, prepared: Prepared, ready: OwnedFd) ->
     // a window of one poll, which the first monitor (that reaps it) does not have.
     sys::set_init_pid(old.init as i32);
     let pidfile = PidFile { monitor: sys::getpid() as u32, ..old };
-    if let Err(e) = pidfile.write_atomic(&args.pidfile) {
+    if let Err(e) = write_pidfile(&pidfile, &args.pidfile) {
         fail(format!("--pidfile {}: cannot write: {}", args.pidfile.display(), errno_text(&e)));
     }
     for (listener, forward) in listeners {
         let spawned = std::thread::Builder::new().name(format!("forward {}", forward.host_port)).spawn(move || serve_forward(listener, forward));
         if let Err(e) = spawned {
-            let _ = old.write_atomic(&args.pidfile);
+            let _ = write_pidfile(&old, &args.pidfile);
             fail(format!("cannot start forward {forward}: {}", errno_text(&e)));
         }
     }
     eprintln!("flotilla-agent container: {} adopted: monitor {}, init {}", args.hostname, pidfile.monitor, pidfile.init);
     let _ = ready.write_all(b"ok");
     drop(ready);
-    while pidfile.init_running() {
+    while init_running(&pidfile) {
         std::thread::sleep(ADOPTED_POLL);
     }
     sys::clear_init_pid();
     eprintln!("container stopped");
-    if PidFile::read(&args.pidfile).is_ok_and(|p| p == pidfile) {
+    if read_pidfile(&args.pidfile).is_ok_and(|p| p == pidfile) {
         let _ = fs::remove_file(&args.pidfile);
     }
     std::process::exit(0)
@@ -719,27 +685,16 @@ mod tests {
     }
 
     #[test]
-    fn pidfile_format() {
+    fn the_pidfile_is_written_whole_and_names_a_running_init() {
         let p = PidFile { monitor: 4100, init: 4101, init_start_time: 123456 };
-        assert_eq!(p.to_json(), "{\"monitor\":4100,\"init\":4101,\"init_start_time\":123456}\n");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("web1.pid");
-        p.write_atomic(&path).unwrap();
-        assert_eq!(PidFile::read(&path).unwrap(), p);
+        write_pidfile(&p, &path).unwrap();
+        assert_eq!(read_pidfile(&path).unwrap(), p);
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "the temporary file is gone");
-        let spaced: PidFile = serde_json::from_str(r#"{"monitor": 1, "init": 2, "init_start_time": 3}"#).unwrap();
-        assert_eq!(spaced, PidFile { monitor: 1, init: 2, init_start_time: 3 });
-    }
-
-    #[test]
-    fn start_time_survives_odd_command_names() {
-        let stat = "4101 (flotilla) agent)) S 4100 4101 4101 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 987654 1000 10 18446744073709551615";
-        assert_eq!(start_time_from_stat(stat), Some(987654));
-        assert_eq!(start_time_from_stat("garbage"), None);
-        let own = proc_start_time(std::process::id()).unwrap();
-        assert!(own > 0);
-        assert!(PidFile { monitor: 1, init: std::process::id(), init_start_time: own }.init_running());
-        assert!(!PidFile { monitor: 1, init: std::process::id(), init_start_time: own + 1 }.init_running());
+        let own = flotilla_proc::own_start_time().unwrap();
+        assert!(init_running(&PidFile { monitor: 1, init: std::process::id(), init_start_time: own }));
+        assert!(!init_running(&PidFile { monitor: 1, init: std::process::id(), init_start_time: own + 1 }));
     }
 
     #[test]

@@ -20,19 +20,20 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use flotilla_model::LocalPlatform;
-use serde::Deserialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use std::os::fd::AsRawFd as _;
 
-use flotilla_protocol::layout::{self, records};
+use flotilla_protocol::layout::{self, records, PidFile};
 use flotilla_store::StorePath;
 
-use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError};
+mod plan;
+pub use plan::plan_facts;
+
+use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError, Transport};
 use crate::facts::Subnet;
-use crate::procfs::{alive, start_time};
-use crate::remote::{AgentClient, RemoteError};
+use crate::remote::RemoteError;
 
 /// How long a stopping machine's agent gets to stop its services before it is killed.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
@@ -69,14 +70,6 @@ struct Net {
     subnet: Subnet,
 }
 
-/// What the launcher writes to `pid.json`.
-#[derive(Debug, Clone, Copy, Deserialize)]
-struct Pids {
-    monitor: i32,
-    init: i32,
-    init_start_time: u64,
-}
-
 fn short_hash(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
@@ -90,7 +83,7 @@ impl LocalMachine {
     /// The container for machine `name`, from its checked platform options and its facts
     /// (`ip` and `subnet`, planned before provisioning).
     pub fn new(ctx: &Context, name: &str, spec: &LocalPlatform, facts: &BTreeMap<String, Value>) -> Result<LocalMachine, PlatformError> {
-        let err = |message: String| PlatformError { machine: name.to_owned(), message };
+        let err = |message: String| PlatformError::failed(name, message);
         let ip = facts
             .get("ip")
             .and_then(Value::as_str)
@@ -135,7 +128,12 @@ impl LocalMachine {
     }
 
     fn err(&self, message: impl Into<String>) -> PlatformError {
-        PlatformError { machine: self.name.clone(), message: message.into() }
+        PlatformError::failed(&self.name, message)
+    }
+
+    /// flotilla refuses, for the machine's sake (the message says why and the fix).
+    fn refused(&self, message: impl Into<String>) -> PlatformError {
+        PlatformError::refused(&self.name, message)
     }
 
     fn pidfile(&self) -> PathBuf {
@@ -147,9 +145,9 @@ impl LocalMachine {
     }
 
     /// The running container's processes, if it runs.
-    fn running(&self) -> Option<Pids> {
-        let pids: Pids = serde_json::from_slice(&fs::read(self.pidfile()).ok()?).ok()?;
-        (start_time(pids.init) == Some(pids.init_start_time)).then_some(pids)
+    fn running(&self) -> Option<PidFile> {
+        let pids: PidFile = serde_json::from_slice(&fs::read(self.pidfile()).ok()?).ok()?;
+        flotilla_proc::is_running(pids.init, pids.init_start_time).then_some(pids)
     }
 
     fn ip(&self, args: &[&str]) -> Result<String, PlatformError> {
@@ -187,7 +185,7 @@ impl LocalMachine {
             let Some(cidr) = words.skip_while(|w| *w != "inet").nth(1) else { continue };
             let Some(other) = Subnet::parse(cidr) else { continue };
             if other.overlaps(&n.subnet) {
-                return Err(self.err(format!(
+                return Err(self.refused(format!(
                     "option `platform.subnet` is {} but interface {dev} already has {cidr} on this host; pick a free subnet for the deployment, e.g. platform.subnet = \"10.232.0.0/24\"",
                     n.subnet
                 )));
@@ -478,7 +476,7 @@ impl LocalMachine {
         let want = format!("{}/{}", self.net.ip, self.net.subnet.prefix);
         let Ok(out) = self.ip(&["-n", &self.net.netns, "-4", "-o", "addr", "show", "dev", "eth0"]) else { return Ok(()) };
         match out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
-            Some(have) if have != want => Err(self.err(format!(
+            Some(have) if have != want => Err(self.refused(format!(
                 "it has address {have} but its options now give it {want} (`platform.address` or `platform.subnet` changed); a machine cannot move: run `flotilla destroy --on {}` and deploy again",
                 self.name
             ))),
@@ -492,7 +490,7 @@ impl LocalMachine {
     fn check_no_monitor(&self) -> Result<(), PlatformError> {
         let lock = self.dir.join("pid.lock");
         match fs::File::open(&lock) {
-            Ok(f) if sys::locked_by_another(&f) => Err(self.err(format!(
+            Ok(f) if sys::locked_by_another(&f) => Err(self.refused(format!(
                 "its container still runs but {} is gone; find its monitor with `fuser {}`, stop it (kill -TERM PID), and destroy again",
                 self.pidfile().display(),
                 lock.display()
@@ -508,7 +506,7 @@ impl LocalMachine {
         let prefix = root.to_string_lossy();
         if let Some(line) = mounts.lines().find(|l| l.split(' ').nth(4).is_some_and(|m| m.starts_with(&*prefix))) {
             let at = line.split(' ').nth(4).unwrap_or("");
-            return Err(self.err(format!("{at} is still mounted; unmount it (umount -l {at}) and destroy again")));
+            return Err(self.refused(format!("{at} is still mounted; unmount it (umount -l {at}) and destroy again")));
         }
         Ok(())
     }
@@ -516,14 +514,14 @@ impl LocalMachine {
 
 /// The agent's socket of a running container, through its init's view of the filesystem
 /// (its `/run` is a tmpfs the host cannot otherwise see), as users read it.
-fn socket(init: i32) -> PathBuf {
+fn socket(init: u32) -> PathBuf {
     layout::under(Path::new(&format!("/proc/{init}/root")), layout::SOCKET)
 }
 
 /// The agent's socket of a running container, opened (`O_PATH`) as the machine sees it: a
 /// link a service planted on the way (`/run` → somewhere of the host's) resolves inside the
 /// machine, never on the host.
-fn agent_socket(init: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+fn agent_socket(init: u32) -> std::io::Result<std::os::fd::OwnedFd> {
     sys::open_beneath(Path::new(&format!("/proc/{init}/root")), Path::new(layout::relative(layout::SOCKET)), libc::O_PATH, sys::Resolve::InRoot)
 }
 
@@ -558,16 +556,17 @@ impl Machine for LocalMachine {
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
                 let made = self.prepare_root().and_then(|()| self.start());
-                if let Err(mut e) = made {
+                if let Err(e) = made {
                     // Nothing half-made stays: a machine that never started (missing, so nothing
                     // of it runs) is removed whole, or the user is told what is left.
-                    if let Err(cleanup) = self.destroy() {
-                        e.message.push_str(&format!(
+                    return Err(match self.destroy() {
+                        Err(cleanup) => e.and(&format!(
                             "; removing what was made failed too ({}); run `flotilla destroy --on {}`",
-                            cleanup.message, self.name
-                        ));
-                    }
-                    return Err(e);
+                            cleanup.message(),
+                            self.name
+                        )),
+                        Ok(()) => e,
+                    });
                 }
                 Ok(Some("started".into()))
             }
@@ -579,7 +578,7 @@ impl Machine for LocalMachine {
             return self.restore_running().map(drop);
         }
         if !crate::procfs::is_root() {
-            return Err(self.err("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
+            return Err(self.refused("the local platform makes namespaces, a veth pair and a bridge, which needs root; run flotilla as root"));
         }
         if !self.root().exists() {
             return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
@@ -598,8 +597,8 @@ impl Machine for LocalMachine {
         let mut killed = false;
         // Init is named by pid and start time; the monitor by the pidfile it removes when
         // init has gone (its pid alone could be reused).
-        let init_alive = || start_time(pids.init) == Some(pids.init_start_time);
-        let monitor_alive = || self.pidfile().exists() && alive(pids.monitor);
+        let init_alive = || flotilla_proc::is_running(pids.init, pids.init_start_time);
+        let monitor_alive = || self.pidfile().exists() && flotilla_proc::alive(pids.monitor);
         while init_alive() || (monitor_alive() && Instant::now() < deadline + Duration::from_secs(2)) {
             if Instant::now() > deadline && !killed {
                 // The agent did not stop its services in time: end the whole namespace.
@@ -638,7 +637,7 @@ impl Machine for LocalMachine {
         }
         let mut problems = match self.plumbing_faults() {
             Ok(faults) => faults.into_iter().map(|(what, _)| what).collect(),
-            Err(e) => vec![e.message],
+            Err(e) => vec![e.into_message()],
         };
         if !self.monitor_alive() {
             problems.push(if self.forwards.is_empty() {
@@ -674,22 +673,23 @@ impl Machine for LocalMachine {
         }
     }
 
-    fn connect(&self) -> Result<AgentClient, RemoteError> {
+    /// The agent's unix socket, opened below the container's root as the machine sees it.
+    fn transport(&self) -> Result<Transport, RemoteError> {
         let pids = self.running().ok_or_else(|| RemoteError::Connect {
             socket: layout::under(&self.root(), layout::SOCKET),
             source: std::io::Error::new(std::io::ErrorKind::NotConnected, "the machine is not running"),
         })?;
         let shown = socket(pids.init);
-        let opened = agent_socket(pids.init).map_err(|source| RemoteError::Connect { socket: shown.clone(), source })?;
-        AgentClient::connect_unix_for(&self.name, &fd_path(&opened)).map_err(|e| match e {
-            RemoteError::Connect { source, .. } => RemoteError::Connect { socket: shown, source },
-            e => e,
-        })
+        let connect_err = |source| RemoteError::Connect { socket: shown.clone(), source };
+        let opened = agent_socket(pids.init).map_err(connect_err)?;
+        let stream = std::os::unix::net::UnixStream::connect(fd_path(&opened)).map_err(connect_err)?;
+        let reader = stream.try_clone().map_err(connect_err)?;
+        Ok(Transport::new(reader, stream))
     }
 
     fn set_boot_generation(&self, to: Option<u64>) -> Result<BootGeneration, PlatformError> {
         if self.running().is_some() {
-            return Err(self.err("it is running; `flotilla rollback` switches a running machine through its agent"));
+            return Err(self.refused("it is running; `flotilla rollback` switches a running machine through its agent"));
         }
         let root = self.root();
         let opened = |rel: &str| {
@@ -765,11 +765,7 @@ impl Machine for LocalMachine {
     /// stopped machine can be read too.
     fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError> {
         let mut cmd = Command::new(&self.agent);
-        cmd.arg("logs").arg("--root").arg(self.root()).args(["-n", &lines.to_string()]);
-        if follow {
-            cmd.arg("-f");
-        }
-        cmd.args(service);
+        cmd.arg("logs").arg("--root").arg(self.root()).args(super::logs_args(service, lines, follow));
         Ok(cmd)
     }
 

@@ -6,24 +6,129 @@ pub mod local;
 pub mod ssh;
 mod sys;
 
+use std::io::{Read, Write};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use flotilla_model::Platform;
+use flotilla_model::{MachineName, Platform};
+use flotilla_protocol::layout;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
 
+use crate::facts::{Facts, PlanError};
 use crate::remote::{AgentClient, RemoteError};
 
-/// Why a platform operation failed; the message names the machine and what to do.
+/// Why a platform operation failed: what kind of failure (so a table can say "unreachable"
+/// or "refused" without reading the text), the machine, and a message that says what to do.
+/// Shown as `machine NAME: MESSAGE`.
 #[derive(Debug, thiserror::Error)]
-#[error("machine {machine}: {message}")]
-pub struct PlatformError {
+pub enum PlatformError {
+    /// The machine or its host does not answer (no route, a timeout, a connection refused):
+    /// trying again later, or fixing the network, may help.
+    #[error("machine {machine}: {message}")]
+    Unreachable {
+        /// The machine.
+        machine: String,
+        /// What did not answer, and what to check.
+        message: String,
+    },
+    /// It answered but said no, or flotilla refuses on its behalf: a login or host key
+    /// refused, sudo asking for a password, an option that would break the machine, a
+    /// missing privilege.
+    #[error("machine {machine}: {message}")]
+    Refused {
+        /// The machine.
+        machine: String,
+        /// Who refused what, and the fix.
+        message: String,
+    },
+    /// Its platform cannot do this at all (a default of [`Machine`] the platform keeps).
+    #[error("machine {machine}: {message}")]
+    Unsupported {
+        /// The machine.
+        machine: String,
+        /// What its platform cannot do, and what to do instead.
+        message: String,
+    },
+    /// The operation was tried and failed, for the reason given.
+    #[error("machine {machine}: {message}")]
+    Failed {
+        /// The machine.
+        machine: String,
+        /// What went wrong and the fix.
+        message: String,
+    },
+}
+
+impl PlatformError {
+    /// Machine `machine` does not answer.
+    pub fn unreachable(machine: &str, message: impl Into<String>) -> PlatformError {
+        PlatformError::Unreachable { machine: machine.to_owned(), message: message.into() }
+    }
+
+    /// Machine `machine` (or flotilla for it) refused.
+    pub fn refused(machine: &str, message: impl Into<String>) -> PlatformError {
+        PlatformError::Refused { machine: machine.to_owned(), message: message.into() }
+    }
+
+    /// Machine `machine`'s platform cannot do this.
+    pub fn unsupported(machine: &str, message: impl Into<String>) -> PlatformError {
+        PlatformError::Unsupported { machine: machine.to_owned(), message: message.into() }
+    }
+
+    /// An operation on machine `machine` failed.
+    pub fn failed(machine: &str, message: impl Into<String>) -> PlatformError {
+        PlatformError::Failed { machine: machine.to_owned(), message: message.into() }
+    }
+
     /// The machine.
-    pub machine: String,
-    /// What went wrong and the fix.
-    pub message: String,
+    pub fn machine(&self) -> &str {
+        let (PlatformError::Unreachable { machine, .. }
+        | PlatformError::Refused { machine, .. }
+        | PlatformError::Unsupported { machine, .. }
+        | PlatformError::Failed { machine, .. }) = self;
+        machine
+    }
+
+    /// What went wrong and the fix, without the machine's name.
+    pub fn message(&self) -> &str {
+        let (PlatformError::Unreachable { message, .. }
+        | PlatformError::Refused { message, .. }
+        | PlatformError::Unsupported { message, .. }
+        | PlatformError::Failed { message, .. }) = self;
+        message
+    }
+
+    /// The message, owned.
+    pub fn into_message(self) -> String {
+        let (PlatformError::Unreachable { message, .. }
+        | PlatformError::Refused { message, .. }
+        | PlatformError::Unsupported { message, .. }
+        | PlatformError::Failed { message, .. }) = self;
+        message
+    }
+
+    /// The kind as users read it: `unreachable`, `refused`, `unsupported` or `failed`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PlatformError::Unreachable { .. } => "unreachable",
+            PlatformError::Refused { .. } => "refused",
+            PlatformError::Unsupported { .. } => "unsupported",
+            PlatformError::Failed { .. } => "failed",
+        }
+    }
+
+    /// The same failure with `more` appended to its message.
+    pub fn and(mut self, more: &str) -> PlatformError {
+        let (PlatformError::Unreachable { message, .. }
+        | PlatformError::Refused { message, .. }
+        | PlatformError::Unsupported { message, .. }
+        | PlatformError::Failed { message, .. }) = &mut self;
+        message.push_str(more);
+        self
+    }
 }
 
 /// What [`Machine::set_boot_generation`] did.
@@ -68,6 +173,15 @@ impl MachineState {
 }
 
 /// One machine of a deployment, on its platform.
+///
+/// A platform implements the lifecycle ([`state`](Machine::state), [`provision`](Machine::provision),
+/// [`start`](Machine::start), [`stop`](Machine::stop), [`destroy`](Machine::destroy)) and one
+/// transport ([`transport`](Machine::transport): a byte stream to the machine's agent).
+/// Everything else has a default built on those: [`connect`](Machine::connect) shakes hands
+/// over the transport, [`logs`](Machine::logs) runs the agent's `logs` through
+/// [`command`](Machine::command), [`reboot`](Machine::reboot) stops and starts; abilities a
+/// platform lacks ([`command`](Machine::command), [`set_boot_generation`](Machine::set_boot_generation))
+/// say [`PlatformError::Unsupported`] in one sentence. docs/architecture.md says how to add one.
 pub trait Machine: Send + Sync {
     /// The machine's name.
     fn name(&self) -> &str;
@@ -80,11 +194,40 @@ pub trait Machine: Send + Sync {
     fn start(&self) -> Result<(), PlatformError>;
     /// Stops it: the agent stops services cleanly first.
     fn stop(&self) -> Result<(), PlatformError>;
+    /// Removes every trace of it.
+    fn destroy(&self) -> Result<(), PlatformError>;
+    /// Opens a byte stream to its agent (which speaks the protocol on it at once).
+    fn transport(&self) -> Result<Transport, RemoteError>;
+
+    /// Connects to its agent: the handshake over [`Machine::transport`].
+    fn connect(&self) -> Result<AgentClient, RemoteError> {
+        self.transport()?.handshake(self.name())
+    }
     /// Stops and starts it; `hard` restarts what it runs on too (an ssh host reboots).
     fn reboot(&self, hard: bool) -> Result<(), PlatformError> {
-        let _ = hard; // a container is its own host
+        let _ = hard; // by default the machine is its own host
         self.stop()?;
         self.start()
+    }
+    /// A command that runs `argv` inside the machine (an interactive one with a terminal when
+    /// `tty`). A platform that cannot says so.
+    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
+        let _ = (argv, tty);
+        Err(PlatformError::unsupported(
+            self.name(),
+            "its platform cannot run commands in it; reach its services over the network instead",
+        ))
+    }
+    /// An interactive login shell on the machine: `sh -l` through [`Machine::command`].
+    fn shell(&self) -> Result<Command, PlatformError> {
+        self.command(&["sh".into(), "-l".into()], true)
+    }
+    /// A command printing the last `lines` lines of a service's log (every service's when
+    /// `None`), following it with `follow`: the machine's agent's `logs` command, run through
+    /// [`Machine::command`].
+    fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError> {
+        let argv = [layout::BOOTSTRAP_AGENT.to_owned(), "logs".into()].into_iter().chain(logs_args(service, lines, follow));
+        self.command(&argv.collect::<Vec<_>>(), false)
     }
     /// Puts back what a running machine lost of the platform's own plumbing (its network
     /// links, address, route, port forwards), whoever changed it; returns what was restored,
@@ -108,28 +251,68 @@ pub trait Machine: Send + Sync {
     /// disks this host holds can; the default says what to do instead.
     fn set_boot_generation(&self, to: Option<u64>) -> Result<BootGeneration, PlatformError> {
         let _ = to;
-        Err(PlatformError {
-            machine: self.name().to_owned(),
-            message: "it is not running, and its platform cannot change its generation from outside; start it, then `flotilla rollback`".into(),
-        })
+        Err(PlatformError::unsupported(
+            self.name(),
+            "it is not running, and its platform cannot change its generation from outside; start it, then `flotilla rollback`",
+        ))
     }
-    /// Removes every trace of it.
-    fn destroy(&self) -> Result<(), PlatformError>;
-    /// Connects to its agent.
-    fn connect(&self) -> Result<AgentClient, RemoteError>;
-    /// A command that runs `argv` inside the machine (an interactive one with a terminal when
-    /// `tty`).
-    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError>;
-    /// An interactive login shell on the machine.
-    fn shell(&self) -> Result<Command, PlatformError> {
-        self.command(&["sh".into(), "-l".into()], true)
-    }
-    /// A command printing the last `lines` lines of a service's log (every service's when
-    /// `None`), following it with `follow`: the agent's `logs` command, run where the logs are.
-    fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError>;
     /// What the machine is made of on this host (root directory, network names, ...), for
     /// people looking for it and for cleaning up by hand.
-    fn resources(&self) -> BTreeMap<String, String>;
+    fn resources(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+}
+
+/// The arguments of the agent's `logs` command: the last `lines` lines of `service`'s log
+/// (every service's when `None`), followed with `follow`.
+pub fn logs_args(service: Option<&str>, lines: usize, follow: bool) -> Vec<String> {
+    let mut argv = vec!["-n".into(), lines.to_string()];
+    if follow {
+        argv.push("-f".into());
+    }
+    argv.extend(service.map(str::to_owned));
+    argv
+}
+
+/// The reading half of a [`Transport`]: a descriptor the client can wait on.
+pub trait TransportRead: Read + AsFd + Send {}
+impl<T: Read + AsFd + Send> TransportRead for T {}
+/// The writing half of a [`Transport`].
+pub trait TransportWrite: Write + AsFd + Send {}
+impl<T: Write + AsFd + Send> TransportWrite for T {}
+
+/// A byte stream to a machine's agent, as [`Machine::transport`] opens it: a unix socket, an
+/// ssh session's pipes, a serial port.
+pub struct Transport {
+    reader: Box<dyn TransportRead>,
+    writer: Box<dyn TransportWrite>,
+    /// Where the stream goes, and why it closed before the agent answered, when the platform
+    /// can tell more than "closed" (ssh's stderr).
+    closed: Option<(String, Box<dyn FnOnce() -> String + Send>)>,
+}
+
+impl Transport {
+    /// A stream of two halves.
+    pub fn new(reader: impl TransportRead + 'static, writer: impl TransportWrite + 'static) -> Transport {
+        Transport { reader: Box::new(reader), writer: Box::new(writer), closed: None }
+    }
+
+    /// With `why`, which says (as a sentence with the fix) why the stream to `destination`
+    /// closed before the agent answered.
+    pub fn explained(mut self, destination: String, why: impl FnOnce() -> String + Send + 'static) -> Transport {
+        self.closed = Some((destination, Box::new(why)));
+        self
+    }
+
+    /// Shakes hands with machine `machine`'s agent over it.
+    pub fn handshake(self, machine: &str) -> Result<AgentClient, RemoteError> {
+        match (AgentClient::over(machine, self.reader, self.writer), self.closed) {
+            (Err(RemoteError::Protocol(flotilla_protocol::ProtocolError::HandshakeClosed)), Some((destination, why))) => {
+                Err(RemoteError::Transport { destination, message: why() })
+            }
+            (r, _) => r,
+        }
+    }
 }
 
 /// What a platform needs to know of the deployer.
@@ -164,7 +347,7 @@ impl Unusable {
     }
 
     fn err(&self) -> PlatformError {
-        PlatformError { machine: self.name.clone(), message: self.why.clone() }
+        PlatformError::failed(&self.name, self.why.clone())
     }
 }
 
@@ -193,18 +376,34 @@ impl Machine for Unusable {
     fn destroy(&self) -> Result<(), PlatformError> {
         Err(self.err())
     }
-    fn connect(&self) -> Result<AgentClient, RemoteError> {
+    fn transport(&self) -> Result<Transport, RemoteError> {
         Err(RemoteError::Transport { destination: format!("machine {}", self.name), message: self.why.clone() })
     }
     fn command(&self, _argv: &[String], _tty: bool) -> Result<Command, PlatformError> {
         Err(self.err())
     }
-    fn logs(&self, _service: Option<&str>, _lines: usize, _follow: bool) -> Result<Command, PlatformError> {
-        Err(self.err())
+}
+
+/// Plans the facts every machine of the file has before provisioning (`facts` holds them
+/// with what was stored; `stored` is every recorded machine, gone from the file or not): each
+/// platform plans its own machines. Returns every problem found, each naming the machine and
+/// the option. A new platform adds its arm here and in [`machine`].
+pub fn plan_facts(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap<String, Facts>, facts: &mut BTreeMap<MachineName, Facts>) -> Vec<PlanError> {
+    let (mut local_machines, mut ssh_machines) = (BTreeMap::new(), BTreeMap::new());
+    for (name, platform) in platforms {
+        match platform {
+            Platform::Local(spec) => {
+                local_machines.insert(name, spec);
+            }
+            Platform::Ssh(spec) => {
+                ssh_machines.insert(name, spec);
+            }
+            Platform::Qemu(_) => {} // refused by `machine` when it is provisioned
+        }
     }
-    fn resources(&self) -> BTreeMap<String, String> {
-        BTreeMap::new()
-    }
+    let mut errors = local::plan_facts(&local_machines, stored, facts);
+    errors.extend(ssh::plan_facts(&ssh_machines, facts));
+    errors
 }
 
 /// The machine `name` on `platform`, with its recorded facts.
@@ -212,12 +411,83 @@ pub fn machine(ctx: &Context, name: &str, platform: &Platform, facts: &BTreeMap<
     match platform {
         Platform::Local(spec) => Ok(Box::new(local::LocalMachine::new(ctx, name, spec, facts)?)),
         Platform::Ssh(spec) => Ok(Box::new(ssh::SshMachine::new(ctx, name, spec)?)),
-        other => Err(PlatformError {
-            machine: name.to_owned(),
-            message: format!(
-                "option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\" or \"ssh\"",
-                other.kind()
-            ),
-        }),
+        other => Err(PlatformError::unsupported(
+            name,
+            format!("option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\" or \"ssh\"", other.kind()),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A platform with the required methods only: what a new platform starts from.
+    struct Bare;
+
+    impl Machine for Bare {
+        fn name(&self) -> &str {
+            "bare1"
+        }
+        fn state(&self) -> MachineState {
+            MachineState::Running
+        }
+        fn provision(&self) -> Result<Option<String>, PlatformError> {
+            Ok(None)
+        }
+        fn start(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn stop(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn destroy(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        /// A stream whose far end reads the greeting and hangs up, as an agent that is not
+        /// there would.
+        fn transport(&self) -> Result<Transport, RemoteError> {
+            let (near, far) = std::os::unix::net::UnixStream::pair().expect("socketpair");
+            std::thread::spawn(move || {
+                let mut far = far;
+                let mut hello = [0u8; 16];
+                let _ = std::io::Read::read(&mut far, &mut hello);
+            });
+            let reader = near.try_clone().expect("dup");
+            Ok(Transport::new(reader, near).explained("bare host".into(), || "the bare host hung up; start its agent".into()))
+        }
+    }
+
+    #[test]
+    fn abilities_a_platform_lacks_are_one_unsupported_sentence() {
+        let m = Bare;
+        for e in [m.command(&["true".into()], false).unwrap_err(), m.shell().unwrap_err(), m.logs(None, 10, false).unwrap_err()] {
+            assert!(matches!(e, PlatformError::Unsupported { .. }), "{e:?}");
+            assert_eq!(e.kind(), "unsupported");
+            assert_eq!(e.to_string(), "machine bare1: its platform cannot run commands in it; reach its services over the network instead");
+        }
+        let e = m.set_boot_generation(None).unwrap_err();
+        assert!(matches!(e, PlatformError::Unsupported { .. }) && !e.to_string().contains('\n'), "{e:?}");
+        assert!(m.reboot(true).is_ok() && m.resources().is_empty() && m.problems().is_empty());
+    }
+
+    #[test]
+    fn connect_shakes_hands_over_the_transport_and_says_why_it_closed() {
+        match Bare.connect() {
+            Err(RemoteError::Transport { destination, message }) => {
+                assert_eq!((destination.as_str(), message.as_str()), ("bare host", "the bare host hung up; start its agent"));
+            }
+            Err(e) => panic!("not the transport's explanation: {e}"),
+            Ok(_) => panic!("nobody answered, yet it connected"),
+        }
+    }
+
+    #[test]
+    fn a_platform_error_keeps_its_kind_machine_and_message() {
+        let e = PlatformError::unreachable("web1", "cannot reach h (No route to host)").and("; check the cable");
+        assert_eq!((e.kind(), e.machine(), e.message()), ("unreachable", "web1", "cannot reach h (No route to host); check the cable"));
+        assert_eq!(e.to_string(), "machine web1: cannot reach h (No route to host); check the cable");
+        assert_eq!(PlatformError::refused("web1", "no").kind(), "refused");
+        assert_eq!(PlatformError::failed("web1", "boom").into_message(), "boom");
     }
 }

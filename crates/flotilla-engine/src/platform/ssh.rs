@@ -17,6 +17,10 @@
 //!   ask for a password is reported as such, never answered.
 //! - **Upgrades.** An agent that speaks an older protocol than this flotilla is replaced by
 //!   this flotilla's (its services restart with it); a compatible one keeps running.
+//! - **Shell on the host** lives in templates beside this file (`ssh/*.sh`, and the unit
+//!   `ssh/flotilla-agent.service`), read with `include_str!` and filled by [`script`]: each
+//!   `@name@` becomes its value quoted as one shell word, paths coming from
+//!   [`flotilla_protocol::layout`]; no script is written with `format!`.
 //! - The deployer keeps `machines/<deployment>/<machine>/ssh.json` (what it learnt of the
 //!   host); `destroy` runs `flotilla-agent uninstall` on the host, which removes only what
 //!   flotilla placed there, and forgets the host.
@@ -29,15 +33,18 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use flotilla_model::SshPlatform;
+use flotilla_model::{MachineName, SshPlatform};
 use flotilla_store::{HashingWriter, NarHash, StorePath};
 use serde::{Deserialize, Serialize};
 
-use super::{Context, Machine, MachineState, PlatformError};
-use crate::remote::{AgentClient, RemoteError};
+use flotilla_protocol::layout;
+
+use super::{Context, Machine, MachineState, PlatformError, Transport};
+use crate::facts::{Facts, PlanError};
+use crate::remote::RemoteError;
 
 /// The link to the agent the host runs (the systemd unit and `start` use it).
-const AGENT_LINK: &str = flotilla_protocol::layout::BOOTSTRAP_AGENT;
+const AGENT_LINK: &str = layout::BOOTSTRAP_AGENT;
 /// The systemd unit flotilla installs.
 const UNIT_NAME: &str = "flotilla-agent.service";
 /// Where the unit goes on the host.
@@ -86,14 +93,21 @@ struct Probe {
     nix: bool,
 }
 
+/// Adds `ip` (the host, as the options name it, unless a fact says otherwise) to the facts
+/// of the ssh machines `machines`.
+pub fn plan_facts(machines: &BTreeMap<&MachineName, &SshPlatform>, facts: &mut BTreeMap<MachineName, Facts>) -> Vec<PlanError> {
+    for (&name, ssh) in machines {
+        let facts = facts.get_mut(name).expect("every machine of the file has facts");
+        facts.entry("ip".into()).or_insert_with(|| serde_json::Value::from(ssh.host.clone()));
+    }
+    Vec::new()
+}
+
 impl SshMachine {
     /// The machine `name` on the host its options name.
     pub fn new(ctx: &Context, name: &str, spec: &SshPlatform) -> Result<SshMachine, PlatformError> {
         if spec.host.is_empty() || spec.host.starts_with('-') {
-            return Err(PlatformError {
-                machine: name.to_owned(),
-                message: format!("option `platform.host` is {:?}, which is not a host name or address", spec.host),
-            });
+            return Err(PlatformError::refused(name, format!("option `platform.host` is {:?}, which is not a host name or address", spec.host)));
         }
         Ok(SshMachine {
             name: name.to_owned(),
@@ -104,7 +118,7 @@ impl SshMachine {
     }
 
     fn err(&self, message: impl Into<String>) -> PlatformError {
-        PlatformError { machine: self.name.clone(), message: message.into() }
+        PlatformError::failed(&self.name, message)
     }
 
     fn record_path(&self) -> PathBuf {
@@ -151,51 +165,38 @@ impl SshMachine {
 
     /// Runs `argv` on the host (as root), failing with its stderr.
     fn run_root(&self, argv: &[&str], what: &str) -> Result<String, PlatformError> {
-        let out = self.ssh.run(&self.remote(argv), None).map_err(|m| self.err(m))?;
+        let out = self.ssh.run(&self.remote(argv), None)?;
         if !out.status.success() {
-            return Err(self.err(format!("{what} failed on {}: {}", self.ssh.destination(), self.remote_failure(&out))));
+            return Err(self.remote_error(format!("{what} failed on {}", self.ssh.destination()), &out));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// What a failed remote command said, with sudo's password question explained.
-    fn remote_failure(&self, out: &Output) -> String {
+    /// `what` with what a failed remote command said, sudo's password question explained
+    /// (which is a refusal, not a failure).
+    fn remote_error(&self, what: String, out: &Output) -> PlatformError {
         let stderr = String::from_utf8_lossy(&out.stderr).trim().to_owned();
         if stderr.contains("sudo:") && (stderr.contains("password") || stderr.contains("terminal is required")) {
-            return self.sudo_advice(&stderr);
+            return PlatformError::refused(&self.name, format!("{what}: {}", self.sudo_advice(&stderr)));
         }
         if stderr.is_empty() {
-            format!("exit status {}", out.status.code().unwrap_or(-1))
+            self.err(format!("{what}: exit status {}", out.status.code().unwrap_or(-1)))
         } else {
-            stderr
+            self.err(format!("{what}: {stderr}"))
         }
     }
 
     fn sudo_advice(&self, said: &str) -> String {
-        let user = self.ssh.user.clone().unwrap_or_else(|| "the login user".into());
-        format!(
-            "{user} is not root on {} and sudo would ask for a password (sudo -n said: {}); allow it without one, e.g. `{user} ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/flotilla, or set `platform.user = \"root\"`",
-            self.ssh.host,
-            said.trim().trim_start_matches("sudo: ")
-        )
+        sudo_advice(self.ssh.user.as_deref(), &self.ssh.host, said)
     }
 
     /// Learns what the deployer needs of the host in one round trip, as the login user.
     fn probe(&self) -> Result<Probe, PlatformError> {
         let agent = self.agent()?.path.to_absolute();
-        let script = format!(
-            r#"agent={agent}
-echo "uid=$(id -u)"
-echo "arch=$(uname -m)"
-if [ "$(id -u)" = 0 ]; then s=; elif err=$(sudo -n true 2>&1 </dev/null); then s="sudo -n --"; echo sudo=ok; else echo "sudo=$(printf %s "$err" | head -n 1)"; exit 0; fi
-if [ -d /run/systemd/system ]; then echo systemd=yes; fi
-if [ -d /nix/var/nix/db ]; then echo nix=yes; fi
-if [ -x "$agent" ]; then echo agent=present; $s "$agent" status-line 2>/dev/null </dev/null | sed 's/^/agent-state=/'; fi
-"#
-        );
-        let out = self.ssh.run("sh -s", Some(script.as_bytes())).map_err(|m| self.err(m))?;
+        let script = script(include_str!("ssh/probe.sh"), &[("agent", &agent)]);
+        let out = self.ssh.run("sh -s", Some(script.as_bytes()))?;
         if !out.status.success() {
-            return Err(self.err(format!("cannot probe {}: {}", self.ssh.destination(), self.remote_failure(&out))));
+            return Err(self.remote_error(format!("cannot probe {}", self.ssh.destination()), &out));
         }
         let mut p = Probe::default();
         for line in String::from_utf8_lossy(&out.stdout).lines() {
@@ -220,27 +221,15 @@ if [ -x "$agent" ]; then echo agent=present; $s "$agent" status-line 2>/dev/null
         let a = self.agent()?;
         let base = a.path.base_name();
         let registration = serde_json::json!({ "narHash": a.nar_hash.to_string(), "narSize": a.nar_size, "references": [] }).to_string();
-        let script = format!(
-            r#"set -e
-umask 022
-p=/nix/store/{base}
-mkdir -p /nix/store /nix/var/flotilla/db
-if [ ! -e "$p" ]; then
-  t=/nix/store/.flotilla-partial-bootstrap-{base}
-  cat > "$t"
-  chmod 0555 "$t"
-  mv -f "$t" "$p"
-  printf '%s\n' {reg} > /nix/var/flotilla/db/.{base}.tmp
-  mv -f /nix/var/flotilla/db/.{base}.tmp /nix/var/flotilla/db/{base}
-fi
-"#,
-            reg = shell_quote(&registration)
+        let script = script(
+            include_str!("ssh/copy_agent.sh"),
+            &[("store", flotilla_store::STORE_DIR), ("registry", layout::REGISTRY), ("base", base), ("registration", &registration)],
         );
         let binary = fs::read(&self.agent_binary).map_err(|e| self.err(format!("cannot read the agent {}: {e}", self.agent_binary.display())))?;
         // The script goes in the command line (it is short); the binary on stdin.
-        let out = self.ssh.run(&self.remote(&["sh", "-c", &script]), Some(&binary)).map_err(|m| self.err(m))?;
+        let out = self.ssh.run(&self.remote(&["sh", "-c", &script]), Some(&binary))?;
         if !out.status.success() {
-            return Err(self.err(format!("cannot copy the agent to {}: {}", self.ssh.destination(), self.remote_failure(&out))));
+            return Err(self.remote_error(format!("cannot copy the agent to {}", self.ssh.destination()), &out));
         }
         Ok(())
     }
@@ -263,13 +252,13 @@ fi
 
     /// Opens the master connection and checks the host is one flotilla can use.
     fn reach(&self) -> Result<Probe, PlatformError> {
-        self.ssh.ensure_master().map_err(|m| self.err(m))?;
+        self.ssh.ensure_master()?;
         let p = self.probe()?;
         if p.arch != "x86_64" {
-            return Err(self.err(format!("{} is a {} host; this flotilla's agent is built for x86_64 Linux", self.ssh.host, p.arch)));
+            return Err(PlatformError::refused(&self.name, format!("{} is a {} host; this flotilla's agent is built for x86_64 Linux", self.ssh.host, p.arch)));
         }
         if let Some(said) = p.sudo.as_deref().filter(|s| *s != "ok") {
-            return Err(self.err(self.sudo_advice(said)));
+            return Err(PlatformError::refused(&self.name, self.sudo_advice(said)));
         }
         Ok(p)
     }
@@ -347,7 +336,7 @@ impl Machine for SshMachine {
         if !p.running {
             return Ok(());
         }
-        let script = format!("if [ -d /run/systemd/system ] && systemctl is-active --quiet {UNIT_NAME}; then systemctl stop {UNIT_NAME}; else {AGENT_LINK} stop >/dev/null; fi");
+        let script = script(include_str!("ssh/stop.sh"), &[("unit_name", UNIT_NAME), ("link", AGENT_LINK)]);
         self.run_root(&["sh", "-c", &script], "stopping the agent").map(drop)
     }
 
@@ -368,7 +357,7 @@ impl Machine for SshMachine {
                 return self.start();
             }
         }
-        Err(self.err(format!("{} did not answer ssh within 5 minutes of the reboot", self.ssh.host)))
+        Err(PlatformError::unreachable(&self.name, format!("{} did not answer ssh within 5 minutes of the reboot", self.ssh.host)))
     }
 
     fn destroy(&self) -> Result<(), PlatformError> {
@@ -380,17 +369,7 @@ impl Machine for SshMachine {
             self.copy_agent()?;
         }
         let agent = self.agent()?.path.to_absolute();
-        let script = format!(
-            r#"set -e
-if [ -f {UNIT_PATH} ]; then
-  systemctl disable --now --quiet {UNIT_NAME} 2>/dev/null || true
-  rm -f {UNIT_PATH}
-  systemctl daemon-reload 2>/dev/null || true
-fi
-{agent} stop >/dev/null
-{agent} uninstall --yes
-"#
-        );
+        let script = script(include_str!("ssh/uninstall.sh"), &[("unit_path", UNIT_PATH), ("unit_name", UNIT_NAME), ("agent", &agent)]);
         self.run_root(&["sh", "-c", &script], "removing flotilla from the host")?;
         fs::remove_dir_all(&self.dir).or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) }).map_err(|e| self.err(format!("cannot remove {}: {e}", self.dir.display())))?;
         if let Some(parent) = self.dir.parent() {
@@ -399,10 +378,12 @@ fi
         Ok(())
     }
 
-    fn connect(&self) -> Result<AgentClient, RemoteError> {
+    /// `ssh host [sudo -n] <agent> stdio` over the master connection; when it ends before the
+    /// agent answers, ssh's stderr says why.
+    fn transport(&self) -> Result<Transport, RemoteError> {
         let transport = |message: String| RemoteError::Transport { destination: self.ssh.destination(), message };
-        self.ssh.ensure_master().map_err(transport)?;
-        let agent = self.agent().map_err(|e| transport(e.message))?.path.to_absolute();
+        self.ssh.ensure_master().map_err(|e| transport(e.into_message()))?;
+        let agent = self.agent().map_err(|e| transport(e.into_message()))?.path.to_absolute();
         let mut child = self
             .ssh
             .command(false)
@@ -424,28 +405,25 @@ fi
                 *said.lock().unwrap_or_else(|p| p.into_inner()) = text;
             });
         }
-        let reader = ChildReader { stdout, child };
-        match AgentClient::over(&self.name, reader, stdin) {
-            Ok(c) => Ok(c),
-            Err(RemoteError::Protocol(flotilla_protocol::ProtocolError::HandshakeClosed)) => {
-                // ssh ended before the agent answered; its stderr says why.
-                std::thread::sleep(std::time::Duration::from_millis(100));
-                let said = said.lock().unwrap_or_else(|p| p.into_inner()).trim().to_owned();
-                let message = if said.contains("sudo:") && said.contains("password") {
-                    self.sudo_advice(&said)
-                } else if said.contains("no agent answers") {
-                    format!("no agent runs on {}; start it with `flotilla start {}`", self.ssh.host, self.name)
-                } else if said.is_empty() {
-                    format!(
-                        "the connection closed before the agent answered; the agent's log on the host says why (/var/log/flotilla-agent.log, or `journalctl -u {UNIT_NAME}` with systemd)"
-                    )
-                } else {
-                    said
-                };
-                Err(transport(message))
+        let (name, host, user) = (self.name.clone(), self.ssh.host.clone(), self.ssh.user.clone());
+        let why = move || {
+            // ssh ended before the agent answered; its stderr says why.
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            let said = said.lock().unwrap_or_else(|p| p.into_inner()).trim().to_owned();
+            if said.contains("sudo:") && said.contains("password") {
+                sudo_advice(user.as_deref(), &host, &said)
+            } else if said.contains("no agent answers") {
+                format!("no agent runs on {host}; start it with `flotilla start {name}`")
+            } else if said.is_empty() {
+                format!(
+                    "the connection closed before the agent answered; the agent's log on the host says why ({}, or `journalctl -u {UNIT_NAME}` with systemd)",
+                    layout::AGENT_LOG
+                )
+            } else {
+                said
             }
-            Err(e) => Err(e),
-        }
+        };
+        Ok(Transport::new(ChildReader { stdout, child }, stdin).explained(self.ssh.destination(), why))
     }
 
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
@@ -457,19 +435,6 @@ fi
 
     fn shell(&self) -> Result<Command, PlatformError> {
         Ok(self.ssh.interactive())
-    }
-
-    fn logs(&self, service: Option<&str>, lines: usize, follow: bool) -> Result<Command, PlatformError> {
-        let agent = self.agent()?.path.to_absolute();
-        let lines = lines.to_string();
-        let mut argv = vec![agent.as_str(), "logs", "-n", &lines];
-        if follow {
-            argv.push("-f");
-        }
-        argv.extend(service);
-        let mut cmd = self.ssh.command(false);
-        cmd.arg(self.remote(&argv));
-        Ok(cmd)
     }
 
     fn resources(&self) -> BTreeMap<String, String> {
@@ -590,7 +555,7 @@ impl Ssh {
     }
 
     /// Runs `remote` (a shell command line) over the master, with `stdin` bytes.
-    fn run(&self, remote: &str, stdin: Option<&[u8]>) -> Result<Output, String> {
+    fn run(&self, remote: &str, stdin: Option<&[u8]>) -> Result<Output, PlatformError> {
         let mut child = self
             .command(false)
             .arg(remote)
@@ -598,24 +563,24 @@ impl Ssh {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run ssh: {e}"))?;
+            .map_err(|e| PlatformError::failed(&self.machine, format!("cannot run ssh: {e}")))?;
         let feeder = stdin.map(|bytes| {
             let mut pipe = child.stdin.take().expect("piped");
             let bytes = bytes.to_vec();
             std::thread::spawn(move || pipe.write_all(&bytes))
         });
-        let out = child.wait_with_output().map_err(|e| format!("ssh: {e}"))?;
+        let out = child.wait_with_output().map_err(|e| PlatformError::failed(&self.machine, format!("ssh: {e}")))?;
         if let Some(f) = feeder {
             let _ = f.join();
         }
         if out.status.code() == Some(255) {
-            return Err(explain_ssh_failure(&self.destination(), &String::from_utf8_lossy(&out.stderr)));
+            return Err(explain_ssh_failure(&self.machine, &self.destination(), &String::from_utf8_lossy(&out.stderr)));
         }
         Ok(out)
     }
 
     /// Opens the master connection unless one answers already.
-    fn ensure_master(&self) -> Result<(), String> {
+    fn ensure_master(&self) -> Result<(), PlatformError> {
         let Some(control) = &self.control else {
             return Ok(()); // no private directory for sockets: every step connects anew
         };
@@ -627,7 +592,7 @@ impl Ssh {
         // The master's stderr goes to a file, not a pipe: the master lives on in the
         // background holding it, and a pipe would never reach EOF.
         let log = control.with_file_name(format!("{}-{}.log", std::process::id(), self.machine));
-        let file = fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        let file = fs::File::create(&log).map_err(|e| PlatformError::failed(&self.machine, format!("cannot create {}: {e}", log.display())))?;
         let status = self
             .base(true)
             .args(["-o", "ControlMaster=yes", "-o", "ControlPersist=60", "-N", "-f", "--", &self.host])
@@ -635,11 +600,11 @@ impl Ssh {
             .stdout(Stdio::null())
             .stderr(file)
             .status()
-            .map_err(|e| format!("cannot run ssh (Debian: openssh-client): {e}"))?;
+            .map_err(|e| PlatformError::failed(&self.machine, format!("cannot run ssh (Debian: openssh-client): {e}")))?;
         let said = fs::read_to_string(&log).unwrap_or_default();
         let _ = fs::remove_file(&log);
         if !status.success() {
-            return Err(explain_ssh_failure(&self.destination(), &said));
+            return Err(explain_ssh_failure(&self.machine, &self.destination(), &said));
         }
         self.opened.store(true, Ordering::SeqCst);
         Ok(())
@@ -681,8 +646,9 @@ fn current_uid() -> u32 {
     fs::metadata("/proc/self").map(|m| m.uid()).unwrap_or(0)
 }
 
-/// One clear sentence for the ways ssh fails to connect.
-fn explain_ssh_failure(destination: &str, stderr: &str) -> String {
+/// One clear sentence for the ways ssh fails to connect, of the kind it is: a host key or
+/// login refused, a host that does not answer, or another failure.
+fn explain_ssh_failure(machine: &str, destination: &str, stderr: &str) -> PlatformError {
     let said = stderr
         .lines()
         .rfind(|l| !l.starts_with("@@@") && !l.trim().is_empty())
@@ -692,28 +658,33 @@ fn explain_ssh_failure(destination: &str, stderr: &str) -> String {
     let host = destination.split('@').next_back().unwrap_or(destination).split(':').next().unwrap_or(destination);
     if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") || stderr.contains("Host key verification failed") {
         if stderr.contains("REMOTE HOST IDENTIFICATION HAS CHANGED") {
-            return format!(
+            return PlatformError::refused(machine, format!(
                 "refused to connect to {destination}: its host key does not match the one in known_hosts (the host was reinstalled, or someone is in the middle); if the change is expected, remove the old key with `ssh-keygen -R {host}` and check the new one by connecting once by hand"
-            );
+            ));
         }
-        return format!(
+        return PlatformError::refused(machine, format!(
             "refused to connect to {destination}: its host key is not in known_hosts; connect once by hand (`ssh {destination}`) to check and accept it, or add it with ssh-keyscan after checking its fingerprint"
-        );
+        ));
     }
     if stderr.contains("Permission denied") {
-        return format!("{destination} refused the login ({said}); check `platform.user` and `platform.identityFile`, or the keys your ssh-agent offers");
+        return PlatformError::refused(machine, format!("{destination} refused the login ({said}); check `platform.user` and `platform.identityFile`, or the keys your ssh-agent offers"));
     }
     if ["Connection timed out", "No route to host", "Connection refused", "Could not resolve hostname", "Network is unreachable", "Operation timed out"]
         .iter()
         .any(|s| stderr.contains(s))
     {
-        return format!("cannot reach {destination} ({said}); check `platform.host` and `platform.port` and that the host is up");
+        return PlatformError::unreachable(machine, format!("cannot reach {destination} ({said}); check `platform.host` and `platform.port` and that the host is up"));
     }
-    if said.is_empty() {
-        format!("ssh to {destination} failed")
-    } else {
-        format!("ssh to {destination} failed: {said}")
-    }
+    PlatformError::failed(machine, if said.is_empty() { format!("ssh to {destination} failed") } else { format!("ssh to {destination} failed: {said}") })
+}
+
+/// Why a login user's sudo would not do, and the fix.
+fn sudo_advice(user: Option<&str>, host: &str, said: &str) -> String {
+    let user = user.unwrap_or("the login user");
+    format!(
+        "{user} is not root on {host} and sudo would ask for a password (sudo -n said: {}); allow it without one, e.g. `{user} ALL=(ALL) NOPASSWD: ALL` in /etc/sudoers.d/flotilla, or set `platform.user = \"root\"`",
+        said.trim().trim_start_matches("sudo: ")
+    )
 }
 
 /// A word quoted for a POSIX shell.
@@ -738,60 +709,97 @@ fn agent_file(binary: &Path) -> Result<AgentFile, String> {
 /// starts it, or restarts it with `restart`: through `flotilla-agent.service` (written to
 /// [`UNIT_PATH`] when it differs from [`unit_text`]) with `systemd`, detached without.
 pub fn start_script(agent: &str, systemd: bool, restart: bool) -> String {
-    let link = AGENT_LINK;
+    let bin_dir = AGENT_LINK.rsplit_once('/').map_or("/", |(dir, _)| dir);
     if systemd {
         let verb = if restart { "restart" } else { "start" };
-        format!(
-            r#"set -e
-mkdir -p /nix/var/flotilla/bin
-ln -sfn {agent} {link}
-unit={unit_text}
-if [ ! -f {UNIT_PATH} ] || [ "$(cat {UNIT_PATH})" != "$unit" ]; then
-  printf '%s\n' "$unit" > {UNIT_PATH}.flotilla-tmp
-  mv -f {UNIT_PATH}.flotilla-tmp {UNIT_PATH}
-  systemctl daemon-reload
-fi
-systemctl enable --quiet {UNIT_NAME}
-systemctl {verb} {UNIT_NAME}
-i=0
-until {link} status-line | grep -q '^running'; do
-  i=$((i+1)); [ $i -lt 150 ] || {{ echo "the agent did not answer within 15 s; see journalctl -u {UNIT_NAME}" >&2; exit 1; }}
-  sleep 0.1
-done
-"#,
-            unit_text = shell_quote(&unit_text())
+        script(
+            include_str!("ssh/start_systemd.sh"),
+            &[
+                ("bin_dir", bin_dir),
+                ("agent", agent),
+                ("link", AGENT_LINK),
+                ("unit_text", &unit_text()),
+                ("unit_path", UNIT_PATH),
+                ("unit_name", UNIT_NAME),
+                ("verb", verb),
+            ],
         )
     } else {
-        let stop = if restart { format!("{link} stop >/dev/null\n") } else { String::new() };
-        format!("set -e\nmkdir -p /nix/var/flotilla/bin\n{stop}ln -sfn {agent} {link}\n{link} init --detach >/dev/null\n")
+        let restart = if restart { "yes" } else { "no" };
+        script(include_str!("ssh/start_detached.sh"), &[("bin_dir", bin_dir), ("agent", agent), ("link", AGENT_LINK), ("restart", restart)])
     }
 }
 
 /// The systemd unit that runs the agent, as [`start_script`] writes it to [`UNIT_PATH`]
 /// (followed by a newline).
 pub fn unit_text() -> String {
-    format!(
-        "[Unit]
-Description=flotilla agent: runs the services flotilla deploys
-After=network-online.target
-Wants=network-online.target
+    let unit = fill(include_str!("ssh/flotilla-agent.service"), &[("link", AGENT_LINK)], str::to_owned);
+    unit.strip_suffix('\n').unwrap_or(&unit).to_owned()
+}
 
-[Service]
-ExecStart={AGENT_LINK} init
-# SIGTERM to the agent stops every service cleanly; what is left after it exits is killed.
-KillMode=mixed
-TimeoutStopSec=90
-Restart=on-failure
-RestartSec=2
+/// A shell script from its template in `ssh/`, each `@name@` replaced by its value quoted
+/// as one word for the shell, so no value can become code.
+fn script(template: &str, vars: &[(&str, &str)]) -> String {
+    fill(template, vars, shell_quote)
+}
 
-[Install]
-WantedBy=multi-user.target"
-    )
+/// `template` with each `@name@` replaced by `quote(value)`, in one pass (a value is never
+/// read again for placeholders). A placeholder without a value is a bug in flotilla: it
+/// panics, and the tests fill every template.
+fn fill(template: &str, vars: &[(&str, &str)], quote: impl Fn(&str) -> String) -> String {
+    let mut out = String::with_capacity(template.len());
+    let mut rest = template;
+    while let Some(at) = rest.find('@') {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + 1..];
+        match after.find('@').map(|end| (&after[..end], end)) {
+            Some((name, end)) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'_') => {
+                let value = vars.iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("template placeholder @{name}@ has no value"));
+                out.push_str(&quote(value.1));
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push('@');
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A value filled into a script template is one word for the shell, whatever it holds.
+    #[test]
+    fn template_values_cannot_become_code() {
+        let hostile = "$(echo pwned); `id` 'q' \"d\" @x@";
+        let text = script("printf '%s\\n' @v@ @w@\n", &[("v", hostile), ("w", "plain")]);
+        let out = Command::new("sh").arg("-c").arg(&text).output().expect("prerequisite missing: sh");
+        assert_eq!(String::from_utf8_lossy(&out.stdout), format!("{hostile}\nplain\n"), "{text}");
+        assert_eq!(fill("a@@b mail@host", &[], str::to_owned), "a@@b mail@host", "only @name@ is a placeholder");
+    }
+
+    #[test]
+    #[should_panic(expected = "@agent@ has no value")]
+    fn a_placeholder_without_a_value_is_a_bug_caught_at_once() {
+        script(include_str!("ssh/probe.sh"), &[]);
+    }
+
+    /// The systemd start script writes exactly `unit_text()`, whose `ExecStart` is the agent
+    /// link of the layout.
+    #[test]
+    fn the_start_script_carries_the_unit_and_the_layouts_paths() {
+        let unit = unit_text();
+        assert!(unit.contains(&format!("ExecStart={} init\n", layout::BOOTSTRAP_AGENT)) && !unit.ends_with('\n'), "{unit}");
+        let s = start_script("/nix/store/abc-flotilla-agent", true, true);
+        assert!(s.contains(&format!("unit={}\n", shell_quote(&unit))) && s.contains("systemctl restart flotilla-agent.service\n"), "{s}");
+        assert!(s.contains(&format!("ln -sfn /nix/store/abc-flotilla-agent {}\n", layout::BOOTSTRAP_AGENT)), "{s}");
+        let d = start_script("/nix/store/abc-flotilla-agent", false, false);
+        assert!(d.contains("if [ no = yes ]") && d.contains("init --detach"), "{d}");
+    }
 
     #[test]
     fn words_are_quoted_for_the_remote_shell() {
@@ -804,12 +812,17 @@ mod tests {
     #[test]
     fn ssh_failures_read_as_advice() {
         let changed = "@@@@@@@@@@@\n@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @\n@@@@@@@@@@@\nHost key verification failed.\n";
-        let m = explain_ssh_failure("root@10.0.0.2", changed);
+        let e = explain_ssh_failure("m", "root@10.0.0.2", changed);
+        assert!(matches!(e, PlatformError::Refused { .. }), "{e:?}");
+        let m = e.message();
         assert!(m.contains("host key does not match") && m.contains("ssh-keygen -R 10.0.0.2"), "{m}");
-        let m = explain_ssh_failure("root@10.0.0.9", "ssh: connect to host 10.0.0.9 port 22: No route to host\n");
-        assert!(m.starts_with("cannot reach root@10.0.0.9 (ssh: connect to host 10.0.0.9 port 22: No route to host)"), "{m}");
-        let m = explain_ssh_failure("deploy@h", "deploy@h: Permission denied (publickey).\n");
-        assert!(m.contains("refused the login") && m.contains("platform.identityFile"), "{m}");
+        let e = explain_ssh_failure("m", "root@10.0.0.9", "ssh: connect to host 10.0.0.9 port 22: No route to host\n");
+        assert!(matches!(e, PlatformError::Unreachable { .. }), "{e:?}");
+        assert!(e.message().starts_with("cannot reach root@10.0.0.9 (ssh: connect to host 10.0.0.9 port 22: No route to host)"), "{e}");
+        let e = explain_ssh_failure("m", "deploy@h", "deploy@h: Permission denied (publickey).\n");
+        assert!(matches!(e, PlatformError::Refused { .. }), "{e:?}");
+        assert!(e.message().contains("refused the login") && e.message().contains("platform.identityFile"), "{e}");
+        assert_eq!(e.to_string(), format!("machine m: {}", e.message()));
     }
 
     #[test]

@@ -4,7 +4,8 @@
 #![allow(unsafe_code)]
 
 /// Sends `signal` to `pid`; false when there is no such process.
-pub(super) fn kill(pid: i32, signal: i32) -> bool {
+pub(super) fn kill(pid: u32, signal: i32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
     if pid <= 0 {
         return false; // never a process group or every process
     }

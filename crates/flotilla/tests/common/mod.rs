@@ -221,11 +221,9 @@ pub fn http_get(port: u16) -> Option<String> {
     }
 }
 
-/// Whether a process exists.
-pub fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
-        && !std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
-}
+/// Whether a process exists (and is no zombie).
+#[allow(unused_imports)] // not every test file uses it
+pub use flotilla_proc::alive;
 
 /// Fails loudly unless this process can make containers: root, `ip` and `nsenter`.
 pub fn require_container_prerequisites() {
@@ -418,16 +416,10 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// A process's start time (field 22 of its stat), `None` when it is gone or a zombie.
-pub fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.get(stat.rfind(')')? + 2..)?;
-    let mut fields = rest.split(' ');
-    if fields.next()? == "Z" {
-        return None;
-    }
-    fields.nth(18)?.parse().ok()
-}
+/// A process's start time (field 22 of its stat), `None` when it is gone or a zombie: the
+/// reader the deployer and the agent use.
+#[allow(unused_imports)] // not every test file uses it
+pub use flotilla_proc::start_time;
 
 /// The example deployment file.
 pub fn example() -> String {
