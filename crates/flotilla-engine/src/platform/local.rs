@@ -462,7 +462,11 @@ impl LocalMachine {
                 self.name
             )));
         }
-        let mut found = self.ensure_network()?;
+        // A look that changes nothing first, outside the lock the machines' network changes
+        // take one at a time: a fleet whose plumbing is as made (the usual redeploy) is looked
+        // at in parallel, and only a machine with something to repair waits for the lock.
+        let as_made = self.link_exists(&self.net.veth) && self.plumbing_faults().is_ok_and(|faults| faults.is_empty());
+        let mut found = if as_made { Vec::new() } else { self.ensure_network()? };
         if !self.monitor_alive() {
             self.run_launcher(true)?;
             found.push("its container monitor was gone (its port forwards with it)".into());
