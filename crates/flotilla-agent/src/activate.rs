@@ -310,6 +310,13 @@ impl Agent {
             let status = self.supervisor.status().into_iter().find(|s| s.name == name);
             let state = status.as_ref().map(|s| s.state);
             let now = Instant::now();
+            // A one-shot service (a migration, a set-up script) that finished cleanly and is
+            // not restarted for it has done its work: that is no failure to stay up.
+            let clean = crate::supervisor::ExitStatus::Exited(0).to_string();
+            let finished = status.as_ref().is_some_and(|s| s.state == ServiceState::Stopped && s.last_exit.as_deref() == Some(clean.as_str()));
+            if finished {
+                return None;
+            }
             let same = |s: &flotilla_protocol::ServiceStatus, seen: &(Option<u32>, u32, Instant)| s.pid == seen.0 && s.restarts == seen.1;
             match (&status, stay, &up) {
                 (Some(s), _, _) if s.state != ServiceState::Running => {}

@@ -397,14 +397,21 @@ impl Engine {
     /// difference (drift) in the ledger.
     pub fn check(&mut self, deployment: &str, sel: &Selection, agent: &Path) -> Result<Vec<MachineInfo>> {
         let infos = self.info(deployment, sel, agent)?;
-        for i in &infos {
+        self.record_check(deployment, &infos)?;
+        Ok(infos)
+    }
+
+    /// Records in the ledger what a check found of each machine: `ok`, or `drift` with the
+    /// problems (which the caller may have added to, as the CLI does for orphans).
+    pub fn record_check(&mut self, deployment: &str, infos: &[MachineInfo]) -> Result<()> {
+        for i in infos {
             if i.problems.is_empty() {
                 self.event(deployment, Some(i.machine.as_str()), "check", "ok", "as deployed")?;
             } else {
                 self.event(deployment, Some(i.machine.as_str()), "check", "drift", &i.problems.join("; "))?;
             }
         }
-        Ok(infos)
+        Ok(())
     }
 
     /// Forgets a deployment: its state DB records (the ledger keeps its events) and the GC

@@ -265,6 +265,9 @@ pub enum Command {
         /// machines that still exist are still refused
         #[arg(long)]
         force: bool,
+        /// With --force: do not ask for confirmation
+        #[arg(long, short = 'y', requires = "force")]
+        yes: bool,
     },
     /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
     /// (exit status 0 when the default platform can deploy from here)

@@ -45,8 +45,10 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
                 None => None,
             };
             // Nothing activated (a copy, a dry run): nothing for the agent to keep running.
-            if !goal.activates() {
-                drop(client);
+            drop(client);
+            if goal.activates() {
+                started.keep();
+            } else {
                 started.stop()?;
             }
             if *json {
@@ -77,8 +79,9 @@ pub fn run(g: &Global, command: &DebugCommand) -> Result<Outcome> {
             let compression = if *compress { Compression::Zstd } else { Compression::None };
             let copy = client.copy_closure(&nix(g)?, &roots, compression, &mut progress_printer());
             drop(client);
-            started.stop()?;
+            let stopped = started.stop();
             let copy = copy?;
+            stopped?;
             if *json {
                 output::json(&copy);
             } else {
@@ -162,20 +165,35 @@ fn socket(dir: &Path) -> std::path::PathBuf {
     flotilla_protocol::layout::under(dir, flotilla_protocol::layout::SOCKET)
 }
 
-/// An agent a debug command started for its own use.
+/// An agent a debug command started for its own use: stopped when dropped (a command that
+/// failed half-way stops it too), unless [`Started::keep`] says it now runs a system.
 struct Started(Option<std::process::Child>);
 
 impl Started {
     /// Stops it (SIGTERM: it stops whatever it runs first) and waits for it, when this command
     /// started it; one that was running already is left running.
-    fn stop(self) -> Result<()> {
-        let Some(mut child) = self.0 else { return Ok(()) };
+    fn stop(mut self) -> Result<()> {
+        let Some(mut child) = self.0.take() else { return Ok(()) };
         let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
         let status = child.wait().context("cannot wait for the agent it started")?;
         if !status.success() {
             bail!("the agent it started for its own use ended with {status}");
         }
         Ok(())
+    }
+
+    /// Leaves it running: it runs the system just activated.
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -117,6 +117,9 @@ pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) 
     if matches!(op, Operation::Destroy | Operation::Forget) && !yes {
         let machines: Vec<String> = engine.fleet(&name, &sel, &agent)?.into_iter().map(|f| f.name.to_string()).collect();
         if machines.is_empty() {
+            if op == Operation::Forget {
+                return Ok(Outcome::Ok); // `delete --force` of a deployment with none left
+            }
             bail!("deployment `{name}` has no machines to destroy");
         }
         let (verb, what) = match op {
@@ -181,8 +184,9 @@ pub fn info(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome
 pub fn check(g: &Global, target: &Target, on: &str, json: bool) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
     let (name, declared) = deployment_and_machines(&engine, target)?;
-    let mut infos = engine.check(&name, &Selection::parse(on), &agent_path()?)?;
+    let mut infos = engine.info(&name, &Selection::parse(on), &agent_path()?)?;
     mark_orphans(&mut infos, &name, target, declared.as_deref());
+    engine.record_check(&name, &infos)?;
     output::drift(&infos, json);
     Ok(if infos.iter().all(|i| i.problems.is_empty()) { Outcome::Ok } else { Outcome::SomeFailed })
 }

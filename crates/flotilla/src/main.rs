@@ -134,8 +134,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             }
             Ok(Outcome::Ok)
         }
-        Command::Delete { target, force } => {
-            if *force && fleet::operate(g, target, "", Operation::Forget, true)? != Outcome::Ok {
+        Command::Delete { target, force, yes } => {
+            if *force && fleet::operate(g, target, "", Operation::Forget, *yes)? != Outcome::Ok {
                 bail!("some machines could not be forgotten (above); destroy them, then delete again");
             }
             let mut engine = engine(g, open_state(g)?)?;

@@ -13,19 +13,25 @@ use serde::Serialize;
 use serde_json::Value;
 
 /// Prints any value as pretty JSON on stdout.
-/// Writes `text` to stdout. A reader that went away (`flotilla log | head`) ends flotilla
-/// quietly with exit status 0, as a closed pipe ends `cat`; any other failure to write is one
-/// error line and exit status 2. Everything flotilla prints for its user goes through here
-/// (`out!`/`outln!`), never through `print!`, which panics on a closed pipe.
+/// Whether standard output went away (its reader closed it): what follows is dropped.
+static STDOUT_GONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Writes `text` to stdout. A reader that went away (`flotilla log | head`) is not an error:
+/// the rest of the output is dropped and the command runs to its end (a deploy is never cut
+/// off halfway because its reader left), with the exit status its outcome gives. Any other
+/// failure to write is said once on stderr. Everything flotilla prints for its user goes
+/// through here (`out!`/`outln!`), never through `print!`, which panics on a closed pipe.
 pub fn emit(text: &str) {
     use std::io::Write as _;
+    use std::sync::atomic::Ordering;
+    if STDOUT_GONE.load(Ordering::Relaxed) {
+        return;
+    }
     let mut stdout = std::io::stdout().lock();
     if let Err(e) = stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
-        if e.kind() == std::io::ErrorKind::BrokenPipe {
-            std::process::exit(0);
+        if !STDOUT_GONE.swap(true, Ordering::Relaxed) && e.kind() != std::io::ErrorKind::BrokenPipe {
+            eprintln!("error: cannot write to standard output ({e}); the rest of the output is dropped");
         }
-        eprintln!("error: cannot write to standard output: {e}");
-        std::process::exit(2);
     }
 }
 

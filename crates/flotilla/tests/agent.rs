@@ -335,6 +335,23 @@ fn a_checked_generation_without_a_confirmation_window_is_kept_across_a_restart()
 }
 
 #[test]
+fn a_one_shot_service_that_finishes_cleanly_is_no_failure_to_stay_up() {
+    let fl = Fl::new();
+    let root = fl.dir.path().join("machine");
+    let _agent = RunningAgent::start(&root);
+    let port = free_port();
+    let with_setup = deployment(port, "one").replace(
+        "services.idle =",
+        "services.setup = { script = \"echo migrated\"; restart = \"on-failure\"; };\n    services.idle =",
+    );
+    let pushed = push(&fl, &root, &fl.file("d.nix", &with_setup), "switch");
+    assert_eq!(pushed["generation"], 1, "{pushed}");
+    assert_eq!(http_get(port).as_deref(), Some("one"));
+    let gens = fl.run(&["debug", "root", root.to_str().unwrap(), "generations", "--json"]).ok().json();
+    assert_eq!(gens[0]["failed"], Value::Null, "{gens}");
+}
+
+#[test]
 fn accounts_and_files_of_the_machines_are_refused_before_anything_changes() {
     let fl = Fl::new();
     let root = fl.dir.path().join("machine");

@@ -89,6 +89,12 @@ fn a_machine_that_cannot_be_handled_is_one_failed_row_of_every_fleet_command() {
     assert_eq!(f.info(&file).len(), 1, "box1 is gone from the state, vm1 is not");
     assert!(!f.fl.state().parent().unwrap().join("machines/mixed/box1").exists(), "box1's directory is left");
 
+    // Forgetting asks first: without a terminal to ask on, nothing without --yes.
+    let unasked = f.run(&["delete", "-f", &file, "--force"]);
+    assert_eq!(unasked.code(), 2, "{}\n{}", unasked.stdout(), unasked.stderr());
+    assert!(unasked.stderr().contains("pass --yes to confirm"), "{}", unasked.stderr());
+    assert_eq!(f.info(&file).len(), 1, "vm1 was forgotten without being asked");
+
     // vm1 can never be reached: it is forgotten, and the ledger says nothing was cleaned up.
     let forgot = f.run(&["destroy", "-f", &file, "--on", "vm1", "--forget", "--yes"]).ok();
     assert!(forgot.stdout().contains("forgotten (nothing on its host was cleaned up)"), "{}", forgot.stdout());
@@ -112,6 +118,9 @@ fn a_machine_the_file_no_longer_declares_is_orphaned_and_destroyed_from_the_stat
     assert!(b["problems"].to_string().contains("no longer declares it; `flotilla destroy -d orph --on b --yes` removes it"), "{b:#}");
     assert_eq!(f.machine(&file, "a")["health"], "healthy");
     assert_eq!(f.run(&["check", "-f", &file]).code(), 1, "an orphan is drift");
+    let ledger = f.run(&["log", "--json"]).ok().json();
+    let check_b = ledger.as_array().unwrap().iter().rev().find(|e| e["kind"] == "check" && e["machine"] == "b").unwrap_or_else(|| panic!("no check of b: {ledger:#}"));
+    assert_eq!(check_b["status"], "drift", "the ledger says what the table said: {check_b:#}");
 
     // A running machine is not forgotten: that would leave it behind.
     let refused = f.run(&["destroy", "-f", &file, "--on", "b", "--forget", "--yes"]);
@@ -168,4 +177,24 @@ fn output_into_a_reader_that_went_away_ends_quietly() {
         assert_eq!(said.trim(), "status 0", "`flotilla {}` into a closed pipe: {said}\n{}", args.join(" "), String::from_utf8_lossy(&out.stderr));
         assert!(out.stderr.is_empty(), "`flotilla {}` into a closed pipe said: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
     }
+}
+
+#[test]
+fn a_deploy_whose_reader_went_away_still_runs_to_its_end() {
+    let f = Fleet::new();
+    let file = f.fl.file("gone.nix", &common::web_deployment("gone", "v1", ""));
+    // `deploy --json | head -n 1`: the reader leaves after the first event.
+    let line = f.cmd_line(&["deploy", "--json", "-f", &file]);
+    let out = f
+        .fl_env(std::process::Command::new("sh"))
+        .arg("-c")
+        .arg(format!("exec 3>&1; {{ {line}; echo \"status $?\" >&3; }} | head -n 1 >/dev/null"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "status 0", "{}", String::from_utf8_lossy(&out.stderr));
+    // The deploy went on: the machine runs generation 1, recorded, and the lock is released.
+    let web = f.machine(&file, "web");
+    assert_eq!((web["state"].clone(), web["generation"].clone(), web["recorded_generation"].clone()), ("running".into(), 1.into(), 1.into()), "{web:#}");
+    let (code, _, said) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{said}");
 }

@@ -99,9 +99,15 @@ fn password_login_is_refused_and_a_key_login_works(fleet: &Fleet, lab: &SshLab, 
         refused.stderr()
     );
     assert!(!asked.exists(), "ssh asked for a password: the host offered password logins");
-    // sshd saw the login attempt and let it go unauthenticated.
-    let log = host.sshd_log();
-    assert!(log.matches("Connection closed by authenticating user guard").count() > before, "sshd log:\n{log}");
+    // sshd saw the login attempt and let it go unauthenticated. It writes that line once the
+    // client has gone, which may be after ssh returned here: wait for it.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut log = host.sshd_log();
+    while log.matches("Connection closed by authenticating user guard").count() <= before {
+        assert!(std::time::Instant::now() < deadline, "sshd log:\n{log}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        log = host.sshd_log();
+    }
     assert!(!log.contains("Accepted password") && !log.contains("Accepted keyboard-interactive"), "sshd log:\n{log}");
 
     let with_key = login(true);

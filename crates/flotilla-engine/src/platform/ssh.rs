@@ -289,11 +289,15 @@ impl Machine for SshMachine {
         if self.record().is_none() {
             return MachineState::Missing;
         }
-        let Ok(agent) = self.agent().map(|a| a.path.to_absolute()) else { return MachineState::Unreachable };
-        match self.ssh.run(&self.remote(&[&agent, "status-line"]), None) {
+        // Through the host's agent link, not this deployer's own store path: after an upgrade
+        // of flotilla the host has the old agent, which answers all the same. Only ssh itself
+        // failing (exit 255: no connection, refused login) makes the host unreachable; a host
+        // that answers without a working agent has it stopped (a deploy installs it again).
+        match self.ssh.run(&self.remote(&[AGENT_LINK, "status-line"]), None) {
             Ok(out) if out.status.success() && out.stdout.starts_with(b"running") => MachineState::Running,
-            Ok(out) if out.status.success() => MachineState::Stopped,
-            _ => MachineState::Unreachable,
+            Ok(out) if out.status.code() == Some(255) => MachineState::Unreachable,
+            Ok(_) => MachineState::Stopped,
+            Err(_) => MachineState::Unreachable,
         }
     }
 
