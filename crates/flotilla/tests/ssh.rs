@@ -303,3 +303,33 @@ fn on_a_host_with_nix_flotillas_paths_survive_its_garbage_collector_and_destroy_
     assert!(!host.root().join("nix/var/flotilla").exists());
     assert!(std::fs::symlink_metadata(&gcroots).is_err(), "destroy left flotilla's GC roots in the host's Nix: {}", gcroots.display());
 }
+
+#[test]
+fn a_host_gone_for_good_is_forgotten_and_nothing_on_it_is_touched() {
+    let f = Fleet::new();
+    let lab = SshLab::new(&f.ns);
+    let mut host = lab.host("gone", HostOpts::default());
+    let file = f.fl.file("sshfleet.nix", &ssh_fleet(&lab, &[("web1", &host.address(), "root", "one")], ""));
+    let (code, _, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{out}");
+
+    // Decommissioned: its sshd is gone with everything it ran; its disk is still there.
+    host.kill();
+    let left = flotilla_traces(&host);
+    assert!(left.iter().any(|t| t == "/nix/var/flotilla"), "{left:?}");
+    assert_eq!(f.machine(&file, "web1")["state"], "unreachable");
+
+    // destroy cannot reach it: one failed row, and it stays in the state.
+    let failed = f.run(&["destroy", "-f", &file, "--yes"]);
+    assert_eq!(failed.code(), 1, "{}\n{}", failed.stdout(), failed.stderr());
+    assert_eq!(f.info(&file).len(), 1);
+
+    // Forgotten: out of the state, the ledger says nothing was cleaned, its files untouched.
+    let forgot = ok(f.run(&["destroy", "-f", &file, "--forget", "--yes"]), "destroy --forget");
+    assert!(forgot.stdout().contains("forgotten (nothing on its host was cleaned up)"), "{}", forgot.stdout());
+    assert!(f.info(&file).is_empty());
+    let ledger = f.run(&["log", "--json"]).ok().json();
+    let forget = ledger.as_array().unwrap().iter().find(|e| e["kind"] == "forget").unwrap_or_else(|| panic!("no forget event: {ledger:#}"));
+    assert_eq!((forget["machine"].clone(), forget["message"].clone()), ("web1".into(), "machine forgotten: nothing on its host was cleaned up".into()));
+    assert_eq!(flotilla_traces(&host), left, "forgetting touched the host's files");
+}
