@@ -429,45 +429,33 @@ impl Engine {
             }
         }
 
+        // Each machine's end is an event; the ledger is one of its listeners, and records
+        // what all of them said in one transaction.
         let mut rows: BTreeMap<MachineName, MachineDeploy> = failures;
-        let mut events = Vec::new();
-        let mut activated = Vec::new();
-        let event = |machine: &MachineName, kind: &str, status: &str, message: &str| self.ledger_entry(ev.name.as_str(), Some(machine.as_str()), kind, status, message);
+        let mut ledger = crate::ledger::Ledger::default();
         for mut r in results {
             r.toplevel = r.toplevel.or_else(|| toplevels.get(&r.machine).cloned());
-            match r.outcome {
-                Outcome::Failed | Outcome::RolledBack => {
-                    let phase = r.failed_phase.map_or("deploy", Phase::as_str);
-                    let status = if r.outcome == Outcome::RolledBack { "rolled back" } else { "failed" };
-                    events.push(event(&r.machine, phase, status, r.error.as_deref().unwrap_or("")));
-                }
-                Outcome::Reverted => {
-                    events.push(event(&r.machine, "rollback", "ok", &r.summary));
-                    if let (Some(n), Some(top)) = (r.previous_generation, &r.previous_toplevel) {
-                        activated.push((r.machine.clone(), top.to_absolute(), n as i64, r.summary.clone()));
-                    }
-                }
-                // What changed nothing on the machine (a copy, a dry run) is an event; an
-                // activation is recorded below as the generation it made.
-                Outcome::Deployed | Outcome::Unchanged if r.generation.is_none() || !opts.goal.activates() => {
-                    events.push(event(&r.machine, opts.goal.as_str(), "ok", &r.summary));
-                }
-                Outcome::Deployed | Outcome::Unchanged => {}
-            }
-            // A machine that runs the new generation is recorded so, even when a later step
-            // (its post-activation keys) failed.
-            if r.activated {
-                if let (Some(generation), Some(top)) = (r.generation, &r.toplevel) {
-                    activated.push((r.machine.clone(), top.to_absolute(), generation as i64, r.summary.clone()));
-                }
-            }
+            let runs = match (r.outcome, r.activated) {
+                (Outcome::Reverted, _) => r.previous_generation.zip(r.previous_toplevel.clone()),
+                // A machine that runs the new generation is recorded so, even when a later
+                // step (its post-activation keys) failed.
+                (_, true) => r.generation.zip(r.toplevel.clone()),
+                _ => None,
+            };
+            let finished = EngineEvent::MachineFinished {
+                machine: r.machine.clone(),
+                goal: opts.goal,
+                outcome: r.outcome,
+                failed_phase: r.failed_phase,
+                error: r.error.clone(),
+                summary: r.summary.clone(),
+                runs,
+            };
+            ledger.observe(&finished);
+            listen(&finished);
             rows.insert(r.machine.clone(), r);
         }
-        let activations: Vec<flotilla_state::Activation<'_>> = activated
-            .iter()
-            .map(|(machine, toplevel, number, message)| flotilla_state::Activation { machine: machine.as_str(), toplevel, number: *number, message })
-            .collect();
-        self.state.record_deploy(ev.name.as_str(), &self.actor, &activations, &events)?;
+        ledger.record(self, ev.name.as_str())?;
         if !opts.goal.provisions() {
             for (machine, t) in &toplevels {
                 rows.entry(machine.clone())

@@ -121,6 +121,24 @@ pub enum EngineEvent {
         /// The toplevel or the reason.
         detail: String,
     },
+    /// One machine's deploy ended (its whole row is in the report): what the ledger records.
+    MachineFinished {
+        /// The machine.
+        machine: MachineName,
+        /// How far the deploy went.
+        goal: crate::deploy::Goal,
+        /// How it ended.
+        outcome: crate::deploy::Outcome,
+        /// The phase that failed, if one did.
+        failed_phase: Option<Phase>,
+        /// Why it failed.
+        error: Option<String>,
+        /// What happened, in a few words.
+        summary: String,
+        /// The generation it runs now and its toplevel, when this deploy (or its revert)
+        /// changed what it runs.
+        runs: Option<(u64, flotilla_store::StorePath)>,
+    },
 }
 
 /// Where events go.

@@ -25,6 +25,7 @@ pub mod fleet;
 pub mod jobs;
 pub mod keys;
 mod gcroots;
+mod ledger;
 pub mod lock;
 pub mod platform;
 pub mod procfs;

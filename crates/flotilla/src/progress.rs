@@ -89,6 +89,8 @@ impl Progress {
                         let _ = bars.println(format!("  nix: {}", escape_controls(line)));
                     }
                     EngineEvent::NixLog { .. } => {}
+                    // The row was drawn by its phases; the report at the end says the rest.
+                    EngineEvent::MachineFinished { .. } => {}
                 }
             }
         }
