@@ -22,12 +22,8 @@ use crate::error::AgentError;
 /// The agent's version, told to deployers in the handshake.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Accepts connections until the listener fails; each is served on its own thread.
-pub fn serve(agent: Arc<Mutex<Agent>>, listener: UnixListener) {
-    serve_until(agent, &listener, &AtomicBool::new(false));
-}
-
-/// [`serve`], until `retired` is set and the listener shut down (which wakes its accept).
+/// Accepts connections, each served on its own thread, until the listener fails or is
+/// retired (`retired` set and the listener shut down, which wakes its accept).
 fn serve_until(agent: Arc<Mutex<Agent>>, listener: &UnixListener, retired: &AtomicBool) {
     for stream in listener.incoming() {
         if retired.load(Ordering::SeqCst) {

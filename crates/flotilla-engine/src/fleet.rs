@@ -393,15 +393,7 @@ impl Engine {
         Ok(results)
     }
 
-    /// Compares each picked machine's live state with what was deployed, and records every
-    /// difference (drift) in the ledger.
-    pub fn check(&mut self, deployment: &str, sel: &Selection, agent: &Path) -> Result<Vec<MachineInfo>> {
-        let infos = self.info(deployment, sel, agent)?;
-        self.record_check(deployment, &infos)?;
-        Ok(infos)
-    }
-
-    /// Records in the ledger what a check found of each machine: `ok`, or `drift` with the
+    /// Records in the ledger what a check (`info`, plus what the caller knows) found of each machine: `ok`, or `drift` with the
     /// problems (which the caller may have added to, as the CLI does for orphans).
     pub fn record_check(&mut self, deployment: &str, infos: &[MachineInfo]) -> Result<()> {
         for i in infos {

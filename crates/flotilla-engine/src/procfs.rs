@@ -23,11 +23,7 @@ pub fn command_line(pid: i32) -> Option<String> {
     })
 }
 
-/// Whether this process runs with an effective uid of 0.
-pub fn is_root() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("Uid:")).and_then(|ids| ids.split_whitespace().nth(1)).is_some_and(|euid| euid == "0")
-}
+pub use flotilla_proc::is_root;
 
 /// This host's name.
 pub fn hostname() -> String {

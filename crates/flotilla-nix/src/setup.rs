@@ -332,13 +332,7 @@ fn daemon_refuses(socket: &str, why: &str) -> String {
     format!("Nix is set to use its daemon (NIX_REMOTE or `store` in nix.conf) and none answers at {socket} ({why}); start it (`systemctl start nix-daemon`, or `nix-daemon &` as root), or as root unset NIX_REMOTE to use the store directly")
 }
 
-/// Whether this process is root (effective uid 0), from `/proc/self/status`.
-pub(crate) fn is_root() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|r| r.split_whitespace().nth(1).map(|u| u == "0"))))
-        .unwrap_or(false)
-}
+use flotilla_proc::is_root;
 
 #[cfg(test)]
 mod tests {

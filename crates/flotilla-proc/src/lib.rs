@@ -69,6 +69,14 @@ pub fn alive(pid: u32) -> bool {
     start_time(pid).is_some()
 }
 
+/// Whether this process runs with an effective uid of 0 (`Uid:` of `/proc/self/status`).
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))))
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
