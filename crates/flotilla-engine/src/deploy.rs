@@ -269,12 +269,18 @@ impl Engine {
         // A platform this build cannot use (or options it cannot make sense of) is the
         // configuration's error, said before anything is built, recorded or created; a machine
         // that is only unreachable now fails alone, later.
+        // The handles made here are the ones provisioned below.
+        let mut made: BTreeMap<MachineName, Box<dyn Machine>> = BTreeMap::new();
         if opts.goal.provisions() {
-            let unusable: Vec<String> = selected
-                .iter()
-                .filter_map(|n| platform::machine(&ctx, n.as_str(), &ev.machines[n].platform, &ev.facts.get(n).cloned().unwrap_or_default()).err())
-                .map(|e| e.to_string())
-                .collect();
+            let mut unusable = Vec::new();
+            for n in selected {
+                match platform::machine(&ctx, n.as_str(), &ev.machines[n].platform, &ev.facts.get(n).cloned().unwrap_or_default()) {
+                    Ok(m) => {
+                        made.insert(n.clone(), m);
+                    }
+                    Err(e) => unusable.push(e.to_string()),
+                }
+            }
             if !unusable.is_empty() {
                 return Err(crate::EngineError::Config(unusable));
             }
@@ -327,18 +333,7 @@ impl Engine {
         let mut machines: BTreeMap<MachineName, Box<dyn Machine>> = BTreeMap::new();
         if opts.goal.provisions() && !selected.is_empty() {
             listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: selected.clone() });
-            let mut handles: Vec<(MachineName, Box<dyn Machine>)> = Vec::new();
-            for name in &selected {
-                let cfg = &ev.machines[name];
-                let facts = ev.facts.get(name).cloned().unwrap_or_default();
-                match platform::machine(&ctx, name.as_str(), &cfg.platform, &facts) {
-                    Ok(m) => handles.push((name.clone(), m)),
-                    Err(e) => {
-                        listen(&done(name, Phase::Provision, Err(e.message())));
-                        failures.insert(name.clone(), failed(name, Phase::Provision, e.into_message()));
-                    }
-                }
-            }
+            let handles: Vec<(MachineName, Box<dyn Machine>)> = selected.iter().filter_map(|n| Some((n.clone(), made.remove(n)?))).collect();
             let provisioned = fan_out(&handles, limits.provision, listen, |(name, m), send| {
                 send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Provision });
                 let r = m.provision();
