@@ -284,7 +284,7 @@ impl Agent {
             stage: Stage::Checking,
         };
         self.root.write_state(PENDING, &Some(&record)).map_err(|e| AgentError::Io {
-            what: format!("cannot record that generation {expected} is being activated (nothing was changed)"),
+            what: format!("cannot record that generation {expected} is being activated, so nothing was changed; free space on the machine or make /nix/var/flotilla writable, and deploy again"),
             source: e,
         })?;
         Ok(record)
