@@ -21,6 +21,11 @@ command -v sudo >/dev/null 2>&1 || need+=(sudo)
 # The systemd unit of ssh hosts is checked with systemd-analyze (tests/systemd_unit.rs);
 # installing the package starts nothing where PID 1 is not systemd.
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
+# Machines as VMs (the qemu platform, `flotilla image`): QEMU, the ext4 and image tools the demo
+# package set imports, and depmod for the demo kernel's module list.
+command -v depmod >/dev/null 2>&1 || need+=(kmod)
+command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
+command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -40,6 +45,25 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -q >/dev/null
     apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
 fi
+
+# QEMU's emulator must be the same release as the qemu-utils the host has: a machine image
+# with qemu-utils from bookworm-backports cannot take bookworm's qemu-system-x86 beside it.
+# The backports suite is added from the host's own Debian mirror, never a named one.
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || { echo "install-deps: need root to install qemu-system-x86" >&2; exit 2; }
+    export DEBIAN_FRONTEND=noninteractive
+    release=()
+    if dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null | grep -q '~bpo12'; then
+        bash "$(dirname "$0")/apt-backports.sh"
+        release=(-t bookworm-backports)
+        apt-get update -q >/dev/null
+    fi
+    echo "install-deps: installing qemu-system-x86 ${release[*]}" >&2
+    apt-get install -y -q --no-install-recommends "${release[@]}" qemu-system-x86 >/dev/null
+fi
+
+# The demo package set's kernel and image tools (nix/demo-pkgs.nix), staged once per version.
+bash "$(dirname "$0")/demo-cache.sh"
 
 # Nix as its own installer sets it up for a root-run Nix (`flotilla doctor` checks the result).
 bash "$(dirname "$0")/setup-nix.sh"
