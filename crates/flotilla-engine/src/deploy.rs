@@ -334,6 +334,9 @@ impl Engine {
         if opts.goal.provisions() && !selected.is_empty() {
             listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: selected.clone() });
             let handles: Vec<(MachineName, Box<dyn Machine>)> = selected.iter().filter_map(|n| Some((n.clone(), made.remove(n)?))).collect();
+            for (name, m) in &handles {
+                m.prepare(&toplevels[name]);
+            }
             let provisioned = fan_out(&handles, limits.provision, listen, |(name, m), send| {
                 send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Provision });
                 let r = m.provision();
@@ -661,6 +664,13 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
         row.keys = Some(key_notes.join(", "));
     }
 
+    // The generation the machine boots is now this one (for a platform that boots it itself).
+    if goal.activates() && goal != ActivationGoal::Test {
+        if let Err(e) = m.now_runs(toplevel) {
+            return fail(row, Phase::Activate, format!("generation {generation} runs, but {}", e.message()));
+        }
+    }
+
     row.outcome = if unchanged { Outcome::Unchanged } else { Outcome::Deployed };
     row.summary = if unchanged {
         "unchanged: nothing copied, nothing restarted".to_owned()
@@ -683,6 +693,9 @@ fn revert_machine(m: &dyn Machine, previous: Option<u64>) -> std::result::Result
     };
     let mut client = m.connect().map_err(|e| e.to_string())?;
     client.rollback(Some(previous), None).map_err(|e| e.to_string())?;
+    if let Some(toplevel) = client.status().map_err(|e| e.to_string())?.toplevel {
+        m.now_runs(&toplevel).map_err(|e| format!("reverted to generation {previous}, but {}", e.message()))?;
+    }
     Ok(format!("reverted to generation {previous}"))
 }
 

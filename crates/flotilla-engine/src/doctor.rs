@@ -252,7 +252,7 @@ fn examine_others(opts: Options, f: &mut Vec<Finding>) {
         None => f.push(Finding::problem(
             "qemu",
             Status::Warn,
-            "qemu-system-x86_64 is not installed: local VMs and disk image tests need it (not in this flotilla yet)",
+            "qemu-system-x86_64 is not installed: the qemu platform (local VMs) and disk image tests need it",
             "install qemu-system-x86 (Debian: apt-get install qemu-system-x86)",
         )),
     }
@@ -375,7 +375,7 @@ fn require_tools_in<'a>(machines: impl IntoIterator<Item = (&'a MachineName, &'a
         let needs: &[(&str, &str)] = match platform {
             Platform::Local(_) => &[("ip", "iproute2"), ("nsenter", "util-linux")],
             Platform::Ssh(_) => &[("ssh", "openssh-client")],
-            Platform::Qemu(_) => &[],
+            Platform::Qemu(_) => &[("qemu-system-x86_64", "qemu-system-x86"), ("qemu-img", "qemu-utils"), ("mkfs.ext4", "e2fsprogs"), ("ip", "iproute2")],
         };
         for &(tool, package) in needs {
             if find_in(tool, path).is_none() {

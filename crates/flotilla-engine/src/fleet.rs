@@ -314,6 +314,11 @@ impl Engine {
                     Ok(())
                 })()
                 .map_err(|e| e.to_string())
+                .and_then(|()| match &r.toplevel {
+                    // It boots the generation it runs now (for a platform that boots it itself).
+                    Some(t) => m.now_runs(t).map_err(|e| format!("rolled back, but {}", e.message())),
+                    None => Ok(()),
+                })
             };
             if let Err(e) = outcome {
                 r.error = Some(e);

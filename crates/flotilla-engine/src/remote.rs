@@ -490,6 +490,11 @@ impl AgentClient {
         }
     }
 
+    /// Asks a VM's agent to stop its services and power the machine off.
+    pub fn power_off(&mut self) -> Result<(), RemoteError> {
+        Err(RemoteError::Unexpected { request: "power_off", got: "not yet" })
+    }
+
     /// The current generation, running system and services.
     pub fn status(&mut self) -> Result<MachineStatus, RemoteError> {
         match self.call(&Request::Status, Duration::ZERO)? {

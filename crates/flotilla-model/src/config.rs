@@ -86,6 +86,14 @@ pub struct QemuPlatform {
     pub cpus: u32,
     /// Disk size in MiB.
     pub disk_size: u32,
+    /// `auto`, `kvm` or `tcg`.
+    pub accel: String,
+    /// Fixed IPv4 address, or `None` to allocate one.
+    pub address: Option<String>,
+    /// The deployment's bridge subnet (CIDR).
+    pub subnet: String,
+    /// Host loopback port → machine port forwards.
+    pub forward_ports: Vec<PortForward>,
 }
 
 /// A machine's whole checked config, as the deployer sees it.

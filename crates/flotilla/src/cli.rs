@@ -219,6 +219,9 @@ pub enum Command {
         /// Lines to show from the end of each log
         #[arg(short = 'n', long, default_value_t = 50)]
         lines: usize,
+        /// Show the machine's console (its boot messages, kept on this host) instead
+        #[arg(long, conflicts_with = "service")]
+        console: bool,
     },
     /// Break a deployment's lock whose process died (never one that runs on this host)
     Unlock {

@@ -265,13 +265,29 @@ pub fn shell(g: &Global, target: &Target, machine: &str) -> Result<Outcome> {
     Ok(Outcome::Code(status.code().map_or(1, |c| c.clamp(0, 255) as u8)))
 }
 
-pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, follow: bool, lines: usize) -> Result<Outcome> {
+pub fn logs(g: &Global, target: &Target, machine: &str, service: Option<&str>, follow: bool, lines: usize, console: bool) -> Result<Outcome> {
     let engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;
     let m = engine.one_machine(&name, machine, &agent_path()?)?.machine;
     // The lines go to stdout as they come (so `-F` streams), with the control characters a
     // service may print escaped; what the agent says on failure is shown as the machine's.
-    let mut cmd = m.logs(service, lines, follow)?;
+    let mut cmd = if console {
+        let Some(file) = m.console_log() else {
+            bail!("machine {machine}: its platform keeps no console on this host; use `flotilla logs {machine}` for its services");
+        };
+        if !file.exists() {
+            bail!("machine {machine}: it has no console log yet ({} is missing); it has not booted on this host", file.display());
+        }
+        let mut tail = std::process::Command::new("tail");
+        tail.args(["-n", &lines.to_string()]);
+        if follow {
+            tail.arg("-F");
+        }
+        tail.arg(file);
+        tail
+    } else {
+        m.logs(service, lines, follow)?
+    };
     let program = cmd.get_program().to_string_lossy().into_owned();
     let mut child = cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().with_context(|| format!("cannot run {program}"))?;
     let stdout = child.stdout.take().expect("piped");

@@ -116,7 +116,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command, *record_command)
         }
         Command::Shell { target, machine } => fleet::shell(g, target, machine),
-        Command::Logs { target, machine, service, follow, lines } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines),
+        Command::Logs { target, machine, service, follow, lines, console } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines, *console),
         Command::Unlock { target, force } => {
             let mut engine = engine(g, open_state(g)?)?;
             let name = deployment_name(&engine, target)?;

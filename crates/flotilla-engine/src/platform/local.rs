@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 
 use flotilla_model::LocalPlatform;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use std::os::fd::AsRawFd as _;
 
@@ -31,7 +30,7 @@ use flotilla_store::StorePath;
 mod plan;
 pub use plan::plan_facts;
 
-use super::{sys, BootGeneration, Context, Machine, MachineState, PlatformError, Transport};
+use super::{bridge, sys, BootGeneration, Context, Machine, MachineState, PlatformError, Transport};
 use crate::facts::Subnet;
 use crate::remote::RemoteError;
 
@@ -45,10 +44,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(15);
 const REACH_PORT: u16 = 9;
 /// How long the machine's address gets to answer the reachability probe.
 const REACH_TIMEOUT: Duration = Duration::from_secs(6);
-
-/// Serialises changes to the deployment's bridge between machines worked on in parallel (the
-/// deployment lock keeps other processes out).
-static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A local namespace container.
 #[derive(Debug, Clone)]
@@ -70,15 +65,6 @@ struct Net {
     subnet: Subnet,
 }
 
-fn short_hash(parts: &[&str]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p.as_bytes());
-        h.update([0]);
-    }
-    h.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect()
-}
-
 impl LocalMachine {
     /// The container for machine `name`, from its checked platform options and its facts
     /// (`ip` and `subnet`, planned before provisioning).
@@ -91,15 +77,15 @@ impl LocalMachine {
             .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
         let subnet = Subnet::parse(&spec.subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {}", spec.subnet)))?;
         let state = ctx.state_path.to_string_lossy();
-        let id = short_hash(&[&state, &ctx.deployment]);
+        let id = bridge::deployment_id(ctx);
         Ok(LocalMachine {
             name: name.to_owned(),
             dir: ctx.machines_dir().join(name),
             agent: ctx.agent.clone(),
             net: Net {
-                bridge: format!("flb-{id}"),
+                bridge: bridge::name(ctx),
                 netns: format!("flotilla-{id}-{name}"),
-                veth: format!("flv-{}", short_hash(&[&state, &ctx.deployment, name])),
+                veth: format!("flv-{}", bridge::short_hash(&[&state, &ctx.deployment, name])),
                 ip,
                 subnet,
             },
@@ -151,56 +137,11 @@ impl LocalMachine {
     }
 
     fn ip(&self, args: &[&str]) -> Result<String, PlatformError> {
-        let out = Command::new("ip")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|e| self.err(format!("cannot run `ip` ({e}); install iproute2")))?;
-        if !out.status.success() {
-            return Err(self.err(format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
-        }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        bridge::ip(&self.name, args)
     }
 
     fn link_exists(&self, name: &str) -> bool {
-        Command::new("ip")
-            .args(["link", "show", "dev", name])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    }
-
-    /// Makes the bridge if the deployment has none yet. Refuses a subnet another interface
-    /// already routes, which would make the machines unreachable.
-    fn ensure_bridge(&self) -> Result<bool, PlatformError> {
-        let n = &self.net;
-        if self.link_exists(&n.bridge) {
-            return Ok(false);
-        }
-        let gateway = n.subnet.gateway();
-        for line in self.ip(&["-o", "-4", "addr", "show"])?.lines() {
-            let mut words = line.split_whitespace();
-            let (Some(_), Some(dev)) = (words.next(), words.next()) else { continue };
-            let Some(cidr) = words.skip_while(|w| *w != "inet").nth(1) else { continue };
-            let Some(other) = Subnet::parse(cidr) else { continue };
-            if other.overlaps(&n.subnet) {
-                return Err(self.refused(format!(
-                    "option `platform.subnet` is {} but interface {dev} already has {cidr} on this host; pick a free subnet for the deployment, e.g. platform.subnet = \"10.232.0.0/24\"",
-                    n.subnet
-                )));
-            }
-        }
-        self.ip(&["link", "add", &n.bridge, "type", "bridge"])?;
-        let made = (|| {
-            self.ip(&["addr", "add", &format!("{gateway}/{}", n.subnet.prefix), "dev", &n.bridge])?;
-            self.ip(&["link", "set", &n.bridge, "up"])
-        })();
-        if let Err(e) = made {
-            let _ = self.ip(&["link", "del", &n.bridge]);
-            return Err(e);
-        }
-        Ok(true)
+        bridge::link_exists(name)
     }
 
     /// Creates the machine's network namespace and veth pair if missing, and puts back what
@@ -210,9 +151,9 @@ impl LocalMachine {
     /// across rollbacks, reboots and redeploys. Returns what it restored.
     fn ensure_network(&self) -> Result<Vec<String>, PlatformError> {
         // Machines are provisioned in parallel; the first makes the bridge, the rest wait.
-        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = bridge::NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let n = &self.net;
-        let made_bridge = self.ensure_bridge()?;
+        let made_bridge = bridge::ensure(&self.name, &n.bridge, &n.subnet)?;
         let ns = n.netns.as_str();
         let fresh_ns = !self.netns_path().exists();
         let made_veth = fresh_ns || !self.link_exists(&n.veth);
@@ -331,7 +272,7 @@ impl LocalMachine {
     /// when no port is left on it.
     fn remove_network(&self) -> Result<(), PlatformError> {
         // Machines are destroyed in parallel; the last one out removes the bridge.
-        let _one_at_a_time = NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        let _one_at_a_time = bridge::NETWORK.lock().unwrap_or_else(|p| p.into_inner());
         let n = &self.net;
         if self.netns_path().exists() {
             self.ip(&["netns", "del", &n.netns])?;
@@ -345,10 +286,7 @@ impl LocalMachine {
                 }
             }
         }
-        if self.link_exists(&n.bridge) && self.ip(&["-o", "link", "show", "master", &n.bridge])?.trim().is_empty() {
-            self.ip(&["link", "del", &n.bridge])?;
-        }
-        Ok(())
+        bridge::remove_if_unused(&self.name, &n.bridge)
     }
 
     /// Lays out an empty root and puts the bootstrap agent in it (refreshed at every start,
@@ -771,6 +709,10 @@ impl Machine for LocalMachine {
         let mut cmd = Command::new(&self.agent);
         cmd.arg("logs").arg("--root").arg(self.root()).args(super::logs_args(service, lines, follow));
         Ok(cmd)
+    }
+
+    fn console_log(&self) -> Option<PathBuf> {
+        Some(self.dir.join("console.log"))
     }
 
     fn resources(&self) -> BTreeMap<String, String> {

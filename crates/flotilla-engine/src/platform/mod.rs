@@ -2,7 +2,9 @@
 //! machines, and says how to reach a machine's agent and run a command in it. The deploy
 //! pipeline and the fleet commands talk to machines only through [`Machine`].
 
+mod bridge;
 pub mod local;
+pub mod qemu;
 pub mod ssh;
 mod sys;
 
@@ -13,6 +15,7 @@ use std::process::Command;
 
 use flotilla_model::{MachineName, Platform};
 use flotilla_protocol::layout;
+use flotilla_store::StorePath;
 use serde::Serialize;
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -256,6 +259,21 @@ pub trait Machine: Send + Sync {
             "it is not running, and its platform cannot change its generation from outside; start it, then `flotilla rollback`",
         ))
     }
+    /// Told before provisioning which system the deploy will run on the machine: a platform
+    /// that boots machines itself (qemu) boots a new machine with that system's kernel.
+    fn prepare(&self, toplevel: &StorePath) {
+        let _ = toplevel;
+    }
+    /// Told after an activation was kept or a rollback which system the machine runs now: a
+    /// platform that boots machines itself (qemu) boots that system's kernel next time.
+    fn now_runs(&self, toplevel: &StorePath) -> Result<(), PlatformError> {
+        let _ = toplevel;
+        Ok(())
+    }
+    /// The file its console (boot messages) goes to, when the platform keeps one.
+    fn console_log(&self) -> Option<PathBuf> {
+        None
+    }
     /// What the machine is made of on this host (root directory, network names, ...), for
     /// people looking for it and for cleaning up by hand.
     fn resources(&self) -> BTreeMap<String, String> {
@@ -389,6 +407,14 @@ impl Machine for Unusable {
 /// platform plans its own machines. Returns every problem found, each naming the machine and
 /// the option. A new platform adds its arm here and in [`machine`].
 pub fn plan_facts(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap<String, Facts>, facts: &mut BTreeMap<MachineName, Facts>) -> Vec<PlanError> {
+    // VMs sit on the local machines' bridge: their addresses are planned together.
+    let on_bridge: BTreeMap<&MachineName, flotilla_model::LocalPlatform> = platforms
+        .iter()
+        .filter_map(|(name, platform)| match platform {
+            Platform::Qemu(q) => Some((name, flotilla_model::LocalPlatform { address: q.address.clone(), subnet: q.subnet.clone(), forward_ports: q.forward_ports.clone() })),
+            _ => None,
+        })
+        .collect();
     let (mut local_machines, mut ssh_machines) = (BTreeMap::new(), BTreeMap::new());
     for (name, platform) in platforms {
         match platform {
@@ -398,7 +424,9 @@ pub fn plan_facts(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap
             Platform::Ssh(spec) => {
                 ssh_machines.insert(name, spec);
             }
-            Platform::Qemu(_) => {} // refused by `machine` when it is provisioned
+            Platform::Qemu(_) => {
+                local_machines.insert(name, &on_bridge[name]);
+            }
         }
     }
     let mut errors = local::plan_facts(&local_machines, stored, facts);
@@ -411,10 +439,7 @@ pub fn machine(ctx: &Context, name: &str, platform: &Platform, facts: &BTreeMap<
     match platform {
         Platform::Local(spec) => Ok(Box::new(local::LocalMachine::new(ctx, name, spec, facts)?)),
         Platform::Ssh(spec) => Ok(Box::new(ssh::SshMachine::new(ctx, name, spec)?)),
-        other => Err(PlatformError::unsupported(
-            name,
-            format!("option `platform.type` is \"{}\", which this flotilla cannot deploy to yet; use \"local\" or \"ssh\"", other.kind()),
-        )),
+        Platform::Qemu(spec) => Ok(Box::new(qemu::QemuMachine::new(ctx, name, spec, facts)?)),
     }
 }
 

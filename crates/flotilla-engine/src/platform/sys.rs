@@ -28,6 +28,25 @@ pub(super) fn locked_by_another(file: &std::fs::File) -> bool {
     }
 }
 
+/// Takes an exclusive flock on `file`, waiting for it when `block`; false when another holds
+/// it and `block` is false. Released when the file is closed.
+pub(super) fn flock(file: &std::fs::File, block: bool) -> std::io::Result<bool> {
+    use std::os::fd::AsRawFd as _;
+    let how = if block { libc::LOCK_EX } else { libc::LOCK_EX | libc::LOCK_NB };
+    loop {
+        // SAFETY: flock on a descriptor `file` owns.
+        if unsafe { libc::flock(file.as_raw_fd(), how) } == 0 {
+            return Ok(true);
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) if !block => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
 pub(super) use libc::{SIGKILL, SIGTERM};
 
 /// How [`open_beneath`] resolves the path below its base.

@@ -1,0 +1,100 @@
+//! The deployment's bridge, shared by its local containers and its VMs: one subnet, the
+//! bridge holding its first address, in the network namespace flotilla runs in. Each
+//! machine plugs its own link into it (a container's veth, a VM's tap).
+
+use sha2::{Digest, Sha256};
+use std::process::{Command, Stdio};
+
+use super::{Context, PlatformError};
+use crate::facts::Subnet;
+
+/// Serialises changes to the deployment's bridge between machines worked on in parallel (the
+/// deployment lock keeps other processes out).
+pub(super) static NETWORK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The first four bytes of a SHA-256 of `parts`, in hex: short names that differ per state DB.
+pub(super) fn short_hash(parts: &[&str]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p.as_bytes());
+        h.update([0]);
+    }
+    h.finalize().iter().take(4).map(|b| format!("{b:02x}")).collect()
+}
+
+/// What names the deployment's network objects: a hash of the state DB's path and the
+/// deployment's name, so two state DBs (two users, parallel tests) never share a name.
+pub(super) fn deployment_id(ctx: &Context) -> String {
+    short_hash(&[&ctx.state_path.to_string_lossy(), &ctx.deployment])
+}
+
+/// The deployment's bridge.
+pub(super) fn name(ctx: &Context) -> String {
+    format!("flb-{}", deployment_id(ctx))
+}
+
+/// Runs `ip ARGS` for machine `machine`; its output, or why it failed.
+pub(super) fn ip(machine: &str, args: &[&str]) -> Result<String, PlatformError> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| PlatformError::failed(machine, format!("cannot run `ip` ({e}); install iproute2")))?;
+    if !out.status.success() {
+        return Err(PlatformError::failed(machine, format!("`ip {}` failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Whether this network namespace has a link `name`.
+pub(super) fn link_exists(name: &str) -> bool {
+    Command::new("ip")
+        .args(["link", "show", "dev", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Makes the bridge if the deployment has none yet; true when it was made. Refuses a subnet
+/// another interface already routes, which would make the machines unreachable. Call with
+/// [`NETWORK`] held.
+pub(super) fn ensure(machine: &str, bridge: &str, subnet: &Subnet) -> Result<bool, PlatformError> {
+    if link_exists(bridge) {
+        return Ok(false);
+    }
+    let gateway = subnet.gateway();
+    for line in ip(machine, &["-o", "-4", "addr", "show"])?.lines() {
+        let mut words = line.split_whitespace();
+        let (Some(_), Some(dev)) = (words.next(), words.next()) else { continue };
+        let Some(cidr) = words.skip_while(|w| *w != "inet").nth(1) else { continue };
+        let Some(other) = Subnet::parse(cidr) else { continue };
+        if other.overlaps(subnet) {
+            return Err(PlatformError::refused(
+                machine,
+                format!(
+                    "option `platform.subnet` is {subnet} but interface {dev} already has {cidr} on this host; pick a free subnet for the deployment, e.g. platform.subnet = \"10.232.0.0/24\""
+                ),
+            ));
+        }
+    }
+    ip(machine, &["link", "add", bridge, "type", "bridge"])?;
+    let made = (|| {
+        ip(machine, &["addr", "add", &format!("{gateway}/{}", subnet.prefix), "dev", bridge])?;
+        ip(machine, &["link", "set", bridge, "up"])
+    })();
+    if let Err(e) = made {
+        let _ = ip(machine, &["link", "del", bridge]);
+        return Err(e);
+    }
+    Ok(true)
+}
+
+/// Deletes the bridge when no port is left on it (the last machine out). Call with
+/// [`NETWORK`] held.
+pub(super) fn remove_if_unused(machine: &str, bridge: &str) -> Result<(), PlatformError> {
+    if link_exists(bridge) && ip(machine, &["-o", "link", "show", "master", bridge])?.trim().is_empty() {
+        ip(machine, &["link", "del", bridge])?;
+    }
+    Ok(())
+}

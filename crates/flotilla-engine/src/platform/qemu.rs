@@ -1,0 +1,662 @@
+//! The `qemu` platform: each machine is a QEMU virtual machine on this host.
+//!
+//! A machine's data lives beside the state DB, in `machines/<deployment>/<machine>/`:
+//! - `disk.qcow2`: its disk, a qcow2 overlay (of `platform.diskSize`) over the deployment's
+//!   base image `machines/<deployment>/base-<hash>.img`, an ext4 filesystem labelled
+//!   `flotilla-root` that holds only the bootstrap agent. The guest grows its filesystem to
+//!   the disk at boot; the deploy then copies the closure into the VM's own store over the
+//!   agent protocol, exactly as for any other machine.
+//! - `boot/current` → `boot/<toplevel hash>/` with `kernel`, `initrd` and `params`: copies of
+//!   what the generation the machine runs boots with, so a reboot boots the current
+//!   generation's kernel (and a rollback the old one) even after the host's store dropped it.
+//! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console), `qmp.sock`,
+//!   and `agent.<n>.sock` / `agent.<n>.lock`: the host ends of the virtio-serial ports
+//!   `flotilla.agent.<n>` the agent answers on. A connection holds the port's lock for its
+//!   life, so up to [`PORTS`] connections run at once and a fifth waits for a free port.
+//!
+//! Networking: a tap device (`flt-<hash>`) on the deployment's bridge (the one its local
+//! containers use: one subnet, `/etc/hosts` and `nodes.<name>.ip` for both), virtio-net in the
+//! guest; the guest's address is on the kernel command line (`flotilla.ip=`), planned with
+//! the local machines' addresses.
+//!
+//! A virtio-serial port loses what is sent while the guest has it closed; so the agent writes a
+//! hello line when it opens a port, and the deployer waits for it before sending anything.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use flotilla_model::QemuPlatform;
+use flotilla_protocol::layout;
+use flotilla_store::StorePath;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{bridge, sys, Context, Machine, MachineState, PlatformError, Transport};
+use crate::facts::Subnet;
+use crate::remote::RemoteError;
+
+/// The virtio-serial ports the agent answers on: as many connections at once.
+pub const PORTS: usize = 4;
+/// What the agent writes first on a port it opened.
+pub const HELLO: &[u8] = b"FLOTILLA-AGENT-HELLO\n";
+/// The root filesystem's label, which stage 1 looks for.
+pub const ROOT_LABEL: &str = "flotilla-root";
+
+/// How long a booting VM's agent gets to answer (TCG boots a kernel in seconds; several at
+/// once on two cores take longer).
+const START_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a stopping VM's agent gets to stop its services and power off before QEMU is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a running VM's agent gets to say hello on a port.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// The console lines a failure to boot quotes.
+const CONSOLE_LINES: usize = 8;
+
+/// Serialises making the deployment's base image.
+static BASE: Mutex<()> = Mutex::new(());
+
+/// A QEMU virtual machine.
+#[derive(Debug)]
+pub struct QemuMachine {
+    name: String,
+    dir: PathBuf,
+    agent: PathBuf,
+    spec: QemuPlatform,
+    bridge: String,
+    tap: String,
+    mac: String,
+    ip: Ipv4Addr,
+    subnet: Subnet,
+    /// The system a machine that does not exist yet boots first (its deploy's toplevel).
+    first: Mutex<Option<StorePath>>,
+}
+
+/// QEMU's process, as `vm.json` records it.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct VmPid {
+    pid: u32,
+    start_time: u64,
+}
+
+impl QemuMachine {
+    /// The VM for machine `name`, from its checked platform options and its facts (`ip`,
+    /// planned with the local machines' addresses).
+    pub fn new(ctx: &Context, name: &str, spec: &QemuPlatform, facts: &BTreeMap<String, Value>) -> Result<QemuMachine, PlatformError> {
+        let err = |message: String| PlatformError::failed(name, message);
+        let ip = facts
+            .get("ip")
+            .and_then(Value::as_str)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
+        let subnet = Subnet::parse(&spec.subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {}", spec.subnet)))?;
+        let hash = bridge::short_hash(&[&ctx.state_path.to_string_lossy(), &ctx.deployment, name]);
+        let mac = format!("52:54:{}:{}:{}:{}", &hash[0..2], &hash[2..4], &hash[4..6], &hash[6..8]);
+        Ok(QemuMachine {
+            name: name.to_owned(),
+            dir: ctx.machines_dir().join(name),
+            agent: ctx.agent.clone(),
+            spec: spec.clone(),
+            bridge: bridge::name(ctx),
+            tap: format!("flt-{hash}"),
+            mac,
+            ip,
+            subnet,
+            first: Mutex::new(None),
+        })
+    }
+
+    fn err(&self, message: impl Into<String>) -> PlatformError {
+        PlatformError::failed(&self.name, message)
+    }
+
+    fn disk(&self) -> PathBuf {
+        self.dir.join("disk.qcow2")
+    }
+
+    fn console(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    fn port_socket(&self, n: usize) -> PathBuf {
+        self.dir.join(format!("agent.{n}.sock"))
+    }
+
+    fn boot_dir(&self) -> PathBuf {
+        self.dir.join("boot")
+    }
+
+    /// QEMU's process while it runs.
+    fn running(&self) -> Option<VmPid> {
+        let pid: VmPid = serde_json::from_slice(&fs::read(self.dir.join("vm.json")).ok()?).ok()?;
+        flotilla_proc::is_running(pid.pid, pid.start_time).then_some(pid)
+    }
+
+    /// Makes the machine's directory, root's alone (it holds the VM's disk).
+    fn make_dir(&self) -> Result<(), PlatformError> {
+        for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
+            match fs::DirBuilder::new().mode(0o700).create(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(self.err(format!("cannot create {}: {e}", dir.display()))),
+            }
+        }
+        Ok(())
+    }
+
+    /// The deployment's base image (made once per agent binary): an ext4 filesystem holding
+    /// the bootstrap agent and the directories the agent mounts on.
+    fn base_image(&self) -> Result<PathBuf, PlatformError> {
+        let _one_at_a_time = BASE.lock().unwrap_or_else(|p| p.into_inner());
+        let agent = fs::read(&self.agent).map_err(|e| self.err(format!("cannot read the agent {} ({e})", self.agent.display())))?;
+        let hash = &sha256(&agent)[..16];
+        let deployment_dir = self.dir.parent().unwrap_or(&self.dir);
+        let base = deployment_dir.join(format!("base-{hash}.img"));
+        if base.exists() {
+            return Ok(base);
+        }
+        let staging = deployment_dir.join(format!(".base-{hash}.staging"));
+        let partial = deployment_dir.join(format!(".base-{hash}.img.partial"));
+        let _ = fs::remove_dir_all(&staging);
+        let made = (|| {
+            let io = |what: &str, p: &Path, e: std::io::Error| self.err(format!("cannot {what} {}: {e}", p.display()));
+            for d in ["dev", "proc", "sys", "run", "tmp", "etc", "var", "root", "nix/store", "nix/var/flotilla/bin"] {
+                let p = staging.join(d);
+                fs::create_dir_all(&p).map_err(|e| io("create", &p, e))?;
+            }
+            fs::set_permissions(staging.join("tmp"), fs::Permissions::from_mode(0o1777)).map_err(|e| io("set the mode of", &staging.join("tmp"), e))?;
+            let dest = layout::under(&staging, layout::BOOTSTRAP_AGENT);
+            fs::write(&dest, &agent).map_err(|e| io("write", &dest, e))?;
+            fs::set_permissions(&dest, fs::Permissions::from_mode(0o755)).map_err(|e| io("set the mode of", &dest, e))?;
+            let size_mib = agent.len() / (1 << 20) + 64;
+            let _ = fs::remove_file(&partial);
+            run(&self.name, Command::new("mkfs.ext4").args(["-q", "-F", "-L", ROOT_LABEL, "-d"]).arg(&staging).arg(&partial).arg(format!("{size_mib}M")), "make the base image with mkfs.ext4 (install e2fsprogs)")?;
+            fs::rename(&partial, &base).map_err(|e| io("rename into place", &base, e))
+        })();
+        let _ = fs::remove_dir_all(&staging);
+        let _ = fs::remove_file(&partial);
+        made.map(|()| base)
+    }
+
+    /// Makes the disk: a qcow2 overlay over the base image.
+    fn make_disk(&self) -> Result<(), PlatformError> {
+        let base = self.base_image()?;
+        let partial = self.dir.join(".disk.qcow2.partial");
+        let _ = fs::remove_file(&partial);
+        run(
+            &self.name,
+            Command::new("qemu-img")
+                .args(["create", "-q", "-f", "qcow2", "-F", "raw", "-b"])
+                .arg(&base)
+                .arg(&partial)
+                .arg(format!("{}M", self.spec.disk_size)),
+            "make its disk with qemu-img (install qemu-utils)",
+        )?;
+        fs::rename(&partial, self.disk()).map_err(|e| self.err(format!("cannot rename {} into place: {e}", self.disk().display())))
+    }
+
+    /// Makes `toplevel` the system the VM boots: its kernel, initrd and parameters copied into
+    /// `boot/<hash>/`, then `boot/current` switched to it in one rename.
+    fn set_boot(&self, toplevel: &StorePath) -> Result<(), PlatformError> {
+        let top_abs = toplevel.to_absolute();
+        let top = Path::new(&top_abs);
+        let hash = toplevel.hash_part().to_owned();
+        let boot = self.boot_dir();
+        let dir = boot.join(&hash);
+        let io = |what: &str, p: &Path, e: std::io::Error| self.err(format!("cannot {what} {}: {e}", p.display()));
+        if !top.join("kernel").exists() {
+            return Err(self.err(format!("its system {toplevel} has no kernel; set option `boot.kernel` (e.g. boot.kernel = pkgs.linux;)")));
+        }
+        if !dir.join("params").exists() {
+            let partial = boot.join(format!(".{hash}.partial"));
+            let _ = fs::remove_dir_all(&partial);
+            fs::DirBuilder::new().recursive(true).mode(0o700).create(&partial).map_err(|e| io("create", &partial, e))?;
+            for f in ["kernel", "initrd"] {
+                fs::copy(top.join(f), partial.join(f)).map_err(|e| io("copy", &top.join(f), e))?;
+            }
+            let params = fs::read_to_string(top.join("kernel-params")).unwrap_or_default();
+            let params = format!("{} flotilla.system={toplevel}", params.trim());
+            fs::write(partial.join("params"), params.trim()).map_err(|e| io("write", &partial.join("params"), e))?;
+            fs::rename(&partial, &dir).map_err(|e| io("rename into place", &dir, e))?;
+        }
+        let link = boot.join(".current.new");
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(&hash, &link).map_err(|e| io("create", &link, e))?;
+        fs::rename(&link, boot.join("current")).map_err(|e| io("switch", &boot.join("current"), e))?;
+        // Older systems' copies are no longer booted.
+        for entry in fs::read_dir(&boot).into_iter().flatten().flatten() {
+            let n = entry.file_name();
+            if n != "current" && n.to_string_lossy() != hash {
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
+        Ok(())
+    }
+
+    /// The tap on the deployment's bridge, made if missing.
+    fn ensure_tap(&self) -> Result<(), PlatformError> {
+        let _one_at_a_time = bridge::NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        let made_bridge = bridge::ensure(&self.name, &self.bridge, &self.subnet)?;
+        let made = (|| {
+            if !bridge::link_exists(&self.tap) {
+                bridge::ip(&self.name, &["tuntap", "add", "dev", &self.tap, "mode", "tap"])?;
+            }
+            bridge::ip(&self.name, &["link", "set", &self.tap, "master", &self.bridge, "up"]).map(drop)
+        })();
+        if made.is_err() && made_bridge {
+            let _ = bridge::ip(&self.name, &["link", "del", &self.tap]);
+            let _ = bridge::ip(&self.name, &["link", "del", &self.bridge]);
+        }
+        made
+    }
+
+    fn remove_tap(&self) -> Result<(), PlatformError> {
+        let _one_at_a_time = bridge::NETWORK.lock().unwrap_or_else(|p| p.into_inner());
+        if bridge::link_exists(&self.tap) {
+            bridge::ip(&self.name, &["link", "del", &self.tap])?;
+        }
+        bridge::remove_if_unused(&self.name, &self.bridge)
+    }
+
+    fn accel(&self) -> &'static str {
+        match self.spec.accel.as_str() {
+            "kvm" => "kvm",
+            "tcg" => "tcg,tb-size=32",
+            _ => {
+                if kvm_boots() {
+                    "kvm"
+                } else {
+                    "tcg,tb-size=32"
+                }
+            }
+        }
+    }
+
+    /// QEMU's command line.
+    fn qemu_command(&self) -> Result<Command, PlatformError> {
+        let boot = self.boot_dir().join("current");
+        let params = fs::read_to_string(boot.join("params"))
+            .map_err(|_| self.err("it has no system to boot yet (its first deploy failed before provisioning); deploy it again"))?;
+        let mut append = format!(
+            "console=ttyS0 root=LABEL={ROOT_LABEL} panic=-1 flotilla.hostname={} flotilla.ip={}/{} flotilla.gateway={}",
+            self.name,
+            self.ip,
+            self.subnet.prefix,
+            self.subnet.gateway()
+        );
+        if !params.trim().is_empty() {
+            append.push(' ');
+            append.push_str(params.trim());
+        }
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-name", &format!("flotilla-{}", self.name), "-M", "pc", "-accel", self.accel()])
+            .args(["-m", &self.spec.memory.to_string(), "-smp", &self.spec.cpus.to_string()])
+            .args(["-nodefaults", "-no-user-config", "-display", "none", "-no-reboot", "-daemonize"])
+            .arg("-pidfile")
+            .arg(self.dir.join("qemu.pid"))
+            .arg("-kernel")
+            .arg(boot.join("kernel"))
+            .arg("-initrd")
+            .arg(boot.join("initrd"))
+            .args(["-append", &append])
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=qcow2,discard=unmap", self.disk().display()))
+            .args(["-netdev", &format!("tap,id=net0,ifname={},script=no,downscript=no", self.tap)])
+            .args(["-device", &format!("virtio-net-pci,netdev=net0,mac={}", self.mac)])
+            .args(["-chardev", &format!("file,id=console,path={},append=on", self.console().display())])
+            .args(["-serial", "chardev:console"])
+            .args(["-qmp", &format!("unix:{},server=on,wait=off", self.dir.join("qmp.sock").display())])
+            .args(["-device", "virtio-serial-pci"]);
+        for n in 0..PORTS {
+            cmd.args(["-chardev", &format!("socket,id=agent{n},path={},server=on,wait=off", self.port_socket(n).display())])
+                .args(["-device", &format!("virtserialport,chardev=agent{n},name=flotilla.agent.{n}")]);
+        }
+        cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        Ok(cmd)
+    }
+
+    /// Boots the VM and waits for its agent.
+    fn boot(&self) -> Result<(), PlatformError> {
+        for n in 0..PORTS {
+            let _ = fs::remove_file(self.port_socket(n));
+        }
+        let _ = fs::remove_file(self.dir.join("vm.json"));
+        let _ = fs::remove_file(self.dir.join("qemu.pid"));
+        if self.port_socket(PORTS - 1).as_os_str().len() >= 108 {
+            return Err(self.err(format!(
+                "its directory {} is too long a path for a unix socket (108 bytes); keep the state DB in a shorter directory (--state)",
+                self.dir.display()
+            )));
+        }
+        // The console of this boot follows a marker, so a failure quotes this boot's lines.
+        let mut console = fs::OpenOptions::new().create(true).append(true).mode(0o600).open(self.console()).map_err(|e| self.err(format!("cannot open {}: {e}", self.console().display())))?;
+        let _ = writeln!(console, "\n--- flotilla: booting {} ---", self.name);
+        let console_start = console.metadata().map(|m| m.len()).unwrap_or(0);
+        drop(console);
+        run(&self.name, &mut self.qemu_command()?, "start QEMU (install qemu-system-x86)")?;
+        let pid: u32 = fs::read_to_string(self.dir.join("qemu.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| self.err("QEMU started but wrote no pidfile"))?;
+        let start_time = flotilla_proc::start_time(pid).ok_or_else(|| self.err(format!("QEMU (pid {pid}) exited at once; see {}", self.console().display())))?;
+        let record = serde_json::to_vec(&VmPid { pid, start_time }).expect("plain numbers");
+        let tmp = self.dir.join(".vm.json.new");
+        fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("vm.json"))).map_err(|e| self.err(format!("cannot record QEMU's pid: {e}")))?;
+
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if self.running().is_none() {
+                return Err(self.err(format!("it did not boot: QEMU exited; the console says: {}", self.console_since(console_start))));
+            }
+            match self.open_port(Duration::from_secs(2)) {
+                Ok(_) => return Ok(()),
+                Err(_) if Instant::now() < deadline => {}
+                Err(e) => {
+                    sys::kill(pid, sys::SIGKILL);
+                    return Err(self.err(format!(
+                        "its agent did not answer within {} s ({e}), so the VM was stopped again; the console says: {}",
+                        START_TIMEOUT.as_secs(),
+                        self.console_since(console_start)
+                    )));
+                }
+            }
+        }
+    }
+
+    fn console_since(&self, offset: u64) -> String {
+        let text = fs::read(self.console()).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(offset as usize..).unwrap_or_default());
+        let lines: Vec<&str> = text.lines().map(str::trim_end).filter(|l| !l.is_empty()).collect();
+        if lines.is_empty() {
+            return "nothing".into();
+        }
+        flotilla_model::escape_controls(&lines[lines.len().saturating_sub(CONSOLE_LINES)..].join(" | ")).into_owned()
+    }
+
+    /// A connection to the agent on a free port: the port's lock taken (waiting for one when
+    /// all are busy), connected, and the agent's hello read within `wait`.
+    fn open_port(&self, wait: Duration) -> std::io::Result<(UnixStream, fs::File)> {
+        let lock = |n: usize, block: bool| -> std::io::Result<Option<fs::File>> {
+            let f = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(self.dir.join(format!("agent.{n}.lock")))?;
+            Ok(sys::flock(&f, block)?.then_some(f))
+        };
+        let mut held = None;
+        for n in 0..PORTS {
+            if let Some(f) = lock(n, false)? {
+                held = Some((n, f));
+                break;
+            }
+        }
+        let (n, lock) = match held {
+            Some(h) => h,
+            None => (0, lock(0, true)?.expect("a blocking lock is taken")),
+        };
+        let mut stream = UnixStream::connect(self.port_socket(n))?;
+        let until = Instant::now() + wait;
+        let mut seen = Vec::new();
+        let mut byte = [0u8; 1];
+        while !seen.ends_with(HELLO) {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no hello from the agent on port flotilla.agent.{n} within {} s", wait.as_secs())));
+            }
+            stream.set_read_timeout(Some(left))?;
+            match stream.read(&mut byte) {
+                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QEMU closed the port")),
+                Ok(_) => seen.push(byte[0]),
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                Err(e) => return Err(e),
+            }
+            if seen.len() > 4096 {
+                seen.drain(..seen.len() - HELLO.len());
+            }
+        }
+        stream.set_read_timeout(None)?;
+        Ok((stream, lock))
+    }
+
+    /// Powers the VM off: the agent stops its services cleanly first; QEMU is killed when it
+    /// has not exited in time.
+    fn power_off(&self, vm: VmPid) -> Result<(), PlatformError> {
+        let asked = self.connect().and_then(|mut c| c.power_off());
+        let deadline = Instant::now() + if asked.is_ok() { STOP_TIMEOUT } else { Duration::ZERO };
+        while flotilla_proc::is_running(vm.pid, vm.start_time) {
+            if Instant::now() >= deadline {
+                sys::kill(vm.pid, sys::SIGKILL);
+                let killed = Instant::now();
+                while flotilla_proc::is_running(vm.pid, vm.start_time) {
+                    if killed.elapsed() > Duration::from_secs(10) {
+                        return Err(self.err(format!("QEMU (pid {}) did not exit even after SIGKILL", vm.pid)));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = fs::remove_file(self.dir.join("vm.json"));
+        Ok(())
+    }
+}
+
+/// Runs `cmd`; on failure, says it could not `what` and QEMU's or the tool's own words.
+fn run(machine: &str, cmd: &mut Command, what: &str) -> Result<(), PlatformError> {
+    let out = cmd.stdin(Stdio::null()).output().map_err(|e| PlatformError::failed(machine, format!("cannot {what}: {e}")))?;
+    if !out.status.success() {
+        let why = String::from_utf8_lossy(&out.stderr);
+        return Err(PlatformError::failed(machine, format!("cannot {what}: {}", flotilla_model::escape_controls(why.trim()))));
+    }
+    Ok(())
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether KVM boots a guest on this host (`accel = "auto"`). A host whose `/dev/kvm` hangs
+/// guests (paravirtual and some nested set-ups) runs the boot sector of `flotilla doctor`'s
+/// probe but not a kernel; until a kernel is proven to boot under KVM here, auto means TCG.
+/// `FLOTILLA_QEMU_ACCEL=kvm` makes auto mean KVM.
+fn kvm_boots() -> bool {
+    std::env::var("FLOTILLA_QEMU_ACCEL").is_ok_and(|a| a == "kvm")
+}
+
+impl Machine for QemuMachine {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn state(&self) -> MachineState {
+        if self.running().is_some() {
+            MachineState::Running
+        } else if self.disk().exists() {
+            MachineState::Stopped
+        } else {
+            MachineState::Missing
+        }
+    }
+
+    fn prepare(&self, toplevel: &StorePath) {
+        *self.first.lock().unwrap_or_else(|p| p.into_inner()) = Some(toplevel.clone());
+    }
+
+    fn provision(&self) -> Result<Option<String>, PlatformError> {
+        match self.state() {
+            MachineState::Running => {
+                self.ensure_tap()?;
+                Ok(None)
+            }
+            MachineState::Stopped => self.start().map(|()| Some("started".into())),
+            MachineState::Missing | MachineState::Unreachable | MachineState::Unusable => {
+                let first = self.first.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let made = (|| {
+                    if !crate::procfs::is_root() {
+                        return Err(PlatformError::refused(&self.name, "the qemu platform makes a tap device on the deployment's bridge, which needs root; run flotilla as root"));
+                    }
+                    self.make_dir()?;
+                    if let Some(top) = &first {
+                        self.set_boot(top)?;
+                    }
+                    self.make_disk()?;
+                    self.start()
+                })();
+                if let Err(e) = made {
+                    return Err(match self.destroy() {
+                        Err(cleanup) => e.and(&format!("; removing what was made failed too ({}); run `flotilla destroy --on {}`", cleanup.message(), self.name)),
+                        Ok(()) => e,
+                    });
+                }
+                Ok(Some("created and booted".into()))
+            }
+        }
+    }
+
+    fn start(&self) -> Result<(), PlatformError> {
+        if self.running().is_some() {
+            return self.ensure_tap();
+        }
+        if !self.disk().exists() {
+            return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
+        }
+        self.ensure_tap()?;
+        self.boot()
+    }
+
+    fn stop(&self) -> Result<(), PlatformError> {
+        match self.running() {
+            Some(vm) => self.power_off(vm),
+            None => Ok(()),
+        }
+    }
+
+    fn destroy(&self) -> Result<(), PlatformError> {
+        if let Some(vm) = self.running() {
+            sys::kill(vm.pid, sys::SIGKILL);
+            let since = Instant::now();
+            while flotilla_proc::is_running(vm.pid, vm.start_time) {
+                if since.elapsed() > Duration::from_secs(10) {
+                    return Err(self.err(format!("QEMU (pid {}) did not exit after SIGKILL", vm.pid)));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.remove_tap()?;
+        if self.dir.exists() {
+            fs::remove_dir_all(&self.dir).map_err(|e| self.err(format!("cannot remove {}: {e}", self.dir.display())))?;
+        }
+        if let Some(parent) = self.dir.parent() {
+            // The base images go with the deployment's last VM.
+            let vms_left = fs::read_dir(parent).into_iter().flatten().flatten().any(|e| e.path().join("disk.qcow2").exists());
+            if !vms_left {
+                for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+                    if e.file_name().to_string_lossy().starts_with("base-") {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
+    fn now_runs(&self, toplevel: &StorePath) -> Result<(), PlatformError> {
+        self.set_boot(toplevel)
+    }
+
+    fn restore(&self) -> Result<Option<String>, PlatformError> {
+        if self.running().is_none() || bridge::link_exists(&self.tap) {
+            return Ok(None);
+        }
+        self.ensure_tap()?;
+        Ok(Some(format!("its tap {} was gone", self.tap)))
+    }
+
+    fn problems(&self) -> Vec<String> {
+        if self.running().is_none() {
+            return Vec::new();
+        }
+        if !bridge::link_exists(&self.tap) {
+            return vec![format!("its tap {} is gone", self.tap), format!("`flotilla start --on {}` restores it", self.name)];
+        }
+        Vec::new()
+    }
+
+    fn transport(&self) -> Result<Transport, RemoteError> {
+        let connect_err = |source| RemoteError::Connect { socket: self.port_socket(0), source };
+        if self.running().is_none() {
+            return Err(connect_err(std::io::Error::new(std::io::ErrorKind::NotConnected, "the VM is not running")));
+        }
+        let (stream, lock) = self.open_port(HELLO_TIMEOUT).map_err(connect_err)?;
+        let reader = stream.try_clone().map_err(connect_err)?;
+        Ok(Transport::new(reader, Locked { stream, _lock: lock }))
+    }
+
+    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
+        let _ = (argv, tty);
+        Err(PlatformError::unsupported(&self.name, "running commands in a VM is not in this flotilla yet"))
+    }
+
+    fn resources(&self) -> BTreeMap<String, String> {
+        let mut r = BTreeMap::new();
+        r.insert("disk".into(), self.disk().display().to_string());
+        r.insert("console".into(), self.console().display().to_string());
+        r.insert("tap".into(), self.tap.clone());
+        r.insert("bridge".into(), self.bridge.clone());
+        if let Some(vm) = self.running() {
+            r.insert("qemu pid".into(), vm.pid.to_string());
+        }
+        r
+    }
+
+    fn console_log(&self) -> Option<PathBuf> {
+        Some(self.console())
+    }
+}
+
+/// The writing half of a port's connection, holding the port's lock until it is dropped.
+struct Locked {
+    stream: UnixStream,
+    _lock: fs::File,
+}
+
+impl Write for Locked {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+impl std::os::fd::AsFd for Locked {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.stream.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tap_and_mac_differ_per_state_db_and_fit_the_kernel_limits() {
+        let ctx = |state: &str| Context { state_path: PathBuf::from(state), deployment: "web".into(), agent: PathBuf::from("/a") };
+        let spec = QemuPlatform { memory: 512, cpus: 1, disk_size: 2048, accel: "tcg".into(), address: None, subnet: "10.231.0.0/24".into(), forward_ports: vec![] };
+        let facts: BTreeMap<String, Value> = [("ip".to_owned(), Value::from("10.231.0.5"))].into();
+        let a = QemuMachine::new(&ctx("/s1/state.db"), "vm1", &spec, &facts).unwrap();
+        let b = QemuMachine::new(&ctx("/s2/state.db"), "vm1", &spec, &facts).unwrap();
+        assert_ne!(a.tap, b.tap);
+        assert!(a.tap.len() <= 15, "{}", a.tap);
+        assert!(a.mac.starts_with("52:54:") && a.mac.len() == 17, "{}", a.mac);
+        let none = QemuMachine::new(&ctx("/s1/state.db"), "vm1", &spec, &BTreeMap::new()).unwrap_err();
+        assert!(none.to_string().contains("has no address yet"), "{none}");
+    }
+}
