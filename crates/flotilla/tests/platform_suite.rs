@@ -22,6 +22,10 @@ trait Platform {
     fn new(f: &Fleet) -> Self;
     /// The machine's `platform` options, as Nix.
     fn options(&self) -> String;
+    /// More of the machine's options the platform needs (a VM's kernel), as Nix.
+    fn extra(&self) -> String {
+        String::new()
+    }
     /// The address the machine's services answer on from the test's namespace, once deployed.
     fn address(&self, f: &Fleet, file: &str) -> String;
     /// What the platform left of the machine after `destroy` (empty: nothing). `before`
@@ -55,6 +59,43 @@ impl Platform for Local {
         for link in ["veth", "bridge"].iter().filter_map(|k| r[*k].as_str()) {
             if f.host(&["ip", "link", "show", "dev", link]).code() == 0 {
                 left.push(format!("link {link}"));
+            }
+        }
+        left
+    }
+}
+
+/// A QEMU virtual machine on the deployment's bridge (TCG: this host's KVM hangs guests).
+struct Qemu;
+
+impl Platform for Qemu {
+    fn new(_: &Fleet) -> Qemu {
+        Qemu
+    }
+    fn options(&self) -> String {
+        r#"{ type = "qemu"; memory = 256; accel = "tcg"; }"#.into()
+    }
+    fn extra(&self) -> String {
+        "boot.kernel = pkgs.linux;".into()
+    }
+    fn address(&self, f: &Fleet, file: &str) -> String {
+        f.machine(file, "web")["ip"].as_str().expect("a VM has an address").to_owned()
+    }
+    fn leftovers(&self, f: &Fleet, before: &serde_json::Value) -> Vec<String> {
+        let r = &before["resources"];
+        let mut left = Vec::new();
+        let disk = r["disk"].as_str().expect("a VM has a disk");
+        if Path::new(disk).parent().is_some_and(Path::exists) {
+            left.push(format!("its directory {}", Path::new(disk).parent().unwrap().display()));
+        }
+        for link in ["tap", "bridge"].iter().filter_map(|k| r[*k].as_str()) {
+            if f.host(&["ip", "link", "show", "dev", link]).code() == 0 {
+                left.push(format!("link {link}"));
+            }
+        }
+        if let Some(pid) = r["qemu pid"].as_str() {
+            if Path::new("/proc").join(pid).exists() {
+                left.push(format!("QEMU (pid {pid})"));
             }
         }
         left
@@ -104,7 +145,7 @@ impl Platform for Ssh {
 
 /// One machine `web` on `platform`: busybox's httpd serving `page` on port 8080 as an
 /// unprivileged user, with a health check, and `page` in /etc/flotilla-page too.
-fn deployment(platform: &str, page: &str) -> String {
+fn deployment(platform: &str, extra: &str, page: &str) -> String {
     format!(
         r#"{{ meta.name = "suite"; machines.web = {{ pkgs, ... }}: let
     site = pkgs.runCommand "site" {{}} ''
@@ -113,6 +154,7 @@ fn deployment(platform: &str, page: &str) -> String {
     '';
   in {{
     platform = {platform};
+    {extra}
     packages = [ pkgs.busybox ];
     files."/etc/flotilla-page".text = "{page}\n";
     users.www = {{ home = "/var/empty"; }};
@@ -144,7 +186,7 @@ fn current_generation(f: &Fleet, file: &str) -> u64 {
 fn lifecycle<P: Platform>() {
     let f = Fleet::new();
     let p = P::new(&f);
-    let v1 = f.fl.file("suite.nix", &deployment(&p.options(), "one"));
+    let v1 = f.fl.file("suite.nix", &deployment(&p.options(), &p.extra(), "one"));
     let page = |file: &str| f.http_get(&format!("http://{}:8080/", p.address(&f, file))).map(|s| s.trim().to_owned());
 
     // Provision and deploy.
@@ -160,7 +202,7 @@ fn lifecycle<P: Platform>() {
     assert_eq!(current_generation(&f, &v1), 1);
 
     // A change is a new generation.
-    let v2 = f.fl.file("suite.nix", &deployment(&p.options(), "two"));
+    let v2 = f.fl.file("suite.nix", &deployment(&p.options(), &p.extra(), "two"));
     let (code, report, out) = f.deploy_json(&["-f", &v2]);
     assert_eq!(code, 0, "{out}");
     assert_eq!(row(&report, "web")["outcome"], "deployed", "{report:#}");
@@ -216,4 +258,5 @@ macro_rules! platform_suite {
 platform_suite! {
     a_local_machine_walks_the_whole_lifecycle => Local,
     an_ssh_machine_walks_the_whole_lifecycle => Ssh,
+    a_qemu_machine_walks_the_whole_lifecycle => Qemu,
 }
