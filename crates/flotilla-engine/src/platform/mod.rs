@@ -209,14 +209,24 @@ pub trait Machine: Send + Sync {
         self.stop()?;
         self.start()
     }
+    /// The deployment the machine belongs to, for abilities built on the deployer itself.
+    /// A platform that gives it gets [`Machine::command`] (and so `shell` and `logs`) over
+    /// its agent connection; the default gives none.
+    fn context(&self) -> Option<&Context> {
+        None
+    }
     /// A command that runs `argv` inside the machine (an interactive one with a terminal when
-    /// `tty`). A platform that cannot says so.
+    /// `tty`). By default, with a [`Machine::context`], `flotilla agent-exec`, which runs it
+    /// through the agent over [`Machine::transport`] (see [`agent_exec_command`]); a platform
+    /// without one cannot, and says so.
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
-        let _ = (argv, tty);
-        Err(PlatformError::unsupported(
-            self.name(),
-            "its platform cannot run commands in it; reach its services over the network instead",
-        ))
+        match self.context() {
+            Some(ctx) => agent_exec_command(ctx, self.name(), argv, tty),
+            None => Err(PlatformError::unsupported(
+                self.name(),
+                "its platform cannot run commands in it; reach its services over the network instead",
+            )),
+        }
     }
     /// An interactive login shell on the machine: `sh -l` through [`Machine::command`].
     fn shell(&self) -> Result<Command, PlatformError> {
@@ -261,6 +271,21 @@ pub trait Machine: Send + Sync {
     fn resources(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+}
+
+/// `flotilla agent-exec` (this very program) running `argv` on machine `machine` of `ctx`'s
+/// deployment through its agent: the command of a platform whose machines are reached only
+/// over the agent protocol. Its exit status is the command's (128 + N for signal N).
+pub fn agent_exec_command(ctx: &Context, machine: &str, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| PlatformError::failed(machine, format!("cannot find the flotilla executable to run the command through ({e})")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state").arg(&ctx.state_path).args(["agent-exec", "-d", &ctx.deployment, machine]);
+    if tty {
+        cmd.arg("--tty");
+    }
+    cmd.arg("--").args(argv);
+    Ok(cmd)
 }
 
 /// The arguments of the agent's `logs` command: the last `lines` lines of `service`'s log
