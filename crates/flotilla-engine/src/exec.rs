@@ -83,9 +83,11 @@ impl AgentClient {
                 Ok(ExecEvent::Output(OutputStream::Stderr, bytes)) => {
                     err_ok = err_ok && stderr.write_all(bytes).and_then(|()| stderr.flush()).is_ok();
                 }
-                Ok(ExecEvent::End(Response::Exited { status })) => break Ok(status),
-                Ok(ExecEvent::End(Response::Error { kind, message })) => break Err(RemoteError::Agent { kind, message }),
-                Ok(ExecEvent::End(other)) => break Err(RemoteError::Unexpected { request: "exec", got: other.name() }),
+                Ok(ExecEvent::End(end)) => match *end {
+                    Response::Exited { status } => break Ok(status),
+                    Response::Error { kind, message } => break Err(RemoteError::Agent { kind, message }),
+                    other => break Err(RemoteError::Unexpected { request: "exec", got: other.name() }),
+                },
                 Err(e) => break Err(asked.explain(e.into())),
             }
         };

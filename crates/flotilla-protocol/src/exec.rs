@@ -62,7 +62,7 @@ pub enum ExecEvent<'a> {
     /// Bytes of one of its outputs (never empty).
     Output(OutputStream, &'a [u8]),
     /// The message that ends the stream: `Exited`, or `Error` (a failure relaying it).
-    End(Response),
+    End(Box<Response>),
 }
 
 /// The largest output chunk in one frame: the tag byte and the chunk fill a data frame.
@@ -132,7 +132,7 @@ impl<R: Read, W: Write> Connection<R, W> {
             FrameKind::Message => {
                 let response = serde_json::from_slice(&self.scratch)
                     .map_err(|source| ProtocolError::Decode { what: "response", source })?;
-                Ok(ExecEvent::End(response))
+                Ok(ExecEvent::End(Box::new(response)))
             }
             FrameKind::DataEnd => Err(ProtocolError::UnexpectedFrame {
                 expected: "a command's output or the message ending it",

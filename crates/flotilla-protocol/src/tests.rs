@@ -1039,8 +1039,8 @@ fn activation_goals_say_what_they_do() {
 #[test]
 fn exec_is_protocol_3_and_is_answered_by_exec_started() {
     assert_eq!(EXEC_PROTOCOL_VERSION, 3);
-    assert!(PROTOCOL_VERSION >= EXEC_PROTOCOL_VERSION, "this build must speak the version that has Exec");
-    assert!(MIN_PROTOCOL_VERSION < EXEC_PROTOCOL_VERSION, "agents from before Exec must still be spoken to");
+    const { assert!(PROTOCOL_VERSION >= EXEC_PROTOCOL_VERSION, "this build must speak the version that has Exec") };
+    const { assert!(MIN_PROTOCOL_VERSION < EXEC_PROTOCOL_VERSION, "agents from before Exec must still be spoken to") };
     let exec = Request::Exec { argv: vec!["true".into()], tty: None };
     assert!(exec.is_answered_by(&Response::ExecStarted { pid: 1 }));
     assert!(exec.is_answered_by(&Response::error(ErrorKind::NotFound, "no such program")));
@@ -1111,8 +1111,10 @@ fn exec_carries_stdin_out_and_err_apart_and_ends_with_the_status() {
         match from_agent.recv_exec_event().unwrap() {
             ExecEvent::Output(OutputStream::Stdout, b) => out.extend_from_slice(b),
             ExecEvent::Output(OutputStream::Stderr, b) => err.extend_from_slice(b),
-            ExecEvent::End(Response::Exited { status }) => break status,
-            ExecEvent::End(other) => panic!("{other:?}"),
+            ExecEvent::End(end) => match *end {
+                Response::Exited { status } => break status,
+                other => panic!("{other:?}"),
+            },
         }
     };
     stdin_side.join().unwrap();
