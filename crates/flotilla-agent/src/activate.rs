@@ -100,6 +100,11 @@ impl Agent {
         &self.supervisor
     }
 
+    /// The supervisor, to keep beyond the agent's lock (a command run for the deployer).
+    pub fn shared_supervisor(&self) -> Arc<Supervisor> {
+        Arc::clone(&self.supervisor)
+    }
+
     /// Runs the host's `nix-store` for [`MachineRoot::register_with_nix`] through the
     /// supervisor, which waits for every child of the agent.
     pub fn nix_runner(&self) -> impl Fn(&[String], &Path) -> io::Result<(bool, String)> + '_ {

@@ -10,6 +10,7 @@ pub mod container;
 pub mod daemon;
 pub mod error;
 mod etc;
+pub mod exec;
 pub mod health;
 pub mod keys;
 pub mod logs;

@@ -178,6 +178,12 @@ fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolE
         if matches!(request, Request::Goodbye) {
             return Ok(());
         }
+        // A command runs as long as it likes, so it runs outside the agent's lock; it is the
+        // connection's last request.
+        if let Request::Exec { argv, tty } = request {
+            let supervisor = agent.lock().unwrap_or_else(|p| p.into_inner()).shared_supervisor();
+            return crate::exec::serve(&supervisor, conn, argv, tty);
+        }
         let response = {
             let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
             dispatch(&agent, request, &mut conn, id)?
@@ -273,7 +279,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             store_free_bytes: agent.store_free_bytes(),
             pending_confirmation: agent.pending_confirmation(),
         },
-        Request::Goodbye => unreachable!("handled by the caller"),
+        Request::Goodbye | Request::Exec { .. } => unreachable!("handled by the caller"),
     })
 }
 

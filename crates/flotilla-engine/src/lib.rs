@@ -20,6 +20,7 @@ pub mod doctor;
 mod error;
 pub mod eval;
 pub mod events;
+pub mod exec;
 pub mod facts;
 pub mod fleet;
 pub mod jobs;
@@ -30,6 +31,7 @@ pub mod lock;
 pub mod platform;
 pub mod procfs;
 pub mod remote;
+pub mod terminal;
 
 use std::path::Path;
 

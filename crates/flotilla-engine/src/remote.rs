@@ -87,6 +87,18 @@ pub enum RemoteError {
         /// What to do.
         fix: String,
     },
+    /// The agent speaks a protocol from before the request (it would not understand it).
+    #[error("{agent} is too old to {what} (it speaks protocol {speaks}, that needs {needs}); redeploy it: `flotilla deploy --on {}`", agent.rsplit(' ').next().unwrap_or(agent))]
+    TooOld {
+        /// Whose agent, e.g. "the agent of machine web1".
+        agent: String,
+        /// What it was to do, e.g. "run commands".
+        what: &'static str,
+        /// The protocol version it welcomed us with.
+        speaks: u32,
+        /// The version the request needs.
+        needs: u32,
+    },
     /// `FLOTILLA_AGENT_TIMEOUT` is not a number of seconds.
     #[error("FLOTILLA_AGENT_TIMEOUT={0:?} is not a number of seconds; set it to e.g. 30, or unset it for the default ({DEFAULT_ANSWER_TIMEOUT:?})")]
     BadTimeout(String),
@@ -152,6 +164,31 @@ pub struct KeysPut {
     pub restarted: Vec<String>,
     /// Services started now that their keys are present.
     pub started: Vec<String>,
+}
+
+/// Says how a connection given up by [`AgentClient::into_connection`] failed.
+pub(crate) struct Explainer {
+    watch: Arc<Watch>,
+    agent: String,
+    fix: String,
+    asked: String,
+}
+
+impl Explainer {
+    /// How the transport failed, when it did, instead of `err`.
+    pub(crate) fn explain(&self, err: RemoteError) -> RemoteError {
+        match self.watch.fault() {
+            Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer {
+                agent: self.agent.clone(),
+                asked: self.asked.clone(),
+                waited: limit.waited(),
+                stalled: matches!(limit, Limit::Stall(_)),
+                fix: self.fix.clone(),
+            },
+            Some(Fault::PeerGone) => RemoteError::AgentGone { agent: self.agent.clone(), asked: self.asked.clone(), fix: self.fix.clone() },
+            None => err,
+        }
+    }
 }
 
 /// How far a copy is.
@@ -310,6 +347,27 @@ impl AgentClient {
     /// What the agent said in the handshake.
     pub fn welcome(&self) -> &Welcome {
         &self.welcome
+    }
+
+    /// Whose agent this is, e.g. "the agent of machine web1".
+    pub(crate) fn agent_name(&self) -> &str {
+        &self.agent
+    }
+
+    /// Sends `request` and waits for its first answer, within the answer timeout.
+    pub(crate) fn call_now(&mut self, request: &Request) -> Result<Response, RemoteError> {
+        self.call(request, Duration::ZERO)
+    }
+
+    /// Sets how long the transport may wait for the agent from now on.
+    pub(crate) fn set_limit(&self, limit: Limit) {
+        self.watch.set(limit);
+    }
+
+    /// Gives up the connection, for a conversation that is not request and answer (`Exec`),
+    /// with what explains its failures while the agent is `asked` something.
+    pub(crate) fn into_connection(self, asked: String) -> (BoxedConnection, Explainer) {
+        (self.conn, Explainer { watch: self.watch, agent: self.agent, fix: self.fix, asked })
     }
 
     /// Sends `request` and waits for its answer, at most `extra` beyond the answer timeout.

@@ -6,11 +6,15 @@
 //!
 //! A conversation: the client calls [`client_handshake`] and the agent [`server_handshake`];
 //! then the client sends [`Request`]s and the agent answers each with [`Response`]s
-//! (see [`message`] for the pairs), with one bulk stream after an `AddPaths` request.
+//! (see [`message`] for the pairs), with one bulk stream after an `AddPaths` request, and
+//! a command's stdio both ways after an `Exec` (see [`exec`]).
+//!
+//! Versions: 2 is the base; 3 adds `Exec`.
 
 mod connection;
 mod data;
 mod error;
+pub mod exec;
 pub mod frame;
 mod handshake;
 pub mod layout;
@@ -22,16 +26,17 @@ pub use data::{
     ZSTD_WINDOW_LOG_MAX,
 };
 pub use error::{ProtocolError, Result};
+pub use exec::{ExecEvent, OutputStream, EXEC_PROTOCOL_VERSION};
 pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
 pub use handshake::{client_handshake, server_handshake, server_handshake_range};
 pub use message::{
-    ActivationGoal, ActivationReport, Compression, ErrorKind, GenerationInfo, HandshakeReply,
-    HealthResult, Hello, KeyState, KeyUpload, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Welcome,
+    ActivationGoal, ActivationReport, CommandExit, Compression, ErrorKind, GenerationInfo, HandshakeReply,
+    HealthResult, Hello, KeyState, KeyUpload, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Terminal, Welcome,
     MAGIC,
 };
 
 /// The protocol version this build speaks best; bump it on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;

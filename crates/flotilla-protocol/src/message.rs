@@ -21,6 +21,7 @@
 //! | `DeleteGenerations` | `GenerationsDeleted` |
 //! | `CollectGarbage` | `GarbageCollected` |
 //! | `Status` | `Status` |
+//! | `Exec` (protocol 3) | `ExecStarted`, then the command's stdio, then `Exited` (see [`crate::exec`]) |
 //! | `Goodbye` | none: the agent closes the connection |
 //!
 //! and any request may instead be answered by `Error`.
@@ -271,6 +272,18 @@ pub enum Request {
         /// Names of keys to delete.
         remove: Vec<String>,
     },
+    /// Run a command on the machine, as root, with the machine's default `PATH`, in `/root`
+    /// (or `/` without one), in a session of its own. Answered by [`Response::ExecStarted`];
+    /// then the connection carries the command's stdio both ways until [`Response::Exited`]
+    /// (see [`crate::exec`]), and closes. Protocol 3 and later: the deployer must not send it
+    /// to an agent that welcomed it with an older version.
+    Exec {
+        /// The program and its arguments; a program without a `/` is looked up in `PATH`.
+        argv: Vec<String>,
+        /// A terminal for it (a pseudo-terminal on the machine), or `None` for pipes.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tty: Option<Terminal>,
+    },
     /// End the conversation; there is no answer, the agent closes the connection.
     Goodbye,
 }
@@ -296,6 +309,7 @@ impl Request {
                 | (Request::CheckHealth, Response::Health { .. })
                 | (Request::ListKeys, Response::Keys { .. })
                 | (Request::PutKeys { .. }, Response::KeysPut { .. })
+                | (Request::Exec { .. }, Response::ExecStarted { .. })
         ) || (matches!(response, Response::Error { .. }) && *self != Request::Goodbye)
     }
 
@@ -314,6 +328,7 @@ impl Request {
             Request::CheckHealth => "check_health",
             Request::ListKeys => "list_keys",
             Request::PutKeys { .. } => "put_keys",
+            Request::Exec { .. } => "exec",
             Request::Goodbye => "goodbye",
         }
     }
@@ -403,6 +418,16 @@ pub enum Response {
         /// Services started because the keys they waited for are now present.
         started: Vec<String>,
     },
+    /// The command of an `Exec` runs; its stdio follows on the connection.
+    ExecStarted {
+        /// Its process id on the machine (also its process group and session id).
+        pid: u32,
+    },
+    /// The command of an `Exec` ended and its output was all sent; the agent closes next.
+    Exited {
+        /// How it ended.
+        status: CommandExit,
+    },
     /// A step of work in progress, for the user to see; not a final answer.
     Progress {
         /// What the agent is doing, e.g. "restarting nginx".
@@ -432,6 +457,8 @@ impl Response {
             Response::Health { .. } => "health",
             Response::Keys { .. } => "keys",
             Response::KeysPut { .. } => "keys_put",
+            Response::ExecStarted { .. } => "exec_started",
+            Response::Exited { .. } => "exited",
             Response::Progress { .. } => "progress",
             Response::Error { .. } => "error",
         }
@@ -442,6 +469,47 @@ impl Response {
         Response::Error {
             kind,
             message: message.into(),
+        }
+    }
+}
+
+/// The terminal an `Exec` asks for: its size and type, as the deployer's own terminal has them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Terminal {
+    /// Lines.
+    pub rows: u16,
+    /// Columns.
+    pub cols: u16,
+    /// `TERM` for the command, e.g. "xterm-256color".
+    pub term: String,
+}
+
+/// How the command of an `Exec` ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum CommandExit {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+impl CommandExit {
+    /// The status a shell would give it: the code, or 128 + the signal's number.
+    pub fn shell_status(self) -> u8 {
+        match self {
+            CommandExit::Code(c) => (c & 0xff) as u8,
+            CommandExit::Signal(s) => (128 + (s & 0x7f)) as u8,
+        }
+    }
+}
+
+impl fmt::Display for CommandExit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CommandExit::Code(c) => write!(f, "exit status {c}"),
+            CommandExit::Signal(s) => write!(f, "killed by signal {s}"),
         }
     }
 }

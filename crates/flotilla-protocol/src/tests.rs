@@ -121,6 +121,8 @@ fn all_requests() -> Vec<Request> {
             }],
             remove: vec!["old".into()],
         },
+        Request::Exec { argv: vec!["sh".into(), "-l".into()], tty: Some(Terminal { rows: 24, cols: 80, term: "xterm".into() }) },
+        Request::Exec { argv: vec!["cat".into()], tty: None },
         Request::Goodbye,
     ];
     for r in &all {
@@ -137,6 +139,7 @@ fn all_requests() -> Vec<Request> {
             | Request::CheckHealth
             | Request::ListKeys
             | Request::PutKeys { .. }
+            | Request::Exec { .. }
             | Request::Goodbye => {}
         }
     }
@@ -240,6 +243,9 @@ fn all_responses() -> Vec<Response> {
             restarted: vec!["postgres".into()],
             started: vec![],
         },
+        Response::ExecStarted { pid: 4242 },
+        Response::Exited { status: CommandExit::Code(7) },
+        Response::Exited { status: CommandExit::Signal(9) },
         Response::Progress {
             message: "restarting nginx".into(),
         },
@@ -258,6 +264,8 @@ fn all_responses() -> Vec<Response> {
             | Response::Health { .. }
             | Response::Keys { .. }
             | Response::KeysPut { .. }
+            | Response::ExecStarted { .. }
+            | Response::Exited { .. }
             | Response::Progress { .. }
             | Response::Error { .. } => {}
         }
@@ -466,15 +474,18 @@ fn handshake_refuses_an_old_agent_and_both_sides_say_why() {
 #[test]
 fn handshake_refuses_a_newer_agent_with_the_other_advice() {
     let (mut deployer, mut agent) = pair();
-    let agent_side = thread::spawn(move || server_handshake_range(&mut agent, "0.9.0", "/", 3, 4));
+    let agent_side = thread::spawn(move || server_handshake_range(&mut agent, "0.9.0", "/", PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2));
     let err = client_handshake(&mut deployer, "flotilla 0.1.0").unwrap_err();
     match &err {
         ProtocolError::AgentRefused {
             reason,
-            agent_min: 3,
-            agent_max: 4,
+            agent_min,
+            agent_max,
             ..
-        } => assert!(reason.contains(&format!("client `flotilla 0.1.0` speaks protocol version {PROTOCOL_VERSION}"))),
+        } => {
+            assert_eq!((*agent_min, *agent_max), (PROTOCOL_VERSION + 1, PROTOCOL_VERSION + 2));
+            assert!(reason.contains(&format!("client `flotilla 0.1.0` speaks protocol versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}")), "{reason}")
+        }
         other => panic!("{other:?}"),
     }
     assert!(
@@ -1023,4 +1034,144 @@ fn activation_goals_say_what_they_do() {
     assert_eq!(row(Boot), (true, false, true, true));
     assert_eq!(row(Test), (true, true, true, false));
     assert_eq!(row(DryActivate), (false, false, false, false));
+}
+
+#[test]
+fn exec_is_protocol_3_and_is_answered_by_exec_started() {
+    assert_eq!(EXEC_PROTOCOL_VERSION, 3);
+    const { assert!(PROTOCOL_VERSION >= EXEC_PROTOCOL_VERSION, "this build must speak the version that has Exec") };
+    const { assert!(MIN_PROTOCOL_VERSION < EXEC_PROTOCOL_VERSION, "agents from before Exec must still be spoken to") };
+    let exec = Request::Exec { argv: vec!["true".into()], tty: None };
+    assert!(exec.is_answered_by(&Response::ExecStarted { pid: 1 }));
+    assert!(exec.is_answered_by(&Response::error(ErrorKind::NotFound, "no such program")));
+    assert!(!exec.is_answered_by(&Response::Exited { status: CommandExit::Code(0) }));
+    assert_eq!(
+        serde_json::to_string(&exec).unwrap(),
+        r#"{"type":"exec","argv":["true"]}"#,
+        "no terminal is no field, so the request reads as it did"
+    );
+    assert_eq!(serde_json::to_string(&Response::Exited { status: CommandExit::Signal(9) }).unwrap(), r#"{"type":"exited","status":{"signal":9}}"#);
+}
+
+#[test]
+fn an_exit_status_reads_as_a_shell_would_give_it() {
+    assert_eq!(CommandExit::Code(0).shell_status(), 0);
+    assert_eq!(CommandExit::Code(7).shell_status(), 7);
+    assert_eq!(CommandExit::Signal(9).shell_status(), 137);
+    assert_eq!(CommandExit::Signal(15).shell_status(), 143);
+    assert_eq!(CommandExit::Signal(9).to_string(), "killed by signal 9");
+}
+
+/// The agent's side of an `Exec` in miniature: stdin echoed back on stdout upper-cased, a
+/// note on stderr, then the exit status.
+fn play_exec_agent(agent: Unix) -> Vec<u8> {
+    let mut agent = agent;
+    assert!(matches!(agent.recv::<Request>().unwrap(), Request::Exec { .. }));
+    agent.send(&Response::ExecStarted { pid: 77 }).unwrap();
+    let (mut input, mut output) = agent.split();
+    let mut stdin = Vec::new();
+    {
+        let mut reader = input.data_reader();
+        let mut buf = [0u8; 3];
+        loop {
+            let n = reader.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            stdin.extend_from_slice(&buf[..n]);
+            output.send_output(OutputStream::Stdout, &buf[..n].to_ascii_uppercase()).unwrap();
+        }
+        reader.finish().unwrap();
+    }
+    output.send_output(OutputStream::Stderr, b"done\n").unwrap();
+    output.send(&Response::Exited { status: CommandExit::Code(3) }).unwrap();
+    stdin
+}
+
+#[test]
+fn exec_carries_stdin_out_and_err_apart_and_ends_with_the_status() {
+    let (deployer, agent) = pair();
+    let agent_side = thread::spawn(move || play_exec_agent(agent));
+    let mut deployer = deployer;
+    let started = deployer.call(&Request::Exec { argv: vec!["cat".into()], tty: None }, |_| {}).unwrap();
+    assert_eq!(started, Response::ExecStarted { pid: 77 });
+    let (mut from_agent, mut to_agent) = deployer.split();
+    // Both directions at once: stdin goes while output comes back.
+    let stdin_side = thread::spawn(move || {
+        let mut w = to_agent.data_writer();
+        for piece in [&b"hello "[..], b"world", b"\n"] {
+            w.write_all(piece).unwrap();
+            w.flush().unwrap();
+        }
+        w.finish().unwrap();
+        to_agent
+    });
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let status = loop {
+        match from_agent.recv_exec_event().unwrap() {
+            ExecEvent::Output(OutputStream::Stdout, b) => out.extend_from_slice(b),
+            ExecEvent::Output(OutputStream::Stderr, b) => err.extend_from_slice(b),
+            ExecEvent::End(end) => match *end {
+                Response::Exited { status } => break status,
+                other => panic!("{other:?}"),
+            },
+        }
+    };
+    stdin_side.join().unwrap();
+    assert_eq!(agent_side.join().unwrap(), b"hello world\n");
+    assert_eq!((out.as_slice(), err.as_slice(), status), (&b"HELLO WORLD\n"[..], &b"done\n"[..], CommandExit::Code(3)));
+}
+
+#[test]
+fn large_output_is_cut_into_tagged_frames_that_fit() {
+    let mut wire = Vec::new();
+    let data = sample(3 * MIB);
+    {
+        let mut conn = Connection::new(io::empty(), &mut wire);
+        conn.send_output(OutputStream::Stderr, &data).unwrap();
+    }
+    let frames = frames_of(&wire);
+    assert_eq!(frames.len(), 4, "{frames:?}");
+    assert!(frames.iter().all(|(k, len)| *k == FrameKind::Data && *len <= MIB));
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    let mut back = Vec::new();
+    while back.len() < data.len() {
+        match conn.recv_exec_event().unwrap() {
+            ExecEvent::Output(OutputStream::Stderr, b) => back.extend_from_slice(b),
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(back, data);
+    assert!(matches!(conn.recv_exec_event(), Err(ProtocolError::Closed)));
+}
+
+#[test]
+fn malformed_output_frames_are_rejected() {
+    for (payload, why) in [(&b""[..], "tag"), (&b"\x09x"[..], "no known stream"), (&b"\x01"[..], "empty")] {
+        let mut wire = Vec::new();
+        frame::write_frame(&mut wire, FrameKind::Data, payload).unwrap();
+        let mut conn = Connection::new(wire.as_slice(), io::sink());
+        let err = conn.recv_exec_event().unwrap_err();
+        assert!(matches!(err, ProtocolError::MalformedFrame { .. }) && err.to_string().contains(why), "{err}");
+    }
+    let mut wire = Vec::new();
+    frame::write_frame(&mut wire, FrameKind::DataEnd, &[]).unwrap();
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    assert!(matches!(conn.recv_exec_event(), Err(ProtocolError::UnexpectedFrame { .. })));
+}
+
+#[test]
+fn split_halves_keep_what_was_buffered_and_refuse_the_other_direction() {
+    let mut wire = Vec::new();
+    {
+        let mut conn = Connection::new(io::empty(), &mut wire);
+        conn.send(&Response::ExecStarted { pid: 1 }).unwrap();
+        conn.send_output(OutputStream::Stdout, b"early").unwrap();
+    }
+    let mut conn = Connection::new(wire.as_slice(), io::sink());
+    assert_eq!(conn.recv::<Response>().unwrap(), Response::ExecStarted { pid: 1 });
+    let (mut reading, mut writing) = conn.split();
+    assert_eq!(reading.recv_exec_event().unwrap(), ExecEvent::Output(OutputStream::Stdout, b"early"));
+    assert!(matches!(reading.send(&Request::Goodbye), Err(ProtocolError::Abandoned(_))));
+    assert!(matches!(writing.recv::<Response>(), Err(ProtocolError::Abandoned(_))));
 }

@@ -281,6 +281,22 @@ pub enum Command {
     },
     /// Print the machine options as Markdown (docs/options.md is this output)
     Options,
+    /// Run a command in a machine through its agent connection, this terminal's stdio relayed
+    /// (what `exec`, `shell` and `logs` run for a platform reached only over the agent
+    /// protocol); exits with the command's status, 128+N for signal N
+    #[command(hide = true)]
+    AgentExec {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        machine: String,
+        /// Give the command a terminal (this one must be a terminal: it is put in raw mode)
+        #[arg(long)]
+        tty: bool,
+        /// The command and its arguments
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
     /// Developer commands: drive an agent that manages a plain directory as a machine's root
     #[command(hide = true)]
     Debug {

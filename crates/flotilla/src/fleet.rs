@@ -255,6 +255,40 @@ pub fn exec(g: &Global, target: &Target, machine: Option<&str>, all: bool, on: O
     }
 }
 
+/// `agent-exec`: `argv` on `machine` through its agent, this process's stdio relayed; the
+/// command's status is the exit status (128+N for signal N). A program the machine does not
+/// have is one error line and status 127, as a shell says it.
+pub fn agent_exec(g: &Global, target: &Target, machine: &str, tty: bool, argv: &[String]) -> Result<Outcome> {
+    use flotilla_engine::terminal;
+    use std::os::fd::AsFd as _;
+    let engine = engine(g, open_state(g)?)?;
+    let name = deployment_name(&engine, target)?;
+    let m = engine.one_machine(&name, machine, &agent_path()?)?.machine;
+    let stdin = std::io::stdin();
+    let terminal = if tty {
+        let (rows, cols) = terminal::size(stdin.as_fd()).or_else(|| terminal::size(std::io::stdout().as_fd())).unwrap_or((24, 80));
+        Some(flotilla_protocol::Terminal { rows, cols, term: std::env::var("TERM").ok().filter(|t| !t.is_empty()).unwrap_or_else(|| "xterm".into()) })
+    } else {
+        None
+    };
+    let client = m.connect().map_err(|e| anyhow::anyhow!("machine {machine}: {e}"))?;
+    // Raw only while the command runs; the guard restores the terminal on every way out.
+    let _raw = match tty && stdin.is_terminal() {
+        true => Some(terminal::RawMode::enable(stdin.as_fd()).context("cannot put this terminal in raw mode")?),
+        false => None,
+    };
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    match client.exec(argv, terminal, Box::new(stdin), &mut out, &mut err) {
+        Ok(status) => Ok(Outcome::Code(status.shell_status())),
+        Err(flotilla_engine::remote::RemoteError::Agent { kind: flotilla_protocol::ErrorKind::NotFound, message }) => {
+            drop(_raw);
+            eprintln!("error: machine {machine}: {}", escape_controls_block(&message));
+            Ok(Outcome::Code(127))
+        }
+        Err(e) => Err(anyhow::anyhow!("machine {machine}: {e}")),
+    }
+}
+
 pub fn shell(g: &Global, target: &Target, machine: &str) -> Result<Outcome> {
     let mut engine = engine(g, open_state(g)?)?;
     let name = deployment_name(&engine, target)?;

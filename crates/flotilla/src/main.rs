@@ -116,6 +116,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             fleet::exec(g, target, machine.as_deref(), *all, on.as_deref(), command, *record_command)
         }
         Command::Shell { target, machine } => fleet::shell(g, target, machine),
+        Command::AgentExec { target, machine, tty, command } => fleet::agent_exec(g, target, machine, *tty, command),
         Command::Logs { target, machine, service, follow, lines, console } => fleet::logs(g, target, machine, service.as_deref(), *follow, *lines, *console),
         Command::Unlock { target, force } => {
             let mut engine = engine(g, open_state(g)?)?;

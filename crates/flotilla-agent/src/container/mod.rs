@@ -549,6 +549,16 @@ fn init_plan(args: &ContainerArgs, root: &Path, netns_fd: i32) -> Result<Vec<(Ac
     for (link, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")] {
         plan.push((Action::Symlink { target: c(target)?, link: at(&format!("dev/{link}"))? }, format!("linking {r}/dev/{link} to {target}")));
     }
+    // Terminals of the machine's own (a devpts instance of its own, as containers have):
+    // a command the deployer runs with a terminal over the agent protocol gets one here.
+    plan.extend([
+        (Action::Mkdir(at("dev/pts")?), format!("creating {r}/dev/pts")),
+        (
+            mount(Some("devpts"), at("dev/pts")?, Some("devpts"), nosuid | noexec, Some("newinstance,ptmxmode=0666,mode=0620"))?,
+            format!("mounting a devpts instance on {r}/dev/pts"),
+        ),
+        (Action::Symlink { target: c("pts/ptmx")?, link: at("dev/ptmx")? }, format!("linking {r}/dev/ptmx to pts/ptmx")),
+    ]);
     plan.extend(tmpfs("dev/shm", nosuid | nodev, "mode=1777")?);
     plan.extend(tmpfs("run", nosuid | nodev, "mode=755")?);
     plan.extend(tmpfs("tmp", nosuid | nodev, "mode=1777")?);
@@ -705,6 +715,8 @@ mod tests {
         assert!(pos("joining the network namespace /run/netns/fl-web1") < pos("creating mount, UTS and IPC namespaces"));
         assert!(pos("mounting proc on /srv/m/web1/proc") < pos("setting net.ipv4.ip_unprivileged_port_start to 0"));
         assert!(pos("mounting a tmpfs on /srv/m/web1/dev") < pos("bind-mounting /dev/null on /srv/m/web1/dev/null"));
+        assert!(pos("mounting a tmpfs on /srv/m/web1/dev") < pos("mounting a devpts instance on /srv/m/web1/dev/pts"));
+        assert!(pos("mounting a devpts instance on /srv/m/web1/dev/pts") < pos("linking /srv/m/web1/dev/ptmx to pts/ptmx"));
         assert!(pos("mounting a tmpfs on /srv/m/web1/run") < pos("making /srv/m/web1 the root (pivot_root)"));
         assert!(pos(&format!("executing {SYSTEM_AGENT}")) < pos(&format!("executing {BOOTSTRAP_AGENT}")));
         assert!(matches!(plan.last(), Some((Action::Fail(libc::ENOENT), _))));

@@ -50,6 +50,8 @@ pub(super) fn run(
     }
     let program = Program {
         path: cstring("program", &argv[0]).map_err(|e| invalid(e.to_string()))?,
+        search: Vec::new(),
+        controlling_tty: false,
         argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(|e| invalid(e.to_string()))?,
         env: vec![cstring("PATH", &format!("PATH={DEFAULT_PATH}")).map_err(|e| invalid(e.to_string()))?],
         chroot,

@@ -13,6 +13,7 @@
 //! the rotating log files; `accounts` reads `etc/passwd` and `etc/group` of the machine root.
 
 mod accounts;
+mod attached;
 mod command;
 mod log;
 mod reaper;
@@ -31,6 +32,7 @@ use std::time::Duration;
 use flotilla_model::ServiceSpec;
 use serde::{Deserialize, Serialize};
 
+pub use attached::{Attached, AttachedStdio};
 pub use command::CommandOutput;
 pub use signal::{install_termination_handler, TerminationKind, TerminationSignal};
 
@@ -237,6 +239,14 @@ pub enum SupervisorError {
         /// The OS error.
         source: io::Error,
     },
+    /// An attached command's program is not on the machine.
+    #[error("no program {program:?} {}; give its full path, or add the package that has it to the machine", match .path { Some(p) => format!("in PATH ({p})"), None => "there".to_owned() })]
+    ProgramNotFound {
+        /// The program as given.
+        program: String,
+        /// The PATH searched, when it was looked up there.
+        path: Option<&'static str>,
+    },
     /// A one-off command ran out of time and was killed.
     #[error("command {command}: still running after {timeout:?}, killed; raise the timeout or fix the command")]
     CommandTimeout {
@@ -362,6 +372,8 @@ impl Supervisor {
         }
         let program = sys::Program {
             path: cstring("program", &argv[0]).map_err(|e| invalid(e.to_string()))?,
+            search: Vec::new(),
+            controlling_tty: false,
             argv: argv.iter().map(|a| cstring("argument", a)).collect::<std::result::Result<_, _>>().map_err(|e| invalid(e.to_string()))?,
             env: env_c,
             chroot: self.chroot.clone(),

@@ -24,6 +24,12 @@ use super::ExitStatus;
 pub(super) struct Program {
     /// Absolute path to execute (inside `chroot` when set).
     pub path: CString,
+    /// Further paths to try, in order, when `path` cannot be executed because it is missing
+    /// or not executable (a `PATH` search, done after the chroot so it sees the machine's
+    /// files): the error reported is the last such one, `EACCES` over `ENOENT`, as execvp's.
+    pub search: Vec<CString>,
+    /// Make fd 0 (a terminal) the controlling terminal of the child's new session.
+    pub controlling_tty: bool,
     /// argv, argv[0] included.
     pub argv: Vec<CString>,
     /// The whole environment as `KEY=value`.
@@ -76,6 +82,7 @@ const STAGES: &[&str] = &[
     "setting the user id (setuid)",
     "changing to the working directory",
     "executing the program (execve)",
+    "making the terminal the controlling terminal (TIOCSCTTY)",
 ];
 const STAGE_SETSID: u8 = 0;
 const STAGE_FDS: u8 = 1;
@@ -85,6 +92,10 @@ const STAGE_SETGID: u8 = 4;
 const STAGE_SETUID: u8 = 5;
 const STAGE_CHDIR: u8 = 6;
 const STAGE_EXEC: u8 = 7;
+const STAGE_CTTY: u8 = 8;
+
+/// The stage at which the program itself could not be executed (not found, not executable).
+pub(super) const EXEC_STAGE: &str = STAGES[STAGE_EXEC as usize];
 
 /// A libc return value as a `Result`: negative means `errno` says why.
 pub(crate) fn cvt(r: c_int) -> io::Result<c_int> {
@@ -112,6 +123,7 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 pub(super) fn fork_exec(program: &Program, stdio: &Stdio<'_>) -> Result<(i32, OwnedFd), SpawnFailure> {
     let fail = |stage, error| SpawnFailure { stage, error };
     // All pointers and buffers the child uses are built here, before fork.
+    let search: Vec<*const c_char> = program.search.iter().map(|p| p.as_ptr()).collect();
     let argv: Vec<*const c_char> =
         program.argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(ptr::null())).collect();
     let envp: Vec<*const c_char> =
@@ -130,6 +142,8 @@ pub(super) fn fork_exec(program: &Program, stdio: &Stdio<'_>) -> Result<(i32, Ow
     };
     let child = ChildSetup {
         path: program.path.as_ptr(),
+        search: &search,
+        controlling_tty: program.controlling_tty,
         argv: argv.as_ptr(),
         envp: envp.as_ptr(),
         chroot: program.chroot.as_ref().map_or(ptr::null(), |c| c.as_ptr()),
@@ -175,6 +189,8 @@ pub(super) fn await_exec(err_read: OwnedFd) -> Result<(), SpawnFailure> {
 /// Raw pointers into buffers that outlive the fork: what the child reads.
 struct ChildSetup<'a> {
     path: *const c_char,
+    search: &'a [*const c_char],
+    controlling_tty: bool,
     argv: *const *const c_char,
     envp: *const *const c_char,
     chroot: *const c_char,
@@ -235,6 +251,9 @@ impl ChildSetup<'_> {
                 fail(err_pipe, STAGE_FDS);
             }
         }
+        if self.controlling_tty && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+            fail(err_pipe, STAGE_CTTY);
+        }
         if !self.chroot.is_null() {
             if libc::chroot(self.chroot) < 0 {
                 fail(err_pipe, STAGE_CHROOT);
@@ -259,8 +278,46 @@ impl ChildSetup<'_> {
             fail(err_pipe, STAGE_CHDIR);
         }
         libc::execve(self.path, self.argv, self.envp);
+        let mut errno = *libc::__errno_location();
+        for path in self.search {
+            if !matches!(errno, libc::ENOENT | libc::ENOTDIR | libc::EACCES) {
+                break;
+            }
+            let before = errno;
+            libc::execve(*path, self.argv, self.envp);
+            // A program that is there but may not run says more than one that is not there.
+            if before == libc::EACCES && *libc::__errno_location() != libc::EACCES {
+                *libc::__errno_location() = libc::EACCES;
+            }
+            errno = *libc::__errno_location();
+        }
         fail(err_pipe, STAGE_EXEC)
     }
+}
+
+/// A new pseudo-terminal of `rows` by `cols`: (its master, its slave), both close-on-exec.
+/// The slave becomes a command's stdin, stdout, stderr and controlling terminal.
+pub(crate) fn open_pty(rows: u16, cols: u16) -> io::Result<(OwnedFd, OwnedFd)> {
+    // SAFETY: open on a literal path; the result is a new descriptor or -1.
+    let master = cvt(unsafe { libc::open(c"/dev/ptmx".as_ptr(), libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) })?;
+    // SAFETY: a descriptor open just returned, owned by nobody else.
+    let master = unsafe { OwnedFd::from_raw_fd(master) };
+    let unlock: c_int = 0;
+    // SAFETY: TIOCSPTLCK (unlockpt) reads an int that lives on this frame for the call.
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    // The slave is opened through the master itself (TIOCGPTPEER), not by the name TIOCGPTN
+    // gives under /dev/pts: a /dev/pts of the machine's (its root is the machine's to change)
+    // cannot hand over another terminal, and no name is looked up between two calls.
+    // SAFETY: ioctl on the master we own; returns a new descriptor or -1.
+    let slave = cvt(unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: a descriptor the ioctl just returned, owned by nobody else.
+    let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads a winsize that lives on this frame for the call.
+    cvt(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &size) })?;
+    Ok((master, slave))
 }
 
 /// Waits for any child (including re-parented orphans); `Ok(None)` when there is none.

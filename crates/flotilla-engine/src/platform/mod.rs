@@ -212,14 +212,24 @@ pub trait Machine: Send + Sync {
         self.stop()?;
         self.start()
     }
+    /// The deployment the machine belongs to, for abilities built on the deployer itself.
+    /// A platform that gives it gets [`Machine::command`] (and so `shell` and `logs`) over
+    /// its agent connection; the default gives none.
+    fn context(&self) -> Option<&Context> {
+        None
+    }
     /// A command that runs `argv` inside the machine (an interactive one with a terminal when
-    /// `tty`). A platform that cannot says so.
+    /// `tty`). By default, with a [`Machine::context`], `flotilla agent-exec`, which runs it
+    /// through the agent over [`Machine::transport`] (see [`agent_exec_command`]); a platform
+    /// without one cannot, and says so.
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
-        let _ = (argv, tty);
-        Err(PlatformError::unsupported(
-            self.name(),
-            "its platform cannot run commands in it; reach its services over the network instead",
-        ))
+        match self.context() {
+            Some(ctx) => agent_exec_command(ctx, self.name(), argv, tty),
+            None => Err(PlatformError::unsupported(
+                self.name(),
+                "its platform cannot run commands in it; reach its services over the network instead",
+            )),
+        }
     }
     /// An interactive login shell on the machine: `sh -l` through [`Machine::command`].
     fn shell(&self) -> Result<Command, PlatformError> {
@@ -279,6 +289,21 @@ pub trait Machine: Send + Sync {
     fn resources(&self) -> BTreeMap<String, String> {
         BTreeMap::new()
     }
+}
+
+/// `flotilla agent-exec` (this very program) running `argv` on machine `machine` of `ctx`'s
+/// deployment through its agent: the command of a platform whose machines are reached only
+/// over the agent protocol. Its exit status is the command's (128 + N for signal N).
+pub fn agent_exec_command(ctx: &Context, machine: &str, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
+    let exe = std::env::current_exe()
+        .map_err(|e| PlatformError::failed(machine, format!("cannot find the flotilla executable to run the command through ({e})")))?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--state").arg(&ctx.state_path).args(["agent-exec", "-d", &ctx.deployment, machine]);
+    if tty {
+        cmd.arg("--tty");
+    }
+    cmd.arg("--").args(argv);
+    Ok(cmd)
 }
 
 /// The arguments of the agent's `logs` command: the last `lines` lines of `service`'s log
@@ -501,6 +526,50 @@ mod tests {
         let e = m.set_boot_generation(None).unwrap_err();
         assert!(matches!(e, PlatformError::Unsupported { .. }) && !e.to_string().contains('\n'), "{e:?}");
         assert!(m.reboot(true).is_ok() && m.resources().is_empty() && m.problems().is_empty());
+    }
+
+    /// A platform that gives its deployment's context and no command of its own.
+    struct WithContext(Context);
+
+    impl Machine for WithContext {
+        fn name(&self) -> &str {
+            "vm1"
+        }
+        fn state(&self) -> MachineState {
+            MachineState::Running
+        }
+        fn provision(&self) -> Result<Option<String>, PlatformError> {
+            Ok(None)
+        }
+        fn start(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn stop(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn destroy(&self) -> Result<(), PlatformError> {
+            Ok(())
+        }
+        fn transport(&self) -> Result<Transport, RemoteError> {
+            Bare.transport()
+        }
+        fn context(&self) -> Option<&Context> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_platform_with_its_context_runs_commands_through_flotilla_agent_exec() {
+        let m = WithContext(Context { state_path: "/var/lib/fl/state.db".into(), deployment: "lab".into(), agent: "/bin/flotilla-agent".into() });
+        let words = |c: &Command| c.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
+        let cmd = m.command(&["cat".into(), "/etc/hosts".into()], false).unwrap();
+        assert_eq!(cmd.get_program(), std::env::current_exe().unwrap().as_os_str());
+        assert_eq!(words(&cmd), "--state /var/lib/fl/state.db agent-exec -d lab vm1 -- cat /etc/hosts");
+        assert_eq!(words(&m.shell().unwrap()), "--state /var/lib/fl/state.db agent-exec -d lab vm1 --tty -- sh -l");
+        assert_eq!(
+            words(&m.logs(Some("web"), 5, true).unwrap()),
+            format!("--state /var/lib/fl/state.db agent-exec -d lab vm1 -- {} logs -n 5 -f web", layout::BOOTSTRAP_AGENT)
+        );
     }
 
     #[test]

@@ -67,6 +67,7 @@ static BASE: Mutex<()> = Mutex::new(());
 #[derive(Debug)]
 pub struct QemuMachine {
     name: String,
+    ctx: Context,
     dir: PathBuf,
     agent: PathBuf,
     spec: QemuPlatform,
@@ -101,6 +102,7 @@ impl QemuMachine {
         let mac = format!("52:54:{}:{}:{}:{}", &hash[0..2], &hash[2..4], &hash[4..6], &hash[6..8]);
         Ok(QemuMachine {
             name: name.to_owned(),
+            ctx: ctx.clone(),
             dir: ctx.machines_dir().join(name),
             agent: ctx.agent.clone(),
             spec: spec.clone(),
@@ -639,9 +641,9 @@ impl Machine for QemuMachine {
         Ok(Transport::new(reader, Locked { stream, _lock: lock }))
     }
 
-    fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
-        let _ = (argv, tty);
-        Err(PlatformError::unsupported(&self.name, "running commands in a VM is not in this flotilla yet"))
+    /// Commands (`exec`, `shell`, `logs`) run through the agent over a port.
+    fn context(&self) -> Option<&Context> {
+        Some(&self.ctx)
     }
 
     fn resources(&self) -> BTreeMap<String, String> {
