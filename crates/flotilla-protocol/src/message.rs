@@ -21,6 +21,7 @@
 //! | `DeleteGenerations` | `GenerationsDeleted` |
 //! | `CollectGarbage` | `GarbageCollected` |
 //! | `Status` | `Status` |
+//! | `PowerOff` | `PoweringOff` (then the machine stops; the connection ends) |
 //! | `Goodbye` | none: the agent closes the connection |
 //!
 //! and any request may instead be answered by `Error`.
@@ -271,6 +272,11 @@ pub enum Request {
         /// Names of keys to delete.
         remove: Vec<String>,
     },
+    /// Stop every service cleanly, sync, make the root read-only and power the machine off.
+    /// Only a VM's agent (PID 1 of `init --vm`) does it; any other answers `Error` of kind
+    /// `Unsupported`, and agents older than this request answer `BadRequest`. Answered by
+    /// [`Response::PoweringOff`] before the services stop; the connection then ends.
+    PowerOff,
     /// End the conversation; there is no answer, the agent closes the connection.
     Goodbye,
 }
@@ -296,6 +302,7 @@ impl Request {
                 | (Request::CheckHealth, Response::Health { .. })
                 | (Request::ListKeys, Response::Keys { .. })
                 | (Request::PutKeys { .. }, Response::KeysPut { .. })
+                | (Request::PowerOff, Response::PoweringOff)
         ) || (matches!(response, Response::Error { .. }) && *self != Request::Goodbye)
     }
 
@@ -314,6 +321,7 @@ impl Request {
             Request::CheckHealth => "check_health",
             Request::ListKeys => "list_keys",
             Request::PutKeys { .. } => "put_keys",
+            Request::PowerOff => "power_off",
             Request::Goodbye => "goodbye",
         }
     }
@@ -403,6 +411,8 @@ pub enum Response {
         /// Services started because the keys they waited for are now present.
         started: Vec<String>,
     },
+    /// The agent took a `PowerOff`: it stops its services and powers the machine off now.
+    PoweringOff,
     /// A step of work in progress, for the user to see; not a final answer.
     Progress {
         /// What the agent is doing, e.g. "restarting nginx".
@@ -432,6 +442,7 @@ impl Response {
             Response::Health { .. } => "health",
             Response::Keys { .. } => "keys",
             Response::KeysPut { .. } => "keys_put",
+            Response::PoweringOff => "powering_off",
             Response::Progress { .. } => "progress",
             Response::Error { .. } => "error",
         }

@@ -121,6 +121,7 @@ fn all_requests() -> Vec<Request> {
             }],
             remove: vec!["old".into()],
         },
+        Request::PowerOff,
         Request::Goodbye,
     ];
     for r in &all {
@@ -137,6 +138,7 @@ fn all_requests() -> Vec<Request> {
             | Request::CheckHealth
             | Request::ListKeys
             | Request::PutKeys { .. }
+            | Request::PowerOff
             | Request::Goodbye => {}
         }
     }
@@ -240,6 +242,7 @@ fn all_responses() -> Vec<Response> {
             restarted: vec!["postgres".into()],
             started: vec![],
         },
+        Response::PoweringOff,
         Response::Progress {
             message: "restarting nginx".into(),
         },
@@ -258,6 +261,7 @@ fn all_responses() -> Vec<Response> {
             | Response::Health { .. }
             | Response::Keys { .. }
             | Response::KeysPut { .. }
+            | Response::PoweringOff
             | Response::Progress { .. }
             | Response::Error { .. } => {}
         }
@@ -417,6 +421,8 @@ fn answers_match_their_requests() {
         message: "x".into()
     }));
     assert!(!Request::Goodbye.is_answered_by(&Response::error(ErrorKind::Io, "x")));
+    assert!(Request::PowerOff.is_answered_by(&Response::PoweringOff));
+    assert!(!Request::Status.is_answered_by(&Response::PoweringOff));
 }
 
 #[test]
