@@ -47,9 +47,6 @@ fn boot() -> Result<String, String> {
     let newroot = Path::new("/newroot");
     let _ = std::fs::create_dir_all(newroot);
     sys::mount(&device.to_string_lossy(), newroot, Some("ext4"), 0, None).map_err(|e| format!("cannot mount the root {} (label {label}) as ext4: {e}", device.display()))?;
-    if !newroot.join(SYSTEM_AGENT.trim_start_matches('/')).exists() {
-        return Err(format!("the root {} (label {label}) has no {SYSTEM_AGENT}: it holds no flotilla system (build its image with `flotilla image`)", device.display()));
-    }
     for m in ["/dev", "/proc", "/sys"] {
         let target = newroot.join(&m[1..]);
         let _ = std::fs::create_dir_all(&target);
@@ -65,6 +62,10 @@ fn boot() -> Result<String, String> {
     sys::mount(".", Path::new("/"), None, libc::MS_MOVE, None).map_err(|e| format!("cannot move the root to /: {e}"))?;
     std::os::unix::fs::chroot(".").map_err(|e| format!("cannot chroot into the root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("cannot enter the new /: {e}"))?;
+    // Checked only now: the profile's links are absolute, so they resolve inside the root.
+    if !Path::new(SYSTEM_AGENT).exists() {
+        return Err(format!("the root {} (label {label}) has no {SYSTEM_AGENT}: it holds no flotilla system (build its image with `flotilla image`)", device.display()));
+    }
     let e = std::process::Command::new(SYSTEM_AGENT).arg0(SYSTEM_AGENT).args(["init", "--root", "/", "--vm"]).env("PATH", "/run/current-system/bin:/nix/var/flotilla/profiles/system/bin").exec();
     Err(format!("cannot run {SYSTEM_AGENT}: {e}"))
 }
