@@ -19,3 +19,4 @@ pub mod server;
 pub mod supervisor;
 pub mod uninstall;
 mod users;
+pub mod vm;

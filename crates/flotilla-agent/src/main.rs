@@ -21,7 +21,7 @@ Every DIR is the machine's root (default /). Exit status 2 means the command lin
 the command could not run at all.
 
 commands:
-  init [--root DIR] [--detach [--log FILE]]
+  init [--root DIR] [--detach [--log FILE] | --vm]
                        supervise the machine at DIR: run its current system's services and
                        answer deployers on DIR/run/flotilla/agent.sock; SIGTERM stops every
                        service cleanly, then the agent. While it runs it holds
@@ -85,6 +85,13 @@ commands:
                        pidfile runs but its monitor died: a new monitor takes over its
                        forwards and its pidfile instead
   build-system         build a toplevel (run by Nix as a derivation's builder)
+  build-initrd         build a VM's initramfs (run by Nix as a derivation's builder, with
+                       kernel, kernelModules and out in the environment): writes $out/initrd,
+                       a newc cpio archive of this binary as /init and the kernel's modules
+                       a VM needs. Started as /init (by the kernel) the agent runs stage 1: it
+                       mounts the root labelled flotilla-root (root=LABEL=... on the kernel
+                       command line) and execs its system's agent as `init --root / --vm`,
+                       the VM's init, which also serves virtio-serial ports flotilla.agent.*
   --version            print the agent's version";
 
 /// Why a command failed, and so its exit status.
@@ -125,6 +132,10 @@ impl From<RunError> for Failure {
 }
 
 fn main() -> ExitCode {
+    // The kernel runs the initramfs's /init, this binary, with no arguments: stage 1.
+    if std::env::args().next().is_some_and(|argv0| flotilla_agent::vm::stage1::is_stage1(&argv0)) {
+        flotilla_agent::vm::stage1::run();
+    }
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rest = args.get(1..).unwrap_or_default();
     if args.len() > 1 && rest.iter().any(|a| a == "--help" || a == "-h") {
@@ -133,6 +144,7 @@ fn main() -> ExitCode {
     }
     let result: Result<ExitCode, Failure> = match args.first().map(String::as_str) {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("build-initrd") => flotilla_agent::vm::initrd::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("init") => init_command(rest),
         Some("stop") => stop(rest),
         Some("status-line") => status_line(rest),
@@ -169,7 +181,22 @@ fn machine(opts: &Options) -> MachineRoot {
 }
 
 fn init_command(args: &[String]) -> Result<ExitCode, Failure> {
-    let opts = Options::parse(args, &["--log"], &["--detach"], 0)?;
+    let opts = Options::parse(args, &["--log"], &["--detach", "--vm"], 0)?;
+    if opts.flags.contains("--vm") {
+        if opts.flags.contains("--detach") || opts.values.contains_key("--log") {
+            return Err(Failure::Usage("--vm is a VM's init, in the foreground: it takes neither --detach nor --log".into()));
+        }
+        if std::process::id() != 1 {
+            return Err(Failure::Usage("init --vm runs only as a VM's PID 1 (stage 1 of flotilla's initramfs starts it)".into()));
+        }
+        if let Err(e) = flotilla_agent::vm::prepare(&opts.root) {
+            flotilla_agent::vm::fail("flotilla-agent", &format!("cannot prepare the machine: {e}"));
+        }
+        match init(opts.root.clone(), None) {
+            Ok(()) => flotilla_agent::vm::power_off(&opts.root),
+            Err(e) => flotilla_agent::vm::fail("flotilla-agent", &e.to_string()),
+        }
+    }
     if !opts.flags.contains("--detach") {
         if opts.values.contains_key("--log") {
             return Err(Failure::Usage("--log goes with --detach (in the foreground the agent writes to its stdout and stderr)".into()));
@@ -322,6 +349,10 @@ fn init(root_dir: PathBuf, lock: Option<AgentLock>) -> Result<(), RunError> {
     let agent = Arc::new(Mutex::new(agent));
     let keeper = flotilla_agent::server::listen(Arc::clone(&agent), &socket).map_err(|source| RunError::Io { what: format!("cannot listen on {}", socket.display()), source })?;
     eprintln!("flotilla-agent {}: managing {}, listening on {}", env!("CARGO_PKG_VERSION"), root_dir.display(), socket.display());
+    if flotilla_agent::vm::is_vm_init() {
+        let ports = flotilla_agent::vm::virtio::serve_ports(&agent);
+        eprintln!("flotilla-agent: serving the virtio-serial ports {}", if ports.is_empty() { "(none found)".to_owned() } else { ports.join(", ") });
+    }
     term.wait();
     eprintln!("flotilla-agent: stopping services");
     // Hold the lock so no activation runs while everything stops.

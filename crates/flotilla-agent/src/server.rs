@@ -157,8 +157,13 @@ fn played_protocol() -> Option<u32> {
 static CONNECTIONS: AtomicU64 = AtomicU64::new(1);
 
 fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolError> {
+    serve_connection(agent, Connection::unix(stream)?)
+}
+
+/// Serves one deployer connection over any byte stream (the control socket, a VM's
+/// virtio-serial port) until the deployer leaves.
+pub fn serve_connection<R: io::Read + Send + 'static, W: io::Write>(agent: &Arc<Mutex<Agent>>, mut conn: Connection<R, W>) -> Result<(), ProtocolError> {
     let id = CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-    let mut conn = Connection::unix(stream)?;
     let root = agent.lock().expect("agent lock").root().root().to_string_lossy().into_owned();
     let shaken = match played_protocol() {
         None => server_handshake(&mut conn, AGENT_VERSION, &root),
@@ -183,6 +188,19 @@ fn handle(agent: &Arc<Mutex<Agent>>, stream: UnixStream) -> Result<(), ProtocolE
         if let Request::Exec { argv, tty } = request {
             let supervisor = agent.lock().unwrap_or_else(|p| p.into_inner()).shared_supervisor();
             return crate::exec::serve(&supervisor, conn, argv, tty);
+        }
+        if matches!(request, Request::PowerOff) {
+            // Answered first: the services stop and the machine powers off under this
+            // connection, which then just ends.
+            if !crate::vm::is_vm_init() {
+                conn.send(&Response::error(ErrorKind::Unsupported, "only a VM's agent powers its machine off; this agent is not a VM's init (stop the machine with `flotilla stop`)"))?;
+                continue;
+            }
+            conn.send(&Response::PoweringOff)?;
+            if !crate::vm::request_power_off() {
+                eprintln!("flotilla-agent: a deployer asked for power off, and it could not start");
+            }
+            return Ok(());
         }
         let response = {
             let agent = agent.lock().unwrap_or_else(|p| p.into_inner());
@@ -279,7 +297,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             store_free_bytes: agent.store_free_bytes(),
             pending_confirmation: agent.pending_confirmation(),
         },
-        Request::Goodbye | Request::Exec { .. } => unreachable!("handled by the caller"),
+        Request::Goodbye | Request::Exec { .. } | Request::PowerOff => unreachable!("handled by the caller"),
     })
 }
 

@@ -550,7 +550,10 @@ impl AgentClient {
 
     /// Asks a VM's agent to stop its services and power the machine off.
     pub fn power_off(&mut self) -> Result<(), RemoteError> {
-        Err(RemoteError::Unexpected { request: "power_off", got: "not yet" })
+        match self.call(&Request::PowerOff, Duration::ZERO)? {
+            Response::PoweringOff => Ok(()),
+            other => Err(RemoteError::Unexpected { request: "power_off", got: other.name() }),
+        }
     }
 
     /// The current generation, running system and services.

@@ -22,6 +22,7 @@
 //! | `CollectGarbage` | `GarbageCollected` |
 //! | `Status` | `Status` |
 //! | `Exec` (protocol 3) | `ExecStarted`, then the command's stdio, then `Exited` (see [`crate::exec`]) |
+//! | `PowerOff` | `PoweringOff` (then the machine stops; the connection ends) |
 //! | `Goodbye` | none: the agent closes the connection |
 //!
 //! and any request may instead be answered by `Error`.
@@ -284,6 +285,11 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tty: Option<Terminal>,
     },
+    /// Stop every service cleanly, sync, make the root read-only and power the machine off.
+    /// Only a VM's agent (PID 1 of `init --vm`) does it; any other answers `Error` of kind
+    /// `Unsupported`, and agents older than this request answer `BadRequest`. Answered by
+    /// [`Response::PoweringOff`] before the services stop; the connection then ends.
+    PowerOff,
     /// End the conversation; there is no answer, the agent closes the connection.
     Goodbye,
 }
@@ -310,6 +316,7 @@ impl Request {
                 | (Request::ListKeys, Response::Keys { .. })
                 | (Request::PutKeys { .. }, Response::KeysPut { .. })
                 | (Request::Exec { .. }, Response::ExecStarted { .. })
+                | (Request::PowerOff, Response::PoweringOff)
         ) || (matches!(response, Response::Error { .. }) && *self != Request::Goodbye)
     }
 
@@ -329,6 +336,7 @@ impl Request {
             Request::ListKeys => "list_keys",
             Request::PutKeys { .. } => "put_keys",
             Request::Exec { .. } => "exec",
+            Request::PowerOff => "power_off",
             Request::Goodbye => "goodbye",
         }
     }
@@ -428,6 +436,8 @@ pub enum Response {
         /// How it ended.
         status: CommandExit,
     },
+    /// The agent took a `PowerOff`: it stops its services and powers the machine off now.
+    PoweringOff,
     /// A step of work in progress, for the user to see; not a final answer.
     Progress {
         /// What the agent is doing, e.g. "restarting nginx".
@@ -459,6 +469,7 @@ impl Response {
             Response::KeysPut { .. } => "keys_put",
             Response::ExecStarted { .. } => "exec_started",
             Response::Exited { .. } => "exited",
+            Response::PoweringOff => "powering_off",
             Response::Progress { .. } => "progress",
             Response::Error { .. } => "error",
         }

@@ -123,6 +123,7 @@ fn all_requests() -> Vec<Request> {
         },
         Request::Exec { argv: vec!["sh".into(), "-l".into()], tty: Some(Terminal { rows: 24, cols: 80, term: "xterm".into() }) },
         Request::Exec { argv: vec!["cat".into()], tty: None },
+        Request::PowerOff,
         Request::Goodbye,
     ];
     for r in &all {
@@ -140,6 +141,7 @@ fn all_requests() -> Vec<Request> {
             | Request::ListKeys
             | Request::PutKeys { .. }
             | Request::Exec { .. }
+            | Request::PowerOff
             | Request::Goodbye => {}
         }
     }
@@ -246,6 +248,7 @@ fn all_responses() -> Vec<Response> {
         Response::ExecStarted { pid: 4242 },
         Response::Exited { status: CommandExit::Code(7) },
         Response::Exited { status: CommandExit::Signal(9) },
+        Response::PoweringOff,
         Response::Progress {
             message: "restarting nginx".into(),
         },
@@ -266,6 +269,7 @@ fn all_responses() -> Vec<Response> {
             | Response::KeysPut { .. }
             | Response::ExecStarted { .. }
             | Response::Exited { .. }
+            | Response::PoweringOff
             | Response::Progress { .. }
             | Response::Error { .. } => {}
         }
@@ -425,6 +429,8 @@ fn answers_match_their_requests() {
         message: "x".into()
     }));
     assert!(!Request::Goodbye.is_answered_by(&Response::error(ErrorKind::Io, "x")));
+    assert!(Request::PowerOff.is_answered_by(&Response::PoweringOff));
+    assert!(!Request::Status.is_answered_by(&Response::PoweringOff));
 }
 
 #[test]
