@@ -85,6 +85,7 @@ commands:
                        pidfile runs but its monitor died: a new monitor takes over its
                        forwards and its pidfile instead
   build-system         build a toplevel (run by Nix as a derivation's builder)
+  build-image          build a machine's disk image (run by Nix as a derivation's builder)
   --version            print the agent's version";
 
 /// Why a command failed, and so its exit status.
@@ -133,6 +134,7 @@ fn main() -> ExitCode {
     }
     let result: Result<ExitCode, Failure> = match args.first().map(String::as_str) {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("build-image") => flotilla_agent::build_image::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("init") => init_command(rest),
         Some("stop") => stop(rest),
         Some("status-line") => status_line(rest),
