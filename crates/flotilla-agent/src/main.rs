@@ -135,6 +135,7 @@ fn main() -> ExitCode {
     let result: Result<ExitCode, Failure> = match args.first().map(String::as_str) {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("build-image") => flotilla_agent::build_image::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("build-initrd") => placeholder_initrd(),
         Some("init") => init_command(rest),
         Some("stop") => stop(rest),
         Some("status-line") => status_line(rest),
@@ -363,4 +364,19 @@ fn relay(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io
         to.write_all(&buf[..n])?;
         to.flush()?;
     }
+}
+
+/// PLACEHOLDER for the guest engineer's `build-initrd` (issue 15, contract 2), so that a
+/// toplevel with `boot.kernel` and its disk images build on this branch: an empty newc cpio
+/// archive (the trailer alone) at `$out/initrd`. The merge takes theirs.
+fn placeholder_initrd() -> Result<ExitCode, Failure> {
+    let out = std::env::var("out").map_err(|_| Failure::Usage("$out is not set: build-initrd runs as a Nix builder".into()))?;
+    let name = b"TRAILER!!!\0";
+    let mut cpio = format!("070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}", 0, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, name.len(), 0).into_bytes();
+    cpio.extend_from_slice(name);
+    while cpio.len() % 512 != 0 {
+        cpio.push(0);
+    }
+    std::fs::create_dir_all(&out).and_then(|()| std::fs::write(format!("{out}/initrd"), cpio)).map_err(|e| Failure::Usage(format!("cannot write {out}/initrd: {e}")))?;
+    Ok(ExitCode::SUCCESS)
 }
