@@ -21,6 +21,7 @@ mod error;
 pub mod eval;
 pub mod events;
 pub mod facts;
+pub mod image;
 pub mod fleet;
 pub mod jobs;
 pub mod keys;
