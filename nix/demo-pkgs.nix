@@ -70,8 +70,54 @@ let
         done
       done
     '';
+
+  # What scripts/install-deps.sh (scripts/demo-cache.sh) staged from Debian's packages: the
+  # cloud kernel in nixpkgs' `linux` layout, mke2fs and qemu-img with every library they load.
+  # Read only when a deployment uses them, so others evaluate without the cache.
+  demoCache =
+    let env = builtins.getEnv "FLOTILLA_DEMO_CACHE";
+    in if env != "" then env else "/var/cache/flotilla/demo";
+
+  staged = what: name:
+    let dir = "${demoCache}/${what}"; in
+    if builtins.pathExists "${dir}/package" then builtins.path { path = /. + dir; inherit name; }
+    else throw "demo-pkgs.nix: ${dir} holds no staged ${what} (its `package` file is missing); run scripts/install-deps.sh (it stages the demo cache with scripts/demo-cache.sh), or point FLOTILLA_DEMO_CACHE at a staged cache";
+
+  # A program of a staged tool, run through the staged dynamic loader with the staged
+  # libraries, so it runs inside a sandboxed build where the host's /lib is absent.
+  # `argv0` is the name the program sees (mke2fs behaves as mkfs.ext4 by it).
+  stagedWrapper = pname: dir: programs: runCommand pname { } (''
+    mkdir -p $out/bin
+  '' + builtins.concatStringsSep "" (map
+    (p: ''
+      cat > $out/bin/${p.name} <<'EOF'
+      #!${runtimeShell}
+      exec ${dir}/lib/ld-linux-x86-64.so.2 --library-path ${dir}/lib --argv0 ${p.name} ${dir}/libexec/${p.program} "$@"
+      EOF
+      chmod +x $out/bin/${p.name}
+    '')
+    programs));
+
+  # Debian's cloud kernel (`bzImage`, `lib/modules/<version>/` with modules.dep): a stand-in
+  # for nixpkgs' `linux` (the store path itself, as that is a package with that layout).
+  linux = staged "linux" "linux";
+
+  e2fsprogs = stagedWrapper "e2fsprogs" (staged "e2fsprogs" "e2fsprogs-staged") [
+    { name = "mkfs.ext4"; program = "mke2fs"; }
+    { name = "mke2fs"; program = "mke2fs"; }
+  ];
+
+  # busybox's gzip, for tools that want nixpkgs' `gzip` (`bin/gzip`).
+  gzip = runCommand "gzip" { } ''
+    mkdir -p $out/bin
+    ln -s ${busybox}/bin/busybox $out/bin/gzip
+  '';
+
+  qemu-utils = stagedWrapper "qemu-utils" (staged "qemu-utils" "qemu-utils-staged") [
+    { name = "qemu-img"; program = "qemu-img"; }
+  ];
 in
 {
   inherit busybox runtimeShell runCommand writeTextFile writeText writeTextDir writeScript
-    writeShellScript writeShellScriptBin symlinkJoin;
+    writeShellScript writeShellScriptBin symlinkJoin linux e2fsprogs qemu-utils gzip;
 }

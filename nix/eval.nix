@@ -98,10 +98,12 @@ let
 
   configs = mapAttrs (name: _: configOf name) machineDefs;
 
-  # What the toplevel is built from: no platform, tags or checks (the deployer's concern, they
+  # What the toplevel is built from: no platform, tags, checks or image options (the deployer's concern, they
   # must not change the system), no secret material, services' scripts written to the store.
+  # `boot` is left out while it is all defaults, so a machine that sets no boot option keeps
+  # the toplevel it had before the option existed.
   systemConfig = name: cfg:
-    removeAttrs cfg [ "platform" "tags" "checks" ] // {
+    removeAttrs cfg ([ "platform" "tags" "checks" "image" ] ++ (if hasBoot cfg then [ ] else [ "boot" ])) // {
       inherit name;
       keys = mapAttrs (_: k: removeAttrs k [ "text" "file" "command" ]) cfg.keys;
       services = mapAttrs
@@ -116,15 +118,54 @@ let
     if agent == null then throw "flotilla: internal error: the agent binary was not passed to eval.nix"
     else builtins.path { path = /. + agent; name = "flotilla-agent"; };
 
-  toplevel = name: derivation {
+  hasBoot = cfg: isAttrs (cfg.boot or null)
+    && (cfg.boot.kernel != null || cfg.boot.kernelModules != [ ] || cfg.boot.kernelParams != [ ]);
+  hasKernel = cfg: isAttrs (cfg.boot or null) && cfg.boot.kernel != null;
+
+  # The initramfs of a machine with a kernel: the agent as /init and the kernel's modules it
+  # needs (`flotilla-agent build-initrd`).
+  initrd = name: let cfg = configs.${name}; in derivation {
+    name = "flotilla-initrd-${name}";
+    system = builtins.currentSystem;
+    builder = agentPath;
+    args = [ "build-initrd" ];
+    kernel = cfg.boot.kernel;
+    kernelModules = concatStringsSep " " cfg.boot.kernelModules;
+  };
+
+  # A toplevel of a machine with a kernel links `kernel`, `initrd` and writes `kernel-params`
+  # (build-system reads the kernel and its parameters from the manifest, the initrd from here).
+  toplevel = name: let cfg = configs.${name}; in derivation ({
     name = "flotilla-system-${name}";
     system = builtins.currentSystem;
     builder = agentPath;
     args = [ "build-system" ];
     agent = agentPath;
-    manifest = builtins.toJSON (systemConfig name configs.${name});
+    manifest = builtins.toJSON (systemConfig name cfg);
     passAsFile = [ "manifest" ];
-  };
+  } // (if hasKernel cfg then { initrd = "${initrd name}"; } else { }));
+
+  # Disk images: `images.<machine>.<format>`. The builder (`flotilla-agent build-image`)
+  # stages the toplevel's closure (listed by exportReferencesGraph) with the agent's registry
+  # and generation 1, makes an ext4 filesystem of it with the package set's e2fsprogs, and
+  # converts it with its qemu-utils.
+  imageFormats = [ "raw" "qcow2" "vdi" "vmdk" "gce" ];
+  image = name: format: let cfg = configs.${name}; top = toplevel name; in
+    if !(hasKernel cfg) then
+      throw "machine ${name}: option `boot.kernel` is not set, and a disk image boots the machine's own kernel; set `boot.kernel = pkgs.linux;`"
+    else derivation ({
+      name = "flotilla-image-${name}-${format}";
+      system = builtins.currentSystem;
+      builder = agentPath;
+      args = [ "build-image" ];
+      inherit format;
+      toplevel = top;
+      e2fsprogs = pkgs.e2fsprogs;
+      qemuUtils = pkgs.qemu-utils;
+      size = if cfg.image.size == null then "" else toString cfg.image.size;
+      kernelParams = concatStringsSep " " cfg.boot.kernelParams;
+      exportReferencesGraph = [ "closure" top ];
+    } // (if format == "gce" then { gzip = pkgs.gzip; } else { }));
 
   selected =
     if only == "" then attrNames machineDefs
@@ -152,6 +193,16 @@ in
   inherit configs;
 
   inherit toplevels;
+
+  # The selected machines' disk image derivations, by format: { drv, out } as toplevels.
+  images = listToAttrs (map
+    (name: {
+      inherit name;
+      value = listToAttrs (map
+        (format: { name = format; value = let d = image name format; in { drv = d.drvPath; out = d.outPath; }; })
+        imageFormats);
+    })
+    selected);
 
   # All three at once, for a redeploy whose facts are known: one evaluation instead of three.
   everything = { inherit phase1 configs toplevels; };

@@ -46,18 +46,23 @@ let
     retries = opt t.int 10 "Probes that may fail before the check counts as failed.";
   };
 
+  # What machines on the deployment's bridge have, containers (`local`) and VMs (`qemu`) alike:
+  # they share the bridge, its subnet and the port forwards.
+  bridged = {
+    address = opt (t.nullOr t.str) null
+      "The machine's IPv4 address on the deployment's bridge; unset, flotilla allocates the lowest free one in `subnet` and keeps it.";
+    subnet = opt t.str "10.231.0.0/24"
+      "The deployment's bridge subnet, in CIDR form; every local and qemu machine of a deployment must name the same one.";
+    forwardPorts = opt (t.listOf (t.submodule {
+      host = req t.port "Port on the host's loopback.";
+      guest = req t.port "Port on the machine.";
+    })) [ ] "Ports forwarded from the host's 127.0.0.1 to the machine, so a browser can open a service.";
+  };
+
   platforms = {
     local = {
       type = opt (t.enum [ "local" ]) "local" "The platform: `local` (namespace containers on this host, the default), `ssh` or `qemu`.";
-      address = opt (t.nullOr t.str) null
-        "The machine's IPv4 address on the deployment's bridge; unset, flotilla allocates the lowest free one in `subnet` and keeps it.";
-      subnet = opt t.str "10.231.0.0/24"
-        "The deployment's bridge subnet, in CIDR form; every local machine of a deployment must name the same one.";
-      forwardPorts = opt (t.listOf (t.submodule {
-        host = req t.port "Port on the host's loopback.";
-        guest = req t.port "Port on the machine.";
-      })) [ ] "Ports forwarded from the host's 127.0.0.1 to the machine, so a browser can open a service.";
-    };
+    } // bridged;
     ssh = {
       type = opt (t.enum [ "ssh" ]) "ssh" "The platform type.";
       host = req t.str "Host name or address to ssh to (anything `ssh` accepts, including a Host alias from ~/.ssh/config).";
@@ -67,16 +72,32 @@ let
       sshOptions = opt (t.listOf t.str) [ ] "Extra arguments passed to ssh, e.g. [ \"-o\" \"ProxyJump=bastion\" ].";
     };
     qemu = {
-      type = opt (t.enum [ "qemu" ]) "qemu" "The platform type.";
+      type = opt (t.enum [ "qemu" ]) "qemu" "The platform type: a local QEMU virtual machine on the deployment's bridge, booted with its toplevel's kernel and initramfs (so the machine must set `boot.kernel`).";
       memory = opt t.int 512 "Memory of the VM in MiB.";
       cpus = opt t.int 1 "Virtual CPUs.";
       diskSize = opt t.int 2048 "Disk size in MiB.";
-    };
+      accel = opt (t.enum [ "auto" "kvm" "tcg" ]) "auto"
+        "How QEMU runs the guest: `kvm` (hardware virtualisation), `tcg` (emulation, slower but works everywhere) or `auto` (KVM when it boots a guest on this host, else TCG).";
+    } // bridged;
   };
 in
 {
   platform = opt (t.tagged "type" "local" platforms) { type = "local"; }
     "Where the machine runs. `type` picks the platform; the other options are that platform's own.";
+
+  boot = opt (t.submodule {
+    kernel = opt (t.nullOr t.package) null
+      "The Linux kernel that boots the machine as a VM or from a disk image: a package with `bzImage` and `lib/modules/<version>/` (the layout of nixpkgs' `pkgs.linux`, e.g. `boot.kernel = pkgs.linux;`). Required with `platform.type = \"qemu\"` and for `flotilla image`; unset, the machine has no kernel of its own (containers and ssh hosts).";
+    kernelModules = opt (t.listOf t.str) [ ]
+      "Kernel modules added to the initramfs beside the ones flotilla always loads (virtio, iso9660, vfat), with their dependencies, loaded at boot before the root is mounted.";
+    kernelParams = opt (t.listOf t.str) [ ]
+      "Extra kernel command line parameters, appended after flotilla's own (`console=ttyS0 root=LABEL=flotilla-root` ...).";
+  }) { } "How the machine boots when it is a VM or a disk image; ignored by containers and ssh hosts.";
+
+  image = opt (t.submodule {
+    size = opt (t.nullOr t.int) null
+      "Size of the disk image's root filesystem in MiB; unset, the closure's size plus 30 % and 64 MiB. The qemu platform grows the filesystem to the VM's `diskSize` at boot.";
+  }) { } "Disk images of the machine (`flotilla image`).";
 
   tags = opt (t.listOf t.str) [ ]
     "Free-form tags; `--on @tag` selects the machines that carry one.";

@@ -7,6 +7,10 @@
 //! - `etc/<path>`: the `/etc` entries (text written here; `source` linked to its store path)
 //! - `sw/bin/<name>`: links to every package's `bin/` entries, first package winning
 //! - `bin/flotilla-agent`: link to the agent that built it, which will activate it
+//! - for a machine with `boot.kernel`, as NixOS toplevels have them: `kernel` (link to the
+//!   kernel's `bzImage`), `initrd` (link to the initramfs derivation's `initrd`) and
+//!   `kernel-params` (`boot.kernelParams` joined by spaces), so whoever boots a generation
+//!   (the qemu platform, a disk image) boots that generation's kernel
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -49,8 +53,9 @@ fn io_err(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BuildErr
     move |e| BuildError(format!("{what} {}: {e}", path.display()))
 }
 
-/// Builds the toplevel at `out` from the manifest JSON in `manifest_json`.
-pub fn build(manifest_json: &str, agent: &str, out: &Path) -> Result<Manifest, BuildError> {
+/// Builds the toplevel at `out` from the manifest JSON in `manifest_json`. `initrd` is the
+/// initramfs derivation's output, given when the machine has a kernel.
+pub fn build(manifest_json: &str, agent: &str, initrd: Option<&str>, out: &Path) -> Result<Manifest, BuildError> {
     let system: SystemConfig = serde_json::from_str(manifest_json)
         .map_err(|e| BuildError(format!("the system config passed by flotilla is not valid: {e}")))?;
     fs::create_dir_all(out).map_err(io_err("cannot create", out))?;
@@ -104,6 +109,16 @@ pub fn build(manifest_json: &str, agent: &str, out: &Path) -> Result<Manifest, B
     let agent_link = agent_link.join("flotilla-agent");
     symlink(agent, &agent_link).map_err(io_err("cannot link", &agent_link))?;
 
+    if let Some(kernel) = &system.system.boot.kernel {
+        let initrd = initrd.ok_or_else(|| BuildError("the machine has boot.kernel but flotilla passed no $initrd: eval.nix and this agent disagree".into()))?;
+        let link = out.join("kernel");
+        symlink(Path::new(kernel).join("bzImage"), &link).map_err(io_err("cannot link", &link))?;
+        let link = out.join("initrd");
+        symlink(Path::new(initrd).join("initrd"), &link).map_err(io_err("cannot link", &link))?;
+        let params = out.join("kernel-params");
+        fs::write(&params, system.system.boot.kernel_params.join(" ")).map_err(io_err("cannot write", &params))?;
+    }
+
     let manifest = Manifest { flotilla_manifest: MANIFEST_VERSION, agent: agent.to_owned(), system };
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serialises");
     let path = out.join("manifest.json");
@@ -120,6 +135,7 @@ pub fn main_from_env() -> Result<(), BuildError> {
     };
     let manifest_path = var("manifestPath")?;
     let json = fs::read_to_string(&manifest_path).map_err(|e| BuildError(format!("cannot read {manifest_path}: {e}")))?;
-    build(&json, &var("agent")?, Path::new(&var("out")?))?;
+    let initrd = std::env::var("initrd").ok();
+    build(&json, &var("agent")?, initrd.as_deref(), Path::new(&var("out")?))?;
     Ok(())
 }

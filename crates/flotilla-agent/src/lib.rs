@@ -4,6 +4,7 @@
 
 mod accounts_file;
 pub mod activate;
+pub mod build_image;
 pub mod build_system;
 pub mod cli;
 pub mod container;

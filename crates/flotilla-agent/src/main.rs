@@ -85,6 +85,7 @@ commands:
                        pidfile runs but its monitor died: a new monitor takes over its
                        forwards and its pidfile instead
   build-system         build a toplevel (run by Nix as a derivation's builder)
+  build-image          build a machine's disk image (run by Nix as a derivation's builder)
   build-initrd         build a VM's initramfs (run by Nix as a derivation's builder, with
                        kernel, kernelModules and out in the environment): writes $out/initrd,
                        a newc cpio archive of this binary as /init and the kernel's modules
@@ -145,6 +146,7 @@ fn main() -> ExitCode {
     let result: Result<ExitCode, Failure> = match args.first().map(String::as_str) {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("build-initrd") => flotilla_agent::vm::initrd::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("build-image") => flotilla_agent::build_image::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("init") => init_command(rest),
         Some("stop") => stop(rest),
         Some("status-line") => status_line(rest),
@@ -393,3 +395,4 @@ fn relay(from: &mut impl std::io::Read, to: &mut impl std::io::Write) -> std::io
         to.flush()?;
     }
 }
+

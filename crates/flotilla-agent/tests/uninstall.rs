@@ -93,7 +93,7 @@ fn deploy(m: &Machine, real_agent: bool) -> (StorePath, StorePath) {
     }
     let toplevel = store_path(2, "flotilla-system-box");
     let json = serde_json::to_string(&system()).unwrap();
-    flotilla_agent::build_system::build(&json, &format!("{}/bin/flotilla-agent", agent.to_absolute()), &staging.path().join(toplevel.base_name())).unwrap();
+    flotilla_agent::build_system::build(&json, &format!("{}/bin/flotilla-agent", agent.to_absolute()), None, &staging.path().join(toplevel.base_name())).unwrap();
     let paths = vec![info(staging.path(), &agent, vec![]), info(staging.path(), &toplevel, vec![agent.clone()])];
 
     let mut conn = Connection::connect_unix(&m.socket()).unwrap();

@@ -22,6 +22,7 @@ pub mod eval;
 pub mod events;
 pub mod exec;
 pub mod facts;
+pub mod image;
 pub mod fleet;
 pub mod jobs;
 pub mod keys;

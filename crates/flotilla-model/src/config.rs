@@ -86,14 +86,53 @@ pub struct QemuPlatform {
     pub cpus: u32,
     /// Disk size in MiB.
     pub disk_size: u32,
-    /// `auto`, `kvm` or `tcg`.
-    pub accel: String,
-    /// Fixed IPv4 address, or `None` to allocate one.
+    /// How QEMU runs the guest.
+    pub accel: Accel,
+    /// Fixed IPv4 address on the deployment's bridge, or `None` to allocate one.
     pub address: Option<String>,
-    /// The deployment's bridge subnet (CIDR).
+    /// The deployment's bridge subnet (CIDR), shared with its local machines.
     pub subnet: String,
     /// Host loopback port → machine port forwards.
     pub forward_ports: Vec<PortForward>,
+}
+
+/// How QEMU runs a guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM when it boots a guest on this host, else TCG.
+    Auto,
+    /// Hardware virtualisation only.
+    Kvm,
+    /// Emulation only.
+    Tcg,
+}
+
+/// How a machine boots as a VM or from a disk image.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BootOptions {
+    /// The kernel package (`bzImage`, `lib/modules/<version>/`), if the machine has one.
+    pub kernel: Option<String>,
+    /// Extra modules for the initramfs.
+    pub kernel_modules: Vec<String>,
+    /// Extra kernel command line parameters.
+    pub kernel_params: Vec<String>,
+}
+
+impl BootOptions {
+    /// Whether every boot option has its default (the machine boots no kernel of its own).
+    pub fn is_unset(&self) -> bool {
+        *self == BootOptions::default()
+    }
+}
+
+/// Options of the machine's disk images.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImageOptions {
+    /// Root filesystem size in MiB; `None` computes it from the closure.
+    pub size: Option<u32>,
 }
 
 /// A machine's whole checked config, as the deployer sees it.
@@ -112,6 +151,10 @@ pub struct MachineConfig {
     pub system: SystemOptions,
     /// Secrets, with their material (never part of the toplevel).
     pub keys: BTreeMap<String, KeySpec>,
+    /// Disk images of the machine (not part of the toplevel: an image's size does not
+    /// change the system).
+    #[serde(default)]
+    pub image: ImageOptions,
 }
 
 /// The options that make up the system (everything but platform, tags and key material).
@@ -130,6 +173,10 @@ pub struct SystemOptions {
     pub groups: BTreeMap<String, GroupSpec>,
     /// Supervised services.
     pub services: BTreeMap<String, ServiceSpec>,
+    /// How it boots as a VM or image (absent in manifests older than the option, and left
+    /// out while unset, as eval.nix leaves it out of the toplevel's manifest).
+    #[serde(default, skip_serializing_if = "BootOptions::is_unset")]
+    pub boot: BootOptions,
 }
 
 /// A file under /etc.
@@ -465,6 +512,8 @@ impl MachineConfig {
             err(OptionPath::root("services"), format!("have an `after` cycle: {}; break it", cycle.join(" → ")));
         }
 
+        self.check_boot(&mut err);
+
         for (name, c) in &self.checks {
             if !c.http.starts_with("http://") {
                 err(OptionPath::root("checks").child(name).child("http"), format!("is \"{}\"; the deployer probes plain http:// URLs", c.http));
@@ -487,6 +536,43 @@ impl MachineConfig {
             }
         }
         errors
+    }
+}
+
+impl MachineConfig {
+    /// The boot, image and VM options: a qemu machine boots its own kernel, so it needs one;
+    /// module names become file names in the initramfs builder; parameters are one line.
+    fn check_boot(&self, err: &mut dyn FnMut(OptionPath, String)) {
+        let boot = &self.system.boot;
+        if let Platform::Qemu(q) = &self.platform {
+            if boot.kernel.is_none() {
+                err(OptionPath::root("boot").child("kernel"), "is not set, and a machine with `platform.type = \"qemu\"` boots its own kernel; set `boot.kernel = pkgs.linux;` (a package with `bzImage` and `lib/modules/<version>/`)".into());
+            }
+            let at = OptionPath::root("platform");
+            if q.memory < 64 {
+                err(at.child("memory"), format!("is {} MiB, too little for the kernel to boot; give the VM at least 64, e.g. `platform.memory = 512;`", q.memory));
+            }
+            if q.cpus == 0 {
+                err(at.child("cpus"), "is 0; a VM needs at least one CPU: `platform.cpus = 1;`".into());
+            }
+            if q.disk_size < 64 {
+                err(at.child("diskSize"), format!("is {} MiB, too small for a root filesystem; give it at least 64, e.g. `platform.diskSize = 2048;`", q.disk_size));
+            }
+        }
+        for m in &boot.kernel_modules {
+            let plain = !m.is_empty() && m.len() <= 64 && m.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'_' || c == b'-');
+            if !plain {
+                err(OptionPath::root("boot").child("kernelModules"), format!("names \"{}\", which is not a module name; write the module's name as `modinfo` shows it (letters, digits, `_`, `-`), e.g. \"virtio_rng\"", crate::escape_controls(m)));
+            }
+        }
+        for p in &boot.kernel_params {
+            if p.is_empty() || p.chars().any(char::is_control) {
+                err(OptionPath::root("boot").child("kernelParams"), format!("has \"{}\", which is empty or holds a control character (a newline, a tab); give each parameter as one list element, e.g. [ \"quiet\" \"loglevel=4\" ]", crate::escape_controls(p)));
+            }
+        }
+        if self.image.size == Some(0) {
+            err(OptionPath::root("image").child("size"), "is 0 MiB; give the image's size in MiB, or leave it unset to compute it from the closure".into());
+        }
     }
 }
 

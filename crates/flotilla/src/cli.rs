@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use flotilla_engine::deploy::Goal;
+use flotilla_engine::image::ImageFormat;
 
 /// Deploy fleets of machines from one declarative Nix file.
 #[derive(Debug, Parser)]
@@ -272,6 +273,24 @@ pub enum Command {
         #[arg(long, short = 'y', requires = "force")]
         yes: bool,
     },
+    /// Build a bootable disk image of a machine's current configuration (it needs boot.kernel)
+    /// and print where it is, its format and a qemu-system-x86_64 command that boots it
+    Image {
+        #[command(flatten)]
+        target: Target,
+        /// The machine
+        machine: String,
+        /// The image format
+        #[arg(long, value_enum)]
+        format: ImageFormatArg,
+        /// Where to put the image: a file, or a directory to put it in [default: the current
+        /// directory]; its name carries the configuration's hash
+        #[arg(short, long, value_name = "PATH")]
+        output: Option<PathBuf>,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
     /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
     /// (exit status 0 when the default platform can deploy from here)
     Doctor {
@@ -338,6 +357,33 @@ pub enum DeployGoal {
     Build,
     /// Build and copy; activate nothing
     Copy,
+}
+
+/// A disk image format, as `flotilla image --format` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ImageFormatArg {
+    /// The ext4 root filesystem (`.img`, sparse)
+    Raw,
+    /// QEMU's qcow2
+    Qcow2,
+    /// VirtualBox
+    Vdi,
+    /// VMware
+    Vmdk,
+    /// `disk.raw` in a `.tar.gz`, as Google Compute Engine imports it
+    Gce,
+}
+
+impl From<ImageFormatArg> for ImageFormat {
+    fn from(f: ImageFormatArg) -> ImageFormat {
+        match f {
+            ImageFormatArg::Raw => ImageFormat::Raw,
+            ImageFormatArg::Qcow2 => ImageFormat::Qcow2,
+            ImageFormatArg::Vdi => ImageFormat::Vdi,
+            ImageFormatArg::Vmdk => ImageFormat::Vmdk,
+            ImageFormatArg::Gce => ImageFormat::Gce,
+        }
+    }
 }
 
 impl From<DeployGoal> for Goal {

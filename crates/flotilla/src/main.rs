@@ -160,6 +160,18 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Debug { command } => debug::run(g, command),
+        Command::Image { target, machine, format, output, json } => {
+            let state = open_state(g)?;
+            let file = deployment_file(&state, target)?;
+            let engine = engine(g, state)?;
+            let ev = engine.evaluate(&file)?;
+            let machine = flotilla_model::MachineName::new(machine).map_err(|e| anyhow!("machine {machine}: {e}"))?;
+            let verbose = g.verbose;
+            let mut listen = |e: &EngineEvent| output::progress(e, verbose);
+            let report = engine.image(&ev, &machine, (*format).into(), &agent_path()?, output.as_deref(), &mut listen)?;
+            output::image_report(&report, *json);
+            Ok(Outcome::Ok)
+        }
         Command::Build { target, on, json } => {
             let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
             let verbose = g.verbose;

@@ -334,6 +334,20 @@ pub fn build_report(r: &BuildReport, as_json: bool) {
     }
 }
 
+pub fn image_report(r: &flotilla_engine::image::ImageReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    out!(
+        "image:    {}\nformat:   {}\nmachine:  {}\ntoplevel: {}\nboot:     {}\n",
+        r.path.display(),
+        r.format.as_str(),
+        r.machine,
+        r.toplevel,
+        r.qemu_command
+    );
+}
+
 pub fn progress(e: &EngineEvent, verbose: bool) {
     match e {
         EngineEvent::PhaseStarted { phase, machines } => {

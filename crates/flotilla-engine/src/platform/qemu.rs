@@ -33,7 +33,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use flotilla_model::QemuPlatform;
+use flotilla_model::{Accel, QemuPlatform};
 use flotilla_protocol::layout;
 use flotilla_store::StorePath;
 use serde::{Deserialize, Serialize};
@@ -270,10 +270,10 @@ impl QemuMachine {
     /// QEMU's accelerator: `platform.accel`, with `auto` probed once per deployment directory.
     fn accel(&self) -> &'static str {
         const TCG: &str = "tcg,tb-size=32"; // a smaller translation cache: about 30 MB less per VM
-        match self.spec.accel.as_str() {
-            "kvm" => "kvm",
-            "tcg" => TCG,
-            _ => {
+        match self.spec.accel {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => TCG,
+            Accel::Auto => {
                 let kernel = self.boot_dir().join("current").join("kernel");
                 let cache = self.dir.parent().unwrap_or(&self.dir).join("accel");
                 if kvm_boots(&kernel, &cache) {
@@ -691,7 +691,7 @@ mod tests {
     #[test]
     fn the_tap_and_mac_differ_per_state_db_and_fit_the_kernel_limits() {
         let ctx = |state: &str| Context { state_path: PathBuf::from(state), deployment: "web".into(), agent: PathBuf::from("/a") };
-        let spec = QemuPlatform { memory: 512, cpus: 1, disk_size: 2048, accel: "tcg".into(), address: None, subnet: "10.231.0.0/24".into(), forward_ports: vec![] };
+        let spec = QemuPlatform { memory: 512, cpus: 1, disk_size: 2048, accel: Accel::Tcg, address: None, subnet: "10.231.0.0/24".into(), forward_ports: vec![] };
         let facts: BTreeMap<String, Value> = [("ip".to_owned(), Value::from("10.231.0.5"))].into();
         let a = QemuMachine::new(&ctx("/s1/state.db"), "vm1", &spec, &facts).unwrap();
         let b = QemuMachine::new(&ctx("/s2/state.db"), "vm1", &spec, &facts).unwrap();
