@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{initrd::MODULES_LIST, sys, Cmdline, DEFAULT_ROOT_LABEL, SYSTEM_AGENT};
+use flotilla_protocol::layout::BOOTSTRAP_AGENT;
 
 /// How long stage 1 waits for the root disk to appear.
 const ROOT_WAIT: Duration = Duration::from_secs(10);
@@ -63,11 +64,13 @@ fn boot() -> Result<String, String> {
     std::os::unix::fs::chroot(".").map_err(|e| format!("cannot chroot into the root: {e}"))?;
     std::env::set_current_dir("/").map_err(|e| format!("cannot enter the new /: {e}"))?;
     // Checked only now: the profile's links are absolute, so they resolve inside the root.
-    if !Path::new(SYSTEM_AGENT).exists() {
-        return Err(format!("the root {} (label {label}) has no {SYSTEM_AGENT}: it holds no flotilla system (build its image with `flotilla image`)", device.display()));
-    }
-    let e = std::process::Command::new(SYSTEM_AGENT).arg0(SYSTEM_AGENT).args(["init", "--root", "/", "--vm"]).env("PATH", "/run/current-system/bin:/nix/var/flotilla/profiles/system/bin").exec();
-    Err(format!("cannot run {SYSTEM_AGENT}: {e}"))
+    // The system's agent when a generation was switched in; else the bootstrap agent the
+    // qemu platform puts on a new machine's disk, as a local container runs it.
+    let agent = [SYSTEM_AGENT, BOOTSTRAP_AGENT].into_iter().find(|a| Path::new(a).exists()).ok_or_else(|| {
+        format!("the root {} (label {label}) has neither {SYSTEM_AGENT} nor {BOOTSTRAP_AGENT}: it holds no flotilla system (build its image with `flotilla image`)", device.display())
+    })?;
+    let e = std::process::Command::new(agent).arg0(agent).args(["init", "--root", "/", "--vm"]).env("PATH", "/run/current-system/sw/bin:/nix/var/flotilla/profiles/system/sw/bin").exec();
+    Err(format!("cannot run {agent}: {e}"))
 }
 
 /// The block devices the kernel knows, as their /dev nodes.

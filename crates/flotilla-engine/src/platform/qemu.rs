@@ -143,7 +143,8 @@ impl QemuMachine {
 
     /// Makes the machine's directory, root's alone (it holds the VM's disk).
     fn make_dir(&self) -> Result<(), PlatformError> {
-        for dir in [self.dir.parent().unwrap_or(&self.dir), &self.dir] {
+        let deployment = self.dir.parent().unwrap_or(&self.dir);
+        for dir in [deployment.parent().unwrap_or(deployment), deployment, &self.dir] {
             match fs::DirBuilder::new().mode(0o700).create(dir) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
