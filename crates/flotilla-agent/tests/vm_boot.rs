@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_protocol::{client_handshake, Connection, ErrorKind, Request, Response};
 
+mod common;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_flotilla-agent");
 const HELLO: &[u8] = b"FLOTILLA-AGENT-HELLO\n";
 
@@ -192,6 +194,8 @@ fn vm_boots_serves_its_port_answers_on_its_address_and_powers_off_clean() {
     let state = Command::new("dumpe2fs").arg("-h").arg(vm.dir.path().join("root.img")).output().unwrap();
     let state = String::from_utf8_lossy(&state.stdout);
     assert!(state.lines().any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with(" clean")), "{state}");
+    // A journal left to replay means the root was still mounted read-write at power off.
+    assert!(state.lines().any(|l| l.starts_with("Filesystem features:") && !l.contains("needs_recovery")), "{state}");
 }
 
 /// Stage 1 that cannot find its root says why on the console and powers off; nothing hangs.
@@ -218,12 +222,25 @@ fn vm_takes_its_hostname_from_a_nocloud_seed() {
     let mut conn = vm.connect();
     status(&mut conn);
     assert!(vm.console().contains("flotilla-agent: this machine is seeded"), "console:\n{}", vm.console());
-    // Outside a VM's init the same request is refused (the test's own agent cannot be asked
-    // here); inside, it powers off.
     match conn.call(&Request::PowerOff, |_| {}).unwrap() {
         Response::PoweringOff => {}
         other => panic!("PowerOff answered {other:?}"),
     }
     vm.wait_exit(Duration::from_secs(15));
-    let _ = ErrorKind::Unsupported;
+}
+
+/// An agent that is not a VM's init refuses `PowerOff` and goes on serving.
+#[test]
+fn power_off_is_refused_outside_a_vm() {
+    let machine = common::Machine::new();
+    machine.start();
+    let mut conn = Connection::unix(UnixStream::connect(machine.socket()).unwrap()).unwrap();
+    client_handshake(&mut conn, "vm-boot-test").unwrap();
+    match conn.call(&Request::PowerOff, |_| {}) {
+        Err(flotilla_protocol::ProtocolError::Agent { kind: ErrorKind::Unsupported, message }) => {
+            assert!(message.contains("only a VM's agent powers its machine off"), "{message}")
+        }
+        other => panic!("PowerOff outside a VM answered {other:?}"),
+    }
+    status(&mut conn);
 }
