@@ -26,6 +26,11 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 command -v depmod >/dev/null 2>&1 || need+=(kmod)
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
+# The agent's initramfs tests read its archive back with a real cpio; the VM boot tests make a
+# NoCloud seed as a vfat disk labelled CIDATA and put its files on it without mounting it.
+command -v cpio >/dev/null 2>&1 || need+=(cpio)
+command -v mkfs.vfat >/dev/null 2>&1 || need+=(dosfstools)
+command -v mcopy >/dev/null 2>&1 || need+=(mtools)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -21,7 +21,7 @@ Every DIR is the machine's root (default /). Exit status 2 means the command lin
 the command could not run at all.
 
 commands:
-  init [--root DIR] [--detach [--log FILE] | --vm]
+  init [--root DIR] [--detach [--log FILE]]
                        supervise the machine at DIR: run its current system's services and
                        answer deployers on DIR/run/flotilla/agent.sock; SIGTERM stops every
                        service cleanly, then the agent. While it runs it holds
@@ -92,7 +92,13 @@ commands:
                        a VM needs. Started as /init (by the kernel) the agent runs stage 1: it
                        mounts the root labelled flotilla-root (root=LABEL=... on the kernel
                        command line) and execs its system's agent as `init --root / --vm`,
-                       the VM's init, which also serves virtio-serial ports flotilla.agent.*
+                       the VM's init
+  init --root / --vm   a VM's PID 1: mounts /dev/pts, /run, /tmp, /dev/shm, grows the root,
+                       sets the hostname and network (flotilla.hostname, flotilla.ip,
+                       flotilla.gateway on the kernel command line, else a NoCloud seed),
+                       then runs as `init` and also serves every virtio-serial port named
+                       flotilla.agent*; a PowerOff request, SIGTERM or a failure ends in
+                       power off
   --version            print the agent's version";
 
 /// Why a command failed, and so its exit status.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use flotilla_protocol::{client_handshake, Connection, ErrorKind, Request, Response};
 
+mod common;
+
 const AGENT: &str = env!("CARGO_BIN_EXE_flotilla-agent");
 const HELLO: &[u8] = b"FLOTILLA-AGENT-HELLO\n";
 
@@ -96,9 +98,14 @@ impl Vm {
             .arg(format!("console=ttyS0 {append}"))
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw", d.join("root.img").display()))
-            .args(["-device", "virtio-serial-pci", "-chardev"])
-            .arg(format!("socket,id=a0,path={},server=on,wait=off", d.join("a0.sock").display()))
-            .args(["-device", "virtserialport,chardev=a0,name=flotilla.agent.0", "-serial"])
+            .args(["-device", "virtio-serial-pci"]);
+        for port in ["a0", "a1"] {
+            qemu.arg("-chardev")
+                .arg(format!("socket,id={port},path={},server=on,wait=off", d.join(format!("{port}.sock")).display()))
+                .arg("-device")
+                .arg(format!("virtserialport,chardev={port},name=flotilla.agent.{}", &port[1..]));
+        }
+        qemu.arg("-serial")
             .arg(format!("file:{}", d.join("console.log").display()));
         if let Some(seed) = seed {
             qemu.arg("-drive").arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()));
@@ -114,7 +121,12 @@ impl Vm {
     /// Connects to the agent's port as the host side does: drop bytes up to the hello line,
     /// then the handshake.
     fn connect(&mut self) -> Connection<UnixStream, UnixStream> {
-        let sock = self.dir.path().join("a0.sock");
+        self.connect_port("a0")
+    }
+
+    /// Connects to the port `port` (`a0`, `a1`).
+    fn connect_port(&mut self, port: &str) -> Connection<UnixStream, UnixStream> {
+        let sock = self.dir.path().join(format!("{port}.sock"));
         let deadline = Instant::now() + Duration::from_secs(90);
         let mut stream = loop {
             match UnixStream::connect(&sock) {
@@ -162,12 +174,21 @@ fn status(conn: &mut Connection<UnixStream, UnixStream>) {
 }
 
 /// One boot for everything a running VM must do: hello and handshake on its port, `Status`,
-/// the command line's hostname, a second connection after the first closed, its address
-/// answering inside the test's namespace, and `PowerOff` ending QEMU with a clean root.
+/// the command line's hostname, a second connection after the first closed, two ports served
+/// at once, its address answering inside the test's namespace, the root grown to its disk,
+/// and `PowerOff` ending QEMU with a clean root.
 #[test]
 fn vm_boots_serves_its_port_answers_on_its_address_and_powers_off_clean() {
     let dir = tempfile::tempdir().unwrap();
-    build_root(dir.path(), "flotilla-root");
+    let img = build_root(dir.path(), "flotilla-root");
+    let blocks = |img: &Path| -> u64 {
+        let out = Command::new("dumpe2fs").arg("-h").arg(img).output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout).into_owned();
+        out.lines().find_map(|l| l.strip_prefix("Block count:")).and_then(|n| n.trim().parse().ok()).unwrap_or_else(|| panic!("{out}"))
+    };
+    let before = blocks(&img);
+    // The disk is larger than the filesystem on it, as when platform.diskSize exceeds the image.
+    std::fs::OpenOptions::new().write(true).open(&img).unwrap().set_len(256 << 20).unwrap();
     let ns = format!("flvm-{}", std::process::id());
     let started = Instant::now();
     let mut vm = Vm::boot(dir, "root=LABEL=flotilla-root flotilla.hostname=web1 flotilla.ip=10.250.0.2/24 flotilla.gateway=10.250.0.1", None, Some(&ns));
@@ -178,6 +199,10 @@ fn vm_boots_serves_its_port_answers_on_its_address_and_powers_off_clean() {
     conn.goodbye().unwrap();
     // The port is reopened for the next client.
     let mut conn = vm.connect();
+    status(&mut conn);
+    // Each port has its own thread: a second deployer is served while the first holds a0.
+    let mut other = vm.connect_port("a1");
+    status(&mut other);
     status(&mut conn);
     let ping = Command::new("ip").args(["netns", "exec", &ns, "busybox", "ping", "-c", "1", "-W", "5", "10.250.0.2"]).output().unwrap();
     assert!(ping.status.success(), "the guest does not answer at 10.250.0.2: {}{}\nconsole:\n{}", String::from_utf8_lossy(&ping.stdout), String::from_utf8_lossy(&ping.stderr), vm.console());
@@ -191,7 +216,11 @@ fn vm_boots_serves_its_port_answers_on_its_address_and_powers_off_clean() {
     assert!(fsck.status.success(), "the root is not clean after power off: {}", String::from_utf8_lossy(&fsck.stdout));
     let state = Command::new("dumpe2fs").arg("-h").arg(vm.dir.path().join("root.img")).output().unwrap();
     let state = String::from_utf8_lossy(&state.stdout);
+    let after = blocks(&vm.dir.path().join("root.img"));
+    assert!(after > before, "the root was not grown to its disk: {before} blocks before, {after} after; console:\n{}", vm.console());
     assert!(state.lines().any(|l| l.starts_with("Filesystem state:") && l.trim_end().ends_with(" clean")), "{state}");
+    // A journal left to replay means the root was still mounted read-write at power off.
+    assert!(state.lines().any(|l| l.starts_with("Filesystem features:") && !l.contains("needs_recovery")), "{state}");
 }
 
 /// Stage 1 that cannot find its root says why on the console and powers off; nothing hangs.
@@ -218,12 +247,25 @@ fn vm_takes_its_hostname_from_a_nocloud_seed() {
     let mut conn = vm.connect();
     status(&mut conn);
     assert!(vm.console().contains("flotilla-agent: this machine is seeded"), "console:\n{}", vm.console());
-    // Outside a VM's init the same request is refused (the test's own agent cannot be asked
-    // here); inside, it powers off.
     match conn.call(&Request::PowerOff, |_| {}).unwrap() {
         Response::PoweringOff => {}
         other => panic!("PowerOff answered {other:?}"),
     }
     vm.wait_exit(Duration::from_secs(15));
-    let _ = ErrorKind::Unsupported;
+}
+
+/// An agent that is not a VM's init refuses `PowerOff` and goes on serving.
+#[test]
+fn power_off_is_refused_outside_a_vm() {
+    let machine = common::Machine::new();
+    machine.start();
+    let mut conn = Connection::unix(UnixStream::connect(machine.socket()).unwrap()).unwrap();
+    client_handshake(&mut conn, "vm-boot-test").unwrap();
+    match conn.call(&Request::PowerOff, |_| {}) {
+        Err(flotilla_protocol::ProtocolError::Agent { kind: ErrorKind::Unsupported, message }) => {
+            assert!(message.contains("only a VM's agent powers its machine off"), "{message}")
+        }
+        other => panic!("PowerOff outside a VM answered {other:?}"),
+    }
+    status(&mut conn);
 }

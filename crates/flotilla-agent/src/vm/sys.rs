@@ -181,7 +181,7 @@ pub(crate) fn add_default_route(gateway: Ipv4Addr) -> io::Result<()> {
         dst: sockaddr(Ipv4Addr::UNSPECIFIED),
         gateway: sockaddr(gateway),
         genmask: sockaddr(Ipv4Addr::UNSPECIFIED),
-        flags: (libc::RTF_UP | libc::RTF_GATEWAY) as u16,
+        flags: libc::RTF_UP | libc::RTF_GATEWAY,
         pad2: 0,
         pad3: 0,
         pad4: std::ptr::null_mut(),
