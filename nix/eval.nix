@@ -102,9 +102,13 @@ let
   # must not change the system), no secret material, services' scripts written to the store.
   # `boot` is left out while it is all defaults, so a machine that sets no boot option keeps
   # the toplevel it had before the option existed.
+  # A kernel is booted from the initramfs derivation's copy of its `bzImage` (the derivation
+  # holds the modules the machine loads), so the system's closure leaves out the kernel
+  # package and its hundred MiB of modules.
   systemConfig = name: cfg:
     removeAttrs cfg ([ "platform" "tags" "checks" "image" ] ++ (if hasBoot cfg then [ ] else [ "boot" ])) // {
       inherit name;
+    } // (if hasKernel cfg then { boot = cfg.boot // { kernel = "${initrd name}"; }; } else { }) // {
       keys = mapAttrs (_: k: removeAttrs k [ "text" "file" "command" ]) cfg.keys;
       services = mapAttrs
         (svc: s:
@@ -123,7 +127,7 @@ let
   hasKernel = cfg: isAttrs (cfg.boot or null) && cfg.boot.kernel != null;
 
   # The initramfs of a machine with a kernel: the agent as /init and the kernel's modules it
-  # needs (`flotilla-agent build-initrd`).
+  # needs (`flotilla-agent build-initrd`), and a copy of the kernel's `bzImage`.
   initrd = name: let cfg = configs.${name}; in derivation {
     name = "flotilla-initrd-${name}";
     system = builtins.currentSystem;

@@ -70,7 +70,12 @@ pub fn main_from_env() -> Result<(), InitrdError> {
     let file = std::fs::File::create(&path).map_err(io_err(format!("cannot create {}", path.display())))?;
     let mut w = io::BufWriter::new(file);
     write_initrd(&kernel, &extra, &init, &mut w)?;
-    w.flush().map_err(io_err(format!("cannot write {}", path.display())))
+    w.flush().map_err(io_err(format!("cannot write {}", path.display())))?;
+    // The kernel image beside it: a machine's closure then holds the image and the modules
+    // its initramfs needs, not the kernel package with every module (about 100 MiB more to
+    // copy into each VM's store).
+    let image = kernel.join("bzImage");
+    std::fs::copy(&image, out.join("bzImage")).map(drop).map_err(io_err(format!("cannot copy the kernel image {}", image.display())))
 }
 
 /// The kernel's module directory `lib/modules/<version>` (there must be exactly one).

@@ -57,6 +57,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a running VM's agent gets to say hello on a port.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a new connection waits for the agent's hello before it nudges the agent.
+const NUDGE_AFTER: Duration = Duration::from_millis(1500);
 /// The console lines a failure to boot quotes.
 const CONSOLE_LINES: usize = 8;
 
@@ -357,22 +359,24 @@ impl QemuMachine {
         let tmp = self.dir.join(".vm.json.new");
         fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("vm.json"))).map_err(|e| self.err(format!("cannot record QEMU's pid: {e}")))?;
 
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if self.running().is_none() {
-                return Err(self.err(format!("it did not boot: QEMU exited; the console says: {}", self.console_since(console_start))));
-            }
-            match self.open_port(Duration::from_secs(2)) {
-                Ok(_) => return Ok(()),
-                Err(_) if Instant::now() < deadline => {}
-                Err(e) => {
-                    sys::kill(pid, sys::SIGKILL);
-                    return Err(self.err(format!(
-                        "its agent did not answer within {} s ({e}), so the VM was stopped again; the console says: {}",
-                        START_TIMEOUT.as_secs(),
-                        self.console_since(console_start)
-                    )));
-                }
+        // One connection waits for the first hello: each connection closed is one the guest
+        // must notice before it greets the next.
+        let qemu_runs = || flotilla_proc::is_running(pid, start_time);
+        let mut waited = self.open_port(START_TIMEOUT, false, &qemu_runs);
+        while matches!(&waited, Err(e) if e.kind() == std::io::ErrorKind::NotFound && qemu_runs()) {
+            std::thread::sleep(Duration::from_millis(20)); // QEMU has not made the socket yet
+            waited = self.open_port(START_TIMEOUT, false, &qemu_runs);
+        }
+        match waited {
+            Ok(_) => Ok(()),
+            Err(_) if !qemu_runs() => Err(self.err(format!("it did not boot: QEMU exited; the console says: {}", self.console_since(console_start)))),
+            Err(e) => {
+                sys::kill(pid, sys::SIGKILL);
+                Err(self.err(format!(
+                    "its agent did not answer within {} s ({e}), so the VM was stopped again; the console says: {}",
+                    START_TIMEOUT.as_secs(),
+                    self.console_since(console_start)
+                )))
             }
         }
     }
@@ -388,8 +392,10 @@ impl QemuMachine {
     }
 
     /// A connection to the agent on a free port: the port's lock taken (waiting for one when
-    /// all are busy), connected, and the agent's hello read within `wait`.
-    fn open_port(&self, wait: Duration) -> std::io::Result<(UnixStream, fs::File)> {
+    /// all are busy), connected, and the agent's hello read within `wait` while `alive` holds.
+    /// With `nudge`, an agent still waiting on a client that left is told to start afresh
+    /// (never while a VM boots: it had no client before, and the nudge could cross its hello).
+    fn open_port(&self, wait: Duration, nudge: bool, alive: &dyn Fn() -> bool) -> std::io::Result<(UnixStream, fs::File)> {
         let lock = |n: usize, block: bool| -> std::io::Result<Option<fs::File>> {
             let f = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(self.dir.join(format!("agent.{n}.lock")))?;
             Ok(sys::flock(&f, block)?.then_some(f))
@@ -407,6 +413,8 @@ impl QemuMachine {
         };
         let mut stream = UnixStream::connect(self.port_socket(n))?;
         let until = Instant::now() + wait;
+        let may_nudge = nudge;
+        let mut nudge = Instant::now() + NUDGE_AFTER;
         let mut seen = Vec::new();
         let mut byte = [0u8; 1];
         while !seen.ends_with(HELLO) {
@@ -414,7 +422,19 @@ impl QemuMachine {
             if left.is_zero() {
                 return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no hello from the agent on port flotilla.agent.{n} within {} s", wait.as_secs())));
             }
-            stream.set_read_timeout(Some(left))?;
+            if !alive() {
+                return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "QEMU exited"));
+            }
+            if may_nudge && Instant::now() >= nudge {
+                // The guest may not have seen the last client leave (it reconnected before the
+                // guest looked): the agent then still waits for that client's first frame.
+                // Bytes that can never begin a frame end that conversation, and the agent
+                // opens the port afresh with a hello. Sent to a closed port, they are lost,
+                // which is as good.
+                stream.write_all(&[0xff; 64])?;
+                nudge = Instant::now() + NUDGE_AFTER * 2;
+            }
+            stream.set_read_timeout(Some(left.min(nudge.saturating_duration_since(Instant::now())).clamp(Duration::from_millis(10), Duration::from_millis(250))))?;
             match stream.read(&mut byte) {
                 Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QEMU closed the port")),
                 Ok(_) => seen.push(byte[0]),
@@ -637,7 +657,7 @@ impl Machine for QemuMachine {
         if self.running().is_none() {
             return Err(connect_err(std::io::Error::new(std::io::ErrorKind::NotConnected, "the VM is not running")));
         }
-        let (stream, lock) = self.open_port(HELLO_TIMEOUT).map_err(connect_err)?;
+        let (stream, lock) = self.open_port(HELLO_TIMEOUT, true, &|| self.running().is_some()).map_err(connect_err)?;
         let reader = stream.try_clone().map_err(connect_err)?;
         Ok(Transport::new(reader, Locked { stream, _lock: lock }))
     }
