@@ -18,7 +18,7 @@ const MIXED: &str = r#"{
     keys.token.text = "s3cret";
     services.web.command = [ "${pkgs.busybox}/bin/httpd" "-f" "-p" "80" "-h" "${pkgs.writeTextDir "index.html" "box1"}" ];
   };
-  machines.vm1 = { ... }: { platform.type = "qemu"; };
+  machines.vm1 = { pkgs, ... }: { platform.type = "qemu"; boot.kernel = pkgs.linux; };
 }"#;
 
 /// What `vm1`'s rows must say.

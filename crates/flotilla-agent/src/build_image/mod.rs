@@ -247,17 +247,21 @@ pub fn stage(root_dir: &Path, toplevel: &StorePath, closure: &[(StorePath, Vec<S
         let digest = flotilla_store::hash_path(&host).map_err(|e| ImageError::Io { what: "cannot read", path: host.clone(), source: io::Error::other(e.to_string()) })?;
         infos.push(PathInfo { path: path.clone(), references: references.clone(), nar_hash: digest.hash, nar_size: digest.size });
     }
-    // The NARs stream through a pipe into the agent's receive, exactly as from a deployer.
-    let (mut reader, mut writer) = io::pipe().map_err(io_err("cannot make a pipe in", root_dir))?;
+    // The NARs stream through a socket pair into the agent's receive, exactly as from a
+    // deployer.
+    let (mut reader, mut writer) = std::os::unix::net::UnixStream::pair().map_err(io_err("cannot make a socket pair in", root_dir))?;
     let sender_infos = infos.clone();
     let sender = std::thread::spawn(move || -> Result<(), String> {
         for info in &sender_infos {
             flotilla_store::encode_path(Path::new(&info.path.to_absolute()), &mut writer).map_err(|e| format!("cannot read {}: {e}", info.path))?;
         }
+        let _ = writer.shutdown(std::net::Shutdown::Write);
         Ok(())
     });
     let no_nix = |_: &[String], _: &Path| -> io::Result<(bool, String)> { Err(io::Error::other("a staged image root registers with no Nix")) };
     let received = root.receive(&infos, &mut reader, &no_nix);
+    // On an error the sender must not block on a full socket.
+    let _ = reader.shutdown(std::net::Shutdown::Both);
     drop(reader);
     let sent = sender.join().unwrap_or_else(|_| Err("the NAR sender panicked".into()));
     received?;
