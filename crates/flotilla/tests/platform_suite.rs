@@ -93,10 +93,9 @@ impl Platform for Qemu {
                 left.push(format!("link {link}"));
             }
         }
-        if let Some(pid) = r["qemu pid"].as_str() {
-            if Path::new("/proc").join(pid).exists() {
-                left.push(format!("QEMU (pid {pid})"));
-            }
+        // A zombie waiting for this host's init to reap it has ended.
+        if let Some(pid) = r["qemu pid"].as_str().and_then(|p| p.parse().ok()).filter(|p| common::alive(*p)) {
+            left.push(format!("QEMU (pid {pid})"));
         }
         left
     }
