@@ -75,10 +75,12 @@ let
     else if key ? file && isPath key.file then key // { file = toString key.file; }
     else key;
 
-  # Local machines resolve each other by name: every one gets an /etc/hosts naming all the
-  # deployment's local machines, unless its config sets /etc/hosts itself.
-  isLocal = cfg: ((cfg.platform or { }).type or "local") == "local";
-  localNodes = filter (n: (facts.${n}.platform or null) == "local" && facts.${n} ? ip) (attrNames machineDefs);
+  # Machines on the deployment's bridge (local containers and qemu VMs) resolve each other by
+  # name: every one gets an /etc/hosts naming all of them, unless its config sets /etc/hosts
+  # itself.
+  onBridge = type: type == "local" || type == "qemu";
+  isLocal = cfg: onBridge ((cfg.platform or { }).type or "local");
+  localNodes = filter (n: onBridge (facts.${n}.platform or null) && facts.${n} ? ip) (attrNames machineDefs);
   hostsText = concatStringsSep "" ([ "127.0.0.1 localhost\n" "::1 localhost\n" ]
     ++ map (n: "${facts.${n}.ip} ${n}\n") localNodes);
   withHosts = merged:

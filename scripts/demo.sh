@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up a fresh Debian machine and runs flotilla's main job on the example fleet: deploy
-# three namespace containers (two web servers and a monitor), then show them working.
+# three namespace containers (two web servers and a monitor) and a QEMU VM (a third web
+# server), then show them working.
 # Run as root. Running it again redeploys, which changes nothing. To remove the fleet:
 #   target/x86_64-unknown-linux-gnu/release/flotilla destroy -d webfleet --yes
 set -euo pipefail
@@ -33,6 +34,10 @@ step "from the monitor, through nodes.web1.ip (its /etc/monitor/targets) and by 
 fl exec monitor -- cat /etc/monitor/targets
 fl exec monitor -- wget -q -O - "http://$web1_ip/"
 fl exec monitor -- wget -q -O - http://web1/
+
+step "the VM's page, from the monitor container by name, and the VM's own kernel"
+fl exec monitor -- wget -q -O - http://vm1/
+fl exec vm1 -- uname -r
 
 step "flotilla info"
 fl info -d webfleet

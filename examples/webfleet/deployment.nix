@@ -1,5 +1,6 @@
-# Three machines on the local platform: two web servers serving a page built by Nix, and a
-# monitor that polls web1 at the address web1 got when it was provisioned (`nodes.web1.ip`).
+# Two web servers serving a page built by Nix on the local platform (namespace containers),
+# a third as a QEMU virtual machine on the same bridge and subnet, and a monitor that polls
+# them at the addresses they got when they were provisioned (`nodes.web1.ip`).
 #
 #   flotilla deploy -f examples/webfleet/deployment.nix
 #
@@ -51,11 +52,21 @@
       web1 = webServer;
       web2 = webServer;
 
+      # The same web server as a VM: its own kernel (the package set's `linux`), disk and
+      # store, booted by QEMU; deployed, checked and rolled back like the containers. A VM
+      # has no port forwards: it is reached at its address, or by name from the others.
+      vm1 = args@{ pkgs, ... }: webServer args // {
+        tags = [ "web" "vm" ];
+        platform = { type = "qemu"; memory = 256; };
+        boot.kernel = pkgs.linux;
+      };
+
       monitor = { nodes, pkgs, ... }: {
         tags = [ "ops" ];
         files."/etc/monitor/targets".text = ''
           http://${nodes.web1.ip}/
           http://${nodes.web2.ip}/
+          http://${nodes.vm1.ip}/
         '';
         keys.alert-token = {
           text = "example-token-not-a-real-secret";

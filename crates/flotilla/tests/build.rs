@@ -42,7 +42,7 @@ fn build_realises_every_toplevel_with_busybox_and_the_agent_in_its_closure() {
     let run = fl.run(&["build", "--json", "-f", EXAMPLE]).ok();
     let report = run.json();
     let machines = report["machines"].as_array().unwrap();
-    assert_eq!(machines.len(), 3);
+    assert_eq!(machines.len(), 4);
     for m in machines {
         let name = m["machine"].as_str().unwrap();
         let top = m["toplevel"].as_str().unwrap_or_else(|| panic!("{name} not built: {m}"));
@@ -88,9 +88,9 @@ fn building_twice_changes_nothing() {
     };
     let first_run = fl.run(&["-v", "build", "--json", "-f", &file]).ok();
     let first = first_run.json();
-    let built_first = built(&first_run);
-    assert_eq!(built_first.len(), 3, "the first build did not build the three toplevels:\n{}", first_run.stderr());
-    for m in ["monitor", "web1", "web2"] {
+    let built_first: Vec<String> = built(&first_run).into_iter().filter(|d| d.contains("-flotilla-system-")).collect();
+    assert_eq!(built_first.len(), 4, "the first build did not build the four toplevels:\n{}", first_run.stderr());
+    for m in ["monitor", "vm1", "web1", "web2"] {
         assert!(built_first.iter().any(|drv| drv.ends_with(&format!("-flotilla-system-{m}.drv"))), "{m} was not built: {built_first:?}");
     }
     let info_first = fl.run(&["info", "--json", "-d", "webfleet"]).ok().json();
@@ -101,11 +101,11 @@ fn building_twice_changes_nothing() {
     assert_eq!(built(&second_run), Vec::<String>::new(), "{}", second_run.stderr());
     assert!(!second_run.stderr().contains("will be built"), "{}", second_run.stderr());
     // Same toplevels.
-    assert_eq!(first["machines"].as_array().map(Vec::len), Some(3), "{first:#}");
+    assert_eq!(first["machines"].as_array().map(Vec::len), Some(4), "{first:#}");
     assert_eq!(first["machines"], second["machines"]);
     let machines = |info: &serde_json::Value| info["machines"].as_array().unwrap().clone();
-    assert_eq!(machines(&info_first).len(), 3, "{info_first:#}");
-    assert_eq!(machines(&info_second).len(), 3, "{info_second:#}");
+    assert_eq!(machines(&info_first).len(), 4, "{info_first:#}");
+    assert_eq!(machines(&info_second).len(), 4, "{info_second:#}");
     for (a, b) in machines(&info_first).iter().zip(machines(&info_second).iter()) {
         // Addresses (facts) and the recorded build stay the same; only its timestamp moves.
         assert_eq!(a["machine"], b["machine"]);
@@ -117,7 +117,7 @@ fn building_twice_changes_nothing() {
     }
     // The ledger has one build event per machine per run.
     let log = fl.run(&["log", "--json", "-d", "webfleet"]).ok().json();
-    assert_eq!(log.as_array().unwrap().iter().filter(|e| e["kind"] == "build").count(), 6);
+    assert_eq!(log.as_array().unwrap().iter().filter(|e| e["kind"] == "build").count(), 8);
 }
 
 #[test]
@@ -125,7 +125,7 @@ fn on_selects_by_tag_and_name_and_refuses_a_typo() {
     let fl = Fl::new();
     let report = fl.run(&["build", "--json", "-f", EXAMPLE, "--on", "@web"]).ok().json();
     let names: Vec<&str> = report["machines"].as_array().unwrap().iter().map(|m| m["machine"].as_str().unwrap()).collect();
-    assert_eq!(names, ["web1", "web2"]);
+    assert_eq!(names, ["vm1", "web1", "web2"]);
     let report = fl.run(&["build", "--json", "-f", EXAMPLE, "--on", "mon*"]).ok().json();
     assert_eq!(report["machines"][0]["machine"], "monitor");
     let typo = fl.run(&["build", "-f", EXAMPLE, "--on", "web3"]);
@@ -164,7 +164,7 @@ fn list_info_delete_round_trip() {
     fl.run(&["build", "-f", EXAMPLE]).ok();
     let list = fl.run(&["list", "--json"]).ok().json();
     assert_eq!(list[0]["name"], "webfleet");
-    assert_eq!(list[0]["machines"], 3);
+    assert_eq!(list[0]["machines"], 4);
     let table = fl.run(&["info", "-d", "webfleet"]).ok().stdout();
     assert!(table.contains("MACHINE") && table.contains("web2") && table.contains("10.231.0."), "{table}");
     fl.run(&["delete", "-d", "webfleet"]).ok();

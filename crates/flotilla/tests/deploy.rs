@@ -27,9 +27,9 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(
         outcomes(&report),
-        [("monitor", "deployed"), ("web1", "deployed"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
+        [("monitor", "deployed"), ("vm1", "deployed"), ("web1", "deployed"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
     );
-    for m in ["web1", "web2", "monitor"] {
+    for m in ["web1", "web2", "vm1", "monitor"] {
         assert_eq!(row(&report, m)["generation"], 1);
     }
 
@@ -48,6 +48,11 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert!(targets.contains(&format!("http://{ip}/")), "{targets}");
     let r = f.run(&["exec", "monitor", "--", "wget", "-q", "-O", "-", &format!("http://{ip}/")]).ok();
     assert!(r.stdout().contains("Hello from web1"));
+    // The VM on the same bridge: by name from a container, and its own kernel.
+    let r = f.run(&["exec", "monitor", "--", "wget", "-q", "-O", "-", "http://vm1/"]).ok();
+    assert!(r.stdout().contains("Hello from vm1"), "{}", r.stdout());
+    let vm_kernel = f.run(&["exec", "vm1", "--", "uname", "-r"]).ok().stdout();
+    assert!(vm_kernel.trim().ends_with("-cloud-amd64"), "vm1 runs the demo set's kernel: {vm_kernel}");
 
     // info: all running, healthy, on generation 1 with their services up.
     for m in f.info(&file) {
@@ -63,12 +68,12 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     // Every machine has its own hostname and PID namespace, with the agent as PID 1.
     let r = f.run(&["exec", "--all", "--", "sh", "-c", "echo $(hostname) $(cat /proc/1/comm)"]).ok();
     let out = r.stdout();
-    for m in ["web1", "web2", "monitor"] {
+    for m in ["web1", "web2", "vm1", "monitor"] {
         assert!(out.lines().any(|l| l.starts_with(m) && l.ends_with(&format!("| {m} flotilla-agent"))), "{out}");
     }
     let r = f.run(&["exec", "--all", "--", "sh", "-c", "test $(hostname) = web2"]);
     assert_eq!(r.code(), 1, "{}", r.stderr());
-    assert!(r.stderr().contains("failed on 2 of 3 machines"), "{}", r.stderr());
+    assert!(r.stderr().contains("failed on 3 of 4 machines"), "{}", r.stderr());
     assert_eq!(f.run(&["exec", "web1", "--", "sh", "-c", "exit 7"]).code(), 7);
     assert_eq!(f.run(&["exec", "web1", "--", "pwd"]).ok().stdout(), "/\n");
 
@@ -105,7 +110,7 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     // A no-op redeploy copies nothing, restarts nothing, and says so.
     let (code, again, stderr) = f.deploy_json(&["-f", &file]);
     assert_eq!(code, 0, "{again:#}\n{stderr}");
-    for m in ["web1", "web2", "monitor"] {
+    for m in ["web1", "web2", "vm1", "monitor"] {
         let r = row(&again, m);
         assert_eq!(r["outcome"], "unchanged", "{r:#}");
         assert_eq!(r["generation"], 1);
@@ -122,7 +127,7 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     let has = |machine: Option<&str>, kind: &str, status: &str| {
         events.iter().any(|e| e["machine"].as_str() == machine && e["kind"] == kind && e["status"] == status)
     };
-    for m in ["web1", "web2", "monitor"] {
+    for m in ["web1", "web2", "vm1", "monitor"] {
         assert!(has(Some(m), "provision", "ok"), "no provision of {m} in the ledger:\n{log:#}");
         let activated = events.iter().any(|e| e["machine"] == m && e["kind"] == "activate" && e["status"] == "ok" && e["details"]["generation"] == 1);
         assert!(activated, "no activation of {m}'s generation 1 in the ledger:\n{log:#}");
@@ -157,7 +162,7 @@ fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
     let r = f.run(&["reboot", "-f", &file, "--on", "web2"]);
     assert_eq!(r.code(), 1, "web2 was never deployed");
     assert!(r.stdout().contains("it does not exist; deploy it"), "{}", r.stdout());
-    for m in f.info(&file).into_iter().filter(|m| m["machine"] != "web2") {
+    for m in f.info(&file).into_iter().filter(|m| m["machine"] != "web2" && m["machine"] != "vm1") {
         assert_eq!((m["state"].as_str(), m["generation"].as_u64(), m["health"].as_str()), (Some("running"), Some(1), Some("healthy")), "{m:#}");
     }
     let after = f.machine(&file, "web1")["resources"].clone();
@@ -180,6 +185,12 @@ fn stop_start_and_reboot_keep_the_generation_and_destroy_leaves_nothing() {
     for m in &infos {
         let r = &m["resources"];
         let name = m["machine"].as_str().unwrap();
+        if name == "vm1" {
+            // Never deployed here: nothing of it may exist.
+            let disk = Path::new(r["disk"].as_str().unwrap_or_else(|| panic!("vm1: no disk in {m:#}")));
+            assert!(!disk.parent().unwrap().exists(), "vm1: its directory exists");
+            continue;
+        }
         if name != "web2" {
             for pid in ["init_pid", "monitor_pid"] {
                 let pid: u32 = r[pid].as_str().unwrap_or_else(|| panic!("{name}: no {pid} in {m:#}")).parse().unwrap();

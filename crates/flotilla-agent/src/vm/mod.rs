@@ -161,6 +161,9 @@ pub fn prepare(root: &Path) -> Result<(), PrepareError> {
         sys::set_hostname(name).map_err(step(format!("cannot set the hostname {name:?}")))?;
     }
     sys::configure_interface("lo", None).map_err(step("cannot bring up lo"))?;
+    // As in a local container: unprivileged services may bind port 80, so one machine
+    // description runs the same on every platform.
+    std::fs::write(root.join("proc/sys/net/ipv4/ip_unprivileged_port_start"), b"0").map_err(step("cannot set net.ipv4.ip_unprivileged_port_start to 0"))?;
     let network = net::Network::choose(&cmdline, seed.as_ref().and_then(|s| s.network.as_ref())).map_err(|e| PrepareError { what: "the network configuration".into(), source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e) })?;
     if let Some(network) = network {
         network.apply().map_err(step(format!("cannot configure the network ({network})")))?;
