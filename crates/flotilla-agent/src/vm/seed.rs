@@ -67,13 +67,68 @@ fn key_value(line: &str) -> Option<(&str, &str)> {
     Some((k.trim(), v.trim().trim_matches(|c| c == '"' || c == '\'')))
 }
 
+/// One item of a `routes:` list: version 2's `to`/`via`, version 1's `network`/`netmask`/`gateway`.
+#[derive(Debug, Default)]
+struct Route {
+    to: Option<String>,
+    netmask: Option<String>,
+    via: Option<String>,
+}
+
+impl Route {
+    fn set(&mut self, key: &str, value: &str) {
+        let slot = match key {
+            "to" | "network" => &mut self.to,
+            "netmask" => &mut self.netmask,
+            "via" | "gateway" => &mut self.via,
+            _ => return,
+        };
+        *slot = Some(value.to_owned());
+    }
+
+    /// The gateway, when this is the default route (`to: default`, `to: 0.0.0.0/0`, or
+    /// `network: 0.0.0.0` with no netmask or `netmask: 0.0.0.0`).
+    fn default_gateway(self) -> Option<std::net::Ipv4Addr> {
+        let default = match self.to.as_deref()? {
+            "default" | "0.0.0.0/0" => true,
+            "0.0.0.0" => self.netmask.as_deref().is_none_or(|m| m == "0.0.0.0" || m == "0"),
+            _ => false,
+        };
+        if default {
+            self.via?.parse().ok()
+        } else {
+            None
+        }
+    }
+}
+
 /// Reads meta-data and network-config.
 pub fn parse(meta: &str, network: &str) -> Seed {
     let hostname = meta.lines().filter_map(key_value).find(|(k, _)| *k == "local-hostname").map(|(_, v)| v.to_owned()).filter(|v| !v.is_empty());
     let (mut addr, mut netmask_prefix, mut gateway, mut dhcp) = (None, None, None, false);
     let mut in_addresses = false;
+    // A `routes:` list (its indentation, and the item being read): its keys are the routes',
+    // not the interface's, and its default route gives the gateway.
+    let mut routes: Option<(usize, Route)> = None;
     for line in network.lines() {
         let trimmed = line.trim();
+        if let Some((indent, route)) = &mut routes {
+            let depth = line.len() - line.trim_start().len();
+            if trimmed.is_empty() || trimmed.starts_with('#') {
+                continue;
+            }
+            if depth > *indent || (depth == *indent && trimmed.starts_with("- ")) {
+                if trimmed.starts_with("- ") {
+                    gateway = gateway.or(std::mem::take(route).default_gateway());
+                }
+                if let Some((k, v)) = key_value(line) {
+                    route.set(k, v);
+                }
+                continue;
+            }
+            gateway = gateway.or(std::mem::take(route).default_gateway());
+            routes = None;
+        }
         if in_addresses {
             // Version 2: `addresses:` followed by `- 10.0.0.2/24` items (or `[10.0.0.2/24]`).
             if let Some(item) = trimmed.strip_prefix("- ") {
@@ -86,6 +141,7 @@ pub fn parse(meta: &str, network: &str) -> Seed {
         }
         let Some((k, v)) = key_value(line) else { continue };
         match k {
+            "routes" if v.is_empty() => routes = Some((line.len() - line.trim_start().len(), Route::default())),
             "addresses" if v.is_empty() => in_addresses = true,
             "addresses" => addr = addr.or_else(|| parse_cidr(v.trim_matches(|c| c == '[' || c == ']').split(',').next().unwrap_or("").trim()).ok()),
             // Version 1: `address: 10.0.0.2/24` or `address: 10.0.0.2` with `netmask:`.
@@ -96,6 +152,9 @@ pub fn parse(meta: &str, network: &str) -> Seed {
             "type" if v == "dhcp" || v == "dhcp4" => dhcp = true,
             _ => {}
         }
+    }
+    if let Some((_, route)) = routes {
+        gateway = gateway.or(route.default_gateway());
     }
     let network = match addr {
         Some((addr, prefix)) => Some(Network::Static { addr, prefix: if prefix == 32 { netmask_prefix.unwrap_or(32) } else { prefix }, gateway }),
@@ -121,6 +180,21 @@ mod tests {
         assert_eq!(parse("", v1).network, Some(want));
         assert_eq!(parse("", "version: 2\nethernets:\n  eth0:\n    dhcp4: true\n").network, Some(Network::Dhcp));
         assert_eq!(parse("", "").network, None);
+    }
+
+    #[test]
+    fn seed_takes_the_gateway_from_a_default_route_in_either_version() {
+        let want = Some(Network::Static { addr: Ipv4Addr::new(10, 0, 2, 15), prefix: 24, gateway: Some(Ipv4Addr::new(10, 0, 2, 2)) });
+        // Netplan's current form (gateway4 is deprecated); a route that is not the default is no gateway.
+        let v2 = "version: 2\nethernets:\n  eth0:\n    addresses:\n      - 10.0.2.15/24\n    routes:\n      - to: 192.168.7.0/24\n        via: 10.0.2.7\n      - via: 10.0.2.2\n        to: default\n    nameservers:\n      addresses: [10.0.2.3]\n";
+        assert_eq!(parse("", v2).network, want);
+        let last = "version: 2\nethernets:\n  eth0:\n    addresses: [10.0.2.15/24]\n    routes:\n      - to: 0.0.0.0/0\n        via: 10.0.2.2\n";
+        assert_eq!(parse("", last).network, want);
+        let other = "version: 2\nethernets:\n  eth0:\n    addresses: [10.0.2.15/24]\n    routes:\n      - to: 192.168.7.0/24\n        via: 10.0.2.7\n";
+        assert_eq!(parse("", other).network, Some(Network::Static { addr: Ipv4Addr::new(10, 0, 2, 15), prefix: 24, gateway: None }));
+        // Version 1: a subnet's routes have their own netmask, which is not the subnet's.
+        let v1 = "version: 1\nconfig:\n  - type: physical\n    name: eth0\n    subnets:\n      - type: static\n        address: 10.0.2.15\n        netmask: 255.255.255.0\n        routes:\n          - network: 0.0.0.0\n            netmask: 0.0.0.0\n            gateway: 10.0.2.2\n";
+        assert_eq!(parse("", v1).network, want);
     }
 
     #[test]
