@@ -9,7 +9,8 @@
 //! - `boot/current` → `boot/<toplevel hash>/` with `kernel`, `initrd` and `params`: copies of
 //!   what the generation the machine runs boots with, so a reboot boots the current
 //!   generation's kernel (and a rollback the old one) even after the host's store dropped it.
-//! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console), `qmp.sock`,
+//! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console; a first boot
+//!   that fails removes everything else it made but keeps it, for `flotilla logs --console`), `qmp.sock`,
 //!   and `agent.<n>.sock` / `agent.<n>.lock`: the host ends of the virtio-serial ports
 //!   `flotilla.agent.<n>` the agent answers on. A connection holds the port's lock for its
 //!   life, so up to [`PORTS`] connections run at once and a fifth waits for a free port.
