@@ -102,6 +102,17 @@ let
   # for nixpkgs' `linux` (the store path itself, as that is a package with that layout).
   linux = staged "linux" "linux";
 
+  # A test stand-in for a kernel upgrade: `linux` under another store path, its bzImage
+  # followed by a marker (a bzImage's loader ignores bytes past its payload, as it does a
+  # signature appended there), so a test can tell by the bytes which kernel QEMU was given.
+  # Same layout: `bzImage`, `lib/modules/<version>/` (the modules are `linux`'s).
+  linux_alt = runCommand "linux-alt" { } ''
+    mkdir -p $out
+    cat ${linux}/bzImage > $out/bzImage
+    echo flotilla-test-linux-alt >> $out/bzImage
+    ln -s ${linux}/lib ${linux}/System.map ${linux}/config $out/
+  '';
+
   e2fsprogs = stagedWrapper "e2fsprogs" (staged "e2fsprogs" "e2fsprogs-staged") [
     { name = "mkfs.ext4"; program = "mke2fs"; }
     { name = "mke2fs"; program = "mke2fs"; }
@@ -119,5 +130,5 @@ let
 in
 {
   inherit busybox runtimeShell runCommand writeTextFile writeText writeTextDir writeScript
-    writeShellScript writeShellScriptBin symlinkJoin linux e2fsprogs qemu-utils gzip;
+    writeShellScript writeShellScriptBin symlinkJoin linux linux_alt e2fsprogs qemu-utils gzip;
 }

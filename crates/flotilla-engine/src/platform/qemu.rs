@@ -9,7 +9,8 @@
 //! - `boot/current` → `boot/<toplevel hash>/` with `kernel`, `initrd` and `params`: copies of
 //!   what the generation the machine runs boots with, so a reboot boots the current
 //!   generation's kernel (and a rollback the old one) even after the host's store dropped it.
-//! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console), `qmp.sock`,
+//! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console; a first boot
+//!   that fails removes everything else it made but keeps it, for `flotilla logs --console`), `qmp.sock`,
 //!   and `agent.<n>.sock` / `agent.<n>.lock`: the host ends of the virtio-serial ports
 //!   `flotilla.agent.<n>` the agent answers on. A connection holds the port's lock for its
 //!   life, so up to [`PORTS`] connections run at once and a fifth waits for a free port.
@@ -449,6 +450,60 @@ impl QemuMachine {
         Ok((stream, lock))
     }
 
+    /// Removes the VM: QEMU killed, its tap, its directory (all of it but the console with
+    /// `keep_console`, which a failed provisioning keeps to be read), and the deployment's base
+    /// images with its last VM.
+    fn remove(&self, keep_console: bool) -> Result<(), PlatformError> {
+        if let Some(vm) = self.running() {
+            sys::kill(vm.pid, sys::SIGKILL);
+            let since = Instant::now();
+            while flotilla_proc::is_running(vm.pid, vm.start_time) {
+                if since.elapsed() > Duration::from_secs(10) {
+                    return Err(self.err(format!("QEMU (pid {}) did not exit after SIGKILL", vm.pid)));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.remove_tap()?;
+        let removed = if !keep_console {
+            fs::remove_dir_all(&self.dir)
+        } else {
+            fs::read_dir(&self.dir).and_then(|entries| {
+                for e in entries {
+                    let e = e?;
+                    if e.file_name() == "console.log" {
+                        continue;
+                    }
+                    // Not followed: a link is removed, not what it names.
+                    if e.file_type()?.is_dir() {
+                        fs::remove_dir_all(e.path())?;
+                    } else {
+                        fs::remove_file(e.path())?;
+                    }
+                }
+                Ok(())
+            })
+        };
+        match removed {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(self.err(format!("cannot remove {}: {e}", self.dir.display()))),
+            _ => {}
+        }
+        if let Some(parent) = self.dir.parent() {
+            // The base images and the accelerator's probe go with the deployment's last VM.
+            let vms_left = fs::read_dir(parent).into_iter().flatten().flatten().any(|e| e.path().join("disk.qcow2").exists());
+            if !vms_left {
+                for e in fs::read_dir(parent).into_iter().flatten().flatten() {
+                    let n = e.file_name().to_string_lossy().into_owned();
+                    if n.starts_with("base-") || n == "accel" {
+                        let _ = fs::remove_file(e.path());
+                    }
+                }
+            }
+            let _ = fs::remove_dir(parent);
+        }
+        Ok(())
+    }
+
     /// Powers the VM off: the agent stops its services cleanly first; QEMU is killed when it
     /// has not exited in time.
     fn power_off(&self, vm: VmPid) -> Result<(), PlatformError> {
@@ -571,7 +626,8 @@ impl Machine for QemuMachine {
                     self.start()
                 })();
                 if let Err(e) = made {
-                    return Err(match self.destroy() {
+                    // The console stays: `flotilla logs --console` shows why it did not boot.
+                    return Err(match self.remove(true) {
                         Err(cleanup) => e.and(&format!("; removing what was made failed too ({}); run `flotilla destroy --on {}`", cleanup.message(), self.name)),
                         Ok(()) => e,
                     });
@@ -600,34 +656,7 @@ impl Machine for QemuMachine {
     }
 
     fn destroy(&self) -> Result<(), PlatformError> {
-        if let Some(vm) = self.running() {
-            sys::kill(vm.pid, sys::SIGKILL);
-            let since = Instant::now();
-            while flotilla_proc::is_running(vm.pid, vm.start_time) {
-                if since.elapsed() > Duration::from_secs(10) {
-                    return Err(self.err(format!("QEMU (pid {}) did not exit after SIGKILL", vm.pid)));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        self.remove_tap()?;
-        if self.dir.exists() {
-            fs::remove_dir_all(&self.dir).map_err(|e| self.err(format!("cannot remove {}: {e}", self.dir.display())))?;
-        }
-        if let Some(parent) = self.dir.parent() {
-            // The base images and the accelerator's probe go with the deployment's last VM.
-            let vms_left = fs::read_dir(parent).into_iter().flatten().flatten().any(|e| e.path().join("disk.qcow2").exists());
-            if !vms_left {
-                for e in fs::read_dir(parent).into_iter().flatten().flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if n.starts_with("base-") || n == "accel" {
-                        let _ = fs::remove_file(e.path());
-                    }
-                }
-            }
-            let _ = fs::remove_dir(parent);
-        }
-        Ok(())
+        self.remove(false)
     }
 
     fn now_runs(&self, toplevel: &StorePath) -> Result<(), PlatformError> {
