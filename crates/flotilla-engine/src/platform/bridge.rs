@@ -5,6 +5,11 @@
 use sha2::{Digest, Sha256};
 use std::process::{Command, Stdio};
 
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use serde_json::Value;
+
 use super::{Context, PlatformError};
 use crate::facts::Subnet;
 
@@ -97,4 +102,17 @@ pub(super) fn remove_if_unused(machine: &str, bridge: &str) -> Result<(), Platfo
         ip(machine, &["link", "del", bridge])?;
     }
     Ok(())
+}
+
+/// Machine `name`'s place on the bridge: its planned address (fact `ip`) and the subnet
+/// `subnet` (its `platform.subnet`).
+pub(super) fn place(name: &str, subnet: &str, facts: &BTreeMap<String, Value>) -> Result<(Ipv4Addr, Subnet), PlatformError> {
+    let err = |message: String| PlatformError::failed(name, message);
+    let ip = facts
+        .get("ip")
+        .and_then(Value::as_str)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
+    let subnet = Subnet::parse(subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {subnet}")))?;
+    Ok((ip, subnet))
 }

@@ -69,13 +69,7 @@ impl LocalMachine {
     /// The container for machine `name`, from its checked platform options and its facts
     /// (`ip` and `subnet`, planned before provisioning).
     pub fn new(ctx: &Context, name: &str, spec: &LocalPlatform, facts: &BTreeMap<String, Value>) -> Result<LocalMachine, PlatformError> {
-        let err = |message: String| PlatformError::failed(name, message);
-        let ip = facts
-            .get("ip")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
-        let subnet = Subnet::parse(&spec.subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {}", spec.subnet)))?;
+        let (ip, subnet) = bridge::place(name, &spec.subnet, facts)?;
         let state = ctx.state_path.to_string_lossy();
         let id = bridge::deployment_id(ctx);
         Ok(LocalMachine {

@@ -94,13 +94,7 @@ impl QemuMachine {
     /// The VM for machine `name`, from its checked platform options and its facts (`ip`,
     /// planned with the local machines' addresses).
     pub fn new(ctx: &Context, name: &str, spec: &QemuPlatform, facts: &BTreeMap<String, Value>) -> Result<QemuMachine, PlatformError> {
-        let err = |message: String| PlatformError::failed(name, message);
-        let ip = facts
-            .get("ip")
-            .and_then(Value::as_str)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| err("it has no address yet; deploy it (flotilla deploy) to provision it".into()))?;
-        let subnet = Subnet::parse(&spec.subnet).ok_or_else(|| err(format!("option `platform.subnet` is not a subnet: {}", spec.subnet)))?;
+        let (ip, subnet) = bridge::place(name, &spec.subnet, facts)?;
         let hash = bridge::short_hash(&[&ctx.state_path.to_string_lossy(), &ctx.deployment, name]);
         let mac = format!("52:54:{}:{}:{}:{}", &hash[0..2], &hash[2..4], &hash[4..6], &hash[6..8]);
         Ok(QemuMachine {
@@ -455,14 +449,7 @@ impl QemuMachine {
     /// images with its last VM.
     fn remove(&self, keep_console: bool) -> Result<(), PlatformError> {
         if let Some(vm) = self.running() {
-            sys::kill(vm.pid, sys::SIGKILL);
-            let since = Instant::now();
-            while flotilla_proc::is_running(vm.pid, vm.start_time) {
-                if since.elapsed() > Duration::from_secs(10) {
-                    return Err(self.err(format!("QEMU (pid {}) did not exit after SIGKILL", vm.pid)));
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.kill(vm)?;
         }
         self.remove_tap()?;
         let removed = if !keep_console {
@@ -506,19 +493,25 @@ impl QemuMachine {
 
     /// Powers the VM off: the agent stops its services cleanly first; QEMU is killed when it
     /// has not exited in time.
+    /// Kills QEMU (a power cut) and waits until it has gone.
+    fn kill(&self, vm: VmPid) -> Result<(), PlatformError> {
+        sys::kill(vm.pid, sys::SIGKILL);
+        let killed = Instant::now();
+        while flotilla_proc::is_running(vm.pid, vm.start_time) {
+            if killed.elapsed() > Duration::from_secs(10) {
+                return Err(self.err(format!("QEMU (pid {}) did not exit even after SIGKILL", vm.pid)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
     fn power_off(&self, vm: VmPid) -> Result<(), PlatformError> {
         let asked = self.connect().and_then(|mut c| c.power_off());
         let deadline = Instant::now() + if asked.is_ok() { STOP_TIMEOUT } else { Duration::ZERO };
         while flotilla_proc::is_running(vm.pid, vm.start_time) {
             if Instant::now() >= deadline {
-                sys::kill(vm.pid, sys::SIGKILL);
-                let killed = Instant::now();
-                while flotilla_proc::is_running(vm.pid, vm.start_time) {
-                    if killed.elapsed() > Duration::from_secs(10) {
-                        return Err(self.err(format!("QEMU (pid {}) did not exit even after SIGKILL", vm.pid)));
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
+                self.kill(vm)?;
                 break;
             }
             std::thread::sleep(Duration::from_millis(50));
