@@ -4,7 +4,7 @@
 # mirror host. Does nothing when a source for bookworm-backports exists. Run as root.
 set -euo pipefail
 
-if grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+if grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
     exit 0
 fi
 # The main archive's URI: deb822 `.sources` files (Debian 12's default) or one-line lists.

@@ -14,18 +14,29 @@
 # while its version stamp matches the host's.
 set -euo pipefail
 
+export PATH="$PATH:/usr/sbin:/sbin"
 cache=${FLOTILLA_DEMO_CACHE:-/var/cache/flotilla/demo}
 say() { printf 'demo-cache: %s\n' "$*" >&2; }
-mkdir -p "$cache"
+if ! mkdir -p "$cache" 2>/dev/null || [ ! -w "$cache" ]; then
+    say "cannot write $cache (run this as root, or set FLOTILLA_DEMO_CACHE to a directory of yours); the demo set's kernel and image tools are not staged"
+    exit 2
+fi
 chmod 755 "$cache"
 
 # --- the kernel ---------------------------------------------------------------------------
-kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
+kernel_pkg=$(kernel_pkg)
+if [ -z "$kernel_pkg" ] && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -q >/dev/null
+    kernel_pkg=$(kernel_pkg)
+fi
 if [ -z "$kernel_pkg" ]; then
     say "no linux-image-cloud-amd64 in apt's lists; run apt-get update, then this again"
     exit 2
 fi
-if [ "$(cat "$cache/linux/package" 2>/dev/null)" != "$kernel_pkg" ]; then
+# A security update keeps the package's name and changes its version: both are the stamp.
+kernel_stamp="$kernel_pkg $(apt-cache show --no-all-versions "$kernel_pkg" 2>/dev/null | awk '/^Version:/ { print $2; exit }')"
+if [ "$(cat "$cache/linux/package" 2>/dev/null)" != "$kernel_stamp" ]; then
     say "staging $kernel_pkg"
     work=$(mktemp -d "$cache/.linux.XXXXXX")
     trap 'rm -rf "$work"' EXIT
@@ -42,7 +53,7 @@ if [ "$(cat "$cache/linux/package" 2>/dev/null)" != "$kernel_pkg" ]; then
     cp "$work/deb/boot/config-$version" "$out/config"
     mv "$work/deb/lib/modules/$version" "$out/lib/modules/$version"
     depmod -b "$out" "$version"
-    echo "$kernel_pkg" >"$out/package"
+    echo "$kernel_stamp" >"$out/package"
     chmod -R u+rwX,go+rX,go-w "$out"
     rm -rf "$cache/linux.old"
     [ ! -e "$cache/linux" ] || mv "$cache/linux" "$cache/linux.old"

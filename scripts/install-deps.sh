@@ -5,6 +5,8 @@
 # platform's test hosts.
 # Rust comes from rustup and is assumed. Safe to run again: it installs only what is missing.
 set -euo pipefail
+# Debian puts mkfs.ext4, depmod and friends in /sbin and /usr/sbin, off a user's PATH.
+export PATH="$PATH:/usr/sbin:/sbin"
 
 need=()
 command -v nix-instantiate >/dev/null 2>&1 || need+=(nix-bin)
@@ -61,8 +63,8 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     if dpkg-query -W -f '${Version}' qemu-utils 2>/dev/null | grep -q '~bpo12'; then
         bash "$(dirname "$0")/apt-backports.sh"
         release=(-t bookworm-backports)
-        apt-get update -q >/dev/null
     fi
+    apt-get update -q >/dev/null
     echo "install-deps: installing qemu-system-x86 ${release[*]}" >&2
     apt-get install -y -q --no-install-recommends "${release[@]}" qemu-system-x86 >/dev/null
 fi

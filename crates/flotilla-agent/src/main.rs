@@ -144,6 +144,16 @@ fn main() -> ExitCode {
         flotilla_agent::vm::stage1::run();
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // udhcpc, started by a VM's init for a seed that asks for DHCP, runs this agent as its script.
+    if std::env::var_os(flotilla_agent::vm::net::DHCP_SCRIPT_ENV).is_some() {
+        return match flotilla_agent::vm::net::dhcp_script(args.first().map(String::as_str).unwrap_or("")) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("flotilla-agent: DHCP: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let rest = args.get(1..).unwrap_or_default();
     if args.len() > 1 && rest.iter().any(|a| a == "--help" || a == "-h") {
         println!("{USAGE}");

@@ -648,6 +648,14 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
         }
     }
 
+    // The generation is kept: the machine boots it from now on (for a platform that boots
+    // machines itself), whatever happens to the keys below.
+    if goal.activates() && goal != ActivationGoal::Test {
+        if let Err(e) = m.now_runs(toplevel) {
+            return fail(row, Phase::Activate, format!("generation {generation} runs, but {}", e.message()));
+        }
+    }
+
     if goal.sends_keys() {
         let post = keys.iter().any(|k| k.upload_at == UploadAt::PostActivation);
         if post {
@@ -662,13 +670,6 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     if !key_notes.is_empty() {
         unchanged = false;
         row.keys = Some(key_notes.join(", "));
-    }
-
-    // The generation the machine boots is now this one (for a platform that boots it itself).
-    if goal.activates() && goal != ActivationGoal::Test {
-        if let Err(e) = m.now_runs(toplevel) {
-            return fail(row, Phase::Activate, format!("generation {generation} runs, but {}", e.message()));
-        }
     }
 
     row.outcome = if unchanged { Outcome::Unchanged } else { Outcome::Deployed };

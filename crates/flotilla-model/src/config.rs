@@ -555,8 +555,8 @@ impl MachineConfig {
             if q.cpus == 0 {
                 err(at.child("cpus"), "is 0; a VM needs at least one CPU: `platform.cpus = 1;`".into());
             }
-            if q.disk_size < 64 {
-                err(at.child("diskSize"), format!("is {} MiB, too small for a root filesystem; give it at least 64, e.g. `platform.diskSize = 2048;`", q.disk_size));
+            if q.disk_size < 256 {
+                err(at.child("diskSize"), format!("is {} MiB, too small for the agent, a system and room to activate it; give it at least 256, e.g. `platform.diskSize = 2048;`", q.disk_size));
             }
         }
         for m in &boot.kernel_modules {

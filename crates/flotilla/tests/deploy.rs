@@ -232,7 +232,7 @@ fn a_changed_machine_is_the_only_one_redeployed_and_a_failed_build_fails_only_it
     assert_eq!(code, 0, "{report:#}\n{stderr}");
     assert_eq!(
         outcomes(&report),
-        [("monitor", "unchanged"), ("web1", "unchanged"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
+        [("monitor", "unchanged"), ("vm1", "unchanged"), ("web1", "unchanged"), ("web2", "deployed")].map(|(a, b)| (a.to_owned(), b.to_owned()))
     );
     assert_eq!(row(&report, "web2")["generation"], 2);
     assert_eq!(row(&report, "web1")["generation"], 1);

@@ -56,14 +56,10 @@ fn run(cmd: &mut Command) -> String {
 /// A NoCloud seed as a user makes one: a vfat filesystem labelled CIDATA holding meta-data
 /// and network-config (version 2, the address QEMU's user network expects, the default route
 /// in netplan's current `routes:` form).
-fn make_seed(dir: &Path) -> PathBuf {
+fn make_seed(dir: &Path, network_config: &str) -> PathBuf {
     let seed = dir.join("seed.img");
     std::fs::write(dir.join("meta-data"), "instance-id: imageboot-1\nlocal-hostname: seeded-web\n").unwrap();
-    std::fs::write(
-        dir.join("network-config"),
-        "version: 2\nethernets:\n  eth0:\n    addresses:\n      - 10.0.2.15/24\n    routes:\n      - to: default\n        via: 10.0.2.2\n",
-    )
-    .unwrap();
+    std::fs::write(dir.join("network-config"), network_config).unwrap();
     run(Command::new("mkfs.vfat").args(["-n", "CIDATA", "-C"]).arg(&seed).arg("1024"));
     for file in ["meta-data", "network-config"] {
         run(Command::new("mcopy").arg("-i").arg(&seed).arg(dir.join(file)).arg(format!("::{file}")));
@@ -136,15 +132,33 @@ impl Drop for Booted {
 
 /// The "done when": the qcow2 booted standalone with a NoCloud seed serves the
 /// machine's page and reports the seed's hostname, and nothing names it `web`.
+/// A static address for QEMU's user network, the default route in netplan's `routes:` form.
+const STATIC: &str = "version: 2\nethernets:\n  eth0:\n    addresses:\n      - 10.0.2.15/24\n    routes:\n      - to: default\n        via: 10.0.2.2\n";
+
 #[test]
 fn a_qcow2_image_boots_standalone_with_a_nocloud_seed_and_serves_its_page() {
+    let console = boot_with_seed(STATIC);
+    assert!(console.contains("flotilla-agent: network 10.0.2.15/24 via 10.0.2.2"), "the seed's network-config (with its default route) was not applied; console:\n{console}");
+}
+
+/// A seed asking for DHCP: the system's udhcpc (busybox, in its packages) gets QEMU's user
+/// network lease, and the agent, as udhcpc's script, applies it.
+#[test]
+fn a_qcow2_image_takes_its_address_from_dhcp_when_its_seed_asks_for_it() {
+    let console = boot_with_seed("version: 2\nethernets:\n  eth0:\n    dhcp4: true\n");
+    assert!(console.contains("flotilla-agent: network 10.0.2.15 (mask 255.255.255.0) on eth0 from DHCP"), "the DHCP lease was not applied; console:\n{console}");
+}
+
+/// Builds the machine's qcow2, boots it with a seed holding `network_config`, checks the page
+/// and the hostname through the forwarded port, and returns the console.
+fn boot_with_seed(network_config: &str) -> String {
     require_tools();
     let fl = Fl::new();
     let page = format!("imageboot {}", common::random_hex(4));
     let file = fl.file("deployment.nix", &deployment(&page));
     let dir = fl.dir.path().join("images");
     std::fs::create_dir(&dir).unwrap();
-    let mut booted = Booted::new(format!("flimg-{}", std::process::id()));
+    let mut booted = Booted::new(format!("flimg-{}-{}", std::process::id(), common::random_hex(2)));
     let report = fl.run(&["image", "-f", &file, "web", "--format", "qcow2", "-o", &dir.to_string_lossy(), "--json"]).ok().json();
     booted.store_path = report["storePath"].as_str().map(str::to_owned);
     let image = report["path"].as_str().unwrap().to_owned();
@@ -152,7 +166,7 @@ fn a_qcow2_image_boots_standalone_with_a_nocloud_seed_and_serves_its_page() {
     assert_eq!(params, "console=ttyS0 root=LABEL=flotilla-root", "{report}");
     assert!(!params.contains("flotilla.hostname") && !params.contains("flotilla.ip"), "the seed must be what configures the machine: {params}");
 
-    let seed = make_seed(fl.dir.path());
+    let seed = make_seed(fl.dir.path(), network_config);
     let port = common::free_port();
     booted.console = fl.dir.path().join("console.log");
     let started = Instant::now();
@@ -182,7 +196,7 @@ fn a_qcow2_image_boots_standalone_with_a_nocloud_seed_and_serves_its_page() {
 
     let console = booted.console();
     assert!(console.contains("flotilla-agent: this machine is seeded-web"), "console:\n{console}");
-    assert!(console.contains("flotilla-agent: network 10.0.2.15/24 via 10.0.2.2"), "the seed's network-config (with its default route) was not applied; console:\n{console}");
     let named_web = console.lines().filter(|l| l.contains("this machine is") && !l.contains("this machine is seeded-web")).collect::<Vec<_>>();
     assert!(named_web.is_empty(), "something else named the machine: {named_web:?}");
+    console
 }

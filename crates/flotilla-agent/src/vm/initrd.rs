@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 /// filesystems of a NoCloud seed (iso9660, vfat with the character sets of its defaults:
 /// codepage 437, iocharset ascii, utf8).
 pub const BASE_MODULES: &[&str] =
-    &["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "isofs", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1"];
+    &["ext4", "virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "isofs", "vfat", "nls_cp437", "nls_ascii", "nls_utf8", "nls_iso8859_1"];
 
 /// Where the archive lists the modules to load, in load order (dependencies first).
 pub const MODULES_LIST: &str = "etc/flotilla/modules";
@@ -98,8 +98,13 @@ pub fn module_dir(kernel: &Path) -> Result<PathBuf, InitrdError> {
 /// A module's name as the kernel knows it: the file's name without `.ko`, `-` read as `_`.
 fn module_name(file: &str) -> String {
     let base = file.rsplit('/').next().unwrap_or(file);
+    let base = COMPRESSED.iter().find_map(|c| base.strip_suffix(c)).unwrap_or(base);
     base.strip_suffix(".ko").unwrap_or(base).replace('-', "_")
 }
+
+/// The suffixes of compressed modules (nixpkgs' kernels ship `.ko.xz`): stage 1 hands them to
+/// the kernel as they are, to decompress (`MODULE_INIT_COMPRESSED_FILE`).
+pub const COMPRESSED: &[&str] = &[".xz", ".zst", ".gz"];
 
 /// The modules to load for `wanted`, in load order (each after its dependencies), as paths
 /// relative to the module directory. Built-in modules need nothing; an unknown one is an error
@@ -155,9 +160,6 @@ pub fn write_initrd(kernel: &Path, extra: &[&str], init: &[u8], out: &mut impl W
     archive.file("init", 0o755, init.to_vec());
     let mut list = String::new();
     for module in &modules {
-        if module.ends_with(".ko.xz") || module.ends_with(".ko.zst") || module.ends_with(".ko.gz") {
-            return Err(InitrdError::Kernel { kernel: kernel.to_owned(), why: format!("{module} is compressed; stage 1 loads uncompressed modules only") });
-        }
         let path = format!("lib/modules/{version}/{module}");
         let mut parent = Path::new(&path).parent();
         while let Some(p) = parent.filter(|p| !p.as_os_str().is_empty()) {
@@ -278,6 +280,13 @@ mod tests {
         let mut out = Vec::new();
         write_initrd(kernel, extra, b"#!init", &mut out).unwrap();
         out
+    }
+
+    #[test]
+    fn module_names_drop_the_compression_suffix_nixpkgs_kernels_have() {
+        assert_eq!(module_name("kernel/fs/ext4/ext4.ko.xz"), "ext4");
+        assert_eq!(module_name("kernel/drivers/virtio/virtio-pci.ko.zst"), "virtio_pci");
+        assert_eq!(module_name("kernel/fs/fat/vfat.ko"), "vfat");
     }
 
     #[test]

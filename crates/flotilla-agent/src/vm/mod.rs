@@ -164,10 +164,24 @@ pub fn prepare(root: &Path) -> Result<(), PrepareError> {
     // As in a local container: unprivileged services may bind port 80, so one machine
     // description runs the same on every platform.
     std::fs::write(root.join("proc/sys/net/ipv4/ip_unprivileged_port_start"), b"0").map_err(step("cannot set net.ipv4.ip_unprivileged_port_start to 0"))?;
-    let network = net::Network::choose(&cmdline, seed.as_ref().and_then(|s| s.network.as_ref())).map_err(|e| PrepareError { what: "the network configuration".into(), source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e) })?;
+    // The command line is the platform's, and a machine it cannot configure must not run; a
+    // seed is the user's, and a bad one leaves the machine up without a network, said on the
+    // console, rather than powered off with no way in.
+    let from_seed = cmdline.ip.is_none();
+    let network = match net::Network::choose(&cmdline, seed.as_ref().and_then(|s| s.network.as_ref())) {
+        Ok(n) => n,
+        Err(e) if from_seed => {
+            eprintln!("flotilla-agent: the seed's network-config is not usable, so the machine has no network: {e}");
+            None
+        }
+        Err(e) => return Err(PrepareError { what: "the network configuration".into(), source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e) }),
+    };
     if let Some(network) = network {
-        network.apply().map_err(step(format!("cannot configure the network ({network})")))?;
-        eprintln!("flotilla-agent: network {network}");
+        match network.apply() {
+            Ok(()) => eprintln!("flotilla-agent: network {network}"),
+            Err(e) if from_seed => eprintln!("flotilla-agent: cannot configure the seed's network ({network}): {e}"),
+            Err(e) => return Err(step(format!("cannot configure the network ({network})"))(e)),
+        }
     }
     eprintln!("flotilla-agent: this machine is {}", sys::hostname().unwrap_or_default());
     Ok(())

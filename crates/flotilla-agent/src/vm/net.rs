@@ -74,12 +74,19 @@ impl Network {
             }
             Network::Dhcp => {
                 sys::configure_interface(&iface, None)?;
-                let udhcpc = ["/run/current-system/bin/udhcpc", "/nix/var/flotilla/profiles/system/bin/udhcpc"]
+                let udhcpc = ["/run/current-system/sw/bin/udhcpc", "/nix/var/flotilla/profiles/system/sw/bin/udhcpc"]
                     .iter()
                     .map(PathBuf::from)
                     .find(|p| p.exists())
                     .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "the seed asks for DHCP and the system has no udhcpc (add busybox to the system's packages)"))?;
-                let status = std::process::Command::new(udhcpc).args(["-i", &iface, "-q", "-n", "-t", "5"]).status()?;
+                // udhcpc runs its script on each event; the script is this agent (see
+                // [`dhcp_script`]), which applies the lease with the same ioctls as above.
+                let me = std::env::current_exe()?;
+                let status = std::process::Command::new(udhcpc)
+                    .args(["-i", &iface, "-q", "-n", "-t", "5", "-s"])
+                    .arg(&me)
+                    .env(DHCP_SCRIPT_ENV, "1")
+                    .status()?;
                 if status.success() {
                     Ok(())
                 } else {
@@ -87,6 +94,32 @@ impl Network {
                 }
             }
         }
+    }
+}
+
+/// Set in udhcpc's environment, which its script inherits: this agent, run as that script.
+pub const DHCP_SCRIPT_ENV: &str = "FLOTILLA_DHCP_SCRIPT";
+
+/// This agent as udhcpc's script (`udhcpc -s`): `EVENT` is udhcpc's first argument, the lease
+/// in its environment (`interface`, `ip`, `subnet`, `router`). `bound` and `renew` configure the
+/// interface and the default route; `deconfig` leaves the link up without an address.
+pub fn dhcp_script(event: &str) -> std::io::Result<()> {
+    let var = |k: &str| std::env::var(k).map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("udhcpc gave no `{k}`")));
+    let iface = var("interface")?;
+    match event {
+        "bound" | "renew" => {
+            let parse = |k: &str, v: String| v.parse::<Ipv4Addr>().map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, format!("udhcpc's `{k}` is not an address: {v:?}")));
+            let ip = parse("ip", var("ip")?)?;
+            let mask = parse("subnet", var("subnet").unwrap_or_else(|_| "255.255.255.0".into()))?;
+            sys::configure_interface(&iface, Some((ip, mask)))?;
+            if let Some(router) = std::env::var("router").ok().and_then(|r| r.split_whitespace().next().map(str::to_owned)) {
+                sys::add_default_route(parse("router", router)?)?;
+            }
+            eprintln!("flotilla-agent: network {ip} (mask {mask}) on {iface} from DHCP");
+            Ok(())
+        }
+        "deconfig" => sys::configure_interface(&iface, None),
+        _ => Ok(()),
     }
 }
 

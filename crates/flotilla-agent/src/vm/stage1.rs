@@ -40,7 +40,13 @@ fn boot() -> Result<String, String> {
     let list = std::fs::read_to_string(format!("/{MODULES_LIST}")).map_err(|e| format!("cannot read /{MODULES_LIST}: {e} (was the initramfs made by flotilla-agent build-initrd?)"))?;
     for module in list.lines().filter(|l| !l.trim().is_empty()) {
         let file = std::fs::File::open(module).map_err(|e| format!("cannot open the module {module}: {e}"))?;
-        sys::load_module(&file).map_err(|e| format!("cannot load the module {module}: {e}"))?;
+        let compressed = super::initrd::COMPRESSED.iter().any(|c| module.ends_with(c));
+        sys::load_module(&file, compressed).map_err(|e| match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) if compressed => {
+                format!("cannot load the module {module}: the kernel cannot decompress modules itself (CONFIG_MODULE_DECOMPRESS); use a kernel whose modules are uncompressed or that can")
+            }
+            _ => format!("cannot load the module {module}: {e}"),
+        })?;
     }
     let cmdline = Cmdline::current().map_err(|e| format!("cannot read /proc/cmdline: {e}"))?;
     let label = cmdline.root_label.unwrap_or_else(|| DEFAULT_ROOT_LABEL.to_owned());

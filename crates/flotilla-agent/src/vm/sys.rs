@@ -45,10 +45,13 @@ pub(crate) fn umount(target: &Path, flags: i32) -> io::Result<()> {
     cvt(unsafe { libc::umount2(target.as_ptr(), flags) }).map(drop)
 }
 
-/// Loads the kernel module in `file` (`finit_module(2)`); `Ok(false)` when it is loaded already.
-pub(crate) fn load_module(file: &std::fs::File) -> io::Result<bool> {
-    // SAFETY: a descriptor we borrow and an empty NUL-terminated parameter string.
-    let r = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), 0) };
+/// Loads the kernel module in `file` (`finit_module(2)`), a compressed one for the kernel to
+/// decompress when `compressed`; `Ok(false)` when it is loaded already.
+pub(crate) fn load_module(file: &std::fs::File, compressed: bool) -> io::Result<bool> {
+    const MODULE_INIT_COMPRESSED_FILE: libc::c_int = 4;
+    let flags = if compressed { MODULE_INIT_COMPRESSED_FILE } else { 0 };
+    // SAFETY: a descriptor we borrow, an empty NUL-terminated parameter string and flags.
+    let r = unsafe { libc::syscall(libc::SYS_finit_module, file.as_raw_fd(), c"".as_ptr(), flags) };
     if r == 0 {
         return Ok(true);
     }

@@ -20,8 +20,9 @@
 //! guest; the guest's address is on the kernel command line (`flotilla.ip=`), planned with
 //! the local machines' addresses.
 //!
-//! A virtio-serial port loses what is sent while the guest has it closed; so the agent writes a
-//! hello line when it opens a port, and the deployer waits for it before sending anything.
+//! What the deployer sends on a port while the guest has it closed reaches whoever opens it
+//! next; so the agent writes a hello line when it opens a port, and the deployer sends nothing
+//! before it (see [`QemuMachine::open_port`]).
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -58,8 +59,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(90);
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a running VM's agent gets to say hello on a port.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(20);
-/// How long a new connection waits for the agent's hello before it nudges the agent.
-const NUDGE_AFTER: Duration = Duration::from_millis(1500);
+/// How long a new connection waits for the agent's hello before it connects again.
+const RECONNECT_AFTER: Duration = Duration::from_millis(1500);
+/// How long the port stays closed before that: long enough for a guest to see it closed.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(300);
+/// The systems whose kernel, initramfs and parameters a VM keeps copies of (the current one
+/// and those booted before it, for rollbacks).
+const BOOT_COPIES: usize = 5;
+/// How large the console log may grow before a boot starts a new one (the old one kept as
+/// `console.log.1`).
+const CONSOLE_KEEP: u64 = 8 << 20;
 /// The console lines a failure to boot quotes.
 const CONSOLE_LINES: usize = 8;
 
@@ -88,6 +97,9 @@ pub struct QemuMachine {
 struct VmPid {
     pid: u32,
     start_time: u64,
+    /// The address it booted with (on its kernel command line).
+    #[serde(default)]
+    ip: Option<Ipv4Addr>,
 }
 
 impl QemuMachine {
@@ -152,9 +164,8 @@ impl QemuMachine {
     }
 
     /// The deployment's base image (made once per agent binary): an ext4 filesystem holding
-    /// the bootstrap agent and the directories the agent mounts on.
+    /// the bootstrap agent and the directories the agent mounts on. Call with [`BASE`] held.
     fn base_image(&self) -> Result<PathBuf, PlatformError> {
-        let _one_at_a_time = BASE.lock().unwrap_or_else(|p| p.into_inner());
         let agent = fs::read(&self.agent).map_err(|e| self.err(format!("cannot read the agent {} ({e})", self.agent.display())))?;
         let hash = &sha256(&agent)[..16];
         let deployment_dir = self.dir.parent().unwrap_or(&self.dir);
@@ -187,6 +198,10 @@ impl QemuMachine {
 
     /// Makes the disk: a qcow2 overlay over the base image.
     fn make_disk(&self) -> Result<(), PlatformError> {
+        // Held until the disk is in place: a sibling VM that fails meanwhile must not take
+        // the base image with it as the deployment's last VM.
+        let _one_at_a_time = BASE.lock().unwrap_or_else(|p| p.into_inner());
+        self.make_dir()?;
         let base = self.base_image()?;
         let partial = self.dir.join(".disk.qcow2.partial");
         let _ = fs::remove_file(&partial);
@@ -211,10 +226,17 @@ impl QemuMachine {
         let boot = self.boot_dir();
         let dir = boot.join(&hash);
         let io = |what: &str, p: &Path, e: std::io::Error| self.err(format!("cannot {what} {}: {e}", p.display()));
-        if !top.join("kernel").exists() {
-            return Err(self.err(format!("its system {toplevel} has no kernel; set option `boot.kernel` (e.g. boot.kernel = pkgs.linux;)")));
-        }
+        // A copy made while this system was booted before serves again (a rollback), whether
+        // or not the host's store still holds it.
         if !dir.join("params").exists() {
+            if !top.exists() {
+                return Err(self.err(format!(
+                    "its system {toplevel} is no longer in this host's store (collected), so its kernel cannot be booted; build it again (flotilla build) or deploy"
+                )));
+            }
+            if !top.join("kernel").exists() {
+                return Err(self.err(format!("its system {toplevel} has no kernel; set option `boot.kernel` (e.g. boot.kernel = pkgs.linux;)")));
+            }
             let partial = boot.join(format!(".{hash}.partial"));
             let _ = fs::remove_dir_all(&partial);
             fs::DirBuilder::new().recursive(true).mode(0o700).create(&partial).map_err(|e| io("create", &partial, e))?;
@@ -230,11 +252,19 @@ impl QemuMachine {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(&hash, &link).map_err(|e| io("create", &link, e))?;
         fs::rename(&link, boot.join("current")).map_err(|e| io("switch", &boot.join("current"), e))?;
-        // Older systems' copies are no longer booted.
-        for entry in fs::read_dir(&boot).into_iter().flatten().flatten() {
-            let n = entry.file_name();
-            if n != "current" && n.to_string_lossy() != hash {
-                let _ = fs::remove_dir_all(entry.path());
+        // The copies of the systems booted most recently are kept for rollbacks; older ones go.
+        let _ = filetime_touch(&dir);
+        let mut copies: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&boot)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.file_name() != "current" && e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
+            .collect();
+        copies.sort_by(|a, b| b.0.cmp(&a.0));
+        for (_, old) in copies.into_iter().skip(BOOT_COPIES) {
+            if old != dir {
+                let _ = fs::remove_dir_all(old);
             }
         }
         Ok(())
@@ -339,6 +369,10 @@ impl QemuMachine {
                 self.dir.display()
             )));
         }
+        // The guest writes the console: it is kept to the last boots, not let grow without end.
+        if fs::metadata(self.console()).is_ok_and(|m| m.len() > CONSOLE_KEEP) {
+            let _ = fs::rename(self.console(), self.dir.join("console.log.1"));
+        }
         // The console of this boot follows a marker, so a failure quotes this boot's lines.
         let mut console = fs::OpenOptions::new().create(true).append(true).mode(0o600).open(self.console()).map_err(|e| self.err(format!("cannot open {}: {e}", self.console().display())))?;
         let _ = writeln!(console, "\n--- flotilla: booting {} ---", self.name);
@@ -350,9 +384,13 @@ impl QemuMachine {
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| self.err("QEMU started but wrote no pidfile"))?;
         let start_time = flotilla_proc::start_time(pid).ok_or_else(|| self.err(format!("QEMU (pid {pid}) exited at once; see {}", self.console().display())))?;
-        let record = serde_json::to_vec(&VmPid { pid, start_time }).expect("plain numbers");
+        let record = serde_json::to_vec(&VmPid { pid, start_time, ip: Some(self.ip) }).expect("plain numbers");
         let tmp = self.dir.join(".vm.json.new");
-        fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("vm.json"))).map_err(|e| self.err(format!("cannot record QEMU's pid: {e}")))?;
+        if let Err(e) = fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("vm.json"))) {
+            // Unrecorded, it could never be stopped or destroyed by flotilla: not left running.
+            sys::kill(pid, sys::SIGKILL);
+            return Err(self.err(format!("cannot record QEMU's pid in {}, so the VM was stopped again: {e}", self.dir.join("vm.json").display())));
+        }
 
         // One connection waits for the first hello: each connection closed is one the guest
         // must notice before it greets the next.
@@ -386,62 +424,73 @@ impl QemuMachine {
         flotilla_model::escape_controls(&lines[lines.len().saturating_sub(CONSOLE_LINES)..].join(" | ")).into_owned()
     }
 
-    /// A connection to the agent on a free port: the port's lock taken (waiting for one when
-    /// all are busy), connected, and the agent's hello read within `wait` while `alive` holds.
-    /// With `nudge`, an agent still waiting on a client that left is told to start afresh
-    /// (never while a VM boots: it had no client before, and the nudge could cross its hello).
-    fn open_port(&self, wait: Duration, nudge: bool, alive: &dyn Fn() -> bool) -> std::io::Result<(UnixStream, fs::File)> {
-        let lock = |n: usize, block: bool| -> std::io::Result<Option<fs::File>> {
-            let f = fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(self.dir.join(format!("agent.{n}.lock")))?;
-            Ok(sys::flock(&f, block)?.then_some(f))
-        };
-        let mut held = None;
-        for n in 0..PORTS {
-            if let Some(f) = lock(n, false)? {
-                held = Some((n, f));
-                break;
-            }
-        }
-        let (n, lock) = match held {
-            Some(h) => h,
-            None => (0, lock(0, true)?.expect("a blocking lock is taken")),
-        };
-        let mut stream = UnixStream::connect(self.port_socket(n))?;
+    /// A connection to the agent on a free port: the port's lock taken (waiting up to `wait`
+    /// for one when all are busy), connected, and the agent's hello read within `wait` while
+    /// `alive` holds.
+    ///
+    /// With `retry`, a connection that gets no hello within [`RECONNECT_AFTER`] is closed and
+    /// made again after a pause: a guest may have missed that the port's previous client left
+    /// (it connected again before the guest looked), and then still waits for that client's
+    /// first frame. Closing for a moment shows it the port closed, so it opens it afresh and
+    /// greets. Nothing is ever sent before the hello: what the host sends while the guest has
+    /// the port closed is delivered when it opens it again, into the next conversation. Never
+    /// while a VM boots (one connection waits for its first hello).
+    fn open_port(&self, wait: Duration, retry: bool, alive: &dyn Fn() -> bool) -> std::io::Result<(UnixStream, fs::File)> {
         let until = Instant::now() + wait;
-        let may_nudge = nudge;
-        let mut nudge = Instant::now() + NUDGE_AFTER;
-        let mut seen = Vec::new();
-        let mut byte = [0u8; 1];
-        while !seen.ends_with(HELLO) {
-            let left = until.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no hello from the agent on port flotilla.agent.{n} within {} s", wait.as_secs())));
+        let (n, lock) = self.free_port(until)?;
+        'connect: loop {
+            let mut stream = UnixStream::connect(self.port_socket(n))?;
+            let reconnect = Instant::now() + RECONNECT_AFTER;
+            let mut seen = Vec::new();
+            let mut byte = [0u8; 1];
+            while !seen.ends_with(HELLO) {
+                let now = Instant::now();
+                if now >= until {
+                    return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, format!("no hello from the agent on port flotilla.agent.{n} within {} s", wait.as_secs())));
+                }
+                if !alive() {
+                    return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "QEMU exited"));
+                }
+                if retry && seen.is_empty() && now >= reconnect {
+                    drop(stream);
+                    std::thread::sleep(RECONNECT_PAUSE);
+                    continue 'connect;
+                }
+                stream.set_read_timeout(Some((until - now).clamp(Duration::from_millis(10), Duration::from_millis(250))))?;
+                match stream.read(&mut byte) {
+                    Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QEMU closed the port")),
+                    Ok(_) => seen.push(byte[0]),
+                    Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+                    Err(e) => return Err(e),
+                }
+                if seen.len() > 4096 {
+                    seen.drain(..seen.len() - HELLO.len());
+                }
             }
-            if !alive() {
-                return Err(std::io::Error::new(std::io::ErrorKind::BrokenPipe, "QEMU exited"));
-            }
-            if may_nudge && Instant::now() >= nudge {
-                // The guest may not have seen the last client leave (it reconnected before the
-                // guest looked): the agent then still waits for that client's first frame.
-                // Bytes that can never begin a frame end that conversation, and the agent
-                // opens the port afresh with a hello. Sent to a closed port, they are lost,
-                // which is as good.
-                stream.write_all(&[0xff; 64])?;
-                nudge = Instant::now() + NUDGE_AFTER * 2;
-            }
-            stream.set_read_timeout(Some(left.min(nudge.saturating_duration_since(Instant::now())).clamp(Duration::from_millis(10), Duration::from_millis(250))))?;
-            match stream.read(&mut byte) {
-                Ok(0) => return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "QEMU closed the port")),
-                Ok(_) => seen.push(byte[0]),
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
-                Err(e) => return Err(e),
-            }
-            if seen.len() > 4096 {
-                seen.drain(..seen.len() - HELLO.len());
-            }
+            stream.set_read_timeout(None)?;
+            return Ok((stream, lock));
         }
-        stream.set_read_timeout(None)?;
-        Ok((stream, lock))
+    }
+
+    /// The first port nobody holds, its lock taken; when all are held, the first to come
+    /// free before `until`.
+    fn free_port(&self, until: Instant) -> std::io::Result<(usize, fs::File)> {
+        let open = |n: usize| fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(self.dir.join(format!("agent.{n}.lock")));
+        let locks: Vec<fs::File> = (0..PORTS).map(open).collect::<std::io::Result<_>>()?;
+        loop {
+            for (n, f) in locks.iter().enumerate() {
+                if sys::flock(f, false)? {
+                    return Ok((n, f.try_clone()?));
+                }
+            }
+            if Instant::now() >= until {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::WouldBlock,
+                    format!("all {PORTS} of the VM's agent ports are in use (open `shell`, `exec` or `logs -F` sessions, or other flotilla commands); end one and try again"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// Removes the VM: QEMU killed, its tap, its directory (all of it but the console with
@@ -476,8 +525,10 @@ impl QemuMachine {
             _ => {}
         }
         if let Some(parent) = self.dir.parent() {
-            // The base images and the accelerator's probe go with the deployment's last VM.
-            let vms_left = fs::read_dir(parent).into_iter().flatten().flatten().any(|e| e.path().join("disk.qcow2").exists());
+            // The base images and the accelerator's probe go with the deployment's last VM
+            // (one whose disk is being made counts).
+            let _one_at_a_time = BASE.lock().unwrap_or_else(|p| p.into_inner());
+            let vms_left = fs::read_dir(parent).into_iter().flatten().flatten().any(|e| ["disk.qcow2", ".disk.qcow2.partial"].iter().any(|d| e.path().join(d).exists()));
             if !vms_left {
                 for e in fs::read_dir(parent).into_iter().flatten().flatten() {
                     let n = e.file_name().to_string_lossy().into_owned();
@@ -493,6 +544,39 @@ impl QemuMachine {
 
     /// Powers the VM off: the agent stops its services cleanly first; QEMU is killed when it
     /// has not exited in time.
+    /// Makes the VM's next boot the generation its agent has switched to, should the deployer
+    /// have missed telling the platform (killed between the confirmation and
+    /// [`Machine::now_runs`]). Not while a generation awaits confirmation: the agent rolls that
+    /// back when it starts. Best effort: powering off goes ahead regardless.
+    fn boot_what_it_runs(&self, c: &mut crate::remote::AgentClient) {
+        if !c.status().is_ok_and(|s| s.pending_confirmation.is_none()) {
+            return;
+        }
+        let Ok(generations) = c.generations() else { return };
+        if let Some(current) = generations.iter().find(|g| g.current) {
+            let booted = fs::read_link(self.boot_dir().join("current")).ok();
+            if booted.as_deref() != Some(Path::new(current.toplevel.hash_part())) {
+                let _ = self.set_boot(&current.toplevel);
+            }
+        }
+    }
+
+    /// Refuses a new address for a running VM: it keeps the one it booted with (its kernel
+    /// command line) until it boots again, while the deployment's other machines would be
+    /// told the new one, and the old one handed to another machine.
+    fn check_address(&self) -> Result<(), PlatformError> {
+        match self.running().and_then(|vm| vm.ip) {
+            Some(booted) if booted != self.ip => Err(PlatformError::refused(
+                &self.name,
+                format!(
+                    "it runs with address {booted}, but its planned address is now {}; `flotilla reboot --on {}` moves it to the new one, or set platform.address = \"{booted}\" to keep it",
+                    self.ip, self.name
+                ),
+            )),
+            _ => Ok(()),
+        }
+    }
+
     /// Kills QEMU (a power cut) and waits until it has gone.
     fn kill(&self, vm: VmPid) -> Result<(), PlatformError> {
         sys::kill(vm.pid, sys::SIGKILL);
@@ -507,7 +591,10 @@ impl QemuMachine {
     }
 
     fn power_off(&self, vm: VmPid) -> Result<(), PlatformError> {
-        let asked = self.connect().and_then(|mut c| c.power_off());
+        let asked = self.connect().and_then(|mut c| {
+            self.boot_what_it_runs(&mut c);
+            c.power_off()
+        });
         let deadline = Instant::now() + if asked.is_ok() { STOP_TIMEOUT } else { Duration::ZERO };
         while flotilla_proc::is_running(vm.pid, vm.start_time) {
             if Instant::now() >= deadline {
@@ -529,6 +616,13 @@ fn run(machine: &str, cmd: &mut Command, what: &str) -> Result<(), PlatformError
         return Err(PlatformError::failed(machine, format!("cannot {what}: {}", flotilla_model::escape_controls(why.trim()))));
     }
     Ok(())
+}
+
+/// Marks `dir` as used now (its modification time), to keep the most recent boot copies.
+fn filetime_touch(dir: &Path) -> std::io::Result<()> {
+    let stamp = dir.join(".booted");
+    fs::write(&stamp, b"")?;
+    fs::remove_file(&stamp)
 }
 
 fn sha256(data: &[u8]) -> String {
@@ -601,6 +695,7 @@ impl Machine for QemuMachine {
     fn provision(&self) -> Result<Option<String>, PlatformError> {
         match self.state() {
             MachineState::Running => {
+                self.check_address()?;
                 self.ensure_tap()?;
                 Ok(None)
             }
