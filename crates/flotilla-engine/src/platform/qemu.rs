@@ -261,7 +261,7 @@ impl QemuMachine {
             .filter(|e| e.file_name() != "current" && e.file_type().is_ok_and(|t| t.is_dir()))
             .map(|e| (e.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH), e.path()))
             .collect();
-        copies.sort_by(|a, b| b.0.cmp(&a.0));
+        copies.sort_by_key(|c| std::cmp::Reverse(c.0));
         for (_, old) in copies.into_iter().skip(BOOT_COPIES) {
             if old != dir {
                 let _ = fs::remove_dir_all(old);
