@@ -10,8 +10,10 @@
 #               virtio-serial port (what every VM start waits for at least), N at once
 #   ratio       per VM / (boot floor / N)
 # and the memory of each VM's QEMU (RSS, from /proc, with the VMs idle after the deploy).
-# TCG unless FLOTILLA_QEMU_ACCEL=kvm: this kind of host's KVM hangs guests. Everything runs
-# inside a network namespace of the benchmark's own, removed at the end with every VM.
+# TCG unless FLOTILLA_QEMU_ACCEL=kvm (accel = "tcg" in the file: this kind of host's KVM
+# hangs guests, and `auto` would add its one-time 8 s probe per deployment to the first
+# deploy). Everything runs inside a network namespace of the benchmark's own, removed at the
+# end with every VM.
 #
 #   bash bench/vm.sh               # 1 and 4 VMs
 #   SIZES="2" bash bench/vm.sh
@@ -47,7 +49,7 @@ fleet_file() {
     {
         echo "{ meta.name = \"vmbench$n\";"
         echo "  machines = let vm = { name, pkgs, ... }: {"
-        echo "    platform = { type = \"qemu\"; memory = 256; };"
+        echo "    platform = { type = \"qemu\"; memory = 256; accel = \"${FLOTILLA_QEMU_ACCEL:-tcg}\"; };"
         echo "    boot.kernel = pkgs.linux;"
         echo "    packages = [ pkgs.busybox ];"
         echo "    services.httpd.command = [ \"\${pkgs.busybox}/bin/httpd\" \"-f\" \"-p\" \"80\" \"-h\" \"\${pkgs.writeTextDir \"index.html\" \"<h1>\${name}</h1>\"}\" ];"
