@@ -35,8 +35,9 @@ fl exec monitor -- cat /etc/monitor/targets
 fl exec monitor -- wget -q -O - "http://$web1_ip/"
 fl exec monitor -- wget -q -O - http://web1/
 
-step "the VM's page, from the monitor container by name, and the VM's own kernel"
+step "the VM's page, from the monitor container by name and from this host's forwarded port, and the VM's own kernel"
 fl exec monitor -- wget -q -O - http://vm1/
+curl -sSf --retry 5 --retry-connrefused --retry-delay 1 http://127.0.0.1:8083/
 fl exec vm1 -- uname -r
 
 step "flotilla info"

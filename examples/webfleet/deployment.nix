@@ -53,11 +53,11 @@
       web2 = webServer;
 
       # The same web server as a VM: its own kernel (the package set's `linux`), disk and
-      # store, booted by QEMU; deployed, checked and rolled back like the containers. A VM
-      # has no port forwards: it is reached at its address, or by name from the others.
+      # store, booted by QEMU; deployed, checked and rolled back like the containers, on the
+      # same bridge (the others reach it by name), its port 80 forwarded to 127.0.0.1:8083.
       vm1 = args@{ pkgs, ... }: webServer args // {
         tags = [ "web" "vm" ];
-        platform = { type = "qemu"; memory = 256; };
+        platform = { type = "qemu"; memory = 256; forwardPorts = [ { host = 8083; guest = 80; } ]; };
         boot.kernel = pkgs.linux;
       };
 

@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod error;
 mod etc;
 pub mod exec;
+pub mod forward;
 pub mod health;
 pub mod keys;
 pub mod logs;

@@ -84,6 +84,10 @@ commands:
                        appended to the console file. With --adopt, the container of the
                        pidfile runs but its monitor died: a new monitor takes over its
                        forwards and its pidfile instead
+  forward --forward HOSTPORT:IP:PORT...
+                       relay 127.0.0.1:HOSTPORT to IP:PORT (a VM's port forwards, started
+                       by the deployer): says `ready` once every port is bound, or exits 1
+                       with the reason; serves until killed
   build-system         build a toplevel (run by Nix as a derivation's builder)
   build-image          build a machine's disk image (run by Nix as a derivation's builder)
   build-initrd         build a VM's initramfs (run by Nix as a derivation's builder, with
@@ -170,6 +174,9 @@ fn main() -> ExitCode {
         Some("uninstall") => uninstall(rest),
         Some("stdio") => Options::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
         Some("container") => return container(rest),
+        Some("forward") => flotilla_agent::forward::parse(rest).map_err(|e| Failure::Usage(e.to_string())).and_then(|f| {
+            flotilla_agent::forward::run(&f).map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Failed(e.to_string()))
+        }),
         Some("--version") => {
             println!("flotilla-agent {}", env!("CARGO_PKG_VERSION"));
             Ok(ExitCode::SUCCESS)

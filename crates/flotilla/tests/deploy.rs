@@ -51,6 +51,8 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     // The VM on the same bridge: by name from a container, and its own kernel.
     let r = f.run(&["exec", "monitor", "--", "wget", "-q", "-O", "-", "http://vm1/"]).ok();
     assert!(r.stdout().contains("Hello from vm1"), "{}", r.stdout());
+    let page = f.http_get("http://127.0.0.1:8083/").expect("vm1 answers on its forwarded port");
+    assert!(page.contains("Hello from vm1"), "{page}");
     let vm_kernel = f.run(&["exec", "vm1", "--", "uname", "-r"]).ok().stdout();
     assert!(vm_kernel.trim().ends_with("-cloud-amd64"), "vm1 runs the demo set's kernel: {vm_kernel}");
 

@@ -225,3 +225,60 @@ fn a_vm_whose_kernel_does_not_boot_fails_alone_with_the_console_in_the_reason() 
     assert_eq!(ours.stdout().trim(), "0");
     eprintln!("done: {:?}", t0.elapsed());
 }
+
+/// A VM serving a page on port 80, forwarded from 127.0.0.1:`port` of the test's namespace.
+fn forwarded_vm_deployment(port: u16) -> String {
+    format!(
+        r#"{{ meta.name = "qemufwd"; machines.vm = {{ pkgs, ... }}: {{
+    platform = {{ type = "qemu"; memory = 256; accel = "tcg"; forwardPorts = [ {{ host = {port}; guest = 80; }} ]; }};
+    boot.kernel = pkgs.linux;
+    packages = [ pkgs.busybox ];
+    services.httpd.command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{pkgs.writeTextDir "index.html" "forwarded"}}" ];
+  }}; }}
+"#
+    )
+}
+
+#[test]
+fn a_vms_forwarded_port_answers_is_restored_and_a_taken_one_fails_its_start_whole() {
+    let f = Fleet::new();
+    let port = common::free_port();
+    let file = f.fl.file("fwd.nix", &forwarded_vm_deployment(port));
+    let url = format!("http://127.0.0.1:{port}/");
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    assert_eq!(f.http_get(&url).as_deref().map(str::trim), Some("forwarded"));
+
+    // The relay killed behind flotilla's back: `info` says so, `start` puts it back.
+    let relay: u32 = f.machine(&file, "vm")["resources"]["forward pid"].as_str().expect("a relay runs").parse().unwrap();
+    assert!(common::alive(relay));
+    f.host(&["kill", "-9", &relay.to_string()]);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while common::alive(relay) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let vm = f.machine(&file, "vm");
+    assert!(vm["problems"].to_string().contains("its port forwards' relay is gone"), "{vm:#}");
+    ok(f.run(&["start", "-f", &file, "--on", "vm"]), "start");
+    assert_eq!(f.http_get(&url).as_deref().map(str::trim), Some("forwarded"));
+
+    // Stopped, the relay goes with the VM; a port someone else took fails the start, and
+    // nothing of it runs.
+    let relay: u32 = f.machine(&file, "vm")["resources"]["forward pid"].as_str().expect("a relay runs again").parse().unwrap();
+    ok(f.run(&["stop", "-f", &file, "--on", "vm"]), "stop");
+    assert!(!common::alive(relay), "the relay outlived its VM");
+    let mut squatter = f
+        .in_ns_command(&["python3", "-c", &format!("import socket,time; s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(120)")])
+        .spawn()
+        .expect("python3 runs");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let r = f.run(&["start", "-f", &file, "--on", "vm"]);
+    let _ = squatter.kill();
+    let _ = squatter.wait();
+    assert_ne!(r.code(), 0, "{}\n{}", r.stdout(), r.stderr());
+    let said = format!("{}{}", r.stdout(), r.stderr());
+    assert!(said.contains("cannot forward its ports") && said.contains(&format!("127.0.0.1:{port}")), "{said}");
+    assert_eq!(f.machine(&file, "vm")["state"], "stopped", "a VM whose forwards failed is not left running");
+    ok(f.run(&["start", "-f", &file, "--on", "vm"]), "start once the port is free");
+    assert_eq!(f.http_get(&url).as_deref().map(str::trim), Some("forwarded"));
+}

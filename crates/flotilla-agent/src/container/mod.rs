@@ -580,8 +580,9 @@ fn init_plan(args: &ContainerArgs, root: &Path, netns_fd: i32) -> Result<Vec<(Ac
     Ok(plan)
 }
 
-/// Accepts connections on a forward's listener for the life of the monitor.
-fn serve_forward(listener: TcpListener, forward: Forward) {
+/// Accepts connections on a forward's listener for the life of the monitor (or of
+/// `flotilla-agent forward`).
+pub(crate) fn serve_forward(listener: TcpListener, forward: Forward) {
     loop {
         match listener.accept() {
             Ok((client, _)) => {

@@ -455,13 +455,7 @@ pub fn plan_facts(platforms: &BTreeMap<MachineName, Platform>, stored: &BTreeMap
         }
     }
     let mut errors = local::plan_facts(&local_machines, stored, facts);
-    for (name, spec) in &on_bridge {
-        if !spec.forward_ports.is_empty() {
-            errors.push(format!(
-                "machine {name}: option `platform.forwardPorts` is not supported by the qemu platform yet; remove it and reach the VM at its address on the deployment's bridge (nodes.{name}.ip), or by name from the deployment's other machines"
-            ));
-        }
-    }
+
     errors.extend(ssh::plan_facts(&ssh_machines, facts));
     errors
 }

@@ -9,6 +9,9 @@
 //! - `boot/current` → `boot/<toplevel hash>/` with `kernel`, `initrd` and `params`: copies of
 //!   what the generation the machine runs boots with, so a reboot boots the current
 //!   generation's kernel (and a rollback the old one) even after the host's store dropped it.
+//! - `forward.json` and `forward.log`: the relay of `platform.forwardPorts`
+//!   (`flotilla-agent forward`, from 127.0.0.1 on this host to the VM's address), started
+//!   with the VM and stopped with it, as a local container's monitor relays its forwards.
 //! - `vm.json` (QEMU's pid and start time), `console.log` (the serial console; a first boot
 //!   that fails removes everything else it made but keeps it, for `flotilla logs --console`), `qmp.sock`,
 //!   and `agent.<n>.sock` / `agent.<n>.lock`: the host ends of the virtio-serial ports
@@ -401,7 +404,10 @@ impl QemuMachine {
             waited = self.open_port(START_TIMEOUT, false, &qemu_runs);
         }
         match waited {
-            Ok(_) => Ok(()),
+            Ok(_) => self.start_forwarder().inspect_err(|_| {
+                // A VM whose forwards cannot be had is not left running half-started.
+                sys::kill(pid, sys::SIGKILL);
+            }),
             Err(_) if !qemu_runs() => Err(self.err(format!("it did not boot: QEMU exited; the console says: {}", self.console_since(console_start)))),
             Err(e) => {
                 sys::kill(pid, sys::SIGKILL);
@@ -497,6 +503,7 @@ impl QemuMachine {
     /// `keep_console`, which a failed provisioning keeps to be read), and the deployment's base
     /// images with its last VM.
     fn remove(&self, keep_console: bool) -> Result<(), PlatformError> {
+        self.stop_forwarder();
         if let Some(vm) = self.running() {
             self.kill(vm)?;
         }
@@ -575,6 +582,68 @@ impl QemuMachine {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// The port forwards' relay while it runs (`forward.json`).
+    fn forwarder(&self) -> Option<VmPid> {
+        let pid: VmPid = serde_json::from_slice(&fs::read(self.dir.join("forward.json")).ok()?).ok()?;
+        flotilla_proc::is_running(pid.pid, pid.start_time).then_some(pid)
+    }
+
+    /// Starts the relay of `platform.forwardPorts` (`flotilla-agent forward`, in a process
+    /// group of its own, so it outlives the deployer), replacing one that runs: it has bound
+    /// every port when this returns, or it failed with its reason.
+    fn start_forwarder(&self) -> Result<(), PlatformError> {
+        self.stop_forwarder();
+        if self.spec.forward_ports.is_empty() {
+            return Ok(());
+        }
+        let log_path = self.dir.join("forward.log");
+        let log = fs::OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&log_path).map_err(|e| self.err(format!("cannot open {}: {e}", log_path.display())))?;
+        let mut cmd = Command::new(&self.agent);
+        cmd.arg("forward");
+        for f in &self.spec.forward_ports {
+            cmd.arg("--forward").arg(format!("{}:{}:{}", f.host, self.ip, f.guest));
+        }
+        use std::os::unix::process::CommandExt as _;
+        let mut child = cmd
+            .process_group(0)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| self.err(format!("cannot run the agent {} to forward its ports ({e})", self.agent.display())))?;
+        let mut said = String::new();
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("piped")), &mut said);
+        if said.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            let log = fs::read_to_string(&log_path).unwrap_or_default();
+            let why = log.lines().last().unwrap_or("it exited").trim_start_matches("flotilla-agent: ").to_owned();
+            return Err(PlatformError::refused(&self.name, format!("cannot forward its ports: {}; option `platform.forwardPorts` needs free ports on 127.0.0.1", flotilla_model::escape_controls(&why))));
+        }
+        let pid = child.id();
+        let start_time = flotilla_proc::start_time(pid).unwrap_or_default();
+        let record = serde_json::to_vec(&VmPid { pid, start_time, ip: None }).expect("plain numbers");
+        let tmp = self.dir.join(".forward.json.new");
+        if let Err(e) = fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("forward.json"))) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(self.err(format!("cannot record the port relay's pid: {e}")));
+        }
+        Ok(())
+    }
+
+    /// Stops the port forwards' relay, if it runs.
+    fn stop_forwarder(&self) {
+        if let Some(relay) = self.forwarder() {
+            sys::kill(relay.pid, sys::SIGKILL);
+            let since = Instant::now();
+            while flotilla_proc::is_running(relay.pid, relay.start_time) && since.elapsed() < Duration::from_secs(5) {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let _ = fs::remove_file(self.dir.join("forward.json"));
     }
 
     /// Kills QEMU (a power cut) and waits until it has gone.
@@ -696,8 +765,7 @@ impl Machine for QemuMachine {
         match self.state() {
             MachineState::Running => {
                 self.check_address()?;
-                self.ensure_tap()?;
-                Ok(None)
+                self.restore()
             }
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing | MachineState::Unreachable | MachineState::Unusable => {
@@ -727,7 +795,7 @@ impl Machine for QemuMachine {
 
     fn start(&self) -> Result<(), PlatformError> {
         if self.running().is_some() {
-            return self.ensure_tap();
+            return self.restore().map(drop);
         }
         if !self.disk().exists() {
             return Err(self.err("it does not exist; deploy it (flotilla deploy) to create it"));
@@ -737,6 +805,7 @@ impl Machine for QemuMachine {
     }
 
     fn stop(&self) -> Result<(), PlatformError> {
+        self.stop_forwarder();
         match self.running() {
             Some(vm) => self.power_off(vm),
             None => Ok(()),
@@ -752,21 +821,37 @@ impl Machine for QemuMachine {
     }
 
     fn restore(&self) -> Result<Option<String>, PlatformError> {
-        if self.running().is_none() || bridge::link_exists(&self.tap) {
+        if self.running().is_none() {
             return Ok(None);
         }
-        self.ensure_tap()?;
-        Ok(Some(format!("its tap {} was gone", self.tap)))
+        let mut restored = Vec::new();
+        let tap_gone = !bridge::link_exists(&self.tap);
+        self.ensure_tap()?; // on the bridge and up, whoever changed it
+        if tap_gone {
+            restored.push(format!("its tap {} was gone", self.tap));
+        }
+        if !self.spec.forward_ports.is_empty() && self.forwarder().is_none() {
+            self.start_forwarder()?;
+            restored.push("its port forwards were gone".to_owned());
+        }
+        Ok((!restored.is_empty()).then(|| restored.join("; ")))
     }
 
     fn problems(&self) -> Vec<String> {
         if self.running().is_none() {
             return Vec::new();
         }
+        let mut problems = Vec::new();
         if !bridge::link_exists(&self.tap) {
-            return vec![format!("its tap {} is gone", self.tap), format!("`flotilla start --on {}` restores it", self.name)];
+            problems.push(format!("its tap {} is gone", self.tap));
         }
-        Vec::new()
+        if !self.spec.forward_ports.is_empty() && self.forwarder().is_none() {
+            problems.push("its port forwards' relay is gone".to_owned());
+        }
+        if !problems.is_empty() {
+            problems.push(format!("`flotilla start --on {}` restores the platform's plumbing", self.name));
+        }
+        problems
     }
 
     fn transport(&self) -> Result<Transport, RemoteError> {
@@ -792,6 +877,9 @@ impl Machine for QemuMachine {
         r.insert("bridge".into(), self.bridge.clone());
         if let Some(vm) = self.running() {
             r.insert("qemu pid".into(), vm.pid.to_string());
+        }
+        if let Some(relay) = self.forwarder() {
+            r.insert("forward pid".into(), relay.pid.to_string());
         }
         r
     }
