@@ -4,9 +4,17 @@
 # mirror host. Does nothing when a source for bookworm-backports exists. Run as root.
 set -euo pipefail
 
-if grep -rqsE '^[^#]*bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
-    exit 0
-fi
+# Only files apt reads (not *.save or *.disabled), and not a deb822 stanza switched off.
+shopt -s nullglob
+for f in /etc/apt/sources.list /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [ -f "$f" ] || continue
+    if awk '/^[[:space:]]*$/ { if (b && on) hit = 1; b = 0; on = 1 }
+            /^[[:space:]]*Enabled:[[:space:]]*no/ { on = 0 }
+            /^[^#]*bookworm-backports/ { b = 1 }
+            END { if (b && on) hit = 1; exit !hit }' on=1 "$f"; then
+        exit 0
+    fi
+done
 # The main archive's URI: deb822 `.sources` files (Debian 12's default) or one-line lists.
 uri=$(awk '
     /^URIs:/ { u = $2 }

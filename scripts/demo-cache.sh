@@ -24,7 +24,8 @@ fi
 chmod 755 "$cache"
 
 # --- the kernel ---------------------------------------------------------------------------
-kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'; }
+# (awk reads all its input: an early exit would end apt-cache with SIGPIPE, which pipefail sees.)
+kernel_pkg() { apt-cache depends linux-image-cloud-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ && !found { print $2; found = 1 }' || true; }
 kernel_pkg=$(kernel_pkg)
 if [ -z "$kernel_pkg" ] && [ "$(id -u)" -eq 0 ]; then
     apt-get update -q >/dev/null
@@ -35,7 +36,7 @@ if [ -z "$kernel_pkg" ]; then
     exit 2
 fi
 # A security update keeps the package's name and changes its version: both are the stamp.
-kernel_stamp="$kernel_pkg $(apt-cache show --no-all-versions "$kernel_pkg" 2>/dev/null | awk '/^Version:/ { print $2; exit }')"
+kernel_stamp="$kernel_pkg $(apt-cache show --no-all-versions "$kernel_pkg" 2>/dev/null | awk '/^Version:/ && !found { print $2; found = 1 }' || true)"
 if [ "$(cat "$cache/linux/package" 2>/dev/null)" != "$kernel_stamp" ]; then
     say "staging $kernel_pkg"
     work=$(mktemp -d "$cache/.linux.XXXXXX")

@@ -26,6 +26,7 @@ command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 # Machines as VMs (the qemu platform, `flotilla image`): QEMU, the ext4 and image tools the demo
 # package set imports, and depmod for the demo kernel's module list.
 command -v depmod >/dev/null 2>&1 || need+=(kmod)
+command -v python3 >/dev/null 2>&1 || need+=(python3) # a test holds a port with it
 command -v mkfs.ext4 >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 # The agent's initramfs tests read its archive back with a real cpio; the VM boot tests make a

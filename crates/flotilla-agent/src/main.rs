@@ -149,7 +149,8 @@ fn main() -> ExitCode {
     }
     let args: Vec<String> = std::env::args().skip(1).collect();
     // udhcpc, started by a VM's init for a seed that asks for DHCP, runs this agent as its script.
-    if std::env::var_os(flotilla_agent::vm::net::DHCP_SCRIPT_ENV).is_some() {
+    let udhcpc_event = args.first().is_some_and(|a| ["deconfig", "bound", "renew", "leasefail", "nak"].contains(&a.as_str()));
+    if udhcpc_event && args.len() == 1 && std::env::var_os(flotilla_agent::vm::net::DHCP_SCRIPT_ENV).is_some() {
         return match flotilla_agent::vm::net::dhcp_script(args.first().map(String::as_str).unwrap_or("")) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

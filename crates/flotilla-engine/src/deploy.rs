@@ -649,12 +649,9 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     }
 
     // The generation is kept: the machine boots it from now on (for a platform that boots
-    // machines itself), whatever happens to the keys below.
-    if goal.activates() && goal != ActivationGoal::Test {
-        if let Err(e) = m.now_runs(toplevel) {
-            return fail(row, Phase::Activate, format!("generation {generation} runs, but {}", e.message()));
-        }
-    }
+    // machines itself). Should that fail, the running generation still gets its keys below,
+    // and the row fails after them.
+    let boot_failed = (goal.activates() && goal != ActivationGoal::Test).then(|| m.now_runs(toplevel).err()).flatten();
 
     if goal.sends_keys() {
         let post = keys.iter().any(|k| k.upload_at == UploadAt::PostActivation);
@@ -665,6 +662,9 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
             Ok(put) => key_notes.push(crate::keys::summary(&put)),
             Err(e) => return fail(row, Phase::Keys, e.to_string()),
         }
+    }
+    if let Some(e) = boot_failed {
+        return fail(row, Phase::Activate, format!("generation {generation} runs, but {}", e.message()));
     }
     key_notes.retain(|n| !n.is_empty());
     if !key_notes.is_empty() {

@@ -95,6 +95,15 @@ pub struct QemuMachine {
     first: Mutex<Option<StorePath>>,
 }
 
+/// The port forwards' relay, as `forward.json` records it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Relay {
+    pid: u32,
+    start_time: u64,
+    /// Its `--forward` specs.
+    forwards: Vec<String>,
+}
+
 /// QEMU's process, as `vm.json` records it.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct VmPid {
@@ -381,6 +390,18 @@ impl QemuMachine {
         let _ = writeln!(console, "\n--- flotilla: booting {} ---", self.name);
         let console_start = console.metadata().map(|m| m.len()).unwrap_or(0);
         drop(console);
+        // The forwarded ports first: a port someone else holds fails the start before a VM
+        // runs (the relay connects to the VM only when a client comes).
+        self.start_forwarder()?;
+        let booted = self.boot_qemu(console_start);
+        if booted.is_err() {
+            self.stop_forwarder();
+        }
+        booted
+    }
+
+    /// Starts QEMU and waits for its agent's first hello (QEMU is killed when it does not come).
+    fn boot_qemu(&self, console_start: u64) -> Result<(), PlatformError> {
         run(&self.name, &mut self.qemu_command()?, "start QEMU (install qemu-system-x86)")?;
         let pid: u32 = fs::read_to_string(self.dir.join("qemu.pid"))
             .ok()
@@ -404,13 +425,10 @@ impl QemuMachine {
             waited = self.open_port(START_TIMEOUT, false, &qemu_runs);
         }
         match waited {
-            Ok(_) => self.start_forwarder().inspect_err(|_| {
-                // A VM whose forwards cannot be had is not left running half-started.
-                sys::kill(pid, sys::SIGKILL);
-            }),
+            Ok(_) => Ok(()),
             Err(_) if !qemu_runs() => Err(self.err(format!("it did not boot: QEMU exited; the console says: {}", self.console_since(console_start)))),
             Err(e) => {
-                sys::kill(pid, sys::SIGKILL);
+                self.kill(VmPid { pid, start_time, ip: None })?; // gone before anyone reads its state
                 Err(self.err(format!(
                     "its agent did not answer within {} s ({e}), so the VM was stopped again; the console says: {}",
                     START_TIMEOUT.as_secs(),
@@ -584,10 +602,16 @@ impl QemuMachine {
         }
     }
 
-    /// The port forwards' relay while it runs (`forward.json`).
-    fn forwarder(&self) -> Option<VmPid> {
-        let pid: VmPid = serde_json::from_slice(&fs::read(self.dir.join("forward.json")).ok()?).ok()?;
-        flotilla_proc::is_running(pid.pid, pid.start_time).then_some(pid)
+    /// The port forwards' relay while it runs (`forward.json`), with what it forwards.
+    fn forwarder(&self) -> Option<Relay> {
+        let relay: Relay = serde_json::from_slice(&fs::read(self.dir.join("forward.json")).ok()?).ok()?;
+        flotilla_proc::is_running(relay.pid, relay.start_time).then_some(relay)
+    }
+
+    /// The `--forward` specs of the relay this VM needs: to the address it booted with.
+    fn forward_specs(&self) -> Vec<String> {
+        let ip = self.running().and_then(|vm| vm.ip).unwrap_or(self.ip);
+        self.spec.forward_ports.iter().map(|f| format!("{}:{ip}:{}", f.host, f.guest)).collect()
     }
 
     /// Starts the relay of `platform.forwardPorts` (`flotilla-agent forward`, in a process
@@ -595,15 +619,17 @@ impl QemuMachine {
     /// every port when this returns, or it failed with its reason.
     fn start_forwarder(&self) -> Result<(), PlatformError> {
         self.stop_forwarder();
-        if self.spec.forward_ports.is_empty() {
+        let forwards = self.forward_specs();
+        if forwards.is_empty() {
             return Ok(());
         }
+        // Its log is this run's only (it says each connection the VM refused).
         let log_path = self.dir.join("forward.log");
-        let log = fs::OpenOptions::new().create(true).append(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&log_path).map_err(|e| self.err(format!("cannot open {}: {e}", log_path.display())))?;
+        let log = fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).custom_flags(libc::O_NOFOLLOW).open(&log_path).map_err(|e| self.err(format!("cannot open {}: {e}", log_path.display())))?;
         let mut cmd = Command::new(&self.agent);
         cmd.arg("forward");
-        for f in &self.spec.forward_ports {
-            cmd.arg("--forward").arg(format!("{}:{}:{}", f.host, self.ip, f.guest));
+        for f in &forwards {
+            cmd.arg("--forward").arg(f);
         }
         use std::os::unix::process::CommandExt as _;
         let mut child = cmd
@@ -624,7 +650,7 @@ impl QemuMachine {
         }
         let pid = child.id();
         let start_time = flotilla_proc::start_time(pid).unwrap_or_default();
-        let record = serde_json::to_vec(&VmPid { pid, start_time, ip: None }).expect("plain numbers");
+        let record = serde_json::to_vec(&Relay { pid, start_time, forwards }).expect("plain data");
         let tmp = self.dir.join(".forward.json.new");
         if let Err(e) = fs::write(&tmp, record).and_then(|()| fs::rename(&tmp, self.dir.join("forward.json"))) {
             let _ = child.kill();
@@ -830,16 +856,29 @@ impl Machine for QemuMachine {
         if tap_gone {
             restored.push(format!("its tap {} was gone", self.tap));
         }
-        if !self.spec.forward_ports.is_empty() && self.forwarder().is_none() {
-            self.start_forwarder()?;
-            restored.push("its port forwards were gone".to_owned());
+        let wanted = self.forward_specs();
+        match self.forwarder() {
+            None if wanted.is_empty() => {}
+            None => {
+                self.start_forwarder()?;
+                restored.push("its port forwards were gone".to_owned());
+            }
+            Some(relay) if relay.forwards != wanted => {
+                // platform.forwardPorts changed: the relay follows.
+                self.start_forwarder()?;
+            }
+            Some(_) => {}
         }
         Ok((!restored.is_empty()).then(|| restored.join("; ")))
     }
 
     fn problems(&self) -> Vec<String> {
         if self.running().is_none() {
-            return Vec::new();
+            // QEMU ended by itself (a power off inside, a crash): its relay holds the ports.
+            return match self.forwarder() {
+                Some(_) => vec![format!("its port relay still holds its forwarded ports though QEMU has exited; `flotilla stop --on {}` ends it", self.name)],
+                None => Vec::new(),
+            };
         }
         let mut problems = Vec::new();
         if !bridge::link_exists(&self.tap) {
