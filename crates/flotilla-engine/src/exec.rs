@@ -35,6 +35,7 @@ impl AgentClient {
         if self.welcome().version < EXEC_PROTOCOL_VERSION {
             return Err(RemoteError::TooOld {
                 agent: self.agent_name().to_owned(),
+                fix: self.too_old_fix(),
                 speaks: self.welcome().version,
                 needs: EXEC_PROTOCOL_VERSION,
                 what: "run commands",

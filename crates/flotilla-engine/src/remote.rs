@@ -88,10 +88,12 @@ pub enum RemoteError {
         fix: String,
     },
     /// The agent speaks a protocol from before the request (it would not understand it).
-    #[error("{agent} is too old to {what} (it speaks protocol {speaks}, that needs {needs}); redeploy it: `flotilla deploy --on {}`", agent.rsplit(' ').next().unwrap_or(agent))]
+    #[error("{agent} is too old to {what} (it speaks protocol {speaks}, that needs {needs}); {fix}")]
     TooOld {
         /// Whose agent, e.g. "the agent of machine web1".
         agent: String,
+        /// How to get a newer one, e.g. "redeploy it: `flotilla deploy --on web1`".
+        fix: String,
         /// What it was to do, e.g. "run commands".
         what: &'static str,
         /// The protocol version it welcomed us with.
@@ -177,17 +179,23 @@ pub(crate) struct Explainer {
 impl Explainer {
     /// How the transport failed, when it did, instead of `err`.
     pub(crate) fn explain(&self, err: RemoteError) -> RemoteError {
-        match self.watch.fault() {
-            Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer {
-                agent: self.agent.clone(),
-                asked: self.asked.clone(),
-                waited: limit.waited(),
-                stalled: matches!(limit, Limit::Stall(_)),
-                fix: self.fix.clone(),
-            },
-            Some(Fault::PeerGone) => RemoteError::AgentGone { agent: self.agent.clone(), asked: self.asked.clone(), fix: self.fix.clone() },
-            None => err,
-        }
+        explain_fault(&self.watch, &self.agent, &self.fix, &self.asked, err)
+    }
+}
+
+/// How a transport watched by `watch` failed, when it did (timed out, the agent gone), instead
+/// of `err`, which is what the layer that noticed saw (e.g. a broken pipe encoding a NAR).
+fn explain_fault(watch: &Watch, agent: &str, fix: &str, asked: &str, err: RemoteError) -> RemoteError {
+    match watch.fault() {
+        Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer {
+            agent: agent.to_owned(),
+            asked: asked.to_owned(),
+            waited: limit.waited(),
+            stalled: matches!(limit, Limit::Stall(_)),
+            fix: fix.to_owned(),
+        },
+        Some(Fault::PeerGone) => RemoteError::AgentGone { agent: agent.to_owned(), asked: asked.to_owned(), fix: fix.to_owned() },
+        None => err,
     }
 }
 
@@ -265,6 +273,8 @@ pub struct AgentClient {
     answer: Duration,
     /// "the agent of machine web1", for messages.
     agent: String,
+    /// The machine, when the agent is a machine's.
+    machine: Option<String>,
     /// What to do when it does not answer.
     fix: String,
 }
@@ -274,19 +284,19 @@ impl AgentClient {
     /// name; the platforms use [`AgentClient::connect_unix_for`]).
     pub fn connect_unix(socket: &Path) -> Result<AgentClient, RemoteError> {
         let agent = format!("the agent on {}", socket.display());
-        Self::unix(socket, agent, "check that agent's process, and restart it".into())
+        Self::unix(socket, agent, None, "check that agent's process, and restart it".into())
     }
 
     /// Connects to machine `machine`'s agent on its unix socket and shakes hands.
     pub fn connect_unix_for(machine: &str, socket: &Path) -> Result<AgentClient, RemoteError> {
-        Self::unix(socket, format!("the agent of machine {machine}"), Self::fix_for(machine))
+        Self::unix(socket, format!("the agent of machine {machine}"), Some(machine.to_owned()), Self::fix_for(machine))
     }
 
-    fn unix(socket: &Path, agent: String, fix: String) -> Result<AgentClient, RemoteError> {
+    fn unix(socket: &Path, agent: String, machine: Option<String>, fix: String) -> Result<AgentClient, RemoteError> {
         let connect_err = |source| RemoteError::Connect { socket: socket.to_owned(), source };
         let stream = std::os::unix::net::UnixStream::connect(socket).map_err(connect_err)?;
         let reader = stream.try_clone().map_err(connect_err)?;
-        Self::start(reader, stream, agent, fix)
+        Self::start(reader, stream, agent, machine, fix)
     }
 
     /// Shakes hands with machine `machine`'s agent over any pair of descriptors (a child
@@ -296,14 +306,14 @@ impl AgentClient {
         R: Read + AsFd + Send + 'static,
         W: Write + AsFd + Send + 'static,
     {
-        Self::start(reader, writer, format!("the agent of machine {machine}"), Self::fix_for(machine))
+        Self::start(reader, writer, format!("the agent of machine {machine}"), Some(machine.to_owned()), Self::fix_for(machine))
     }
 
     fn fix_for(machine: &str) -> String {
         format!("see `flotilla info --on {machine}` and the machine's agent log, and restart it with `flotilla reboot --on {machine}`")
     }
 
-    fn start<R, W>(reader: R, writer: W, agent: String, fix: String) -> Result<AgentClient, RemoteError>
+    fn start<R, W>(reader: R, writer: W, agent: String, machine: Option<String>, fix: String) -> Result<AgentClient, RemoteError>
     where
         R: Read + AsFd + Send + 'static,
         W: Write + AsFd + Send + 'static,
@@ -325,22 +335,20 @@ impl AgentClient {
                 })
             }
         };
-        Ok(AgentClient { conn, welcome, watch, answer, agent, fix })
+        Ok(AgentClient { conn, welcome, watch, answer, agent, machine, fix })
     }
 
     /// Says how the transport failed, when it did, instead of `err` (which is what the layer
     /// that noticed saw, e.g. a broken pipe while encoding a NAR).
     fn explain(&self, err: RemoteError, asked: &str) -> RemoteError {
-        match self.watch.fault() {
-            Some(Fault::TimedOut(limit)) => RemoteError::NoAnswer {
-                agent: self.agent.clone(),
-                asked: asked.to_owned(),
-                waited: limit.waited(),
-                stalled: matches!(limit, Limit::Stall(_)),
-                fix: self.fix.clone(),
-            },
-            Some(Fault::PeerGone) => RemoteError::AgentGone { agent: self.agent.clone(), asked: asked.to_owned(), fix: self.fix.clone() },
-            None => err,
+        explain_fault(&self.watch, &self.agent, &self.fix, asked, err)
+    }
+
+    /// How to get an agent that speaks a newer protocol than this one.
+    pub(crate) fn too_old_fix(&self) -> String {
+        match &self.machine {
+            Some(m) => format!("redeploy it: `flotilla deploy --on {m}`"),
+            None => "update that agent".to_owned(),
         }
     }
 
