@@ -473,8 +473,9 @@ pub fn machine(ctx: &Context, name: &str, platform: &Platform, facts: &BTreeMap<
 mod tests {
     use super::*;
 
-    /// A platform with the required methods only: what a new platform starts from.
-    struct Bare;
+    /// A platform with the required methods only: what a new platform starts from; given a
+    /// deployment's context (`Machine::context`), one that runs commands through its agent.
+    struct Bare(Option<Context>);
 
     impl Machine for Bare {
         fn name(&self) -> &str {
@@ -507,11 +508,14 @@ mod tests {
             let reader = near.try_clone().expect("dup");
             Ok(Transport::new(reader, near).explained("bare host".into(), || "the bare host hung up; start its agent".into()))
         }
+        fn context(&self) -> Option<&Context> {
+            self.0.as_ref()
+        }
     }
 
     #[test]
     fn abilities_a_platform_lacks_are_one_unsupported_sentence() {
-        let m = Bare;
+        let m = Bare(None);
         for e in [m.command(&["true".into()], false).unwrap_err(), m.shell().unwrap_err(), m.logs(None, 10, false).unwrap_err()] {
             assert!(matches!(e, PlatformError::Unsupported { .. }), "{e:?}");
             assert_eq!(e.kind(), "unsupported");
@@ -522,53 +526,23 @@ mod tests {
         assert!(m.reboot(true).is_ok() && m.resources().is_empty() && m.problems().is_empty());
     }
 
-    /// A platform that gives its deployment's context and no command of its own.
-    struct WithContext(Context);
-
-    impl Machine for WithContext {
-        fn name(&self) -> &str {
-            "vm1"
-        }
-        fn state(&self) -> MachineState {
-            MachineState::Running
-        }
-        fn provision(&self) -> Result<Option<String>, PlatformError> {
-            Ok(None)
-        }
-        fn start(&self) -> Result<(), PlatformError> {
-            Ok(())
-        }
-        fn stop(&self) -> Result<(), PlatformError> {
-            Ok(())
-        }
-        fn destroy(&self) -> Result<(), PlatformError> {
-            Ok(())
-        }
-        fn transport(&self) -> Result<Transport, RemoteError> {
-            Bare.transport()
-        }
-        fn context(&self) -> Option<&Context> {
-            Some(&self.0)
-        }
-    }
-
     #[test]
     fn a_platform_with_its_context_runs_commands_through_flotilla_agent_exec() {
-        let m = WithContext(Context { state_path: "/var/lib/fl/state.db".into(), deployment: "lab".into(), agent: "/bin/flotilla-agent".into() });
+        let m = Bare(Some(Context { state_path: "/var/lib/fl/state.db".into(), deployment: "lab".into(), agent: "/bin/flotilla-agent".into() }));
         let words = |c: &Command| c.get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>().join(" ");
         let cmd = m.command(&["cat".into(), "/etc/hosts".into()], false).unwrap();
         assert_eq!(cmd.get_program(), std::env::current_exe().unwrap().as_os_str());
-        assert_eq!(words(&cmd), "--state /var/lib/fl/state.db agent-exec -d lab vm1 -- cat /etc/hosts");
-        assert_eq!(words(&m.shell().unwrap()), "--state /var/lib/fl/state.db agent-exec -d lab vm1 --tty -- sh -l");
+        assert_eq!(words(&cmd), "--state /var/lib/fl/state.db agent-exec -d lab bare1 -- cat /etc/hosts");
+        assert_eq!(words(&m.shell().unwrap()), "--state /var/lib/fl/state.db agent-exec -d lab bare1 --tty -- sh -l");
         assert_eq!(
             words(&m.logs(Some("web"), 5, true).unwrap()),
-            format!("--state /var/lib/fl/state.db agent-exec -d lab vm1 -- {} logs -n 5 -f web", layout::BOOTSTRAP_AGENT)
+            format!("--state /var/lib/fl/state.db agent-exec -d lab bare1 -- {} logs -n 5 -f web", layout::BOOTSTRAP_AGENT)
         );
     }
 
     #[test]
     fn connect_shakes_hands_over_the_transport_and_says_why_it_closed() {
-        match Bare.connect() {
+        match Bare(None).connect() {
             Err(RemoteError::Transport { destination, message }) => {
                 assert_eq!((destination.as_str(), message.as_str()), ("bare host", "the bare host hung up; start its agent"));
             }
