@@ -323,23 +323,16 @@ fn boot_probe(qemu: &Path, timeout: Duration) -> Result<Duration, String> {
             .stderr(Stdio::piped())
             .spawn()
             .map_err(|e| e.to_string())?;
-        loop {
-            match child.try_wait() {
-                Ok(Some(status)) if status.code() == Some(0x43) => return Ok(start.elapsed()),
-                Ok(Some(status)) => {
-                    let mut err = String::new();
-                    if let Some(mut e) = child.stderr.take() {
-                        let _ = std::io::Read::read_to_string(&mut e, &mut err);
-                    }
-                    return Err(format!("QEMU exited with {status}: {}", err.trim()));
+        match crate::procfs::wait_timeout(&mut child, timeout) {
+            Some(status) if status.code() == Some(0x43) => Ok(start.elapsed()),
+            Some(status) => {
+                let mut err = String::new();
+                if let Some(mut e) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut e, &mut err);
                 }
-                Ok(None) if start.elapsed() < timeout => std::thread::sleep(Duration::from_millis(50)),
-                _ => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!("no sign of life within {} s", timeout.as_secs()));
-                }
+                Err(format!("QEMU exited with {status}: {}", err.trim()))
             }
+            None => Err(format!("no sign of life within {} s", timeout.as_secs())),
         }
     })();
     let _ = std::fs::remove_dir_all(&dir);

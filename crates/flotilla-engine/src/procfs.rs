@@ -25,6 +25,23 @@ pub fn command_line(pid: i32) -> Option<String> {
 
 pub use flotilla_proc::is_root;
 
+/// Waits up to `timeout` for `child` to exit; a child still running then is killed (and
+/// reaped), and `None` says so.
+pub fn wait_timeout(child: &mut std::process::Child, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+    let since = std::time::Instant::now();
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => return Some(status),
+            Ok(None) if since.elapsed() < timeout => std::thread::sleep(std::time::Duration::from_millis(50)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+        }
+    }
+}
+
 /// This host's name.
 pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())

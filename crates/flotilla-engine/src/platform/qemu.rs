@@ -754,18 +754,7 @@ fn kvm_probe(kernel: &Path) -> bool {
         .stderr(Stdio::null())
         .spawn();
     let Ok(mut child) = child else { return false };
-    let since = Instant::now();
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => return status.success(),
-            Ok(None) if since.elapsed() < KVM_PROBE_TIMEOUT => std::thread::sleep(Duration::from_millis(50)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return false;
-            }
-        }
-    }
+    crate::procfs::wait_timeout(&mut child, KVM_PROBE_TIMEOUT).is_some_and(|s| s.success())
 }
 
 impl Machine for QemuMachine {
