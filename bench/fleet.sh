@@ -20,27 +20,13 @@ cd "$(dirname "$0")/.."
 SIZES=${SIZES:-"10 50"}
 RUNS=${RUNS:-5}
 
-bash scripts/install-deps.sh
-cargo build --release --workspace -q
-bin=$PWD/target/x86_64-unknown-linux-gnu/release
-mkdir -p "$PWD/target/bench"
-work=$(mktemp -d "$PWD/target/bench/fleet.XXXXXX")
-ns=flbench-$$
-export FLOTILLA_SUBSTITUTERS="" FLOTILLA_STATE
-# nsenter, not `ip netns exec`: that makes a mount namespace per command, hiding the named
-# network namespaces one command makes from the next.
-fl() { nsenter --net="/run/netns/$ns" -- "$bin/flotilla" -I "nixpkgs=$PWD/nix/demo-pkgs.nix" "$@"; }
+. bench/lib.sh
 cleanup() {
     fl destroy --yes >/dev/null 2>&1 || true
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$work"
+    bench_cleanup
 }
 trap cleanup EXIT
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+bench_setup fleet
 best_of() { # best_of N cmd... → fastest wall time of N runs
     local n=$1 best="" t0 t1 d
     shift

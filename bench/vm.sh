@@ -22,27 +22,15 @@ cd "$(dirname "$0")/.."
 
 SIZES=${SIZES:-"1 4"}
 
-bash scripts/install-deps.sh
-cargo build --release --workspace -q
-bin=$PWD/target/x86_64-unknown-linux-gnu/release
-mkdir -p "$PWD/target/bench"
-work=$(mktemp -d "$PWD/target/bench/vm.XXXXXX")
-ns=flvmbench-$$
-export FLOTILLA_SUBSTITUTERS="" FLOTILLA_STATE
-fl() { nsenter --net="/run/netns/$ns" -- "$bin/flotilla" -I "nixpkgs=$PWD/nix/demo-pkgs.nix" "$@"; }
+. bench/lib.sh
 floor_pids=()
 cleanup() {
     for p in "${floor_pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
     for db in "$work"/state-*.db; do [ -e "$db" ] && FLOTILLA_STATE=$db fl destroy --yes >/dev/null 2>&1 || true; done
-    ip netns del "$ns" 2>/dev/null || true
-    rm -rf "$work"
+    bench_cleanup
 }
 trap cleanup EXIT
-ip netns add "$ns"
-ip -n "$ns" link set lo up
-
-now() { date +%s.%N; }
-secs() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.3f", b - a }'; }
+bench_setup vm
 
 fleet_file() {
     local n=$1 file=$work/vms-$n.nix
