@@ -264,8 +264,9 @@ impl QemuMachine {
         let _ = fs::remove_file(&link);
         std::os::unix::fs::symlink(&hash, &link).map_err(|e| io("create", &link, e))?;
         fs::rename(&link, boot.join("current")).map_err(|e| io("switch", &boot.join("current"), e))?;
-        // The copies of the systems booted most recently are kept for rollbacks; older ones go.
-        let _ = filetime_touch(&dir);
+        // The copies of the systems booted most recently (by their directory's modification
+        // time, set now) are kept for rollbacks; older ones go.
+        let _ = fs::File::open(&dir).and_then(|d| d.set_modified(std::time::SystemTime::now()));
         let mut copies: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&boot)
             .into_iter()
             .flatten()
@@ -713,13 +714,6 @@ fn run(machine: &str, cmd: &mut Command, what: &str) -> Result<(), PlatformError
     Ok(())
 }
 
-/// Marks `dir` as used now (its modification time), to keep the most recent boot copies.
-fn filetime_touch(dir: &Path) -> std::io::Result<()> {
-    let stamp = dir.join(".booted");
-    fs::write(&stamp, b"")?;
-    fs::remove_file(&stamp)
-}
-
 fn sha256(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     Sha256::digest(data).iter().map(|b| format!("{b:02x}")).collect()
@@ -789,7 +783,6 @@ impl Machine for QemuMachine {
                     if !crate::procfs::is_root() {
                         return Err(PlatformError::refused(&self.name, "the qemu platform makes a tap device on the deployment's bridge, which needs root; run flotilla as root"));
                     }
-                    self.make_dir()?;
                     if let Some(top) = &first {
                         self.set_boot(top)?;
                     }
