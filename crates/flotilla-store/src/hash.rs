@@ -209,50 +209,14 @@ fn decode_hex(s: &str, out: &mut [u8; NAR_HASH_LEN]) -> Option<()> {
     Some(())
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
 fn encode_base64(bytes: &[u8]) -> String {
-    let mut s = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
-        for k in 0..4 {
-            if k <= chunk.len() {
-                s.push(B64[(n >> (18 - 6 * k) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
+    crate::base64::encode(bytes)
 }
 
 /// Strict, padded standard base64 of exactly 32 bytes; unused bits must be zero.
 fn decode_base64(s: &str, out: &mut [u8; NAR_HASH_LEN]) -> Option<()> {
-    // 32 bytes: ten full groups, then one group of two bytes spelled `xxx=`.
-    let s = s.as_bytes();
-    if s.len() != 44 || s[43] != b'=' {
-        return None;
-    }
-    let val = |c: u8| B64.iter().position(|&x| x == c).map(|v| v as u32);
-    let mut bits = 0u32;
-    let mut nbits = 0;
-    let mut o = 0;
-    for &c in &s[..43] {
-        bits = bits << 6 | val(c)?;
-        nbits += 6;
-        if nbits >= 8 {
-            nbits -= 8;
-            out[o] = (bits >> nbits) as u8;
-            o += 1;
-            bits &= (1 << nbits) - 1;
-        }
-    }
-    (o == NAR_HASH_LEN && bits == 0).then_some(())
+    let bytes = crate::base64::decode(s)?;
+    (bytes.len() == NAR_HASH_LEN).then(|| out.copy_from_slice(&bytes))
 }
 
 #[cfg(test)]

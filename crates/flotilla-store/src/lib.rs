@@ -4,6 +4,8 @@
 //! one filesystem tree a caller names, in the NAR encoder and decoder.
 
 pub mod base32;
+pub mod base64;
+pub mod cache;
 mod error;
 mod hash;
 pub mod nar;
