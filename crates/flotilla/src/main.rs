@@ -199,8 +199,7 @@ fn run(cli: Cli) -> Result<Outcome> {
 pub(crate) fn push_image(source: &dyn flotilla_engine::oci::PushSource, reference: &flotilla_engine::oci::registry::Reference, registry: &cli::RegistryArgs, json: bool) -> Result<Outcome> {
     let options = flotilla_engine::oci::registry::PushOptions { plain_http: registry.plain_http, credentials: None };
     eprintln!("push: {reference}");
-    let report = flotilla_engine::oci::registry::push(source, reference, &options, &mut output::push_progress)
-        .with_context(|| format!("pushing to {reference}"))?;
+    let report = flotilla_engine::oci::registry::push(source, reference, &options, &mut output::push_progress)?;
     output::push_report(&report, json);
     Ok(Outcome::Ok)
 }
