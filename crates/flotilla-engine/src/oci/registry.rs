@@ -802,6 +802,69 @@ impl PushSource for OciLayoutDir {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::BufRead;
+
+    struct NoBlobs;
+    impl PushSource for NoBlobs {
+        fn manifest(&self) -> (&[u8], &str) {
+            (b"{}", OCI_MANIFEST)
+        }
+        fn blobs(&self) -> Vec<Descriptor> {
+            Vec::new()
+        }
+        fn write_blob(&self, _: &Descriptor, _: &mut dyn Write) -> std::io::Result<()> {
+            unreachable!()
+        }
+    }
+
+    /// A Bearer token login. Debian's registry has no token service of its own, so a stand-in
+    /// on 127.0.0.1 answers as the distribution spec's token flow does: the API check asks for
+    /// a token from a realm, the realm takes a Basic login and gives a token, the manifest's PUT
+    /// must carry it.
+    #[test]
+    fn bearer_token_login_from_the_realm_the_registry_names() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = std::thread::spawn(move || {
+            let mut seen = Vec::new();
+            for conn in listener.incoming().take(3) {
+                let mut conn = std::io::BufReader::new(conn.unwrap());
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    conn.read_line(&mut line).unwrap();
+                    if line.trim().is_empty() {
+                        break;
+                    }
+                    head.push(line.trim().to_owned());
+                }
+                let header = |n: &str| head.iter().find_map(|h| h.split_once(": ").filter(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.to_owned()));
+                let len: usize = header("content-length").map_or(0, |l| l.parse().unwrap());
+                let mut body = vec![0; len];
+                conn.read_exact(&mut body).unwrap();
+                let auth = header("authorization").unwrap_or_default();
+                let (status, extra, text) = match head[0].split(' ').nth(1).unwrap() {
+                    "/v2/" => (401, format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\"\r\n"), String::new()),
+                    p if p.starts_with("/token?") && auth == "Basic YWxpY2U6cHc=" => (200, String::new(), r#"{"token":"tok"}"#.to_owned()),
+                    "/v2/team/web/manifests/v1" if auth == "Bearer tok" => (201, String::new(), String::new()),
+                    _ => (401, String::new(), String::new()),
+                };
+                let reply = format!("HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                conn.get_mut().write_all(reply.as_bytes()).unwrap();
+                seen.push(format!("{} {status}", head[0].rsplit_once(' ').unwrap().0));
+            }
+            seen
+        });
+        let reference = Reference::parse(&format!("docker://127.0.0.1:{port}/team/web:v1")).unwrap();
+        let creds = Credentials::new("alice".into(), "pw".into(), "test".into());
+        let report = push(&NoBlobs, &reference, &PushOptions { plain_http: false, credentials: Some(creds) }, &mut |_| {}).unwrap();
+        assert_eq!(report.digest, sha256_digest(b"{}"));
+        let seen = seen.join().unwrap();
+        assert_eq!(seen.len(), 3);
+        assert_eq!(seen[0], "GET /v2/ 401");
+        assert!(seen[1].starts_with("GET /token?") && seen[1].contains("scope=repository%3Ateam%2Fweb%3Apull%2Cpush") && seen[1].ends_with(" 200"), "{seen:?}");
+        assert_eq!(seen[2], "PUT /v2/team/web/manifests/v1 201");
+    }
 
     #[test]
     fn references() {
