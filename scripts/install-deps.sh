@@ -34,6 +34,13 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v mkfs.vfat >/dev/null 2>&1 || need+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)
+# OCI images (tests/oci_push.rs): a real registry (the reference distribution server, started
+# by the tests on 127.0.0.1; installing it starts nothing), skopeo and umoci to make and read
+# images, htpasswd for the registry's logins.
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
+command -v umoci >/dev/null 2>&1 || need+=(umoci)
+command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

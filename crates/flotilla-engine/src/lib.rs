@@ -25,6 +25,7 @@ pub mod facts;
 pub mod image;
 pub mod fleet;
 pub mod jobs;
+pub mod oci;
 pub mod keys;
 mod gcroots;
 mod ledger;

@@ -274,19 +274,30 @@ pub enum Command {
         yes: bool,
     },
     /// Build a bootable disk image of a machine's current configuration (it needs boot.kernel)
-    /// and print where it is, its format and a qemu-system-x86_64 command that boots it
+    /// and print where it is, its format and a qemu-system-x86_64 command that boots it;
+    /// `flotilla image push` pushes an OCI image to a registry
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Image {
+        #[command(subcommand)]
+        command: Option<ImageCommand>,
         #[command(flatten)]
         target: Target,
         /// The machine
-        machine: String,
+        #[arg(required = true)]
+        machine: Option<String>,
         /// The image format
-        #[arg(long, value_enum)]
-        format: ImageFormatArg,
+        #[arg(long, value_enum, required = true)]
+        format: Option<ImageFormatArg>,
         /// Where to put the image: a file, or a directory to put it in [default: the current
         /// directory]; its name carries the configuration's hash
         #[arg(short, long, value_name = "PATH")]
         output: Option<PathBuf>,
+        /// Push the OCI image to a registry: docker://HOST[:PORT]/REPO[:TAG]; only the blobs
+        /// the registry lacks are uploaded
+        #[arg(long, value_name = "REF")]
+        push: Option<String>,
+        #[command(flatten)]
+        registry: RegistryArgs,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -329,6 +340,38 @@ pub enum Command {
     },
     /// Print the man page (roff)
     Man,
+}
+
+/// `flotilla image`'s subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Push an OCI image layout directory to a registry (the OCI distribution protocol): only
+    /// the blobs the registry lacks are uploaded, the manifest last
+    Push {
+        /// The OCI image layout directory (`oci-layout`, `index.json`, `blobs/`) holding one
+        /// image
+        #[arg(long, value_name = "DIR")]
+        from: PathBuf,
+        /// Where to: docker://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]
+        #[arg(value_name = "REF")]
+        reference: String,
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How to reach a registry.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Speak plain HTTP (no TLS) to a registry that is not on this host's loopback (one on
+    /// 127.0.0.1 or localhost always is spoken to in plain HTTP). Credentials come from
+    /// $REGISTRY_AUTH_FILE, else $XDG_RUNTIME_DIR/containers/auth.json,
+    /// ~/.config/containers/auth.json and ~/.docker/config.json (`skopeo login`, `docker login`)
+    #[arg(long)]
+    pub plain_http: bool,
 }
 
 /// Which machines an operation acts on.

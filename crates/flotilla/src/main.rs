@@ -160,7 +160,19 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Debug { command } => debug::run(g, command),
-        Command::Image { target, machine, format, output, json } => {
+        Command::Image { command: Some(cli::ImageCommand::Push { from, reference, registry, json }), .. } => {
+            let reference = flotilla_engine::oci::registry::Reference::parse(reference)?;
+            let source = flotilla_engine::oci::registry::OciLayoutDir::open(from)?;
+            push_image(&source, &reference, registry, *json)
+        }
+        Command::Image { command: None, target, machine, format, output, push, registry: _, json } => {
+            let (Some(machine), Some(format)) = (machine, format) else {
+                bail!("flotilla image needs a MACHINE and --format (or the subcommand `push`)");
+            };
+            if push.is_some() {
+                // Only an OCI image goes to a registry; the OCI format connects here.
+                bail!("--push takes an OCI image (--format oci), and --format {} makes a disk image; build it without --push", flotilla_engine::image::ImageFormat::from(*format).as_str());
+            }
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
             let engine = engine(g, state)?;
@@ -181,6 +193,15 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
         }
     }
+}
+
+/// Pushes an OCI image to a registry, layer by layer on stderr, and prints what was pushed.
+pub(crate) fn push_image(source: &dyn flotilla_engine::oci::PushSource, reference: &flotilla_engine::oci::registry::Reference, registry: &cli::RegistryArgs, json: bool) -> Result<Outcome> {
+    let options = flotilla_engine::oci::registry::PushOptions { plain_http: registry.plain_http, credentials: None };
+    eprintln!("push: {reference}");
+    let report = flotilla_engine::oci::registry::push(source, reference, &options, &mut output::push_progress)?;
+    output::push_report(&report, json);
+    Ok(Outcome::Ok)
 }
 
 /// What `build` and `deploy` start from: the deployment evaluated (and instantiated when it

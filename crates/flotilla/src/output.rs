@@ -348,6 +348,50 @@ pub fn image_report(r: &flotilla_engine::image::ImageReport, as_json: bool) {
     );
 }
 
+/// A push's progress on stderr, a line per blob.
+pub fn push_progress(e: &flotilla_engine::oci::registry::PushEvent) {
+    use flotilla_engine::oci::registry::PushEvent;
+    match e {
+        PushEvent::Present(b) => eprintln!("  {} ({}): in the registry already", short_digest(&b.digest), bytes(b.size)),
+        PushEvent::Uploading(b) => eprintln!("  {} ({}): uploading", short_digest(&b.digest), bytes(b.size)),
+        PushEvent::Progress { blob, sent } => eprintln!("  {}: {} of {}", short_digest(&blob.digest), bytes(*sent), bytes(blob.size)),
+        PushEvent::Uploaded { blob, secs } => eprintln!("  {}: uploaded in {secs:.1} s", short_digest(&blob.digest)),
+        PushEvent::Manifest { digest } => eprintln!("  manifest {digest}: put"),
+    }
+}
+
+/// What a push did.
+pub fn push_report(r: &flotilla_engine::oci::registry::PushReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    out!(
+        "pushed:   {}
+digest:   {}
+uploaded: {} blobs, {}
+present:  {} blobs
+",
+        r.reference,
+        r.digest,
+        r.uploaded.len(),
+        bytes(r.bytes_uploaded),
+        r.present.len()
+    );
+}
+
+fn short_digest(d: &str) -> &str {
+    &d[..d.len().min("sha256:".len() + 12)]
+}
+
+fn bytes(n: u64) -> String {
+    match n {
+        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
+        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
+        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
+        n => format!("{n} B"),
+    }
+}
+
 pub fn progress(e: &EngineEvent, verbose: bool) {
     match e {
         EngineEvent::PhaseStarted { phase, machines } => {
