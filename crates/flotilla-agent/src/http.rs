@@ -15,8 +15,9 @@ use std::time::Duration;
 /// How long a connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// How long a read or write may wait for one byte.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a read or write may wait for one byte: the deployer waits this long beyond its
+/// own timeout for the agent's next word.
+pub const IO_TIMEOUT: Duration = flotilla_protocol::CACHE_TIMEOUT;
 
 /// The most a response's status line and headers may take.
 const MAX_HEAD: u64 = 64 << 10;

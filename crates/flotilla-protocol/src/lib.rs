@@ -41,6 +41,11 @@ pub const PROTOCOL_VERSION: u32 = 4;
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
 
+/// The longest an agent waits on a binary cache for a connection, or for one byte of an
+/// answer, before it counts the cache as down; the deployer waits this long beyond its answer
+/// timeout for the next word of a `Substitute`.
+pub const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
 /// The longest an agent lets the host's Nix take to register the paths of one `AddPaths`
 /// (on a machine with Nix): the deployer waits this long beyond its usual answer timeout for
 /// `PathsAdded`, after the last byte.
