@@ -96,14 +96,6 @@ pub fn substitute(
             done.got.push(info.path.clone());
             continue;
         }
-        if let Some(r) = info.references.iter().find(|r| **r != info.path && !got.contains(*r) && !root.is_valid(r)) {
-            done.missed.push(SubstituteMiss {
-                path: info.path.clone(),
-                reason: MissReason::ReferenceMissing,
-                detail: format!("it refers to {r}, which no cache gave"),
-            });
-            continue;
-        }
         let mut misses = Vec::new();
         let mut fetched = None;
         for (cache, down) in caches.iter().zip(down.iter_mut()) {
@@ -111,7 +103,7 @@ pub fn substitute(
                 misses.push(miss(MissReason::CacheDown, why.clone()));
                 continue;
             }
-            match fetch(root, cache, info, &keys, run, progress) {
+            match fetch(root, cache, info, &keys, &got, run, progress) {
                 Ok(bytes) => {
                     fetched = Some(bytes);
                     break;
@@ -152,7 +144,7 @@ fn worst(path: &StorePath, misses: Vec<Miss>) -> SubstituteMiss {
 }
 
 /// Fetches one path from one cache; returns its NAR size.
-fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], run: &NixRunner<'_>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
+fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], got: &BTreeSet<StorePath>, run: &NixRunner<'_>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
     let down = |e: HttpError| miss(MissReason::CacheDown, format!("cache down: {e}"));
     let narinfo_at = cache.join(&narinfo_url(&info.path));
     let answer = http::get(&narinfo_at, MAX_NARINFO).map_err(down)?;
@@ -181,6 +173,11 @@ fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], r
             "is signed for NAR hash {} ({} bytes), but the deployer's store has {} ({} bytes) with these references",
             ni.nar_hash, ni.nar_size, info.nar_hash, info.nar_size
         )));
+    }
+    // Checked once the cache is known to have it, so a path the cache refuses says why, not
+    // that its reference (refused for the same reason) is missing.
+    if let Some(r) = info.references.iter().find(|r| **r != info.path && !got.contains(*r) && !root.is_valid(r)) {
+        return Err(miss(MissReason::ReferenceMissing, format!("it refers to {r}, which no cache gave")));
     }
     let zstd = match ni.compression.as_str() {
         "none" => false,
