@@ -144,21 +144,29 @@ fn a_nar_that_does_not_match_its_signed_hash_is_refused_and_leaves_nothing_in_th
     let (sk, pk) = nix_key(f.fl.dir.path(), "test-cache-1");
     let plain = deployment(&f, "tampered", "the real page", "");
     let cache = nix_cache(&f, &plain, &sk);
-    // The site's NAR is swapped for another path's, and its FileHash and FileSize (which no
-    // signature covers) are dropped, so only the signed NarHash can tell.
-    let narinfo = std::fs::read_dir(&cache)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .find(|p| p.extension().is_some_and(|x| x == "narinfo") && std::fs::read_to_string(p).unwrap().lines().any(|l| l.starts_with("StorePath:") && l.ends_with("-site")))
-        .expect("the site's narinfo");
-    let text = std::fs::read_to_string(&narinfo).unwrap();
-    let url = text.lines().find_map(|l| l.strip_prefix("URL: ")).unwrap().to_owned();
-    let other = std::fs::read_dir(cache.join("nar")).unwrap().flatten().map(|e| e.path()).find(|p| !p.ends_with(&url)).unwrap();
-    std::fs::copy(&other, cache.join(&url)).unwrap();
+    // The site's NAR is swapped for the NAR of a site whose page differs in its bytes but not
+    // in its length (the same NAR size), and its FileHash and FileSize (which no signature
+    // covers) are dropped, so only the signed NarHash can tell.
+    let fake = nix_cache(&f, &deployment(&f, "tampered", "the fake page", ""), &sk);
+    let site_of = |cache: &Path| {
+        let narinfo = std::fs::read_dir(cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "narinfo") && std::fs::read_to_string(p).unwrap().lines().any(|l| l.starts_with("StorePath:") && l.ends_with("-site")))
+            .expect("the site's narinfo");
+        let text = std::fs::read_to_string(&narinfo).unwrap();
+        (narinfo, text)
+    };
+    let field = |text: &str, key: &str| text.lines().find_map(|l| l.strip_prefix(key)).unwrap().to_owned();
+    let (narinfo, text) = site_of(&cache);
+    let (_, fake_text) = site_of(&fake);
+    assert_eq!(field(&text, "NarSize: "), field(&fake_text, "NarSize: "), "the fake must be as long as the real one");
+    assert_ne!(field(&text, "NarHash: "), field(&fake_text, "NarHash: "));
+    std::fs::copy(fake.join(field(&fake_text, "URL: ")), cache.join(field(&text, "URL: "))).unwrap();
     let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("FileHash:") && !l.starts_with("FileSize:")).collect();
     std::fs::write(&narinfo, kept.join("\n") + "\n").unwrap();
-    let site = text.lines().find_map(|l| l.strip_prefix("StorePath: ")).unwrap().to_owned();
+    let site = field(&text, "StorePath: ");
 
     let (_server, port) = serve(&f, &cache);
     let file = deployment(&f, "tampered", "the real page", &deploy_settings(port, &pk, false));
