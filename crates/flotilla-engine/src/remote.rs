@@ -643,3 +643,33 @@ impl AgentClient {
         }
     }
 }
+
+#[cfg(test)]
+mod substitute_tests {
+    use super::*;
+    use flotilla_protocol::{server_handshake_range, MIN_PROTOCOL_VERSION};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_agent_from_before_substitution_is_sent_nothing_and_every_path_is_pushed_saying_why() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut conn = Connection::unix(far).unwrap();
+            server_handshake_range(&mut conn, "0.0.1", "/", MIN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION - 1).unwrap();
+            let _ = tx.send(conn.recv::<Request>().map(|r| r.name()).map_err(|e| e.to_string()));
+        });
+        let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
+        let path = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-busybox-static").unwrap();
+        let info = PathInfo { path: path.clone(), references: vec![], nar_hash: flotilla_store::NarHash::digest(b""), nar_size: 1 };
+        let mut plan = CopyPlan { closure_paths: 1, send: vec![info] };
+        let stats = client.substitute(&mut plan, &["http://10.0.0.1:5000".into()], &[], &mut |_| {}).unwrap();
+        assert_eq!(plan.send.len(), 1, "the path is still to push");
+        assert_eq!((stats.paths, stats.pushed_because.get("agent too old").copied()), (0, Some(1)));
+        assert!(stats.summary().contains("1 pushed instead: 1 agent too old"), "{}", stats.summary());
+        assert!(stats.missed[0].detail.contains("fetching from caches needs 4"), "{}", stats.missed[0].detail);
+        drop(client);
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(seen.is_err(), "the old agent was sent {seen:?}");
+    }
+}

@@ -203,10 +203,10 @@ impl DeploySettings {
 
 /// Why the agent cannot fetch from `url`, if it cannot: it speaks plain `http://` only.
 fn substituter_problem(url: &str) -> Option<String> {
-    if url.starts_with("https://") {
+    if let Some(rest) = url.strip_prefix("https://") {
         return Some(format!(
             "has \"{url}\", but the agent fetches plain http:// only (it carries no TLS, to stay small); a path is trusted for its signature by `deploy.trustedPublicKeys`, not for its transport: serve the cache over http:// on a network the machine reaches, e.g. \"http://{}\"",
-            &url["https://".len()..]
+            rest
         ));
     }
     let Some(rest) = url.strip_prefix("http://") else {
