@@ -100,7 +100,7 @@ let
 
   configs = mapAttrs (name: _: configOf name) machineDefs;
 
-  # What the toplevel is built from: no platform, tags, checks or image options (the deployer's concern, they
+  # What the toplevel is built from: no platform, tags, checks, deploy or image options (the deployer's concern, they
   # must not change the system), no secret material, services' scripts written to the store.
   # `boot` is left out while it is all defaults, so a machine that sets no boot option keeps
   # the toplevel it had before the option existed.
@@ -108,7 +108,7 @@ let
   # holds the modules the machine loads), so the system's closure leaves out the kernel
   # package and its hundred MiB of modules.
   systemConfig = name: cfg:
-    removeAttrs cfg ([ "platform" "tags" "checks" "image" ] ++ (if hasBoot cfg then [ ] else [ "boot" ])) // {
+    removeAttrs cfg ([ "platform" "tags" "checks" "deploy" "image" ] ++ (if hasBoot cfg then [ ] else [ "boot" ])) // {
       inherit name;
     } // (if hasKernel cfg then { boot = cfg.boot // { kernel = "${initrd name}"; }; } else { }) // {
       keys = mapAttrs (_: k: removeAttrs k [ "text" "file" "command" ]) cfg.keys;

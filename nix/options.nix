@@ -99,6 +99,15 @@ in
       "Size of the disk image's root filesystem in MiB; unset, the closure's size plus 30 % and 64 MiB. The qemu platform grows the filesystem to the VM's `diskSize` at boot.";
   }) { } "Disk images of the machine (`flotilla image`).";
 
+  deploy = opt (t.submodule {
+    substituters = opt (t.listOf t.str) [ ]
+      "Binary caches the machine fetches its closure from itself, before the deployer pushes the rest: plain `http://` URLs (e.g. a `flotilla cache serve` the machine reaches), tried in order. A path is taken only when its narinfo is signed by one of `trustedPublicKeys` and its NAR hash is the deployer's; anything a cache lacks, refuses or cannot serve is pushed by the deployer as usual. Used when `substituteOnDestination` is set or `flotilla deploy --substitute-on-destination` is given.";
+    trustedPublicKeys = opt (t.listOf t.str) [ ]
+      "The public keys (`name:base64`, as `nix-store --generate-binary-cache-key` and `flotilla cache keygen` write them) whose signatures the machine accepts on what `substituters` serve.";
+    substituteOnDestination = opt t.bool false
+      "Whether the machine fetches from `substituters` at every deploy (without `--substitute-on-destination`).";
+  }) { } "How the deployer gets the closure onto the machine; not part of the system.";
+
   tags = opt (t.listOf t.str) [ ]
     "Free-form tags; `--on @tag` selects the machines that carry one.";
 

@@ -251,6 +251,17 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
                 Err(e) => Response::error(ErrorKind::Io, e.to_string()),
             }
         }
+        Request::Substitute { paths, caches, trusted_keys } => {
+            // Progress keeps the deployer waiting as long as paths keep coming; a send that
+            // fails is noticed by the final answer's.
+            let mut progress = |message: String| {
+                let _ = conn.send(&Response::Progress { message });
+            };
+            match crate::substitute::substitute(agent.root(), &paths, &caches, &trusted_keys, &agent.nix_runner(), &mut progress) {
+                Ok(done) => Response::Substituted { got: done.got, bytes: done.bytes, missed: done.missed },
+                Err(e) => Response::error(ErrorKind::BadRequest, e.to_string()),
+            }
+        }
         Request::Activate { toplevel, goal, confirm_within_secs, check_timeout_secs } => {
             let (check, confirm) = (check_timeout_secs.map(Duration::from_secs), confirm_within_secs.map(Duration::from_secs));
             match agent.activate_checked(&toplevel, goal, check, confirm, id) {

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use flotilla_model::{human_bytes, DeployerCheck, MachineName, UploadAt};
+use flotilla_model::{human_bytes, DeployerCheck, DeploySettings, MachineName, UploadAt};
 use flotilla_protocol::{ActivationGoal, ActivationReport, Compression, ErrorKind, HealthResult};
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -97,6 +97,9 @@ pub struct DeployOptions {
     pub confirm_timeout: Option<Duration>,
     /// When any machine fails, revert the machines that were deployed.
     pub rollback_all_on_failure: bool,
+    /// Machines with `deploy.substituters` fetch from them before the deployer pushes the
+    /// rest (as each machine's `deploy.substituteOnDestination` asks on its own).
+    pub substitute_on_destination: bool,
 }
 
 /// Free space a machine's store keeps beyond the closure it receives.
@@ -378,6 +381,8 @@ impl Engine {
                     toplevel: toplevels.get(n)?.clone(),
                     keys: keys.get(n).map_or(&[][..], Vec::as_slice),
                     checks: &ev.machines[n].checks,
+                    substitute: Some(&ev.machines[n].deploy)
+                        .filter(|d| !d.substituters.is_empty() && (opts.substitute_on_destination || d.substitute_on_destination)),
                 })
             })
             .collect();
@@ -481,6 +486,8 @@ struct Target<'a> {
     toplevel: StorePath,
     keys: &'a [ResolvedKey],
     checks: &'a BTreeMap<String, DeployerCheck>,
+    /// The caches it fetches from and the keys it trusts, when it substitutes.
+    substitute: Option<&'a DeploySettings>,
 }
 
 /// The places in the phases of a roll-out that have their own limits.
@@ -530,7 +537,7 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     }
     row.previous_generation = status.generation;
     row.previous_toplevel = status.toplevel.clone();
-    let plan = match client.plan_copy(closure) {
+    let mut plan = match client.plan_copy(closure) {
         Ok(p) => p,
         Err(e) => return fail(row, Phase::Preflight, e.to_string()),
     };
@@ -546,14 +553,22 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     send(done(name, Phase::Preflight, Ok(&format!("protocol {}, {} paths to send", client.welcome().version, plan.send.len()))));
 
     send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Copy });
+    // The machine fetches what its caches have; the deployer pushes only the rest.
+    let substituted = match t.substitute {
+        Some(d) => match client.substitute(&mut plan, &d.substituters, &d.trusted_public_keys, &mut |_| {}) {
+            Ok(s) => Some(s),
+            Err(e) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}")),
+        },
+        None => None,
+    };
     let mut progress = |p: &crate::remote::CopyProgress| {
         send(EngineEvent::CopyProgress { machine: name.clone(), bytes: p.bytes, total_bytes: p.total_bytes, paths: p.paths, total_paths: p.total_paths });
     };
     let copy = match client.copy_planned(plan, Compression::None, &mut progress) {
-        Ok(c) => c,
+        Ok(c) => CopyStats { substituted, ..c },
         Err(e) => return fail(row, Phase::Copy, e.to_string()),
     };
-    let copied = copy.paths_sent;
+    let copied = copy.paths_sent + copy.substituted.as_ref().map_or(0, |s| s.paths);
     send(done(name, Phase::Copy, Ok(&copy_summary(&copy))));
     row.copy = Some(copy);
     drop(copying);
@@ -712,10 +727,10 @@ fn nothing_changed(r: &ActivationReport) -> bool {
 }
 
 fn copy_summary(c: &CopyStats) -> String {
-    if c.paths_sent == 0 {
-        "nothing copied".into()
-    } else {
-        format!("copied {} paths ({})", c.paths_sent, human_bytes(c.bytes_sent))
+    let pushed = if c.paths_sent == 0 { "nothing copied".into() } else { format!("copied {} paths ({})", c.paths_sent, human_bytes(c.bytes_sent)) };
+    match &c.substituted {
+        Some(s) if s.paths > 0 || !s.missed.is_empty() => format!("{}; {pushed}", s.summary()),
+        _ => pushed,
     }
 }
 

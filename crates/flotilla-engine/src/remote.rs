@@ -17,7 +17,8 @@ use crate::deadline::{Fault, Limit, Timed, Watch};
 use flotilla_nix::Nix;
 use flotilla_protocol::{
     client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, ErrorKind, GenerationInfo,
-    HealthResult, KeyState, KeyUpload, PathInfo, Request, Response, ServiceStatus, Welcome,
+    HealthResult, KeyState, KeyUpload, MissReason, PathInfo, Request, Response, ServiceStatus, SubstituteMiss, Welcome,
+    SUBSTITUTE_PROTOCOL_VERSION,
 };
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -125,6 +126,37 @@ pub struct CopyStats {
     pub bytes_sent: u64,
     /// Seconds it took.
     pub seconds: f64,
+    /// What the machine fetched from binary caches itself, when it was asked to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substituted: Option<SubstituteStats>,
+}
+
+/// What a machine fetched from binary caches before the deployer pushed the rest.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SubstituteStats {
+    /// Paths the machine lacked and fetched from a cache.
+    pub paths: u64,
+    /// Their NAR bytes.
+    pub bytes: u64,
+    /// Paths pushed instead, counted by why no cache gave them (e.g. "cache down").
+    pub pushed_because: std::collections::BTreeMap<String, u64>,
+    /// Each path pushed instead, with the agent's words.
+    pub missed: Vec<SubstituteMiss>,
+}
+
+impl SubstituteStats {
+    /// "fetched 12 paths (3.1 MiB) from caches; 2 pushed: 2 not in any cache".
+    pub fn summary(&self) -> String {
+        let mut s = format!("fetched {} paths ({}) from caches", self.paths, flotilla_model::human_bytes(self.bytes));
+        if !self.missed.is_empty() {
+            let why: Vec<String> = self.pushed_because.iter().map(|(r, n)| format!("{n} {r}")).collect();
+            s.push_str(&format!("; {} pushed instead: {}", self.missed.len(), why.join(", ")));
+            if let Some(first) = self.missed.first() {
+                s.push_str(&format!(" (e.g. {}: {})", first.path, first.detail));
+            }
+        }
+        s
+    }
 }
 
 /// What an agent says of its machine.
@@ -434,6 +466,43 @@ impl AgentClient {
         Ok(CopyPlan { closure_paths: infos.len(), send })
     }
 
+    /// Asks the machine to fetch `plan`'s paths from `caches` (accepting signatures by
+    /// `trusted_keys`) and takes what it got out of the plan, so that
+    /// [`AgentClient::copy_planned`] pushes only the rest. An agent from before substitution
+    /// fetches nothing: every path is pushed, and the stats say why.
+    pub fn substitute(&mut self, plan: &mut CopyPlan, caches: &[String], trusted_keys: &[String], progress: &mut dyn FnMut(&str)) -> Result<SubstituteStats, RemoteError> {
+        let mut stats = SubstituteStats::default();
+        if plan.send.is_empty() {
+            return Ok(stats);
+        }
+        if self.welcome().version < SUBSTITUTE_PROTOCOL_VERSION {
+            let detail = format!("the agent speaks protocol {}, and fetching from caches needs {SUBSTITUTE_PROTOCOL_VERSION}: {}", self.welcome().version, self.too_old_fix());
+            stats.missed = plan.send.iter().map(|i| SubstituteMiss { path: i.path.clone(), reason: MissReason::Other, detail: detail.clone() }).collect();
+            stats.pushed_because.insert("agent too old".into(), stats.missed.len() as u64);
+            return Ok(stats);
+        }
+        let request = Request::Substitute { paths: plan.send.clone(), caches: caches.to_vec(), trusted_keys: trusted_keys.to_vec() };
+        // The agent reports each path as it goes; between two reports it may wait out a slow
+        // cache's timeout.
+        self.watch.set(Limit::Stall(self.answer + flotilla_protocol::CACHE_TIMEOUT));
+        let answer = self.conn.call(&request, |message| progress(message));
+        let (got, bytes, missed) = match answer {
+            Ok(Response::Substituted { got, bytes, missed }) => (got, bytes, missed),
+            Ok(Response::Error { kind, message }) | Err(flotilla_protocol::ProtocolError::Agent { kind, message }) => return Err(RemoteError::Agent { kind, message }),
+            Ok(other) => return Err(RemoteError::Unexpected { request: "substitute", got: other.name() }),
+            Err(e) => return Err(self.explain(e.into(), "to fetch store paths from caches")),
+        };
+        let got: std::collections::BTreeSet<StorePath> = got.into_iter().collect();
+        plan.send.retain(|i| !got.contains(&i.path));
+        stats.paths = got.len() as u64;
+        stats.bytes = bytes;
+        for m in &missed {
+            *stats.pushed_because.entry(m.reason.to_string()).or_default() += 1;
+        }
+        stats.missed = missed;
+        Ok(stats)
+    }
+
     /// Sends what [`AgentClient::plan_copy`] found missing.
     pub fn copy_planned(&mut self, plan: CopyPlan, compression: Compression, progress: &mut dyn FnMut(&CopyProgress)) -> Result<CopyStats, RemoteError> {
         let start = Instant::now();
@@ -572,5 +641,35 @@ impl AgentClient {
             }
             other => Err(RemoteError::Unexpected { request: "status", got: other.name() }),
         }
+    }
+}
+
+#[cfg(test)]
+mod substitute_tests {
+    use super::*;
+    use flotilla_protocol::{server_handshake_range, MIN_PROTOCOL_VERSION};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_agent_from_before_substitution_is_sent_nothing_and_every_path_is_pushed_saying_why() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut conn = Connection::unix(far).unwrap();
+            server_handshake_range(&mut conn, "0.0.1", "/", MIN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION - 1).unwrap();
+            let _ = tx.send(conn.recv::<Request>().map(|r| r.name()).map_err(|e| e.to_string()));
+        });
+        let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
+        let path = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-busybox-static").unwrap();
+        let info = PathInfo { path: path.clone(), references: vec![], nar_hash: flotilla_store::NarHash::digest(b""), nar_size: 1 };
+        let mut plan = CopyPlan { closure_paths: 1, send: vec![info] };
+        let stats = client.substitute(&mut plan, &["http://10.0.0.1:5000".into()], &[], &mut |_| {}).unwrap();
+        assert_eq!(plan.send.len(), 1, "the path is still to push");
+        assert_eq!((stats.paths, stats.pushed_because.get("agent too old").copied()), (0, Some(1)));
+        assert!(stats.summary().contains("1 pushed instead: 1 agent too old"), "{}", stats.summary());
+        assert!(stats.missed[0].detail.contains("fetching from caches needs 4"), "{}", stats.missed[0].detail);
+        drop(client);
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(seen.is_err(), "the old agent was sent {seen:?}");
     }
 }

@@ -155,6 +155,73 @@ pub struct MachineConfig {
     /// change the system).
     #[serde(default)]
     pub image: ImageOptions,
+    /// How the closure gets onto the machine (not part of the toplevel).
+    #[serde(default)]
+    pub deploy: DeploySettings,
+}
+
+/// How the deployer gets a machine's closure onto it: the binary caches the machine fetches
+/// from itself, and the keys it trusts on what they serve.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DeploySettings {
+    /// `http://` URLs of binary caches, in order.
+    #[serde(default)]
+    pub substituters: Vec<String>,
+    /// `name:base64` ed25519 public keys.
+    #[serde(default)]
+    pub trusted_public_keys: Vec<String>,
+    /// Fetch from the substituters at every deploy.
+    #[serde(default)]
+    pub substitute_on_destination: bool,
+}
+
+impl DeploySettings {
+    /// The checks of the `deploy` options, each error for the option it names.
+    fn check(&self, err: &mut dyn FnMut(OptionPath, String)) {
+        let at = OptionPath::root("deploy");
+        for url in &self.substituters {
+            if let Some(problem) = substituter_problem(url) {
+                err(at.child("substituters"), problem);
+            }
+        }
+        for key in &self.trusted_public_keys {
+            if let Err(e) = flotilla_store::cache::PublicKey::parse(key) {
+                err(at.child("trustedPublicKeys"), format!(
+                    "has \"{key}\", which is not a public key ({e}); give the cache's public key as `name:base64`, the text of the `.public` file `flotilla cache keygen` (or `nix-store --generate-binary-cache-key`) wrote"
+                ));
+            }
+        }
+        if !self.substituters.is_empty() && self.trusted_public_keys.is_empty() {
+            err(at.child("trustedPublicKeys"), "is empty, so the machine would refuse every path `deploy.substituters` serve; add the caches' public keys (`name:base64`)".into());
+        }
+        if self.substitute_on_destination && self.substituters.is_empty() {
+            err(at.child("substituteOnDestination"), "is set, but `deploy.substituters` names no cache to fetch from; add one, e.g. [ \"http://10.231.0.1:5000\" ], or unset it".into());
+        }
+    }
+}
+
+/// Why the agent cannot fetch from `url`, if it cannot: it speaks plain `http://` only.
+fn substituter_problem(url: &str) -> Option<String> {
+    if let Some(rest) = url.strip_prefix("https://") {
+        return Some(format!(
+            "has \"{url}\", but the agent fetches plain http:// only (it carries no TLS, to stay small); a path is trusted for its signature by `deploy.trustedPublicKeys`, not for its transport: serve the cache over http:// on a network the machine reaches, e.g. \"http://{}\"",
+            rest
+        ));
+    }
+    let Some(rest) = url.strip_prefix("http://") else {
+        return Some(format!("has \"{url}\", which is not an http:// URL; write the cache's URL, e.g. \"http://10.231.0.1:5000\""));
+    };
+    let authority = rest.split('/').next().unwrap_or("");
+    let port_ok = match authority.rsplit_once(':') {
+        Some((h, p)) if !h.is_empty() && !h.ends_with(']') || h.starts_with('[') => p.parse::<u16>().is_ok_and(|p| p > 0),
+        Some(_) => false,
+        None => true,
+    };
+    if authority.is_empty() || authority.contains('@') || !port_ok || url.contains('#') || url.contains(char::is_whitespace) {
+        return Some(format!("has \"{url}\", which is not a cache URL the agent can fetch: write http://HOST[:PORT][/PATH] with no user, fragment or space"));
+    }
+    None
 }
 
 /// The options that make up the system (everything but platform, tags and key material).
@@ -513,6 +580,7 @@ impl MachineConfig {
         }
 
         self.check_boot(&mut err);
+        self.deploy.check(&mut err);
 
         for (name, c) in &self.checks {
             if !c.http.starts_with("http://") {

@@ -13,7 +13,7 @@ mod text;
 mod units;
 
 pub use config::{
-    etc_relative, start_order, Accel, BootOptions, DeployerCheck, ImageOptions, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
+    etc_relative, start_order, Accel, BootOptions, DeployerCheck, DeploySettings, ImageOptions, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
     MachineConfig, Platform, PortForward, QemuPlatform, RestartPolicy, ServiceSpec, SshPlatform,
     SystemConfig, SystemOptions, UploadAt, UserSpec, BUILTIN_GROUPS, BUILTIN_USERS,
 };

@@ -9,7 +9,7 @@
 //! (see [`message`] for the pairs), with one bulk stream after an `AddPaths` request, and
 //! a command's stdio both ways after an `Exec` (see [`exec`]).
 //!
-//! Versions: 2 is the base; 3 adds `Exec`.
+//! Versions: 2 is the base; 3 adds `Exec`; 4 adds `Substitute` (machines fetch from caches).
 
 mod connection;
 mod data;
@@ -31,15 +31,20 @@ pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
 pub use handshake::{client_handshake, server_handshake, server_handshake_range};
 pub use message::{
     ActivationGoal, ActivationReport, CommandExit, Compression, ErrorKind, GenerationInfo, HandshakeReply,
-    HealthResult, Hello, KeyState, KeyUpload, Message, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, Terminal, Welcome,
-    MAGIC,
+    HealthResult, Hello, KeyState, KeyUpload, Message, MissReason, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, SubstituteMiss, Terminal, Welcome,
+    MAGIC, SUBSTITUTE_PROTOCOL_VERSION,
 };
 
 /// The protocol version this build speaks best; bump it on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;
+
+/// The longest an agent waits on a binary cache for a connection, or for one byte of an
+/// answer, before it counts the cache as down; the deployer waits this long beyond its answer
+/// timeout for the next word of a `Substitute`.
+pub const CACHE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 
 /// The longest an agent lets the host's Nix take to register the paths of one `AddPaths`
 /// (on a machine with Nix): the deployer waits this long beyond its usual answer timeout for

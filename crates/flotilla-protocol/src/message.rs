@@ -11,6 +11,7 @@
 //! | --- | --- |
 //! | `QueryMissing` | `Missing` |
 //! | `AddPaths` (+ one bulk stream) | `PathsAdded` |
+//! | `Substitute` (protocol 4) | `Substituted` |
 //! | `Activate` | `Activated` (or `Error` of kind `Activation`: it failed and was rolled back) |
 //! | `Confirm` | `Confirmed` |
 //! | `CheckHealth` | `Health` |
@@ -141,6 +142,61 @@ pub struct PathInfo {
     pub nar_size: u64,
 }
 
+/// The first protocol version with [`Request::Substitute`]; the deployer pushes everything to
+/// an agent that welcomed it with an older one.
+pub const SUBSTITUTE_PROTOCOL_VERSION: u32 = 4;
+
+/// A path a `Substitute` did not get, and why: the deployer pushes it instead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubstituteMiss {
+    /// The path.
+    pub path: StorePath,
+    /// Why, as a class the deployer counts.
+    pub reason: MissReason,
+    /// Why, in words for the user (the cache, the key, the hashes).
+    pub detail: String,
+}
+
+/// Why a cache did not give a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissReason {
+    /// No cache has it (every one answered 404).
+    NotInCache,
+    /// A cache has it, signed by no trusted key.
+    Untrusted,
+    /// Its NAR or narinfo does not match: another NAR hash or size than the signed one or the
+    /// deployer's, a file hash that differs, another path named.
+    HashMismatch,
+    /// No cache could be reached, or it answered with an error.
+    CacheDown,
+    /// The cache's NAR is compressed in a way the agent does not read (only none and zstd).
+    UnsupportedCompression,
+    /// A path it refers to was not got, so it cannot be added before the deployer sends that.
+    ReferenceMissing,
+    /// The machine could not write it (disk full, I/O error).
+    Failed,
+    /// A reason this side does not know (sent by a newer peer); the detail still explains it.
+    #[serde(other)]
+    Other,
+}
+
+impl fmt::Display for MissReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MissReason::NotInCache => "not in any cache",
+            MissReason::Untrusted => "signed by no trusted key",
+            MissReason::HashMismatch => "hash mismatch",
+            MissReason::CacheDown => "cache down",
+            MissReason::UnsupportedCompression => "unsupported compression",
+            MissReason::ReferenceMissing => "a reference was not fetched",
+            MissReason::Failed => "could not be written",
+            MissReason::Other => "other",
+        })
+    }
+}
+
 /// What an activation should do, as `nixos-rebuild` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -210,6 +266,20 @@ pub enum Request {
         paths: Vec<PathInfo>,
         /// How the stream is compressed.
         compression: Compression,
+    },
+    /// Fetch these paths from binary caches instead of the deployer: each from the first cache
+    /// that has it, accepted only when its narinfo is signed by one of `trusted_keys`, names
+    /// the path with the announced NAR hash, size and references, and its NAR hashes to that;
+    /// unpacked as `AddPaths` unpacks. Paths come references first. The agent may send
+    /// `Progress` while it works. Answered by [`Response::Substituted`]; the deployer then
+    /// pushes what was not got. Protocol 4 and later (see [`SUBSTITUTE_PROTOCOL_VERSION`]).
+    Substitute {
+        /// The paths, as the deployer has them; references before referrers.
+        paths: Vec<PathInfo>,
+        /// The caches' `http://` URLs, in order of preference.
+        caches: Vec<String>,
+        /// `name:base64` ed25519 public keys, as Nix's `trusted-public-keys`.
+        trusted_keys: Vec<String>,
     },
     /// Activate a system toplevel that is already in the target's store. Answered by
     /// [`Response::Activated`].
@@ -302,6 +372,7 @@ impl Request {
             (self, response),
             (Request::QueryMissing { .. }, Response::Missing { .. })
                 | (Request::AddPaths { .. }, Response::PathsAdded { .. })
+                | (Request::Substitute { .. }, Response::Substituted { .. })
                 | (Request::Activate { .. }, Response::Activated { .. })
                 | (Request::Confirm { .. }, Response::Confirmed { .. })
                 | (Request::Rollback { .. }, Response::Activated { .. })
@@ -325,6 +396,7 @@ impl Request {
         match self {
             Request::QueryMissing { .. } => "query_missing",
             Request::AddPaths { .. } => "add_paths",
+            Request::Substitute { .. } => "substitute",
             Request::Activate { .. } => "activate",
             Request::Confirm { .. } => "confirm",
             Request::Rollback { .. } => "rollback",
@@ -357,6 +429,15 @@ pub enum Response {
         paths: u64,
         /// How many NAR bytes they held.
         bytes: u64,
+    },
+    /// What a `Substitute` got from the caches, and why it did not get the rest.
+    Substituted {
+        /// The paths now valid on the machine, fetched from a cache (or found valid already).
+        got: Vec<StorePath>,
+        /// How many NAR bytes they held.
+        bytes: u64,
+        /// Every path asked for and not got, in the order asked, with why.
+        missed: Vec<SubstituteMiss>,
     },
     /// A generation is active (after `Activate` or `Rollback`), its health checks passed.
     Activated {
@@ -458,6 +539,7 @@ impl Response {
         match self {
             Response::Missing { .. } => "missing",
             Response::PathsAdded { .. } => "paths_added",
+            Response::Substituted { .. } => "substituted",
             Response::Activated { .. } => "activated",
             Response::Confirmed { .. } => "confirmed",
             Response::Generations { .. } => "generations",

@@ -93,6 +93,16 @@ fn all_requests() -> Vec<Request> {
             }],
             compression: Compression::Zstd,
         },
+        Request::Substitute {
+            paths: vec![PathInfo {
+                path: sp(P2),
+                references: vec![sp(P1)],
+                nar_hash: HASH.parse().unwrap(),
+                nar_size: 12_345,
+            }],
+            caches: vec!["http://10.231.0.1:8080".into()],
+            trusted_keys: vec!["cache-1:gQ7eaoE+XVkVbHAKpmzzKkz/hKLRiHg3AVMNFKUW8JM=".into()],
+        },
         Request::Activate {
             toplevel: sp(P2),
             goal: ActivationGoal::DryActivate,
@@ -130,6 +140,7 @@ fn all_requests() -> Vec<Request> {
         match r {
             Request::QueryMissing { .. }
             | Request::AddPaths { .. }
+            | Request::Substitute { .. }
             | Request::Activate { .. }
             | Request::Confirm { .. }
             | Request::Rollback { .. }
@@ -245,6 +256,11 @@ fn all_responses() -> Vec<Response> {
             restarted: vec!["postgres".into()],
             started: vec![],
         },
+        Response::Substituted {
+            got: vec![sp(P1)],
+            bytes: 4096,
+            missed: vec![SubstituteMiss { path: sp(P2), reason: MissReason::Untrusted, detail: "signed by no trusted key".into() }],
+        },
         Response::ExecStarted { pid: 4242 },
         Response::Exited { status: CommandExit::Code(7) },
         Response::Exited { status: CommandExit::Signal(9) },
@@ -258,6 +274,7 @@ fn all_responses() -> Vec<Response> {
         match r {
             Response::Missing { .. }
             | Response::PathsAdded { .. }
+            | Response::Substituted { .. }
             | Response::Activated { .. }
             | Response::Confirmed { .. }
             | Response::Generations { .. }
@@ -1057,6 +1074,18 @@ fn exec_is_protocol_3_and_is_answered_by_exec_started() {
         "no terminal is no field, so the request reads as it did"
     );
     assert_eq!(serde_json::to_string(&Response::Exited { status: CommandExit::Signal(9) }).unwrap(), r#"{"type":"exited","status":{"signal":9}}"#);
+}
+
+#[test]
+fn substitute_is_protocol_4_and_an_unknown_miss_reason_still_reads() {
+    assert_eq!(SUBSTITUTE_PROTOCOL_VERSION, 4);
+    const { assert!(PROTOCOL_VERSION >= SUBSTITUTE_PROTOCOL_VERSION, "this build must speak the version that has Substitute") };
+    const { assert!(MIN_PROTOCOL_VERSION < SUBSTITUTE_PROTOCOL_VERSION, "agents from before Substitute must still be spoken to") };
+    let r = Request::Substitute { paths: vec![], caches: vec![], trusted_keys: vec![] };
+    assert!(r.is_answered_by(&Response::Substituted { got: vec![], bytes: 0, missed: vec![] }));
+    assert!(!r.is_answered_by(&Response::PathsAdded { paths: 0, bytes: 0 }));
+    let later: SubstituteMiss = serde_json::from_str(&format!(r#"{{"path":"{P1}","reason":"cache_on_fire","detail":"it burns"}}"#)).unwrap();
+    assert_eq!(later.reason, MissReason::Other);
 }
 
 #[test]

@@ -92,6 +92,10 @@ pub enum Command {
         /// When any machine fails, revert the machines that were deployed
         #[arg(long)]
         rollback_all_on_failure: bool,
+        /// Machines fetch what their `deploy.substituters` caches have (signed by their
+        /// `deploy.trustedPublicKeys`) before this deployer pushes the rest
+        #[arg(long)]
+        substitute_on_destination: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,

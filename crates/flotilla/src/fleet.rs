@@ -21,6 +21,7 @@ pub struct DeployFlags {
     pub check_timeout: u64,
     pub confirm_timeout: u64,
     pub rollback_all_on_failure: bool,
+    pub substitute_on_destination: bool,
 }
 
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
@@ -31,7 +32,17 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
         check_timeout: Duration::from_secs(flags.check_timeout),
         confirm_timeout: (flags.confirm_timeout > 0).then(|| Duration::from_secs(flags.confirm_timeout)),
         rollback_all_on_failure: flags.rollback_all_on_failure,
+        substitute_on_destination: flags.substitute_on_destination,
     };
+    if flags.substitute_on_destination {
+        let without: Vec<&str> = selected.iter().filter(|n| ev.machines.get(*n).is_some_and(|m| m.deploy.substituters.is_empty())).map(|n| n.as_str()).collect();
+        if without.len() == selected.len() && !selected.is_empty() {
+            bail!(
+                "--substitute-on-destination: no selected machine names a cache to fetch from ({} set no `deploy.substituters`); add `deploy.substituters = [ \"http://HOST:PORT\" ];` and `deploy.trustedPublicKeys` to the machines, or leave the flag out",
+                without.join(", ")
+            );
+        }
+    }
     let mut progress = Progress::new(json, g.verbose);
     let report = engine.deploy_instantiated(&ev, &selected, &agent, instantiated, opts, &mut |e| progress.event(e));
     progress.finish();

@@ -89,13 +89,14 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, json } => {
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
                 check_timeout: *check_timeout,
                 confirm_timeout: *confirm_timeout,
                 rollback_all_on_failure: *rollback_all_on_failure,
+                substitute_on_destination: *substitute_on_destination,
             };
             fleet::deploy(g, target, on, &opts, *json)
         }

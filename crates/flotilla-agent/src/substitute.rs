@@ -1,0 +1,285 @@
+//! Fetching store paths from binary caches on the machine itself (`Request::Substitute`), so
+//! a fleet's machines do not all wait on the deployer's uplink: what colmena and deploy-rs
+//! call substituting on the destination.
+//!
+//! A path is accepted only when all of this holds: a cache's narinfo names it; it is signed by
+//! one of the keys the deployer sent (Nix's fingerprint, [`trusted_signer`]); its NAR hash,
+//! size and references are the ones the deployer's own store has (so the machine gets exactly
+//! what was built and tested, whatever else a trusted key signed); the compressed file has the
+//! narinfo's `FileSize` and `FileHash` when given; and the NAR unpacks to that hash. The
+//! unpacking is [`MachineRoot::receive`], the one crash-safe receive `AddPaths` uses (temporary
+//! name, hash and size checked, rename, registration), fed one path at a time, references
+//! first, so a path is added only after everything it refers to is valid.
+//!
+//! It must never leave anything half-written: the compressed file is downloaded to a file that
+//! is unlinked as soon as it is made (only its descriptor holds it), and `receive` removes its
+//! own temporary name on any failure. A path it does not get is not an error: it is reported
+//! with why, and the deployer pushes it.
+
+use std::collections::BTreeSet;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::time::{Duration, Instant};
+
+use flotilla_protocol::{MissReason, PathInfo, SubstituteMiss, ZSTD_WINDOW_LOG_MAX};
+use flotilla_store::cache::{narinfo_url, trusted_signer, NarInfo, PublicKey};
+use flotilla_store::{HashingWriter, NarHash, StorePath};
+
+use crate::http::{self, HttpError, Url};
+use crate::machine::{MachineRoot, NixRunner, ReceiveError};
+
+/// The most a narinfo may hold.
+const MAX_NARINFO: u64 = 1 << 20;
+
+/// How often a long download tells the deployer it is alive.
+const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// What a `Substitute` did.
+#[derive(Debug, Default)]
+pub struct Substituted {
+    /// Paths valid now (fetched, or valid already).
+    pub got: Vec<StorePath>,
+    /// NAR bytes fetched.
+    pub bytes: u64,
+    /// Paths not got, with why.
+    pub missed: Vec<SubstituteMiss>,
+}
+
+/// Why the request itself cannot be carried out (before any path is tried).
+#[derive(Debug, thiserror::Error)]
+pub enum SubstituteError {
+    /// A cache URL the agent cannot fetch from.
+    #[error("{0}; list plain http:// caches in deploy.substituters")]
+    Url(#[from] HttpError),
+    /// A key that is not `name:base64`.
+    #[error("trusted key {key:?}: {source}; list keys as `name:base64` in deploy.trustedPublicKeys")]
+    Key {
+        /// The key as sent.
+        key: String,
+        /// Why.
+        source: flotilla_store::cache::KeyError,
+    },
+}
+
+/// One cache's refusal of one path.
+struct Miss {
+    reason: MissReason,
+    detail: String,
+}
+
+fn miss(reason: MissReason, detail: impl Into<String>) -> Miss {
+    Miss { reason, detail: detail.into() }
+}
+
+/// Fetches `paths` (references first) from `caches` into `root`, each from the first cache
+/// that has it and passes every check. `progress` is told what is being done, now and then.
+pub fn substitute(
+    root: &MachineRoot,
+    paths: &[PathInfo],
+    caches: &[String],
+    trusted_keys: &[String],
+    run: &NixRunner<'_>,
+    progress: &mut dyn FnMut(String),
+) -> Result<Substituted, SubstituteError> {
+    let caches: Vec<Url> = caches.iter().map(|c| Url::parse(c)).collect::<Result<_, _>>()?;
+    let keys: Vec<PublicKey> = trusted_keys
+        .iter()
+        .map(|k| PublicKey::parse(k).map_err(|source| SubstituteError::Key { key: k.clone(), source }))
+        .collect::<Result<_, _>>()?;
+    let mut down: Vec<Option<String>> = vec![None; caches.len()];
+    let mut done = Substituted::default();
+    let mut got: BTreeSet<StorePath> = BTreeSet::new();
+    for info in paths {
+        if root.is_valid(&info.path) && root.registration(&info.path).is_some_and(|r| r.nar_hash == info.nar_hash) {
+            got.insert(info.path.clone());
+            done.got.push(info.path.clone());
+            continue;
+        }
+        let mut misses = Vec::new();
+        let mut fetched = None;
+        for (cache, down) in caches.iter().zip(down.iter_mut()) {
+            if let Some(why) = down {
+                misses.push(miss(MissReason::CacheDown, why.clone()));
+                continue;
+            }
+            match fetch(root, cache, info, &keys, &got, run, progress) {
+                Ok(bytes) => {
+                    fetched = Some(bytes);
+                    break;
+                }
+                Err(m) => {
+                    if m.reason == MissReason::CacheDown {
+                        // Not asked again in this request: each path would wait out its timeouts.
+                        *down = Some(m.detail.clone());
+                    }
+                    misses.push(m);
+                }
+            }
+        }
+        match fetched {
+            Some(bytes) => {
+                progress(format!("fetched {} from a cache", info.path));
+                got.insert(info.path.clone());
+                done.got.push(info.path.clone());
+                done.bytes += bytes;
+            }
+            None => done.missed.push(worst(&info.path, misses)),
+        }
+    }
+    Ok(done)
+}
+
+/// The one miss to report for a path from every cache's: a cache that had it and was refused
+/// says more than one that is down, which says more than one that lacks it.
+fn worst(path: &StorePath, misses: Vec<Miss>) -> SubstituteMiss {
+    let rank = |r: MissReason| match r {
+        MissReason::NotInCache => 0,
+        MissReason::CacheDown => 1,
+        _ => 2,
+    };
+    let reason = misses.iter().map(|m| m.reason).max_by_key(|r| rank(*r)).unwrap_or(MissReason::NotInCache);
+    let detail = if misses.is_empty() { "no cache to ask".to_owned() } else { misses.iter().map(|m| m.detail.as_str()).collect::<Vec<_>>().join("; ") };
+    SubstituteMiss { path: path.clone(), reason, detail }
+}
+
+/// Fetches one path from one cache; returns its NAR size.
+fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], got: &BTreeSet<StorePath>, run: &NixRunner<'_>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
+    let down = |e: HttpError| miss(MissReason::CacheDown, format!("cache down: {e}"));
+    let narinfo_at = cache.join(&narinfo_url(&info.path));
+    let answer = http::get(&narinfo_at, MAX_NARINFO).map_err(down)?;
+    match answer.status {
+        200 => {}
+        404 | 410 => return Err(miss(MissReason::NotInCache, format!("not in {cache}"))),
+        s => return Err(miss(MissReason::CacheDown, format!("cache down: {narinfo_at} answered HTTP {s}"))),
+    }
+    let text = answer.text().map_err(down)?;
+    let mismatch = |what: String| miss(MissReason::HashMismatch, format!("{narinfo_at}: {what}"));
+    let ni = NarInfo::parse(&text).map_err(|e| mismatch(format!("cannot be read ({e})")))?;
+    if ni.store_path != info.path {
+        return Err(mismatch(format!("names {}, not the path asked for", ni.store_path)));
+    }
+    if trusted_signer(&ni, keys).is_none() {
+        let names: Vec<&str> = ni.sigs.iter().filter_map(|s| s.split_once(':').map(|(n, _)| n)).collect();
+        let signed = if names.is_empty() { "it carries no signature".to_owned() } else { format!("it is signed by {}", names.join(", ")) };
+        return Err(miss(
+            MissReason::Untrusted,
+            format!("untrusted signature: {narinfo_at} lacks a valid signature by a trusted key ({signed}; trusted: {})", keys.iter().map(PublicKey::name).collect::<Vec<_>>().join(", ")),
+        ));
+    }
+    let refs: BTreeSet<&StorePath> = ni.references.iter().collect();
+    if ni.nar_hash != info.nar_hash || ni.nar_size != info.nar_size || refs != info.references.iter().collect() {
+        return Err(mismatch(format!(
+            "is signed for NAR hash {} ({} bytes), but the deployer's store has {} ({} bytes) with these references",
+            ni.nar_hash, ni.nar_size, info.nar_hash, info.nar_size
+        )));
+    }
+    // Checked once the cache is known to have it, so a path the cache refuses says why, not
+    // that its reference (refused for the same reason) is missing.
+    if let Some(r) = info.references.iter().find(|r| **r != info.path && !got.contains(*r) && !root.is_valid(r)) {
+        return Err(miss(MissReason::ReferenceMissing, format!("it refers to {r}, which no cache gave")));
+    }
+    let zstd = match ni.compression.as_str() {
+        "none" => false,
+        "zstd" => true,
+        other => return Err(miss(MissReason::UnsupportedCompression, format!("unsupported compression {other:?} at {narinfo_at} (the agent reads none and zstd), pushed instead"))),
+    };
+    if ni.url.is_empty() || ni.url.contains("://") || ni.url.starts_with('/') || ni.url.split('/').any(|s| s == "..") {
+        return Err(mismatch(format!("its URL {:?} is not a file below the cache", ni.url)));
+    }
+    let file_hash = match &ni.file_hash {
+        Some(h) => Some(NarHash::parse(h).map_err(|e| mismatch(format!("its FileHash cannot be read ({e})")))?),
+        None => None,
+    };
+    // A zstd frame of incompressible data is barely larger than the data.
+    let limit = ni.file_size.unwrap_or(if zstd { ni.nar_size + ni.nar_size / 16 + (1 << 20) } else { ni.nar_size });
+    let nar_at = cache.join(&ni.url);
+    let mut body = http::get(&nar_at, limit).map_err(down)?;
+    match body.status {
+        200 => {}
+        404 | 410 => return Err(miss(MissReason::NotInCache, format!("{nar_at} is missing though its narinfo is there"))),
+        s => return Err(miss(MissReason::CacheDown, format!("cache down: {nar_at} answered HTTP {s}"))),
+    }
+
+    let mut file = download_file(root, &info.path).map_err(|e| miss(MissReason::Failed, format!("cannot make a download file in the machine's store: {e}")))?;
+    let mut hashing = HashingWriter::new(&mut file);
+    let (mut buf, mut last) = (vec![0u8; 256 << 10], Instant::now());
+    loop {
+        let n = match body.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(down(body.error(e))),
+        };
+        hashing.write_all(&buf[..n]).map_err(|e| miss(MissReason::Failed, format!("cannot write the download of {} on the machine: {e}", info.path)))?;
+        if last.elapsed() >= PROGRESS_EVERY {
+            progress(format!("fetching {}: {} bytes", info.path, hashing.bytes()));
+            last = Instant::now();
+        }
+    }
+    let (_, digest) = hashing.finish();
+    if ni.file_size.is_some_and(|s| s != digest.size) || file_hash.is_some_and(|h| h != digest.hash) {
+        return Err(miss(
+            MissReason::HashMismatch,
+            format!("hash mismatch: {nar_at} is {} bytes hashing to {}, its narinfo says {} bytes hashing to {}", digest.size, digest.hash, ni.file_size.unwrap_or(digest.size), ni.file_hash.as_deref().unwrap_or("(no FileHash)")),
+        ));
+    }
+    file.rewind().map_err(|e| miss(MissReason::Failed, format!("cannot read back the download of {}: {e}", info.path)))?;
+    let mut nar: Box<dyn Read> = if zstd {
+        let mut d = zstd::stream::read::Decoder::new(file).map_err(|e| miss(MissReason::Failed, format!("cannot start zstd: {e}")))?;
+        d.window_log_max(ZSTD_WINDOW_LOG_MAX).map_err(|e| miss(MissReason::Failed, format!("cannot start zstd: {e}")))?;
+        Box::new(d)
+    } else {
+        Box::new(file)
+    };
+    match root.receive(std::slice::from_ref(info), &mut nar, run) {
+        Ok(_) => Ok(info.nar_size),
+        Err(ReceiveError::Integrity { problem, .. }) => Err(miss(MissReason::HashMismatch, format!("hash mismatch: the NAR from {nar_at} does not match its signed narinfo: {problem}"))),
+        Err(ReceiveError::Io { what: "cannot read the stream for", source, .. }) => {
+            Err(miss(MissReason::HashMismatch, format!("hash mismatch: the NAR from {nar_at} cannot be unpacked: {source}")))
+        }
+        Err(e) => Err(miss(MissReason::Failed, e.to_string())),
+    }
+}
+
+/// A file in the machine's store directory to download into, unlinked at once: only the
+/// returned descriptor holds it, so a crash leaves nothing behind. Made with `O_EXCL` and
+/// `O_NOFOLLOW`, so a link planted at its name is never followed.
+fn download_file(root: &MachineRoot, path: &StorePath) -> io::Result<File> {
+    let dir = root.store_dir();
+    let name = dir.join(format!(".flotilla-fetch-{}-{}", std::process::id(), path.base_name()));
+    // A leftover of an agent that had this pid: never followed, just removed.
+    if fs::symlink_metadata(&name).is_ok() {
+        fs::remove_file(&name)?;
+    }
+    let file = OpenOptions::new().read(true).write(true).create_new(true).mode(0o600).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(&name)?;
+    fs::remove_file(&name)?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sp(n: u8) -> StorePath {
+        StorePath::parse(&format!("/nix/store/{}-p{n}", std::iter::repeat_n(char::from(b'a' + n), 32).collect::<String>())).unwrap()
+    }
+
+    #[test]
+    fn a_path_a_cache_refused_is_reported_over_one_that_was_down_or_lacked_it() {
+        let m = worst(&sp(1), vec![miss(MissReason::NotInCache, "a"), miss(MissReason::Untrusted, "b"), miss(MissReason::CacheDown, "c")]);
+        assert_eq!((m.reason, m.detail.as_str()), (MissReason::Untrusted, "a; b; c"));
+        assert_eq!(worst(&sp(1), vec![miss(MissReason::NotInCache, "a"), miss(MissReason::CacheDown, "c")]).reason, MissReason::CacheDown);
+    }
+
+    #[test]
+    fn a_bad_cache_url_or_key_refuses_the_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = MachineRoot::new(dir.path());
+        let run = |_: &[String], _: &std::path::Path| Ok((true, String::new()));
+        let e = substitute(&root, &[], &["https://cache".into()], &[], &run, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("plain http://"), "{e}");
+        let e = substitute(&root, &[], &["http://cache".into()], &["nocolon".into()], &run, &mut |_| {}).unwrap_err();
+        assert!(e.to_string().contains("deploy.trustedPublicKeys"), "{e}");
+    }
+}

@@ -1,0 +1,225 @@
+//! Machines fetch their closures from binary caches (`deploy.substituters`,
+//! `deploy.trustedPublicKeys`, `deploy --substitute-on-destination`), and the deployer pushes
+//! only what no cache gave, saying why in the machine's row.
+//!
+//! The cache is one real Nix wrote (`nix copy --to file://...?compression=zstd&secret-key=...`
+//! of the machine's closure), served over HTTP by `python3 -m http.server` inside the test's
+//! network namespace, where the machines reach it on the bridge's address. (It stands in for
+//! `flotilla cache serve` until that lands; any static HTTP server serves the same files.)
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{row, Fl, Fleet, KillOnDrop};
+
+/// The bridge's address on the default subnet: where machines reach the test's namespace.
+const GATEWAY: &str = "10.231.0.1";
+
+/// A key pair made by Nix: (secret key file, public key text).
+fn nix_key(dir: &Path, name: &str) -> (PathBuf, String) {
+    let (sk, pk) = (dir.join(format!("{name}.secret")), dir.join(format!("{name}.public")));
+    let ok = Command::new("nix-store").args(["--generate-binary-cache-key", name]).arg(&sk).arg(&pk).status().expect("prerequisite missing: nix-store (Debian: nix-bin)");
+    assert!(ok.success(), "nix-store --generate-binary-cache-key failed");
+    (sk, std::fs::read_to_string(pk).unwrap().trim().to_owned())
+}
+
+/// Builds `file`'s machine `web` and has Nix write its closure to a cache directory signed by
+/// `secret`; returns the directory.
+fn nix_cache(f: &Fleet, file: &str, secret: &Path) -> PathBuf {
+    let built = f.run(&["build", "-f", file, "--json"]).ok().json();
+    let top = built["machines"][0]["toplevel"].as_str().unwrap_or_else(|| panic!("not built: {built:#}")).to_owned();
+    let dir = f.fl.dir.path().join(format!("cache-{}", common::random_hex(4)));
+    let out = Command::new("nix")
+        .args(["--extra-experimental-features", "nix-command", "--option", "substituters", "", "copy", "--to"])
+        .arg(format!("file://{}?compression=zstd&secret-key={}", dir.display(), secret.display()))
+        .arg(&top)
+        .output()
+        .expect("prerequisite missing: nix (Debian: nix-bin)");
+    assert!(out.status.success(), "nix copy failed: {}", String::from_utf8_lossy(&out.stderr));
+    dir
+}
+
+/// `python3 -m http.server` serving `dir` on every address of the test's namespace.
+fn serve(f: &Fleet, dir: &Path) -> (KillOnDrop, u16) {
+    let port = common::free_port();
+    let server = KillOnDrop(f.in_ns_command(&["python3", "-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory", dir.to_str().unwrap()]).spawn().expect("prerequisite missing: python3"));
+    assert!(f.http_get(&format!("http://127.0.0.1:{port}/nix-cache-info")).is_some_and(|t| t.contains("StoreDir: /nix/store")), "the cache server never answered");
+    (server, port)
+}
+
+/// The deployment `name`: busybox's httpd serving `page`, with the given `deploy` settings.
+fn deployment(f: &Fleet, name: &str, page: &str, deploy: &str) -> String {
+    f.fl.file(&format!("{name}.nix"), &common::web_deployment(name, page, deploy))
+}
+
+fn deploy_settings(port: u16, key: &str, on: bool) -> String {
+    format!(r#"deploy = {{ substituters = [ "http://{GATEWAY}:{port}" ]; trustedPublicKeys = [ "{key}" ]; substituteOnDestination = {on}; }};"#)
+}
+
+/// The page of the deployment's machine `web`, from the test's namespace.
+fn page(f: &Fleet, file: &str) -> Option<String> {
+    let ip = f.machine(file, "web")["ip"].as_str().unwrap().to_owned();
+    f.http_get(&format!("http://{ip}/"))
+}
+
+/// The machine's root directory (a local container's).
+fn machine_root(f: &Fleet, deployment: &str) -> PathBuf {
+    f.fl.dir.path().join("state/machines").join(deployment).join("web/root")
+}
+
+#[test]
+fn a_machine_fetches_its_closure_from_a_cache_and_the_deployer_sends_nothing() {
+    let f = Fleet::new();
+    let (sk, pk) = nix_key(f.fl.dir.path(), "test-cache-1");
+    let plain = deployment(&f, "subst", "from the cache", "");
+    let cache = nix_cache(&f, &plain, &sk);
+    let (_server, port) = serve(&f, &cache);
+    let file = deployment(&f, "subst", "from the cache", &deploy_settings(port, &pk, false));
+    let (code, report, out) = f.deploy_json(&["-f", &file, "--substitute-on-destination"]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    assert_eq!(web["outcome"], "deployed", "{web:#}");
+    let copy = &web["copy"];
+    assert_eq!(copy["bytes_sent"], 0, "the deployer pushed bytes a cache had:\n{web:#}");
+    assert_eq!(copy["paths_sent"], 0, "{web:#}");
+    let fetched = copy["substituted"]["paths"].as_u64().unwrap();
+    assert!(fetched >= 3, "the toplevel, busybox and the agent at least:\n{web:#}");
+    assert_eq!(copy["substituted"]["missed"], serde_json::json!([]), "{web:#}");
+    assert!(web["summary"].as_str().unwrap().contains(&format!("fetched {fetched} paths")), "{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("from the cache\n"));
+    // What the deployer would have sent instead: the same closure, pushed.
+    eprintln!("substitution: deployer sent {} bytes, machine fetched {} bytes in {} paths", copy["bytes_sent"], copy["substituted"]["bytes"], fetched);
+}
+
+#[test]
+fn a_path_signed_by_an_untrusted_key_is_refused_and_pushed_by_the_deployer() {
+    let f = Fleet::new();
+    let (signer, _) = nix_key(f.fl.dir.path(), "stranger-1");
+    let (_, trusted) = nix_key(f.fl.dir.path(), "test-cache-1");
+    let plain = deployment(&f, "untrusted", "pushed", "");
+    let cache = nix_cache(&f, &plain, &signer);
+    let (_server, port) = serve(&f, &cache);
+    // On through the machine's own option, without the flag.
+    let file = deployment(&f, "untrusted", "pushed", &deploy_settings(port, &trusted, true));
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let copy = &web["copy"];
+    let sub = &copy["substituted"];
+    assert_eq!(sub["paths"], 0, "a path signed by an untrusted key was taken:\n{web:#}");
+    let pushed = copy["paths_sent"].as_u64().unwrap();
+    assert!(pushed >= 3 && copy["bytes_sent"].as_u64().unwrap() > 0, "{web:#}");
+    assert_eq!(sub["pushed_because"], serde_json::json!({ "signed by no trusted key": pushed }), "{web:#}");
+    let detail = sub["missed"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("lacks a valid signature") && detail.contains("stranger-1"), "{detail}");
+    let summary = web["summary"].as_str().unwrap();
+    assert!(summary.contains(&format!("{pushed} pushed instead: {pushed} signed by no trusted key")), "{summary}");
+    assert_eq!(page(&f, &file).as_deref(), Some("pushed\n"));
+}
+
+#[test]
+fn a_cache_that_is_down_leaves_the_push_to_the_deployer_and_the_row_says_so() {
+    let f = Fleet::new();
+    let (_, pk) = nix_key(f.fl.dir.path(), "test-cache-1");
+    // Nothing listens there.
+    let file = deployment(&f, "down", "still deployed", &deploy_settings(common::free_port(), &pk, false));
+    let start = std::time::Instant::now();
+    let (code, report, out) = f.deploy_json(&["-f", &file, "--substitute-on-destination"]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let copy = &web["copy"];
+    let pushed = copy["paths_sent"].as_u64().unwrap();
+    assert!(pushed >= 3, "{web:#}");
+    assert_eq!(copy["substituted"]["pushed_because"], serde_json::json!({ "cache down": pushed }), "{web:#}");
+    assert!(web["summary"].as_str().unwrap().contains("cache down"), "{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("still deployed\n"));
+    assert!(start.elapsed() < std::time::Duration::from_secs(240), "a refused connection must not be waited on per path");
+}
+
+#[test]
+fn a_nar_that_does_not_match_its_signed_hash_is_refused_and_leaves_nothing_in_the_store() {
+    let f = Fleet::new();
+    let (sk, pk) = nix_key(f.fl.dir.path(), "test-cache-1");
+    let plain = deployment(&f, "tampered", "the real page", "");
+    let cache = nix_cache(&f, &plain, &sk);
+    // The site's NAR is swapped for the NAR of a site whose page differs in its bytes but not
+    // in its length (the same NAR size), and its FileHash and FileSize (which no signature
+    // covers) are dropped, so only the signed NarHash can tell.
+    let fake = nix_cache(&f, &deployment(&f, "tampered", "the fake page", ""), &sk);
+    let site_of = |cache: &Path| {
+        let narinfo = std::fs::read_dir(cache)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "narinfo") && std::fs::read_to_string(p).unwrap().lines().any(|l| l.starts_with("StorePath:") && l.ends_with("-site")))
+            .expect("the site's narinfo");
+        let text = std::fs::read_to_string(&narinfo).unwrap();
+        (narinfo, text)
+    };
+    let field = |text: &str, key: &str| text.lines().find_map(|l| l.strip_prefix(key)).unwrap().to_owned();
+    let (narinfo, text) = site_of(&cache);
+    let (_, fake_text) = site_of(&fake);
+    assert_eq!(field(&text, "NarSize: "), field(&fake_text, "NarSize: "), "the fake must be as long as the real one");
+    assert_ne!(field(&text, "NarHash: "), field(&fake_text, "NarHash: "));
+    std::fs::copy(fake.join(field(&fake_text, "URL: ")), cache.join(field(&text, "URL: "))).unwrap();
+    let kept: Vec<&str> = text.lines().filter(|l| !l.starts_with("FileHash:") && !l.starts_with("FileSize:")).collect();
+    std::fs::write(&narinfo, kept.join("\n") + "\n").unwrap();
+    let site = field(&text, "StorePath: ");
+
+    let (_server, port) = serve(&f, &cache);
+    let file = deployment(&f, "tampered", "the real page", &deploy_settings(port, &pk, false));
+    let (code, report, out) = f.deploy_json(&["-f", &file, "--substitute-on-destination"]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let sub = &web["copy"]["substituted"];
+    let missed = sub["missed"].as_array().unwrap();
+    let site_miss = missed.iter().find(|m| m["path"] == site.as_str()).unwrap_or_else(|| panic!("the tampered path was taken:\n{web:#}"));
+    assert_eq!(site_miss["reason"], "hash_mismatch", "{web:#}");
+    assert!(site_miss["detail"].as_str().unwrap().contains("does not match its signed narinfo"), "{web:#}");
+    assert!(sub["paths"].as_u64().unwrap() >= 2, "the untampered paths still come from the cache:\n{web:#}");
+    assert!(web["summary"].as_str().unwrap().contains("hash mismatch"), "{web:#}");
+    // The deployer pushed the real one; nothing half-written is left in the machine's store.
+    assert_eq!(page(&f, &file).as_deref(), Some("the real page\n"));
+    let store = machine_root(&f, "tampered").join("nix/store");
+    let leftovers: Vec<String> = std::fs::read_dir(&store)
+        .unwrap_or_else(|e| panic!("{}: {e}", store.display()))
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".flotilla-"))
+        .collect();
+    assert_eq!(leftovers, Vec::<String>::new(), "left in the machine's store");
+}
+
+/// `flotilla build` of a machine with `deploy` set to `settings`: it must be refused.
+fn refused(settings: &str) -> String {
+    let fl = Fl::new();
+    let file = fl.file("d.nix", &format!(r#"{{ meta.name = "t"; machines.web1 = {{ {settings} }}; }}"#));
+    let run = fl.run(&["build", "-f", &file]);
+    assert_eq!(run.code(), 2, "expected exit 2\nstdout:\n{}\nstderr:\n{}", run.stdout(), run.stderr());
+    assert_eq!(fl.run(&["list", "--json"]).ok().json(), serde_json::json!([]), "something was recorded");
+    run.stderr()
+}
+
+#[test]
+fn an_https_substituter_or_a_bad_key_is_refused_at_evaluation_naming_machine_option_and_fix() {
+    let e = refused(r#"deploy.substituters = [ "https://cache.example/" ]; deploy.trustedPublicKeys = [ "c-1:gQ7eaoE+XVkVbHAKpmzzKkz/hKLRiHg3AVMNFKUW8JM=" ];"#);
+    assert!(e.contains("machine web1: option `deploy.substituters` has \"https://cache.example/\", but the agent fetches plain http:// only"), "{e}");
+    assert!(e.contains("serve the cache over http://"), "{e}");
+    let e = refused(r#"deploy.substituters = [ "http://10.0.0.1:5000" ]; deploy.trustedPublicKeys = [ "c-1:notbase64!" ];"#);
+    assert!(e.contains("machine web1: option `deploy.trustedPublicKeys` has \"c-1:notbase64!\", which is not a public key"), "{e}");
+    assert!(e.contains("`name:base64`"), "{e}");
+    let e = refused(r#"deploy.substituters = [ "http://10.0.0.1:5000" ];"#);
+    assert!(e.contains("machine web1: option `deploy.trustedPublicKeys` is empty"), "{e}");
+}
+
+#[test]
+fn substitute_on_destination_without_any_cache_is_refused() {
+    let f = Fleet::new();
+    let file = deployment(&f, "nocache", "x", "");
+    let r = f.run(&["deploy", "-f", &file, "--substitute-on-destination"]);
+    assert_eq!(r.code(), 2, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stderr().contains("--substitute-on-destination: no selected machine names a cache to fetch from (web set no `deploy.substituters`)"), "{}", r.stderr());
+    assert_eq!(f.run(&["list", "--json"]).ok().json(), serde_json::json!([]), "something was recorded");
+}
