@@ -137,7 +137,7 @@ fn stderr(out: &Output) -> String {
 }
 
 fn hash_part(path: &str) -> &str {
-    &path["/nix/store/".len()..]["".len()..32]
+    &path["/nix/store/".len()..][..32]
 }
 
 /// One HTTP response read off a connection: status line, headers, body.

@@ -362,3 +362,31 @@ fn send_file(conn: &mut TcpStream, mut file: std::fs::File, req: &http::Request,
     }
     Ok((status, sent))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_names_nix_asks_for_are_routed() {
+        let hash = "0".repeat(32);
+        assert!(matches!(route("/nix-cache-info"), Some(Route::CacheInfo)));
+        assert!(matches!(route(&format!("/{hash}.narinfo")), Some(Route::NarInfo(h)) if h == hash));
+        let nar = format!("{}.nar.zst", "1".repeat(52));
+        assert!(matches!(route(&format!("/nar/{nar}")), Some(Route::Nar(n)) if n == nar));
+        for bad in [
+            "/",
+            "/nar/",
+            "/../nix-cache-info",
+            "/nix-cache-info?x",
+            &format!("/{}.narinfo", "e".repeat(32)), // `e` is not nix-base32
+            &format!("/{}.narinfo", "0".repeat(31)),
+            &format!("/nar/../{hash}.narinfo"),
+            &format!("/nar/%2e%2e%2f{}.nar", "1".repeat(52)),
+            &format!("/nar/{}.nar.gz", "1".repeat(52)),
+            &format!("/nar/x/{}.nar", "1".repeat(52)),
+        ] {
+            assert!(route(bad).is_none(), "{bad} was routed");
+        }
+    }
+}

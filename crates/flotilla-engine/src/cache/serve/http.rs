@@ -243,3 +243,33 @@ mod tests {
         assert_eq!(range(Some("bytes=5-2"), 10), Whole);
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a peer sends, reading it ends in a request, a refusal or a close: no panic,
+        /// and no more buffered than one head.
+        #[test]
+        fn any_bytes_are_read_without_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096)) {
+            let mut input: &[u8] = &bytes;
+            let mut buf = Vec::new();
+            for _ in 0..64 {
+                match read_request(&mut input, &mut buf).unwrap() {
+                    Next::Request(r) => prop_assert!(r.target.starts_with('/')),
+                    Next::Closed | Next::Refused(_) => break,
+                }
+            }
+        }
+
+        /// A range answered is always inside the file.
+        #[test]
+        fn ranges_stay_inside_the_file(header in "bytes=[0-9]{0,6}-[0-9]{0,6}", len in 0u64..1_000_000) {
+            if let RangeAnswer::Part { start, end } = range(Some(&header), len) {
+                prop_assert!(start <= end && end < len);
+            }
+        }
+    }
+}
