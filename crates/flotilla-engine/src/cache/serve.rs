@@ -355,7 +355,7 @@ fn send_file(conn: &mut TcpStream, mut file: std::fs::File, req: &http::Request,
     }
     file.seek(SeekFrom::Start(start))?;
     // File to socket: std hands this to the kernel (sendfile), no copy through user space.
-    let sent = io::copy(&mut (&file).take(count), conn)?;
+    let sent = io::copy(&mut (&file).take(count), &mut &*conn)?;
     if sent != count {
         // The file shrank under us: the length promised cannot be kept; close.
         return Err(io::Error::other("file shorter than its length"));
