@@ -2,9 +2,9 @@
 //! `flotilla cache push` or `nix copy --to file://` wrote) or from this host's store.
 //!
 //! It is fast the way static file servers are: narinfos are answered from memory (each kept
-//! as its whole response), NARs are the pre-compressed files sent from disk by the kernel
-//! (`std::io::copy` from a file to a socket is `sendfile`), and nothing is spawned per
-//! request. The HTTP server is a small one of our own on std's blocking sockets, a thread per
+//! as its whole response), NARs are the pre-compressed files copied from disk as they are
+//! (never re-encoded; `sendfile` is not reached yet: see docs/benchmarks.md), and nothing is
+//! spawned per request. The HTTP server is a small one of our own on std's blocking sockets, a thread per
 //! connection: measured in bench/cache.sh against nginx it meets the goal, and it keeps the
 //! dependency tree to what the workspace already has (hyper with tokio would add a runtime
 //! for a server that does one thing). Only the names Nix asks for are answered, each
@@ -354,7 +354,8 @@ fn send_file(conn: &mut TcpStream, mut file: std::fs::File, req: &http::Request,
         return Ok((status, 0));
     }
     file.seek(SeekFrom::Start(start))?;
-    // File to socket: std hands this to the kernel (sendfile), no copy through user space.
+    // File to socket as stored. std's io::copy may use sendfile here; strace showed it does not
+    // for this reader yet (the NAR figures in docs/benchmarks.md), so this is the place to add it.
     let sent = io::copy(&mut (&file).take(count), &mut &*conn)?;
     if sent != count {
         // The file shrank under us: the length promised cannot be kept; close.
