@@ -13,6 +13,7 @@ use flotilla_store::{NarHash, StorePath};
 
 mod setup;
 mod store_db;
+pub use store_db::{StoreDb, StoreRow};
 use serde_json::Value;
 
 pub use setup::{build_users, diagnose, store_ready, BuildUsers, NixConfig, StoreAccess};

@@ -331,6 +331,11 @@ pub enum Command {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Nix binary caches: serve a cache directory or this host's store over HTTP
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Developer commands: drive an agent that manages a plain directory as a machine's root
     #[command(hide = true)]
     Debug {
@@ -530,4 +535,34 @@ mod tests {
         use clap::CommandFactory as _;
         super::Cli::command().debug_assert();
     }
+}
+
+/// `flotilla cache` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Serve a cache directory (what `flotilla cache push` or `nix copy --to file://DIR` wrote),
+    /// or this host's store with --store, as a Nix binary cache over HTTP until SIGINT/SIGTERM
+    Serve {
+        /// The cache directory
+        #[arg(value_name = "DIR", required_unless_present = "store", conflicts_with = "store")]
+        dir: Option<PathBuf>,
+        /// Serve this host's Nix store: narinfos from Nix's database signed with --key, NARs
+        /// compressed with zstd once into --cache-dir
+        #[arg(long)]
+        store: bool,
+        /// Where to listen, e.g. 127.0.0.1:5000 or [::]:80
+        #[arg(long, value_name = "ADDR")]
+        bind: String,
+        /// Sign every narinfo served with this secret key (`NAME:base64`, as `flotilla cache
+        /// keygen` writes); required with --store
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The cache's priority among a client's substituters (lower is preferred), instead of
+        /// the directory's nix-cache-info
+        #[arg(long, value_name = "N")]
+        priority: Option<u32>,
+        /// With --store: where compressed NARs are kept [default: $XDG_CACHE_HOME/flotilla/serve]
+        #[arg(long, value_name = "DIR", requires = "store")]
+        cache_dir: Option<PathBuf>,
+    },
 }

@@ -1,0 +1,185 @@
+//! A cache directory as the server sees it: its narinfos in memory (each kept as the whole
+//! HTTP response, so a hit is one write), its NARs opened on demand. The directory may be
+//! written by someone else (a `flotilla cache push` into it while serving, or a user less
+//! privileged than the server): every name is opened beneath the directory's descriptor with
+//! `O_NOFOLLOW`, only regular files are served, and a narinfo must describe the path its name
+//! says. A narinfo missing from memory is looked for on disk before a 404, so what a push adds
+//! while serving is served at its first request (one failed `openat` per miss).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+
+use flotilla_store::cache::{CacheInfo, NarInfo, SecretKey};
+
+use super::sys;
+use super::ServeError;
+
+/// The largest narinfo read (a path with tens of thousands of references stays well below).
+const MAX_NARINFO: u64 = 1 << 20;
+
+/// A prepared response: status line, headers, body.
+pub(super) struct Prepared {
+    /// The whole response to a GET.
+    pub bytes: Vec<u8>,
+    /// How much of it a HEAD gets (the head).
+    pub head_len: usize,
+}
+
+impl Prepared {
+    fn new(content_type: &str, body: &[u8]) -> Prepared {
+        let mut bytes = format!("HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n", body.len()).into_bytes();
+        let head_len = bytes.len();
+        bytes.extend_from_slice(body);
+        Prepared { bytes, head_len }
+    }
+}
+
+/// An open cache directory.
+pub(super) struct CacheDir {
+    dir: File,
+    path: PathBuf,
+    nar: Mutex<Option<Arc<File>>>,
+    narinfos: RwLock<HashMap<String, Arc<Prepared>>>,
+    key: Option<SecretKey>,
+    cache_info: Prepared,
+}
+
+impl CacheDir {
+    /// Opens `path` (not through a link) and loads every narinfo in it.
+    pub(super) fn open(path: &Path, key: Option<SecretKey>, priority: Option<u32>) -> Result<CacheDir, ServeError> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let dir = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(path)
+            .map_err(|e| ServeError::Dir { path: path.to_owned(), reason: e.to_string() })?;
+        let mut info = match sys::open_file_beneath(&dir, "nix-cache-info") {
+            Ok(mut f) => {
+                let mut text = String::new();
+                (&mut f).take(MAX_NARINFO).read_to_string(&mut text).map_err(|e| ServeError::Dir { path: path.join("nix-cache-info"), reason: e.to_string() })?;
+                CacheInfo::parse(&text).map_err(|e| ServeError::Dir { path: path.join("nix-cache-info"), reason: e.to_string() })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => CacheInfo::flotilla(),
+            Err(e) => return Err(ServeError::Dir { path: path.join("nix-cache-info"), reason: e.to_string() }),
+        };
+        if info.store_dir != flotilla_store::STORE_DIR {
+            return Err(ServeError::Dir {
+                path: path.join("nix-cache-info"),
+                reason: format!("holds paths of the store {}, not {}; serve a cache of {} paths", info.store_dir, flotilla_store::STORE_DIR, flotilla_store::STORE_DIR),
+            });
+        }
+        if priority.is_some() {
+            info.priority = priority;
+        }
+        let cache_info = Prepared::new("text/x-nix-cache-info", info.to_text().as_bytes());
+        let cache = CacheDir { dir, path: path.to_owned(), nar: Mutex::new(None), narinfos: RwLock::new(HashMap::new()), key, cache_info };
+        cache.load_all();
+        Ok(cache)
+    }
+
+    /// The directory's descriptor (the store source writes beneath it).
+    pub(super) fn dir(&self) -> &File {
+        &self.dir
+    }
+
+    /// The directory, for messages.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How many narinfos are in memory.
+    pub(super) fn len(&self) -> usize {
+        self.narinfos.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// `nix-cache-info`.
+    pub(super) fn cache_info(&self) -> &Prepared {
+        &self.cache_info
+    }
+
+    fn load_all(&self) {
+        use std::os::fd::AsRawFd as _;
+        // Listing through our descriptor reads the directory we opened, whatever its path is now.
+        let Ok(entries) = std::fs::read_dir(format!("/proc/self/fd/{}", self.dir.as_raw_fd())) else { return };
+        for entry in entries.flatten() {
+            if let Some(hash) = entry.file_name().to_str().and_then(|n| n.strip_suffix(".narinfo")) {
+                if valid_hash_part(hash) {
+                    self.load(hash);
+                }
+            }
+        }
+    }
+
+    /// The narinfo of the path with this hash part: from memory, else from disk.
+    pub(super) fn narinfo(&self, hash: &str) -> Option<Arc<Prepared>> {
+        if let Some(hit) = self.narinfos.read().unwrap_or_else(|p| p.into_inner()).get(hash) {
+            return Some(Arc::clone(hit));
+        }
+        self.load(hash)
+    }
+
+    /// Reads `<hash>.narinfo` from disk into memory; `None` when it is missing or not a
+    /// narinfo of that path (said on stderr: the cache holds something it should not).
+    pub(super) fn load(&self, hash: &str) -> Option<Arc<Prepared>> {
+        let name = format!("{hash}.narinfo");
+        let file = sys::open_file_beneath(&self.dir, &name).ok()?;
+        let text = match read_regular(file) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("warning: {} not served: {e}", self.path.join(&name).display());
+                return None;
+            }
+        };
+        let mut info = match NarInfo::parse(&text) {
+            Ok(i) if i.store_path.hash_part() == hash => i,
+            Ok(i) => {
+                eprintln!("warning: {} not served: it describes {}, another path", self.path.join(&name).display(), i.store_path);
+                return None;
+            }
+            Err(e) => {
+                eprintln!("warning: {} not served: {e}", self.path.join(&name).display());
+                return None;
+            }
+        };
+        let body = match &self.key {
+            Some(key) => {
+                key.sign_narinfo(&mut info);
+                info.to_text()
+            }
+            None => text,
+        };
+        let prepared = Arc::new(Prepared::new("text/x-nix-narinfo", body.as_bytes()));
+        self.narinfos.write().unwrap_or_else(|p| p.into_inner()).insert(hash.to_owned(), Arc::clone(&prepared));
+        Some(prepared)
+    }
+
+    /// Opens `nar/<name>`: a regular file, reached without following a link.
+    pub(super) fn open_nar(&self, name: &str) -> Option<File> {
+        let nar = {
+            let mut slot = self.nar.lock().unwrap_or_else(|p| p.into_inner());
+            if slot.is_none() {
+                *slot = sys::open_dir_beneath(&self.dir, "nar").ok().map(Arc::new);
+            }
+            Arc::clone(slot.as_ref()?)
+        };
+        let file = sys::open_file_beneath(&nar, name).ok()?;
+        file.metadata().ok()?.is_file().then_some(file)
+    }
+}
+
+fn read_regular(file: File) -> std::io::Result<String> {
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut text = String::new();
+    file.take(MAX_NARINFO).read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Whether `s` is a store path's hash part: 32 nix-base32 characters.
+pub(super) fn valid_hash_part(s: &str) -> bool {
+    s.len() == flotilla_store::HASH_LEN && s.bytes().all(|b| flotilla_store::NIX_BASE32_CHARS.contains(&b))
+}
