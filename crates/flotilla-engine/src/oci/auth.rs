@@ -10,7 +10,6 @@
 
 use std::path::{Path, PathBuf};
 
-use base64::Engine as _;
 
 /// A user name and password for one registry, and the file they came from.
 #[derive(Clone)]
@@ -36,7 +35,7 @@ impl Credentials {
     /// The value of a Basic `Authorization` header.
     pub fn basic_header(&self) -> String {
         let raw = format!("{}:{}", self.username, self.password);
-        format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(raw))
+        format!("Basic {}", flotilla_store::base64::encode(raw.as_bytes()))
     }
 }
 
@@ -119,9 +118,7 @@ fn in_file(path: &Path, text: &[u8], host: &str) -> Result<Option<Credentials>, 
     let file: AuthFile = serde_json::from_slice(text).map_err(|e| bad(format!("is not an auth file ({e})")))?;
     let Some((_, entry)) = file.auths.iter().find(|(k, _)| key_host(k) == host) else { return Ok(None) };
     if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
-        let raw = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|_| bad(format!("the `auth` of {host} is not base64 of user:password")))?;
+        let raw = flotilla_store::base64::decode(auth.trim()).ok_or_else(|| bad(format!("the `auth` of {host} is not base64 of user:password")))?;
         let raw = String::from_utf8(raw).map_err(|_| bad(format!("the `auth` of {host} is not text")))?;
         let Some((user, pass)) = raw.split_once(':') else {
             return Err(bad(format!("the `auth` of {host} is not base64 of user:password")));
