@@ -13,6 +13,7 @@
 //! within each phase's limit, and [`events`] is what they all report through.
 
 pub mod build;
+pub mod cache;
 pub mod checks;
 mod deadline;
 pub mod deploy;

@@ -291,6 +291,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Nix binary caches: make a signing key, publish closures signed with it
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
     /// (exit status 0 when the default platform can deploy from here)
     Doctor {
@@ -405,6 +410,51 @@ fn push_goal() -> impl clap::builder::TypedValueParser<Value = Goal> {
     use clap::ValueEnum as _;
     let values = DeployGoal::value_variants().iter().filter(|g| **g != DeployGoal::Build).filter_map(DeployGoal::to_possible_value);
     clap::builder::PossibleValuesParser::new(values).map(|s: String| Goal::from(DeployGoal::from_str(&s, false).expect("one of the listed values")))
+}
+
+/// `flotilla cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Make a signing key pair, DIR/NAME.secret (mode 0600) and DIR/NAME.public, in the format
+    /// `nix-store --generate-binary-cache-key` writes; an existing file is never overwritten
+    Keygen {
+        /// The key's name, written before each signature (e.g. cache.example.org-1)
+        name: String,
+        /// The directory to write the pair into (made if missing)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a deployment's closures (every selected machine's toplevel, built as `flotilla
+    /// build` builds it), or the closures of PATHS, to a binary cache: only what it lacks,
+    /// signed with --key. DEST is a directory (Nix reads it as file://DEST) or
+    /// s3://BUCKET[/PREFIX]?region=R[&endpoint=URL]
+    Push {
+        /// The cache: a directory, or s3://BUCKET[/PREFIX]?region=R&endpoint=URL
+        dest: String,
+        #[command(flatten)]
+        target: Target,
+        /// Machines: comma-separated names, globs (web*) and @tags
+        #[arg(long, value_name = "SELECTION", default_value = "", conflicts_with = "paths")]
+        on: String,
+        /// Store paths to push with their closures, instead of a deployment's
+        #[arg(conflicts_with_all = ["file", "deployment"])]
+        paths: Vec<String>,
+        /// The secret key that signs the narinfos (as `flotilla cache keygen` writes it)
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Paths compressed at once [default: the number of cores]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: Option<u16>,
+        /// zstd compression level
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod output;
+mod cache_push;
 mod cli;
 mod debug;
 mod fleet;
@@ -160,6 +161,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Debug { command } => debug::run(g, command),
+        Command::Cache { command } => cache_push::run(g, command),
         Command::Image { target, machine, format, output, json } => {
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
