@@ -77,6 +77,18 @@ if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     apt-get install -y -q --no-install-recommends "${release[@]}" qemu-system-x86 >/dev/null
 fi
 
+# `flotilla cache push s3://` is tested against moto's S3 server (a test double: no real
+# S3-compatible server installs from the package registries here); boto3 comes with it and
+# sets up the test's user and bucket. Debian's own Python takes it only outside its packages.
+if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3' 2>/dev/null; then
+    if ! python3 -m pip --version >/dev/null 2>&1; then
+        [ "$(id -u)" -eq 0 ] || { echo "install-deps: need root to install python3-pip" >&2; exit 2; }
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip >/dev/null
+    fi
+    echo "install-deps: installing moto[server] (pip)" >&2
+    python3 -m pip install -q 'moto[server]' 2>/dev/null || python3 -m pip install -q --break-system-packages 'moto[server]'
+fi
+
 # The demo package set's kernel and image tools (nix/demo-pkgs.nix), staged once per version.
 bash "$(dirname "$0")/demo-cache.sh"
 

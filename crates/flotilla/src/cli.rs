@@ -306,6 +306,11 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Nix binary caches: make a signing key, publish closures signed with it, serve them
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
     /// Check this host for everything flotilla uses: each line ok, or the problem and its fix
     /// (exit status 0 when the default platform can deploy from here)
     Doctor {
@@ -330,11 +335,6 @@ pub enum Command {
         /// The command and its arguments
         #[arg(last = true, required = true)]
         command: Vec<String>,
-    },
-    /// Nix binary caches: serve a cache directory or this host's store over HTTP
-    Cache {
-        #[command(subcommand)]
-        command: CacheCommand,
     },
     /// Developer commands: drive an agent that manages a plain directory as a machine's root
     #[command(hide = true)]
@@ -459,6 +459,76 @@ fn push_goal() -> impl clap::builder::TypedValueParser<Value = Goal> {
     clap::builder::PossibleValuesParser::new(values).map(|s: String| Goal::from(DeployGoal::from_str(&s, false).expect("one of the listed values")))
 }
 
+/// `flotilla cache ...`.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Make a signing key pair, DIR/NAME.secret (mode 0600) and DIR/NAME.public, in the format
+    /// `nix-store --generate-binary-cache-key` writes; an existing file is never overwritten
+    Keygen {
+        /// The key's name, written before each signature (e.g. cache.example.org-1)
+        name: String,
+        /// The directory to write the pair into (made if missing)
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Push a deployment's closures (every selected machine's toplevel, built as `flotilla
+    /// build` builds it), or the closures of PATHS, to a binary cache: only what it lacks,
+    /// signed with --key. DEST is a directory (Nix reads it as file://DEST) or
+    /// s3://BUCKET[/PREFIX]?region=R[&endpoint=URL]
+    Push {
+        /// The cache: a directory, or s3://BUCKET[/PREFIX]?region=R&endpoint=URL
+        dest: String,
+        #[command(flatten)]
+        target: Target,
+        /// Machines: comma-separated names, globs (web*) and @tags
+        #[arg(long, value_name = "SELECTION", default_value = "", conflicts_with = "paths")]
+        on: String,
+        /// Store paths to push with their closures, instead of a deployment's
+        #[arg(conflicts_with_all = ["file", "deployment"])]
+        paths: Vec<String>,
+        /// The secret key that signs the narinfos (as `flotilla cache keygen` writes it)
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// Paths compressed at once [default: the number of cores]
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: Option<u16>,
+        /// zstd compression level
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
+        level: i32,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Serve a cache directory (what `flotilla cache push` or `nix copy --to file://DIR` wrote),
+    /// or this host's store with --store, as a Nix binary cache over HTTP until SIGINT/SIGTERM
+    Serve {
+        /// The cache directory
+        #[arg(value_name = "DIR", required_unless_present = "store", conflicts_with = "store")]
+        dir: Option<PathBuf>,
+        /// Serve this host's Nix store: narinfos from Nix's database signed with --key, NARs
+        /// compressed with zstd once into --cache-dir
+        #[arg(long)]
+        store: bool,
+        /// Where to listen, e.g. 127.0.0.1:5000 or [::]:80
+        #[arg(long, value_name = "ADDR")]
+        bind: String,
+        /// Sign every narinfo served with this secret key (`NAME:base64`, as `flotilla cache
+        /// keygen` writes); required with --store
+        #[arg(long, value_name = "FILE")]
+        key: Option<PathBuf>,
+        /// The cache's priority among a client's substituters (lower is preferred), instead of
+        /// the directory's nix-cache-info
+        #[arg(long, value_name = "N")]
+        priority: Option<u32>,
+        /// With --store: where compressed NARs are kept [default: $XDG_CACHE_HOME/flotilla/serve]
+        #[arg(long, value_name = "DIR", requires = "store")]
+        cache_dir: Option<PathBuf>,
+    },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum DebugCommand {
     /// Build one machine and push its system into DIR through a local agent, then activate it
@@ -537,32 +607,3 @@ mod tests {
     }
 }
 
-/// `flotilla cache` subcommands.
-#[derive(Debug, Subcommand)]
-pub enum CacheCommand {
-    /// Serve a cache directory (what `flotilla cache push` or `nix copy --to file://DIR` wrote),
-    /// or this host's store with --store, as a Nix binary cache over HTTP until SIGINT/SIGTERM
-    Serve {
-        /// The cache directory
-        #[arg(value_name = "DIR", required_unless_present = "store", conflicts_with = "store")]
-        dir: Option<PathBuf>,
-        /// Serve this host's Nix store: narinfos from Nix's database signed with --key, NARs
-        /// compressed with zstd once into --cache-dir
-        #[arg(long)]
-        store: bool,
-        /// Where to listen, e.g. 127.0.0.1:5000 or [::]:80
-        #[arg(long, value_name = "ADDR")]
-        bind: String,
-        /// Sign every narinfo served with this secret key (`NAME:base64`, as `flotilla cache
-        /// keygen` writes); required with --store
-        #[arg(long, value_name = "FILE")]
-        key: Option<PathBuf>,
-        /// The cache's priority among a client's substituters (lower is preferred), instead of
-        /// the directory's nix-cache-info
-        #[arg(long, value_name = "N")]
-        priority: Option<u32>,
-        /// With --store: where compressed NARs are kept [default: $XDG_CACHE_HOME/flotilla/serve]
-        #[arg(long, value_name = "DIR", requires = "store")]
-        cache_dir: Option<PathBuf>,
-    },
-}

@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod output;
+mod cache;
 mod cli;
 mod debug;
 mod fleet;
@@ -161,7 +162,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Debug { command } => debug::run(g, command),
-        Command::Cache { command } => cache(g, command),
+        Command::Cache { command } => cache::run(g, command),
         Command::Image { command: Some(cli::ImageCommand::Push { from, reference, registry, json }), .. } => {
             let reference = flotilla_engine::oci::registry::Reference::parse(reference)?;
             let source = flotilla_engine::oci::registry::OciLayoutDir::open(from)?;
@@ -289,36 +290,3 @@ fn actor() -> String {
     format!("{user}@{}", host.trim())
 }
 
-/// `flotilla cache ...`.
-fn cache(g: &Global, command: &cli::CacheCommand) -> Result<Outcome> {
-    use flotilla_engine::cache::serve::{ServeOptions, Server, Source};
-    match command {
-        cli::CacheCommand::Serve { dir, store, bind, key, priority, cache_dir } => {
-            let source = match (dir, store) {
-                (Some(dir), false) => Source::Dir(dir.clone()),
-                _ => Source::Store { cache_dir: cache_dir.clone().unwrap_or_else(default_serve_cache_dir) },
-            };
-            let what = match &source {
-                Source::Dir(d) => d.display().to_string(),
-                Source::Store { cache_dir } => format!("this host's store (NARs kept in {})", cache_dir.display()),
-            };
-            let opts = ServeOptions { source, bind: bind.clone(), key: key.clone(), priority: *priority, verbose: g.verbose };
-            let server = Server::open(&opts)?;
-            let addr = server.local_addr().context("the listening address")?;
-            eprintln!("serving {what} ({} narinfos) at http://{addr}", server.narinfos());
-            let signal = server.run().context("serving")?;
-            eprintln!("stopped ({signal})");
-            Ok(Outcome::Ok)
-        }
-    }
-}
-
-/// `--store`'s default cache directory: `$XDG_CACHE_HOME/flotilla/serve`, else `~/.cache/...`.
-fn default_serve_cache_dir() -> PathBuf {
-    let base = std::env::var_os("XDG_CACHE_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
-        .unwrap_or_else(|| PathBuf::from("/var/cache"));
-    base.join("flotilla/serve")
-}
