@@ -41,6 +41,8 @@ command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+# pip, for moto's S3 server (below).
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
@@ -81,12 +83,9 @@ fi
 # S3-compatible server installs from the package registries here); boto3 comes with it and
 # sets up the test's user and bucket. Debian's own Python takes it only outside its packages.
 if ! command -v moto_server >/dev/null 2>&1 || ! python3 -c 'import boto3' 2>/dev/null; then
-    if ! python3 -m pip --version >/dev/null 2>&1; then
-        [ "$(id -u)" -eq 0 ] || { echo "install-deps: need root to install python3-pip" >&2; exit 2; }
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip >/dev/null
-    fi
-    echo "install-deps: installing moto[server] (pip)" >&2
-    python3 -m pip install -q 'moto[server]' 2>/dev/null || python3 -m pip install -q --break-system-packages 'moto[server]'
+    echo "install-deps: installing moto[server] 5.2.1 (pip)" >&2
+    # Pinned: the tests rely on its signature checking and its bucket listing.
+    python3 -m pip install -q 'moto[server]==5.2.1' 2>/dev/null || python3 -m pip install -q --break-system-packages 'moto[server]==5.2.1'
 fi
 
 # The demo package set's kernel and image tools (nix/demo-pkgs.nix), staged once per version.
