@@ -82,7 +82,8 @@ pub fn substitute(
     run: &NixRunner<'_>,
     progress: &mut dyn FnMut(String),
 ) -> Result<Substituted, SubstituteError> {
-    let caches: Vec<Url> = caches.iter().map(|c| Url::parse(c)).collect::<Result<_, _>>()?;
+    let mut caches: Vec<Url> = caches.iter().map(|c| Url::parse(c)).collect::<Result<_, _>>()?;
+    caches.iter_mut().for_each(|c| c.resolve(root));
     let keys: Vec<PublicKey> = trusted_keys
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|source| SubstituteError::Key { key: k.clone(), source }))

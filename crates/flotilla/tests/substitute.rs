@@ -121,6 +121,55 @@ fn a_fleet_fetches_from_the_deployers_own_store_served_signed_on_the_fly_with_no
     assert_eq!(page(&f, &file).as_deref(), Some("straight from the store\n"));
 }
 
+/// The agent is static and never calls into glibc's NSS (which a static binary cannot load on
+/// a machine without the same glibc): a cache's host name resolves through the machine's own
+/// `/etc/hosts`, as health checks' do. A fresh container has none until its first activation
+/// places it, so its first deploy is pushed (the row says why) and the next one fetches.
+#[test]
+fn a_machine_reaches_a_cache_by_a_host_name_from_its_own_etc_hosts() {
+    let f = Fleet::new();
+    let (sk, pk) = nix_key(f.fl.dir.path(), "named-cache-1");
+    let kept = f.fl.dir.path().join("serve-cache");
+    let (_server, port) = cache_serve(&f, &["--store", "--key", sk.to_str().unwrap(), "--cache-dir", kept.to_str().unwrap()]);
+    let settings = format!(
+        r#"files."/etc/hosts".text = "127.0.0.1 localhost\n{GATEWAY} cache.fleet.test\n";
+    deploy = {{ substituters = [ "http://cache.fleet.test:{port}" ]; trustedPublicKeys = [ "{pk}" ]; substituteOnDestination = true; }};"#
+    );
+    let first = deployment(&f, "named", "pushed first", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &first]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    assert!(web["summary"].as_str().unwrap().contains("cannot resolve cache.fleet.test through the machine's /etc/hosts"), "{web:#}");
+
+    let file = deployment(&f, "named", "found by name", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let copy = &web["copy"];
+    assert_eq!(copy["substituted"]["missed"], serde_json::json!([]), "{web:#}");
+    assert!(copy["substituted"]["paths"].as_u64().unwrap() >= 2, "the new site and toplevel:\n{web:#}");
+    assert_eq!(copy["bytes_sent"], 0, "the machine did not reach the cache by its name:\n{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("found by name\n"));
+}
+
+/// A name the machine's `/etc/hosts` does not list: the row says so, and the deployer pushes.
+#[test]
+fn a_cache_host_name_the_machine_cannot_resolve_is_said_in_the_row_and_everything_is_pushed() {
+    let f = Fleet::new();
+    let (_, pk) = nix_key(f.fl.dir.path(), "named-cache-1");
+    let settings = r#"deploy = { substituters = [ "http://nowhere.fleet.test:5000" ]; trustedPublicKeys = [ "PK" ]; substituteOnDestination = true; };"#.replace("PK", &pk);
+    let file = deployment(&f, "unnamed", "pushed anyway", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let sub = &web["copy"]["substituted"];
+    let pushed = web["copy"]["paths_sent"].as_u64().unwrap();
+    assert_eq!(sub["pushed_because"], serde_json::json!({ "cache down": pushed }), "{web:#}");
+    let detail = sub["missed"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("cannot resolve nowhere.fleet.test through the machine's /etc/hosts"), "{detail}");
+    assert_eq!(page(&f, &file).as_deref(), Some("pushed anyway\n"));
+}
+
 #[test]
 fn a_path_signed_by_an_untrusted_key_is_refused_and_pushed_by_the_deployer() {
     let f = Fleet::new();
