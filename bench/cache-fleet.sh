@@ -13,10 +13,13 @@
 #
 #   bash bench/cache-fleet.sh
 #   N=16 bash bench/cache-fleet.sh
+#   N=2 BLOBS=16 bash bench/cache-fleet.sh  # each machine also holds 16 paths of 8 MiB (random,
+#                                          # so incompressible): a bigger closure of many paths
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-8}
+BLOBS=${BLOBS:-0}
 GATEWAY=10.231.0.1 # the bridge's address on the default subnet, in the benchmark's namespace
 PORT=5000
 
@@ -41,7 +44,8 @@ file=$work/fleet.nix
 {
     echo "{ meta.name = \"cachefleet\";"
     echo "  defaults = { pkgs, ... }: {"
-    echo "    packages = [ pkgs.busybox ]; binsh = \"\${pkgs.busybox}/bin/sh\";"
+    echo "    packages = [ pkgs.busybox ] ++ map (i: pkgs.runCommand \"blob-\${toString i}\" { } \"mkdir \$out; head -c 8388608 /dev/urandom > \$out/blob\") (builtins.genList (i: i) $BLOBS);"
+    echo "    binsh = \"\${pkgs.busybox}/bin/sh\";"
     echo "    deploy = { substituters = [ \"http://$GATEWAY:$PORT\" ]; trustedPublicKeys = [ \"$pk\" ]; };"
     echo "  };"
     echo "  machines = let web = { name, pkgs, ... }: {"

@@ -125,6 +125,10 @@ pub enum NixError {
     },
 }
 
+/// What [`MachineRoot::receive`] unpacked: (paths, NAR bytes) added, the paths added, and the
+/// first error.
+type Unpacked = ((u64, u64), BTreeSet<StorePath>, Option<ReceiveError>);
+
 /// Runs a program (argv) with stdin from a file; answers whether it exited 0, and its stderr.
 pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> io::Result<(bool, String)> + 'a;
 
@@ -383,7 +387,7 @@ impl MachineRoot {
 
     /// Unpacks and registers (with the agent) what `receive` receives: (paths, NAR bytes)
     /// added, the paths added, and the first error; `Err` only when the stream cannot be read.
-    fn unpack(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<((u64, u64), BTreeSet<StorePath>, Option<ReceiveError>), ReceiveError> {
+    fn unpack(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<Unpacked, ReceiveError> {
         let mut first_error = None;
         let mut added = (0u64, 0u64);
         let mut batch: BTreeSet<StorePath> = BTreeSet::new();
