@@ -101,7 +101,7 @@ in
 
   deploy = opt (t.submodule {
     substituters = opt (t.listOf t.str) [ ]
-      "Binary caches the machine fetches its closure from itself, before the deployer pushes the rest: plain `http://` URLs (e.g. a `flotilla cache serve` the machine reaches), tried in order. A path is taken only when its narinfo is signed by one of `trustedPublicKeys` and its NAR hash is the deployer's; anything a cache lacks, refuses or cannot serve is pushed by the deployer as usual. Used when `substituteOnDestination` is set or `flotilla deploy --substitute-on-destination` is given.";
+      "Binary caches the machine fetches its closure from itself, before the deployer pushes the rest: plain `http://` URLs (e.g. a `flotilla cache serve` the machine reaches), tried in order. The host is an address or a name in the machine's own `/etc/hosts` (the agent does no DNS; a fresh container has its `/etc/hosts` only from its first activation on, so its first deploy is pushed). A path is taken only when its narinfo is signed by one of `trustedPublicKeys` and its NAR hash is the deployer's; anything a cache lacks, refuses or cannot serve is pushed by the deployer as usual. Used when `substituteOnDestination` is set or `flotilla deploy --substitute-on-destination` is given.";
     trustedPublicKeys = opt (t.listOf t.str) [ ]
       "The public keys (`name:base64`, as `nix-store --generate-binary-cache-key` and `flotilla cache keygen` write them) whose signatures the machine accepts on what `substituters` serve.";
     substituteOnDestination = opt t.bool false

@@ -146,7 +146,7 @@ fn http(root: &MachineRoot, url: &str, timeout: Duration) -> Probe {
 }
 
 /// An address literal, `localhost`, or a name from the machine's `/etc/hosts`.
-fn resolve(root: &MachineRoot, host: &str) -> Option<IpAddr> {
+pub(crate) fn resolve(root: &MachineRoot, host: &str) -> Option<IpAddr> {
     if let Ok(ip) = host.parse() {
         return Some(ip);
     }

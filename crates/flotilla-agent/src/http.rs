@@ -1,16 +1,21 @@
 //! The smallest HTTP/1.1 client that fetches from a binary cache: `GET` over a plain
 //! `TcpStream`, one request per connection, nothing else. It exists because the agent is
-//! copied to every machine and must stay small and static: no TLS, no HTTP library, no
-//! resolver beyond the standard library's. A cache is trusted through the signatures on what
-//! it serves, never through its transport, so plain http loses nothing the agent relies on.
+//! copied to every machine and must stay small and static: no TLS, no HTTP library, no DNS. A
+//! cache is trusted through the signatures on what it serves, never through its transport, so
+//! plain http loses nothing the agent relies on. Names are not resolved through glibc's NSS,
+//! which a static binary can load only where the machine has the very glibc it was linked
+//! with: a name is looked up in the machine's own `/etc/hosts` ([`Url::resolve`]), as health
+//! checks' are, and an address literal needs nothing.
 //!
 //! It must never wait without a bound (every connect, read and write has a timeout), never
 //! read more than the caller's limit (a hostile or broken server cannot fill the machine's
 //! memory or disk), and never follow a redirect (a cache names its files itself).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::time::Duration;
+
+use crate::machine::MachineRoot;
 
 /// How long a connection may take to open.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,6 +75,9 @@ pub struct Url {
     pub port: u16,
     /// The path, starting with `/`.
     pub path: String,
+    /// The host's address: the host itself when it is an address, else what [`Url::resolve`]
+    /// found; `None` until then.
+    pub ip: Option<IpAddr>,
 }
 
 impl Url {
@@ -95,7 +103,14 @@ impl Url {
             _ => (authority, 80),
         };
         let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(Url { authority: authority.to_owned(), host: host.to_owned(), port, path: path.to_owned() })
+        Ok(Url { authority: authority.to_owned(), host: host.to_owned(), port, path: path.to_owned(), ip: host.parse().ok() })
+    }
+
+    /// Resolves the host through the machine's `/etc/hosts` (and `localhost`), never NSS.
+    pub fn resolve(&mut self, root: &MachineRoot) {
+        if self.ip.is_none() {
+            self.ip = crate::health::resolve(root, &self.host);
+        }
     }
 
     /// This URL with `rel` (a relative path such as `abc.narinfo` or `nar/x.nar.zst`) appended
@@ -134,19 +149,10 @@ enum Body {
 /// `GET url`; the body may hold at most `limit` bytes (reading more is an error).
 pub fn get(url: &Url, limit: u64) -> Result<Response, HttpError> {
     let io_err = |source| HttpError::Io { url: url.to_string(), source };
-    let addrs: Vec<SocketAddr> = (url.host.as_str(), url.port).to_socket_addrs().map_err(io_err)?.collect();
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "the host name has no address");
-    let mut stream = None;
-    for addr in addrs {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(s) => {
-                stream = Some(s);
-                break;
-            }
-            Err(e) => last = e,
-        }
-    }
-    let stream = stream.ok_or_else(|| io_err(last))?;
+    let ip = url.ip.ok_or_else(|| {
+        io_err(io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {} through the machine's /etc/hosts; use an address or a name listed there", url.host)))
+    })?;
+    let stream = TcpStream::connect_timeout(&SocketAddr::new(ip, url.port), CONNECT_TIMEOUT).map_err(io_err)?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     let request = format!(

@@ -125,6 +125,10 @@ pub enum NixError {
     },
 }
 
+/// What [`MachineRoot::receive`] unpacked: (paths, NAR bytes) added, the paths added, and the
+/// first error.
+type Unpacked = ((u64, u64), BTreeSet<StorePath>, Option<ReceiveError>);
+
 /// Runs a program (argv) with stdin from a file; answers whether it exited 0, and its stderr.
 pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> io::Result<(bool, String)> + 'a;
 
@@ -359,6 +363,31 @@ impl MachineRoot {
     /// error, so the protocol stays in step. On a machine whose Nix takes them, the received
     /// paths are registered with it too. Returns (paths, NAR bytes) added.
     pub fn receive(&self, paths: &[PathInfo], stream: &mut dyn Read, run: &NixRunner<'_>) -> Result<(u64, u64), ReceiveError> {
+        let (added, batch, mut first_error) = self.unpack(paths, stream)?;
+        if !batch.is_empty() {
+            // Their closure: a reference received earlier may not be in Nix's database yet
+            // (the machine had no nix-store then); Nix skips what it holds already.
+            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>()), run) {
+                first_error.get_or_insert(ReceiveError::Nix(e));
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(added),
+        }
+    }
+
+    /// [`MachineRoot::receive`] without the registration with the machine's Nix, which the
+    /// caller does afterwards ([`MachineRoot::register_with_nix`] of their closure): for
+    /// receives running side by side (one `nix-store` call for all of them, not one each).
+    pub fn receive_unregistered(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<(u64, u64), ReceiveError> {
+        let (added, _, first_error) = self.unpack(paths, stream)?;
+        first_error.map_or(Ok(added), Err)
+    }
+
+    /// Unpacks and registers (with the agent) what `receive` receives: (paths, NAR bytes)
+    /// added, the paths added, and the first error; `Err` only when the stream cannot be read.
+    fn unpack(&self, paths: &[PathInfo], stream: &mut dyn Read) -> Result<Unpacked, ReceiveError> {
         let mut first_error = None;
         let mut added = (0u64, 0u64);
         let mut batch: BTreeSet<StorePath> = BTreeSet::new();
@@ -378,17 +407,7 @@ impl MachineRoot {
             // Whatever the outcome, consume this path's bytes.
             io::copy(&mut limited, &mut io::sink()).map_err(io("cannot read the stream for", &self.store_path(&info.path)))?;
         }
-        if !batch.is_empty() {
-            // Their closure: a reference received earlier may not be in Nix's database yet
-            // (the machine had no nix-store then); Nix skips what it holds already.
-            if let Err(e) = self.register_with_nix(&self.closure(&batch.into_iter().collect::<Vec<_>>()), run) {
-                first_error.get_or_insert(ReceiveError::Nix(e));
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(added),
-        }
+        Ok((added, batch, first_error))
     }
 
     fn receive_one(&self, info: &PathInfo, input: &mut dyn Read, batch: &BTreeSet<StorePath>) -> Result<Received, ReceiveError> {

@@ -8,15 +8,17 @@
 //! what was built and tested, whatever else a trusted key signed); the compressed file has the
 //! narinfo's `FileSize` and `FileHash` when given; and the NAR unpacks to that hash. The
 //! unpacking is [`MachineRoot::receive`], the one crash-safe receive `AddPaths` uses (temporary
-//! name, hash and size checked, rename, registration), fed one path at a time, references
-//! first, so a path is added only after everything it refers to is valid.
+//! name, hash and size checked, rename, registration), fed one path at a time, a few paths side
+//! by side ([`PARALLEL`]), a path started only once everything it refers to is valid; the
+//! machine's Nix (if it has one) is told about them all at the end, as after `AddPaths`.
 //!
 //! It must never leave anything half-written: the compressed file is downloaded to a file that
 //! is unlinked as soon as it is made (only its descriptor holds it), and `receive` removes its
 //! own temporary name on any failure. A path it does not get is not an error: it is reported
 //! with why, and the deployer pushes it.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{mpsc, Mutex};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Seek, Write};
 use std::os::unix::fs::OpenOptionsExt as _;
@@ -73,7 +75,9 @@ fn miss(reason: MissReason, detail: impl Into<String>) -> Miss {
 }
 
 /// Fetches `paths` (references first) from `caches` into `root`, each from the first cache
-/// that has it and passes every check. `progress` is told what is being done, now and then.
+/// that has it and passes every check, [`PARALLEL`] at a time: a path is started only once
+/// each of its references among `paths` is done (got, or refused: then it is refused too,
+/// after its cache has said why). `progress` is told what is being done, now and then.
 pub fn substitute(
     root: &MachineRoot,
     paths: &[PathInfo],
@@ -82,52 +86,142 @@ pub fn substitute(
     run: &NixRunner<'_>,
     progress: &mut dyn FnMut(String),
 ) -> Result<Substituted, SubstituteError> {
-    let caches: Vec<Url> = caches.iter().map(|c| Url::parse(c)).collect::<Result<_, _>>()?;
+    let mut caches: Vec<Url> = caches.iter().map(|c| Url::parse(c)).collect::<Result<_, _>>()?;
+    caches.iter_mut().for_each(|c| c.resolve(root));
     let keys: Vec<PublicKey> = trusted_keys
         .iter()
         .map(|k| PublicKey::parse(k).map_err(|source| SubstituteError::Key { key: k.clone(), source }))
         .collect::<Result<_, _>>()?;
-    let mut down: Vec<Option<String>> = vec![None; caches.len()];
-    let mut done = Substituted::default();
-    let mut got: BTreeSet<StorePath> = BTreeSet::new();
-    for info in paths {
-        if root.is_valid(&info.path) && root.registration(&info.path).is_some_and(|r| r.nar_hash == info.nar_hash) {
-            got.insert(info.path.clone());
-            done.got.push(info.path.clone());
-            continue;
-        }
-        let mut misses = Vec::new();
-        let mut fetched = None;
-        for (cache, down) in caches.iter().zip(down.iter_mut()) {
-            if let Some(why) = down {
-                misses.push(miss(MissReason::CacheDown, why.clone()));
-                continue;
-            }
-            match fetch(root, cache, info, &keys, &got, run, progress) {
-                Ok(bytes) => {
-                    fetched = Some(bytes);
+    let down: Mutex<Vec<Option<String>>> = Mutex::new(vec![None; caches.len()]);
+    let index: BTreeMap<&StorePath, usize> = paths.iter().enumerate().map(|(i, p)| (&p.path, i)).collect();
+    let mut state: Vec<State> = paths
+        .iter()
+        .map(|info| {
+            let valid = root.is_valid(&info.path) && root.registration(&info.path).is_some_and(|r| r.nar_hash == info.nar_hash);
+            if valid { State::Valid } else { State::Waiting }
+        })
+        .collect();
+    let mut got: BTreeSet<StorePath> = paths.iter().zip(&state).filter(|(_, s)| matches!(s, State::Valid)).map(|(p, _)| p.path.clone()).collect();
+    let done_with = |state: &[State], i: usize| !matches!(state[i], State::Waiting | State::Running);
+    let ready = |state: &[State], info: &PathInfo| info.references.iter().filter(|r| **r != info.path).filter_map(|r| index.get(r)).all(|&j| done_with(state, j));
+
+    std::thread::scope(|scope| {
+        let (tx, rx) = mpsc::channel::<Event>();
+        let mut running = 0;
+        loop {
+            for (i, info) in paths.iter().enumerate() {
+                if running >= PARALLEL {
                     break;
                 }
-                Err(m) => {
-                    if m.reason == MissReason::CacheDown {
-                        // Not asked again in this request: each path would wait out its timeouts.
-                        *down = Some(m.detail.clone());
-                    }
-                    misses.push(m);
+                if matches!(state[i], State::Waiting) && ready(&state, info) {
+                    state[i] = State::Running;
+                    running += 1;
+                    let (tx, got, caches, keys, down) = (tx.clone(), got.clone(), &caches, &keys, &down);
+                    scope.spawn(move || {
+                        let mut say = |m: String| {
+                            let _ = tx.send(Event::Progress(m));
+                        };
+                        let result = from_caches(root, caches, info, keys, &got, down, &mut say);
+                        let _ = tx.send(Event::Done(i, result));
+                    });
+                }
+            }
+            if running == 0 {
+                break;
+            }
+            match rx.recv().expect("a fetching thread always answers") {
+                Event::Progress(m) => progress(m),
+                Event::Done(i, result) => {
+                    running -= 1;
+                    state[i] = match result {
+                        Ok(bytes) => {
+                            progress(format!("fetched {} from a cache", paths[i].path));
+                            got.insert(paths[i].path.clone());
+                            State::Fetched(bytes)
+                        }
+                        Err(misses) => State::Missed(worst(&paths[i].path, misses)),
+                    };
                 }
             }
         }
-        match fetched {
-            Some(bytes) => {
-                progress(format!("fetched {} from a cache", info.path));
-                got.insert(info.path.clone());
-                done.got.push(info.path.clone());
-                done.bytes += bytes;
+    });
+
+    // One registration with the machine's Nix for everything fetched (as `AddPaths` does for
+    // what it receives); if it fails, the deployer pushes them and `AddPaths` registers.
+    let fetched: Vec<StorePath> = paths.iter().zip(&state).filter(|(_, s)| matches!(s, State::Fetched(_))).map(|(p, _)| p.path.clone()).collect();
+    let unregistered = match fetched.is_empty() {
+        true => None,
+        false => root.register_with_nix(&root.closure(&fetched), run).err().map(|e| format!("fetched, but the machine's Nix did not take it: {e}")),
+    };
+    let mut done = Substituted::default();
+    for (info, st) in paths.iter().zip(state) {
+        match st {
+            State::Valid => done.got.push(info.path.clone()),
+            State::Fetched(bytes) => match &unregistered {
+                None => {
+                    done.got.push(info.path.clone());
+                    done.bytes += bytes;
+                }
+                Some(why) => done.missed.push(SubstituteMiss { path: info.path.clone(), reason: MissReason::Failed, detail: why.clone() }),
+            },
+            State::Missed(m) => done.missed.push(m),
+            // Only a reference cycle among the paths (which Nix never makes) leaves one here.
+            State::Waiting | State::Running => {
+                done.missed.push(SubstituteMiss { path: info.path.clone(), reason: MissReason::ReferenceMissing, detail: "its references never became valid".into() })
             }
-            None => done.missed.push(worst(&info.path, misses)),
         }
     }
     Ok(done)
+}
+
+/// How many paths are fetched at once: enough to keep a machine's link busy while another
+/// path unpacks, few enough not to swamp a small cache.
+pub const PARALLEL: usize = 4;
+
+/// Where one path is.
+enum State {
+    /// Valid on the machine before the request.
+    Valid,
+    Waiting,
+    Running,
+    /// Fetched: its NAR size.
+    Fetched(u64),
+    Missed(SubstituteMiss),
+}
+
+enum Event {
+    Progress(String),
+    Done(usize, Result<u64, Vec<Miss>>),
+}
+
+/// Tries each cache in turn for one path; a cache found down is not asked again in this
+/// request (each path would wait out its timeouts).
+fn from_caches(
+    root: &MachineRoot,
+    caches: &[Url],
+    info: &PathInfo,
+    keys: &[PublicKey],
+    got: &BTreeSet<StorePath>,
+    down: &Mutex<Vec<Option<String>>>,
+    progress: &mut dyn FnMut(String),
+) -> Result<u64, Vec<Miss>> {
+    let mut misses = Vec::new();
+    for (c, cache) in caches.iter().enumerate() {
+        if let Some(why) = down.lock().unwrap_or_else(|e| e.into_inner())[c].clone() {
+            misses.push(miss(MissReason::CacheDown, why));
+            continue;
+        }
+        match fetch(root, cache, info, keys, got, progress) {
+            Ok(bytes) => return Ok(bytes),
+            Err(m) => {
+                if m.reason == MissReason::CacheDown {
+                    down.lock().unwrap_or_else(|e| e.into_inner())[c] = Some(m.detail.clone());
+                }
+                misses.push(m);
+            }
+        }
+    }
+    Err(misses)
 }
 
 /// The one miss to report for a path from every cache's: a cache that had it and was refused
@@ -144,7 +238,7 @@ fn worst(path: &StorePath, misses: Vec<Miss>) -> SubstituteMiss {
 }
 
 /// Fetches one path from one cache; returns its NAR size.
-fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], got: &BTreeSet<StorePath>, run: &NixRunner<'_>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
+fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], got: &BTreeSet<StorePath>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
     let down = |e: HttpError| miss(MissReason::CacheDown, format!("cache down: {e}"));
     let narinfo_at = cache.join(&narinfo_url(&info.path));
     let answer = http::get(&narinfo_at, MAX_NARINFO).map_err(down)?;
@@ -232,7 +326,7 @@ fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], g
     } else {
         Box::new(file)
     };
-    match root.receive(std::slice::from_ref(info), &mut nar, run) {
+    match root.receive_unregistered(std::slice::from_ref(info), &mut nar) {
         Ok(_) => Ok(info.nar_size),
         Err(ReceiveError::Integrity { problem, .. }) => Err(miss(MissReason::HashMismatch, format!("hash mismatch: the NAR from {nar_at} does not match its signed narinfo: {problem}"))),
         Err(ReceiveError::Io { what: "cannot read the stream for", source, .. }) => {

@@ -2,10 +2,11 @@
 //! `deploy.trustedPublicKeys`, `deploy --substitute-on-destination`), and the deployer pushes
 //! only what no cache gave, saying why in the machine's row.
 //!
-//! The cache is one real Nix wrote (`nix copy --to file://...?compression=zstd&secret-key=...`
-//! of the machine's closure), served over HTTP by `python3 -m http.server` inside the test's
-//! network namespace, where the machines reach it on the bridge's address. (It stands in for
-//! `flotilla cache serve` until that lands; any static HTTP server serves the same files.)
+//! The cache is `flotilla cache serve` inside the test's network namespace, where the machines
+//! reach it on the bridge's address: either serving a directory real Nix wrote (`nix copy
+//! --to file://...?compression=zstd&secret-key=...` of the machine's closure, so the agent is
+//! shown to read what Nix writes), or serving the deployer host's own store signed on the fly
+//! (`--store --key`), so a fleet needs no push step at all.
 
 mod common;
 
@@ -41,12 +42,19 @@ fn nix_cache(f: &Fleet, file: &str, secret: &Path) -> PathBuf {
     dir
 }
 
-/// `python3 -m http.server` serving `dir` on every address of the test's namespace.
-fn serve(f: &Fleet, dir: &Path) -> (KillOnDrop, u16) {
+/// `flotilla cache serve ARGS` on every address of the test's namespace, once it answers.
+fn cache_serve(f: &Fleet, args: &[&str]) -> (KillOnDrop, u16) {
     let port = common::free_port();
-    let server = KillOnDrop(f.in_ns_command(&["python3", "-m", "http.server", &port.to_string(), "--bind", "0.0.0.0", "--directory", dir.to_str().unwrap()]).spawn().expect("prerequisite missing: python3"));
-    assert!(f.http_get(&format!("http://127.0.0.1:{port}/nix-cache-info")).is_some_and(|t| t.contains("StoreDir: /nix/store")), "the cache server never answered");
+    let bind = format!("0.0.0.0:{port}");
+    let argv = [&[env!("CARGO_BIN_EXE_flotilla"), "cache", "serve"], args, &["--bind", &bind]].concat();
+    let server = KillOnDrop(f.fl_env(f.in_ns_command(&argv)).spawn().expect("flotilla runs"));
+    assert!(f.http_get(&format!("http://127.0.0.1:{port}/nix-cache-info")).is_some_and(|t| t.contains("StoreDir: /nix/store")), "flotilla cache serve never answered");
     (server, port)
+}
+
+/// `flotilla cache serve DIR`: a directory Nix (or `flotilla cache push`) wrote.
+fn serve(f: &Fleet, dir: &Path) -> (KillOnDrop, u16) {
+    cache_serve(f, &[dir.to_str().unwrap()])
 }
 
 /// The deployment `name`: busybox's httpd serving `page`, with the given `deploy` settings.
@@ -69,6 +77,7 @@ fn machine_root(f: &Fleet, deployment: &str) -> PathBuf {
     f.fl.dir.path().join("state/machines").join(deployment).join("web/root")
 }
 
+/// Also the interop check: the cache is a directory real Nix wrote and signed.
 #[test]
 fn a_machine_fetches_its_closure_from_a_cache_and_the_deployer_sends_nothing() {
     let f = Fleet::new();
@@ -91,6 +100,74 @@ fn a_machine_fetches_its_closure_from_a_cache_and_the_deployer_sends_nothing() {
     assert_eq!(page(&f, &file).as_deref(), Some("from the cache\n"));
     // What the deployer would have sent instead: the same closure, pushed.
     eprintln!("substitution: deployer sent {} bytes, machine fetched {} bytes in {} paths", copy["bytes_sent"], copy["substituted"]["bytes"], fetched);
+}
+
+#[test]
+fn a_fleet_fetches_from_the_deployers_own_store_served_signed_on_the_fly_with_no_push_step() {
+    let f = Fleet::new();
+    let (sk, pk) = nix_key(f.fl.dir.path(), "deployer-store-1");
+    let kept = f.fl.dir.path().join("serve-cache");
+    // No cache directory, no `nix copy`, no `flotilla cache push`: the store the deploy builds
+    // into is the cache.
+    let (_server, port) = cache_serve(&f, &["--store", "--key", sk.to_str().unwrap(), "--cache-dir", kept.to_str().unwrap()]);
+    let file = deployment(&f, "fromstore", "straight from the store", &deploy_settings(port, &pk, true));
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let copy = &web["copy"];
+    assert_eq!((&copy["bytes_sent"], &copy["paths_sent"]), (&serde_json::json!(0), &serde_json::json!(0)), "the deployer pushed what its own store serves:\n{web:#}");
+    assert!(copy["substituted"]["paths"].as_u64().unwrap() >= 3, "{web:#}");
+    assert_eq!(copy["substituted"]["missed"], serde_json::json!([]), "{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("straight from the store\n"));
+}
+
+/// The agent is static and never calls into glibc's NSS (which a static binary cannot load on
+/// a machine without the same glibc): a cache's host name resolves through the machine's own
+/// `/etc/hosts`, as health checks' do. A fresh container has none until its first activation
+/// places it, so its first deploy is pushed (the row says why) and the next one fetches.
+#[test]
+fn a_machine_reaches_a_cache_by_a_host_name_from_its_own_etc_hosts() {
+    let f = Fleet::new();
+    let (sk, pk) = nix_key(f.fl.dir.path(), "named-cache-1");
+    let kept = f.fl.dir.path().join("serve-cache");
+    let (_server, port) = cache_serve(&f, &["--store", "--key", sk.to_str().unwrap(), "--cache-dir", kept.to_str().unwrap()]);
+    let settings = format!(
+        r#"files."/etc/hosts".text = "127.0.0.1 localhost\n{GATEWAY} cache.fleet.test\n";
+    deploy = {{ substituters = [ "http://cache.fleet.test:{port}" ]; trustedPublicKeys = [ "{pk}" ]; substituteOnDestination = true; }};"#
+    );
+    let first = deployment(&f, "named", "pushed first", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &first]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    assert!(web["summary"].as_str().unwrap().contains("cannot resolve cache.fleet.test through the machine's /etc/hosts"), "{web:#}");
+
+    let file = deployment(&f, "named", "found by name", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let copy = &web["copy"];
+    assert_eq!(copy["substituted"]["missed"], serde_json::json!([]), "{web:#}");
+    assert!(copy["substituted"]["paths"].as_u64().unwrap() >= 2, "the new site and toplevel:\n{web:#}");
+    assert_eq!(copy["bytes_sent"], 0, "the machine did not reach the cache by its name:\n{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("found by name\n"));
+}
+
+/// A name the machine's `/etc/hosts` does not list: the row says so, and the deployer pushes.
+#[test]
+fn a_cache_host_name_the_machine_cannot_resolve_is_said_in_the_row_and_everything_is_pushed() {
+    let f = Fleet::new();
+    let (_, pk) = nix_key(f.fl.dir.path(), "named-cache-1");
+    let settings = r#"deploy = { substituters = [ "http://nowhere.fleet.test:5000" ]; trustedPublicKeys = [ "PK" ]; substituteOnDestination = true; };"#.replace("PK", &pk);
+    let file = deployment(&f, "unnamed", "pushed anyway", &settings);
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{out}");
+    let web = row(&report, "web");
+    let sub = &web["copy"]["substituted"];
+    let pushed = web["copy"]["paths_sent"].as_u64().unwrap();
+    assert_eq!(sub["pushed_because"], serde_json::json!({ "cache down": pushed }), "{web:#}");
+    let detail = sub["missed"][0]["detail"].as_str().unwrap();
+    assert!(detail.contains("cannot resolve nowhere.fleet.test through the machine's /etc/hosts"), "{detail}");
+    assert_eq!(page(&f, &file).as_deref(), Some("pushed anyway\n"));
 }
 
 #[test]
