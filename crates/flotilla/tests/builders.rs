@@ -107,7 +107,7 @@ fn a_down_builder_falls_back_to_this_host_or_fails_the_machine_naming_it() {
     let builder = nix_host(&lab, "gone");
     let entry = builder_entry(&lab, &builder);
     drop(builder); // nothing answers at its address any more
-    let down = entry.split_whitespace().nth(0).unwrap().trim_start_matches("ssh://").to_owned();
+    let down = entry.split_whitespace().next().unwrap().trim_start_matches("ssh://").to_owned();
 
     // Local builds allowed (the default): Nix builds here, and flotilla says why.
     let file = f.fl.file("d.nix", &deployment(&lab, &nonce(), &format!("meta.builders = {entry:?};"), None, ""));
