@@ -181,6 +181,8 @@ let
   phase1 = {
     name = meta.name or null;
     description = meta.description or "";
+    builders = meta.builders or null;
+    buildLocally = meta.buildLocally or true;
     machines = mapAttrs
       (_: cfg: if isAttrs cfg then { platform = cfg.platform or { }; tags = cfg.tags or [ ]; } else { })
       configs;

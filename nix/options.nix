@@ -106,6 +106,8 @@ in
       "The public keys (`name:base64`, as `nix-store --generate-binary-cache-key` and `flotilla cache keygen` write them) whose signatures the machine accepts on what `substituters` serve.";
     substituteOnDestination = opt t.bool false
       "Whether the machine fetches from `substituters` at every deploy (without `--substitute-on-destination`).";
+    buildOnTarget = opt t.bool false
+      "Whether the system is built on the machine's host, with that host's Nix, instead of on the deployer (`flotilla deploy --build-on target` does it for every selected machine): the derivations are copied there, realised there, and activated without the closure ever coming back to the deployer. For ssh machines whose host has Nix; `flotilla build` and `--goal build` still build on the deployer.";
   }) { } "How the deployer gets the closure onto the machine; not part of the system.";
 
   tags = opt (t.listOf t.str) [ ]

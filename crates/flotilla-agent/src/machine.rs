@@ -522,6 +522,53 @@ impl MachineRoot {
         Ok(NixRegistration::Registered(infos.len()))
     }
 
+    /// Takes the closure of `root`, built on this machine by its own Nix (a deploy with
+    /// `deploy.buildOnTarget`), as the agent's own: each path Nix's database holds valid is
+    /// hashed and registered `foreign` (Nix's, never deleted by the agent) when its bytes
+    /// hash to what Nix recorded. Nothing is copied or changed in the store. Returns the
+    /// closure, references first, as the deployer's copy plan reads it. Only where the agent
+    /// manages the root it runs in and that root has Nix ([`MachineRoot::registers_with_nix`]).
+    pub fn adopt_from_nix(&self, root: &StorePath) -> Result<Vec<PathInfo>, ReceiveError> {
+        let nix_error = |problem: String| ReceiveError::Integrity { path: root.clone(), problem };
+        if !self.registers_with_nix() {
+            return Err(nix_error("cannot be taken from this machine's Nix: the agent manages no root with Nix of its own here (no /nix/var/nix/db, or --root is not /)".into()));
+        }
+        let Some(nix_store) = self.nix_store() else {
+            return Err(nix_error(format!("cannot be taken from this machine's Nix: no nix-store in {}", NIX_STORE_PLACES.join(", "))));
+        };
+        let run = |args: &[String]| -> Result<String, ReceiveError> {
+            let out = std::process::Command::new(&nix_store).args(args).stdin(std::process::Stdio::null()).output().map_err(io("cannot run", &nix_store))?;
+            if !out.status.success() {
+                return Err(nix_error(format!("{} {} failed: {}", nix_store.display(), args.join(" "), String::from_utf8_lossy(&out.stderr).trim())));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let requisites = run(&["--query".into(), "--requisites".into(), root.to_absolute()])?;
+        let mut args = vec!["--dump-db".to_owned()];
+        args.extend(requisites.lines().filter(|l| !l.is_empty()).map(str::to_owned));
+        let infos = parse_dump_db(&run(&args)?).map_err(nix_error)?;
+        let mut out = Vec::with_capacity(infos.len());
+        for info in infos {
+            let integrity = |problem: String| ReceiveError::Integrity { path: info.path.clone(), problem };
+            if let Some(reg) = self.registration(&info.path).filter(|_| self.is_valid(&info.path)) {
+                if reg.nar_hash != info.nar_hash || reg.nar_size != info.nar_size {
+                    return Err(integrity(format!("is registered with the agent with NAR hash {}, and this machine's Nix says {}; check it with `nix-store --verify-path {}`", reg.nar_hash, info.nar_hash, info.path)));
+                }
+            } else {
+                let found = flotilla_store::hash_path(&self.store_path(&info.path)).map_err(|e| integrity(format!("cannot be read: {e}")))?;
+                if found.hash != info.nar_hash || found.size != info.nar_size {
+                    return Err(integrity(format!(
+                        "hashes to {} ({} bytes), not the {} ({} bytes) this machine's Nix recorded; check it with `nix-store --verify-path {}`",
+                        found.hash, found.size, info.nar_hash, info.nar_size, info.path
+                    )));
+                }
+                self.register(&info, true)?;
+            }
+            out.push(info);
+        }
+        Ok(out)
+    }
+
     /// Removes a path from the store and the registry (registry first: an interrupted removal
     /// leaves an unregistered path, which the next copy replaces).
     pub fn remove_path(&self, p: &StorePath) -> io::Result<u64> {
@@ -696,6 +743,30 @@ pub fn remove_tree(path: &Path) -> io::Result<()> {
     } else {
         fs::remove_file(path)
     }
+}
+
+/// Reads `nix-store --dump-db PATHS`: per path its name, base-16 NAR hash, NAR size, deriver
+/// and its references (count, then one per line), in references-first order.
+fn parse_dump_db(text: &str) -> Result<Vec<PathInfo>, String> {
+    let mut lines = text.lines();
+    let mut out = Vec::new();
+    let bad = |what: &str| format!("nix-store --dump-db printed something unexpected: {what}");
+    while let Some(path) = lines.next() {
+        if path.is_empty() {
+            continue;
+        }
+        let path = StorePath::parse(path).map_err(|e| bad(&e.to_string()))?;
+        let hash = lines.next().ok_or_else(|| bad("no hash"))?;
+        let nar_hash = NarHash::parse(&format!("sha256:{hash}")).map_err(|e| bad(&e.to_string()))?;
+        let nar_size = lines.next().and_then(|l| l.parse().ok()).ok_or_else(|| bad("no NAR size"))?;
+        let _deriver = lines.next().ok_or_else(|| bad("no deriver line"))?;
+        let count: usize = lines.next().and_then(|l| l.parse().ok()).ok_or_else(|| bad("no reference count"))?;
+        let references = (0..count)
+            .map(|_| lines.next().ok_or_else(|| bad("too few references")).and_then(|l| StorePath::parse(l).map_err(|e| bad(&e.to_string()))))
+            .collect::<Result<_, _>>()?;
+        out.push(PathInfo { path, references, nar_hash, nar_size });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

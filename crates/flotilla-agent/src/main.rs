@@ -70,6 +70,12 @@ commands:
                        refused and changed nothing (an agent runs: `flotilla-agent stop` it
                        first; /bin/sh is the agent's link into a store path it would remove;
                        a record cannot be read) or something failed; 2 without --yes.
+  adopt [--root DIR] TOPLEVEL
+                       take TOPLEVEL's closure, built by the machine's own Nix, as the agent's
+                       own: each path is hashed and registered as the host's (never deleted
+                       by the agent) when it matches what Nix recorded; prints each path's
+                       info as one JSON line, references first. Exit 1 when the machine has
+                       no Nix, a path is not valid in Nix's database or its bytes differ.
   stdio [--root DIR]   carry the protocol between stdin/stdout and the running agent's
                        socket (what `ssh host flotilla-agent stdio` runs)
   container --root DIR --hostname NAME --netns PATH --pidfile FILE --console FILE
@@ -173,6 +179,7 @@ fn main() -> ExitCode {
         Some("status-line") => status_line(rest),
         Some("logs") => logs(rest),
         Some("uninstall") => uninstall(rest),
+        Some("adopt") => adopt(rest),
         Some("stdio") => Options::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
         Some("container") => return container(rest),
         Some("forward") => flotilla_agent::forward::parse(rest).map_err(|e| Failure::Usage(e.to_string())).and_then(|f| {
@@ -318,6 +325,17 @@ fn uninstall(args: &[String]) -> Result<ExitCode, Failure> {
     println!("uninstalled: {} removed, {} kept, {} failed", summary.removed, summary.kept, summary.failed);
     if summary.failed > 0 {
         return Err(Failure::Failed(format!("{} thing(s) could not be removed; see the `failed` lines above", summary.failed)));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn adopt(args: &[String]) -> Result<ExitCode, Failure> {
+    let opts = Options::parse(args, &[], &[], 1)?;
+    let Some(toplevel) = opts.positional.first() else { return Err(Failure::Usage("adopt needs the toplevel's store path".into())) };
+    let toplevel = flotilla_store::StorePath::parse(toplevel).map_err(|e| Failure::Usage(format!("{toplevel:?} is not a store path: {e}")))?;
+    let infos = machine(&opts).adopt_from_nix(&toplevel).map_err(|e| Failure::Failed(e.to_string()))?;
+    for info in infos {
+        println!("{}", serde_json::to_string(&info).expect("serialises"));
     }
     Ok(ExitCode::SUCCESS)
 }

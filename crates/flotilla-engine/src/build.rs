@@ -3,6 +3,7 @@
 //! state DB transaction. Also the check that the agent binary built into every toplevel is
 //! usable at all.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -38,6 +39,9 @@ pub struct BuildReport {
     /// The built toplevels' closure, references first, when it was read while building.
     #[serde(skip)]
     pub closure: Option<Vec<flotilla_nix::PathInfo>>,
+    /// The machines whose systems are left to their hosts to build, with their derivations.
+    #[serde(skip)]
+    pub on_target: Toplevels,
 }
 
 pub(crate) fn secs<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
@@ -62,15 +66,25 @@ impl Engine {
     /// instantiated.
     pub fn build_instantiated(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>, listen: Listener<'_>) -> Result<BuildReport> {
         check_agent(agent)?;
-        self.build_checked(ev, selected, agent, instantiated, listen)
+        self.build_checked(ev, selected, agent, instantiated, &BTreeSet::new(), listen)
     }
 
     /// [`Engine::build_instantiated`] with an agent binary the caller has checked already
-    /// (a deploy checks it once, before anything else).
-    pub(crate) fn build_checked(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>, listen: Listener<'_>) -> Result<BuildReport> {
+    /// (a deploy checks it once, before anything else). The machines in `on_target` are only
+    /// instantiated here: their hosts build them (`deploy.buildOnTarget`), so their `.drv`s are
+    /// rooted instead of their outputs, and their rows name the toplevel to come.
+    pub(crate) fn build_checked(
+        &mut self,
+        ev: &Evaluated,
+        selected: &[MachineName],
+        agent: &Path,
+        instantiated: Option<Toplevels>,
+        on_target: &BTreeSet<MachineName>,
+        listen: Listener<'_>,
+    ) -> Result<BuildReport> {
         let start = Instant::now();
         listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: selected.to_vec() });
-        let toplevels: Toplevels = match instantiated {
+        let all: Toplevels = match instantiated {
             Some(all) => all.into_iter().filter(|(m, _)| selected.contains(m)).collect(),
             None => {
                 let args = EvalArgs {
@@ -83,6 +97,7 @@ impl Engine {
                     .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
             }
         };
+        let (remote, toplevels): (Toplevels, Toplevels) = all.into_iter().partition(|(m, _)| on_target.contains(m));
 
         // A host that cannot build at all says so once, with the fix, rather than as every
         // machine's build failure, and before anything is written (a toplevel not on disk
@@ -96,6 +111,10 @@ impl Engine {
         for (machine, t) in &toplevels {
             roots.set(machine.as_str(), &t.out)?;
         }
+        // A system built elsewhere needs its derivation here until it is copied there.
+        for (machine, t) in &remote {
+            roots.set(machine.as_str(), &t.drv)?;
+        }
 
         // When every toplevel is valid already, their closure's metadata is the proof, and
         // nothing needs realising; the copy needs that metadata anyway.
@@ -105,21 +124,32 @@ impl Engine {
             Some(_) => flotilla_nix::RealiseOutcome::default(),
             None => {
                 let drvs: Vec<StorePath> = toplevels.values().map(|t| t.drv.clone()).collect();
-                self.nix.realise(&drvs, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?
+                self.nix.realise(&drvs, &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?
             }
         };
         for note in &outcome.notes {
             listen(&EngineEvent::Note { message: note.clone() });
         }
+        // A builder that could not be reached, while everything built: Nix built it here.
+        if outcome.errors.is_empty() {
+            for down in &outcome.unusable_builders {
+                listen(&EngineEvent::Note { message: format!("{down}; built on this host instead (`meta.buildLocally = false` fails the build instead)") });
+            }
+        }
 
         let mut results = Vec::new();
         for machine in selected {
+            if let Some(t) = remote.get(machine) {
+                listen(&EngineEvent::MachineDone { machine: machine.clone(), phase: Phase::Build, ok: true, detail: format!("{} (to be built on the machine's host)", t.out) });
+                results.push(MachineBuild { machine: machine.clone(), toplevel: Some(t.out.clone()), error: None });
+                continue;
+            }
             let Some(t) = toplevels.get(machine) else { continue };
             let built = Path::new(&t.out.to_absolute()).exists();
             let error = if built {
                 None
             } else {
-                Some(self.failure_reason(&t.drv, &outcome.errors))
+                Some(self.failure_reason(&t.drv, &outcome))
             };
             listen(&EngineEvent::MachineDone {
                 machine: machine.clone(),
@@ -130,11 +160,17 @@ impl Engine {
             results.push(MachineBuild { machine: machine.clone(), toplevel: built.then(|| t.out.clone()), error });
         }
 
-        self.record(ev, &toplevels, &results)?;
-        Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed(), closure })
+        let mut recorded = toplevels.clone();
+        recorded.extend(remote.iter().map(|(m, t)| (m.clone(), t.clone())));
+        self.record(ev, &recorded, &results)?;
+        Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed(), closure, on_target: remote })
     }
 
-    fn failure_reason(&self, drv: &StorePath, errors: &[String]) -> String {
+    /// Why `drv` did not build: Nix's errors about its closure (all of them when none names
+    /// it), and the builders Nix could not reach, named, since a build that could not start
+    /// anywhere says nothing of its own about them.
+    fn failure_reason(&self, drv: &StorePath, outcome: &flotilla_nix::RealiseOutcome) -> String {
+        let errors = &outcome.errors;
         let closure = self.nix.drv_closure(drv).unwrap_or_default();
         let mine: Vec<&str> = errors
             .iter()
@@ -143,7 +179,12 @@ impl Engine {
             .collect();
         let text = if mine.is_empty() { errors.join("\n") } else { mine.join("\n") };
         let text = text.trim();
-        text.strip_prefix("error: ").unwrap_or(text).to_owned()
+        let text = text.strip_prefix("error: ").unwrap_or(text).to_owned();
+        if outcome.unusable_builders.is_empty() {
+            text
+        } else {
+            format!("{text}\n{}", outcome.unusable_builders.join("\n"))
+        }
     }
 
     fn record(&mut self, ev: &Evaluated, toplevels: &Toplevels, results: &[MachineBuild]) -> Result<()> {

@@ -100,6 +100,9 @@ pub struct DeployOptions {
     /// Machines with `deploy.substituters` fetch from them before the deployer pushes the
     /// rest (as each machine's `deploy.substituteOnDestination` asks on its own).
     pub substitute_on_destination: bool,
+    /// Every selected machine is built on its host (as each machine's
+    /// `deploy.buildOnTarget` asks on its own): `deploy --build-on target`.
+    pub build_on_target: bool,
 }
 
 /// Free space a machine's store keeps beyond the closure it receives.
@@ -291,6 +294,26 @@ impl Engine {
             crate::doctor::require_tools(selected.iter().map(|n| (n, &ev.machines[n].platform))).map_err(crate::EngineError::Host)?;
         }
 
+        // Machines built on their hosts: only when machines are provisioned (a `--goal build`
+        // builds here), and only ssh machines (the options' check refuses the rest; the flag
+        // is checked here, before anything is built).
+        let on_target: std::collections::BTreeSet<MachineName> = if opts.goal.provisions() {
+            selected.iter().filter(|n| opts.build_on_target || ev.machines[*n].deploy.build_on_target).cloned().collect()
+        } else {
+            Default::default()
+        };
+        let not_ssh: Vec<String> = on_target
+            .iter()
+            .filter(|n| !matches!(ev.machines[*n].platform, flotilla_model::Platform::Ssh(_)))
+            .map(|n| format!(
+                "machine {n}: `--build-on target` builds on an ssh machine's host with its Nix, and {n} is a {} machine; select ssh machines only (--on), or drop the option",
+                ev.machines[n].platform.kind()
+            ))
+            .collect();
+        if !not_ssh.is_empty() {
+            return Err(crate::EngineError::Config(not_ssh));
+        }
+
         let mut failures: BTreeMap<MachineName, MachineDeploy> = BTreeMap::new();
 
         // Keys are read before any machine is touched: a missing key file stops its machine
@@ -316,7 +339,7 @@ impl Engine {
         // (a first deploy whose build fails leaves nothing behind). Everything selected is
         // built in one Nix call, keys or not: a build failure is worth knowing regardless.
         // The build records the deployment, its machines and their facts.
-        let build = self.build_checked(ev, selected_all, agent, instantiated, listen)?;
+        let build = self.build_checked(ev, selected_all, agent, instantiated, &on_target, listen)?;
         let mut toplevels: BTreeMap<MachineName, StorePath> = BTreeMap::new();
         for b in &build.machines {
             match (&b.toplevel, &b.error) {
@@ -383,6 +406,7 @@ impl Engine {
                     checks: &ev.machines[n].checks,
                     substitute: Some(&ev.machines[n].deploy)
                         .filter(|d| !d.substituters.is_empty() && (opts.substitute_on_destination || d.substitute_on_destination)),
+                    build_on_host: build.on_target.get(n).map(|t| t.drv.clone()),
                 })
             })
             .collect();
@@ -390,13 +414,32 @@ impl Engine {
             Some(c) => c,
             None if work.is_empty() => Vec::new(),
             None => {
-                let outs: Vec<StorePath> = work.iter().map(|t| t.toplevel.clone()).collect();
+                let outs: Vec<StorePath> = work.iter().filter(|t| t.build_on_host.is_none()).map(|t| t.toplevel.clone()).collect();
                 self.nix.closure_info(&outs)?.unwrap_or_default()
             }
         };
+        let nix = &self.nix;
         let slots = PhaseSlots { copy: Slots::new(limits.copy), activate: Slots::new(limits.activate) };
         let mut results = fan_out(&work, limits.copy.max(limits.activate), listen, |t, send| {
-            let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(&t.toplevel));
+            let infos = match &t.build_on_host {
+                None => flotilla_nix::closure_within(&closure, std::slice::from_ref(&t.toplevel)),
+                // Built there, by the host's Nix, into the store the agent uses: its closure is
+                // the host's to describe, and nothing of it is sent.
+                Some(drv) => {
+                    send(EngineEvent::MachinePhase { machine: t.name.clone(), phase: Phase::Build });
+                    match t.machine.build_on_host(nix, drv, &t.toplevel) {
+                        Ok(infos) => {
+                            send(done(t.name, Phase::Build, Ok(&format!("built on the machine's host: {} paths", infos.len()))));
+                            infos
+                        }
+                        Err(e) => {
+                            let e = e.into_message();
+                            send(done(t.name, Phase::Build, Err(&e)));
+                            return failed(t.name, Phase::Build, e);
+                        }
+                    }
+                }
+            };
             roll_out(t, &infos, &slots, opts, send)
         });
 
@@ -488,6 +531,8 @@ struct Target<'a> {
     checks: &'a BTreeMap<String, DeployerCheck>,
     /// The caches it fetches from and the keys it trusts, when it substitutes.
     substitute: Option<&'a DeploySettings>,
+    /// Its toplevel's derivation, when its host builds it.
+    build_on_host: Option<StorePath>,
 }
 
 /// The places in the phases of a roll-out that have their own limits.

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use flotilla_model::{check_against_schema, ConfigError, DeploymentName, MachineConfig, MachineName, Schema, Selection};
+use flotilla_model::{BUILDERS_EXAMPLE, check_against_schema, ConfigError, DeploymentName, MachineConfig, MachineName, Schema, Selection};
 use flotilla_nix::{EvalArgs, NixError};
 use flotilla_state::{DeploymentUpsert, MachineUpsert};
 use serde_json::Value;
@@ -27,9 +27,18 @@ pub struct Evaluated {
     pub machines: BTreeMap<MachineName, MachineConfig>,
     /// The facts it was evaluated with.
     pub facts: BTreeMap<MachineName, BTreeMap<String, Value>>,
+    /// Where Nix may build: `meta.builders` and `meta.buildLocally`, checked.
+    pub builders: flotilla_nix::Builders,
 }
 
 impl Evaluated {
+    /// Replaces `meta.builders` with `spec` (`--builders`), checked as the option is.
+    pub fn set_builders(&mut self, spec: &str) -> Result<()> {
+        check_builders("--builders", spec)?;
+        self.builders.spec = Some(spec.to_owned());
+        Ok(())
+    }
+
     /// The machines `sel` picks.
     pub fn select(&self, sel: &Selection) -> Result<Vec<MachineName>> {
         let it = self.machines.iter().map(|(n, c)| (n, c.tags.as_slice()));
@@ -110,6 +119,25 @@ impl Engine {
         })?;
         let name = DeploymentName::new(raw_name).map_err(|e| EngineError::Config(vec![format!("option `meta.name`: {e}")]))?;
         let description = phase1.get("description").and_then(Value::as_str).unwrap_or("").to_owned();
+        let builders = match (phase1.get("builders"), phase1.get("buildLocally")) {
+            (Some(Value::Null) | None, Some(Value::Bool(local))) => flotilla_nix::Builders { spec: None, local: *local },
+            (Some(Value::String(spec)), Some(Value::Bool(local))) => {
+                check_builders("meta.builders", spec)?;
+                flotilla_nix::Builders { spec: Some(spec.clone()), local: *local }
+            }
+            (Some(Value::String(_) | Value::Null) | None, other) => {
+                return Err(EngineError::Config(vec![format!(
+                    "option `meta.buildLocally` is {}, not a boolean; write `true` (this host builds what the builders cannot) or `false` (only `meta.builders` build)",
+                    other.map_or("missing".into(), flotilla_model::describe_value)
+                )]))
+            }
+            (Some(other), _) => {
+                return Err(EngineError::Config(vec![format!(
+                    "option `meta.builders` is {}, not a string; write Nix's builders syntax, e.g. {BUILDERS_EXAMPLE}",
+                    flotilla_model::describe_value(other)
+                )]))
+            }
+        };
         let schema: Schema = serde_json::from_value(phase1["options"].clone())
             .map_err(|e| EngineError::Nix(NixError::Output { command: "eval.nix phase1".into(), detail: format!("option schema: {e}") }))?;
 
@@ -147,7 +175,7 @@ impl Engine {
         if !errors.is_empty() {
             return Err(EngineError::Config(errors));
         }
-        Ok(Planned { name, description, schema, facts })
+        Ok(Planned { name, description, schema, facts, builders })
     }
 
 }
@@ -161,6 +189,7 @@ struct Planned {
     description: String,
     schema: Schema,
     facts: BTreeMap<MachineName, BTreeMap<String, Value>>,
+    builders: flotilla_nix::Builders,
 }
 
 impl Planned {
@@ -187,8 +216,29 @@ impl Planned {
         if !errors.is_empty() {
             return Err(EngineError::Config(errors));
         }
-        Ok(Evaluated { name: self.name, description: self.description, file, schema: self.schema, machines, facts: self.facts })
+        Ok(Evaluated { name: self.name, description: self.description, file, schema: self.schema, machines, facts: self.facts, builders: self.builders })
     }
+}
+
+/// Checks a `builders` value (`option` names where it came from): every inline entry, and
+/// every `@FILE` read now (it must exist: Nix would quietly build nowhere else without it).
+/// The deployer only reads the file; Nix reads it again when it builds.
+fn check_builders(option: &str, spec: &str) -> Result<()> {
+    use flotilla_model::{builder_sources, check_builder_lines, BuilderSource};
+    let bad = |why: String| EngineError::Config(vec![format!("option `{option}`: {why}; write Nix's builders syntax, e.g. {BUILDERS_EXAMPLE}")]);
+    for source in builder_sources(spec) {
+        match source {
+            BuilderSource::Inline(entry) => check_builder_lines(&entry).map_err(bad)?,
+            BuilderSource::File(file) => {
+                if !file.starts_with('/') {
+                    return Err(bad(format!("the machines file `@{file}` is not an absolute path")));
+                }
+                let text = std::fs::read_to_string(&file).map_err(|e| bad(format!("the machines file `@{file}` cannot be read ({e})")))?;
+                check_builder_lines(&text).map_err(|why| bad(format!("in the machines file `@{file}`, {why}")))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn resolve_file(file: &Path) -> Result<PathBuf> {

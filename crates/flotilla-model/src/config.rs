@@ -174,6 +174,9 @@ pub struct DeploySettings {
     /// Fetch from the substituters at every deploy.
     #[serde(default)]
     pub substitute_on_destination: bool,
+    /// Build the system on the machine's host, with its Nix (ssh machines), instead of here.
+    #[serde(default)]
+    pub build_on_target: bool,
 }
 
 impl DeploySettings {
@@ -581,6 +584,12 @@ impl MachineConfig {
 
         self.check_boot(&mut err);
         self.deploy.check(&mut err);
+        if self.deploy.build_on_target && !matches!(self.platform, Platform::Ssh(_)) {
+            err(OptionPath::root("deploy").child("buildOnTarget"), format!(
+                "is set, but the machine's platform is `{}`: only an ssh machine's host can build with Nix of its own; unset it (the deployer builds the system)",
+                self.platform.kind()
+            ));
+        }
 
         for (name, c) in &self.checks {
             if !c.http.starts_with("http://") {

@@ -5,6 +5,7 @@
 //! Pure: no I/O, no processes. Everything here is checked once where it enters and then
 //! carried in a type.
 
+mod builders;
 mod config;
 mod names;
 mod schema;
@@ -12,6 +13,7 @@ mod select;
 mod text;
 mod units;
 
+pub use builders::{builder_sources, check_builder_lines, BuilderSource, BUILDERS_EXAMPLE};
 pub use config::{
     etc_relative, start_order, Accel, BootOptions, DeployerCheck, DeploySettings, ImageOptions, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
     MachineConfig, Platform, PortForward, QemuPlatform, RestartPolicy, ServiceSpec, SshPlatform,

@@ -117,6 +117,28 @@ pub struct RealiseOutcome {
     /// What the user should know of this host's Nix though nothing failed because of it
     /// (a binary cache that cannot be reached), each once.
     pub notes: Vec<String>,
+    /// Remote builders Nix could not use, each once, as Nix said it (`cannot build on
+    /// 'ssh://b': ...`): what a build falls back from, or why it failed.
+    pub unusable_builders: Vec<String>,
+}
+
+/// Where Nix may build: Nix's distributed builds, as `meta.builders` and `--builders` give
+/// them (validated by `flotilla_model::check_builders` before they get here).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Builders {
+    /// Nix's `builders` setting (`ssh://host x86_64-linux - 4; ...` or `@/path/machines`);
+    /// `None` leaves Nix's own configuration alone, `Some("")` turns remote builds off.
+    pub spec: Option<String>,
+    /// Whether this host builds too (`false`: `--max-jobs 0`, only the builders build, and a
+    /// builder that cannot be reached fails the builds that need it instead of falling back).
+    pub local: bool,
+}
+
+impl Builders {
+    /// Nix's own configuration: its builders, if any, and local builds.
+    pub fn nix_default() -> Builders {
+        Builders { spec: None, local: true }
+    }
 }
 
 /// A store path's metadata, for copying: the wire's type itself, so what Nix reports here is
@@ -197,13 +219,15 @@ impl Nix {
     /// builds together and one failure does not stop the others. Nix's progress lines go to
     /// `on_line`. Which outputs exist afterwards is for the caller to check, except when Nix
     /// could not build at all for a reason of this host's (`NixError::Setup`).
-    pub fn realise(&self, drvs: &[StorePath], on_line: &mut dyn FnMut(&str)) -> Result<RealiseOutcome> {
+    /// `builders` says where Nix may build (see [`Builders`]).
+    pub fn realise(&self, drvs: &[StorePath], builders: &Builders, on_line: &mut dyn FnMut(&str)) -> Result<RealiseOutcome> {
         if drvs.is_empty() {
             return Ok(RealiseOutcome::default());
         }
         let mut cmd = Command::new("nix-store");
         cmd.args(["--realise", "--keep-going"]);
         self.common_args(&mut cmd, false);
+        self.builder_args(&mut cmd, builders);
         cmd.args(drvs.iter().map(StorePath::to_absolute));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn().map_err(|source| NixError::Spawn { program: "nix-store".into(), source })?;
@@ -214,9 +238,15 @@ impl Nix {
         });
         let mut errors: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
+        let mut unusable_builders: Vec<String> = Vec::new();
         let mut in_error = false;
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let Ok(line) = line else { break };
+            // Nix's build hook says so when a builder cannot be reached, and goes on to the
+            // next builder, or to this host.
+            if line.starts_with("cannot build on '") && !unusable_builders.contains(&line) {
+                unusable_builders.push(line.clone());
+            }
             if let Some(note) = setup::unreachable_substituter(&line) {
                 if !notes.contains(&note) {
                     notes.push(note);
@@ -243,7 +273,61 @@ impl Nix {
         if let Some(problem) = errors.iter().find_map(|e| diagnose(e)) {
             return Err(NixError::Setup(problem));
         }
-        Ok(RealiseOutcome { errors, notes })
+        Ok(RealiseOutcome { errors, notes, unusable_builders })
+    }
+
+    /// Nix's distributed-build options for `builders`. The builders fetch their inputs from
+    /// their own caches (`builders-use-substitutes`) unless substitution is off
+    /// (`substituters = ""`): offline, a builder waiting out its caches' retries would only
+    /// be slower than receiving the inputs from here.
+    fn builder_args(&self, cmd: &mut Command, builders: &Builders) {
+        if let Some(spec) = &builders.spec {
+            cmd.args(["--option", "builders", spec]);
+            let offline = self.opts.substituters.as_deref() == Some("");
+            if !spec.trim().is_empty() && !offline {
+                cmd.args(["--option", "builders-use-substitutes", "true"]);
+            }
+        }
+        if !builders.local {
+            cmd.args(["--max-jobs", "0"]);
+        }
+    }
+
+    /// The command line that realises `drv` on another host with that host's Nix (run there
+    /// over ssh by the platform): the deployer's substitution policy goes with it, so an
+    /// offline deploy does not wait on the host's caches.
+    pub fn remote_realise_argv(&self, drv: &StorePath) -> Vec<String> {
+        let mut argv: Vec<String> = ["nix-store", "--realise"].map(str::to_owned).to_vec();
+        if let Some(s) = &self.opts.substituters {
+            argv.extend(["--option".to_owned(), "substituters".to_owned(), s.clone()]);
+        }
+        argv.push(drv.to_absolute());
+        argv
+    }
+
+    /// The command line that prints which of `paths` another host's Nix lacks (run there over
+    /// ssh by the platform).
+    pub fn remote_invalid_argv(paths: &[StorePath]) -> Vec<String> {
+        let mut argv: Vec<String> = ["nix-store", "--check-validity", "--print-invalid"].map(str::to_owned).to_vec();
+        argv.extend(paths.iter().map(StorePath::to_absolute));
+        argv
+    }
+
+    /// The command line that imports what [`Nix::export`] wrote, on another host.
+    pub fn remote_import_argv() -> Vec<String> {
+        ["nix-store", "--import"].map(str::to_owned).to_vec()
+    }
+
+    /// `paths` (valid here) in `nix-store --export` format, for another host's Nix to import:
+    /// derivations and sources, which are small (outputs go by the agent's protocol).
+    pub fn export(&self, paths: &[StorePath]) -> Result<Vec<u8>> {
+        let mut cmd = Command::new("nix-store");
+        cmd.arg("--export").args(paths.iter().map(StorePath::to_absolute));
+        let out = run(&mut cmd, "nix-store")?;
+        if !out.status.success() {
+            return Err(NixError::Build(clean_error(&out.stderr)));
+        }
+        Ok(out.stdout)
     }
 
     /// The derivations in the closure of `drv` (to tell which failed build belongs to which

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_store::StorePath;
 
-use crate::{clean_error, run, EvalArgs, Nix, NixError, Result};
+use crate::{clean_error, run, Builders, EvalArgs, Nix, NixError, Result};
 
 /// How Nix's installer makes build users, for the fixes.
 const AS_THE_INSTALLER_DOES: &str = "as Nix's installer does (flotilla's scripts/setup-nix.sh does: a `nixbld` group whose members are the users nixbld1..nixbld32)";
@@ -143,7 +143,7 @@ impl Nix {
                 let (Some(drv), Some(out)) = (drv, out) else {
                     return Err(NixError::Output { command: "eval.nix toplevels".into(), detail: format!("no probe toplevel in {toplevels}") });
                 };
-                let outcome = self.realise(std::slice::from_ref(&drv), &mut |_| {})?;
+                let outcome = self.realise(std::slice::from_ref(&drv), &Builders::nix_default(), &mut |_| {})?;
                 let made = Path::new(&out.to_absolute()).exists();
                 // Leave nothing behind: the output, then the derivation (nothing roots them).
                 let _ = Command::new("nix-store").arg("--delete").arg(out.to_absolute()).arg(drv.to_absolute()).stdin(Stdio::null()).output();

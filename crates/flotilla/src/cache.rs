@@ -41,7 +41,7 @@ pub(crate) fn run(g: &Global, command: &CacheCommand) -> Result<Outcome> {
                 if target.file.is_none() && target.deployment.is_none() {
                     bail!("say what to push: store PATHS, or a deployment's toplevels with -f FILE or -d NAME (and --on to pick machines)");
                 }
-                let crate::Prepared { mut engine, ev, instantiated, selected, agent } = crate::prepare_build(g, target, on)?;
+                let crate::Prepared { mut engine, ev, instantiated, selected, agent } = crate::prepare_build(g, target, on, None)?;
                 let verbose = g.verbose;
                 let mut listen = |e: &EngineEvent| output::progress(e, verbose);
                 let report = engine.build_instantiated(&ev, &selected, &agent, instantiated, &mut listen)?;

@@ -65,6 +65,10 @@ pub enum Command {
         /// Machines: comma-separated names, globs (web*) and @tags
         #[arg(long, value_name = "SELECTION", default_value = "")]
         on: String,
+        /// Nix's remote builders for this run, instead of `meta.builders` (Nix's `builders`
+        /// syntax: `ssh://HOST SYSTEMS SSH-KEY MAX-JOBS ...; ...` or `@FILE`; "" builds here only)
+        #[arg(long, value_name = "BUILDERS")]
+        builders: Option<String>,
         /// Print the result as JSON
         #[arg(long)]
         json: bool,
@@ -96,6 +100,14 @@ pub enum Command {
         /// `deploy.trustedPublicKeys`) before this deployer pushes the rest
         #[arg(long)]
         substitute_on_destination: bool,
+        /// Nix's remote builders for this run, instead of `meta.builders` (Nix's `builders`
+        /// syntax: `ssh://HOST SYSTEMS SSH-KEY MAX-JOBS ...; ...` or `@FILE`; "" builds here only)
+        #[arg(long, value_name = "BUILDERS")]
+        builders: Option<String>,
+        /// Where the systems are built: `target` builds every selected (ssh) machine's system on
+        /// its host with the host's Nix, as `deploy.buildOnTarget` does for one machine
+        #[arg(long, value_enum, value_name = "WHERE")]
+        build_on: Option<BuildOn>,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,
@@ -607,3 +619,11 @@ mod tests {
     }
 }
 
+/// Where `deploy --build-on` builds the systems.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BuildOn {
+    /// On this host (and Nix's builders), as each machine's `deploy.buildOnTarget` says
+    Local,
+    /// On each machine's host, with its own Nix
+    Target,
+}

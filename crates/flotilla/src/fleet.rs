@@ -22,10 +22,14 @@ pub struct DeployFlags {
     pub confirm_timeout: u64,
     pub rollback_all_on_failure: bool,
     pub substitute_on_destination: bool,
+    /// `--builders`, replacing `meta.builders`.
+    pub builders: Option<String>,
+    /// `--build-on target`.
+    pub build_on_target: bool,
 }
 
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
-    let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
+    let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, flags.builders.as_deref())?;
     engine.set_limits(Limits::all(usize::from(flags.parallel)));
     let opts = DeployOptions {
         goal: flags.goal.into(),
@@ -33,6 +37,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
         confirm_timeout: (flags.confirm_timeout > 0).then(|| Duration::from_secs(flags.confirm_timeout)),
         rollback_all_on_failure: flags.rollback_all_on_failure,
         substitute_on_destination: flags.substitute_on_destination,
+        build_on_target: flags.build_on_target,
     };
     if flags.substitute_on_destination {
         let without: Vec<&str> = selected.iter().filter(|n| ev.machines.get(*n).is_some_and(|m| m.deploy.substituters.is_empty())).map(|n| n.as_str()).collect();
@@ -83,7 +88,7 @@ pub fn generations(g: &Global, target: &Target, machine: &str, json: bool) -> Re
 }
 
 pub fn upload_keys(g: &Global, target: &Target, on: &str) -> Result<Outcome> {
-    let Prepared { mut engine, ev, selected, agent, .. } = prepare_build(g, target, on)?;
+    let Prepared { mut engine, ev, selected, agent, .. } = prepare_build(g, target, on, None)?;
     send_keys(&mut engine, &ev, &selected, &agent, g.verbose)
 }
 

@@ -90,7 +90,7 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, json } => {
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
@@ -98,6 +98,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                 confirm_timeout: *confirm_timeout,
                 rollback_all_on_failure: *rollback_all_on_failure,
                 substitute_on_destination: *substitute_on_destination,
+                builders: builders.clone(),
+                build_on_target: *build_on == Some(cli::BuildOn::Target),
             };
             fleet::deploy(g, target, on, &opts, *json)
         }
@@ -187,8 +189,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             output::image_report(&report, *json);
             Ok(Outcome::Ok)
         }
-        Command::Build { target, on, json } => {
-            let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
+        Command::Build { target, on, builders, json } => {
+            let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, builders.as_deref())?;
             let verbose = g.verbose;
             let mut listen = |e: &EngineEvent| output::progress(e, verbose);
             let report = engine.build_instantiated(&ev, &selected, &agent, instantiated, &mut listen)?;
@@ -217,12 +219,16 @@ pub(crate) struct Prepared {
     pub agent: PathBuf,
 }
 
-pub(crate) fn prepare_build(g: &Global, target: &Target, on: &str) -> Result<Prepared> {
+/// `builders` (`--builders`) replaces `meta.builders`.
+pub(crate) fn prepare_build(g: &Global, target: &Target, on: &str, builders: Option<&str>) -> Result<Prepared> {
     let state = open_state(g)?;
     let file = deployment_file(&state, target)?;
     let engine = engine(g, state)?;
     let agent = agent_path()?;
-    let (ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
+    let (mut ev, instantiated) = engine.evaluate_for_build(&file, &agent)?;
+    if let Some(spec) = builders {
+        ev.set_builders(spec)?;
+    }
     let selected = ev.select(&Selection::parse(on))?;
     Ok(Prepared { engine, ev, instantiated, selected, agent })
 }

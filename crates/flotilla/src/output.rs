@@ -399,6 +399,8 @@ pub fn progress(e: &EngineEvent, verbose: bool) {
         }
         EngineEvent::NixLog { line } if verbose => eprintln!("  nix: {}", escape_controls(line)),
         EngineEvent::NixLog { .. } => {}
+        // What the user should know though nothing failed (a builder Nix fell back from).
+        EngineEvent::Note { message } => eprintln!("note: {}", escape_controls(message)),
         _ => {}
     }
 }

@@ -269,6 +269,18 @@ pub trait Machine: Send + Sync {
             "it is not running, and its platform cannot change its generation from outside; start it, then `flotilla rollback`",
         ))
     }
+    /// Builds the system `toplevel` (of derivation `drv`, valid in this host's store with its
+    /// closure of derivations and sources) on the machine's host with that host's Nix, and
+    /// has the machine's agent take the result as its own; returns the toplevel's closure as
+    /// the host's Nix describes it (checked by the agent against the bytes), for the copy to
+    /// find nothing missing. Only a platform whose machines' hosts may run Nix can (ssh).
+    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
+        let _ = (nix, drv, toplevel);
+        Err(PlatformError::unsupported(
+            self.name(),
+            "option `deploy.buildOnTarget` (or `deploy --build-on target`) builds on an ssh machine's host, and this machine's platform has no host of its own to build on; unset it",
+        ))
+    }
     /// Told before provisioning which system the deploy will run on the machine: a platform
     /// that boots machines itself (qemu) boots a new machine with that system's kernel.
     fn prepare(&self, toplevel: &StorePath) {

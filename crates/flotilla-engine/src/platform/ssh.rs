@@ -430,6 +430,48 @@ impl Machine for SshMachine {
         Ok(Transport::new(ChildReader { stdout, child }, stdin).explained(self.ssh.destination(), why))
     }
 
+    /// The derivations go over this machine's own ssh connection (`nix-store --export` here,
+    /// `--import` there: what the host lacks of them), the host's Nix realises the toplevel
+    /// (as root, through sudo as every command here), and the host's agent takes the result as
+    /// its own (`flotilla-agent adopt`): on a host with Nix the agent's store is the host's
+    /// store, so nothing needs copying, only registering with the agent, which hashes every
+    /// path against what Nix recorded rather than trust the database.
+    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
+        let p = self.reach()?;
+        if !p.nix {
+            return Err(PlatformError::refused(&self.name, format!(
+                "option `deploy.buildOnTarget` (or `deploy --build-on target`) builds on the host with its own Nix, and {} has none (no /nix/var/nix/db); install Nix there, or build on the deployer: unset the option (or `--build-on local`)",
+                self.ssh.host
+            )));
+        }
+        let run = |argv: Vec<String>, stdin: Option<&[u8]>, what: &str| -> Result<String, PlatformError> {
+            let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+            let out = self.ssh.run(&self.remote(&refs), stdin)?;
+            if !out.status.success() {
+                let said = flotilla_nix::clean_error(&out.stderr);
+                return Err(self.err(format!("{what} on {} failed: {said}", self.ssh.destination())));
+            }
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let drvs = nix.drv_closure(drv).map_err(|e| self.err(format!("cannot list the derivations of {toplevel}: {e}")))?;
+        let invalid = run(flotilla_nix::Nix::remote_invalid_argv(&drvs), None, "asking the host's Nix which derivations it lacks")?;
+        let send: Vec<StorePath> = invalid.lines().filter_map(|l| StorePath::parse(l).ok()).collect();
+        if !send.is_empty() {
+            let export = nix.export(&send).map_err(|e| self.err(format!("cannot export the derivations of {toplevel}: {e}")))?;
+            run(flotilla_nix::Nix::remote_import_argv(), Some(&export), "copying the derivations to the host's Nix")?;
+        }
+        run(nix.remote_realise_argv(drv), None, &format!("building {toplevel} with the host's Nix"))?;
+        let agent = self.agent()?.path.to_absolute();
+        let adopted = run(vec![agent, "adopt".into(), toplevel.to_absolute()], None, "registering the built system with the host's agent")?;
+        let infos = adopted
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(serde_json::from_str::<flotilla_protocol::PathInfo>)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| self.err(format!("the host's agent answered `adopt` with something unexpected: {e}")))?;
+        Ok(flotilla_nix::references_first(infos))
+    }
+
     fn command(&self, argv: &[String], tty: bool) -> Result<Command, PlatformError> {
         let words: Vec<&str> = argv.iter().map(String::as_str).collect();
         let mut cmd = self.ssh.command(tty);
