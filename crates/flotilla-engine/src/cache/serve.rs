@@ -129,7 +129,7 @@ impl Server {
                         "flotilla cache serve --store needs --key FILE: Nix refuses paths no trusted key signed (make a key with `flotilla cache keygen NAME --out DIR`)".into(),
                     ));
                 }
-                let store = StoreSource::open().map_err(ServeError::StoreDb)?;
+                let store = StoreSource::open(opts.verbose).map_err(ServeError::StoreDb)?;
                 prepare_cache_dir(cache_dir)?;
                 let cache = CacheDir::open(cache_dir, key, opts.priority)?;
                 store::remove_leftovers(&cache);

@@ -37,6 +37,19 @@ pub(super) fn open_file_beneath(dir: &File, name: &str) -> io::Result<File> {
     open_at(dir, name, libc::O_RDONLY | libc::O_NONBLOCK, 0)
 }
 
+/// `fstatat` of `name` in `dir`, not following a link (a link is described as itself).
+pub(super) fn stat_beneath(dir: &File, name: &str) -> io::Result<libc::stat> {
+    let name = c_name(name)?;
+    // SAFETY: fstatat reads a NUL-terminated string we own and fills a stat we own.
+    unsafe {
+        let mut st: libc::stat = std::mem::zeroed();
+        if libc::fstatat(dir.as_raw_fd(), name.as_ptr(), &mut st, libc::AT_SYMLINK_NOFOLLOW) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(st)
+    }
+}
+
 /// Opens the directory `name` in `dir`; a symbolic link fails.
 pub(super) fn open_dir_beneath(dir: &File, name: &str) -> io::Result<File> {
     open_at(dir, name, libc::O_RDONLY | libc::O_DIRECTORY, 0)
