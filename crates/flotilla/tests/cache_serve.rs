@@ -3,7 +3,9 @@
 //! served with `--store`, accepts the right key and refuses a wrong one or a tampered narinfo
 //! in its own words; and the HTTP a user's tools see: HEAD, ranges, 404s, keep-alive, no file
 //! outside the directory (no `..`, no `%2e%2e`, no link followed), a push while serving seen at
-//! once, a clean stop on SIGTERM/SIGINT. Servers listen on 127.0.0.1 only.
+//! once, a narinfo replaced or deleted on disk served as it is now within a second, a large
+//! `--store` path asked for by several clients at once compressed once, a clean stop on
+//! SIGTERM/SIGINT. Servers listen on 127.0.0.1 only.
 
 mod common;
 
@@ -445,4 +447,130 @@ fn sigterm_and_sigint_stop_the_server_cleanly() {
         assert!(serve.log().contains(&format!("stopped ({name})")), "{}", serve.log());
         assert!(TcpStream::connect(("127.0.0.1", serve.port)).is_err(), "still listening after {name}");
     }
+}
+
+/// `nix_substitute` with Nix's own narinfo cache off, so each run asks the server again.
+fn nix_substitute_uncached(root: &Path, path: &str, url: &str, key: &str) -> Output {
+    Command::new("nix-store")
+        .arg("--store")
+        .arg(root)
+        .args(["-r", path, "--option", "substituters", url, "--option", "trusted-public-keys", key])
+        .args(["--option", "narinfo-cache-positive-ttl", "0", "--option", "narinfo-cache-negative-ttl", "0"])
+        .output()
+        .unwrap()
+}
+
+/// Waits past the server's once-a-second check of the narinfos it holds in memory.
+fn past_recheck() {
+    std::thread::sleep(Duration::from_millis(1_200));
+}
+
+#[test]
+fn a_narinfo_replaced_or_deleted_on_disk_is_served_as_it_is_now_within_a_second() {
+    require_prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let (first, first_public) = nix_key(tmp.path(), "serve-test-first");
+    let (later, later_public) = nix_key(tmp.path(), "serve-test-later");
+    let (dir, _a, b) = nix_cache(tmp.path(), &first);
+    // The same closure pushed elsewhere signed by the later key: what a later push re-signing
+    // it writes.
+    let resigned_dir = tmp.path().join("cache-later");
+    nix_copy_to_dir(&resigned_dir, &later, &b);
+    let name = format!("{}.narinfo", hash_part(&b));
+    let target = format!("/{name}");
+    let original = std::fs::read(dir.join(&name)).unwrap();
+    let resigned = std::fs::read(resigned_dir.join(&name)).unwrap();
+    assert_ne!(original, resigned);
+    let serve = Serve::start(tmp.path(), &[dir.to_str().unwrap()]);
+    assert_eq!(request(serve.port, "GET", &target, "").body, original, "served from memory");
+    let out = nix_substitute_uncached(&tmp.path().join("store-0"), &b, &serve.url(), &later_public);
+    assert!(!out.status.success(), "not signed by the later key yet");
+    assert!(stderr(&out).contains("is not signed by any of the keys"), "{}", stderr(&out));
+
+    // Replaced the way a push replaces it (b's and its reference's): the new file renamed over
+    // the old.
+    for entry in std::fs::read_dir(resigned_dir.join("nar")).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join("nar").join(entry.file_name())).unwrap();
+    }
+    for entry in std::fs::read_dir(&resigned_dir).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_name().to_str().unwrap().ends_with(".narinfo") {
+            std::fs::copy(entry.path(), dir.join(".new.narinfo")).unwrap();
+            std::fs::rename(dir.join(".new.narinfo"), dir.join(entry.file_name())).unwrap();
+        }
+    }
+    past_recheck();
+    let r = request(serve.port, "GET", &target, "");
+    assert_eq!((r.status, String::from_utf8_lossy(&r.body)), (200, String::from_utf8_lossy(&resigned)), "the re-signed narinfo, not the one in memory");
+    let out = nix_substitute_uncached(&tmp.path().join("store-1"), &b, &serve.url(), &later_public);
+    assert!(out.status.success(), "Nix trusting only the later key substitutes the re-signed path: {}", stderr(&out));
+    let out = nix_substitute_uncached(&tmp.path().join("store-2"), &b, &serve.url(), &first_public);
+    assert!(!out.status.success(), "the first key's signature is no longer served");
+    assert!(stderr(&out).contains("is not signed by any of the keys"), "{}", stderr(&out));
+
+    // Rewritten in place (same inode).
+    std::fs::write(dir.join(&name), &original).unwrap();
+    past_recheck();
+    assert_eq!(request(serve.port, "GET", &target, "").body, original, "the narinfo rewritten in place");
+
+    // Deleted: 404 to GET and HEAD.
+    std::fs::remove_file(dir.join(&name)).unwrap();
+    past_recheck();
+    assert_eq!(request(serve.port, "GET", &target, "").status, 404, "a deleted narinfo");
+    assert_eq!(request(serve.port, "HEAD", &target, "").status, 404, "a deleted narinfo");
+    // And back again: served at its first request.
+    std::fs::write(dir.join(&name), &resigned).unwrap();
+    assert_eq!(request(serve.port, "GET", &target, "").body, resigned);
+}
+
+#[test]
+fn concurrent_first_requests_for_a_large_store_path_compress_it_once() {
+    require_prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sec, _public) = nix_key(tmp.path(), "serve-test-once");
+    // 48 MiB that zstd cannot shrink much, new to this run: encoding, hashing and compressing
+    // it takes long enough that every request below arrives while it is being made.
+    let src = tmp.path().join("large");
+    std::fs::create_dir(&src).unwrap();
+    let mut x = u64::from_str_radix(&random_hex(8), 16).unwrap() | 1;
+    let data: Vec<u8> = (0..48 << 20).map(|_| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (x >> 32) as u8
+    }).collect();
+    std::fs::write(src.join("data"), &data).unwrap();
+    drop(data);
+    let out = Command::new("nix-store").arg("--add").arg(&src).output().unwrap();
+    assert!(out.status.success(), "nix-store --add: {}", stderr(&out));
+    let path = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let kept = tmp.path().join("kept");
+    let serve = Serve::start(tmp.path(), &["--store", "--key", sec.to_str().unwrap(), "--cache-dir", kept.to_str().unwrap(), "--verbose"]);
+
+    let target = format!("/{}.narinfo", hash_part(&path));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(4));
+    let answers: Vec<_> = (0..4)
+        .map(|_| {
+            let (start, target, port) = (std::sync::Arc::clone(&start), target.clone(), serve.port);
+            std::thread::spawn(move || {
+                start.wait();
+                let r = request(port, "GET", &target, "");
+                (r.status, r.body)
+            })
+        })
+        .collect();
+    let answers: Vec<_> = answers.into_iter().map(|t| t.join().unwrap()).collect();
+    for (status, body) in &answers {
+        assert_eq!(*status, 200, "{}\n{}", String::from_utf8_lossy(body), serve.log());
+        assert_eq!(body, &answers[0].1, "every request is answered the same narinfo");
+    }
+    let log = serve.log();
+    let made = log.lines().filter(|l| l.starts_with("made ") && l.contains(&path)).count();
+    assert_eq!(made, 1, "{path} compressed {made} times for 4 concurrent requests:\n{log}");
+    let nars: Vec<_> = std::fs::read_dir(kept.join("nar")).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(nars.len(), 1, "one compressed NAR, no leftovers: {nars:?}");
+    drop(serve);
+    // Only this test's path, made above.
+    let _ = Command::new("nix-store").args(["--delete", &path]).output();
 }

@@ -2,9 +2,9 @@
 //! `flotilla cache push` or `nix copy --to file://` wrote) or from this host's store.
 //!
 //! It is fast the way static file servers are: narinfos are answered from memory (each kept
-//! as its whole response), NARs are the pre-compressed files copied from disk as they are
-//! (never re-encoded; `sendfile` is not reached yet: see docs/benchmarks.md), and nothing is
-//! spawned per request. The HTTP server is a small one of our own on std's blocking sockets, a thread per
+//! as its whole response), NARs are the pre-compressed files sent from disk as they are by
+//! `sendfile` (never re-encoded, never copied through the process), and nothing is spawned
+//! per request. The HTTP server is a small one of our own on std's blocking sockets, a thread per
 //! connection: measured in bench/cache.sh against nginx it meets the goal, and it keeps the
 //! dependency tree to what the workspace already has (hyper with tokio would add a runtime
 //! for a server that does one thing). Only the names Nix asks for are answered, each
@@ -16,7 +16,7 @@ mod index;
 mod store;
 mod sys;
 
-use std::io::{self, Seek as _, SeekFrom, Write as _};
+use std::io::{self, Write as _};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -129,7 +129,7 @@ impl Server {
                         "flotilla cache serve --store needs --key FILE: Nix refuses paths no trusted key signed (make a key with `flotilla cache keygen NAME --out DIR`)".into(),
                     ));
                 }
-                let store = StoreSource::open().map_err(ServeError::StoreDb)?;
+                let store = StoreSource::open(opts.verbose).map_err(ServeError::StoreDb)?;
                 prepare_cache_dir(cache_dir)?;
                 let cache = CacheDir::open(cache_dir, key, opts.priority)?;
                 store::remove_leftovers(&cache);
@@ -331,8 +331,7 @@ impl Shared {
     }
 }
 
-fn send_file(conn: &mut TcpStream, mut file: std::fs::File, req: &http::Request, head: bool) -> io::Result<(u16, u64)> {
-    use std::io::Read as _;
+fn send_file(conn: &mut TcpStream, file: std::fs::File, req: &http::Request, head: bool) -> io::Result<(u16, u64)> {
     let len = file.metadata()?.len();
     const TYPE: &str = "Content-Type: application/x-nix-nar\r\nAccept-Ranges: bytes";
     let (status, start, count) = match http::range(req.range.as_deref(), len) {
@@ -353,10 +352,8 @@ fn send_file(conn: &mut TcpStream, mut file: std::fs::File, req: &http::Request,
     if head {
         return Ok((status, 0));
     }
-    file.seek(SeekFrom::Start(start))?;
-    // File to socket as stored. std's io::copy may use sendfile here; strace showed it does not
-    // for this reader yet (the NAR figures in docs/benchmarks.md), so this is the place to add it.
-    let sent = io::copy(&mut (&file).take(count), &mut &*conn)?;
+    // File to socket as stored, inside the kernel.
+    let sent = sys::send_file(conn, &file, start, count)?;
     if sent != count {
         // The file shrank under us: the length promised cannot be kept; close.
         return Err(io::Error::other("file shorter than its length"));

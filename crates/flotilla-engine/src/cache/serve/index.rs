@@ -4,13 +4,19 @@
 //! privileged than the server): every name is opened beneath the directory's descriptor with
 //! `O_NOFOLLOW`, only regular files are served, and a narinfo must describe the path its name
 //! says. A narinfo missing from memory is looked for on disk before a 404, so what a push adds
-//! while serving is served at its first request (one failed `openat` per miss).
+//! while serving is served at its first request (one failed `openat` per miss). A narinfo in
+//! memory is checked against its file at most once a second (one `fstatat` beneath the
+//! directory: device, inode, size, mtime, ctime): one replaced on disk (a later push re-signing
+//! it, renamed into place, or rewritten in place) is read again, one deleted is forgotten and
+//! answered 404, within a second.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
 
 use flotilla_store::cache::{CacheInfo, NarInfo, SecretKey};
 
@@ -37,14 +43,57 @@ impl Prepared {
     }
 }
 
+/// How long a narinfo is served from memory before its file is looked at again.
+const RECHECK_MS: u64 = 1000;
+
+/// What identifies a version of a file: a rename over it changes the inode, a write in place
+/// the ctime (which no one can set back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+    regular: bool,
+}
+
+impl Stamp {
+    fn of_metadata(m: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt as _;
+        Stamp { dev: m.dev(), ino: m.ino(), size: m.size(), mtime: (m.mtime(), m.mtime_nsec()), ctime: (m.ctime(), m.ctime_nsec()), regular: m.is_file() }
+    }
+
+    #[allow(clippy::unnecessary_cast)] // the stat fields' types differ between targets
+    fn of_stat(st: &libc::stat) -> Stamp {
+        Stamp {
+            dev: st.st_dev as u64,
+            ino: st.st_ino as u64,
+            size: st.st_size as u64,
+            mtime: (st.st_mtime as i64, st.st_mtime_nsec as i64),
+            ctime: (st.st_ctime as i64, st.st_ctime_nsec as i64),
+            regular: st.st_mode & libc::S_IFMT == libc::S_IFREG,
+        }
+    }
+}
+
+/// A narinfo in memory: its response, the file it was read from, when that was last checked.
+struct Entry {
+    prepared: Arc<Prepared>,
+    stamp: Stamp,
+    /// Milliseconds since the directory was opened.
+    checked: AtomicU64,
+}
+
 /// An open cache directory.
 pub(super) struct CacheDir {
     dir: File,
     path: PathBuf,
     nar: Mutex<Option<Arc<File>>>,
-    narinfos: RwLock<HashMap<String, Arc<Prepared>>>,
+    narinfos: RwLock<HashMap<String, Arc<Entry>>>,
     key: Option<SecretKey>,
     cache_info: Prepared,
+    opened: Instant,
 }
 
 impl CacheDir {
@@ -75,7 +124,7 @@ impl CacheDir {
             info.priority = priority;
         }
         let cache_info = Prepared::new("text/x-nix-cache-info", info.to_text().as_bytes());
-        let cache = CacheDir { dir, path: path.to_owned(), nar: Mutex::new(None), narinfos: RwLock::new(HashMap::new()), key, cache_info };
+        let cache = CacheDir { dir, path: path.to_owned(), nar: Mutex::new(None), narinfos: RwLock::new(HashMap::new()), key, cache_info, opened: Instant::now() };
         cache.load_all();
         Ok(cache)
     }
@@ -113,12 +162,32 @@ impl CacheDir {
         }
     }
 
-    /// The narinfo of the path with this hash part: from memory, else from disk.
+    /// The narinfo of the path with this hash part: from memory (its file checked at most once
+    /// a second), else from disk.
     pub(super) fn narinfo(&self, hash: &str) -> Option<Arc<Prepared>> {
-        if let Some(hit) = self.narinfos.read().unwrap_or_else(|p| p.into_inner()).get(hash) {
-            return Some(Arc::clone(hit));
+        let entry = self.narinfos.read().unwrap_or_else(|p| p.into_inner()).get(hash).map(Arc::clone);
+        let Some(entry) = entry else { return self.load(hash) };
+        let now = self.opened.elapsed().as_millis() as u64;
+        let checked = entry.checked.load(Ordering::Relaxed);
+        if now.saturating_sub(checked) < RECHECK_MS
+            // One request checks; those arriving meanwhile are answered from memory.
+            || entry.checked.compare_exchange(checked, now, Ordering::Relaxed, Ordering::Relaxed).is_err()
+        {
+            return Some(Arc::clone(&entry.prepared));
         }
-        self.load(hash)
+        match sys::stat_beneath(&self.dir, &format!("{hash}.narinfo")) {
+            Ok(st) if Stamp::of_stat(&st) == entry.stamp => Some(Arc::clone(&entry.prepared)),
+            _ => {
+                // Replaced or deleted: forget this version (unless another request already
+                // did and loaded a newer one), then read what is there now.
+                let mut map = self.narinfos.write().unwrap_or_else(|p| p.into_inner());
+                if map.get(hash).is_some_and(|e| Arc::ptr_eq(e, &entry)) {
+                    map.remove(hash);
+                }
+                drop(map);
+                self.load(hash)
+            }
+        }
     }
 
     /// Reads `<hash>.narinfo` from disk into memory; `None` when it is missing or not a
@@ -126,7 +195,7 @@ impl CacheDir {
     pub(super) fn load(&self, hash: &str) -> Option<Arc<Prepared>> {
         let name = format!("{hash}.narinfo");
         let file = sys::open_file_beneath(&self.dir, &name).ok()?;
-        let text = match read_regular(file) {
+        let (text, stamp) = match read_regular(file) {
             Ok(t) => t,
             Err(e) => {
                 eprintln!("warning: {} not served: {e}", self.path.join(&name).display());
@@ -152,7 +221,9 @@ impl CacheDir {
             None => text,
         };
         let prepared = Arc::new(Prepared::new("text/x-nix-narinfo", body.as_bytes()));
-        self.narinfos.write().unwrap_or_else(|p| p.into_inner()).insert(hash.to_owned(), Arc::clone(&prepared));
+        let checked = AtomicU64::new(self.opened.elapsed().as_millis() as u64);
+        let entry = Arc::new(Entry { prepared: Arc::clone(&prepared), stamp, checked });
+        self.narinfos.write().unwrap_or_else(|p| p.into_inner()).insert(hash.to_owned(), entry);
         Some(prepared)
     }
 
@@ -170,13 +241,15 @@ impl CacheDir {
     }
 }
 
-fn read_regular(file: File) -> std::io::Result<String> {
-    if !file.metadata()?.is_file() {
+/// The text of a regular file and the stamp of the version read.
+fn read_regular(file: File) -> std::io::Result<(String, Stamp)> {
+    let meta = file.metadata()?;
+    if !meta.is_file() {
         return Err(std::io::Error::other("not a regular file"));
     }
     let mut text = String::new();
     file.take(MAX_NARINFO).read_to_string(&mut text)?;
-    Ok(text)
+    Ok((text, Stamp::of_metadata(&meta)))
 }
 
 /// Whether `s` is a store path's hash part: 32 nix-base32 characters.

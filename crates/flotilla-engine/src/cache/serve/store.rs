@@ -3,7 +3,9 @@
 //! against the NAR hash Nix recorded, compressed with zstd once, and written into the cache
 //! directory (NAR first, then the narinfo, each under a temporary name renamed into place, so
 //! a server killed midway leaves no narinfo without its NAR). From then on it is served from
-//! disk like any pushed cache. Nothing is spawned: no `nix` process per request.
+//! disk like any pushed cache. Nothing is spawned: no `nix` process per request. Requests for
+//! a path being made wait for it instead of making it again: a path is compressed once however
+//! many clients ask for it at once (with `--verbose`, one line says so per path made).
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -31,13 +33,14 @@ pub(super) struct StoreSource {
     busy: Mutex<HashSet<String>>,
     done: Condvar,
     counter: AtomicU64,
+    verbose: bool,
 }
 
 impl StoreSource {
     /// Checks that Nix's database can be read.
-    pub(super) fn open() -> Result<StoreSource, String> {
+    pub(super) fn open(verbose: bool) -> Result<StoreSource, String> {
         let db = StoreDb::open()?;
-        Ok(StoreSource { dbs: Mutex::new(vec![db]), busy: Mutex::new(HashSet::new()), done: Condvar::new(), counter: AtomicU64::new(0) })
+        Ok(StoreSource { dbs: Mutex::new(vec![db]), busy: Mutex::new(HashSet::new()), done: Condvar::new(), counter: AtomicU64::new(0), verbose })
     }
 
     fn lookup(&self, hash: &str) -> Result<Option<StoreRow>, String> {
@@ -64,10 +67,16 @@ impl StoreSource {
             }
             busy.insert(hash.to_owned());
         }
-        let result = self.lookup(hash).and_then(|row| match row {
-            Some(row) => self.make(cache, &row).map(|()| true),
-            None => Ok(false),
-        });
+        // A request that missed just as another finished making this path finds it made.
+        let made = sys::stat_beneath(cache.dir(), &format!("{hash}.narinfo")).is_ok();
+        let result = if made {
+            Ok(true)
+        } else {
+            self.lookup(hash).and_then(|row| match row {
+                Some(row) => self.make(cache, &row).map(|()| true),
+                None => Ok(false),
+            })
+        };
         self.busy.lock().unwrap_or_else(|p| p.into_inner()).remove(hash);
         self.done.notify_all();
         result
@@ -79,6 +88,7 @@ impl StoreSource {
 
     fn make(&self, cache: &CacheDir, row: &StoreRow) -> Result<(), String> {
         let path = &row.info.path;
+        let started = std::time::Instant::now();
         let hash = path.hash_part();
         let nar_dir = sys::open_dir_beneath(cache.dir(), "nar").map_err(|e| format!("{}/nar: {e}", cache.path().display()))?;
         let tmp = self.tmp_name(hash);
@@ -135,7 +145,11 @@ impl StoreSource {
         write().map_err(|e| {
             let _ = sys::unlink_beneath(cache.dir(), &tmp);
             format!("{}/{name}: {e}", cache.path().display())
-        })
+        })?;
+        if self.verbose {
+            eprintln!("made {name} and nar/{nar_name} of {path} ({} NAR bytes, {file_size} compressed) in {:.2} s", row.info.nar_size, started.elapsed().as_secs_f64());
+        }
+        Ok(())
     }
 }
 
