@@ -23,6 +23,7 @@ pub mod events;
 pub mod exec;
 pub mod facts;
 pub mod image;
+pub mod oci;
 pub mod fleet;
 pub mod jobs;
 pub mod keys;

@@ -160,7 +160,16 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Debug { command } => debug::run(g, command),
-        Command::Image { target, machine, format, output, json } => {
+        Command::Image { target, machine, format, output, tag, labels, json } => {
+            let kind = cli::ImageKind::from(*format);
+            if matches!(kind, cli::ImageKind::Disk(_)) && (tag.is_some() || !labels.is_empty()) {
+                bail!("--tag and --label are for OCI images (--format oci or docker-archive); a disk image has neither");
+            }
+            if let cli::ImageKind::Oci(_) = kind {
+                // Checked before anything is evaluated or built.
+                flotilla_engine::oci::parse_labels(labels).map_err(|e| anyhow!(e))?;
+            }
+            let state_path = g.state.clone().unwrap_or_else(flotilla_state::default_path);
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
             let engine = engine(g, state)?;
@@ -168,8 +177,20 @@ fn run(cli: Cli) -> Result<Outcome> {
             let machine = flotilla_model::MachineName::new(machine).map_err(|e| anyhow!("machine {machine}: {e}"))?;
             let verbose = g.verbose;
             let mut listen = |e: &EngineEvent| output::progress(e, verbose);
-            let report = engine.image(&ev, &machine, (*format).into(), &agent_path()?, output.as_deref(), &mut listen)?;
-            output::image_report(&report, *json);
+            match kind {
+                cli::ImageKind::Disk(format) => {
+                    let report = engine.image(&ev, &machine, format, &agent_path()?, output.as_deref(), &mut listen)?;
+                    output::image_report(&report, *json);
+                }
+                cli::ImageKind::Oci(format) => {
+                    let req = flotilla_engine::oci::OciRequest { tag: tag.clone(), labels: labels.clone(), output: output.clone() };
+                    // A docker archive is made from a layout kept beside the state, whose index
+                    // of known layers makes the next build of the machine quick.
+                    let cache = state_path.parent().map(std::path::Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+                    let report = engine.oci_image(&ev, &machine, format, &req, &agent_path()?, &cache, &mut listen)?;
+                    output::oci_report(&report, *json);
+                }
+            }
             Ok(Outcome::Ok)
         }
         Command::Build { target, on, json } => {
