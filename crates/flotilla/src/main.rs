@@ -183,11 +183,11 @@ fn run(cli: Cli) -> Result<Outcome> {
                     output::image_report(&report, *json);
                 }
                 cli::ImageKind::Oci(format) => {
-                    let req = flotilla_engine::oci::OciRequest { tag: tag.clone(), labels: labels.clone(), output: output.clone() };
                     // A docker archive is made from a layout kept beside the state, whose index
                     // of known layers makes the next build of the machine quick.
                     let cache = state_path.parent().map(std::path::Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
-                    let report = engine.oci_image(&ev, &machine, format, &req, &agent_path()?, &cache, &mut listen)?;
+                    let req = flotilla_engine::oci::OciRequest { tag: tag.clone(), labels: labels.clone(), output: output.clone(), cache };
+                    let report = engine.oci_image(&ev, &machine, format, &req, &agent_path()?, &mut listen)?;
                     output::oci_report(&report, *json);
                 }
             }

@@ -87,6 +87,9 @@ pub struct OciRequest {
     pub labels: Vec<String>,
     /// `-o`.
     pub output: Option<PathBuf>,
+    /// Where a docker archive's layout is kept between builds (its index of known layers
+    /// makes the next build quick): the data directory, beside the state.
+    pub cache: PathBuf,
 }
 
 /// A built image, with what the push half reads.
@@ -212,7 +215,7 @@ impl Engine {
     /// Builds `machine`'s OCI image: the machine layer with Nix, the store layers streamed
     /// into the layout at `-o` (oci) or a layout in `cache` made into the archive at `-o`
     /// (docker-archive).
-    pub fn oci_image(&self, ev: &Evaluated, machine: &MachineName, format: OciFormat, req: &OciRequest, agent: &Path, cache: &Path, listen: Listener<'_>) -> Result<OciReport> {
+    pub fn oci_image(&self, ev: &Evaluated, machine: &MachineName, format: OciFormat, req: &OciRequest, agent: &Path, listen: Listener<'_>) -> Result<OciReport> {
         let config_err = |m: String| EngineError::Config(vec![m]);
         let cfg = ev.machines.get(machine).ok_or_else(|| {
             config_err(format!(
@@ -272,7 +275,7 @@ impl Engine {
         let dest = std::path::absolute(&dest).map_err(|source| EngineError::Io { what: "cannot resolve", path: dest.clone(), source })?;
         let layout_dir = match format {
             OciFormat::Oci => dest.clone(),
-            OciFormat::DockerArchive => cache.join("oci").join(machine.as_str()),
+            OciFormat::DockerArchive => req.cache.join("oci").join(machine.as_str()),
         };
         let io_at = |what: &'static str, path: &Path| {
             let path = path.to_owned();

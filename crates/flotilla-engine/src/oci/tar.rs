@@ -50,7 +50,7 @@ impl<W: Write> TarWriter<W> {
         TarWriter { out }
     }
 
-    fn header(&mut self, name: &[u8], mode: u32, uid: u32, gid: u32, size: u64, flag: u8, link: &[u8]) -> io::Result<()> {
+    fn header(&mut self, name: &[u8], (mode, uid, gid): (u32, u32, u32), size: u64, flag: u8, link: &[u8]) -> io::Result<()> {
         let mut h = [0u8; 512];
         h[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
         octal(&mut h[100..108], u64::from(mode));
@@ -90,11 +90,11 @@ impl<W: Write> TarWriter<W> {
             pax_record(&mut pax, "size", size.to_string().as_bytes());
         }
         if !pax.is_empty() {
-            self.header(b"././@PaxHeader", 0o644, 0, 0, pax.len() as u64, b'x', b"")?;
+            self.header(b"././@PaxHeader", (0o644, 0, 0), pax.len() as u64, b'x', b"")?;
             self.out.write_all(&pax)?;
             self.pad(pax.len() as u64)?;
         }
-        self.header(&name, mode, uid, gid, size, flag, link)?;
+        self.header(&name, (mode, uid, gid), size, flag, link)?;
         if let Kind::File { size, reader } = kind {
             let copied = io::copy(&mut reader.take(size), &mut self.out)?;
             if copied != size {
