@@ -35,10 +35,12 @@ command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v mkfs.vfat >/dev/null 2>&1 || need+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)
 # OCI images (`flotilla image --format oci`) are checked by real clients: skopeo reads and
-# copies the layout, umoci unpacks it, runc runs it (the tests and the demo).
+# copies the layout, umoci unpacks it, runc and rootful podman run it (the tests and the demo).
+# The tests give podman its own storage, config and events log under their tempdir.
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
 command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v podman >/dev/null 2>&1 || need+=(podman)
 
 if [ ${#need[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then

@@ -220,3 +220,180 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     assert_ne!(r.code(), 0);
     assert!(!out.exists(), "a refused image leaves nothing at -o");
 }
+
+/// A rootful podman whose storage, run state, events and network config all live under the
+/// test's tempdir (nothing in /var/lib/containers or /run/containers), with cgroupfs and file
+/// events (this host has cgroup v1 and no systemd). Its containers are removed when dropped,
+/// so a failing test leaves none running.
+struct Podman {
+    dir: PathBuf,
+    conf: PathBuf,
+    names: std::cell::RefCell<Vec<String>>,
+}
+
+impl Podman {
+    fn new(dir: &Path) -> Podman {
+        let ok = Command::new("podman").arg("--version").output().map(|o| o.status.success()).unwrap_or(false);
+        assert!(ok, "prerequisite missing: podman; run scripts/install-deps.sh");
+        let dir = dir.join("podman");
+        std::fs::create_dir_all(dir.join("cni")).unwrap();
+        let conf = dir.join("containers.conf");
+        let d = dir.display();
+        // Rootful podman raises a container's open files and processes to its own defaults,
+        // which fails where the test runs under lower hard limits without CAP_SYS_RESOURCE (a
+        // CI container): give it the test's own, processes no more than pid_max (podman's own
+        // processes run with that much at most here; above it runc's setrlimit is refused).
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap();
+        let hard = |what: &str, words: usize| {
+            let l = limits.lines().find(|l| l.starts_with(what)).unwrap_or_else(|| panic!("{what} in /proc/self/limits"));
+            l.split_whitespace().nth(words + 1).unwrap().to_owned()
+        };
+        let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
+        let nproc = hard("Max processes", 2).parse::<u64>().map_or(pid_max, |n| n.min(pid_max));
+        let nofile = hard("Max open files", 3);
+        std::fs::write(
+            &conf,
+            format!(
+                "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{d}/events.log\"\ntmp_dir = \"{d}/tmp\"\nvolume_path = \"{d}/volumes\"\nstatic_dir = \"{d}/libpod\"\n[network]\nnetwork_config_dir = \"{d}/cni\"\n"
+            ),
+        )
+        .unwrap();
+        Podman { dir, conf, names: Default::default() }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("podman");
+        c.env("CONTAINERS_CONF", &self.conf)
+            .arg("--root")
+            .arg(self.dir.join("root"))
+            .arg("--runroot")
+            .arg(self.dir.join("run"))
+            .arg("--tmpdir")
+            .arg(self.dir.join("tmp"))
+            .args(["--storage-driver", "vfs"])
+            .args(args);
+        c
+    }
+
+    /// `podman ARGS`: its output (stdout, stderr) and exit status.
+    fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let o = self.cmd(args).output().expect("podman runs");
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into_owned(), String::from_utf8_lossy(&o.stderr).into_owned())
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let (code, out, err) = self.run(args);
+        assert_eq!(code, 0, "`podman {}` failed:\n{out}{err}", args.join(" "));
+        out
+    }
+
+    /// Copies the layout's image `tag` into this podman's storage with skopeo (`podman pull
+    /// oci:DIR` names the image after the directory, which a tempdir's capitals make invalid),
+    /// and returns its name there.
+    fn load(&self, layout: &Path, tag: &str) -> String {
+        let image = format!("localhost/flotilla-test:{tag}");
+        let store = format!("containers-storage:[vfs@{}+{}]{image}", self.dir.join("root").display(), self.dir.join("run").display());
+        tool(&["skopeo", "copy", "--quiet", &format!("oci:{}:{tag}", layout.display()), &store]);
+        image
+    }
+
+    /// A container name, removed with the others on drop.
+    fn name(&self) -> String {
+        let n = format!("flotilla-oci-{}", common::random_hex(4));
+        self.names.borrow_mut().push(n.clone());
+        n
+    }
+}
+
+impl Drop for Podman {
+    fn drop(&mut self) {
+        for n in self.names.borrow().iter() {
+            let _ = self.cmd(&["rm", "--force", "--time", "0", n]).output();
+        }
+        // The layers podman unpacked into its vfs storage belong to root: leave the tempdir
+        // removable and nothing mounted.
+        let _ = self.cmd(&["system", "reset", "--force"]).output();
+    }
+}
+
+/// Zombies whose parent is `pid` (its children in state Z), from /proc.
+fn zombies_of(pid: i32) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else { continue };
+        // pid (comm) state ppid ...: comm may hold spaces, so read after the last ')'.
+        let Some((head, tail)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = tail.split_whitespace().collect();
+        if f.len() > 1 && f[0] == "Z" && f[1].parse::<i32>().ok() == Some(pid) {
+            out.push(format!("{head})"));
+        }
+    }
+    out
+}
+
+#[test]
+fn the_image_runs_under_rootful_podman_in_the_tests_namespace_reaps_orphans_and_stops_cleanly() {
+    require_tools();
+    let fleet = Fleet::new();
+    let page = format!("served by podman {}", common::random_hex(4));
+    // A service that leaves orphans behind, one a second: `sh -c 'sleep 1 &'` exits at once
+    // and its sleep is re-parented to the container's PID 1, the agent, which must reap it.
+    let forker = r#"services.forker.command = [ "${pkgs.busybox}/bin/sh" "-c" "while true; do ${pkgs.busybox}/bin/sh -c '${pkgs.busybox}/bin/sleep 1 &'; ${pkgs.busybox}/bin/sleep 1; done" ];"#;
+    let file = fleet.fl.file("deployment.nix", &deployment(&page, "hi", forker));
+    let dir = fleet.fl.dir.path().join("layout");
+    image(&fleet.fl, &file, "oci", &dir, &["--tag", "run"]);
+    let podman = Podman::new(fleet.fl.dir.path());
+    let img = podman.load(&dir, "run");
+    let name = podman.name();
+    // The container joins the test's own network namespace: no CNI bridge on the host.
+    podman.ok(&["run", "--detach", "--name", &name, "--network", &format!("ns:/run/netns/{}", fleet.ns), &img]);
+    let logs = || {
+        let (_, out, err) = podman.run(&["logs", &name]);
+        format!("{out}{err}")
+    };
+    let got = fleet.http_get("http://127.0.0.1/");
+    assert_eq!(got.as_deref().map(str::trim), Some(page.as_str()), "the machine's page from the podman container; it said:\n{}", logs());
+
+    let pid: i32 = podman.ok(&["inspect", "--format", "{{.State.Pid}}", &name]).trim().parse().expect("the container's pid");
+    let top = podman.ok(&["top", &name, "pid", "args"]);
+    assert!(top.contains("httpd") && top.contains("sleep"), "httpd and the forker run under the agent:\n{top}");
+    // Orphans come and go every second; a few seconds in, none is left a zombie.
+    std::thread::sleep(Duration::from_secs(4));
+    let mut zombies = zombies_of(pid);
+    if !zombies.is_empty() {
+        // One may be between its exit and the reaper's waitpid: look again.
+        std::thread::sleep(Duration::from_millis(500));
+        zombies.retain(|z| zombies_of(pid).contains(z));
+    }
+    assert!(zombies.is_empty(), "the agent as PID 1 left zombies: {zombies:?}");
+
+    let start = Instant::now();
+    podman.ok(&["stop", "--time", "10", &name]);
+    let took = start.elapsed();
+    assert!(took < Duration::from_secs(10), "podman stop took {took:?}: the agent did not stop on SIGTERM within the timeout; it said:\n{}", logs());
+    let code = podman.ok(&["inspect", "--format", "{{.State.ExitCode}}", &name]);
+    assert_eq!(code.trim(), "0", "the agent exits 0 on SIGTERM; it said:\n{}", logs());
+    assert!(logs().contains("stopping services"), "{}", logs());
+    assert!(fleet.host(&["curl", "-sS", "--max-time", "2", "http://127.0.0.1/"]).code() != 0, "nothing answers once the container stopped");
+}
+
+#[test]
+fn image_entrypoint_runs_that_one_program_with_the_machines_etc() {
+    require_tools();
+    let fl = Fl::new();
+    let extra = r#"image.entrypoint = [ "${pkgs.busybox}/bin/sh" "-c" "echo entrypoint ran; ${pkgs.busybox}/bin/cat /etc/motd; exit 7" ];"#;
+    let file = fl.file("deployment.nix", &deployment("unused", "motd of the machine", extra));
+    let dir = fl.dir.path().join("layout");
+    let report = image(&fl, &file, "oci", &dir, &["--tag", "one"]);
+    assert_eq!(report["entrypoint"][1], "-c", "{report:#}");
+    let podman = Podman::new(fl.dir.path());
+    let img = podman.load(&dir, "one");
+    let name = podman.name();
+    // No network at all: the program needs none. An agent started instead would not exit:
+    // podman kills the container after 60 s.
+    let (code, out, err) = podman.run(&["run", "--name", &name, "--network", "none", "--timeout", "60", &img]);
+    assert_eq!(code, 7, "the entrypoint's exit status is the container's:\n{out}{err}");
+    assert!(out.contains("entrypoint ran"), "{out}{err}");
+    assert!(out.contains("motd of the machine"), "the machine's /etc/motd is in the image:\n{out}{err}");
+    assert!(!out.contains("flotilla-agent"), "the agent did not run:\n{out}{err}");
+}
