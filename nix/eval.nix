@@ -173,6 +173,20 @@ let
       exportReferencesGraph = [ "closure" top ];
     } // (if format == "gce" then { gzip = pkgs.gzip; } else { }));
 
+  # The machine layer of an OCI image: `ociRoots.<machine>` (builder `flotilla-agent
+  # build-oci-root`) stages the agent's registry of the closure, generation 1 and /etc as
+  # activation places it, and lists the closure with its references for the deployer, which
+  # streams the store paths into the image's other layers itself.
+  ociRoot = name: let top = toplevel name; in derivation {
+    name = "flotilla-oci-root-${name}";
+    system = builtins.currentSystem;
+    builder = agentPath;
+    args = [ "build-oci-root" ];
+    toplevel = top;
+    agent = agentPath;
+    exportReferencesGraph = [ "closure" top "agentClosure" agentPath ];
+  };
+
   selected =
     if only == "" then attrNames machineDefs
     else filter (s: builtins.isString s && s != "") (split "," only);
@@ -210,6 +224,11 @@ in
         (format: { name = format; value = let d = image name format; in { drv = d.drvPath; out = d.outPath; }; })
         imageFormats);
     })
+    selected);
+
+  # The selected machines' OCI machine layers: { drv, out } as toplevels.
+  ociRoots = listToAttrs (map
+    (name: { inherit name; value = let d = ociRoot name; in { drv = d.drvPath; out = d.outPath; }; })
     selected);
 
   # All three at once, for a redeploy whose facts are known: one evaluation instead of three.

@@ -97,7 +97,13 @@ in
   image = opt (t.submodule {
     size = opt (t.nullOr t.int) null
       "Size of the disk image's root filesystem in MiB; unset, the closure's size plus 30 % and 64 MiB. The qemu platform grows the filesystem to the VM's `diskSize` at boot.";
-  }) { } "Disk images of the machine (`flotilla image`).";
+    maxLayers = opt t.int 100
+      "Most layers of an OCI image (`flotilla image --format oci|docker-archive`), at least 2: the store paths most referenced in the closure get a layer each, the rest share the last store layer, and one layer holds the machine itself (registry, generation, `/etc`). Registries cap images around 127 layers.";
+    entrypoint = opt (t.nullOr (t.listOf t.str)) null
+      "The OCI image's entrypoint, a program and its arguments (`[ \"\${pkgs.busybox}/bin/httpd\" \"-f\" ]`); unset, the agent runs as the container's init (`flotilla-agent init --root /`): it starts the machine's services in `after` order, checks their health and stops them on SIGTERM, as on the machine.";
+    labels = opt (t.attrsOf t.str) { }
+      "Labels of the OCI image's config (`org.example.team = \"data\";`), beside `--label K=V` given to `flotilla image`.";
+  }) { } "Images of the machine (`flotilla image`): disk images and OCI images.";
 
   deploy = opt (t.submodule {
     substituters = opt (t.listOf t.str) [ ]

@@ -34,12 +34,16 @@ command -v qemu-img >/dev/null 2>&1 || need+=(qemu-utils)
 command -v cpio >/dev/null 2>&1 || need+=(cpio)
 command -v mkfs.vfat >/dev/null 2>&1 || need+=(dosfstools)
 command -v mcopy >/dev/null 2>&1 || need+=(mtools)
-# OCI images (tests/oci_push.rs): a real registry (the reference distribution server, started
-# by the tests on 127.0.0.1; installing it starts nothing), skopeo and umoci to make and read
-# images, htpasswd for the registry's logins.
-command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+# OCI images: real clients check them. skopeo reads and copies layouts, umoci unpacks them,
+# runc and rootful podman run them (tests/oci.rs and the demo; the tests give podman its own
+# storage, config and events log under their tempdir); a real registry (the reference
+# distribution server, started by tests/oci_push.rs on 127.0.0.1; installing it starts
+# nothing) and htpasswd for its logins.
 command -v skopeo >/dev/null 2>&1 || need+=(skopeo)
 command -v umoci >/dev/null 2>&1 || need+=(umoci)
+command -v runc >/dev/null 2>&1 || need+=(runc)
+command -v podman >/dev/null 2>&1 || need+=(podman)
+command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 # pip, for moto's S3 server (below).
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)

@@ -482,7 +482,8 @@ impl MachineRoot {
         self.register(info, false).map(|()| Received::Added)
     }
 
-    fn register(&self, info: &PathInfo, foreign: bool) -> Result<(), ReceiveError> {
+    /// Registers `info` as valid (its bytes are in place, checked by the caller).
+    pub(crate) fn register(&self, info: &PathInfo, foreign: bool) -> Result<(), ReceiveError> {
         let reg = Registration { nar_hash: info.nar_hash, nar_size: info.nar_size, references: info.references.clone(), foreign };
         write_atomic(&self.registry_dir().join(info.path.base_name()), serde_json::to_string(&reg).expect("serialises").as_bytes())
             .map_err(io("cannot register", &self.store_path(&info.path)))

@@ -96,6 +96,8 @@ commands:
                        with the reason; serves until killed
   build-system         build a toplevel (run by Nix as a derivation's builder)
   build-image          build a machine's disk image (run by Nix as a derivation's builder)
+  build-oci-root       build the machine layer of a machine's OCI image (run by Nix as a
+                       derivation's builder): the agent's registry, generation 1 and /etc
   build-initrd         build a VM's initramfs (run by Nix as a derivation's builder, with
                        kernel, kernelModules and out in the environment): writes $out/initrd,
                        a newc cpio archive of this binary as /init and the kernel's modules
@@ -174,6 +176,7 @@ fn main() -> ExitCode {
         Some("build-system") => flotilla_agent::build_system::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("build-initrd") => flotilla_agent::vm::initrd::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("build-image") => flotilla_agent::build_image::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
+        Some("build-oci-root") => flotilla_agent::build_image::oci_root::main_from_env().map(|()| ExitCode::SUCCESS).map_err(|e| Failure::Usage(e.to_string())),
         Some("init") => init_command(rest),
         Some("stop") => stop(rest),
         Some("status-line") => status_line(rest),

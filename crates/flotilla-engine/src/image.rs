@@ -114,7 +114,7 @@ impl Engine {
         let out = PathBuf::from(drv.out.to_absolute());
         if !out.exists() {
             self.nix.check_build_setup()?;
-            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &flotilla_nix::Builders::nix_default(), &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
             for note in &outcome.notes {
                 listen(&EngineEvent::Note { message: note.clone() });
             }

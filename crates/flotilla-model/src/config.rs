@@ -128,11 +128,30 @@ impl BootOptions {
 }
 
 /// Options of the machine's disk images.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ImageOptions {
     /// Root filesystem size in MiB; `None` computes it from the closure.
     pub size: Option<u32>,
+    /// Most layers of an OCI image (at least 2).
+    #[serde(default = "default_max_layers")]
+    pub max_layers: i64,
+    /// The OCI image's entrypoint; `None` runs the agent as init.
+    #[serde(default)]
+    pub entrypoint: Option<Vec<String>>,
+    /// The OCI image config's labels.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+fn default_max_layers() -> i64 {
+    100
+}
+
+impl Default for ImageOptions {
+    fn default() -> ImageOptions {
+        ImageOptions { size: None, max_layers: default_max_layers(), entrypoint: None, labels: BTreeMap::new() }
+    }
 }
 
 /// A machine's whole checked config, as the deployer sees it.

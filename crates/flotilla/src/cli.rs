@@ -289,9 +289,11 @@ pub enum Command {
         #[arg(long, short = 'y', requires = "force")]
         yes: bool,
     },
-    /// Build a bootable disk image of a machine's current configuration (it needs boot.kernel)
-    /// and print where it is, its format and a qemu-system-x86_64 command that boots it;
-    /// `flotilla image push` pushes an OCI image to a registry
+    /// Build an image of a machine's current configuration: a bootable disk image (it needs
+    /// boot.kernel; prints a qemu-system-x86_64 command that boots it), or an OCI image
+    /// (`oci`, a layout directory; `docker-archive`, a `docker load` tar) whose container runs
+    /// the machine's services with the agent as init; `--push` (or `flotilla image push`)
+    /// sends an OCI image to a registry
     #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Image {
         #[command(subcommand)]
@@ -308,6 +310,12 @@ pub enum Command {
         /// directory]; its name carries the configuration's hash
         #[arg(short, long, value_name = "PATH")]
         output: Option<PathBuf>,
+        /// An OCI image's tag [default: the hash of the machine's toplevel]
+        #[arg(long, value_name = "TAG")]
+        tag: Option<String>,
+        /// A label of an OCI image's config, KEY=VALUE (again for more; beside image.labels)
+        #[arg(long = "label", value_name = "KEY=VALUE")]
+        labels: Vec<String>,
         /// Push the OCI image to a registry: docker://HOST[:PORT]/REPO[:TAG]; only the blobs
         /// the registry lacks are uploaded
         #[arg(long, value_name = "REF")]
@@ -436,16 +444,31 @@ pub enum ImageFormatArg {
     Vmdk,
     /// `disk.raw` in a `.tar.gz`, as Google Compute Engine imports it
     Gce,
+    /// An OCI image layout directory (skopeo, podman, umoci read it)
+    Oci,
+    /// A `docker load` archive
+    DockerArchive,
 }
 
-impl From<ImageFormatArg> for ImageFormat {
-    fn from(f: ImageFormatArg) -> ImageFormat {
+/// What `--format` asks for: a disk image or an OCI image.
+pub enum ImageKind {
+    /// A disk image.
+    Disk(ImageFormat),
+    /// An OCI image.
+    Oci(flotilla_engine::oci::OciFormat),
+}
+
+impl From<ImageFormatArg> for ImageKind {
+    fn from(f: ImageFormatArg) -> ImageKind {
+        use flotilla_engine::oci::OciFormat;
         match f {
-            ImageFormatArg::Raw => ImageFormat::Raw,
-            ImageFormatArg::Qcow2 => ImageFormat::Qcow2,
-            ImageFormatArg::Vdi => ImageFormat::Vdi,
-            ImageFormatArg::Vmdk => ImageFormat::Vmdk,
-            ImageFormatArg::Gce => ImageFormat::Gce,
+            ImageFormatArg::Raw => ImageKind::Disk(ImageFormat::Raw),
+            ImageFormatArg::Qcow2 => ImageKind::Disk(ImageFormat::Qcow2),
+            ImageFormatArg::Vdi => ImageKind::Disk(ImageFormat::Vdi),
+            ImageFormatArg::Vmdk => ImageKind::Disk(ImageFormat::Vmdk),
+            ImageFormatArg::Gce => ImageKind::Disk(ImageFormat::Gce),
+            ImageFormatArg::Oci => ImageKind::Oci(OciFormat::Oci),
+            ImageFormatArg::DockerArchive => ImageKind::Oci(OciFormat::DockerArchive),
         }
     }
 }

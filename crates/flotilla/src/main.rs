@@ -170,14 +170,25 @@ fn run(cli: Cli) -> Result<Outcome> {
             let source = flotilla_engine::oci::registry::OciLayoutDir::open(from)?;
             push_image(&source, &reference, registry, *json)
         }
-        Command::Image { command: None, target, machine, format, output, push, registry: _, json } => {
+        Command::Image { command: None, target, machine, format, output, push, registry, tag, labels, json } => {
             let (Some(machine), Some(format)) = (machine, format) else {
                 bail!("flotilla image needs a MACHINE and --format (or the subcommand `push`)");
             };
-            if push.is_some() {
-                // Only an OCI image goes to a registry; the OCI format connects here.
-                bail!("--push takes an OCI image (--format oci), and --format {} makes a disk image; build it without --push", flotilla_engine::image::ImageFormat::from(*format).as_str());
+            let kind = cli::ImageKind::from(*format);
+            if let cli::ImageKind::Disk(disk) = kind {
+                if tag.is_some() || !labels.is_empty() {
+                    bail!("--tag and --label are for OCI images (--format oci or docker-archive); a disk image has neither");
+                }
+                if push.is_some() {
+                    bail!("--push takes an OCI image (--format oci or docker-archive), and --format {} makes a disk image; build it without --push", disk.as_str());
+                }
             }
+            // Checked before anything is evaluated or built.
+            let push = push.as_deref().map(flotilla_engine::oci::registry::Reference::parse).transpose()?;
+            if let cli::ImageKind::Oci(_) = kind {
+                flotilla_engine::oci::parse_labels(labels).map_err(|e| anyhow!(e))?;
+            }
+            let state_path = g.state.clone().unwrap_or_else(flotilla_state::default_path);
             let state = open_state(g)?;
             let file = deployment_file(&state, target)?;
             let engine = engine(g, state)?;
@@ -185,8 +196,31 @@ fn run(cli: Cli) -> Result<Outcome> {
             let machine = flotilla_model::MachineName::new(machine).map_err(|e| anyhow!("machine {machine}: {e}"))?;
             let verbose = g.verbose;
             let mut listen = |e: &EngineEvent| output::progress(e, verbose);
-            let report = engine.image(&ev, &machine, (*format).into(), &agent_path()?, output.as_deref(), &mut listen)?;
-            output::image_report(&report, *json);
+            match kind {
+                cli::ImageKind::Disk(format) => {
+                    let report = engine.image(&ev, &machine, format, &agent_path()?, output.as_deref(), &mut listen)?;
+                    output::image_report(&report, *json);
+                }
+                cli::ImageKind::Oci(format) => {
+                    // A docker archive is made from a layout kept beside the state, whose index
+                    // of known layers makes the next build of the machine quick.
+                    let cache = state_path.parent().map(std::path::Path::to_owned).unwrap_or_else(|| PathBuf::from("."));
+                    let req = flotilla_engine::oci::OciRequest { tag: tag.clone(), labels: labels.clone(), output: output.clone(), cache };
+                    let report = engine.oci_image(&ev, &machine, format, &req, &agent_path()?, &mut listen)?;
+                    let Some(reference) = push else {
+                        output::oci_report(&report, *json);
+                        return Ok(Outcome::Ok);
+                    };
+                    let image = report.image.as_ref().expect("a built OCI image carries its blobs");
+                    if *json {
+                        let pushed = push_to_registry(image, &reference, registry)?;
+                        output::json(&serde_json::json!({ "image": report, "push": pushed }));
+                    } else {
+                        output::oci_report(&report, false);
+                        push_image(image, &reference, registry, false)?;
+                    }
+                }
+            }
             Ok(Outcome::Ok)
         }
         Command::Build { target, on, builders, json } => {
@@ -202,11 +236,16 @@ fn run(cli: Cli) -> Result<Outcome> {
 
 /// Pushes an OCI image to a registry, layer by layer on stderr, and prints what was pushed.
 pub(crate) fn push_image(source: &dyn flotilla_engine::oci::PushSource, reference: &flotilla_engine::oci::registry::Reference, registry: &cli::RegistryArgs, json: bool) -> Result<Outcome> {
-    let options = flotilla_engine::oci::registry::PushOptions { plain_http: registry.plain_http, credentials: None };
-    eprintln!("push: {reference}");
-    let report = flotilla_engine::oci::registry::push(source, reference, &options, &mut output::push_progress)?;
+    let report = push_to_registry(source, reference, registry)?;
     output::push_report(&report, json);
     Ok(Outcome::Ok)
+}
+
+/// Pushes `source`, its progress on stderr.
+fn push_to_registry(source: &dyn flotilla_engine::oci::PushSource, reference: &flotilla_engine::oci::registry::Reference, registry: &cli::RegistryArgs) -> Result<flotilla_engine::oci::registry::PushReport> {
+    let options = flotilla_engine::oci::registry::PushOptions { plain_http: registry.plain_http, credentials: None };
+    eprintln!("push: {reference}");
+    Ok(flotilla_engine::oci::registry::push(source, reference, &options, &mut output::push_progress)?)
 }
 
 /// What `build` and `deploy` start from: the deployment evaluated (and instantiated when it

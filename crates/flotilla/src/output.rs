@@ -392,6 +392,28 @@ fn bytes(n: u64) -> String {
     }
 }
 
+/// A built OCI image.
+pub fn oci_report(r: &flotilla_engine::oci::OciReport, as_json: bool) {
+    if as_json {
+        return json(r);
+    }
+    out!(
+        "image:    {}\nformat:   {}\nmachine:  {}\ntag:      {}\ndigest:   {}\nlayers:   {} ({} written)\ntoplevel: {}\nrun:      {}\n",
+        r.path.display(),
+        r.format.as_str(),
+        r.machine,
+        r.tag,
+        r.manifest_digest,
+        r.layers,
+        r.layers_written,
+        r.toplevel,
+        match r.format {
+            flotilla_engine::oci::OciFormat::Oci => format!("podman run --rm oci:{}", r.path.display()),
+            flotilla_engine::oci::OciFormat::DockerArchive => format!("docker load -i {} && docker run --rm {}:{}", r.path.display(), r.machine.as_str().to_ascii_lowercase(), r.tag),
+        }
+    );
+}
+
 pub fn progress(e: &EngineEvent, verbose: bool) {
     match e {
         EngineEvent::PhaseStarted { phase, machines } => {

@@ -29,6 +29,7 @@
 //! lie on different kinds of filesystem may differ in inode numbers.
 
 mod ext4;
+pub mod oci_root;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File};
@@ -49,7 +50,7 @@ pub const ROOT_LABEL: &str = "flotilla-root";
 const FIXED_TIME: u32 = 1;
 
 /// Empty directories a booted system mounts things on or expects, with their modes.
-const MOUNT_POINTS: &[(&str, u32)] = &[
+pub(crate) const MOUNT_POINTS: &[(&str, u32)] = &[
     ("dev", 0o755),
     ("proc", 0o555),
     ("sys", 0o555),
@@ -140,7 +141,7 @@ pub enum ImageError {
     Receive(#[from] crate::machine::ReceiveError),
 }
 
-fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
+pub(crate) fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ImageError + 'a {
     move |source| ImageError::Io { what, path: path.to_owned(), source }
 }
 

@@ -1,20 +1,46 @@
-//! OCI images: what a push reads an image from, and the registry it pushes to.
+//! `flotilla image --format oci|docker-archive`: an OCI image of a machine, with no Docker
+//! daemon and no staged copy of the closure. Nix builds the machine layer
+//! (`ociRoots.<machine>` of eval.nix, builder `flotilla-agent build-oci-root`: the agent's
+//! registry, generation 1, `/etc` as activation places it), cached like any build; the store
+//! paths are grouped into layers by popularity ([`layers`]) and each layer's reproducible tar
+//! ([`tar`]) is streamed from the store through its sha256 into the layout ([`layout`]).
+//! Same closure, same bytes: layers, config and manifest digests are equal on any host.
 //!
-//! An image to push is a [`PushSource`]: a manifest and the blobs it names (config and
-//! layers), each written on demand into a stream, so a layer goes from where it is (the
-//! store, a layout on disk) to the registry without a staged copy.
+//! By default the agent is the container's init (`flotilla-agent init --root /`): with no
+//! `/run/current-system` it switches to the `system` profile (generation 1) and starts the
+//! machine's services in `after` order, and SIGTERM stops them. `image.entrypoint` runs one
+//! program instead.
+//!
+//! Any image is pushed to a registry as a [`PushSource`] ([`registry`], logins from [`auth`]):
+//! a manifest and the blobs it names, each written on demand into the upload stream.
 
 pub mod auth;
+pub mod layers;
+pub mod layout;
 pub mod registry;
+pub mod tar;
 
-/// A blob as a manifest names it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+use std::collections::BTreeMap;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flotilla_model::MachineName;
+use flotilla_nix::{EvalArgs, NixError, Toplevel};
+use serde::{Deserialize, Serialize};
+
+use crate::{Engine, EngineError, EngineEvent, Evaluated, Listener, Result};
+use layout::Layout;
+
+/// A blob of an image: what a registry stores under its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Descriptor {
     /// Its media type.
     pub media_type: String,
     /// `sha256:<hex>`.
     pub digest: String,
-    /// Its size in bytes.
+    /// Bytes.
     pub size: u64,
 }
 
@@ -24,6 +50,395 @@ pub trait PushSource {
     fn manifest(&self) -> (&[u8], &str);
     /// The config and the layers.
     fn blobs(&self) -> Vec<Descriptor>;
-    /// Writes blob `d`'s bytes to `out`.
+    /// Writes the blob `d` to `out`, the very bytes its digest names.
     fn write_blob(&self, d: &Descriptor, out: &mut dyn std::io::Write) -> std::io::Result<()>;
+}
+
+/// The OCI manifest's media type.
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+/// The OCI config's media type.
+pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+/// An uncompressed layer's media type (its digest is its diff id).
+pub const LAYER_TYPE: &str = "application/vnd.oci.image.layer.v1.tar";
+/// `created`, fixed so that two builds are the same bytes.
+pub const CREATED: &str = "1970-01-01T00:00:01Z";
+
+/// An OCI image format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OciFormat {
+    /// An OCI image layout directory.
+    Oci,
+    /// A `docker load` archive.
+    DockerArchive,
+}
+
+impl OciFormat {
+    /// Its name on the command line.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OciFormat::Oci => "oci",
+            OciFormat::DockerArchive => "docker-archive",
+        }
+    }
+}
+
+/// What the user asked for beyond the machine's options.
+#[derive(Debug, Clone, Default)]
+pub struct OciRequest {
+    /// `--tag`; `None`: the toplevel's hash.
+    pub tag: Option<String>,
+    /// `--label K=V`, as given.
+    pub labels: Vec<String>,
+    /// `-o`.
+    pub output: Option<PathBuf>,
+    /// Where a docker archive's layout is kept between builds (its index of known layers
+    /// makes the next build quick): the data directory, beside the state.
+    pub cache: PathBuf,
+}
+
+/// A built image, with what the push half reads.
+#[derive(Debug, Clone)]
+pub struct OciImage {
+    /// The layout holding its blobs.
+    pub layout: PathBuf,
+    /// The manifest's bytes.
+    pub manifest: Vec<u8>,
+    /// The config.
+    pub config: Descriptor,
+    /// The layers, bottom first.
+    pub layers: Vec<Descriptor>,
+}
+
+impl PushSource for OciImage {
+    fn manifest(&self) -> (&[u8], &str) {
+        (&self.manifest, MANIFEST_TYPE)
+    }
+    fn blobs(&self) -> Vec<Descriptor> {
+        std::iter::once(self.config.clone()).chain(self.layers.iter().cloned()).collect()
+    }
+    fn write_blob(&self, d: &Descriptor, out: &mut dyn Write) -> io::Result<()> {
+        let path = self.layout.join("blobs/sha256").join(d.digest.trim_start_matches("sha256:"));
+        let mut f = tar::open_nofollow(&path)?;
+        let n = io::copy(&mut f, out)?;
+        if n != d.size {
+            return Err(io::Error::other(format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
+        }
+        Ok(())
+    }
+}
+
+/// A built OCI image, placed.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OciReport {
+    /// The machine.
+    pub machine: MachineName,
+    /// The format.
+    pub format: OciFormat,
+    /// The layout directory or the archive.
+    pub path: PathBuf,
+    /// The tag.
+    pub tag: String,
+    /// `sha256:<hex>` of the manifest.
+    pub manifest_digest: String,
+    /// The machine's toplevel.
+    pub toplevel: String,
+    /// Layers in the image.
+    pub layers: usize,
+    /// Layers whose tar was made in this run (the others were known from the layout's index).
+    pub layers_written: usize,
+    /// Store paths in the image.
+    pub store_paths: usize,
+    /// What the container runs.
+    pub entrypoint: Vec<String>,
+    /// The config's labels.
+    pub labels: BTreeMap<String, String>,
+    /// The built image, for the push.
+    #[serde(skip)]
+    pub image: Option<OciImage>,
+}
+
+#[derive(Debug, Deserialize)]
+struct RootEntry {
+    path: String,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+}
+
+#[derive(Debug, Deserialize)]
+struct ClosurePath {
+    path: String,
+    references: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct RootInfo {
+    toplevel: String,
+    agent: String,
+    closure: Vec<ClosurePath>,
+    entries: Vec<RootEntry>,
+}
+
+/// Whether `tag` is a tag a registry takes.
+fn valid_tag(tag: &str) -> bool {
+    let b = tag.as_bytes();
+    !b.is_empty() && b.len() <= 128 && (b[0].is_ascii_alphanumeric() || b[0] == b'_') && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+/// Parses `--label K=V` arguments.
+pub fn parse_labels(labels: &[String]) -> std::result::Result<BTreeMap<String, String>, String> {
+    let mut out = BTreeMap::new();
+    for l in labels {
+        match l.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !k.chars().any(char::is_whitespace) => {
+                out.insert(k.to_owned(), v.to_owned());
+            }
+            _ => return Err(format!("--label {l:?}: a label is KEY=VALUE with a KEY of no spaces, e.g. --label org.example.team=data")),
+        }
+    }
+    Ok(out)
+}
+
+fn git(dir: &Path, args: &[&str]) -> Option<String> {
+    let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    let s = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+fn architecture() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+impl Engine {
+    /// Builds `machine`'s OCI image: the machine layer with Nix, the store layers streamed
+    /// into the layout at `-o` (oci) or a layout in `cache` made into the archive at `-o`
+    /// (docker-archive).
+    pub fn oci_image(&self, ev: &Evaluated, machine: &MachineName, format: OciFormat, req: &OciRequest, agent: &Path, listen: Listener<'_>) -> Result<OciReport> {
+        let config_err = |m: String| EngineError::Config(vec![m]);
+        let cfg = ev.machines.get(machine).ok_or_else(|| {
+            config_err(format!(
+                "deployment {} has no machine {machine}; its machines: {}",
+                ev.name,
+                ev.machines.keys().map(|m| m.as_str()).collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let opts = &cfg.image;
+        if opts.max_layers < 2 {
+            return Err(config_err(format!(
+                "machine {machine}: option `image.maxLayers` is {}, and an OCI image needs at least 2 layers (the store, the machine); set it to 2 or more (default 100)",
+                opts.max_layers
+            )));
+        }
+        if opts.entrypoint.as_ref().is_some_and(|e| e.is_empty() || !e[0].starts_with('/')) {
+            return Err(config_err(format!("machine {machine}: option `image.entrypoint` must be a program's absolute path and its arguments, e.g. [ \"${{pkgs.busybox}}/bin/httpd\" \"-f\" ]; unset it to run the agent as init")));
+        }
+        let mut labels = opts.labels.clone();
+        labels.extend(parse_labels(&req.labels).map_err(config_err)?);
+        if let Some(t) = &req.tag {
+            if !valid_tag(t) {
+                return Err(config_err(format!("--tag {t:?}: a tag is up to 128 letters, digits, `_`, `.` and `-`, not starting with `.` or `-`")));
+            }
+        }
+        crate::check_agent(agent)?;
+
+        let args = EvalArgs { deployment: &ev.file, facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"), agent: Some(agent), only: vec![machine.to_string()] };
+        let attr = format!("ociRoots.{machine}");
+        let drv: Toplevel = serde_json::from_value(self.nix.eval_json(&attr, &args, true)?).map_err(|e| NixError::Output { command: format!("eval.nix {attr}"), detail: e.to_string() })?;
+        let out = PathBuf::from(drv.out.to_absolute());
+        if !out.exists() {
+            self.nix.check_build_setup()?;
+            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+            for note in &outcome.notes {
+                listen(&EngineEvent::Note { message: note.clone() });
+            }
+            if !out.exists() {
+                let why = outcome.errors.join("\n");
+                return Err(config_err(format!("machine {machine}: the OCI image's machine layer did not build: {}", why.trim().strip_prefix("error: ").unwrap_or(why.trim()))));
+            }
+        }
+        let info_path = out.join("nix-support/oci-root.json");
+        let info: RootInfo = std::fs::read(&info_path)
+            .map_err(|source| EngineError::Io { what: "cannot read", path: info_path.clone(), source })
+            .and_then(|b| serde_json::from_slice(&b).map_err(|e| EngineError::Io { what: "cannot parse", path: info_path.clone(), source: io::Error::other(e) }))?;
+
+        let hash = flotilla_store::StorePath::parse(&info.toplevel).map(|p| p.hash_part().to_owned()).unwrap_or_default();
+        let tag = req.tag.clone().unwrap_or(hash);
+        let dest = match &req.output {
+            Some(o) => o.clone(),
+            None => PathBuf::from(match format {
+                OciFormat::Oci => format!("{machine}-oci"),
+                OciFormat::DockerArchive => format!("{machine}-{tag}.tar"),
+            }),
+        };
+        let dest = std::path::absolute(&dest).map_err(|source| EngineError::Io { what: "cannot resolve", path: dest.clone(), source })?;
+        let layout_dir = match format {
+            OciFormat::Oci => dest.clone(),
+            OciFormat::DockerArchive => req.cache.join("oci").join(machine.as_str()),
+        };
+        let io_at = |what: &'static str, path: &Path| {
+            let path = path.to_owned();
+            move |source| EngineError::Io { what, path, source }
+        };
+        let mut layout = Layout::open(&layout_dir).map_err(io_at("cannot make the image layout", &layout_dir))?;
+
+        // The store layers, then the machine layer.
+        let closure: BTreeMap<String, Vec<String>> = info.closure.iter().map(|c| (c.path.clone(), c.references.iter().filter(|r| **r != c.path).cloned().collect())).collect();
+        let groups = layers::group(&closure, (opts.max_layers - 1) as usize);
+        let mut descs = Vec::new();
+        let mut history = Vec::new();
+        let mut written = 0;
+        for g in &groups {
+            let key = format!("store\n{}", g.join("\n"));
+            let d = match layout.known(&key) {
+                Some(k) => Descriptor { media_type: LAYER_TYPE.into(), digest: k.digest, size: k.size },
+                None => {
+                    written += 1;
+                    layout.write_blob(LAYER_TYPE, Some(&key), &mut |w| write_store_layer(g, w)).map_err(io_at("cannot write a layer of", &layout_dir))?
+                }
+            };
+            let names: Vec<&str> = g.iter().map(|p| p.trim_start_matches("/nix/store/").get(33..).unwrap_or(p)).collect();
+            history.push(format!("store paths: {}", if names.len() > 3 { format!("{} and {} more", names[..3].join(", "), names.len() - 3) } else { names.join(", ") }));
+            descs.push(d);
+        }
+        let key = format!("machine\n{}", out.display());
+        let d = match layout.known(&key) {
+            Some(k) => Descriptor { media_type: LAYER_TYPE.into(), digest: k.digest, size: k.size },
+            None => {
+                written += 1;
+                layout.write_blob(LAYER_TYPE, Some(&key), &mut |w| write_machine_layer(&out.join("root"), &info.entries, w)).map_err(io_at("cannot write the machine layer of", &layout_dir))?
+            }
+        };
+        history.push(format!("machine {machine}: registry, generation 1, /etc"));
+        descs.push(d);
+        layout.save_known().map_err(io_at("cannot write the layer index of", &layout_dir))?;
+
+        let entrypoint = opts.entrypoint.clone().unwrap_or_else(|| vec![info.agent.clone(), "init".into(), "--root".into(), "/".into()]);
+        let dir = ev.file.parent().unwrap_or(Path::new("/"));
+        let mut annotations = BTreeMap::from([
+            ("org.opencontainers.image.created".to_owned(), CREATED.to_owned()),
+            ("org.opencontainers.image.title".to_owned(), machine.to_string()),
+            ("org.opencontainers.image.version".to_owned(), tag.clone()),
+        ]);
+        if let Some(rev) = git(dir, &["rev-parse", "HEAD"]) {
+            annotations.insert("org.opencontainers.image.revision".into(), rev);
+        }
+        if let Some(src) = git(dir, &["config", "--get", "remote.origin.url"]) {
+            annotations.insert("org.opencontainers.image.source".into(), src);
+        }
+        for (k, v) in &annotations {
+            labels.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        let config = serde_json::json!({
+            "architecture": architecture(),
+            "os": "linux",
+            "created": CREATED,
+            "config": {
+                "Entrypoint": entrypoint,
+                "Env": ["PATH=/run/current-system/sw/bin:/nix/var/flotilla/profiles/system/sw/bin"],
+                "Labels": labels,
+                "StopSignal": "SIGTERM",
+                "WorkingDir": "/",
+            },
+            "rootfs": { "type": "layers", "diff_ids": descs.iter().map(|d| d.digest.clone()).collect::<Vec<_>>() },
+            "history": history.iter().map(|h| serde_json::json!({ "created": CREATED, "created_by": format!("flotilla image: {h}") })).collect::<Vec<_>>(),
+        });
+        let config_bytes = serde_json::to_vec(&config).expect("serialises");
+        let config_desc = layout.write_bytes(CONFIG_TYPE, &config_bytes).map_err(io_at("cannot write the config of", &layout_dir))?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": config_desc,
+            "layers": descs,
+            "annotations": annotations,
+        }))
+        .expect("serialises");
+        let manifest_desc = layout.write_bytes(MANIFEST_TYPE, &manifest).map_err(io_at("cannot write the manifest of", &layout_dir))?;
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.index.v1+json",
+            "manifests": [{
+                "mediaType": MANIFEST_TYPE,
+                "digest": manifest_desc.digest,
+                "size": manifest_desc.size,
+                "annotations": { "org.opencontainers.image.ref.name": tag },
+            }],
+        });
+        layout.write_file("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#).map_err(io_at("cannot write", &layout_dir))?;
+        layout.write_file("index.json", &serde_json::to_vec(&index).expect("serialises")).map_err(io_at("cannot write", &layout_dir))?;
+        if format == OciFormat::DockerArchive {
+            let repo_tag = format!("{}:{tag}", machine.as_str().to_ascii_lowercase());
+            layout::write_docker_archive(&layout, &config_desc, &descs, &repo_tag, &dest).map_err(io_at("cannot write", &dest))?;
+        }
+        Ok(OciReport {
+            machine: machine.clone(),
+            format,
+            path: dest,
+            tag,
+            manifest_digest: manifest_desc.digest,
+            toplevel: info.toplevel,
+            layers: descs.len(),
+            layers_written: written,
+            store_paths: closure.len(),
+            entrypoint,
+            labels,
+            image: Some(OciImage { layout: layout_dir, manifest, config: config_desc, layers: descs }),
+        })
+    }
+}
+
+/// A store layer: `nix/`, `nix/store/` and each path's tree, in order.
+fn write_store_layer(paths: &[String], w: &mut dyn Write) -> io::Result<()> {
+    let mut t = tar::TarWriter::new(w);
+    t.entry(b"nix", 0o755, 0, 0, tar::Kind::Dir)?;
+    t.entry(b"nix/store", 0o755, 0, 0, tar::Kind::Dir)?;
+    let mut sorted: Vec<&String> = paths.iter().collect();
+    sorted.sort();
+    for p in sorted {
+        t.tree(Path::new(p), p.trim_start_matches('/').as_bytes())?;
+    }
+    t.finish()?;
+    Ok(())
+}
+
+/// The machine layer: the builder's staged root, entry by entry as its listing says (modes and
+/// owners as the machine has them; Nix's canonicalisation of the output is undone here).
+fn write_machine_layer(root: &Path, entries: &[RootEntry], w: &mut dyn Write) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut t = tar::TarWriter::new(w);
+    for e in entries {
+        let path = root.join(&e.path);
+        let meta = std::fs::symlink_metadata(&path)?;
+        if meta.file_type().is_symlink() {
+            let target = std::fs::read_link(&path)?;
+            t.entry(e.path.as_bytes(), 0o777, e.uid, e.gid, tar::Kind::Symlink { target: target.as_os_str().as_bytes() })?;
+        } else if meta.is_dir() {
+            t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::Dir)?;
+        } else {
+            let mut f = tar::open_nofollow(&path)?;
+            let size = f.metadata()?.len();
+            t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::File { size, reader: &mut f })?;
+        }
+    }
+    t.finish()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_and_tags_are_checked() {
+        assert_eq!(parse_labels(&["a=b".into(), "c=".into()]).unwrap(), BTreeMap::from([("a".into(), "b".into()), ("c".into(), String::new())]));
+        assert!(parse_labels(&["novalue".into()]).unwrap_err().contains("KEY=VALUE"));
+        assert!(parse_labels(&["=v".into()]).is_err());
+        assert!(valid_tag("v1.0_x-y") && !valid_tag("-x") && !valid_tag("a/b") && !valid_tag(""));
+    }
 }

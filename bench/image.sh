@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): `flotilla image --format oci` (issue 16).
+#
+# For two machines, the example's kind of web server (busybox, a page) and one whose closure
+# also holds about BIG_MB MiB of real files (copy.sh's big closure: /usr/lib, one store path),
+# times side by side, on the same store paths:
+#   image      `flotilla image MACHINE --format oci -o DIR` into a fresh layout (the machine
+#              layer already built: the figure is the layering, tars, hashing and writing)
+#   tar floor  `tar -c` of the image's closure paths into a pipe to /dev/null (through `cat`:
+#              GNU tar reads nothing when its archive is /dev/null itself)
+#   tar+sha    `tar -c` of the same paths through `tee FILE | sha256sum`: the same work as the
+#              image's layers (a tar, its digest, its bytes on disk) in one stream
+#   rebuild    the machine's /etc/motd changed, `flotilla image` into the same layout again:
+#              the toplevel's layer and the machine layer are written, the others are known
+#              from the layout's index (the Nix build of the new toplevel and machine layer
+#              included, as a user sees it)
+# and prints each time with its ratio to the floor. Each image and tar figure is the best of
+# $RUNS runs. The push figures (against `skopeo copy` to a local registry) are another script's.
+#
+#   bash bench/image.sh              # the web server and a 1 GiB machine
+#   BIG_MB=200 bash bench/image.sh   # a smaller big closure
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+BIG_MB=${BIG_MB:-1024}
+RUNS=${RUNS:-3}
+
+. bench/lib.sh
+trap bench_cleanup EXIT
+bench_setup image
+FLOTILLA_STATE=$work/state.db
+
+best_of() { # best_of N cmd... → fastest wall time of N runs
+    local n=$1 best="" t0 t1 d
+    shift
+    for _ in $(seq "$n"); do
+        sync
+        t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
+        d=$(secs "$t0" "$t1")
+        if [ -z "$best" ] || awk -v d="$d" -v b="$best" 'BEGIN { exit !(d < b) }'; then best=$d; fi
+    done
+    echo "$best"
+}
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
+
+echo "== preparing the big closure (${BIG_MB} MiB of /usr/lib)" >&2
+stage=$work/stage/usr-lib-sample
+mkdir -p "$stage"
+find /usr/lib -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null | sort -k2 |
+    awk -v limit=$((BIG_MB * 1048576)) '{ if (total >= limit) exit; total += $1; print $2 }' |
+    xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
+big=$(nix-store --add "$stage")
+rm -rf "$work/stage"
+
+# The deployment: `web` as the example's web servers, `big` the same with the big path.
+deployment() { # motd
+    cat <<EOF
+{ meta.name = "benchimage";
+  defaults = { pkgs, ... }: { packages = [ pkgs.busybox ]; binsh = "\${pkgs.busybox}/bin/sh"; files."/etc/motd".text = "$1"; };
+  machines = let web = extra: { name, pkgs, ... }: {
+    users.www = { home = "/var/empty"; };
+    services.httpd = { user = "www"; command = [ "\${pkgs.busybox}/bin/httpd" "-f" "-p" "80" "-h" "\${pkgs.writeTextDir "index.html" "<h1>Hello from \${name}</h1>"}" ]; };
+  } // extra pkgs; in {
+    web = web (pkgs: { });
+    big = web (pkgs: { packages = [ pkgs.busybox (pkgs.runCommand "usr-lib-sample-link" { } "ln -s \${builtins.storePath "$big"} \$out") ]; });
+  };
+}
+EOF
+}
+file=$work/deployment.nix
+deployment "one" >"$file"
+
+size_of() { echo "$1" | xargs nix-store -q --size | awk '{ s += $1 } END { printf "%.1f MiB", s / 1048576 }'; }
+
+for m in web big; do
+    echo "== $m" >&2
+    # The first build makes the machine layer with Nix (not timed) and tells the closure.
+    report=$(fl image -f "$file" "$m" --format oci -o "$work/$m-first" --json) || { cat "$file" >&2; exit 1; }
+    field() { python3 -c 'import json,sys; r=json.load(sys.stdin); r=r[0] if isinstance(r, list) else r; print(eval(sys.argv[1], {}, {"r": r}))' "$1"; }
+    toplevel=$(echo "$report" | field 'r["toplevel"]')
+    layers=$(echo "$report" | field 'r["layers"]')
+    # The image's store paths: the toplevel's closure and the agent's (the entrypoint).
+    agent=$(echo "$report" | field 'r["entrypoint"][0].rsplit("/bin/", 1)[0]')
+    paths=$(nix-store -qR "$toplevel" "$agent" | sort -u)
+    n=$(echo "$paths" | wc -l)
+    one_image() { rm -rf "$work/$m-oci"; fl image -f "$file" "$m" --format oci -o "$work/$m-oci"; }
+    tar_floor() { echo "$paths" | tar -c -T - -f - 2>/dev/null | cat >/dev/null; }
+    tar_sha() { echo "$paths" | tar -c -T - -f - 2>/dev/null | tee "$work/tar.out" | sha256sum >/dev/null; rm -f "$work/tar.out"; }
+    t_image=$(best_of "$RUNS" one_image)
+    t_floor=$(best_of "$RUNS" tar_floor)
+    t_sha=$(best_of "$RUNS" tar_sha)
+    deployment "two" >"$file"
+    t0=$(now); re=$(fl image -f "$file" "$m" --format oci -o "$work/$m-oci" --json); t1=$(now)
+    t_re=$(secs "$t0" "$t1")
+    written=$(echo "$re" | field 'r["layersWritten"]')
+    deployment "one" >"$file"
+    echo "$m: $n store paths, $(size_of "$paths"), $layers layers"
+    echo "  image      ${t_image} s  ($(ratio "$t_image" "$t_floor")x the tar floor, $(ratio "$t_image" "$t_sha")x tar+sha)"
+    echo "  tar floor  ${t_floor} s"
+    echo "  tar+sha    ${t_sha} s"
+    echo "  rebuild    ${t_re} s  after /etc/motd changed: ${written} of ${layers} layers written"
+done
