@@ -70,19 +70,7 @@ impl Engine {
     pub(crate) fn build_checked(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>, listen: Listener<'_>) -> Result<BuildReport> {
         let start = Instant::now();
         listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: selected.to_vec() });
-        let toplevels: Toplevels = match instantiated {
-            Some(all) => all.into_iter().filter(|(m, _)| selected.contains(m)).collect(),
-            None => {
-                let args = EvalArgs {
-                    deployment: &ev.file,
-                    facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
-                    agent: Some(agent),
-                    only: selected.iter().map(ToString::to_string).collect(),
-                };
-                serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
-                    .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
-            }
-        };
+        let toplevels = self.instantiate(ev, selected, agent, instantiated)?;
 
         // A host that cannot build at all says so once, with the fix, rather than as every
         // machine's build failure, and before anything is written (a toplevel not on disk
@@ -132,6 +120,24 @@ impl Engine {
 
         self.record(ev, &toplevels, &results)?;
         Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed(), closure })
+    }
+
+    /// The selected machines' toplevels, instantiated (their `.drv`s written) but not built:
+    /// those `evaluate_for_build` instantiated already, or from one Nix evaluation.
+    pub(crate) fn instantiate(&self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>) -> Result<Toplevels> {
+        Ok(match instantiated {
+            Some(all) => all.into_iter().filter(|(m, _)| selected.contains(m)).collect(),
+            None => {
+                let args = EvalArgs {
+                    deployment: &ev.file,
+                    facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
+                    agent: Some(agent),
+                    only: selected.iter().map(ToString::to_string).collect(),
+                };
+                serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
+                    .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
+            }
+        })
     }
 
     fn failure_reason(&self, drv: &StorePath, errors: &[String]) -> String {

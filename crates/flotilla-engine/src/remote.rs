@@ -18,7 +18,7 @@ use flotilla_nix::Nix;
 use flotilla_protocol::{
     client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, ErrorKind, GenerationInfo,
     HealthResult, KeyState, KeyUpload, MissReason, PathInfo, Request, Response, ServiceStatus, SubstituteMiss, Welcome,
-    SUBSTITUTE_PROTOCOL_VERSION,
+    SystemPlan, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
 };
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -547,6 +547,22 @@ impl AgentClient {
         }
         writer.finish()?;
         Ok(())
+    }
+
+    /// What activating `toplevel` would change, as the agent's own comparison finds it;
+    /// `manifest` is its `manifest.json` when the machine lacks it. An agent from before plans
+    /// is not guessed at: the error says it is too old and how to update it.
+    pub fn plan(&mut self, toplevel: &StorePath, manifest: Option<String>, keys_written: Vec<String>) -> Result<SystemPlan, RemoteError> {
+        if self.welcome().version < PLAN_PROTOCOL_VERSION {
+            return Err(RemoteError::Agent {
+                kind: ErrorKind::Unsupported,
+                message: format!("plan unavailable: agent too old (it speaks protocol {}, a plan needs {PLAN_PROTOCOL_VERSION}); {}", self.welcome().version, self.too_old_fix()),
+            });
+        }
+        match self.call(&Request::Plan { toplevel: toplevel.clone(), manifest, keys_written }, Duration::ZERO)? {
+            Response::Planned { plan } => Ok(plan),
+            other => Err(RemoteError::Unexpected { request: "plan", got: other.name() }),
+        }
     }
 
     /// Activates a toplevel already on the machine; the agent checks its health (within

@@ -8,6 +8,7 @@ mod cache;
 mod cli;
 mod debug;
 mod fleet;
+mod plan;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -90,7 +91,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, json } => {
+        Command::Plan { target, on, no_build, json } => plan::plan(g, target, on, *no_build, *json),
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, plan, yes, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
@@ -98,6 +100,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                 confirm_timeout: *confirm_timeout,
                 rollback_all_on_failure: *rollback_all_on_failure,
                 substitute_on_destination: *substitute_on_destination,
+                plan: *plan,
+                yes: *yes,
             };
             fleet::deploy(g, target, on, &opts, *json)
         }
