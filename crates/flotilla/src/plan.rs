@@ -15,15 +15,16 @@ use crate::{prepare_build, Outcome, Prepared};
 
 /// `flotilla plan`.
 pub fn plan(g: &Global, target: &Target, on: &str, no_build: bool, json: bool) -> Result<Outcome> {
-    let report = make(g, target, on, no_build, json)?;
+    let report = make(g, target, on, no_build)?;
     print(&report, json);
     Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
 }
 
 /// Evaluates, builds (unless `no_build`) and plans the selected machines.
-pub fn make(g: &Global, target: &Target, on: &str, no_build: bool, json: bool) -> Result<PlanReport> {
+pub fn make(g: &Global, target: &Target, on: &str, no_build: bool) -> Result<PlanReport> {
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on)?;
-    let mut progress = Progress::new(json, g.verbose);
+    // Progress goes to stderr as lines even with --json: stdout holds the plan's objects only.
+    let mut progress = Progress::new(false, g.verbose);
     let report = engine.plan_deploy(&ev, &selected, &agent, instantiated, no_build, &mut |e| progress.event(e));
     progress.finish();
     report.map_err(Into::into)
@@ -120,7 +121,7 @@ pub fn confirmed(g: &Global, target: &Target, on: &str, yes: bool, json: bool) -
     if !yes && !std::io::stdin().is_terminal() {
         bail!("deploy --plan: there is no terminal to ask whether to go on, so nothing was done; pass --yes to deploy the plan it prints, or run `flotilla plan` to only see it");
     }
-    let report = make(g, target, on, false, json)?;
+    let report = make(g, target, on, false)?;
     print(&report, json);
     if !report.all_ok() {
         bail!("some machines could not be planned (see above), so nothing was deployed; fix them, or leave them out with --on");
