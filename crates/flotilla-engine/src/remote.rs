@@ -689,3 +689,29 @@ mod substitute_tests {
         assert!(seen.is_err(), "the old agent was sent {seen:?}");
     }
 }
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use flotilla_protocol::{server_handshake_range, MIN_PROTOCOL_VERSION};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_agent_from_before_plans_is_sent_no_plan_and_the_plan_says_it_is_too_old() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut conn = Connection::unix(far).unwrap();
+            server_handshake_range(&mut conn, "0.0.1", "/", MIN_PROTOCOL_VERSION, PLAN_PROTOCOL_VERSION - 1).unwrap();
+            let _ = tx.send(conn.recv::<Request>().map(|r| r.name()).map_err(|e| e.to_string()));
+        });
+        let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
+        let top = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-flotilla-system-web1").unwrap();
+        let err = client.plan(&top, None, vec![]).unwrap_err().to_string();
+        assert!(err.contains("plan unavailable: agent too old"), "{err}");
+        assert!(err.contains("flotilla deploy --on web1"), "the fix: {err}");
+        drop(client);
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(seen.is_err(), "the old agent was sent {seen:?}");
+    }
+}
