@@ -9,16 +9,20 @@
 #   eval floor a bare `nix-instantiate` of the same deployment's toplevels (eval.nix with the
 #              same facts, in read-write mode, as flotilla runs it), the peer the no-op
 #              redeploy is measured against (target: within 2x)
-# Each no-op and eval figure is the best of $RUNS. Everything runs inside a network namespace
+#   plan       (with PLAN=1) `flotilla plan` of the same unchanged fleet, against the no-op
+#              deploy (goal: no slower than it)
+# Each no-op, plan and eval figure is the best of $RUNS. Everything runs inside a network namespace
 # of the benchmark's own, removed at the end with every container.
 #
 #   bash bench/fleet.sh              # 10 and 50 machines
 #   SIZES="10" bash bench/fleet.sh   # only 10
+#   PLAN=1 SIZES=50 bash bench/fleet.sh   # also plan against the no-op deploy
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZES=${SIZES:-"10 50"}
 RUNS=${RUNS:-5}
+PLAN=${PLAN:-}
 
 . bench/lib.sh
 cleanup() {
@@ -68,6 +72,12 @@ for n in $SIZES; do
 
     noop=$(best_of "$RUNS" fl deploy -f "$file")
     fl deploy -f "$file" | grep -c unchanged | grep -qx "$n" || { echo "the no-op redeploy changed something" >&2; exit 1; }
+
+    if [ -n "$PLAN" ]; then
+        planned=$(best_of "$RUNS" fl plan -f "$file")
+        fl plan -f "$file" | grep -q "plan: 0 changing, $n unchanged, 0 new" || { echo "the plan of the unchanged fleet is not all unchanged" >&2; exit 1; }
+        printf 'plan of %s unchanged machines: %ss, no-op deploy %ss: %.2fx\n' "$n" "$planned" "$noop" "$(awk -v a="$planned" -v b="$noop" 'BEGIN { print a / b }')"
+    fi
 
     # The peer: evaluate and instantiate the same toplevels with the same facts, nothing else.
     facts=$(fl eval -f "$file" --json | python3 -c 'import json,sys; print(json.dumps(json.load(sys.stdin)["facts"]))')

@@ -124,11 +124,27 @@ let
     ln -s ${busybox}/bin/busybox $out/bin/gzip
   '';
 
+  # A package at two versions, so a plan can show an upgrade (`hello 1.0 -> 2.0`):
+  # `bin/hello` prints its version; `hello serve` then sleeps, a service that stays up.
+  mkHello = version: runCommand "hello-${version}" { } ''
+    mkdir -p $out/bin
+    cat > $out/bin/hello <<EOF
+    #!${runtimeShell}
+    echo "hello ${version}"
+    [ "\$1" = serve ] && exec ${busybox}/bin/sleep 2147483647
+    exit 0
+    EOF
+    chmod +x $out/bin/hello
+  '';
+  hello = mkHello "1.0";
+  hello_2 = mkHello "2.0";
+
   qemu-utils = stagedWrapper "qemu-utils" (staged "qemu-utils" "qemu-utils-staged") [
     { name = "qemu-img"; program = "qemu-img"; }
   ];
 in
 {
   inherit busybox runtimeShell runCommand writeTextFile writeText writeTextDir writeScript
-    writeShellScript writeShellScriptBin symlinkJoin linux linux_alt e2fsprogs qemu-utils gzip;
+    writeShellScript writeShellScriptBin symlinkJoin linux linux_alt e2fsprogs qemu-utils gzip
+    hello hello_2;
 }

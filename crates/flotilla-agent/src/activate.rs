@@ -26,13 +26,17 @@
 //!
 //! [`Agent`] is the one face the server sees; its parts live in submodules along their seams:
 //! activation and its health checks here, `generations` (the profile and its links),
-//! `switch` (what a switch reconciles), `confirm` (the confirmation state machine and its
+//! `plan` (the comparison of the new system with the running one, which `switch` acts on and
+//! `flotilla plan` shows), `switch` (what a switch reconciles), `confirm` (the confirmation state machine and its
 //! record) and `gc` (garbage and Nix GC roots). Its errors are [`crate::error`]'s.
 
 mod confirm;
 mod gc;
 mod generations;
+mod plan;
 mod switch;
+
+pub use plan::plan_empty;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

@@ -94,6 +94,9 @@ commands:
                        relay 127.0.0.1:HOSTPORT to IP:PORT (a VM's port forwards, started
                        by the deployer): says `ready` once every port is bound, or exits 1
                        with the reason; serves until killed
+  plan --root DIR      read a Plan request (JSON) on stdin and print the plan (JSON) of a
+                       machine that runs nothing yet, DIR an empty directory standing for it:
+                       how the deployer plans a machine it has not provisioned
   build-system         build a toplevel (run by Nix as a derivation's builder)
   build-image          build a machine's disk image (run by Nix as a derivation's builder)
   build-oci-root       build the machine layer of a machine's OCI image (run by Nix as a
@@ -150,6 +153,20 @@ impl From<RunError> for Failure {
     }
 }
 
+/// `plan --root DIR`: the plan of a machine not provisioned yet, against the empty `DIR`.
+fn plan(args: &[String]) -> Result<ExitCode, Failure> {
+    let o = Options::parse(args, &[], &[], 0)?;
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| Failure::Usage(format!("cannot read the plan request on stdin: {e}")))?;
+    let request: flotilla_protocol::Request = serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("stdin holds no plan request: {e}")))?;
+    let flotilla_protocol::Request::Plan { toplevel, manifest: Some(manifest), keys_written } = request else {
+        return Err(Failure::Usage("stdin must hold a `plan` request with its manifest".into()));
+    };
+    let plan = flotilla_agent::activate::plan_empty(&o.root, &toplevel, &manifest, &keys_written).map_err(|e| Failure::Failed(e.to_string()))?;
+    println!("{}", serde_json::to_string(&plan).map_err(|e| Failure::Failed(e.to_string()))?);
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
     // The kernel runs the initramfs's /init, this binary, with no arguments: stage 1.
     if std::env::args().next().is_some_and(|argv0| flotilla_agent::vm::stage1::is_stage1(&argv0)) {
@@ -183,6 +200,7 @@ fn main() -> ExitCode {
         Some("logs") => logs(rest),
         Some("uninstall") => uninstall(rest),
         Some("adopt") => adopt(rest),
+        Some("plan") => plan(rest),
         Some("stdio") => Options::parse(rest, &[], &[], 0).map_err(Failure::from).and_then(|o| stdio(o.root).map(|()| ExitCode::SUCCESS).map_err(Failure::from)),
         Some("container") => return container(rest),
         Some("forward") => flotilla_agent::forward::parse(rest).map_err(|e| Failure::Usage(e.to_string())).and_then(|f| {

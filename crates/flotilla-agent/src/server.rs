@@ -262,6 +262,10 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
                 Err(e) => Response::error(ErrorKind::BadRequest, e.to_string()),
             }
         }
+        Request::Plan { toplevel, manifest, keys_written } => match agent.plan(&toplevel, manifest.as_deref(), &keys_written) {
+            Ok(plan) => Response::Planned { plan },
+            Err(e) => error(e),
+        },
         Request::Activate { toplevel, goal, confirm_within_secs, check_timeout_secs } => {
             let (check, confirm) = (check_timeout_secs.map(Duration::from_secs), confirm_within_secs.map(Duration::from_secs));
             match agent.activate_checked(&toplevel, goal, check, confirm, id) {

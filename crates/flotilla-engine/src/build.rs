@@ -84,19 +84,7 @@ impl Engine {
     ) -> Result<BuildReport> {
         let start = Instant::now();
         listen(&EngineEvent::PhaseStarted { phase: Phase::Build, machines: selected.to_vec() });
-        let all: Toplevels = match instantiated {
-            Some(all) => all.into_iter().filter(|(m, _)| selected.contains(m)).collect(),
-            None => {
-                let args = EvalArgs {
-                    deployment: &ev.file,
-                    facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
-                    agent: Some(agent),
-                    only: selected.iter().map(ToString::to_string).collect(),
-                };
-                serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
-                    .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
-            }
-        };
+        let all = self.instantiate(ev, selected, agent, instantiated)?;
         let (remote, toplevels): (Toplevels, Toplevels) = all.into_iter().partition(|(m, _)| on_target.contains(m));
 
         // A host that cannot build at all says so once, with the fix, rather than as every
@@ -164,6 +152,24 @@ impl Engine {
         recorded.extend(remote.iter().map(|(m, t)| (m.clone(), t.clone())));
         self.record(ev, &recorded, &results)?;
         Ok(BuildReport { deployment: ev.name.to_string(), machines: results, elapsed: start.elapsed(), closure, on_target: remote })
+    }
+
+    /// The selected machines' toplevels, instantiated (their `.drv`s written) but not built:
+    /// those `evaluate_for_build` instantiated already, or from one Nix evaluation.
+    pub(crate) fn instantiate(&self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<Toplevels>) -> Result<Toplevels> {
+        Ok(match instantiated {
+            Some(all) => all.into_iter().filter(|(m, _)| selected.contains(m)).collect(),
+            None => {
+                let args = EvalArgs {
+                    deployment: &ev.file,
+                    facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
+                    agent: Some(agent),
+                    only: selected.iter().map(ToString::to_string).collect(),
+                };
+                serde_json::from_value(self.nix.eval_json("toplevels", &args, true)?)
+                    .map_err(|e| NixError::Output { command: "eval.nix toplevels".into(), detail: e.to_string() })?
+            }
+        })
     }
 
     /// Why `drv` did not build: Nix's errors about its closure (all of them when none names

@@ -265,6 +265,23 @@ impl Engine {
         opts: DeployOptions,
         listen: Listener<'_>,
     ) -> Result<DeployReport> {
+        self.deploy_planned(ev, selected, agent, instantiated, None, opts, listen)
+    }
+
+    /// [`Engine::deploy_instantiated`] of the plan the user confirmed: when a machine's
+    /// toplevel is not the one `planned` names (the file was edited, or facts moved it since),
+    /// the deploy stops after the build, before any machine is touched, and says which.
+    #[allow(clippy::too_many_arguments)] // the deploy's inputs, each its own; a struct would only rename them
+    pub fn deploy_planned(
+        &mut self,
+        ev: &Evaluated,
+        selected: &[MachineName],
+        agent: &std::path::Path,
+        instantiated: Option<crate::Toplevels>,
+        planned: Option<&BTreeMap<MachineName, StorePath>>,
+        opts: DeployOptions,
+        listen: Listener<'_>,
+    ) -> Result<DeployReport> {
         let _lock = self.lock(ev.name.as_str(), "deploy", listen)?;
         let start = Instant::now();
         // The one check of the agent binary for this deploy (the build below trusts it).
@@ -351,6 +368,23 @@ impl Engine {
                         failed(&b.machine, Phase::Build, error.clone().unwrap_or_else(|| "the build failed".into()))
                     });
                 }
+            }
+        }
+        if let Some(planned) = planned {
+            let moved: Vec<String> = selected_all
+                .iter()
+                .filter(|n| toplevels.get(*n) != planned.get(*n))
+                .map(|n| match (planned.get(n), toplevels.get(n)) {
+                    (Some(p), Some(t)) => format!("machine {n}: the plan showed {p}, the deployment now builds {t}"),
+                    (None, _) => format!("machine {n}: it was not in the plan"),
+                    (Some(p), None) => format!("machine {n}: the plan showed {p}, and it no longer builds"),
+                })
+                .collect();
+            if !moved.is_empty() {
+                return Err(crate::EngineError::Config(vec![format!(
+                    "the deployment changed between the plan and the deploy, so nothing was deployed: {}; run `flotilla deploy --plan` again to see and confirm the new plan",
+                    moved.join("; ")
+                )]));
             }
         }
         let selected: Vec<MachineName> = selected_all.iter().filter(|n| !failures.contains_key(*n)).cloned().collect();

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 
 use flotilla_model::{KeySpec, UploadAt};
-use flotilla_protocol::KeyUpload;
+use flotilla_protocol::{KeyState, KeyUpload};
 use flotilla_store::NarHash;
 
 use crate::remote::{AgentClient, KeysPut, RemoteError};
@@ -79,6 +79,16 @@ fn run(at: &str, argv: &[String]) -> Result<Vec<u8>, String> {
 /// that are no longer declared.
 pub fn sync(client: &mut AgentClient, keys: &[ResolvedKey], stage: Option<UploadAt>, remove_undeclared: bool) -> Result<KeysPut, RemoteError> {
     let have = client.list_keys()?;
+    let (put, remove) = changes(&have, keys, stage, remove_undeclared);
+    if put.is_empty() && remove.is_empty() {
+        return Ok(KeysPut::default());
+    }
+    client.put_keys(put, remove)
+}
+
+/// What [`sync`] sends and deletes, given the keys the machine `have`s: the one rule, which
+/// `flotilla plan` shows by name.
+pub fn changes(have: &[KeyState], keys: &[ResolvedKey], stage: Option<UploadAt>, remove_undeclared: bool) -> (Vec<KeyUpload>, Vec<String>) {
     let have: BTreeMap<&str, _> = have.iter().map(|k| (k.name.as_str(), k)).collect();
     let put: Vec<KeyUpload> = keys
         .iter()
@@ -94,10 +104,7 @@ pub fn sync(client: &mut AgentClient, keys: &[ResolvedKey], stage: Option<Upload
     let declared: BTreeSet<&str> = keys.iter().map(|k| k.upload.name.as_str()).collect();
     let remove: Vec<String> =
         if remove_undeclared { have.keys().filter(|n| !declared.contains(*n)).map(|n| n.to_string()).collect() } else { Vec::new() };
-    if put.is_empty() && remove.is_empty() {
-        return Ok(KeysPut::default());
-    }
-    client.put_keys(put, remove)
+    (put, remove)
 }
 
 /// The digest the agent reports for a key's contents.

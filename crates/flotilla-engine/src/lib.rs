@@ -31,6 +31,7 @@ pub mod keys;
 mod gcroots;
 mod ledger;
 pub mod lock;
+pub mod plan;
 pub mod platform;
 pub mod procfs;
 pub mod remote;

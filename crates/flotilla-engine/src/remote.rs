@@ -18,7 +18,7 @@ use flotilla_nix::Nix;
 use flotilla_protocol::{
     client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, ErrorKind, GenerationInfo,
     HealthResult, KeyState, KeyUpload, MissReason, PathInfo, Request, Response, ServiceStatus, SubstituteMiss, Welcome,
-    SUBSTITUTE_PROTOCOL_VERSION,
+    SystemPlan, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
 };
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -549,6 +549,22 @@ impl AgentClient {
         Ok(())
     }
 
+    /// What activating `toplevel` would change, as the agent's own comparison finds it;
+    /// `manifest` is its `manifest.json` when the machine lacks it. An agent from before plans
+    /// is not guessed at: the error says it is too old and how to update it.
+    pub fn plan(&mut self, toplevel: &StorePath, manifest: Option<String>, keys_written: Vec<String>) -> Result<SystemPlan, RemoteError> {
+        if self.welcome().version < PLAN_PROTOCOL_VERSION {
+            return Err(RemoteError::Agent {
+                kind: ErrorKind::Unsupported,
+                message: format!("plan unavailable: agent too old (it speaks protocol {}, a plan needs {PLAN_PROTOCOL_VERSION}); {}", self.welcome().version, self.too_old_fix()),
+            });
+        }
+        match self.call(&Request::Plan { toplevel: toplevel.clone(), manifest, keys_written }, Duration::ZERO)? {
+            Response::Planned { plan } => Ok(plan),
+            other => Err(RemoteError::Unexpected { request: "plan", got: other.name() }),
+        }
+    }
+
     /// Activates a toplevel already on the machine; the agent checks its health (within
     /// `check_timeout_secs`) and, with `confirm_within_secs`, waits for [`AgentClient::confirm`]
     /// over another connection.
@@ -668,6 +684,32 @@ mod substitute_tests {
         assert_eq!((stats.paths, stats.pushed_because.get("agent too old").copied()), (0, Some(1)));
         assert!(stats.summary().contains("1 pushed instead: 1 agent too old"), "{}", stats.summary());
         assert!(stats.missed[0].detail.contains("fetching from caches needs 4"), "{}", stats.missed[0].detail);
+        drop(client);
+        let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        assert!(seen.is_err(), "the old agent was sent {seen:?}");
+    }
+}
+
+#[cfg(test)]
+mod plan_tests {
+    use super::*;
+    use flotilla_protocol::{server_handshake_range, MIN_PROTOCOL_VERSION};
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_agent_from_before_plans_is_sent_no_plan_and_the_plan_says_it_is_too_old() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut conn = Connection::unix(far).unwrap();
+            server_handshake_range(&mut conn, "0.0.1", "/", MIN_PROTOCOL_VERSION, PLAN_PROTOCOL_VERSION - 1).unwrap();
+            let _ = tx.send(conn.recv::<Request>().map(|r| r.name()).map_err(|e| e.to_string()));
+        });
+        let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
+        let top = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-flotilla-system-web1").unwrap();
+        let err = client.plan(&top, None, vec![]).unwrap_err().to_string();
+        assert!(err.contains("plan unavailable: agent too old"), "{err}");
+        assert!(err.contains("flotilla deploy --on web1"), "the fix: {err}");
         drop(client);
         let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(seen.is_err(), "the old agent was sent {seen:?}");

@@ -9,7 +9,8 @@
 //! (see [`message`] for the pairs), with one bulk stream after an `AddPaths` request, and
 //! a command's stdio both ways after an `Exec` (see [`exec`]).
 //!
-//! Versions: 2 is the base; 3 adds `Exec`; 4 adds `Substitute` (machines fetch from caches).
+//! Versions: 2 is the base; 3 adds `Exec`; 4 adds `Substitute` (machines fetch from caches);
+//! 5 adds `Plan` (what a deploy would change).
 
 mod connection;
 mod data;
@@ -31,12 +32,12 @@ pub use frame::{FrameKind, MAX_FRAME_PAYLOAD};
 pub use handshake::{client_handshake, server_handshake, server_handshake_range};
 pub use message::{
     ActivationGoal, ActivationReport, CommandExit, Compression, ErrorKind, GenerationInfo, HandshakeReply,
-    HealthResult, Hello, KeyState, KeyUpload, Message, MissReason, PathInfo, Refused, Request, Response, ServiceState, ServiceStatus, SubstituteMiss, Terminal, Welcome,
-    MAGIC, SUBSTITUTE_PROTOCOL_VERSION,
+    HealthResult, Hello, KeyState, KeyUpload, Message, MissReason, PathInfo, Refused, Request, Response, ServiceAction, ServicePlan, ServiceState, ServiceStatus, SubstituteMiss, SystemPlan, Terminal, Welcome,
+    MAGIC, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
 };
 
 /// The protocol version this build speaks best; bump it on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;

@@ -12,6 +12,7 @@
 //! | `QueryMissing` | `Missing` |
 //! | `AddPaths` (+ one bulk stream) | `PathsAdded` |
 //! | `Substitute` (protocol 4) | `Substituted` |
+//! | `Plan` (protocol 5) | `Planned` |
 //! | `Activate` | `Activated` (or `Error` of kind `Activation`: it failed and was rolled back) |
 //! | `Confirm` | `Confirmed` |
 //! | `CheckHealth` | `Health` |
@@ -145,6 +146,10 @@ pub struct PathInfo {
 /// The first protocol version with [`Request::Substitute`]; the deployer pushes everything to
 /// an agent that welcomed it with an older one.
 pub const SUBSTITUTE_PROTOCOL_VERSION: u32 = 4;
+
+/// The first protocol version with [`Request::Plan`]; an agent that welcomed the deployer
+/// with an older one cannot say what a deploy would change, and the plan says so.
+pub const PLAN_PROTOCOL_VERSION: u32 = 5;
 
 /// A path a `Substitute` did not get, and why: the deployer pushes it instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -281,6 +286,20 @@ pub enum Request {
         /// `name:base64` ed25519 public keys, as Nix's `trusted-public-keys`.
         trusted_keys: Vec<String>,
     },
+    /// What activating `toplevel` would change, changing nothing: the same comparison of the
+    /// new manifest with the running one that `Activate` acts on. Answered by
+    /// [`Response::Planned`]. Protocol 5 and later (see [`PLAN_PROTOCOL_VERSION`]).
+    Plan {
+        /// The toplevel store path.
+        toplevel: StorePath,
+        /// Its `manifest.json`, for a toplevel the machine does not have yet; when it has it,
+        /// the agent reads its own copy.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        manifest: Option<String>,
+        /// Names of the keys the deploy would write (their material differs or they are new);
+        /// never the material.
+        keys_written: Vec<String>,
+    },
     /// Activate a system toplevel that is already in the target's store. Answered by
     /// [`Response::Activated`].
     Activate {
@@ -373,6 +392,7 @@ impl Request {
             (Request::QueryMissing { .. }, Response::Missing { .. })
                 | (Request::AddPaths { .. }, Response::PathsAdded { .. })
                 | (Request::Substitute { .. }, Response::Substituted { .. })
+                | (Request::Plan { .. }, Response::Planned { .. })
                 | (Request::Activate { .. }, Response::Activated { .. })
                 | (Request::Confirm { .. }, Response::Confirmed { .. })
                 | (Request::Rollback { .. }, Response::Activated { .. })
@@ -397,6 +417,7 @@ impl Request {
             Request::QueryMissing { .. } => "query_missing",
             Request::AddPaths { .. } => "add_paths",
             Request::Substitute { .. } => "substitute",
+            Request::Plan { .. } => "plan",
             Request::Activate { .. } => "activate",
             Request::Confirm { .. } => "confirm",
             Request::Rollback { .. } => "rollback",
@@ -438,6 +459,11 @@ pub enum Response {
         bytes: u64,
         /// Every path asked for and not got, in the order asked, with why.
         missed: Vec<SubstituteMiss>,
+    },
+    /// What a `Plan` found: what activating its toplevel would change.
+    Planned {
+        /// The plan.
+        plan: SystemPlan,
     },
     /// A generation is active (after `Activate` or `Rollback`), its health checks passed.
     Activated {
@@ -540,6 +566,7 @@ impl Response {
             Response::Missing { .. } => "missing",
             Response::PathsAdded { .. } => "paths_added",
             Response::Substituted { .. } => "substituted",
+            Response::Planned { .. } => "planned",
             Response::Activated { .. } => "activated",
             Response::Confirmed { .. } => "confirmed",
             Response::Generations { .. } => "generations",
@@ -676,6 +703,69 @@ pub struct ActivationReport {
     pub services_unchanged: Vec<String>,
     /// Other notes for the user, e.g. "a reboot is needed for the new kernel".
     pub messages: Vec<String>,
+}
+
+/// What activating a toplevel would do to a machine, as the agent's own comparison of the
+/// new manifest with the running one finds it (the comparison activation then acts on).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SystemPlan {
+    /// The current generation, if any.
+    pub generation: Option<u64>,
+    /// The running system, if any.
+    pub toplevel: Option<StorePath>,
+    /// Services, in the order activation treats them: stops first, then starts.
+    pub services: Vec<ServicePlan>,
+    /// `/etc` entries that would be created, relative to `/etc`.
+    pub etc_added: Vec<String>,
+    /// `/etc` entries whose target would change.
+    pub etc_changed: Vec<String>,
+    /// `/etc` entries that would be removed.
+    pub etc_removed: Vec<String>,
+    /// Users and groups that would be created (`user x`, `group y`).
+    pub users_added: Vec<String>,
+    /// Users and groups that would be removed.
+    pub users_removed: Vec<String>,
+    /// The health checks that gate the switch: `service: check`.
+    pub health_checks: Vec<String>,
+    /// The running system's closure with each path's NAR size, for the closure diff.
+    pub closure: Vec<(StorePath, u64)>,
+}
+
+/// What activation would do with one service, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServicePlan {
+    /// The service.
+    pub name: String,
+    /// What happens to it.
+    pub action: ServiceAction,
+    /// Why: for a restart, what differs (command, environment, a store path it uses, a key
+    /// it reads, its `after` order); for a start of a service the system had, that it is not
+    /// running.
+    pub reasons: Vec<String>,
+}
+
+/// What activation does with a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceAction {
+    /// It is new (or not running): started.
+    Start,
+    /// The new system has no such service: stopped.
+    Stop,
+    /// It changed: stopped and started again.
+    Restart,
+}
+
+impl fmt::Display for ServiceAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ServiceAction::Start => "start",
+            ServiceAction::Stop => "stop",
+            ServiceAction::Restart => "restart",
+        })
+    }
 }
 
 /// One system generation on the target.

@@ -103,6 +103,7 @@ fn all_requests() -> Vec<Request> {
             caches: vec!["http://10.231.0.1:8080".into()],
             trusted_keys: vec!["cache-1:gQ7eaoE+XVkVbHAKpmzzKkz/hKLRiHg3AVMNFKUW8JM=".into()],
         },
+        Request::Plan { toplevel: sp(P2), manifest: Some("{}".into()), keys_written: vec!["db-password".into()] },
         Request::Activate {
             toplevel: sp(P2),
             goal: ActivationGoal::DryActivate,
@@ -141,6 +142,7 @@ fn all_requests() -> Vec<Request> {
             Request::QueryMissing { .. }
             | Request::AddPaths { .. }
             | Request::Substitute { .. }
+            | Request::Plan { .. }
             | Request::Activate { .. }
             | Request::Confirm { .. }
             | Request::Rollback { .. }
@@ -256,6 +258,17 @@ fn all_responses() -> Vec<Response> {
             restarted: vec!["postgres".into()],
             started: vec![],
         },
+        Response::Planned {
+            plan: SystemPlan {
+                generation: Some(3),
+                toplevel: Some(sp(P1)),
+                services: vec![ServicePlan { name: "web".into(), action: ServiceAction::Restart, reasons: vec!["command changed".into()] }],
+                etc_added: vec!["motd".into()],
+                health_checks: vec!["web: http http://127.0.0.1/".into()],
+                closure: vec![(sp(P1), 4096)],
+                ..Default::default()
+            },
+        },
         Response::Substituted {
             got: vec![sp(P1)],
             bytes: 4096,
@@ -275,6 +288,7 @@ fn all_responses() -> Vec<Response> {
             Response::Missing { .. }
             | Response::PathsAdded { .. }
             | Response::Substituted { .. }
+            | Response::Planned { .. }
             | Response::Activated { .. }
             | Response::Confirmed { .. }
             | Response::Generations { .. }

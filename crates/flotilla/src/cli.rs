@@ -73,6 +73,25 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show what a deploy would change on each selected machine, changing nothing: generation,
+    /// packages, closure size and bytes to send, services started/stopped/restarted and why,
+    /// /etc, users, keys (by name) and the health checks that gate the switch
+    Plan {
+        #[command(flatten)]
+        target: Target,
+        /// Machines: comma-separated names, globs (web*) and @tags
+        #[arg(long, value_name = "SELECTION", default_value = "")]
+        on: String,
+        /// Evaluate only: plan the machines whose systems are built already, and say which are not
+        #[arg(long)]
+        no_build: bool,
+        /// Nix's remote builders for this run, instead of `meta.builders` (as `deploy --builders`)
+        #[arg(long, value_name = "BUILDERS")]
+        builders: Option<String>,
+        /// Print one JSON object per machine, then the summary, one per line
+        #[arg(long)]
+        json: bool,
+    },
     /// Deploy: provision what is missing, build, copy, activate and check every selected machine
     Deploy {
         #[command(flatten)]
@@ -108,6 +127,13 @@ pub enum Command {
         /// its host with the host's Nix, as `deploy.buildOnTarget` does for one machine
         #[arg(long, value_enum, value_name = "WHERE")]
         build_on: Option<BuildOn>,
+        /// Print the plan first (as `flotilla plan` does) and ask before deploying it; without
+        /// a terminal it refuses unless --yes. The deploy stops if a toplevel changed since
+        #[arg(long)]
+        plan: bool,
+        /// With --plan: deploy the plan without asking
+        #[arg(long, requires = "plan")]
+        yes: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,

@@ -26,9 +26,16 @@ pub struct DeployFlags {
     pub builders: Option<String>,
     /// `--build-on target`.
     pub build_on_target: bool,
+    /// Show the plan and ask first (`--plan`).
+    pub plan: bool,
+    /// Deploy the plan without asking (`--yes`).
+    pub yes: bool,
 }
 
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
+    // The plan the user confirmed is the one deployed: the deployment is evaluated again
+    // after the answer, and a machine whose toplevel moved since stops the deploy.
+    let planned = if flags.plan { Some(crate::plan::confirmed(g, target, on, flags.builders.as_deref(), flags.yes, json)?.toplevels()) } else { None };
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, flags.builders.as_deref())?;
     engine.set_limits(Limits::all(usize::from(flags.parallel)));
     let opts = DeployOptions {
@@ -49,7 +56,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
         }
     }
     let mut progress = Progress::new(json, g.verbose);
-    let report = engine.deploy_instantiated(&ev, &selected, &agent, instantiated, opts, &mut |e| progress.event(e));
+    let report = engine.deploy_planned(&ev, &selected, &agent, instantiated, planned.as_ref(), opts, &mut |e| progress.event(e));
     progress.finish();
     let report = report?;
     if json {
@@ -170,7 +177,7 @@ pub fn operate(g: &Global, target: &Target, on: &str, op: Operation, yes: bool) 
     Ok(outcome)
 }
 
-fn confirm(question: &str) -> Result<()> {
+pub(crate) fn confirm(question: &str) -> Result<()> {
     if !std::io::stdin().is_terminal() {
         bail!("{question}\nrefusing without a terminal to ask on; pass --yes to confirm");
     }

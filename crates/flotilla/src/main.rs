@@ -8,6 +8,7 @@ mod cache;
 mod cli;
 mod debug;
 mod fleet;
+mod plan;
 mod progress;
 
 use std::path::{Path, PathBuf};
@@ -90,7 +91,8 @@ fn run(cli: Cli) -> Result<Outcome> {
             Ok(Outcome::Ok)
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, json } => {
+        Command::Plan { target, on, no_build, builders, json } => plan::plan(g, target, on, builders.as_deref(), *no_build, *json),
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
@@ -100,6 +102,8 @@ fn run(cli: Cli) -> Result<Outcome> {
                 substitute_on_destination: *substitute_on_destination,
                 builders: builders.clone(),
                 build_on_target: *build_on == Some(cli::BuildOn::Target),
+                plan: *plan,
+                yes: *yes,
             };
             fleet::deploy(g, target, on, &opts, *json)
         }

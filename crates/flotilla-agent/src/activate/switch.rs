@@ -108,34 +108,14 @@ impl Agent {
         let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
         let new_services = &new.system.services;
 
+        // The one comparison `flotilla plan` shows: this switch acts on exactly it.
+        let changes = super::plan::services(&old_services, new_services, &running);
         let mut report = ActivationReport { dry_run: dry, ..Default::default() };
-        let mut to_stop = Vec::new();
-        let mut to_start = Vec::new();
-        for name in start_order(&old_services).into_iter().rev() {
-            match new_services.get(&name) {
-                None => {
-                    report.services_stopped.push(name.clone());
-                    to_stop.push(name);
-                }
-                Some(spec) if spec != &old_services[&name] => {
-                    report.services_restarted.push(name.clone());
-                    to_stop.push(name);
-                }
-                Some(_) => {}
-            }
-        }
-        for name in start_order(new_services) {
-            let restarting = report.services_restarted.contains(&name);
-            if restarting {
-                to_start.push(name);
-            } else if !old_services.contains_key(&name) || !running.contains(&name) {
-                report.services_started.push(name.clone());
-                to_start.push(name);
-            } else {
-                report.services_unchanged.push(name);
-            }
-        }
-        report.services_restarted.sort();
+        report.services_stopped = changes.stopped;
+        report.services_restarted = changes.restarted.into_iter().map(|(name, _)| name).collect();
+        report.services_started = changes.started.into_iter().map(|(name, _)| name).collect();
+        report.services_unchanged = changes.unchanged;
+        let (to_stop, to_start) = (changes.to_stop, changes.to_start);
 
         let lookup = |name: &str, user: bool| users::lookup_id(&self.root, name, user);
         if dry {
@@ -217,6 +197,8 @@ impl Agent {
         let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
         let mut problems = Vec::new();
+        // The one rule `flotilla plan` shows for keys: a running service that reads one restarts.
+        let for_keys: BTreeSet<&String> = super::plan::restarted_for_keys(services, &running, &written).into_iter().collect();
         for name in start_order(services) {
             let spec = &services[&name];
             if waiting.contains_key(&name) {
@@ -225,7 +207,7 @@ impl Agent {
                     Ok(Some(_)) => {}
                     Err(e) => problems.push(e.to_string()),
                 }
-            } else if running.contains(&name) && spec.keys.iter().any(|k| written.contains(k)) {
+            } else if for_keys.contains(&name) {
                 match self.supervisor.restart(&name, spec) {
                     Ok(()) => restarted.push(name),
                     Err(e) => problems.push(e.to_string()),
