@@ -159,7 +159,7 @@ fn plan(args: &[String]) -> Result<ExitCode, Failure> {
     let mut text = String::new();
     std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| Failure::Usage(format!("cannot read the plan request on stdin: {e}")))?;
     let request: flotilla_protocol::Request = serde_json::from_str(&text).map_err(|e| Failure::Usage(format!("stdin holds no plan request: {e}")))?;
-    let flotilla_protocol::Request::Plan { toplevel, manifest: Some(manifest), keys_written } = request else {
+    let flotilla_protocol::Request::Plan { toplevel, manifest: Some(manifest), keys_written, .. } = request else {
         return Err(Failure::Usage("stdin must hold a `plan` request with its manifest".into()));
     };
     let plan = flotilla_agent::activate::plan_empty(&o.root, &toplevel, &manifest, &keys_written).map_err(|e| Failure::Failed(e.to_string()))?;

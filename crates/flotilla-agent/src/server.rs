@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_protocol::{server_handshake, server_handshake_range, Connection, ErrorKind, ProtocolError, Request, Response};
+use flotilla_protocol::{server_handshake, server_handshake_range, ActivationGoal, Connection, ErrorKind, ProtocolError, Request, Response};
 
 use crate::activate::Agent;
 use crate::error::AgentError;
@@ -262,7 +262,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
                 Err(e) => Response::error(ErrorKind::BadRequest, e.to_string()),
             }
         }
-        Request::Plan { toplevel, manifest, keys_written } => match agent.plan(&toplevel, manifest.as_deref(), &keys_written) {
+        Request::Plan { toplevel, manifest, keys_written, goal } => match agent.plan(&toplevel, manifest.as_deref(), &keys_written, goal.unwrap_or(ActivationGoal::Switch)) {
             Ok(plan) => Response::Planned { plan },
             Err(e) => error(e),
         },
@@ -289,7 +289,7 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             Ok(keys) => Response::Keys { keys },
             Err(e) => error(e),
         },
-        Request::PutKeys { put, remove } => match agent.put_keys(&put, &remove) {
+        Request::PutKeys { put, remove, switching_to } => match agent.put_keys(&put, &remove, switching_to.as_ref()) {
             Ok(k) => Response::KeysPut { written: k.written, removed: k.removed, restarted: k.restarted, started: k.started },
             Err(e) => error(e),
         },

@@ -664,7 +664,7 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     let mut key_notes = Vec::new();
     if goal.sends_keys() && keys.iter().any(|k| k.upload_at == UploadAt::PreActivation) {
         send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Keys });
-        match crate::keys::sync(&mut client, keys, Some(UploadAt::PreActivation), false) {
+        match crate::keys::sync(&mut client, keys, Some(UploadAt::PreActivation), false, goal.is_checked().then_some(toplevel)) {
             Ok(put) => key_notes.push(crate::keys::summary(&put)),
             Err(e) => return fail(row, Phase::Keys, e.to_string()),
         }
@@ -752,7 +752,7 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
         if post {
             send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Keys });
         }
-        match crate::keys::sync(&mut client, keys, Some(UploadAt::PostActivation), true) {
+        match crate::keys::sync(&mut client, keys, Some(UploadAt::PostActivation), true, None) {
             Ok(put) => key_notes.push(crate::keys::summary(&put)),
             Err(e) => return fail(row, Phase::Keys, e.to_string()),
         }

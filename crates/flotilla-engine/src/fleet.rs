@@ -382,7 +382,7 @@ impl Engine {
                     state => return Err(format!("machine {} is {}; its keys are sent when it starts", m.name(), state.as_str())),
                 }
                 let mut c = m.connect().map_err(|e| e.to_string())?;
-                crate::keys::sync(&mut c, &keys, None, true).map_err(|e| e.to_string())
+                crate::keys::sync(&mut c, &keys, None, true, None).map_err(|e| e.to_string())
             });
             let summary: std::result::Result<String, String> =
                 r.map(|p| crate::keys::summary(&p)).map(|s| if s.is_empty() { "keys unchanged".to_owned() } else { s });

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 
 use flotilla_model::{KeySpec, UploadAt};
 use flotilla_protocol::{KeyState, KeyUpload};
-use flotilla_store::NarHash;
+use flotilla_store::{NarHash, StorePath};
 
 use crate::remote::{AgentClient, KeysPut, RemoteError};
 
@@ -76,14 +76,15 @@ fn run(at: &str, argv: &[String]) -> Result<Vec<u8>, String> {
 
 /// Brings the machine's keys in line: sends the keys of `stage` (all keys when `None`) that
 /// differ from what the machine has, and with `remove_undeclared` deletes the keys it placed
-/// that are no longer declared.
-pub fn sync(client: &mut AgentClient, keys: &[ResolvedKey], stage: Option<UploadAt>, remove_undeclared: bool) -> Result<KeysPut, RemoteError> {
+/// that are no longer declared. `switching_to` is the toplevel a switch activates right
+/// after (see [`AgentClient::put_keys`]).
+pub fn sync(client: &mut AgentClient, keys: &[ResolvedKey], stage: Option<UploadAt>, remove_undeclared: bool, switching_to: Option<&StorePath>) -> Result<KeysPut, RemoteError> {
     let have = client.list_keys()?;
     let (put, remove) = changes(&have, keys, stage, remove_undeclared);
     if put.is_empty() && remove.is_empty() {
         return Ok(KeysPut::default());
     }
-    client.put_keys(put, remove)
+    client.put_keys(put, remove, switching_to)
 }
 
 /// What [`sync`] sends and deletes, given the keys the machine `have`s: the one rule, which

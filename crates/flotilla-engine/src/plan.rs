@@ -13,10 +13,11 @@ use std::process::{Command, Stdio};
 
 use flotilla_model::MachineName;
 use flotilla_nix::PathInfo;
-use flotilla_protocol::{Request, SystemPlan};
+use flotilla_protocol::{ActivationGoal, Request, ServiceAction, SystemPlan};
 use flotilla_store::StorePath;
 use serde::Serialize;
 
+use crate::deploy::Goal;
 use crate::jobs::{done, fan_out};
 use crate::platform::{self, MachineState};
 use crate::{Engine, EngineEvent, Evaluated, Listener, Phase, Result};
@@ -101,8 +102,29 @@ pub struct MachinePlan {
     pub keys_changed: Vec<String>,
     /// Keys no longer declared, which the deploy deletes.
     pub keys_removed: Vec<String>,
+    /// What the plan cannot know or what the goal changes about it, in words (a machine
+    /// built on its host, a host not provisioned yet, a goal that does not switch).
+    pub notes: Vec<String>,
     /// Why it could not be planned.
     pub error: Option<String>,
+}
+
+/// How a plan is made: the deploy it stands for.
+#[derive(Debug, Clone, Copy)]
+pub struct PlanOptions {
+    /// Evaluate only: plan the machines whose systems are built already.
+    pub no_build: bool,
+    /// The goal the deploy would go to.
+    pub goal: Goal,
+    /// Every selected machine is built on its own host (`--build-on target`), as machines
+    /// with `deploy.buildOnTarget` are anyway.
+    pub build_on_target: bool,
+}
+
+impl Default for PlanOptions {
+    fn default() -> PlanOptions {
+        PlanOptions { no_build: false, goal: Goal::Switch, build_on_target: false }
+    }
 }
 
 /// The whole fleet's totals.
@@ -137,8 +159,13 @@ impl PlanReport {
         self.machines.iter().filter_map(|m| Some((m.machine.clone(), m.toplevel.clone()?))).collect()
     }
 
-    /// Whether every machine was planned.
+    /// Whether every machine was planned, or (`--no-build`) is only not built yet.
     pub fn all_ok(&self) -> bool {
+        self.machines.iter().all(|m| m.status != PlanStatus::Failed)
+    }
+
+    /// Whether every machine was planned in full: what a deploy of the plan needs.
+    pub fn all_planned(&self) -> bool {
         self.machines.iter().all(|m| !matches!(m.status, PlanStatus::Failed | PlanStatus::NotBuilt))
     }
 }
@@ -159,6 +186,7 @@ impl MachinePlan {
             keys_added: Vec::new(),
             keys_changed: Vec::new(),
             keys_removed: Vec::new(),
+            notes: Vec::new(),
             error: None,
         }
     }
@@ -174,13 +202,23 @@ impl Engine {
     /// Plans a deploy of the selected machines: builds their toplevels (or with `no_build`
     /// only instantiates them) and asks each what it would change. Nothing is provisioned,
     /// copied or activated, and no lock is taken (it reads only).
-    pub fn plan_deploy(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<crate::Toplevels>, no_build: bool, listen: Listener<'_>) -> Result<PlanReport> {
+    pub fn plan_deploy(&mut self, ev: &Evaluated, selected: &[MachineName], agent: &Path, instantiated: Option<crate::Toplevels>, opts: PlanOptions, listen: Listener<'_>) -> Result<PlanReport> {
         crate::check_agent(agent)?;
         let mut rows: BTreeMap<MachineName, MachinePlan> = BTreeMap::new();
         let mut toplevels: BTreeMap<MachineName, StorePath> = BTreeMap::new();
-        if no_build {
+        // Machines their hosts build, as the deploy would (`--goal build` builds here): the
+        // deployer does not build them for their plan either.
+        let on_target: BTreeSet<MachineName> = if opts.goal.provisions() {
+            selected.iter().filter(|n| matches!(ev.machines[*n].platform, flotilla_model::Platform::Ssh(_)) && (opts.build_on_target || ev.machines[*n].deploy.build_on_target)).cloned().collect()
+        } else {
+            BTreeSet::new()
+        };
+        let mut remote: BTreeMap<MachineName, StorePath> = BTreeMap::new();
+        if opts.no_build {
             for (name, t) in self.instantiate(ev, selected, agent, instantiated)? {
-                if Path::new(&t.out.to_absolute()).exists() {
+                if on_target.contains(&name) {
+                    remote.insert(name, t.out);
+                } else if Path::new(&t.out.to_absolute()).exists() {
                     toplevels.insert(name, t.out);
                 } else {
                     let mut row = MachinePlan::new(&name, Some(t.out));
@@ -190,10 +228,11 @@ impl Engine {
                 }
             }
         } else {
-            // A machine built on its own host (`deploy.buildOnTarget`) is built here for its
-            // plan: the plan reads the new toplevel's manifest and closure.
-            for b in self.build_checked(ev, selected, agent, instantiated, &Default::default(), listen)?.machines {
+            for b in self.build_checked(ev, selected, agent, instantiated, &on_target, listen)?.machines {
                 match b.toplevel {
+                    Some(t) if on_target.contains(&b.machine) => {
+                        remote.insert(b.machine, t);
+                    }
                     Some(t) => {
                         toplevels.insert(b.machine, t);
                     }
@@ -207,12 +246,17 @@ impl Engine {
         let outs: Vec<StorePath> = toplevels.values().cloned().collect();
         let closure = self.nix.closure_info(&outs)?.unwrap_or_default();
         let ctx = self.context(ev.name.as_str(), agent);
-        let work: Vec<(&MachineName, &StorePath)> = toplevels.iter().collect();
+        let work: Vec<(&MachineName, &StorePath)> = toplevels.iter().chain(remote.iter()).collect();
         listen(&EngineEvent::PhaseStarted { phase: Phase::Preflight, machines: work.iter().map(|(n, _)| (*n).clone()).collect() });
         let planned = fan_out(&work, self.limits.copy, listen, |(name, toplevel), send| {
             send(EngineEvent::MachinePhase { machine: (*name).clone(), phase: Phase::Preflight });
-            let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(*toplevel));
-            let row = plan_machine(&ctx, ev, name, toplevel, &infos, agent);
+            let row = if on_target.contains(*name) {
+                plan_on_target(&ctx, ev, name, toplevel)
+            } else {
+                let infos = flotilla_nix::closure_within(&closure, std::slice::from_ref(*toplevel));
+                plan_machine(&ctx, ev, name, toplevel, &infos, agent, opts.goal)
+            };
+            let row = for_goal(row, opts.goal);
             let detail = match (&row.error, row.status) {
                 (Some(e), _) => Err(e.as_str()),
                 (None, PlanStatus::New) => Ok("new machine"),
@@ -242,7 +286,7 @@ impl Engine {
 
 /// One machine's plan: asked of its agent when it runs, else of `flotilla-agent plan` against
 /// nothing.
-fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, toplevel: &StorePath, closure: &[PathInfo], agent: &Path) -> MachinePlan {
+fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, toplevel: &StorePath, closure: &[PathInfo], agent: &Path, goal: Goal) -> MachinePlan {
     let mut row = MachinePlan::new(name, Some(toplevel.clone()));
     if closure.is_empty() {
         return row.failed(format!("the closure of {toplevel} is not in the local store"));
@@ -270,7 +314,10 @@ fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, top
                 Err(e) => return row.failed(e),
             }
             row.status = PlanStatus::New;
-            row.next_generation = Some(1);
+            row.next_generation = row.system.next_generation;
+            if matches!(cfg.platform, flotilla_model::Platform::Ssh(_)) {
+                row.notes.push("against an empty machine: the host's existing files and accounts are not checked".into());
+            }
             row.paths_to_send = closure.len() as u64;
             row.bytes_to_send = new_size;
             row.closure = closure_diff(&[], closure);
@@ -285,10 +332,11 @@ fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, top
                 let (put, remove) = crate::keys::changes(&have, &keys, None, true);
                 let on_machine = !copy.send.iter().any(|i| &i.path == toplevel);
                 let written: Vec<String> = put.iter().map(|k| k.name.clone()).collect();
-                let system = client.plan(toplevel, (!on_machine).then(|| manifest.clone()), written)?;
+                let activation = goal.activation().unwrap_or(ActivationGoal::Switch);
+                let system = client.plan(toplevel, (!on_machine).then(|| manifest.clone()), written, activation)?;
                 Ok::<_, crate::remote::RemoteError>((status, have, copy, put, remove, system))
             })();
-            let (status, have, copy, put, remove, system) = match asked {
+            let (status, have, copy, put, remove, mut system) = match asked {
                 Ok(a) => a,
                 Err(e) => return row.failed(e.to_string()),
             };
@@ -301,10 +349,12 @@ fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, top
             row.current_toplevel = status.toplevel.clone();
             let unchanged = status.toplevel.as_ref() == Some(toplevel);
             row.status = if unchanged { PlanStatus::Unchanged } else { PlanStatus::Change };
-            row.next_generation = if unchanged { status.generation } else { Some(status.generation.map_or(1, |g| g + 1)) };
+            // The agent's own number: after a rollback, the last generation + 1.
+            row.next_generation = system.next_generation;
             row.paths_to_send = copy.send.len() as u64;
             row.bytes_to_send = copy.bytes();
-            let old: Vec<(StorePath, u64)> = system.closure.clone();
+            // The running closure is for the diff only; the plan printed does not carry it.
+            let old: Vec<(StorePath, u64)> = std::mem::take(&mut system.closure);
             row.closure = closure_diff(&old, closure);
             row.system = system;
             row
@@ -313,10 +363,100 @@ fn plan_machine(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, top
     }
 }
 
+/// The plan of a machine its host builds (`deploy.buildOnTarget`, `--build-on target`): its
+/// new system is not built here, so its closure and manifest are unknown until the host
+/// builds it; what the machine runs now is asked of it when it runs.
+fn plan_on_target(ctx: &platform::Context, ev: &Evaluated, name: &MachineName, toplevel: &StorePath) -> MachinePlan {
+    let mut row = MachinePlan::new(name, Some(toplevel.clone()));
+    let cfg = &ev.machines[name];
+    let m = match platform::machine(ctx, name.as_str(), &cfg.platform, &ev.facts.get(name).cloned().unwrap_or_default()) {
+        Ok(m) => m,
+        Err(e) => return row.failed(e.into_message()),
+    };
+    let unknown = "built on its host: the closure diff, services, /etc and keys are unknown until it is built there; nothing is sent from this host".to_owned();
+    match m.state() {
+        MachineState::Missing => {
+            row.status = PlanStatus::New;
+            row.next_generation = Some(1);
+            row.notes.push(unknown);
+            row.notes.push("against an empty machine: the host's existing files and accounts are not checked".into());
+        }
+        MachineState::Running => {
+            let status = match m.connect().and_then(|mut c| c.status()) {
+                Ok(s) => s,
+                Err(e) => return row.failed(e.to_string()),
+            };
+            row.generation = status.generation;
+            let unchanged = status.toplevel.as_ref() == Some(toplevel);
+            row.current_toplevel = status.toplevel;
+            row.status = if unchanged { PlanStatus::Unchanged } else { PlanStatus::Change };
+            row.next_generation = if unchanged { row.generation } else { None };
+            if !unchanged {
+                row.notes.push(unknown);
+            }
+        }
+        state => return row.failed(format!("machine {name} is {}: start it (`flotilla start --on {name}`) to plan against what it runs", state.as_str())),
+    }
+    row
+}
+
+/// What the deploy's goal makes of a machine's plan: `build` and `copy` activate nothing,
+/// `boot` changes what the machine runs at its next start only, `dry-activate` changes
+/// nothing; none of them restarts anything now.
+fn for_goal(mut row: MachinePlan, goal: Goal) -> MachinePlan {
+    if row.error.is_some() || row.status == PlanStatus::Unchanged {
+        return row;
+    }
+    let later = |row: &MachinePlan| -> String {
+        let s: Vec<String> = row.system.services.iter().map(|s| format!("{} {}", action_word(s.action), s.name)).collect();
+        if s.is_empty() { String::new() } else { format!(": {}", s.join(", ")) }
+    };
+    match goal {
+        Goal::Switch | Goal::Test => {
+            if goal == Goal::Test {
+                row.next_generation = row.generation;
+                row.notes.push("test: it runs the new system now, adds no generation, and boots the current one next time".into());
+            }
+            return row;
+        }
+        Goal::Build => {
+            row.notes.push("build only: nothing is copied to the machine or activated".into());
+            (row.paths_to_send, row.bytes_to_send) = (0, 0);
+            row.next_generation = row.generation;
+        }
+        Goal::Copy => {
+            row.notes.push("copy only: the closure is sent, nothing is activated".into());
+            row.next_generation = row.generation;
+        }
+        Goal::Boot => {
+            row.notes.push(format!("boot: generation {} becomes current at the next start, nothing restarts now{}", row.next_generation.map_or("-".into(), |g| g.to_string()), later(&row)));
+        }
+        Goal::DryActivate => {
+            row.notes.push(format!("dry-activate: nothing changes; the agent reports what a switch would do{}", later(&row)));
+            row.next_generation = row.generation;
+        }
+    }
+    row.system.services.clear();
+    let sys = &mut row.system;
+    (sys.etc_added, sys.etc_changed, sys.etc_removed, sys.users_added, sys.users_removed) = Default::default();
+    if goal != Goal::Boot {
+        (row.keys_added, row.keys_changed, row.keys_removed) = Default::default();
+    }
+    row
+}
+
+fn action_word(a: ServiceAction) -> &'static str {
+    match a {
+        ServiceAction::Start => "start",
+        ServiceAction::Stop => "stop",
+        ServiceAction::Restart => "restart",
+    }
+}
+
 /// A new machine's plan: `flotilla-agent plan` run on this host against an empty directory.
 fn plan_new(agent: &Path, toplevel: &StorePath, manifest: &str, keys_written: &[String]) -> std::result::Result<SystemPlan, String> {
     let empty = EmptyDir::new().map_err(|e| format!("cannot make an empty directory to plan against in {}: {e}", std::env::temp_dir().display()))?;
-    let request = Request::Plan { toplevel: toplevel.clone(), manifest: Some(manifest.to_owned()), keys_written: keys_written.to_vec() };
+    let request = Request::Plan { toplevel: toplevel.clone(), manifest: Some(manifest.to_owned()), keys_written: keys_written.to_vec(), goal: None };
     let mut child = Command::new(agent)
         .args(["plan", "--root"])
         .arg(&empty.0)

@@ -552,14 +552,14 @@ impl AgentClient {
     /// What activating `toplevel` would change, as the agent's own comparison finds it;
     /// `manifest` is its `manifest.json` when the machine lacks it. An agent from before plans
     /// is not guessed at: the error says it is too old and how to update it.
-    pub fn plan(&mut self, toplevel: &StorePath, manifest: Option<String>, keys_written: Vec<String>) -> Result<SystemPlan, RemoteError> {
+    pub fn plan(&mut self, toplevel: &StorePath, manifest: Option<String>, keys_written: Vec<String>, goal: ActivationGoal) -> Result<SystemPlan, RemoteError> {
         if self.welcome().version < PLAN_PROTOCOL_VERSION {
             return Err(RemoteError::Agent {
                 kind: ErrorKind::Unsupported,
                 message: format!("plan unavailable: agent too old (it speaks protocol {}, a plan needs {PLAN_PROTOCOL_VERSION}); {}", self.welcome().version, self.too_old_fix()),
             });
         }
-        match self.call(&Request::Plan { toplevel: toplevel.clone(), manifest, keys_written }, Duration::ZERO)? {
+        match self.call(&Request::Plan { toplevel: toplevel.clone(), manifest, keys_written, goal: Some(goal) }, Duration::ZERO)? {
             Response::Planned { plan } => Ok(plan),
             other => Err(RemoteError::Unexpected { request: "plan", got: other.name() }),
         }
@@ -600,9 +600,11 @@ impl AgentClient {
         }
     }
 
-    /// Writes and deletes keys.
-    pub fn put_keys(&mut self, put: Vec<KeyUpload>, remove: Vec<String>) -> Result<KeysPut, RemoteError> {
-        match self.call(&Request::PutKeys { put, remove }, CHANGE_MARGIN)? {
+    /// Writes and deletes keys; `switching_to` is the toplevel a switch activates next (an
+    /// agent older than plans is not told: it restarts a service for its key as before).
+    pub fn put_keys(&mut self, put: Vec<KeyUpload>, remove: Vec<String>, switching_to: Option<&StorePath>) -> Result<KeysPut, RemoteError> {
+        let switching_to = switching_to.filter(|_| self.welcome().version >= PLAN_PROTOCOL_VERSION).cloned();
+        match self.call(&Request::PutKeys { put, remove, switching_to }, CHANGE_MARGIN)? {
             Response::KeysPut { written, removed, restarted, started } => Ok(KeysPut { written, removed, restarted, started }),
             other => Err(RemoteError::Unexpected { request: "put_keys", got: other.name() }),
         }

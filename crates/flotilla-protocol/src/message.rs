@@ -299,6 +299,10 @@ pub enum Request {
         /// Names of the keys the deploy would write (their material differs or they are new);
         /// never the material.
         keys_written: Vec<String>,
+        /// The goal the deploy would activate with; `None` is `switch`. It decides the next
+        /// generation's number (the agent's own rule) and whether anything restarts now.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        goal: Option<ActivationGoal>,
     },
     /// Activate a system toplevel that is already in the target's store. Answered by
     /// [`Response::Activated`].
@@ -361,6 +365,11 @@ pub enum Request {
         put: Vec<KeyUpload>,
         /// Names of keys to delete.
         remove: Vec<String>,
+        /// The toplevel a switch activates right after these keys (keys sent before
+        /// activation): a running service that switch restarts anyway is not restarted for
+        /// its key too, so it starts once, as the plan says. Protocol 5 and later.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        switching_to: Option<StorePath>,
     },
     /// Run a command on the machine, as root, with the machine's default `PATH`, in `/root`
     /// (or `/` without one), in a session of its own. Answered by [`Response::ExecStarted`];
@@ -712,6 +721,10 @@ pub struct ActivationReport {
 pub struct SystemPlan {
     /// The current generation, if any.
     pub generation: Option<u64>,
+    /// The generation the activation would leave current, numbered by the agent's own rule
+    /// (the last generation + 1, not the current + 1: after a rollback they differ).
+    #[serde(default)]
+    pub next_generation: Option<u64>,
     /// The running system, if any.
     pub toplevel: Option<StorePath>,
     /// Services, in the order activation treats them: stops first, then starts.
@@ -728,7 +741,9 @@ pub struct SystemPlan {
     pub users_removed: Vec<String>,
     /// The health checks that gate the switch: `service: check`.
     pub health_checks: Vec<String>,
-    /// The running system's closure with each path's NAR size, for the closure diff.
+    /// The running system's closure with each path's NAR size, for the closure diff. The
+    /// deployer takes it out once the diff is made: it is not part of the plan it prints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub closure: Vec<(StorePath, u64)>,
 }
 

@@ -103,7 +103,7 @@ fn all_requests() -> Vec<Request> {
             caches: vec!["http://10.231.0.1:8080".into()],
             trusted_keys: vec!["cache-1:gQ7eaoE+XVkVbHAKpmzzKkz/hKLRiHg3AVMNFKUW8JM=".into()],
         },
-        Request::Plan { toplevel: sp(P2), manifest: Some("{}".into()), keys_written: vec!["db-password".into()] },
+        Request::Plan { toplevel: sp(P2), manifest: Some("{}".into()), keys_written: vec!["db-password".into()], goal: Some(ActivationGoal::Boot) },
         Request::Activate {
             toplevel: sp(P2),
             goal: ActivationGoal::DryActivate,
@@ -131,6 +131,7 @@ fn all_requests() -> Vec<Request> {
                 data: b"hunter2".to_vec(),
             }],
             remove: vec!["old".into()],
+            switching_to: Some(sp(P2)),
         },
         Request::Exec { argv: vec!["sh".into(), "-l".into()], tty: Some(Terminal { rows: 24, cols: 80, term: "xterm".into() }) },
         Request::Exec { argv: vec!["cat".into()], tty: None },
@@ -261,6 +262,7 @@ fn all_responses() -> Vec<Response> {
         Response::Planned {
             plan: SystemPlan {
                 generation: Some(3),
+                next_generation: Some(6),
                 toplevel: Some(sp(P1)),
                 services: vec![ServicePlan { name: "web".into(), action: ServiceAction::Restart, reasons: vec!["command changed".into()] }],
                 etc_added: vec!["motd".into()],
@@ -438,6 +440,7 @@ fn key_material_never_shows_in_debug_output() {
             data: b"s3cr3t-material".to_vec(),
         }],
         remove: vec![],
+        switching_to: None,
     };
     let shown = format!("{put:?} {put:#?}");
     assert!(!shown.contains("s3cr3t") && !shown.contains("115, 51"), "{shown}");

@@ -35,7 +35,8 @@ pub struct DeployFlags {
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
     // The plan the user confirmed is the one deployed: the deployment is evaluated again
     // after the answer, and a machine whose toplevel moved since stops the deploy.
-    let planned = if flags.plan { Some(crate::plan::confirmed(g, target, on, flags.builders.as_deref(), flags.yes, json)?.toplevels()) } else { None };
+    let plan_opts = flotilla_engine::plan::PlanOptions { no_build: false, goal: flags.goal.into(), build_on_target: flags.build_on_target };
+    let planned = if flags.plan { Some(crate::plan::confirmed(g, target, on, flags.builders.as_deref(), plan_opts, flags.yes, json)?.toplevels()) } else { None };
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, flags.builders.as_deref())?;
     engine.set_limits(Limits::all(usize::from(flags.parallel)));
     let opts = DeployOptions {

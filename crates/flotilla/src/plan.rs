@@ -5,7 +5,7 @@
 use std::io::IsTerminal as _;
 
 use anyhow::{bail, Result};
-use flotilla_engine::plan::{MachinePlan, PlanReport, PlanStatus};
+use flotilla_engine::plan::{MachinePlan, PlanOptions, PlanReport, PlanStatus};
 use flotilla_model::{escape_controls, human_bytes};
 use flotilla_protocol::ServiceAction;
 
@@ -15,24 +15,35 @@ use crate::{prepare_build, Outcome, Prepared};
 
 /// `flotilla plan`.
 pub fn plan(g: &Global, target: &Target, on: &str, builders: Option<&str>, no_build: bool, json: bool) -> Result<Outcome> {
-    let report = make(g, target, on, builders, no_build)?;
+    let report = make(g, target, on, builders, PlanOptions { no_build, ..Default::default() })?;
     print(&report, json);
+    // A machine only not built yet (`--no-build`) is what was asked, not a failure.
     Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
 }
 
-/// Evaluates, builds (unless `no_build`; with `builders` replacing `meta.builders`) and plans
-/// the selected machines.
-pub fn make(g: &Global, target: &Target, on: &str, builders: Option<&str>, no_build: bool) -> Result<PlanReport> {
+/// Evaluates, builds (unless `opts.no_build`; with `builders` replacing `meta.builders`) and
+/// plans the selected machines.
+pub fn make(g: &Global, target: &Target, on: &str, builders: Option<&str>, opts: PlanOptions) -> Result<PlanReport> {
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, builders)?;
     // Progress goes to stderr as lines even with --json: stdout holds the plan's objects only.
     let mut progress = Progress::new(false, g.verbose);
-    let report = engine.plan_deploy(&ev, &selected, &agent, instantiated, no_build, &mut |e| progress.event(e));
+    let report = engine.plan_deploy(&ev, &selected, &agent, instantiated, opts, &mut |e| progress.event(e));
     progress.finish();
     report.map_err(Into::into)
 }
 
 /// Prints a plan: JSON lines, or text.
 pub fn print(report: &PlanReport, json: bool) {
+    print_as(report, json, false)
+}
+
+/// Prints a plan; with `json` and `as_event`, as one `{"event": "plan", ...}` line, so that it
+/// does not mix with the event stream of the deploy that follows it.
+fn print_as(report: &PlanReport, json: bool, as_event: bool) {
+    if json && as_event {
+        outln!("{}", serde_json::json!({ "event": "plan", "deployment": report.deployment, "machines": report.machines, "summary": report.summary }));
+        return;
+    }
     if json {
         for m in &report.machines {
             outln!("{}", serde_json::to_string(m).expect("a plan serialises"));
@@ -68,6 +79,9 @@ fn machine_text(m: &MachinePlan, paint: &dyn Fn(&str, &str) -> String) -> String
     if let Some(e) = &m.error {
         t.push_str(&format!("  {}\n", paint("31", &escape_controls(e))));
         return t;
+    }
+    for n in &m.notes {
+        t.push_str(&format!("  note: {}\n", escape_controls(n)));
     }
     let c = &m.closure;
     let mut pkgs: Vec<String> = c.changed.iter().map(|p| format!("{} {} -> {}", p.name, p.old, p.new)).collect();
@@ -118,13 +132,13 @@ fn versioned(name: &str, version: &str) -> String {
 
 /// `deploy --plan`: refuses before any work when it cannot ask and `--yes` is not given;
 /// prints the plan, asks on a terminal, and returns the plan to deploy.
-pub fn confirmed(g: &Global, target: &Target, on: &str, builders: Option<&str>, yes: bool, json: bool) -> Result<PlanReport> {
+pub fn confirmed(g: &Global, target: &Target, on: &str, builders: Option<&str>, opts: PlanOptions, yes: bool, json: bool) -> Result<PlanReport> {
     if !yes && !std::io::stdin().is_terminal() {
         bail!("deploy --plan: there is no terminal to ask whether to go on, so nothing was done; pass --yes to deploy the plan it prints, or run `flotilla plan` to only see it");
     }
-    let report = make(g, target, on, builders, false)?;
-    print(&report, json);
-    if !report.all_ok() {
+    let report = make(g, target, on, builders, opts)?;
+    print_as(&report, json, true);
+    if !report.all_planned() {
         bail!("some machines could not be planned (see above), so nothing was deployed; fix them, or leave them out with --on");
     }
     if !yes {

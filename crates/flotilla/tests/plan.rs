@@ -21,6 +21,11 @@ const KEY_V2: &str = "material-BBBB-2";
 /// package, `hello_pkg`), `keyed` (reads key `token`, whose material is `key`). Each service
 /// appends its pid to `/starts/<name>` when it starts.
 fn deployment(name: &str, hello_pkg: &str, key: &str) -> String {
+    deployment_with(name, hello_pkg, key, "${pkgs.busybox}/bin/sleep 2147483647")
+}
+
+/// [`deployment`] with `keyed` running `keyed_exec`.
+fn deployment_with(name: &str, hello_pkg: &str, key: &str, keyed_exec: &str) -> String {
     let counted = |svc: &str, exec: &str| format!(r#"[ "${{pkgs.busybox}}/bin/sh" "-c" "mkdir -p /starts; echo $$ >> /starts/{svc}; exec {exec}" ]"#);
     format!(
         r#"{{ meta.name = "{name}"; machines.web = {{ pkgs, ... }}: {{
@@ -37,7 +42,7 @@ fn deployment(name: &str, hello_pkg: &str, key: &str) -> String {
 "#,
         httpd = counted("httpd", "${pkgs.busybox}/bin/httpd -f -p 80 -h /"),
         tool = counted("tool", &format!("${{pkgs.{hello_pkg}}}/bin/hello serve")),
-        keyed = counted("keyed", "${pkgs.busybox}/bin/sleep 2147483647"),
+        keyed = counted("keyed", keyed_exec),
     )
 }
 
@@ -50,6 +55,26 @@ fn starts(f: &Fleet, name: &str) -> BTreeMap<String, usize> {
         out.insert(e.file_name().to_string_lossy().into_owned(), text.lines().count());
     }
     out
+}
+
+/// The start counts once the machine settled: the agent reports every service running (a
+/// service waiting for a key placed after activation starts late) and the counts stayed the
+/// same for two seconds (a second start, by a key or the supervisor, comes late too).
+fn settled_starts(f: &Fleet, file: &str, name: &str) -> BTreeMap<String, usize> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut last = (BTreeMap::new(), Instant::now());
+    loop {
+        assert!(Instant::now() < deadline, "the machine did not settle: starts {:?}", last.0);
+        let info = f.machine(file, "web");
+        let (up, total) = (info["services_up"].as_u64().unwrap(), info["services_total"].as_u64().unwrap());
+        let now = starts(f, name);
+        if now != last.0 {
+            last = (now, Instant::now());
+        } else if up == total && total > 0 && last.1.elapsed() >= Duration::from_secs(2) {
+            return last.0;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    }
 }
 
 /// The services a text plan claims start or restart.
@@ -65,15 +90,14 @@ fn claimed(plan: &str) -> Vec<String> {
 
 /// Deploys after `plan` and checks that exactly the services it claimed (re)started.
 fn deploy_as_planned(f: &Fleet, file: &str, name: &str, plan: &str) {
+    deploy_as_planned_with(f, file, name, plan, &[]);
+}
+
+/// [`deploy_as_planned`] with more arguments to `deploy --plan --yes`.
+fn deploy_as_planned_with(f: &Fleet, file: &str, name: &str, plan: &str, args: &[&str]) {
     let before = if f.fl.dir.path().join("state/machines").join(name).join("web/root/starts").exists() { starts(f, name) } else { BTreeMap::new() };
-    f.run(&["deploy", "--plan", "--yes", "-f", file]).ok();
-    // Keys are placed after the machine starts: give a service waiting for one time to start.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut after = starts(f, name);
-    while after.len() < 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(200));
-        after = starts(f, name);
-    }
+    f.run(&[&["deploy", "--plan", "--yes", "-f", file], args].concat()).ok();
+    let after = settled_starts(f, file, name);
     let mut restarted: Vec<String> = after.iter().filter(|(s, n)| before.get(*s).copied().unwrap_or(0) != **n).map(|(s, _)| s.clone()).collect();
     restarted.sort();
     assert_eq!(restarted, claimed(plan), "the services that started are the ones the plan claimed\nplan:\n{plan}\nbefore {before:?}\nafter {after:?}");
@@ -141,6 +165,7 @@ fn plan_json_is_one_object_per_machine_then_the_summary() {
     assert_eq!(lines.len(), 2, "{out}");
     let web = &lines[0];
     assert_eq!(web["machine"], "web");
+    assert!(web["system"].get("closure").is_none(), "the running closure is not part of the plan: {web:#}");
     assert_eq!(web["status"], "new");
     assert_eq!(web["next_generation"], 1);
     assert!(web["toplevel"].as_str().unwrap().starts_with("/nix/store/"), "{web:#}");
@@ -212,4 +237,79 @@ fn deploy_plan_stops_when_the_toplevel_changed_after_the_plan_was_shown() {
     assert!(seen.contains("the deployment changed between the plan and the deploy, so nothing was deployed"), "{seen}");
     assert!(seen.contains("machine web: the plan showed"), "{seen}");
     assert!(!f.fl.dir.path().join("state/machines/planmoved/web/root").exists(), "the stopped deploy created the machine");
+}
+
+/// Findings on issue 18, item 1: the next generation is the agent's own number (the last
+/// generation + 1), not the current + 1: after a rollback they differ.
+#[test]
+fn plan_after_a_rollback_names_the_generation_the_deploy_makes() {
+    let f = Fleet::new();
+    let file = f.fl.file("d.nix", "");
+    for n in 1..=3 {
+        std::fs::write(&file, deployment_with("plangen", "hello", KEY_V1, &format!("${{pkgs.busybox}}/bin/sleep {}", 2147483640 + n))).unwrap();
+        let (code, report, log) = f.deploy_json(&["-f", &file]);
+        assert_eq!((code, &row(&report, "web")["generation"]), (0, &serde_json::json!(n)), "{log}");
+    }
+    f.run(&["rollback", "-f", &file, "--to", "1"]).ok();
+    std::fs::write(&file, deployment_with("plangen", "hello", KEY_V1, "${pkgs.busybox}/bin/sleep 2147483600")).unwrap();
+    let out = f.run(&["plan", "-f", &file]).ok().stdout();
+    assert!(out.contains("web: generation 1 -> 4"), "after a rollback from 3 to 1 the next generation is 4:\n{out}");
+    // deploy --plan --json: the plan is one "plan" event line, apart from the deploy's events.
+    let r = f.run(&["deploy", "--plan", "--yes", "--json", "-f", &file]).ok();
+    let lines: Vec<serde_json::Value> = r.stdout().lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect();
+    let plans: Vec<&serde_json::Value> = lines.iter().filter(|l| l["event"] == "plan").collect();
+    assert_eq!(plans.len(), 1, "{}", r.stdout());
+    assert_eq!(plans[0]["machines"][0]["next_generation"], 4, "{:#}", plans[0]);
+    assert!(plans[0]["machines"][0]["system"].get("closure").is_none(), "the running closure is not in the plan: {:#}", plans[0]);
+    assert!(lines.iter().all(|l| l.get("event").is_some() || l.get("machines").is_some()), "every line is an event or the report: {}", r.stdout());
+    assert_eq!(row(lines.last().unwrap(), "web")["generation"], 4, "{}", r.stdout());
+}
+
+/// Findings on issue 18, item 2: a key rotated together with the service that reads it
+/// restarts that service once (the switch's restart), as the plan says, not twice.
+#[test]
+fn a_key_rotated_with_the_service_reading_it_restarts_it_once() {
+    let f = Fleet::new();
+    let file = f.fl.file("d.nix", &deployment("plankey", "hello", KEY_V1));
+    let first = f.run(&["plan", "-f", &file]).ok().stdout();
+    deploy_as_planned(&f, &file, "plankey", &first);
+    std::fs::write(&file, deployment_with("plankey", "hello", KEY_V2, "${pkgs.busybox}/bin/sleep 2147483646")).unwrap();
+    let out = f.run(&["plan", "-f", &file]).ok().stdout();
+    assert_eq!(claimed(&out), vec!["keyed".to_owned()], "{out}");
+    assert!(out.contains("key token changed") && out.contains("keys: ~token"), "{out}");
+    let before = starts(&f, "plankey");
+    deploy_as_planned(&f, &file, "plankey", &out);
+    let after = starts(&f, "plankey");
+    assert_eq!(after["keyed"], before["keyed"] + 1, "keyed started exactly once more: {before:?} -> {after:?}");
+}
+
+/// Findings on issue 18, item 7: `deploy --plan --goal boot` plans a boot, not a switch:
+/// nothing restarts now, and the deploy restarts nothing.
+#[test]
+fn deploy_plan_with_goal_boot_plans_no_restarts_and_the_deploy_makes_none() {
+    let f = Fleet::new();
+    let file = f.fl.file("d.nix", &deployment("planboot", "hello", KEY_V1));
+    let first = f.run(&["plan", "-f", &file]).ok().stdout();
+    deploy_as_planned(&f, &file, "planboot", &first);
+    std::fs::write(&file, deployment("planboot", "hello_2", KEY_V1)).unwrap();
+    let before = starts(&f, "planboot");
+    let r = f.run(&["deploy", "--plan", "--yes", "--goal", "boot", "-f", &file]).ok();
+    let out = r.stdout();
+    assert!(out.contains("web: generation 1 -> 2"), "{out}");
+    assert!(out.contains("boot: generation 2 becomes current at the next start, nothing restarts now: restart tool"), "{out}");
+    assert!(claimed(&out).is_empty(), "a boot restarts nothing now: {out}");
+    assert_eq!(settled_starts(&f, &file, "planboot"), before, "the boot deploy restarted something:\n{out}");
+}
+
+/// Findings on issue 18, item 11: `plan --no-build` of a system not built yet says so and
+/// exits 0: it is what was asked, not a failure.
+#[test]
+fn plan_no_build_of_an_unbuilt_machine_exits_zero() {
+    let f = Fleet::new();
+    let nonce = random_hex(8);
+    let file = f.fl.file("d.nix", &deployment_with("plannobuild", "hello", KEY_V1, &format!("${{pkgs.busybox}}/bin/sleep 2147483647; : {nonce}")));
+    let r = f.run(&["plan", "--no-build", "-f", &file]);
+    assert_eq!(r.code(), 0, "{}\n{}", r.stdout(), r.stderr());
+    assert!(r.stdout().contains("web: not built yet"), "{}", r.stdout());
+    assert!(r.stdout().contains("1 not planned"), "{}", r.stdout());
 }

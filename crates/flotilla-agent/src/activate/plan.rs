@@ -7,7 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_model::{start_order, ServiceSpec, SystemConfig};
-use flotilla_protocol::{ServiceAction, ServicePlan, SystemPlan};
+use flotilla_protocol::{ActivationGoal, ServiceAction, ServicePlan, SystemPlan};
 use flotilla_store::StorePath;
 
 use super::Agent;
@@ -223,13 +223,15 @@ pub(crate) fn plan(root: &MachineRoot, current: Option<(&StorePath, &SystemConfi
 /// runs this on the deployer, so a new machine's plan is made by the same code as any other's.
 pub fn plan_empty(root: &std::path::Path, toplevel: &StorePath, manifest: &str, keys_written: &[String]) -> Result<SystemPlan, AgentError> {
     let new = parse_manifest(toplevel, manifest)?;
-    plan(&MachineRoot::new(root), None, &BTreeSet::new(), toplevel, &new.system, keys_written)
+    let mut p = plan(&MachineRoot::new(root), None, &BTreeSet::new(), toplevel, &new.system, keys_written)?;
+    p.next_generation = Some(1);
+    Ok(p)
 }
 
 impl Agent {
-    /// What activating `toplevel` would change: its manifest is read from the store, or from
-    /// `manifest` when the machine does not have it yet. Changes nothing.
-    pub fn plan(&self, toplevel: &StorePath, manifest: Option<&str>, keys_written: &[String]) -> Result<SystemPlan, AgentError> {
+    /// What activating `toplevel` for `goal` would change: its manifest is read from the
+    /// store, or from `manifest` when the machine does not have it yet. Changes nothing.
+    pub fn plan(&self, toplevel: &StorePath, manifest: Option<&str>, keys_written: &[String], goal: ActivationGoal) -> Result<SystemPlan, AgentError> {
         let new = match (self.root.is_valid(toplevel), manifest) {
             (true, _) => self.manifest(toplevel)?,
             (false, Some(text)) => parse_manifest(toplevel, text)?,
@@ -239,6 +241,8 @@ impl Agent {
         let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
         let mut p = plan(&self.root, current.as_ref().map(|(m, t)| (t, &m.system)), &running, toplevel, &new.system, keys_written)?;
         p.generation = self.current_generation();
+        // The number activation will give it, by the one rule activation uses.
+        p.next_generation = Some(self.generation_for(toplevel, goal)?);
         Ok(p)
     }
 }

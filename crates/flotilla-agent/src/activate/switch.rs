@@ -186,8 +186,10 @@ impl Agent {
     }
 
     /// Writes and deletes keys; restarts the running services that use a changed key and
-    /// starts those whose keys are now all present.
-    pub fn put_keys(&self, put: &[KeyUpload], remove: &[String]) -> Result<KeysApplied, AgentError> {
+    /// starts those whose keys are now all present. `switching_to` is the toplevel a switch
+    /// activates right after: the services that switch stops or restarts anyway are left to
+    /// it, so each starts once (the plan shows one restart).
+    pub fn put_keys(&self, put: &[KeyUpload], remove: &[String], switching_to: Option<&StorePath>) -> Result<KeysApplied, AgentError> {
         let (written, removed) = keys::apply(&self.root, put, remove)?;
         let (mut restarted, mut started) = (Vec::new(), Vec::new());
         let Some(m) = self.running_system().and_then(|t| self.manifest(&t).ok()) else {
@@ -198,7 +200,13 @@ impl Agent {
         let running: BTreeSet<String> = self.supervisor.running().into_iter().collect();
         let mut problems = Vec::new();
         // The one rule `flotilla plan` shows for keys: a running service that reads one restarts.
-        let for_keys: BTreeSet<&String> = super::plan::restarted_for_keys(services, &running, &written).into_iter().collect();
+        let mut for_keys: BTreeSet<&String> = super::plan::restarted_for_keys(services, &running, &written).into_iter().collect();
+        if let Some(next) = switching_to.filter(|t| self.root.is_valid(t)) {
+            let next = self.manifest(next)?;
+            // The same comparison the switch acts on: what it stops it restarts (or removes).
+            let switch = super::plan::services(services, &next.system.system.services, &running);
+            for_keys.retain(|name| !switch.to_stop.contains(name));
+        }
         for name in start_order(services) {
             let spec = &services[&name];
             if waiting.contains_key(&name) {
