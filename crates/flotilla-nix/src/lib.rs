@@ -305,12 +305,18 @@ impl Nix {
         argv
     }
 
-    /// The command line that prints which of `paths` another host's Nix lacks (run there over
-    /// ssh by the platform).
-    pub fn remote_invalid_argv(paths: &[StorePath]) -> Vec<String> {
-        let mut argv: Vec<String> = ["nix-store", "--check-validity", "--print-invalid"].map(str::to_owned).to_vec();
-        argv.extend(paths.iter().map(StorePath::to_absolute));
-        argv
+    /// The command line that prints which paths another host's Nix lacks (run there over ssh
+    /// by the platform), with the paths on its stdin as [`Nix::remote_invalid_input`] writes
+    /// them: a system's derivations number thousands, and ssh hands the remote shell one
+    /// `sh -c` argument, which Linux caps at 128 KiB; `xargs` splits them as the host allows.
+    pub fn remote_invalid_argv() -> Vec<String> {
+        ["xargs", "nix-store", "--check-validity", "--print-invalid"].map(str::to_owned).to_vec()
+    }
+
+    /// The stdin of [`Nix::remote_invalid_argv`]: one path a line (store paths hold no blanks
+    /// or quotes, so `xargs` takes each line as one argument).
+    pub fn remote_invalid_input(paths: &[StorePath]) -> Vec<u8> {
+        paths.iter().map(|p| p.to_absolute() + "\n").collect::<String>().into_bytes()
     }
 
     /// The command line that imports what [`Nix::export`] wrote, on another host.
@@ -556,6 +562,31 @@ mod tests {
     const A: &str = "/nix/store/8d5m1hrinrziw2v0llnw5myz7kwb1wnn-a";
     const B: &str = "/nix/store/lqyqgm6dylqgkgshgv1d4y2mii3zlrnj-b";
     const C: &str = "/nix/store/00000000000000000000000000000000-c";
+
+    /// Findings on issue 18, item 4: the derivations go on stdin, so a system of thousands
+    /// (5000 here, 300 KiB of paths) fits through ssh's one `sh -c` argument (128 KiB at most).
+    #[test]
+    fn remote_validity_query_takes_5000_paths_through_one_shell_argument() {
+        let paths: Vec<StorePath> = (0..5000).map(|i| StorePath::parse(&format!("/nix/store/{:0>32}-fake-drv-{i}.drv", i % 10)).unwrap()).collect();
+        let line = Nix::remote_invalid_argv().join(" ");
+        assert!(line.len() < 1024, "the command line stays short: {line}");
+        let mut child = Command::new("sh")
+            .args(["-c", &line])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("prerequisite missing: sh");
+        let input = Nix::remote_invalid_input(&paths);
+        assert!(input.len() > 128 * 1024, "the list is longer than one argument may be");
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || std::io::Write::write_all(&mut stdin, &input));
+        let out = child.wait_with_output().unwrap();
+        writer.join().unwrap().unwrap();
+        assert!(out.status.success(), "prerequisite missing or failing: nix-store ({})", out.status);
+        let printed: Vec<&str> = std::str::from_utf8(&out.stdout).unwrap().lines().collect();
+        assert_eq!(printed.len(), 5000, "every fake path is reported invalid");
+        assert_eq!(printed[4999], paths[4999].to_absolute());
+    }
 
     fn info(p: &str, refs: &[&str]) -> PathInfo {
         PathInfo {

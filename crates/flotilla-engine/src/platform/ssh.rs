@@ -454,7 +454,8 @@ impl Machine for SshMachine {
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
         let drvs = nix.drv_closure(drv).map_err(|e| self.err(format!("cannot list the derivations of {toplevel}: {e}")))?;
-        let invalid = run(flotilla_nix::Nix::remote_invalid_argv(&drvs), None, "asking the host's Nix which derivations it lacks")?;
+        let listed = flotilla_nix::Nix::remote_invalid_input(&drvs);
+        let invalid = run(flotilla_nix::Nix::remote_invalid_argv(), Some(&listed), "asking the host's Nix which derivations it lacks")?;
         let send: Vec<StorePath> = invalid.lines().filter_map(|l| StorePath::parse(l).ok()).collect();
         if !send.is_empty() {
             let export = nix.export(&send).map_err(|e| self.err(format!("cannot export the derivations of {toplevel}: {e}")))?;
