@@ -113,7 +113,7 @@ fn deploy(m: &Machine, real_agent: bool) -> (StorePath, StorePath) {
         other => panic!("activation: {other:?}"),
     }
     let key = KeyUpload { name: "token".into(), dest_dir: "/run/keys".into(), user: "svc".into(), group: "svc".into(), mode: 0o400, data: b"secret".to_vec() };
-    assert!(matches!(conn.call(&Request::PutKeys { put: vec![key], remove: vec![] }, |_| {}).unwrap(), Response::KeysPut { .. }));
+    assert!(matches!(conn.call(&Request::PutKeys { put: vec![key], remove: vec![], switching_to: None }, |_| {}).unwrap(), Response::KeysPut { .. }));
     conn.goodbye().unwrap();
     (agent, toplevel)
 }

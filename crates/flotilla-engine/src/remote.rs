@@ -709,7 +709,7 @@ mod plan_tests {
         });
         let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
         let top = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-flotilla-system-web1").unwrap();
-        let err = client.plan(&top, None, vec![]).unwrap_err().to_string();
+        let err = client.plan(&top, None, vec![], ActivationGoal::Switch).unwrap_err().to_string();
         assert!(err.contains("plan unavailable: agent too old"), "{err}");
         assert!(err.contains("flotilla deploy --on web1"), "the fix: {err}");
         drop(client);
