@@ -11,11 +11,19 @@
 #   tar+sha    `tar -c` of the same paths through `tee FILE | sha256sum`: the same work as the
 #              image's layers (a tar, its digest, its bytes on disk) in one stream
 #   rebuild    the machine's /etc/motd changed, `flotilla image` into the same layout again:
-#              the toplevel's layer and the machine layer are written, the others are known
-#              from the layout's index (the Nix build of the new toplevel and machine layer
-#              included, as a user sees it)
+#              only the machine layer (which holds the toplevel) is written, the others are
+#              known from the layout's index (the Nix build of the new toplevel and machine
+#              layer included, as a user sees it)
 # and prints each time with its ratio to the floor. Each image and tar figure is the best of
-# $RUNS runs. The push figures (against `skopeo copy` to a local registry) are another script's.
+# $RUNS runs. Then the push, once each, every figure into a fresh Debian `docker-registry`
+# started by the bench on 127.0.0.1 in the bench's own network namespace (storage in $work):
+#   push       `flotilla image MACHINE --format oci -o DIR --push REF` of the built layout
+#              (its layers known from the index: the figure is the evaluation and the push)
+#   skopeo     the peer: `skopeo copy --preserve-digests oci:DIR docker://REF` of the same
+#              layout (the same bytes up, uncompressed), and `skopeo copy` as it is by default
+#              (it gzips uncompressed layers on the way)
+#   re-push    /etc/motd changed, `flotilla image --push` to the registry holding the first
+#              push: what is uploaded (one layer and the config) and how long it takes
 #
 #   bash bench/image.sh              # the web server and a 1 GiB machine
 #   BIG_MB=200 bash bench/image.sh   # a smaller big closure
@@ -70,6 +78,22 @@ EOF
 file=$work/deployment.nix
 deployment "one" >"$file"
 
+# A fresh docker-registry on 127.0.0.1 inside the bench's namespace, storage under $work.
+in_ns() { nsenter --net="/run/netns/$ns" -- "$@"; }
+reg="" reg_pid=""
+registry_start() {
+    local port dir
+    port=$(in_ns python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    dir=$(mktemp -d "$work/registry.XXXXXX")
+    printf 'version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: %s\nhttp:\n  addr: 127.0.0.1:%s\n' "$dir/data" "$port" >"$dir/config.yml"
+    in_ns docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+    reg_pid=$! reg=127.0.0.1:$port
+    for _ in $(seq 200); do in_ns bash -c "exec 3<>/dev/tcp/127.0.0.1/$port" 2>/dev/null && return 0; sleep 0.05; done
+    echo "docker-registry did not start: $(cat "$dir/log")" >&2; exit 1
+}
+registry_stop() { [ -z "$reg_pid" ] || { kill "$reg_pid"; wait "$reg_pid" 2>/dev/null || true; reg_pid=""; }; }
+trap 'registry_stop; bench_cleanup' EXIT
+
 size_of() { echo "$1" | xargs nix-store -q --size | awk '{ s += $1 } END { printf "%.1f MiB", s / 1048576 }'; }
 
 for m in web big; do
@@ -94,9 +118,30 @@ for m in web big; do
     t_re=$(secs "$t0" "$t1")
     written=$(echo "$re" | field 'r["layersWritten"]')
     deployment "one" >"$file"
+
+    # The push: the layout built from "one" again, pushed to fresh registries.
+    fl image -f "$file" "$m" --format oci -o "$work/$m-oci" >/dev/null 2>&1
+    tag=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$work/$m-oci/index.json")
+    registry_start; t0=$(now); fl image -f "$file" "$m" --format oci -o "$work/$m-oci" --push "docker://$reg/$m:one" >/dev/null 2>&1; t1=$(now)
+    t_push=$(secs "$t0" "$t1")
+    deployment "two" >"$file"
+    t0=$(now); rep=$(fl image -f "$file" "$m" --format oci -o "$work/$m-oci" --json --push "docker://$reg/$m:two" 2>/dev/null); t1=$(now)
+    t_repush=$(secs "$t0" "$t1")
+    up=$(echo "$rep" | field 'str(len(r["push"]["uploaded"])) + " blobs (" + str(sum(1 for b in r["push"]["uploaded"] if ".layer." in b["media_type"])) + " layer), %.1f MiB" % (r["push"]["bytes_uploaded"] / 1048576)')
+    deployment "one" >"$file"
+    fl image -f "$file" "$m" --format oci -o "$work/$m-oci" >/dev/null 2>&1
+    registry_stop
+    registry_start; t0=$(now); in_ns skopeo copy -q --preserve-digests --dest-tls-verify=false "oci:$work/$m-oci:$tag" "docker://$reg/$m:one" >/dev/null; t1=$(now)
+    t_skopeo=$(secs "$t0" "$t1"); registry_stop
+    registry_start; t0=$(now); in_ns skopeo copy -q --dest-tls-verify=false "oci:$work/$m-oci:$tag" "docker://$reg/$m:one" >/dev/null; t1=$(now)
+    t_skopeo_gz=$(secs "$t0" "$t1"); registry_stop
+
     echo "$m: $n store paths, $(size_of "$paths"), $layers layers"
     echo "  image      ${t_image} s  ($(ratio "$t_image" "$t_floor")x the tar floor, $(ratio "$t_image" "$t_sha")x tar+sha)"
     echo "  tar floor  ${t_floor} s"
     echo "  tar+sha    ${t_sha} s"
     echo "  rebuild    ${t_re} s  after /etc/motd changed: ${written} of ${layers} layers written"
+    echo "  push       ${t_push} s  ($(ratio "$t_push" "$t_skopeo")x skopeo copy --preserve-digests, $(ratio "$t_push" "$t_skopeo_gz")x skopeo copy)"
+    echo "  skopeo     ${t_skopeo} s  --preserve-digests (uncompressed); ${t_skopeo_gz} s by default (gzip)"
+    echo "  re-push    ${t_repush} s  after /etc/motd changed (rebuild included): ${up} uploaded"
 done

@@ -1,8 +1,11 @@
 //! `flotilla image push` (issue 16, the push half) against a real registry: Debian's
 //! `docker-registry` (the reference distribution server) started on 127.0.0.1 by each test
 //! with its own storage and a free port, with or without htpasswd logins, and checked with
-//! `skopeo` and the registry's own access log. Images are OCI layouts made with `umoci`.
+//! `skopeo` and the registry's own access log. Images are OCI layouts made with `umoci`, and
+//! a machine's own image built and pushed in one `flotilla image --push`.
 //! All registry traffic goes to 127.0.0.1.
+
+mod common;
 
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
@@ -325,4 +328,104 @@ fn a_push_that_fails_midway_tags_nothing() {
     assert!(!reqs.iter().any(|r| r.ends_with(&format!("digest={second}"))), "the damaged blob is never committed: {reqs:#?}");
     let out = run(Command::new("skopeo").args(["inspect", "--tls-verify=false", &reg.reference("web:v1")]));
     assert!(!out.status.success(), "the tag must not exist after a failed push");
+}
+
+/// A web server machine whose `/etc/motd` is in its toplevel only.
+fn machine_deployment(page: &str, motd: &str) -> String {
+    format!(
+        r#"{{ meta.name = "ocipush"; machines.web = {{ pkgs, ... }}: let
+    site = pkgs.runCommand "site" {{}} ''
+      mkdir $out
+      echo '{page}' > $out/index.html
+    '';
+  in {{
+    packages = [ pkgs.busybox ];
+    files."/etc/motd".text = "{motd}";
+    image.labels."org.example.team" = "data";
+    services.httpd.command = [ "${{pkgs.busybox}}/bin/httpd" "-f" "-p" "80" "-h" "${{site}}" ];
+  }}; }}
+"#
+    )
+}
+
+fn layer_blobs(v: &Value) -> Vec<String> {
+    v.as_array().unwrap().iter().filter(|b| b["media_type"].as_str().unwrap().contains(".layer.")).map(|b| b["digest"].as_str().unwrap().to_owned()).collect()
+}
+
+#[test]
+fn image_push_of_a_machine_then_a_motd_change_uploads_exactly_one_layer() {
+    let reg = Registry::start(None);
+    let fl = common::Fl::new();
+    let page = format!("page {}", common::random_hex(4));
+    let file = fl.file("deployment.nix", &machine_deployment(&page, "one"));
+    let layout = fl.dir.path().join("layout");
+    let layout_s = layout.to_string_lossy().into_owned();
+    let image_push = |tag: &str, build: &str| -> Value {
+        let reference = reg.reference(&format!("web:{tag}"));
+        fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &layout_s, "--label", &format!("org.example.build={build}"), "--json", "--push", &reference]).ok().json()
+    };
+
+    let first = image_push("one", "1");
+    let n = first["image"]["layers"].as_u64().unwrap() as usize;
+    assert_eq!(first["push"]["digest"], first["image"]["manifestDigest"], "{first:#}");
+    assert_eq!(layer_blobs(&first["push"]["uploaded"]).len(), n, "a fresh registry gets every layer: {first:#}");
+    assert_eq!(digests(&first["push"]["uploaded"]).len(), n + 1, "and the config: {first:#}");
+    let inspect: Value = serde_json::from_str(&ok(Command::new("skopeo").args(["inspect", "--tls-verify=false", &reg.reference("web:one")]))).unwrap();
+    assert_eq!(inspect["Digest"], first["push"]["digest"]);
+    assert_eq!(inspect["Labels"]["org.example.team"], "data", "image.labels: {inspect:#}");
+    assert_eq!(inspect["Labels"]["org.example.build"], "1", "--label: {inspect:#}");
+    assert_eq!(inspect["Labels"]["org.opencontainers.image.title"], "web", "{inspect:#}");
+    let before = reg.requests().len();
+
+    // Only the toplevel changes: one layer (the machine layer) and the config go up.
+    std::fs::write(&file, machine_deployment(&page, "two")).unwrap();
+    let second = image_push("two", "1");
+    let new_layers = layers(&ok(Command::new("skopeo").args(["inspect", "--tls-verify=false", &reg.reference("web:two")])));
+    let old_layers: Vec<String> = inspect["Layers"].as_array().unwrap().iter().map(|l| l.as_str().unwrap().to_owned()).collect();
+    assert_eq!(new_layers.len(), old_layers.len());
+    assert_eq!(new_layers[..n - 1], old_layers[..n - 1], "every store layer is shared with the first image");
+    assert_eq!(layer_blobs(&second["push"]["uploaded"]), vec![new_layers[n - 1].clone()], "exactly the machine layer is uploaded: {second:#}");
+    assert_eq!(digests(&second["push"]["uploaded"]).len(), 2, "the machine layer and the config: {second:#}");
+    assert_eq!(digests(&second["push"]["present"]), old_layers[..n - 1].to_vec(), "the registry had every store layer: {second:#}");
+    // The registry's own log counts the same: one blob commit per uploaded blob.
+    let commits: Vec<String> = reg.requests()[before..].iter().filter(|r| r.starts_with("PUT /v2/web/blobs/uploads/")).cloned().collect();
+    assert_eq!(commits.len(), 2, "{commits:#?}");
+    assert_eq!(commits.iter().filter(|c| c.ends_with(&format!("digest={}", new_layers[n - 1]))).count(), 1, "{commits:#?}");
+
+    // Pulled back, it is the image pushed (skopeo would gzip uncompressed layers into an oci:
+    // layout unless told not to).
+    let back = fl.dir.path().join("back");
+    ok(Command::new("skopeo").args(["copy", "--src-tls-verify=false", "--dest-oci-accept-uncompressed-layers", &reg.reference("web:two")]).arg(format!("oci:{}:two", back.display())));
+    assert_eq!(layout_digest(&back), second["image"]["manifestDigest"].as_str().unwrap());
+    assert_eq!(layout_digest(&layout), second["push"]["digest"].as_str().unwrap());
+}
+
+#[test]
+fn image_push_refuses_a_disk_format_and_a_bad_reference_before_building() {
+    let reg = Registry::start(None);
+    let fl = common::Fl::new();
+    let file = fl.file("deployment.nix", &machine_deployment("refused", "hi"));
+    let out = fl.dir.path().join("out");
+    let o = out.to_string_lossy().into_owned();
+    let r = fl.run(&["image", "-f", &file, "web", "--format", "qcow2", "-o", &o, "--push", &reg.reference("web:v1")]);
+    assert_eq!(r.code(), 2, "{}", r.stderr());
+    let errors: Vec<String> = r.stderr().lines().filter(|l| l.starts_with("error:")).map(str::to_owned).collect();
+    assert_eq!(errors.len(), 1, "{}", r.stderr());
+    assert!(errors[0].contains("--push takes an OCI image") && errors[0].contains("--format qcow2"), "{}", r.stderr());
+
+    // A bad reference is refused before the deployment is even read: its file does not exist.
+    let missing = fl.dir.path().join("no-such-deployment.nix").to_string_lossy().into_owned();
+    for bad in ["docker://127.0.0.1/Web:v1", "oci:/tmp/x", &format!("docker://{}/web:-x", reg.host())] {
+        let r = fl.run(&["image", "-f", &missing, "web", "--format", "oci", "-o", &o, "--push", bad]);
+        assert_eq!(r.code(), 2, "{}", r.stderr());
+        let errors: Vec<String> = r.stderr().lines().filter(|l| l.starts_with("error:")).map(str::to_owned).collect();
+        assert_eq!(errors.len(), 1, "{}", r.stderr());
+        assert!(errors[0].contains(&format!("image reference `{bad}`")) && errors[0].contains("docker://HOST[:PORT]/REPOSITORY"), "{}", r.stderr());
+        assert!(!r.stderr().contains("no-such-deployment"), "the reference is checked first: {}", r.stderr());
+        let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o, "--push", bad]);
+        assert_eq!(r.code(), 2, "{}", r.stderr());
+        assert!(!r.stderr().contains("build"), "nothing is built: {}", r.stderr());
+    }
+    assert!(!out.exists(), "a refused push leaves nothing at -o");
+    assert!(reg.requests().is_empty(), "nothing reached the registry: {:#?}", reg.requests());
 }

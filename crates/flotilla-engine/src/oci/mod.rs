@@ -268,7 +268,11 @@ impl Engine {
             .map_err(|source| EngineError::Io { what: "cannot read", path: info_path.clone(), source })
             .and_then(|b| serde_json::from_slice(&b).map_err(|e| EngineError::Io { what: "cannot parse", path: info_path.clone(), source: io::Error::other(e) }))?;
 
-        let hash = flotilla_store::StorePath::parse(&info.toplevel).map(|p| p.hash_part().to_owned()).unwrap_or_default();
+        let hash = flotilla_store::StorePath::parse(&info.toplevel).map(|p| p.hash_part().to_owned()).map_err(|e| EngineError::Io {
+            what: "cannot use",
+            path: info_path.clone(),
+            source: io::Error::other(format!("its toplevel {:?} is not a store path ({e}); rebuild the machine layer", info.toplevel)),
+        })?;
         let tag = req.tag.clone().unwrap_or(hash);
         let dest = match &req.output {
             Some(o) => o.clone(),
@@ -288,9 +292,10 @@ impl Engine {
         };
         let mut layout = Layout::open(&layout_dir).map_err(io_at("cannot make the image layout", &layout_dir))?;
 
-        // The store layers, then the machine layer.
+        // The store layers, then the machine layer, which holds the toplevel: a change of the
+        // toplevel alone (a file's text, an option) is then one new layer, not two.
         let closure: BTreeMap<String, Vec<String>> = info.closure.iter().map(|c| (c.path.clone(), c.references.iter().filter(|r| **r != c.path).cloned().collect())).collect();
-        let groups = layers::group(&closure, (opts.max_layers - 1) as usize);
+        let groups = layers::group(&closure, (opts.max_layers - 1) as usize, &[info.toplevel.as_str()]);
         let mut descs = Vec::new();
         let mut history = Vec::new();
         let mut written = 0;
@@ -307,15 +312,18 @@ impl Engine {
             history.push(format!("store paths: {}", if names.len() > 3 { format!("{} and {} more", names[..3].join(", "), names.len() - 3) } else { names.join(", ") }));
             descs.push(d);
         }
-        let key = format!("machine\n{}", out.display());
+        // Keyed apart from the machine layers of before, which did not hold the toplevel.
+        let key = format!("machine+toplevel\n{}", out.display());
         let d = match layout.known(&key) {
             Some(k) => Descriptor { media_type: LAYER_TYPE.into(), digest: k.digest, size: k.size },
             None => {
                 written += 1;
-                layout.write_blob(LAYER_TYPE, Some(&key), &mut |w| write_machine_layer(&out.join("root"), &info.entries, w)).map_err(io_at("cannot write the machine layer of", &layout_dir))?
+                layout
+                    .write_blob(LAYER_TYPE, Some(&key), &mut |w| write_machine_layer(&out.join("root"), &info.entries, Path::new(&info.toplevel), w))
+                    .map_err(io_at("cannot write the machine layer of", &layout_dir))?
             }
         };
-        history.push(format!("machine {machine}: registry, generation 1, /etc"));
+        history.push(format!("machine {machine}: its toplevel, registry, generation 1, /etc"));
         descs.push(d);
         layout.save_known().map_err(io_at("cannot write the layer index of", &layout_dir))?;
 
@@ -408,11 +416,18 @@ fn write_store_layer(paths: &[String], w: &mut dyn Write) -> io::Result<()> {
 }
 
 /// The machine layer: the builder's staged root, entry by entry as its listing says (modes and
-/// owners as the machine has them; Nix's canonicalisation of the output is undone here).
-fn write_machine_layer(root: &Path, entries: &[RootEntry], w: &mut dyn Write) -> io::Result<()> {
+/// owners as the machine has them; Nix's canonicalisation of the output is undone here), and
+/// the toplevel's tree from the store, in its place in the byte order of names.
+fn write_machine_layer(root: &Path, entries: &[RootEntry], toplevel: &Path, w: &mut dyn Write) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let mut t = tar::TarWriter::new(w);
+    let top_name = toplevel.as_os_str().as_bytes().strip_prefix(b"/").unwrap_or(toplevel.as_os_str().as_bytes());
+    let mut top_written = false;
     for e in entries {
+        if !top_written && e.path.as_bytes() > top_name {
+            t.tree(toplevel, top_name)?;
+            top_written = true;
+        }
         let path = root.join(&e.path);
         let meta = std::fs::symlink_metadata(&path)?;
         if meta.file_type().is_symlink() {
@@ -425,6 +440,9 @@ fn write_machine_layer(root: &Path, entries: &[RootEntry], w: &mut dyn Write) ->
             let size = f.metadata()?.len();
             t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::File { size, reader: &mut f })?;
         }
+    }
+    if !top_written {
+        t.tree(toplevel, top_name)?;
     }
     t.finish()?;
     Ok(())
