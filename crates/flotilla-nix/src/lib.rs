@@ -120,6 +120,10 @@ pub struct RealiseOutcome {
     /// Remote builders Nix could not use, each once, as Nix said it (`cannot build on
     /// 'ssh://b': ...`): what a build falls back from, or why it failed.
     pub unusable_builders: Vec<String>,
+    /// Why the builders were not used at all, when a Nix daemon dropped them (the user is
+    /// not one of its `trusted-users`): the fix, for a note, or for the failure of a machine
+    /// that may build only on them.
+    pub builders_ignored: Option<String>,
 }
 
 /// Where Nix may build: Nix's distributed builds, as `meta.builders` and `--builders` give
@@ -239,6 +243,7 @@ impl Nix {
         let mut errors: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let mut unusable_builders: Vec<String> = Vec::new();
+        let mut builders_ignored = None;
         let mut in_error = false;
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let Ok(line) = line else { break };
@@ -246,6 +251,9 @@ impl Nix {
             // next builder, or to this host.
             if line.starts_with("cannot build on '") && !unusable_builders.contains(&line) {
                 unusable_builders.push(line.clone());
+            }
+            if builders_ignored.is_none() && setup::ignored_builder_setting(&line).is_some() {
+                builders_ignored = Some(setup::builders_ignored(&current_user()));
             }
             if let Some(note) = setup::unreachable_substituter(&line) {
                 if !notes.contains(&note) {
@@ -273,7 +281,7 @@ impl Nix {
         if let Some(problem) = errors.iter().find_map(|e| diagnose(e)) {
             return Err(NixError::Setup(problem));
         }
-        Ok(RealiseOutcome { errors, notes, unusable_builders })
+        Ok(RealiseOutcome { errors, notes, unusable_builders, builders_ignored })
     }
 
     /// Nix's distributed-build options for `builders`. The builders fetch their inputs from
@@ -553,6 +561,12 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
         }
     }
     Err(std::io::Error::other("no free temporary directory name"))
+}
+
+/// The user Nix builds for, by name as `trusted-users` lists it (the login's, as the
+/// environment says; the daemon knows it by uid, which names the same account).
+fn current_user() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "the deploying user".into())
 }
 
 #[cfg(test)]
