@@ -303,9 +303,10 @@ impl Nix {
 
     /// The command line that realises `drv` on another host with that host's Nix (run there
     /// over ssh by the platform): the deployer's substitution policy goes with it, so an
-    /// offline deploy does not wait on the host's caches.
-    pub fn remote_realise_argv(&self, drv: &StorePath) -> Vec<String> {
-        let mut argv: Vec<String> = ["nix-store", "--realise"].map(str::to_owned).to_vec();
+    /// offline deploy does not wait on the host's caches. `nix_store` is the host's, by its
+    /// absolute path (each `remote_*` command takes it: the host's `PATH` may not lead to it).
+    pub fn remote_realise_argv(&self, nix_store: &str, drv: &StorePath) -> Vec<String> {
+        let mut argv: Vec<String> = vec![nix_store.to_owned(), "--realise".to_owned()];
         if let Some(s) = &self.opts.substituters {
             argv.extend(["--option".to_owned(), "substituters".to_owned(), s.clone()]);
         }
@@ -317,8 +318,8 @@ impl Nix {
     /// by the platform), with the paths on its stdin as [`Nix::remote_invalid_input`] writes
     /// them: a system's derivations number thousands, and ssh hands the remote shell one
     /// `sh -c` argument, which Linux caps at 128 KiB; `xargs` splits them as the host allows.
-    pub fn remote_invalid_argv() -> Vec<String> {
-        ["xargs", "nix-store", "--check-validity", "--print-invalid"].map(str::to_owned).to_vec()
+    pub fn remote_invalid_argv(nix_store: &str) -> Vec<String> {
+        ["xargs", nix_store, "--check-validity", "--print-invalid"].map(str::to_owned).to_vec()
     }
 
     /// The stdin of [`Nix::remote_invalid_argv`]: one path a line (store paths hold no blanks
@@ -328,8 +329,8 @@ impl Nix {
     }
 
     /// The command line that imports what [`Nix::export`] wrote, on another host.
-    pub fn remote_import_argv() -> Vec<String> {
-        ["nix-store", "--import"].map(str::to_owned).to_vec()
+    pub fn remote_import_argv(nix_store: &str) -> Vec<String> {
+        [nix_store, "--import"].map(str::to_owned).to_vec()
     }
 
     /// `paths` (valid here) in `nix-store --export` format, for another host's Nix to import:
@@ -582,7 +583,7 @@ mod tests {
     #[test]
     fn remote_validity_query_takes_5000_paths_through_one_shell_argument() {
         let paths: Vec<StorePath> = (0..5000).map(|i| StorePath::parse(&format!("/nix/store/{:0>32}-fake-drv-{i}.drv", i % 10)).unwrap()).collect();
-        let line = Nix::remote_invalid_argv().join(" ");
+        let line = Nix::remote_invalid_argv("nix-store").join(" ");
         assert!(line.len() < 1024, "the command line stays short: {line}");
         let mut child = Command::new("sh")
             .args(["-c", &line])

@@ -36,6 +36,19 @@ pub const CURRENT_SYSTEM: &str = "/run/current-system";
 /// Where the agent keeps Nix GC roots on a machine with Nix of its own.
 pub const NIX_GCROOTS: &str = "/nix/var/nix/gcroots/flotilla";
 
+/// Where a machine's `nix-store` is looked for, in order: the agent to register what it
+/// receives, the deployer to build on an ssh host. A multi-user install puts it in the
+/// default profile, which is on neither sudo's `secure_path` nor a non-interactive ssh
+/// `PATH`, so it is never found by name. Each place is root's to write.
+pub const NIX_STORE_PLACES: &[&str] = &[
+    "/nix/var/nix/profiles/default/bin",
+    "/run/current-system/sw/bin",
+    "/nix/var/nix/profiles/per-user/root/profile/bin",
+    "/root/.nix-profile/bin",
+    "/usr/local/bin",
+    "/usr/bin",
+];
+
 /// Records in [`STATE_DIR`].
 pub mod records {
     /// A checked activation not yet kept (what ran before it).
