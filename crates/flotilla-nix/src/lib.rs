@@ -305,8 +305,9 @@ impl Nix {
     /// over ssh by the platform): the deployer's substitution policy goes with it, so an
     /// offline deploy does not wait on the host's caches. `nix_store` is the host's, by its
     /// absolute path (each `remote_*` command takes it: the host's `PATH` may not lead to it).
-    pub fn remote_realise_argv(&self, nix_store: &str, drv: &StorePath) -> Vec<String> {
-        let mut argv: Vec<String> = vec![nix_store.to_owned(), "--realise".to_owned()];
+    /// The output is kept from the host's collector by the GC root `root`, which Nix replaces.
+    pub fn remote_realise_argv(&self, nix_store: &str, drv: &StorePath, root: &str) -> Vec<String> {
+        let mut argv: Vec<String> = vec![nix_store.to_owned(), "--realise".to_owned(), "--add-root".to_owned(), root.to_owned()];
         if let Some(s) = &self.opts.substituters {
             argv.extend(["--option".to_owned(), "substituters".to_owned(), s.clone()]);
         }

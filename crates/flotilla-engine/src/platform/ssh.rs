@@ -447,7 +447,7 @@ impl Machine for SshMachine {
     /// its own (`flotilla-agent adopt`): on a host with Nix the agent's store is the host's
     /// store, so nothing needs copying, only registering with the agent, which hashes every
     /// path against what Nix recorded rather than trust the database.
-    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
+    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath, on_line: &dyn Fn(&str)) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
         let p = self.reach()?;
         if !p.nix {
             return Err(PlatformError::refused(&self.name, format!(
@@ -479,7 +479,14 @@ impl Machine for SshMachine {
             let export = nix.export(&send).map_err(|e| self.err(format!("cannot export the derivations of {toplevel}: {e}")))?;
             run(flotilla_nix::Nix::remote_import_argv(nix_store), Some(&export), "copying the derivations to the host's Nix")?;
         }
-        run(nix.remote_realise_argv(nix_store, drv), None, &format!("building {toplevel} with the host's Nix"))?;
+        // The build's log comes as it is written, not all at the end (a system takes minutes).
+        let argv = nix.remote_realise_argv(nix_store, drv, &layout::built_root(&self.name));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let (status, said) = self.ssh.run_streaming(&self.remote(&refs), on_line)?;
+        if !status.success() {
+            let said = flotilla_nix::clean_error(said.as_bytes());
+            return Err(self.err(format!("building {toplevel} with the host's Nix on {} failed: {said}", self.ssh.destination())));
+        }
         let agent = self.agent()?.path.to_absolute();
         let adopted = run(vec![agent, "adopt".into(), toplevel.to_absolute()], None, "registering the built system with the host's agent")?;
         let infos = adopted
@@ -642,6 +649,36 @@ impl Ssh {
             return Err(explain_ssh_failure(&self.machine, &self.destination(), &String::from_utf8_lossy(&out.stderr)));
         }
         Ok(out)
+    }
+
+    /// Runs `remote` over the master, each line of its stderr to `on_line` as it comes;
+    /// returns its status and the last lines of its stderr (for the error: a build's log has
+    /// no bound), its stdout dropped.
+    fn run_streaming(&self, remote: &str, on_line: &dyn Fn(&str)) -> Result<(std::process::ExitStatus, String), PlatformError> {
+        let mut child = self
+            .command(false)
+            .arg(remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| PlatformError::failed(&self.machine, format!("cannot run ssh: {e}")))?;
+        const KEPT: usize = 200;
+        let mut last = std::collections::VecDeque::with_capacity(KEPT);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().expect("piped"))) {
+            let Ok(line) = line else { break };
+            on_line(&line);
+            if last.len() == KEPT {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+        let said = last.into_iter().map(|l| l + "\n").collect::<String>();
+        let status = child.wait().map_err(|e| PlatformError::failed(&self.machine, format!("ssh: {e}")))?;
+        if status.code() == Some(255) {
+            return Err(explain_ssh_failure(&self.machine, &self.destination(), &said));
+        }
+        Ok((status, said))
     }
 
     /// Opens the master connection unless one answers already.
