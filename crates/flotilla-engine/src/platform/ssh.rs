@@ -926,7 +926,7 @@ mod tests {
     #[test]
     #[should_panic(expected = "@agent@ has no value")]
     fn a_placeholder_without_a_value_is_a_bug_caught_at_once() {
-        script(include_str!("ssh/probe.sh"), &[("agent", "/a")]);
+        script(include_str!("ssh/probe.sh"), &[]);
     }
 
     /// The systemd start script writes exactly `unit_text()`, whose `ExecStart` is the agent
