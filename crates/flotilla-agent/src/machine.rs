@@ -144,15 +144,7 @@ pub enum NixRegistration {
     NoNixStore,
 }
 
-/// Where the agent looks for the machine's `nix-store`, in order.
-pub const NIX_STORE_PLACES: &[&str] = &[
-    "/nix/var/nix/profiles/default/bin",
-    "/run/current-system/sw/bin",
-    "/nix/var/nix/profiles/per-user/root/profile/bin",
-    "/root/.nix-profile/bin",
-    "/usr/local/bin",
-    "/usr/bin",
-];
+pub use flotilla_protocol::layout::NIX_STORE_PLACES;
 
 fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> ReceiveError {
     let path = path.to_owned();

@@ -118,6 +118,11 @@ impl Engine {
         for note in &outcome.notes {
             listen(&EngineEvent::Note { message: note.clone() });
         }
+        // The daemon built here what the builders should have: said once; a machine that
+        // may build only on them fails with it as its reason (see `failure_reason`).
+        if let Some(ignored) = outcome.builders_ignored.as_ref().filter(|_| ev.builders.local) {
+            listen(&EngineEvent::Note { message: format!("{ignored}; built on this host instead") });
+        }
         // A builder that could not be reached, while everything built: Nix built it here.
         if outcome.errors.is_empty() {
             for down in &outcome.unusable_builders {
@@ -186,11 +191,12 @@ impl Engine {
         let text = if mine.is_empty() { errors.join("\n") } else { mine.join("\n") };
         let text = text.trim();
         let text = text.strip_prefix("error: ").unwrap_or(text).to_owned();
-        if outcome.unusable_builders.is_empty() {
-            text
-        } else {
-            format!("{text}\n{}", outcome.unusable_builders.join("\n"))
+        let mut reason = text;
+        for why in outcome.builders_ignored.iter().chain(&outcome.unusable_builders) {
+            reason.push('\n');
+            reason.push_str(why);
         }
+        reason
     }
 
     fn record(&mut self, ev: &Evaluated, toplevels: &Toplevels, results: &[MachineBuild]) -> Result<()> {

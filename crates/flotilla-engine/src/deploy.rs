@@ -461,7 +461,8 @@ impl Engine {
                 // the host's to describe, and nothing of it is sent.
                 Some(drv) => {
                     send(EngineEvent::MachinePhase { machine: t.name.clone(), phase: Phase::Build });
-                    match t.machine.build_on_host(nix, drv, &t.toplevel) {
+                    let log = |line: &str| send(EngineEvent::NixLog { line: line.to_owned() });
+                    match t.machine.build_on_host(nix, drv, &t.toplevel, &log) {
                         Ok(infos) => {
                             send(done(t.name, Phase::Build, Ok(&format!("built on the machine's host: {} paths", infos.len()))));
                             infos

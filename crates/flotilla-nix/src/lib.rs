@@ -120,6 +120,10 @@ pub struct RealiseOutcome {
     /// Remote builders Nix could not use, each once, as Nix said it (`cannot build on
     /// 'ssh://b': ...`): what a build falls back from, or why it failed.
     pub unusable_builders: Vec<String>,
+    /// Why the builders were not used at all, when a Nix daemon dropped them (the user is
+    /// not one of its `trusted-users`): the fix, for a note, or for the failure of a machine
+    /// that may build only on them.
+    pub builders_ignored: Option<String>,
 }
 
 /// Where Nix may build: Nix's distributed builds, as `meta.builders` and `--builders` give
@@ -239,6 +243,7 @@ impl Nix {
         let mut errors: Vec<String> = Vec::new();
         let mut notes: Vec<String> = Vec::new();
         let mut unusable_builders: Vec<String> = Vec::new();
+        let mut builders_ignored = None;
         let mut in_error = false;
         for line in BufReader::new(child.stderr.take().expect("piped")).lines() {
             let Ok(line) = line else { break };
@@ -246,6 +251,9 @@ impl Nix {
             // next builder, or to this host.
             if line.starts_with("cannot build on '") && !unusable_builders.contains(&line) {
                 unusable_builders.push(line.clone());
+            }
+            if builders_ignored.is_none() && setup::ignored_builder_setting(&line).is_some() {
+                builders_ignored = Some(setup::builders_ignored(&current_user()));
             }
             if let Some(note) = setup::unreachable_substituter(&line) {
                 if !notes.contains(&note) {
@@ -273,7 +281,7 @@ impl Nix {
         if let Some(problem) = errors.iter().find_map(|e| diagnose(e)) {
             return Err(NixError::Setup(problem));
         }
-        Ok(RealiseOutcome { errors, notes, unusable_builders })
+        Ok(RealiseOutcome { errors, notes, unusable_builders, builders_ignored })
     }
 
     /// Nix's distributed-build options for `builders`. The builders fetch their inputs from
@@ -295,9 +303,11 @@ impl Nix {
 
     /// The command line that realises `drv` on another host with that host's Nix (run there
     /// over ssh by the platform): the deployer's substitution policy goes with it, so an
-    /// offline deploy does not wait on the host's caches.
-    pub fn remote_realise_argv(&self, drv: &StorePath) -> Vec<String> {
-        let mut argv: Vec<String> = ["nix-store", "--realise"].map(str::to_owned).to_vec();
+    /// offline deploy does not wait on the host's caches. `nix_store` is the host's, by its
+    /// absolute path (each `remote_*` command takes it: the host's `PATH` may not lead to it).
+    /// The output is kept from the host's collector by the GC root `root`, which Nix replaces.
+    pub fn remote_realise_argv(&self, nix_store: &str, drv: &StorePath, root: &str) -> Vec<String> {
+        let mut argv: Vec<String> = vec![nix_store.to_owned(), "--realise".to_owned(), "--add-root".to_owned(), root.to_owned()];
         if let Some(s) = &self.opts.substituters {
             argv.extend(["--option".to_owned(), "substituters".to_owned(), s.clone()]);
         }
@@ -309,8 +319,8 @@ impl Nix {
     /// by the platform), with the paths on its stdin as [`Nix::remote_invalid_input`] writes
     /// them: a system's derivations number thousands, and ssh hands the remote shell one
     /// `sh -c` argument, which Linux caps at 128 KiB; `xargs` splits them as the host allows.
-    pub fn remote_invalid_argv() -> Vec<String> {
-        ["xargs", "nix-store", "--check-validity", "--print-invalid"].map(str::to_owned).to_vec()
+    pub fn remote_invalid_argv(nix_store: &str) -> Vec<String> {
+        ["xargs", nix_store, "--check-validity", "--print-invalid"].map(str::to_owned).to_vec()
     }
 
     /// The stdin of [`Nix::remote_invalid_argv`]: one path a line (store paths hold no blanks
@@ -320,8 +330,8 @@ impl Nix {
     }
 
     /// The command line that imports what [`Nix::export`] wrote, on another host.
-    pub fn remote_import_argv() -> Vec<String> {
-        ["nix-store", "--import"].map(str::to_owned).to_vec()
+    pub fn remote_import_argv(nix_store: &str) -> Vec<String> {
+        [nix_store, "--import"].map(str::to_owned).to_vec()
     }
 
     /// `paths` (valid here) in `nix-store --export` format, for another host's Nix to import:
@@ -555,6 +565,12 @@ fn tempdir_in(parent: &Path) -> std::io::Result<PathBuf> {
     Err(std::io::Error::other("no free temporary directory name"))
 }
 
+/// The user Nix builds for, by name as `trusted-users` lists it (the login's, as the
+/// environment says; the daemon knows it by uid, which names the same account).
+fn current_user() -> String {
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "the deploying user".into())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -568,7 +584,7 @@ mod tests {
     #[test]
     fn remote_validity_query_takes_5000_paths_through_one_shell_argument() {
         let paths: Vec<StorePath> = (0..5000).map(|i| StorePath::parse(&format!("/nix/store/{:0>32}-fake-drv-{i}.drv", i % 10)).unwrap()).collect();
-        let line = Nix::remote_invalid_argv().join(" ");
+        let line = Nix::remote_invalid_argv("nix-store").join(" ");
         assert!(line.len() < 1024, "the command line stays short: {line}");
         let mut child = Command::new("sh")
             .args(["-c", &line])

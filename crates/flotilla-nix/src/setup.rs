@@ -312,6 +312,24 @@ pub fn unreachable_substituter(line: &str) -> Option<String> {
     ))
 }
 
+/// The distributed-build setting a Nix daemon dropped because the user is not one it trusts
+/// (`builders` and `builders-use-substitutes` are restricted settings): the builders were
+/// never used, whatever Nix said after. The setting's name, from a build's output.
+pub fn ignored_builder_setting(line: &str) -> Option<&str> {
+    // Nix 2.4 and later say "client-specified", earlier ones "user-specified".
+    let rest = line.strip_prefix("warning: ignoring the ")?.split_once("-specified setting '")?.1;
+    let (setting, why) = rest.split_once('\'')?;
+    (setting.starts_with("builders") && why.contains("not a trusted user")).then_some(setting)
+}
+
+/// What to tell the user when the daemon dropped the builders: `meta.builders` needs the
+/// deploying user in the daemon's `trusted-users`.
+pub fn builders_ignored(user: &str) -> String {
+    format!(
+        "the Nix daemon ignored `meta.builders` (and `--builders`): {user} is not one of its trusted users, and `builders` is a setting only they may pass; add `trusted-users = root {user}` to /etc/nix/nix.conf and restart nix-daemon, or deploy as root, or list the builders in /etc/nix/machines"
+    )
+}
+
 fn between<'a>(line: &'a str, before: &str, after: &str) -> Option<&'a str> {
     line.split_once(before)?.1.split_once(after).map(|(x, _)| x)
 }
@@ -361,6 +379,20 @@ mod tests {
         // that follows is the deployment's.
         assert_eq!(diagnose("warning: the group 'nixbld' specified in 'build-users-group' does not exist\nerror: undefined variable 'pkgs'\n"), None);
         assert_eq!(diagnose("error: undefined variable 'pkgs'\n"), None);
+    }
+
+    /// The daemon's warning that it dropped `builders` is recognised, in both wordings Nix
+    /// has used, and no other restricted setting or warning passes for it.
+    #[test]
+    fn a_daemon_ignoring_the_builders_is_recognised() {
+        let now = "warning: ignoring the client-specified setting 'builders', because it is a restricted setting and you are not a trusted user";
+        assert_eq!(ignored_builder_setting(now), Some("builders"));
+        let old = "warning: ignoring the user-specified setting 'builders-use-substitutes', because it is a restricted setting and you are not a trusted user";
+        assert_eq!(ignored_builder_setting(old), Some("builders-use-substitutes"));
+        let other = "warning: ignoring the client-specified setting 'sandbox', because it is a restricted setting and you are not a trusted user";
+        assert_eq!(ignored_builder_setting(other), None);
+        assert_eq!(ignored_builder_setting("building '/nix/store/abc-builders.drv'..."), None);
+        assert!(builders_ignored("alice").contains("trusted-users = root alice"));
     }
 
     #[test]

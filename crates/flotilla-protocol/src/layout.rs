@@ -35,6 +35,29 @@ pub const BOOTSTRAP_AGENT: &str = "/nix/var/flotilla/bin/flotilla-agent";
 pub const CURRENT_SYSTEM: &str = "/run/current-system";
 /// Where the agent keeps Nix GC roots on a machine with Nix of its own.
 pub const NIX_GCROOTS: &str = "/nix/var/nix/gcroots/flotilla";
+/// The start of a root's name in [`NIX_GCROOTS`] that the deployer makes, not the agent: a
+/// system built on the machine's host (`built-<machine>`, replaced by each build), kept from
+/// Nix's collector between the build and the activation. The agent leaves these alone and
+/// `destroy` removes them with the directory.
+pub const BUILT_ROOT_PREFIX: &str = "built-";
+
+/// The root the deployer keeps in [`NIX_GCROOTS`] for what it built on `machine`'s host.
+pub fn built_root(machine: &str) -> String {
+    format!("{NIX_GCROOTS}/{BUILT_ROOT_PREFIX}{machine}")
+}
+
+/// Where a machine's `nix-store` is looked for, in order: the agent to register what it
+/// receives, the deployer to build on an ssh host. A multi-user install puts it in the
+/// default profile, which is on neither sudo's `secure_path` nor a non-interactive ssh
+/// `PATH`, so it is never found by name. Each place is root's to write.
+pub const NIX_STORE_PLACES: &[&str] = &[
+    "/nix/var/nix/profiles/default/bin",
+    "/run/current-system/sw/bin",
+    "/nix/var/nix/profiles/per-user/root/profile/bin",
+    "/root/.nix-profile/bin",
+    "/usr/local/bin",
+    "/usr/bin",
+];
 
 /// Records in [`STATE_DIR`].
 pub mod records {

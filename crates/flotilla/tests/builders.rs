@@ -159,7 +159,13 @@ fn build_on_target_builds_on_the_machines_host_and_nothing_comes_back() {
     assert_eq!(f.http_get(&format!("http://{}:8080/", host.address())).map(|p| p.trim().to_owned()), Some("target1".into()));
     let info = f.machine(&file, "app");
     assert!(info["last_build"]["toplevel"].as_str() == Some(&*toplevel) && info["health"] == "healthy", "{info:#}");
-    f.run(&["destroy", "-f", &file, "--yes"]).ok();
+    // The host's Nix keeps what it built from its collector with the deployer's root, which
+    // the agent's activation left alone and `destroy` removes.
+    let root = host.root().join(flotilla_protocol::layout::relative(&flotilla_protocol::layout::built_root("app")));
+    assert_eq!(std::fs::read_link(&root).ok().map(|t| t.display().to_string()), Some(toplevel.clone()), "GC root {}", root.display());
+    let destroyed = f.run(&["destroy", "-f", &file, "--yes"]);
+    assert_eq!(destroyed.code(), 0, "destroy: {}", destroyed.stderr());
+    assert!(std::fs::symlink_metadata(&root).is_err(), "destroy left the GC root {}", root.display());
 }
 
 #[test]

@@ -17,7 +17,8 @@ use crate::machine::{agent_store_path, symlink_atomic};
 impl Agent {
     /// Keeps a Nix GC root for each generation (`system-<N>`), the running system (`running`)
     /// and the agent's own store path (`agent`) in `/nix/var/nix/gcroots/flotilla/` when the
-    /// machine has Nix, and no other; says what went wrong, if anything did.
+    /// machine has Nix, and no other but the deployer's (`built-<machine>`: a system its host
+    /// built, which the deployer replaces); says what went wrong, if anything did.
     pub(super) fn sync_gc_roots(&self) -> Option<String> {
         if !self.root.has_nix() {
             return None;
@@ -32,7 +33,8 @@ impl Agent {
             want.extend(agent_store_path(&self.root).map(|a| ("agent".to_owned(), a)));
             fs::create_dir_all(&dir)?;
             for e in fs::read_dir(&dir)?.flatten() {
-                if !want.contains_key(e.file_name().to_string_lossy().as_ref()) {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if !want.contains_key(&name) && !name.starts_with(flotilla_protocol::layout::BUILT_ROOT_PREFIX) {
                     fs::remove_file(e.path())?;
                 }
             }

@@ -274,8 +274,9 @@ pub trait Machine: Send + Sync {
     /// has the machine's agent take the result as its own; returns the toplevel's closure as
     /// the host's Nix describes it (checked by the agent against the bytes), for the copy to
     /// find nothing missing. Only a platform whose machines' hosts may run Nix can (ssh).
-    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
-        let _ = (nix, drv, toplevel);
+    /// The host's Nix's output goes to `on_line` as it comes.
+    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath, on_line: &dyn Fn(&str)) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
+        let _ = (nix, drv, toplevel, on_line);
         Err(PlatformError::unsupported(
             self.name(),
             "option `deploy.buildOnTarget` (or `deploy --build-on target`) builds on an ssh machine's host, and this machine's platform has no host of its own to build on; unset it",

@@ -91,6 +91,30 @@ struct Probe {
     agent_present: bool,
     running: bool,
     nix: bool,
+    /// The host's `nix-store`, by its absolute path (found in [`layout::NIX_STORE_PLACES`]).
+    nix_store: Option<String>,
+}
+
+impl Probe {
+    /// What `probe.sh` printed, `key=value` a line.
+    fn parse(out: &str) -> Probe {
+        let mut p = Probe::default();
+        for line in out.lines() {
+            let Some((k, v)) = line.split_once('=') else { continue };
+            match k {
+                "uid" => p.uid = v.to_owned(),
+                "arch" => p.arch = v.to_owned(),
+                "sudo" => p.sudo = Some(v.to_owned()),
+                "systemd" => p.systemd = true,
+                "nix" => p.nix = true,
+                "nix-store" => p.nix_store = Some(v.to_owned()),
+                "agent" => p.agent_present = true,
+                "agent-state" => p.running = v.starts_with("running"),
+                _ => {}
+            }
+        }
+        p
+    }
 }
 
 /// Adds `ip` (the host, as the options name it, unless a fact says otherwise) to the facts
@@ -193,27 +217,14 @@ impl SshMachine {
     /// Learns what the deployer needs of the host in one round trip, as the login user.
     fn probe(&self) -> Result<Probe, PlatformError> {
         let agent = self.agent()?.path.to_absolute();
-        let script = script(include_str!("ssh/probe.sh"), &[("agent", &agent)]);
+        let script = probe_script(&agent, layout::NIX_STORE_PLACES);
         let out = self.ssh.run("sh -s", Some(script.as_bytes()))?;
         if !out.status.success() {
             return Err(self.remote_error(format!("cannot probe {}", self.ssh.destination()), &out));
         }
-        let mut p = Probe::default();
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let Some((k, v)) = line.split_once('=') else { continue };
-            match k {
-                "uid" => p.uid = v.to_owned(),
-                "arch" => p.arch = v.to_owned(),
-                "sudo" => p.sudo = Some(v.to_owned()),
-                "systemd" => p.systemd = true,
-                "nix" => p.nix = true,
-                "agent" => p.agent_present = true,
-                "agent-state" => p.running = v.starts_with("running"),
-                _ => {}
-            }
-        }
-        Ok(p)
+        Ok(Probe::parse(&String::from_utf8_lossy(&out.stdout)))
     }
+
 
     /// Streams the agent binary to its store path on the host and registers it as the
     /// agent's own (a temporary name first, so an interrupted copy never looks complete).
@@ -436,7 +447,7 @@ impl Machine for SshMachine {
     /// its own (`flotilla-agent adopt`): on a host with Nix the agent's store is the host's
     /// store, so nothing needs copying, only registering with the agent, which hashes every
     /// path against what Nix recorded rather than trust the database.
-    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
+    fn build_on_host(&self, nix: &flotilla_nix::Nix, drv: &StorePath, toplevel: &StorePath, on_line: &dyn Fn(&str)) -> Result<Vec<flotilla_protocol::PathInfo>, PlatformError> {
         let p = self.reach()?;
         if !p.nix {
             return Err(PlatformError::refused(&self.name, format!(
@@ -453,15 +464,29 @@ impl Machine for SshMachine {
             }
             Ok(String::from_utf8_lossy(&out.stdout).into_owned())
         };
+        let Some(nix_store) = p.nix_store.as_deref() else {
+            return Err(PlatformError::refused(&self.name, format!(
+                "option `deploy.buildOnTarget` (or `deploy --build-on target`) builds with the host's nix-store, and {} has Nix but no nix-store in {}; link it into one of them, or build on the deployer: unset the option (or `--build-on local`)",
+                self.ssh.host,
+                layout::NIX_STORE_PLACES.join(", ")
+            )));
+        };
         let drvs = nix.drv_closure(drv).map_err(|e| self.err(format!("cannot list the derivations of {toplevel}: {e}")))?;
         let listed = flotilla_nix::Nix::remote_invalid_input(&drvs);
-        let invalid = run(flotilla_nix::Nix::remote_invalid_argv(), Some(&listed), "asking the host's Nix which derivations it lacks")?;
+        let invalid = run(flotilla_nix::Nix::remote_invalid_argv(nix_store), Some(&listed), "asking the host's Nix which derivations it lacks")?;
         let send: Vec<StorePath> = invalid.lines().filter_map(|l| StorePath::parse(l).ok()).collect();
         if !send.is_empty() {
             let export = nix.export(&send).map_err(|e| self.err(format!("cannot export the derivations of {toplevel}: {e}")))?;
-            run(flotilla_nix::Nix::remote_import_argv(), Some(&export), "copying the derivations to the host's Nix")?;
+            run(flotilla_nix::Nix::remote_import_argv(nix_store), Some(&export), "copying the derivations to the host's Nix")?;
         }
-        run(nix.remote_realise_argv(drv), None, &format!("building {toplevel} with the host's Nix"))?;
+        // The build's log comes as it is written, not all at the end (a system takes minutes).
+        let argv = nix.remote_realise_argv(nix_store, drv, &layout::built_root(&self.name));
+        let refs: Vec<&str> = argv.iter().map(String::as_str).collect();
+        let (status, said) = self.ssh.run_streaming(&self.remote(&refs), on_line)?;
+        if !status.success() {
+            let said = flotilla_nix::clean_error(said.as_bytes());
+            return Err(self.err(format!("building {toplevel} with the host's Nix on {} failed: {said}", self.ssh.destination())));
+        }
         let agent = self.agent()?.path.to_absolute();
         let adopted = run(vec![agent, "adopt".into(), toplevel.to_absolute()], None, "registering the built system with the host's agent")?;
         let infos = adopted
@@ -626,6 +651,36 @@ impl Ssh {
         Ok(out)
     }
 
+    /// Runs `remote` over the master, each line of its stderr to `on_line` as it comes;
+    /// returns its status and the last lines of its stderr (for the error: a build's log has
+    /// no bound), its stdout dropped.
+    fn run_streaming(&self, remote: &str, on_line: &dyn Fn(&str)) -> Result<(std::process::ExitStatus, String), PlatformError> {
+        let mut child = self
+            .command(false)
+            .arg(remote)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| PlatformError::failed(&self.machine, format!("cannot run ssh: {e}")))?;
+        const KEPT: usize = 200;
+        let mut last = std::collections::VecDeque::with_capacity(KEPT);
+        for line in std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().expect("piped"))) {
+            let Ok(line) = line else { break };
+            on_line(&line);
+            if last.len() == KEPT {
+                last.pop_front();
+            }
+            last.push_back(line);
+        }
+        let said = last.into_iter().map(|l| l + "\n").collect::<String>();
+        let status = child.wait().map_err(|e| PlatformError::failed(&self.machine, format!("ssh: {e}")))?;
+        if status.code() == Some(255) {
+            return Err(explain_ssh_failure(&self.machine, &self.destination(), &said));
+        }
+        Ok((status, said))
+    }
+
     /// Opens the master connection unless one answers already.
     fn ensure_master(&self) -> Result<(), PlatformError> {
         let Some(control) = &self.control else {
@@ -784,6 +839,12 @@ pub fn unit_text() -> String {
     unit.strip_suffix('\n').unwrap_or(&unit).to_owned()
 }
 
+/// The probe for an agent at `agent`, looking for `nix-store` in `places` (the layout's, but
+/// for tests).
+fn probe_script(agent: &str, places: &[&str]) -> String {
+    script(include_str!("ssh/probe.sh"), &[("agent", agent), ("nix_store_places", &places.join(" "))])
+}
+
 /// A shell script from its template in `ssh/`, each `@name@` replaced by its value quoted
 /// as one word for the shell, so no value can become code.
 fn script(template: &str, vars: &[(&str, &str)]) -> String {
@@ -818,6 +879,39 @@ fn fill(template: &str, vars: &[(&str, &str)], quote: impl Fn(&str) -> String) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Findings on issue 18, item 5: the probe finds the host's nix-store where a multi-user
+    /// install puts it, though no PATH leads there, and the build's commands run it by that
+    /// absolute path (a bare `sudo -n -- nix-store` finds none there).
+    #[test]
+    fn build_on_target_runs_the_nix_store_the_probe_found_off_the_path() {
+        assert_eq!(layout::NIX_STORE_PLACES[0], "/nix/var/nix/profiles/default/bin", "the multi-user install's place comes first");
+        let dir = tempfile::tempdir().unwrap();
+        let places: Vec<String> = ["none/bin", "profile/bin", "usr/bin"].iter().map(|p| dir.path().join(p).display().to_string()).collect();
+        for p in &places[1..] {
+            fs::create_dir_all(p).unwrap();
+            let tool = Path::new(p).join("nix-store");
+            fs::write(&tool, "#!/bin/sh\n").unwrap();
+            fs::set_permissions(&tool, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        }
+        let refs: Vec<&str> = places.iter().map(String::as_str).collect();
+        let mut child = Command::new("sh")
+            .arg("-s")
+            .env_clear()
+            // The probe's tools; this host's own nix-store is on it too, and must not be found.
+            .env("PATH", "/usr/bin:/bin")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("prerequisite missing: sh");
+        child.stdin.take().unwrap().write_all(probe_script("/nonexistent/agent", &refs).as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        let p = Probe::parse(&String::from_utf8_lossy(&out.stdout));
+        let found = format!("{}/nix-store", places[1]);
+        assert_eq!(p.nix_store.as_deref(), Some(found.as_str()), "probe said:\n{}", String::from_utf8_lossy(&out.stdout));
+        assert_eq!(flotilla_nix::Nix::remote_import_argv(&found)[0], found);
+        assert_eq!(flotilla_nix::Nix::remote_invalid_argv(&found)[1], found, "xargs runs it by its path");
+    }
 
     /// A value filled into a script template is one word for the shell, whatever it holds.
     #[test]
