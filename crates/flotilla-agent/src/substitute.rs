@@ -246,9 +246,9 @@ enum Event {
 }
 
 /// Tries each cache in turn for one path. A cache that cannot be connected to is not asked
-/// again in this request (each path would wait out its timeouts); one that answered badly or
-/// too slowly is asked once more for this path and stays asked for the others, since one slow
-/// or failed request says little about the next.
+/// again in this request (each path would wait out its timeouts); one that answered badly is
+/// asked once more for this path, and any cache that was reached stays asked for the others,
+/// since one slow or failed request says little about the next.
 fn from_caches(
     root: &MachineRoot,
     caches: &[Url],
@@ -264,8 +264,11 @@ fn from_caches(
             misses.push(miss(MissReason::CacheDown, why));
             continue;
         }
+        let tried = Instant::now();
         let mut result = fetch(root, cache, info, keys, got, progress);
-        if result.as_ref().is_err_and(|m| m.reason == MissReason::CacheDown && !m.unreachable) {
+        // A request that failed fast (an error answer, a cut connection) is worth a second
+        // try; one that used up its deadline would only take as long again.
+        if result.as_ref().is_err_and(|m| m.reason == MissReason::CacheDown && !m.unreachable) && tried.elapsed() < NARINFO_DEADLINE {
             result = fetch(root, cache, info, keys, got, progress);
         }
         match result {
