@@ -514,14 +514,14 @@ mod tests {
         // The signature covers NarSize, not FileSize: 10 GiB for a 176-byte NAR is refused
         // before a byte of the NAR is asked for.
         let (cache, sent) = hostile_cache(Some("10737418240"));
-        let (reason, detail) = golden_fetch(&cache).err().expect("refused");
+        let (reason, detail) = golden_fetch(&cache).expect_err("refused");
         assert_eq!(reason, MissReason::HashMismatch, "{detail}");
         assert!(detail.contains("FileSize 10737418240") && detail.contains("at most"), "{detail}");
         assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), 0, "the NAR was asked for");
 
         // No FileSize at all: the endless body is cut at the bound the signed NarSize gives.
         let (cache, _sent) = hostile_cache(None);
-        let (reason, detail) = golden_fetch(&cache).err().expect("refused");
+        let (reason, detail) = golden_fetch(&cache).expect_err("refused");
         assert_eq!(reason, MissReason::CacheDown, "{detail}");
         assert!(detail.contains(&format!("longer than {} bytes", max_file_size(176, true))), "{detail}");
     }

@@ -652,10 +652,9 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
                     Err(c) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}; asking what to push instead failed too: {c}")),
                 };
                 let detail = format!("fetching from its caches failed ({e}), pushed instead");
-                let mut stats = crate::remote::SubstituteStats::default();
-                stats.missed = plan.send.iter().map(|i| flotilla_protocol::SubstituteMiss { path: i.path.clone(), reason: flotilla_protocol::MissReason::Other, detail: detail.clone() }).collect();
-                stats.pushed_because.insert("substitution failed".into(), stats.missed.len() as u64);
-                Some(stats)
+                let missed: Vec<_> = plan.send.iter().map(|i| flotilla_protocol::SubstituteMiss { path: i.path.clone(), reason: flotilla_protocol::MissReason::Other, detail: detail.clone() }).collect();
+                let pushed_because = [("substitution failed".to_owned(), missed.len() as u64)].into();
+                Some(crate::remote::SubstituteStats { missed, pushed_because, ..Default::default() })
             }
         },
         None => None,
