@@ -166,12 +166,21 @@ struct Deadlined {
 
 impl Read for Deadlined {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "the server is too slow: the answer did not arrive by its deadline");
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "the server is too slow: the answer did not arrive by its deadline"));
+            return Err(too_slow());
         }
         self.stream.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
-        self.stream.read(buf)
+        match self.stream.read(buf) {
+            // A read timeout is EAGAIN: say which limit it was.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(if Instant::now() >= self.deadline {
+                too_slow()
+            } else {
+                io::Error::new(io::ErrorKind::TimedOut, format!("the server sent nothing for {} s", IO_TIMEOUT.as_secs()))
+            }),
+            r => r,
+        }
     }
 }
 
