@@ -7,13 +7,14 @@
 //! with: a name is looked up in the machine's own `/etc/hosts` ([`Url::resolve`]), as health
 //! checks' are, and an address literal needs nothing.
 //!
-//! It must never wait without a bound (every connect, read and write has a timeout), never
+//! It must never wait without a bound (every connect, read and write has a timeout, and the
+//! whole exchange a deadline, so a server that trickles one byte at a time cannot hold it), never
 //! read more than the caller's limit (a hostile or broken server cannot fill the machine's
 //! memory or disk), and never follow a redirect (a cache names its files itself).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpStream};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::machine::MachineRoot;
 
@@ -38,7 +39,17 @@ pub enum HttpError {
         /// What is wrong.
         why: &'static str,
     },
-    /// The server could not be reached or the connection failed.
+    /// The server could not be reached at all (refused, unreachable, no answer to connect):
+    /// the one failure that says the cache is down, rather than that one request failed.
+    #[error("{url}: cannot connect: {source}")]
+    Connect {
+        /// The URL.
+        url: String,
+        /// Why.
+        source: io::Error,
+    },
+    /// The exchange failed once connected (a read timed out, the deadline passed, the
+    /// connection was cut).
     #[error("{url}: {source}")]
     Io {
         /// The URL.
@@ -141,18 +152,48 @@ pub struct Response {
 
 enum Body {
     /// `Content-Length` bytes, or until the server closes.
-    Plain(io::Take<BufReader<TcpStream>>),
+    Plain(io::Take<BufReader<Deadlined>>),
     /// `Transfer-Encoding: chunked`: bytes left in the current chunk, or `None` at the end.
-    Chunked(BufReader<TcpStream>, Option<u64>),
+    Chunked(BufReader<Deadlined>, Option<u64>),
 }
 
-/// `GET url`; the body may hold at most `limit` bytes (reading more is an error).
-pub fn get(url: &Url, limit: u64) -> Result<Response, HttpError> {
+/// A connection whose every read waits at most [`IO_TIMEOUT`] and never past `deadline`: the
+/// per-read timeout alone lets a server sending one byte every few seconds hold it forever.
+struct Deadlined {
+    stream: TcpStream,
+    deadline: Instant,
+}
+
+impl Read for Deadlined {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let too_slow = || io::Error::new(io::ErrorKind::TimedOut, "the server is too slow: the answer did not arrive by its deadline");
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(too_slow());
+        }
+        self.stream.set_read_timeout(Some(left.min(IO_TIMEOUT)))?;
+        match self.stream.read(buf) {
+            // A read timeout is EAGAIN: say which limit it was.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(if Instant::now() >= self.deadline {
+                too_slow()
+            } else {
+                io::Error::new(io::ErrorKind::TimedOut, format!("the server sent nothing for {} s", IO_TIMEOUT.as_secs()))
+            }),
+            r => r,
+        }
+    }
+}
+
+/// `GET url`; the body may hold at most `limit` bytes (reading more is an error), and the
+/// whole answer must have arrived `within` from now.
+pub fn get(url: &Url, limit: u64, within: Duration) -> Result<Response, HttpError> {
+    let deadline = Instant::now() + within;
     let io_err = |source| HttpError::Io { url: url.to_string(), source };
+    let connect_err = |source| HttpError::Connect { url: url.to_string(), source };
     let ip = url.ip.ok_or_else(|| {
-        io_err(io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {} through the machine's /etc/hosts; use an address or a name listed there", url.host)))
+        connect_err(io::Error::new(io::ErrorKind::NotFound, format!("cannot resolve {} through the machine's /etc/hosts; use an address or a name listed there", url.host)))
     })?;
-    let stream = TcpStream::connect_timeout(&SocketAddr::new(ip, url.port), CONNECT_TIMEOUT).map_err(io_err)?;
+    let stream = TcpStream::connect_timeout(&SocketAddr::new(ip, url.port), CONNECT_TIMEOUT).map_err(connect_err)?;
     stream.set_read_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(IO_TIMEOUT)).map_err(io_err)?;
     let request = format!(
@@ -162,7 +203,7 @@ pub fn get(url: &Url, limit: u64) -> Result<Response, HttpError> {
         env!("CARGO_PKG_VERSION")
     );
     (&stream).write_all(request.as_bytes()).map_err(io_err)?;
-    let mut reader = BufReader::new(stream);
+    let mut reader = BufReader::new(Deadlined { stream, deadline });
     let malformed = |why: String| HttpError::Malformed { url: url.to_string(), why };
     let mut head = (&mut reader).take(MAX_HEAD);
     let mut line = String::new();
@@ -222,7 +263,7 @@ impl Response {
         HttpError::Io { url: self.url.clone(), source }
     }
 
-    fn read_chunked(reader: &mut BufReader<TcpStream>, left: &mut Option<u64>, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_chunked(reader: &mut BufReader<Deadlined>, left: &mut Option<u64>, buf: &mut [u8]) -> io::Result<usize> {
         let bad = |what: &str| io::Error::new(io::ErrorKind::InvalidData, format!("bad chunked encoding: {what}"));
         loop {
             match *left {
@@ -282,6 +323,8 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
+    const T: Duration = Duration::from_secs(10);
+
     /// A server on 127.0.0.1 that answers one connection with `answer`, and what it was asked.
     fn serve_once(answer: &'static [u8]) -> (Url, std::thread::JoinHandle<String>) {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -315,7 +358,7 @@ mod tests {
     #[test]
     fn a_body_with_a_length_is_read_and_the_request_is_one_get() {
         let (url, server) = serve_once(b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\nhello");
-        let r = get(&url.join("a.narinfo"), 100).unwrap();
+        let r = get(&url.join("a.narinfo"), 100, T).unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.text().unwrap(), "hello");
         let asked = server.join().unwrap();
@@ -325,27 +368,45 @@ mod tests {
     #[test]
     fn a_chunked_body_is_read_whole() {
         let (url, _server) = serve_once(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=y\r\nlo\r\n0\r\n\r\n");
-        assert_eq!(get(&url, 100).unwrap().text().unwrap(), "hello");
+        assert_eq!(get(&url, 100, T).unwrap().text().unwrap(), "hello");
     }
 
     #[test]
     fn a_body_longer_than_the_limit_is_refused_whether_announced_or_not() {
         let (url, _s) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 50\r\n\r\n01234567890123456789012345678901234567890123456789");
-        assert!(matches!(get(&url, 10), Err(HttpError::TooLong { .. })));
+        assert!(matches!(get(&url, 10, T), Err(HttpError::TooLong { .. })));
         let (url, _s) = serve_once(b"HTTP/1.0 200 OK\r\n\r\n01234567890123456789012345678901234567890123456789");
-        let r = get(&url, 10).unwrap();
+        let r = get(&url, 10, T).unwrap();
         assert!(matches!(r.text(), Err(HttpError::TooLong { .. })));
     }
 
     #[test]
     fn a_body_cut_short_is_an_error_not_short_data() {
         let (url, _s) = serve_once(b"HTTP/1.0 200 OK\r\nContent-Length: 50\r\n\r\nshort");
-        assert!(get(&url, 100).unwrap().text().is_err());
+        assert!(get(&url, 100, T).unwrap().text().is_err());
     }
 
     #[test]
     fn nothing_listening_is_an_io_error() {
         let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        assert!(matches!(get(&Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap(), 10), Err(HttpError::Io { .. })));
+        assert!(matches!(get(&Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap(), 10, T), Err(HttpError::Connect { .. })));
+    }
+
+    #[test]
+    fn a_server_trickling_bytes_is_cut_off_at_the_deadline() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\n").unwrap();
+            // One header byte every 200 ms: each read is quick, the whole never ends.
+            while s.write_all(b"X").is_ok() {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        });
+        let start = Instant::now();
+        let e = get(&Url::parse(&format!("http://127.0.0.1:{port}/")).unwrap(), 10, Duration::from_secs(1)).err().expect("a trickle is an error");
+        assert!(matches!(e, HttpError::Io { .. }) && e.to_string().contains("too slow"), "{e}");
+        assert!(start.elapsed() < Duration::from_secs(3), "gave up after {:?}", start.elapsed());
     }
 }

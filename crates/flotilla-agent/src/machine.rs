@@ -130,7 +130,7 @@ pub enum NixError {
 type Unpacked = ((u64, u64), BTreeSet<StorePath>, Option<ReceiveError>);
 
 /// Runs a program (argv) with stdin from a file; answers whether it exited 0, and its stderr.
-pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> io::Result<(bool, String)> + 'a;
+pub type NixRunner<'a> = dyn Fn(&[String], &Path) -> io::Result<(bool, String)> + Sync + 'a;
 
 /// What [`MachineRoot::register_with_nix`] did.
 #[derive(Debug, PartialEq, Eq)]

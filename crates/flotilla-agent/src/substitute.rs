@@ -34,8 +34,31 @@ use crate::machine::{MachineRoot, NixRunner, ReceiveError};
 /// The most a narinfo may hold.
 const MAX_NARINFO: u64 = 1 << 20;
 
-/// How often a long download tells the deployer it is alive.
+/// How often the agent tells the deployer it is alive while substituting (downloading,
+/// unpacking, waiting on a cache, registering with Nix): the deployer gives up on an agent
+/// silent for its answer timeout plus [`flotilla_protocol::CACHE_TIMEOUT`].
 const PROGRESS_EVERY: Duration = Duration::from_secs(5);
+
+/// The whole of a narinfo exchange must take at most this long.
+const NARINFO_DEADLINE: Duration = flotilla_protocol::CACHE_TIMEOUT;
+
+/// A NAR download gets [`flotilla_protocol::CACHE_TIMEOUT`] for each this many bytes of its
+/// size limit (plus one): a cache slower than about 4 MiB/s is given up on, and the deployer
+/// pushes instead, so one byte every few seconds cannot hold a machine forever.
+const BYTES_PER_TIMEOUT: u64 = 64 << 20;
+
+/// The most a compressed file of a NAR of `nar_size` bytes may hold: the signed `NarSize`
+/// bounds it (the narinfo's `FileSize` and `FileHash` are not covered by the signature, so a
+/// replayed narinfo could claim anything). zstd never grows incompressible data by more than
+/// a few bytes per 128 KiB block plus a frame header; the margin is generous.
+pub fn max_file_size(nar_size: u64, zstd: bool) -> u64 {
+    if zstd { nar_size + nar_size / 64 + (64 << 10) } else { nar_size }
+}
+
+/// How long a NAR download whose compressed size is at most `limit` may take.
+pub fn download_deadline(limit: u64) -> Duration {
+    flotilla_protocol::CACHE_TIMEOUT * u32::try_from(1 + limit / BYTES_PER_TIMEOUT).unwrap_or(u32::MAX)
+}
 
 /// What a `Substitute` did.
 #[derive(Debug, Default)]
@@ -68,10 +91,12 @@ pub enum SubstituteError {
 struct Miss {
     reason: MissReason,
     detail: String,
+    /// The cache could not be connected to at all: it is not asked again in this request.
+    unreachable: bool,
 }
 
 fn miss(reason: MissReason, detail: impl Into<String>) -> Miss {
-    Miss { reason, detail: detail.into() }
+    Miss { reason, detail: detail.into(), unreachable: false }
 }
 
 /// Fetches `paths` (references first) from `caches` into `root`, each from the first cache
@@ -129,7 +154,17 @@ pub fn substitute(
             if running == 0 {
                 break;
             }
-            match rx.recv().expect("a fetching thread always answers") {
+            // Silence while a path unpacks or waits on a slow cache would make the deployer
+            // give up on the agent: say it is alive at least every PROGRESS_EVERY.
+            let event = match rx.recv_timeout(PROGRESS_EVERY) {
+                Ok(e) => e,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    progress(format!("fetching {running} paths from caches"));
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => unreachable!("the loop holds a sender"),
+            };
+            match event {
                 Event::Progress(m) => progress(m),
                 Event::Done(i, result) => {
                     running -= 1;
@@ -147,23 +182,39 @@ pub fn substitute(
     });
 
     // One registration with the machine's Nix for everything fetched (as `AddPaths` does for
-    // what it receives); if it fails, the deployer pushes them and `AddPaths` registers.
+    // what it receives), with a heartbeat while it runs (it may take REGISTER_TIMEOUT). The
+    // paths are valid in the agent's store whether or not it works, so they are got either
+    // way (pushing them again would only be skipped as already valid): the one rule is that a
+    // path valid on the machine is not sent again, and activation registers the whole closure
+    // with Nix (and fails, saying why, if it still cannot).
     let fetched: Vec<StorePath> = paths.iter().zip(&state).filter(|(_, s)| matches!(s, State::Fetched(_))).map(|(p, _)| p.path.clone()).collect();
-    let unregistered = match fetched.is_empty() {
-        true => None,
-        false => root.register_with_nix(&root.closure(&fetched), run).err().map(|e| format!("fetched, but the machine's Nix did not take it: {e}")),
-    };
+    if !fetched.is_empty() {
+        let registered = std::thread::scope(|scope| {
+            let job = scope.spawn(|| root.register_with_nix(&root.closure(&fetched), run));
+            let mut last = Instant::now();
+            while !job.is_finished() {
+                std::thread::sleep(Duration::from_millis(50));
+                if last.elapsed() >= PROGRESS_EVERY {
+                    progress("registering the fetched paths with the machine's Nix".to_owned());
+                    last = Instant::now();
+                }
+            }
+            job.join().expect("registration does not panic")
+        });
+        if let Err(e) = registered {
+            let note = format!("fetched {} paths, but the machine's Nix did not take them yet ({e}); activation registers them again", fetched.len());
+            eprintln!("flotilla-agent: {note}");
+            progress(note);
+        }
+    }
     let mut done = Substituted::default();
     for (info, st) in paths.iter().zip(state) {
         match st {
             State::Valid => done.got.push(info.path.clone()),
-            State::Fetched(bytes) => match &unregistered {
-                None => {
-                    done.got.push(info.path.clone());
-                    done.bytes += bytes;
-                }
-                Some(why) => done.missed.push(SubstituteMiss { path: info.path.clone(), reason: MissReason::Failed, detail: why.clone() }),
-            },
+            State::Fetched(bytes) => {
+                done.got.push(info.path.clone());
+                done.bytes += bytes;
+            }
             State::Missed(m) => done.missed.push(m),
             // Only a reference cycle among the paths (which Nix never makes) leaves one here.
             State::Waiting | State::Running => {
@@ -194,8 +245,10 @@ enum Event {
     Done(usize, Result<u64, Vec<Miss>>),
 }
 
-/// Tries each cache in turn for one path; a cache found down is not asked again in this
-/// request (each path would wait out its timeouts).
+/// Tries each cache in turn for one path. A cache that cannot be connected to is not asked
+/// again in this request (each path would wait out its timeouts); one that answered badly is
+/// asked once more for this path, and any cache that was reached stays asked for the others,
+/// since one slow or failed request says little about the next.
 fn from_caches(
     root: &MachineRoot,
     caches: &[Url],
@@ -211,10 +264,17 @@ fn from_caches(
             misses.push(miss(MissReason::CacheDown, why));
             continue;
         }
-        match fetch(root, cache, info, keys, got, progress) {
+        let tried = Instant::now();
+        let mut result = fetch(root, cache, info, keys, got, progress);
+        // A request that failed fast (an error answer, a cut connection) is worth a second
+        // try; one that used up its deadline would only take as long again.
+        if result.as_ref().is_err_and(|m| m.reason == MissReason::CacheDown && !m.unreachable) && tried.elapsed() < NARINFO_DEADLINE {
+            result = fetch(root, cache, info, keys, got, progress);
+        }
+        match result {
             Ok(bytes) => return Ok(bytes),
             Err(m) => {
-                if m.reason == MissReason::CacheDown {
+                if m.unreachable {
                     down.lock().unwrap_or_else(|e| e.into_inner())[c] = Some(m.detail.clone());
                 }
                 misses.push(m);
@@ -239,9 +299,9 @@ fn worst(path: &StorePath, misses: Vec<Miss>) -> SubstituteMiss {
 
 /// Fetches one path from one cache; returns its NAR size.
 fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], got: &BTreeSet<StorePath>, progress: &mut dyn FnMut(String)) -> Result<u64, Miss> {
-    let down = |e: HttpError| miss(MissReason::CacheDown, format!("cache down: {e}"));
+    let down = |e: HttpError| Miss { unreachable: matches!(e, HttpError::Connect { .. }), ..miss(MissReason::CacheDown, format!("cache down: {e}")) };
     let narinfo_at = cache.join(&narinfo_url(&info.path));
-    let answer = http::get(&narinfo_at, MAX_NARINFO).map_err(down)?;
+    let answer = http::get(&narinfo_at, MAX_NARINFO, NARINFO_DEADLINE).map_err(down)?;
     match answer.status {
         200 => {}
         404 | 410 => return Err(miss(MissReason::NotInCache, format!("not in {cache}"))),
@@ -285,10 +345,15 @@ fn fetch(root: &MachineRoot, cache: &Url, info: &PathInfo, keys: &[PublicKey], g
         Some(h) => Some(NarHash::parse(h).map_err(|e| mismatch(format!("its FileHash cannot be read ({e})")))?),
         None => None,
     };
-    // A zstd frame of incompressible data is barely larger than the data.
-    let limit = ni.file_size.unwrap_or(if zstd { ni.nar_size + ni.nar_size / 16 + (1 << 20) } else { ni.nar_size });
+    // The bound comes from the signed NarSize, never from FileSize alone, which the
+    // signature does not cover.
+    let limit = max_file_size(ni.nar_size, zstd);
+    if let Some(claimed) = ni.file_size.filter(|s| *s > limit) {
+        return Err(mismatch(format!("its FileSize {claimed} is more than a {} NAR of {} bytes can take (at most {limit}); the narinfo is not one Nix or flotilla wrote", ni.compression, ni.nar_size)));
+    }
+    let limit = ni.file_size.unwrap_or(limit);
     let nar_at = cache.join(&ni.url);
-    let mut body = http::get(&nar_at, limit).map_err(down)?;
+    let mut body = http::get(&nar_at, limit, download_deadline(limit)).map_err(down)?;
     match body.status {
         200 => {}
         404 | 410 => return Err(miss(MissReason::NotInCache, format!("{nar_at} is missing though its narinfo is there"))),
@@ -375,5 +440,89 @@ mod tests {
         assert!(e.to_string().contains("plain http://"), "{e}");
         let e = substitute(&root, &[], &["http://cache".into()], &["nocolon".into()], &run, &mut |_| {}).unwrap_err();
         assert!(e.to_string().contains("deploy.trustedPublicKeys"), "{e}");
+    }
+
+    /// A hostile cache (a test double): it serves a narinfo Nix wrote and signed, with its
+    /// `FileSize` replaced by `file_size` (or dropped), and answers every NAR request with an
+    /// endless body. Returns its URL and how many body bytes it managed to send.
+    fn hostile_cache(file_size: Option<&'static str>) -> (Url, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+        use std::net::TcpListener;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let golden = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../flotilla-store/tests/golden/cache");
+        let narinfo: String = fs::read_to_string(golden.join("gav1jzyr0h57gwv1ykqb5jnrxiv1bjh7.narinfo"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| match (l.starts_with("FileSize: "), file_size) {
+                (true, Some(n)) => Some(format!("FileSize: {n}\n")),
+                (true, None) => None,
+                (false, _) => Some(format!("{l}\n")),
+            })
+            .collect();
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let sent = std::sync::Arc::new(AtomicU64::new(0));
+        let counter = sent.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let (mut s, narinfo, counter) = (conn.unwrap(), narinfo.clone(), counter.clone());
+                std::thread::spawn(move || {
+                    let mut asked = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !asked.ends_with(b"\r\n\r\n") {
+                        let Ok(n @ 1..) = s.read(&mut buf) else { return };
+                        asked.extend_from_slice(&buf[..n]);
+                    }
+                    if asked.starts_with(b"GET /gav1jzyr0h57gwv1ykqb5jnrxiv1bjh7.narinfo ") {
+                        let _ = write!(s, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{narinfo}", narinfo.len());
+                        return;
+                    }
+                    let _ = s.write_all(b"HTTP/1.1 200 OK\r\n\r\n");
+                    let chunk = vec![0x28u8; 64 << 10];
+                    while s.write_all(&chunk).is_ok() {
+                        counter.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        (Url::parse(&format!("http://127.0.0.1:{port}")).unwrap(), sent)
+    }
+
+    fn golden_fetch(cache: &Url) -> Result<u64, (MissReason, String)> {
+        let dir = tempfile::tempdir().unwrap();
+        let root = MachineRoot::new(dir.path());
+        fs::create_dir_all(root.store_dir()).unwrap();
+        let a = StorePath::parse("/nix/store/3rdbzg114kn3qj0k3bqb8gq806szhj4i-golden-a").unwrap();
+        let info = PathInfo {
+            path: StorePath::parse("/nix/store/gav1jzyr0h57gwv1ykqb5jnrxiv1bjh7-golden-b").unwrap(),
+            references: vec![a.clone()],
+            nar_hash: NarHash::parse("sha256:1lbndpy5v3y1dzn7adis9jlqgb3sbzd417d2wkqn8rmjr2wrmxim").unwrap(),
+            nar_size: 176,
+        };
+        let keys = [PublicKey::parse("golden-1:Ge8tRIwMrfurUavL1HIqEqQwErSf4AP0swvsh1DgoXM=").unwrap()];
+        // Without a bound it would download forever: wait a few seconds, not for ever.
+        let (tx, rx) = mpsc::channel();
+        let cache = cache.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(fetch(&root, &cache, &info, &keys, &BTreeSet::from([a]), &mut |_| {}).map_err(|m| (m.reason, m.detail)));
+            drop(dir);
+        });
+        rx.recv_timeout(Duration::from_secs(10)).expect("the fetch ends within 10 s")
+    }
+
+    #[test]
+    fn a_replayed_narinfo_claiming_a_huge_file_size_cannot_fill_the_disk() {
+        // The signature covers NarSize, not FileSize: 10 GiB for a 176-byte NAR is refused
+        // before a byte of the NAR is asked for.
+        let (cache, sent) = hostile_cache(Some("10737418240"));
+        let (reason, detail) = golden_fetch(&cache).expect_err("refused");
+        assert_eq!(reason, MissReason::HashMismatch, "{detail}");
+        assert!(detail.contains("FileSize 10737418240") && detail.contains("at most"), "{detail}");
+        assert_eq!(sent.load(std::sync::atomic::Ordering::Relaxed), 0, "the NAR was asked for");
+
+        // No FileSize at all: the endless body is cut at the bound the signed NarSize gives.
+        let (cache, _sent) = hostile_cache(None);
+        let (reason, detail) = golden_fetch(&cache).expect_err("refused");
+        assert_eq!(reason, MissReason::CacheDown, "{detail}");
+        assert!(detail.contains(&format!("longer than {} bytes", max_file_size(176, true))), "{detail}");
     }
 }

@@ -637,7 +637,26 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     let substituted = match t.substitute {
         Some(d) => match client.substitute(&mut plan, &d.substituters, &d.trusted_public_keys, &mut |_| {}) {
             Ok(s) => Some(s),
-            Err(e) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}")),
+            // The agent refused the request itself (a bad URL or key): the user's to fix.
+            Err(e @ RemoteError::Agent { .. }) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}")),
+            // The conversation broke (the agent went silent or away while fetching): a cache
+            // that is down never fails a deploy, so talk to the agent afresh and push what it
+            // still lacks.
+            Err(e) => {
+                drop(client);
+                client = match m.connect() {
+                    Ok(c) => c,
+                    Err(c) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}; reconnecting to push instead failed too: {c}")),
+                };
+                plan = match client.plan_copy(closure) {
+                    Ok(p) => p,
+                    Err(c) => return fail(row, Phase::Copy, format!("fetching from its caches failed: {e}; asking what to push instead failed too: {c}")),
+                };
+                let detail = format!("fetching from its caches failed ({e}), pushed instead");
+                let missed: Vec<_> = plan.send.iter().map(|i| flotilla_protocol::SubstituteMiss { path: i.path.clone(), reason: flotilla_protocol::MissReason::Other, detail: detail.clone() }).collect();
+                let pushed_because = [("substitution failed".to_owned(), missed.len() as u64)].into();
+                Some(crate::remote::SubstituteStats { missed, pushed_because, ..Default::default() })
+            }
         },
         None => None,
     };

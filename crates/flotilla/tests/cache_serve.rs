@@ -574,3 +574,56 @@ fn concurrent_first_requests_for_a_large_store_path_compress_it_once() {
     // Only this test's path, made above.
     let _ = Command::new("nix-store").args(["--delete", &path]).output();
 }
+
+/// Review of issue 17, finding 2: `serve DIR --key` signs whatever DIR holds, so DIR, `nar/`
+/// and each narinfo must be the server's user's and writable by no one else.
+#[test]
+fn serve_dir_with_key_refuses_a_directory_or_narinfo_others_can_write() {
+    use std::os::unix::fs::PermissionsExt as _;
+    require_prerequisites();
+    let tmp = tempfile::tempdir().unwrap();
+    let (sec, _public) = nix_key(tmp.path(), "serve-private-1");
+    let (dir, a, b) = nix_cache(tmp.path(), &sec);
+    let (resign, _) = nix_key(tmp.path(), "serve-private-2");
+    let chmod = |p: &Path, mode: u32| std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    // Without the check it would serve for ever: give it 20 s to refuse, then stop it.
+    let serve_with_key = || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_flotilla"))
+            .args(["cache", "serve", "--bind", "127.0.0.1:0", "--key"])
+            .arg(&resign)
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        child.wait_with_output().unwrap()
+    };
+
+    for writable in [dir.clone(), dir.join("nar")] {
+        chmod(&writable, 0o777);
+        let out = serve_with_key();
+        assert_eq!(out.status.code(), Some(2), "served {} writable by all with --key: {}", writable.display(), stderr(&out));
+        let said = stderr(&out);
+        assert!(said.contains(&format!("cannot serve {}", writable.display())) && said.contains("chmod go-w") && said.contains("serve without --key"), "{said}");
+        chmod(&writable, 0o755);
+    }
+
+    // A narinfo others may write is not signed and served; one only the server's user may
+    // write is.
+    let (writable, private) = (dir.join(format!("{}.narinfo", hash_part(&b))), hash_part(&a));
+    chmod(&writable, 0o666);
+    let serve = Serve::start(tmp.path(), &["--key", resign.to_str().unwrap(), dir.to_str().unwrap()]);
+    assert_eq!(request(serve.port, "GET", &format!("/{}.narinfo", hash_part(&b)), "").status, 404, "a narinfo others can write was signed and served");
+    let ok = request(serve.port, "GET", &format!("/{private}.narinfo"), "");
+    assert_eq!(ok.status, 200);
+    assert!(String::from_utf8_lossy(&ok.body).contains("Sig: serve-private-2:"), "not re-signed: {}", String::from_utf8_lossy(&ok.body));
+    assert!(serve.log().contains("others may write it"), "{}", serve.log());
+}

@@ -300,3 +300,65 @@ fn substitute_on_destination_without_any_cache_is_refused() {
     assert!(r.stderr().contains("--substitute-on-destination: no selected machine names a cache to fetch from (web set no `deploy.substituters`)"), "{}", r.stderr());
     assert_eq!(f.run(&["list", "--json"]).ok().json(), serde_json::json!([]), "something was recorded");
 }
+
+/// A test double of a cache that stalls: inside the test's namespace, it answers every request
+/// with a status line and then one header byte every 2 seconds, for ever. Each read the agent
+/// makes succeeds quickly; only a deadline on the whole answer ends it.
+fn stalling_cache(f: &Fleet) -> (KillOnDrop, u16) {
+    let port = common::free_port();
+    let script = format!(
+        r#"
+import socket, threading, time
+def answer(c):
+    try:
+        c.recv(65536)
+        c.sendall(b"HTTP/1.1 200 OK\r\n")
+        while True:
+            c.sendall(b"X")
+            time.sleep(2)
+    except OSError:
+        pass
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", {port}))
+s.listen(64)
+open("{ready}", "w").close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=answer, args=(c,), daemon=True).start()
+"#,
+        ready = f.fl.dir.path().join("stall-ready").display()
+    );
+    let server = KillOnDrop(f.in_ns_command(&["python3", "-c", &script]).spawn().expect("prerequisite missing: python3 (the stalling cache double)"));
+    let ready = f.fl.dir.path().join("stall-ready");
+    for _ in 0..100 {
+        if ready.exists() {
+            return (server, port);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    panic!("the stalling cache double (python3) never listened");
+}
+
+/// Review of issue 17, finding 3: a cache that stalls must not fail the deploy. The agent
+/// keeps telling the deployer it is alive while it waits, gives the cache up at its deadline,
+/// and the deployer pushes everything, saying why in the row.
+#[test]
+fn a_cache_that_stalls_mid_answer_never_fails_the_deploy_the_deployer_pushes_instead() {
+    let f = Fleet::new();
+    let (_sk, pk) = nix_key(f.fl.dir.path(), "stall-1");
+    let (_double, port) = stalling_cache(&f);
+    let file = deployment(&f, "stall", "pushed past a stalled cache", &deploy_settings(port, &pk, true));
+    let started = std::time::Instant::now();
+    let (code, report, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "a stalled cache failed the deploy:\n{report:#}\n{out}");
+    let web = row(&report, "web");
+    assert_eq!(web["outcome"], "deployed", "{web:#}");
+    let copy = &web["copy"];
+    assert!(copy["paths_sent"].as_u64().unwrap() >= 3, "the deployer did not push the closure:\n{web:#}");
+    assert_eq!(copy["substituted"]["paths"], 0, "{web:#}");
+    assert!(copy["substituted"]["pushed_because"]["cache down"].as_u64().unwrap() >= 3, "the row does not say the cache was down:\n{web:#}");
+    assert!(web["summary"].as_str().unwrap().contains("cache down"), "{web:#}");
+    assert_eq!(page(&f, &file).as_deref(), Some("pushed past a stalled cache\n"));
+    eprintln!("deploy past a stalled cache took {:?}", started.elapsed());
+}

@@ -221,7 +221,7 @@ fn prepare_cache_dir(dir: &Path) -> Result<(), ServeError> {
     let me = std::fs::metadata("/proc/self").map_err(|e| err(e.to_string()))?.uid();
     for d in [dir.to_owned(), dir.join("nar")] {
         let meta = std::fs::symlink_metadata(&d).map_err(|e| err(e.to_string()))?;
-        if !meta.is_dir() || meta.uid() != me || meta.mode() & 0o022 != 0 {
+        if !meta.is_dir() || meta.uid() != me || !index::private(&meta) {
             return Err(ServeError::Dir {
                 path: d,
                 reason: "is not a directory of this user's that only it can write; give --cache-dir a directory only you can write".into(),

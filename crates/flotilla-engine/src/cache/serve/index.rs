@@ -105,6 +105,23 @@ impl CacheDir {
             .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
             .open(path)
             .map_err(|e| ServeError::Dir { path: path.to_owned(), reason: e.to_string() })?;
+        if key.is_some() {
+            // What is signed here is whatever the directory holds: only this user may put it
+            // there. Checked on the descriptors served from, so nothing can be swapped in between.
+            let mut dirs = vec![(path.to_owned(), dir.try_clone().map_err(|e| ServeError::Dir { path: path.to_owned(), reason: e.to_string() })?)];
+            if let Ok(nar) = sys::open_dir_beneath(&dir, "nar") {
+                dirs.push((path.join("nar"), nar));
+            }
+            for (p, d) in dirs {
+                let meta = d.metadata().map_err(|e| ServeError::Dir { path: p.clone(), reason: e.to_string() })?;
+                if !private(&meta) {
+                    return Err(ServeError::Dir {
+                        path: p,
+                        reason: "is writable by other users than the server's (or owned by another), and --key would sign whatever they put there; make it yours and not group- or world-writable (chown, chmod go-w), or sign when pushing (`flotilla cache push --key`) and serve without --key".into(),
+                    });
+                }
+            }
+        }
         let mut info = match sys::open_file_beneath(&dir, "nix-cache-info") {
             Ok(mut f) => {
                 let mut text = String::new();
@@ -195,6 +212,10 @@ impl CacheDir {
     pub(super) fn load(&self, hash: &str) -> Option<Arc<Prepared>> {
         let name = format!("{hash}.narinfo");
         let file = sys::open_file_beneath(&self.dir, &name).ok()?;
+        if self.key.is_some() && !file.metadata().is_ok_and(|m| private(&m)) {
+            eprintln!("warning: {} not served: --key signs it, but it is another user's or others may write it", self.path.join(&name).display());
+            return None;
+        }
         let (text, stamp) = match read_regular(file) {
             Ok(t) => t,
             Err(e) => {
@@ -239,6 +260,14 @@ impl CacheDir {
         let file = sys::open_file_beneath(&nar, name).ok()?;
         file.metadata().ok()?.is_file().then_some(file)
     }
+}
+
+/// Whether what `meta` describes is this process's user's and not group- or world-writable:
+/// the only files and directories `--key` signs from.
+pub(super) fn private(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let me = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    Some(meta.uid()) == me && meta.mode() & 0o022 == 0
 }
 
 /// The text of a regular file and the stamp of the version read.
