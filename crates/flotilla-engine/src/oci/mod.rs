@@ -230,10 +230,12 @@ impl Engine {
             ))
         })?;
         let opts = &cfg.image;
-        if opts.max_layers < 2 {
+        // The evaluation checks it too (MachineConfig::check); this guards a config from elsewhere.
+        if !(2..=flotilla_model::MAX_OCI_LAYERS).contains(&opts.max_layers) {
             return Err(config_err(format!(
-                "machine {machine}: option `image.maxLayers` is {}, and an OCI image needs at least 2 layers (the store, the machine); set it to 2 or more (default 100)",
-                opts.max_layers
+                "machine {machine}: option `image.maxLayers` is {}, and an OCI image needs at least 2 layers (the store, the machine) and registries refuse more than {max}; set it between 2 and {max} (default 100)",
+                opts.max_layers,
+                max = flotilla_model::MAX_OCI_LAYERS
             )));
         }
         if opts.entrypoint.as_ref().is_some_and(|e| e.is_empty() || !e[0].starts_with('/')) {
