@@ -35,8 +35,7 @@ impl<W: Write> HashWriter<W> {
 
     /// `sha256:<hex>`, the size, and the writer.
     pub fn finish(self) -> (String, u64, W) {
-        let hex: String = self.hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
-        (format!("sha256:{hex}"), self.size, self.inner)
+        (super::digest_of(self.hasher), self.size, self.inner)
     }
 }
 
@@ -179,7 +178,7 @@ pub fn write_docker_archive(layout: &Layout, config: &Descriptor, layers: &[Desc
             if !seen.insert(d.digest.clone()) {
                 continue;
             }
-            let mut f = super::tar::open_nofollow(&layout.blob_path(&d.digest))?;
+            let mut f = super::open_blob(&layout.dir, &layout.blob_path(&d.digest), d.size)?;
             t.entry(format!("{}.{ext}", hex(d)).as_bytes(), 0o644, 0, 0, Kind::File { size: d.size, reader: &mut f })?;
         }
         let f = t.finish()?.into_inner().map_err(|e| e.into_error())?;

@@ -119,10 +119,10 @@ impl PushSource for OciImage {
     }
     fn write_blob(&self, d: &Descriptor, out: &mut dyn Write) -> io::Result<()> {
         let path = self.layout.join("blobs/sha256").join(d.digest.trim_start_matches("sha256:"));
-        let mut f = tar::open_nofollow(&path)?;
-        let n = io::copy(&mut f, out)?;
+        let f = open_blob(&self.layout, &path, d.size)?;
+        let n = io::copy(&mut io::Read::take(f, d.size), out)?;
         if n != d.size {
-            return Err(io::Error::other(format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
         }
         Ok(())
     }
@@ -182,10 +182,63 @@ struct RootInfo {
     entries: Vec<RootEntry>,
 }
 
-/// Whether `tag` is a tag a registry takes.
-fn valid_tag(tag: &str) -> bool {
+/// Whether `tag` is a tag a registry takes: up to 128 of `A-Z a-z 0-9 _ . -`, not starting
+/// with `.` or `-`.
+pub(crate) fn valid_tag(tag: &str) -> bool {
     let b = tag.as_bytes();
     !b.is_empty() && b.len() <= 128 && (b[0].is_ascii_alphanumeric() || b[0] == b'_') && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+/// `sha256:<hex>` of what `h` hashed.
+pub(crate) fn digest_of(h: sha2::Sha256) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", h.finalize())
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    digest_of(sha2::Sha256::new_with_prefix(bytes))
+}
+
+/// Opens a regular file for reading without following a symbolic link in its last
+/// component; returns it and its size (of the file opened, not of whatever the name names
+/// later).
+pub(crate) fn open_regular(path: &Path) -> io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
+    }
+    Ok((f, meta.len()))
+}
+
+/// Opens the blob file `path` of the image layout `layout` to send it out (to a registry, into
+/// an archive), refusing what a user who can write the layout could have put there to make a
+/// push run as root send a file that user cannot read: a link (not followed), a file with
+/// other names (a hard link: `st_nlink` > 1), a file owned by another than the layout
+/// directory's owner or this process. Its bytes are checked against the digest only as they
+/// stream, so these checks come first. Returns the file and its size, which must be `size`.
+pub(crate) fn open_blob(layout: &Path, path: &Path, size: u64) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let (f, len) = open_regular(path)?;
+    let meta = f.metadata()?;
+    let owner = std::fs::symlink_metadata(layout)?.uid();
+    let me = flotilla_proc::euid();
+    if meta.nlink() > 1 {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} has {} names (hard links); a layout's blob has one: rebuild the layout", path.display(), meta.nlink())));
+    }
+    if meta.uid() != owner && Some(meta.uid()) != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to the layout's owner (uid {owner}): rebuild the layout as its owner", path.display(), meta.uid()),
+        ));
+    }
+    if len != size {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has {len} bytes, its descriptor says {size}: the layout is damaged, rebuild it", path.display())));
+    }
+    Ok(f)
 }
 
 /// Parses `--label K=V` arguments.
@@ -438,8 +491,7 @@ fn write_machine_layer(root: &Path, entries: &[RootEntry], toplevel: &Path, w: &
         } else if meta.is_dir() {
             t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::Dir)?;
         } else {
-            let mut f = tar::open_nofollow(&path)?;
-            let size = f.metadata()?.len();
+            let (mut f, size) = open_regular(&path)?;
             t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::File { size, reader: &mut f })?;
         }
     }
@@ -453,6 +505,29 @@ fn write_machine_layer(root: &Path, entries: &[RootEntry], toplevel: &Path, w: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layout's blob goes out (to a registry, an archive) only when it is what the layout's
+    /// writer made: one name, the layout's owner's or ours, not a link, of its size.
+    #[test]
+    fn a_layout_blob_that_is_a_hard_link_or_anothers_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let blob = d.path().join("blob");
+        std::fs::write(&blob, "12345").unwrap();
+        assert!(open_blob(d.path(), &blob, 5).is_ok());
+        assert!(open_blob(d.path(), &blob, 6).unwrap_err().to_string().contains("has 5 bytes, its descriptor says 6"));
+        let other = d.path().join("elsewhere");
+        std::fs::hard_link(&blob, &other).unwrap();
+        let e = open_blob(d.path(), &blob, 5).unwrap_err().to_string();
+        assert!(e.contains("has 2 names (hard links)"), "{e}");
+        std::fs::remove_file(&other).unwrap();
+        std::os::unix::fs::symlink(&blob, &other).unwrap();
+        assert!(open_blob(d.path(), &other, 5).is_err(), "a symbolic link is not followed");
+        if flotilla_proc::is_root() {
+            std::os::unix::fs::chown(&blob, Some(4321), None).unwrap();
+            let e = open_blob(d.path(), &blob, 5).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 4321, not to the layout's owner"), "{e}");
+        }
+    }
 
     #[test]
     fn labels_and_tags_are_checked() {

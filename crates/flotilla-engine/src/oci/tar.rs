@@ -10,7 +10,7 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// The time every entry has.
@@ -143,8 +143,7 @@ impl<W: Write> TarWriter<W> {
             }
             Ok(())
         } else if meta.is_file() {
-            let mut f = open_nofollow(path)?;
-            let size = f.metadata()?.len();
+            let (mut f, size) = super::open_regular(path)?;
             self.entry(name, mode, 0, 0, Kind::File { size, reader: &mut f })
         } else {
             Err(io::Error::other(format!("{} is neither a file, a directory nor a link; a store path holds nothing else", path.display())))
@@ -156,11 +155,6 @@ impl<W: Write> TarWriter<W> {
         self.out.write_all(&[0u8; 1024])?;
         Ok(self.out)
     }
-}
-
-/// Opens a file for reading, refusing a link.
-pub fn open_nofollow(path: &Path) -> io::Result<fs::File> {
-    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
 fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
