@@ -256,9 +256,71 @@ pub fn parse_labels(labels: &[String]) -> std::result::Result<BTreeMap<String, S
 }
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    let out = Command::new("git").arg("-C").arg(dir).args(args).env_remove("GIT_DIR").env_remove("GIT_WORK_TREE").stderr(std::process::Stdio::null()).output().ok()?;
     let s = String::from_utf8(out.stdout).ok()?.trim().to_owned();
     (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+/// `.revision` and `.source` of the deployment file's git repository, when they say what was
+/// built: only for a file the repository tracks (a file in a directory under someone's home
+/// repository is not that repository's), the commit only when the tree has no uncommitted
+/// change to tracked files (a label claiming a commit must be that commit), the remote only
+/// as [`public_source`] gives it.
+fn git_annotations(file: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(dir) = file.parent() else { return out };
+    let Some(top) = git(dir, &["rev-parse", "--show-toplevel"]) else { return out };
+    let top = PathBuf::from(top);
+    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+    let Ok(rel) = real.strip_prefix(&top) else { return out };
+    if git(&top, &["ls-files", "--error-unmatch", "--full-name", "--", &rel.to_string_lossy()]).is_none() {
+        return out;
+    }
+    let clean = Command::new("git")
+        .arg("-C")
+        .arg(&top)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.is_empty());
+    if clean {
+        if let Some(rev) = git(&top, &["rev-parse", "HEAD"]) {
+            out.insert("org.opencontainers.image.revision".into(), rev);
+        }
+    }
+    if let Some(src) = git(&top, &["config", "--get", "remote.origin.url"]).and_then(|u| public_source(&u)) {
+        out.insert("org.opencontainers.image.source".into(), src);
+    }
+    out
+}
+
+/// A remote URL as it may be published in an image: without its user, password or token
+/// (`https://user:token@host/r` is `https://host/r`), query or fragment; `None` when a secret
+/// cannot be cut out with certainty (an scp-like `user:pw@host:path`, control characters).
+pub(crate) fn public_source(url: &str) -> Option<String> {
+    if url.is_empty() || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return None;
+    }
+    let url = url.split(['?', '#']).next().unwrap_or("");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b)) {
+            return None;
+        }
+        let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if host.is_empty() && scheme != "file" {
+            return None;
+        }
+        return Some(if path.is_empty() && !rest.contains('/') { format!("{scheme}://{host}") } else { format!("{scheme}://{host}/{path}") });
+    }
+    // scp-like `[user@]host:path` (ssh knows no password in it) or a local path.
+    match url.split_once('@') {
+        Some((user, _)) if user.contains(':') || user.contains('/') => None,
+        Some((_, host_path)) => Some(host_path.to_owned()),
+        None => Some(url.to_owned()),
+    }
 }
 
 fn architecture() -> &'static str {
@@ -383,18 +445,12 @@ impl Engine {
         layout.save_known().map_err(io_at("cannot write the layer index of", &layout_dir))?;
 
         let entrypoint = opts.entrypoint.clone().unwrap_or_else(|| vec![info.agent.clone(), "init".into(), "--root".into(), "/".into()]);
-        let dir = ev.file.parent().unwrap_or(Path::new("/"));
         let mut annotations = BTreeMap::from([
             ("org.opencontainers.image.created".to_owned(), CREATED.to_owned()),
             ("org.opencontainers.image.title".to_owned(), machine.to_string()),
             ("org.opencontainers.image.version".to_owned(), tag.clone()),
         ]);
-        if let Some(rev) = git(dir, &["rev-parse", "HEAD"]) {
-            annotations.insert("org.opencontainers.image.revision".into(), rev);
-        }
-        if let Some(src) = git(dir, &["config", "--get", "remote.origin.url"]) {
-            annotations.insert("org.opencontainers.image.source".into(), src);
-        }
+        annotations.extend(git_annotations(&ev.file));
         for (k, v) in &annotations {
             labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -526,6 +582,25 @@ mod tests {
             std::os::unix::fs::chown(&blob, Some(4321), None).unwrap();
             let e = open_blob(d.path(), &blob, 5).unwrap_err().to_string();
             assert!(e.contains("belongs to uid 4321, not to the layout's owner"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_remote_urls_user_and_token_never_reach_a_label() {
+        for (url, want) in [
+            ("https://alice:ghp_SECRET@github.com/org/fleet.git", Some("https://github.com/org/fleet.git")),
+            ("https://oauth2:SECRET@gitlab.example.com:8443/org/fleet", Some("https://gitlab.example.com:8443/org/fleet")),
+            ("https://SECRET@host.example/r", Some("https://host.example/r")),
+            ("https://host.example/r?private_token=SECRET#x", Some("https://host.example/r")),
+            ("ssh://git@host.example:22/org/r.git", Some("ssh://host.example:22/org/r.git")),
+            ("git@github.com:org/fleet.git", Some("github.com:org/fleet.git")),
+            ("alice:SECRET@host.example:org/r", None),
+            ("/srv/git/fleet.git", Some("/srv/git/fleet.git")),
+            ("https://user:pa ss@h/r", None),
+        ] {
+            let got = public_source(url);
+            assert_eq!(got.as_deref(), want, "{url}");
+            assert!(!got.unwrap_or_default().contains("SECRET"), "{url}");
         }
     }
 
