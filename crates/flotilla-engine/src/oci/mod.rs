@@ -323,6 +323,29 @@ pub(crate) fn public_source(url: &str) -> Option<String> {
     }
 }
 
+/// Whether `-o PATH` of an `oci` image may be written: a new directory, an empty one, or an
+/// OCI image layout (whose known layers are reused, its index replaced); anything else is the
+/// user's and is not written into.
+fn check_layout_dest(o: &Path) -> std::result::Result<(), String> {
+    let meta = match std::fs::symlink_metadata(o) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("-o {}: {e}", o.display())),
+        Ok(m) => m,
+    };
+    if !meta.is_dir() {
+        return Err(format!("-o {}: it exists and is not a directory, and an `oci` image is a layout directory; give a new directory's path, or use `--format docker-archive` for one file", o.display()));
+    }
+    let empty = std::fs::read_dir(o).map_err(|e| format!("-o {}: {e}", o.display()))?.next().is_none();
+    if !empty && !o.join("oci-layout").is_file() {
+        return Err(format!(
+            "-o {}: the directory holds files and is no OCI image layout (it has no `oci-layout`), and flotilla writes an image only into a new or empty directory or a layout of before; give a new directory's path, e.g. -o {}",
+            o.display(),
+            o.join("image").display()
+        ));
+    }
+    Ok(())
+}
+
 fn architecture() -> &'static str {
     match std::env::consts::ARCH {
         "x86_64" => "amd64",
@@ -363,6 +386,11 @@ impl Engine {
                 return Err(config_err(format!("--tag {t:?}: a tag is up to 128 letters, digits, `_`, `.` and `-`, not starting with `.` or `-`")));
             }
         }
+        if format == OciFormat::Oci {
+            if let Some(o) = &req.output {
+                check_layout_dest(o).map_err(config_err)?;
+            }
+        }
         crate::check_agent(agent)?;
 
         let args = EvalArgs { deployment: &ev.file, facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"), agent: Some(agent), only: vec![machine.to_string()] };
@@ -391,12 +419,13 @@ impl Engine {
             source: io::Error::other(format!("its toplevel {:?} is not a store path ({e}); rebuild the machine layer", info.toplevel)),
         })?;
         let tag = req.tag.clone().unwrap_or(hash);
-        let dest = match &req.output {
-            Some(o) => o.clone(),
-            None => PathBuf::from(match format {
-                OciFormat::Oci => format!("{machine}-oci"),
-                OciFormat::DockerArchive => format!("{machine}-{tag}.tar"),
-            }),
+        let archive_name = format!("{machine}-{tag}.tar");
+        let dest = match (&req.output, format) {
+            // A directory given for an archive is where the archive goes, under its own name.
+            (Some(o), OciFormat::DockerArchive) if o.is_dir() => o.join(archive_name),
+            (Some(o), _) => o.clone(),
+            (None, OciFormat::Oci) => PathBuf::from(format!("{machine}-oci")),
+            (None, OciFormat::DockerArchive) => PathBuf::from(archive_name),
         };
         let dest = std::path::absolute(&dest).map_err(|source| EngineError::Io { what: "cannot resolve", path: dest.clone(), source })?;
         let layout_dir = match format {
