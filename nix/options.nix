@@ -98,7 +98,7 @@ in
     size = opt (t.nullOr t.int) null
       "Size of the disk image's root filesystem in MiB; unset, the closure's size plus 30 % and 64 MiB. The qemu platform grows the filesystem to the VM's `diskSize` at boot.";
     maxLayers = opt t.int 100
-      "Most layers of an OCI image (`flotilla image --format oci|docker-archive`), at least 2: the store paths most referenced in the closure get a layer each, the rest share the last store layer, and one layer holds the machine itself (registry, generation, `/etc`). Registries cap images around 127 layers.";
+      "Most layers of an OCI image (`flotilla image --format oci|docker-archive`), from 2 to 127 (registries refuse more): the store paths most referenced in the closure get a layer each, the rest share the last store layer, and one layer holds the machine itself (registry, generation, `/etc`).";
     entrypoint = opt (t.nullOr (t.listOf t.str)) null
       "The OCI image's entrypoint, a program and its arguments (`[ \"\${pkgs.busybox}/bin/httpd\" \"-f\" ]`); unset, the agent runs as the container's init (`flotilla-agent init --root /`): it starts the machine's services in `after` order, checks their health and stops them on SIGTERM, as on the machine.";
     labels = opt (t.attrsOf t.str) { }

@@ -133,7 +133,7 @@ impl BootOptions {
 pub struct ImageOptions {
     /// Root filesystem size in MiB; `None` computes it from the closure.
     pub size: Option<u32>,
-    /// Most layers of an OCI image (at least 2).
+    /// Most layers of an OCI image (2 to [`MAX_OCI_LAYERS`]).
     #[serde(default = "default_max_layers")]
     pub max_layers: i64,
     /// The OCI image's entrypoint; `None` runs the agent as init.
@@ -143,6 +143,10 @@ pub struct ImageOptions {
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
 }
+
+/// The most layers an OCI image may have: registries (the reference `distribution` server,
+/// Docker Hub) and overlay filesystems refuse images of more, around 127.
+pub const MAX_OCI_LAYERS: i64 = 127;
 
 fn default_max_layers() -> i64 {
     100
@@ -668,6 +672,12 @@ impl MachineConfig {
         }
         if self.image.size == Some(0) {
             err(OptionPath::root("image").child("size"), "is 0 MiB; give the image's size in MiB, or leave it unset to compute it from the closure".into());
+        }
+        if !(2..=MAX_OCI_LAYERS).contains(&self.image.max_layers) {
+            err(OptionPath::root("image").child("maxLayers"), format!(
+                "is {}, and an OCI image needs at least 2 layers (the store, the machine) and registries refuse more than {MAX_OCI_LAYERS}; set it between 2 and {MAX_OCI_LAYERS} (default 100)",
+                self.image.max_layers
+            ));
         }
     }
 }

@@ -15,7 +15,7 @@ mod units;
 
 pub use builders::{builder_sources, check_builder_lines, BuilderSource, BUILDERS_EXAMPLE};
 pub use config::{
-    etc_relative, start_order, Accel, BootOptions, DeployerCheck, DeploySettings, ImageOptions, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
+    etc_relative, start_order, Accel, BootOptions, DeployerCheck, DeploySettings, ImageOptions, MAX_OCI_LAYERS, FileSpec, GroupSpec, HealthCheck, KeySpec, LocalPlatform,
     MachineConfig, Platform, PortForward, QemuPlatform, RestartPolicy, ServiceSpec, SshPlatform,
     SystemConfig, SystemOptions, UploadAt, UserSpec, BUILTIN_GROUPS, BUILTIN_USERS,
 };

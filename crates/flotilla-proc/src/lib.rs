@@ -69,12 +69,16 @@ pub fn alive(pid: u32) -> bool {
     start_time(pid).is_some()
 }
 
-/// Whether this process runs with an effective uid of 0 (`Uid:` of `/proc/self/status`).
-pub fn is_root() -> bool {
+/// This process's effective uid (`Uid:` of `/proc/self/status`); `None` without `/proc`.
+pub fn euid() -> Option<u32> {
     std::fs::read_to_string("/proc/self/status")
         .ok()
-        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|ids| ids.split_whitespace().nth(1).map(|euid| euid == "0"))))
-        .unwrap_or(false)
+        .and_then(|s| s.lines().find_map(|l| l.strip_prefix("Uid:").and_then(|ids| ids.split_whitespace().nth(1).and_then(|euid| euid.parse().ok()))))
+}
+
+/// Whether this process runs with an effective uid of 0.
+pub fn is_root() -> bool {
+    euid() == Some(0)
 }
 
 #[cfg(test)]

@@ -332,8 +332,10 @@ pub enum Command {
         /// The image format
         #[arg(long, value_enum, required = true)]
         format: Option<ImageFormatArg>,
-        /// Where to put the image: a file, or a directory to put it in [default: the current
-        /// directory]; its name carries the configuration's hash
+        /// Where to put the image. A disk image or a docker-archive: a file, or a directory
+        /// to put it in, named with the configuration's hash [default: the current directory].
+        /// oci: the layout directory, new, empty or a layout of before whose layers are
+        /// reused [default: ./MACHINE-oci]
         #[arg(short, long, value_name = "PATH")]
         output: Option<PathBuf>,
         /// An OCI image's tag [default: the hash of the machine's toplevel]

@@ -408,7 +408,11 @@ pub fn oci_report(r: &flotilla_engine::oci::OciReport, as_json: bool) {
         r.layers_written,
         r.toplevel,
         match r.format {
-            flotilla_engine::oci::OciFormat::Oci => format!("podman run --rm oci:{}", r.path.display()),
+            // podman runs images of its storage only: skopeo puts the layout's image there.
+            flotilla_engine::oci::OciFormat::Oci => {
+                let name = format!("localhost/{}:{}", r.machine.as_str().to_ascii_lowercase(), r.tag);
+                format!("skopeo copy oci:{}:{} containers-storage:{name} && podman run --rm {name}", r.path.display(), r.tag)
+            }
             flotilla_engine::oci::OciFormat::DockerArchive => format!("docker load -i {} && docker run --rm {}:{}", r.path.display(), r.machine.as_str().to_ascii_lowercase(), r.tag),
         }
     );

@@ -219,14 +219,27 @@ fn bad_input_is_one_clear_error_and_writes_nothing() {
     let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o]);
     assert_ne!(r.code(), 0);
     assert!(r.stderr().contains("machine web: option `image.maxLayers` is 1") && r.stderr().contains("at least 2"), "{}", r.stderr());
+    // The rest on a deployment that evaluates (image.maxLayers is checked with the options).
+    let file = fl.file("deployment.nix", &deployment("bad", "hi", ""));
     let r = fl.run(&["image", "-f", &file, "nosuch", "--format", "oci", "-o", &o]);
     assert_ne!(r.code(), 0);
     assert!(r.stderr().contains("has no machine nosuch"), "{}", r.stderr());
     let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o, "--label", "novalue"]);
     assert_ne!(r.code(), 0);
     assert!(r.stderr().contains("--label \"novalue\"") && r.stderr().contains("KEY=VALUE"), "{}", r.stderr());
-    let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o, "--tag", "-bad"]);
+    // `--tag=-bad`: with a space clap would take `-bad` for an option and never ask valid_tag.
+    for bad in ["--tag=-bad", "--tag=a/b"] {
+        let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o, bad]);
+        assert_ne!(r.code(), 0);
+        let tag = bad.trim_start_matches("--tag=");
+        assert!(r.stderr().contains(&format!("--tag {tag:?}: a tag is up to 128 letters")), "{bad}: {}", r.stderr());
+    }
+    assert!(!out.exists(), "a refused image leaves nothing at -o");
+    // More layers than registries take is refused when the deployment is evaluated.
+    let file = fl.file("deployment.nix", &deployment("bad", "hi", "image.maxLayers = 128;"));
+    let r = fl.run(&["image", "-f", &file, "web", "--format", "oci", "-o", &o]);
     assert_ne!(r.code(), 0);
+    assert!(r.stderr().contains("machine web: option `image.maxLayers` is 128") && r.stderr().contains("set it between 2 and 127"), "{}", r.stderr());
     assert!(!out.exists(), "a refused image leaves nothing at -o");
 }
 

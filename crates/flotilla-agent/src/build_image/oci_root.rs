@@ -88,10 +88,23 @@ pub fn build(toplevel: &StorePath, agent: &StorePath, closure: &[(StorePath, Vec
     let store = root.store_dir();
     fs::remove_dir(&store).map_err(io_err("cannot remove", &store))?;
     symlink(flotilla_store::STORE_DIR, &store).map_err(io_err("cannot link", &store))?;
+    // Nix's sandbox refuses a setuid or setgid mode (and the output could not keep one): the
+    // files are staged without the special bits, and their declared modes listed below.
+    let staged_files: BTreeMap<String, flotilla_model::FileSpec> = sys
+        .files
+        .iter()
+        .map(|(path, f)| {
+            let mut f = f.clone();
+            if let Some(m) = f.mode.as_deref().and_then(|m| u32::from_str_radix(m, 8).ok()) {
+                f.mode = Some(format!("{:04o}", m & 0o777));
+            }
+            (path.clone(), f)
+        })
+        .collect();
     let placed = (|| {
         crate::users::apply(&root, &sys.users, &sys.groups, false)?;
         // Owners are not set here (the builder is not root): they are listed for the layer.
-        crate::etc::apply(&root, &toplevel.to_absolute(), &sys.files, &|_, _| None, false)
+        crate::etc::apply(&root, &toplevel.to_absolute(), &staged_files, &|_, _| None, false)
     })();
     fs::remove_file(&store).map_err(io_err("cannot remove", &store))?;
     fs::create_dir(&store).map_err(io_err("cannot create", &store))?;
@@ -102,12 +115,21 @@ pub fn build(toplevel: &StorePath, agent: &StorePath, closure: &[(StorePath, Vec
         fs::set_permissions(&d, std::os::unix::fs::PermissionsExt::from_mode(*mode)).map_err(io_err("cannot set the mode of", &d))?;
     }
 
-    let mut owners: BTreeMap<String, (u32, u32)> = BTreeMap::new();
+    // A copied file's owner, group and declared mode, as the layer must hold them.
+    let mut owners: BTreeMap<String, (u32, u32, Option<u32>)> = BTreeMap::new();
     for (path, f) in &sys.files {
-        if f.mode.is_some() {
-            let uid = crate::users::lookup_id(&root, &f.user, true).unwrap_or(0);
-            let gid = crate::users::lookup_id(&root, &f.group, false).unwrap_or(0);
-            owners.insert(path.trim_start_matches('/').to_owned(), (uid, gid));
+        if let Some(mode) = &f.mode {
+            let id = |name: &str, user: bool| {
+                crate::users::lookup_id(&root, name, user).ok_or_else(|| {
+                    let what = if user { "user" } else { "group" };
+                    ImageError::Setup(format!(
+                        "files.\"{path}\": its {what} `{name}` is not in the image's /etc/{}; declare it (`{what}s.{name} = {{ }};`) or give the file an owner the machine has",
+                        if user { "passwd" } else { "group" }
+                    ))
+                })
+            };
+            let declared = u32::from_str_radix(mode, 8).map_err(|_| ImageError::Setup(format!("files.\"{path}\": its mode \"{mode}\" is not octal")))?;
+            owners.insert(path.trim_start_matches('/').to_owned(), (id(&f.user, true)?, id(&f.group, false)?, Some(declared & 0o7777)));
         }
     }
     let mut entries = Vec::new();
@@ -127,14 +149,18 @@ pub fn build(toplevel: &StorePath, agent: &StorePath, closure: &[(StorePath, Vec
     Ok(info)
 }
 
-fn list(dir: &Path, rel: &str, owners: &BTreeMap<String, (u32, u32)>, out: &mut Vec<Entry>) -> Result<(), ImageError> {
+fn list(dir: &Path, rel: &str, owners: &BTreeMap<String, (u32, u32, Option<u32>)>, out: &mut Vec<Entry>) -> Result<(), ImageError> {
     for e in fs::read_dir(dir).map_err(io_err("cannot list", dir))? {
         let e = e.map_err(io_err("cannot list", dir))?;
         let name = e.file_name().to_string_lossy().into_owned();
         let path = if rel.is_empty() { name } else { format!("{rel}/{name}") };
         let meta = fs::symlink_metadata(e.path()).map_err(io_err("cannot stat", &e.path()))?;
-        let (uid, gid) = owners.get(&path).copied().unwrap_or((0, 0));
-        out.push(Entry { path: path.clone(), mode: meta.mode() & 0o7777, uid, gid });
+        let (uid, gid, declared) = owners.get(&path).copied().unwrap_or((0, 0, None));
+        let mode = match declared {
+            Some(m) if meta.is_file() => m,
+            _ => meta.mode() & 0o7777,
+        };
+        out.push(Entry { path: path.clone(), mode, uid, gid });
         if meta.is_dir() {
             list(&e.path(), &path, owners, out)?;
         }

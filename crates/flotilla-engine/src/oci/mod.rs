@@ -119,10 +119,10 @@ impl PushSource for OciImage {
     }
     fn write_blob(&self, d: &Descriptor, out: &mut dyn Write) -> io::Result<()> {
         let path = self.layout.join("blobs/sha256").join(d.digest.trim_start_matches("sha256:"));
-        let mut f = tar::open_nofollow(&path)?;
-        let n = io::copy(&mut f, out)?;
+        let f = open_blob(&self.layout, &path, d.size)?;
+        let n = io::copy(&mut io::Read::take(f, d.size), out)?;
         if n != d.size {
-            return Err(io::Error::other(format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
         }
         Ok(())
     }
@@ -182,10 +182,63 @@ struct RootInfo {
     entries: Vec<RootEntry>,
 }
 
-/// Whether `tag` is a tag a registry takes.
-fn valid_tag(tag: &str) -> bool {
+/// Whether `tag` is a tag a registry takes: up to 128 of `A-Z a-z 0-9 _ . -`, not starting
+/// with `.` or `-`.
+pub(crate) fn valid_tag(tag: &str) -> bool {
     let b = tag.as_bytes();
     !b.is_empty() && b.len() <= 128 && (b[0].is_ascii_alphanumeric() || b[0] == b'_') && b.iter().all(|c| c.is_ascii_alphanumeric() || b"_.-".contains(c))
+}
+
+/// `sha256:<hex>` of what `h` hashed.
+pub(crate) fn digest_of(h: sha2::Sha256) -> String {
+    use sha2::Digest;
+    format!("sha256:{:x}", h.finalize())
+}
+
+/// `sha256:<hex>` of `bytes`.
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    digest_of(sha2::Sha256::new_with_prefix(bytes))
+}
+
+/// Opens a regular file for reading without following a symbolic link in its last
+/// component; returns it and its size (of the file opened, not of whatever the name names
+/// later).
+pub(crate) fn open_regular(path: &Path) -> io::Result<(std::fs::File, u64)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} is not a regular file", path.display())));
+    }
+    Ok((f, meta.len()))
+}
+
+/// Opens the blob file `path` of the image layout `layout` to send it out (to a registry, into
+/// an archive), refusing what a user who can write the layout could have put there to make a
+/// push run as root send a file that user cannot read: a link (not followed), a file with
+/// other names (a hard link: `st_nlink` > 1), a file owned by another than the layout
+/// directory's owner or this process. Its bytes are checked against the digest only as they
+/// stream, so these checks come first. Returns the file and its size, which must be `size`.
+pub(crate) fn open_blob(layout: &Path, path: &Path, size: u64) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::MetadataExt;
+    let (f, len) = open_regular(path)?;
+    let meta = f.metadata()?;
+    let owner = std::fs::symlink_metadata(layout)?.uid();
+    let me = flotilla_proc::euid();
+    if meta.nlink() > 1 {
+        return Err(io::Error::new(io::ErrorKind::PermissionDenied, format!("{} has {} names (hard links); a layout's blob has one: rebuild the layout", path.display(), meta.nlink())));
+    }
+    if meta.uid() != owner && Some(meta.uid()) != me {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to uid {}, not to the layout's owner (uid {owner}): rebuild the layout as its owner", path.display(), meta.uid()),
+        ));
+    }
+    if len != size {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("{} has {len} bytes, its descriptor says {size}: the layout is damaged, rebuild it", path.display())));
+    }
+    Ok(f)
 }
 
 /// Parses `--label K=V` arguments.
@@ -203,9 +256,94 @@ pub fn parse_labels(labels: &[String]) -> std::result::Result<BTreeMap<String, S
 }
 
 fn git(dir: &Path, args: &[&str]) -> Option<String> {
-    let out = Command::new("git").arg("-C").arg(dir).args(args).output().ok()?;
+    let out = Command::new("git").arg("-C").arg(dir).args(args).env_remove("GIT_DIR").env_remove("GIT_WORK_TREE").stderr(std::process::Stdio::null()).output().ok()?;
     let s = String::from_utf8(out.stdout).ok()?.trim().to_owned();
     (out.status.success() && !s.is_empty()).then_some(s)
+}
+
+/// `.revision` and `.source` of the deployment file's git repository, when they say what was
+/// built: only for a file the repository tracks (a file in a directory under someone's home
+/// repository is not that repository's), the commit only when the tree has no uncommitted
+/// change to tracked files (a label claiming a commit must be that commit), the remote only
+/// as [`public_source`] gives it.
+fn git_annotations(file: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let Some(dir) = file.parent() else { return out };
+    let Some(top) = git(dir, &["rev-parse", "--show-toplevel"]) else { return out };
+    let top = PathBuf::from(top);
+    let real = std::fs::canonicalize(file).unwrap_or_else(|_| file.to_owned());
+    let Ok(rel) = real.strip_prefix(&top) else { return out };
+    if git(&top, &["ls-files", "--error-unmatch", "--full-name", "--", &rel.to_string_lossy()]).is_none() {
+        return out;
+    }
+    let clean = Command::new("git")
+        .arg("-C")
+        .arg(&top)
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .stderr(std::process::Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success() && o.stdout.is_empty());
+    if clean {
+        if let Some(rev) = git(&top, &["rev-parse", "HEAD"]) {
+            out.insert("org.opencontainers.image.revision".into(), rev);
+        }
+    }
+    if let Some(src) = git(&top, &["config", "--get", "remote.origin.url"]).and_then(|u| public_source(&u)) {
+        out.insert("org.opencontainers.image.source".into(), src);
+    }
+    out
+}
+
+/// A remote URL as it may be published in an image: without its user, password or token
+/// (`https://user:token@host/r` is `https://host/r`), query or fragment; `None` when a secret
+/// cannot be cut out with certainty (an scp-like `user:pw@host:path`, control characters).
+pub(crate) fn public_source(url: &str) -> Option<String> {
+    if url.is_empty() || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return None;
+    }
+    let url = url.split(['?', '#']).next().unwrap_or("");
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if scheme.is_empty() || !scheme.bytes().all(|b| b.is_ascii_alphanumeric() || b"+.-".contains(&b)) {
+            return None;
+        }
+        let (authority, path) = rest.split_once('/').map_or((rest, ""), |(a, p)| (a, p));
+        let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        if host.is_empty() && scheme != "file" {
+            return None;
+        }
+        return Some(if path.is_empty() && !rest.contains('/') { format!("{scheme}://{host}") } else { format!("{scheme}://{host}/{path}") });
+    }
+    // scp-like `[user@]host:path` (ssh knows no password in it) or a local path.
+    match url.split_once('@') {
+        Some((user, _)) if user.contains(':') || user.contains('/') => None,
+        Some((_, host_path)) => Some(host_path.to_owned()),
+        None => Some(url.to_owned()),
+    }
+}
+
+/// Whether `-o PATH` of an `oci` image may be written: a new directory, an empty one, or an
+/// OCI image layout (whose known layers are reused, its index replaced); anything else is the
+/// user's and is not written into.
+fn check_layout_dest(o: &Path) -> std::result::Result<(), String> {
+    let meta = match std::fs::symlink_metadata(o) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("-o {}: {e}", o.display())),
+        Ok(m) => m,
+    };
+    if !meta.is_dir() {
+        return Err(format!("-o {}: it exists and is not a directory, and an `oci` image is a layout directory; give a new directory's path, or use `--format docker-archive` for one file", o.display()));
+    }
+    let empty = std::fs::read_dir(o).map_err(|e| format!("-o {}: {e}", o.display()))?.next().is_none();
+    if !empty && !o.join("oci-layout").is_file() {
+        return Err(format!(
+            "-o {}: the directory holds files and is no OCI image layout (it has no `oci-layout`), and flotilla writes an image only into a new or empty directory or a layout of before; give a new directory's path, e.g. -o {}",
+            o.display(),
+            o.join("image").display()
+        ));
+    }
+    Ok(())
 }
 
 fn architecture() -> &'static str {
@@ -230,10 +368,12 @@ impl Engine {
             ))
         })?;
         let opts = &cfg.image;
-        if opts.max_layers < 2 {
+        // The evaluation checks it too (MachineConfig::check); this guards a config from elsewhere.
+        if !(2..=flotilla_model::MAX_OCI_LAYERS).contains(&opts.max_layers) {
             return Err(config_err(format!(
-                "machine {machine}: option `image.maxLayers` is {}, and an OCI image needs at least 2 layers (the store, the machine); set it to 2 or more (default 100)",
-                opts.max_layers
+                "machine {machine}: option `image.maxLayers` is {}, and an OCI image needs at least 2 layers (the store, the machine) and registries refuse more than {max}; set it between 2 and {max} (default 100)",
+                opts.max_layers,
+                max = flotilla_model::MAX_OCI_LAYERS
             )));
         }
         if opts.entrypoint.as_ref().is_some_and(|e| e.is_empty() || !e[0].starts_with('/')) {
@@ -244,6 +384,11 @@ impl Engine {
         if let Some(t) = &req.tag {
             if !valid_tag(t) {
                 return Err(config_err(format!("--tag {t:?}: a tag is up to 128 letters, digits, `_`, `.` and `-`, not starting with `.` or `-`")));
+            }
+        }
+        if format == OciFormat::Oci {
+            if let Some(o) = &req.output {
+                check_layout_dest(o).map_err(config_err)?;
             }
         }
         crate::check_agent(agent)?;
@@ -274,12 +419,13 @@ impl Engine {
             source: io::Error::other(format!("its toplevel {:?} is not a store path ({e}); rebuild the machine layer", info.toplevel)),
         })?;
         let tag = req.tag.clone().unwrap_or(hash);
-        let dest = match &req.output {
-            Some(o) => o.clone(),
-            None => PathBuf::from(match format {
-                OciFormat::Oci => format!("{machine}-oci"),
-                OciFormat::DockerArchive => format!("{machine}-{tag}.tar"),
-            }),
+        let archive_name = format!("{machine}-{tag}.tar");
+        let dest = match (&req.output, format) {
+            // A directory given for an archive is where the archive goes, under its own name.
+            (Some(o), OciFormat::DockerArchive) if o.is_dir() => o.join(archive_name),
+            (Some(o), _) => o.clone(),
+            (None, OciFormat::Oci) => PathBuf::from(format!("{machine}-oci")),
+            (None, OciFormat::DockerArchive) => PathBuf::from(archive_name),
         };
         let dest = std::path::absolute(&dest).map_err(|source| EngineError::Io { what: "cannot resolve", path: dest.clone(), source })?;
         let layout_dir = match format {
@@ -328,18 +474,12 @@ impl Engine {
         layout.save_known().map_err(io_at("cannot write the layer index of", &layout_dir))?;
 
         let entrypoint = opts.entrypoint.clone().unwrap_or_else(|| vec![info.agent.clone(), "init".into(), "--root".into(), "/".into()]);
-        let dir = ev.file.parent().unwrap_or(Path::new("/"));
         let mut annotations = BTreeMap::from([
             ("org.opencontainers.image.created".to_owned(), CREATED.to_owned()),
             ("org.opencontainers.image.title".to_owned(), machine.to_string()),
             ("org.opencontainers.image.version".to_owned(), tag.clone()),
         ]);
-        if let Some(rev) = git(dir, &["rev-parse", "HEAD"]) {
-            annotations.insert("org.opencontainers.image.revision".into(), rev);
-        }
-        if let Some(src) = git(dir, &["config", "--get", "remote.origin.url"]) {
-            annotations.insert("org.opencontainers.image.source".into(), src);
-        }
+        annotations.extend(git_annotations(&ev.file));
         for (k, v) in &annotations {
             labels.entry(k.clone()).or_insert_with(|| v.clone());
         }
@@ -436,8 +576,7 @@ fn write_machine_layer(root: &Path, entries: &[RootEntry], toplevel: &Path, w: &
         } else if meta.is_dir() {
             t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::Dir)?;
         } else {
-            let mut f = tar::open_nofollow(&path)?;
-            let size = f.metadata()?.len();
+            let (mut f, size) = open_regular(&path)?;
             t.entry(e.path.as_bytes(), e.mode, e.uid, e.gid, tar::Kind::File { size, reader: &mut f })?;
         }
     }
@@ -451,6 +590,48 @@ fn write_machine_layer(root: &Path, entries: &[RootEntry], toplevel: &Path, w: &
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A layout's blob goes out (to a registry, an archive) only when it is what the layout's
+    /// writer made: one name, the layout's owner's or ours, not a link, of its size.
+    #[test]
+    fn a_layout_blob_that_is_a_hard_link_or_anothers_file_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let blob = d.path().join("blob");
+        std::fs::write(&blob, "12345").unwrap();
+        assert!(open_blob(d.path(), &blob, 5).is_ok());
+        assert!(open_blob(d.path(), &blob, 6).unwrap_err().to_string().contains("has 5 bytes, its descriptor says 6"));
+        let other = d.path().join("elsewhere");
+        std::fs::hard_link(&blob, &other).unwrap();
+        let e = open_blob(d.path(), &blob, 5).unwrap_err().to_string();
+        assert!(e.contains("has 2 names (hard links)"), "{e}");
+        std::fs::remove_file(&other).unwrap();
+        std::os::unix::fs::symlink(&blob, &other).unwrap();
+        assert!(open_blob(d.path(), &other, 5).is_err(), "a symbolic link is not followed");
+        if flotilla_proc::is_root() {
+            std::os::unix::fs::chown(&blob, Some(4321), None).unwrap();
+            let e = open_blob(d.path(), &blob, 5).unwrap_err().to_string();
+            assert!(e.contains("belongs to uid 4321, not to the layout's owner"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_remote_urls_user_and_token_never_reach_a_label() {
+        for (url, want) in [
+            ("https://alice:ghp_SECRET@github.com/org/fleet.git", Some("https://github.com/org/fleet.git")),
+            ("https://oauth2:SECRET@gitlab.example.com:8443/org/fleet", Some("https://gitlab.example.com:8443/org/fleet")),
+            ("https://SECRET@host.example/r", Some("https://host.example/r")),
+            ("https://host.example/r?private_token=SECRET#x", Some("https://host.example/r")),
+            ("ssh://git@host.example:22/org/r.git", Some("ssh://host.example:22/org/r.git")),
+            ("git@github.com:org/fleet.git", Some("github.com:org/fleet.git")),
+            ("alice:SECRET@host.example:org/r", None),
+            ("/srv/git/fleet.git", Some("/srv/git/fleet.git")),
+            ("https://user:pa ss@h/r", None),
+        ] {
+            let got = public_source(url);
+            assert_eq!(got.as_deref(), want, "{url}");
+            assert!(!got.unwrap_or_default().contains("SECRET"), "{url}");
+        }
+    }
 
     #[test]
     fn labels_and_tags_are_checked() {

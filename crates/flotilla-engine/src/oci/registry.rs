@@ -13,7 +13,6 @@
 //! the caller says plain HTTP. A password never reaches an error, the log or the state DB.
 
 use std::io::{Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::auth::{self, AuthFileError, Challenge, Credentials};
-use super::{Descriptor, PushSource};
+use super::{digest_of, open_blob, open_regular, sha256_digest, valid_tag, Descriptor, PushSource, MANIFEST_TYPE};
 
 /// How a reference is written, for errors that reject one.
 const REFERENCE_FORM: &str = "docker://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST]";
@@ -131,11 +130,6 @@ fn valid_repository(r: &str) -> bool {
                 && b[b.len() - 1].is_ascii_alphanumeric()
                 && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-'))
         })
-}
-
-fn valid_tag(t: &str) -> bool {
-    let b = t.as_bytes();
-    !b.is_empty() && b.len() <= 128 && (b[0].is_ascii_alphanumeric() || b[0] == b'_') && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 fn valid_digest(d: &str) -> bool {
@@ -318,26 +312,22 @@ pub fn push(source: &dyn PushSource, reference: &Reference, options: &PushOption
             continue;
         }
         let row = BlobReport { digest: blob.digest.clone(), size: blob.size, media_type: blob.media_type.clone() };
-        if client.has_blob(&blob)? {
+        if client.renewing(|| client.has_blob(&blob))? {
             progress(&PushEvent::Present(&blob));
             report.present.push(row);
             continue;
         }
         progress(&PushEvent::Uploading(&blob));
         let t = Instant::now();
-        client.upload(source, &blob, progress)?;
+        client.renewing(|| client.upload(source, &blob, &mut *progress))?;
         progress(&PushEvent::Uploaded { blob: &blob, secs: t.elapsed().as_secs_f64() });
         report.bytes_uploaded += blob.size;
         report.uploaded.push(row);
     }
-    client.put_manifest(reference.manifest_ref(), manifest, media_type)?;
+    client.renewing(|| client.put_manifest(reference.manifest_ref(), manifest, media_type))?;
     progress(&PushEvent::Manifest { digest: &digest });
     report.secs = started.elapsed().as_secs_f64();
     Ok(report)
-}
-
-fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(bytes))
 }
 
 /// A connection to one repository of one registry, logged in.
@@ -348,7 +338,20 @@ struct Client {
     registry: String,
     repository: String,
     plain_http: bool,
-    authorization: Option<String>,
+    /// The `Authorization` header, renewed when a token expires (hence the lock: the
+    /// requests take it by `&self`).
+    authorization: std::sync::Mutex<Option<String>>,
+    /// Where the Bearer token came from, to fetch a new one when the registry refuses the
+    /// old one mid-push (tokens live minutes; a large push takes longer).
+    bearer: Option<Bearer>,
+}
+
+/// A token service and the login it takes.
+struct Bearer {
+    realm: String,
+    service: Option<String>,
+    creds: Option<Credentials>,
+    searched: Vec<PathBuf>,
 }
 
 /// How much of an error body is read: a registry's error is a short JSON document.
@@ -376,7 +379,8 @@ impl Client {
             registry: reference.host.clone(),
             repository: reference.repository.clone(),
             plain_http,
-            authorization: None,
+            authorization: std::sync::Mutex::new(None),
+            bearer: None,
         };
         client.login(options.credentials.clone())?;
         Ok(client)
@@ -401,7 +405,7 @@ impl Client {
         match challenge {
             Some(Challenge::Basic) => {
                 let c = creds.ok_or_else(no_creds)?;
-                self.authorization = Some(c.basic_header());
+                self.set_authorization(c.basic_header());
                 let resp = self.authed(self.agent.get(&url), &url).call().map_err(|e| self.transport(e))?;
                 match resp.status().as_u16() {
                     200..=299 => Ok(()),
@@ -411,7 +415,8 @@ impl Client {
             }
             Some(Challenge::Bearer { realm, service, .. }) => {
                 let token = self.token(&realm, service.as_deref(), creds.as_ref(), no_creds)?;
-                self.authorization = Some(format!("Bearer {token}"));
+                self.set_authorization(format!("Bearer {token}"));
+                self.bearer = Some(Bearer { realm, service, creds, searched });
                 Ok(())
             }
             None => Err(RegistryError::Answer {
@@ -420,6 +425,27 @@ impl Client {
                 status: 401,
                 detail: "it asks for a login this client does not speak (neither Basic nor Bearer)".into(),
             }),
+        }
+    }
+
+    fn set_authorization(&self, value: String) {
+        *self.authorization.lock().unwrap_or_else(|e| e.into_inner()) = Some(value);
+    }
+
+    /// Runs `request` (whose requests take the current login), and once more with a new
+    /// token when the registry answered 401 and the login is a Bearer token: a token expires
+    /// (minutes, at the token service's choice) and a push of large layers outlives it. A
+    /// second 401 is the registry's answer.
+    fn renewing<T>(&self, mut request: impl FnMut() -> Result<T, RegistryError>) -> Result<T, RegistryError> {
+        match request() {
+            Err(RegistryError::Answer { status: 401, .. }) if self.bearer.is_some() => {
+                let b = self.bearer.as_ref().expect("checked");
+                let no_creds = || RegistryError::NoCredentials { registry: self.registry.clone(), searched: b.searched.clone() };
+                let token = self.token(&b.realm, b.service.as_deref(), b.creds.as_ref(), no_creds)?;
+                self.set_authorization(format!("Bearer {token}"));
+                request()
+            }
+            r => r,
         }
     }
 
@@ -456,7 +482,8 @@ impl Client {
     /// sent elsewhere; the login is not).
     fn authed<B>(&self, req: ureq::RequestBuilder<B>, url: &str) -> ureq::RequestBuilder<B> {
         let same = url.strip_prefix(&self.base).is_some_and(|r| r.starts_with('/'));
-        match (&self.authorization, same) {
+        let a = self.authorization.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        match (a, same) {
             (Some(a), true) => req.header("Authorization", a),
             _ => req,
         }
@@ -512,18 +539,22 @@ impl Client {
         let req = self.authed(self.agent.patch(session), session).header("Content-Type", "application/octet-stream");
         let (written, resp) = std::thread::scope(|s| {
             let sender = s.spawn(move || req.send(ureq::SendBody::from_owned_reader(ChannelReader { rx, buf: Vec::new(), pos: 0, ended: false })));
-            let mut w = ChannelWriter { tx: Some(tx), buf: Vec::with_capacity(CHUNK), hash: Sha256::new(), n: 0, next_report: PROGRESS_EVERY, blob, progress };
-            let written = source.write_blob(blob, &mut w).and_then(|()| w.finish()).map(|()| (w.n, format!("sha256:{:x}", w.hash.clone().finalize())));
+            let mut w = ChannelWriter { tx: Some(tx), buf: Vec::with_capacity(CHUNK), hash: Sha256::new(), n: 0, next_report: PROGRESS_EVERY, blob, progress, upload_stopped: false };
+            let written = source.write_blob(blob, &mut w).and_then(|()| w.finish()).map(|()| (w.n, digest_of(w.hash.clone())));
+            let upload_stopped = w.upload_stopped;
             // Without finish's end mark the channel's closing is an error to the request, which
             // then aborts instead of ending the body as if it were complete.
             drop(w);
             let resp = sender.join().expect("the upload thread does not panic");
-            (written, resp)
+            (written.map_err(|e| (e, upload_stopped)), resp)
         });
         let resp = match (written, resp) {
+            // The source failed by itself (a blob file gone or short): the request's failure
+            // is only its consequence.
+            (Err((e, false)), _) => return Err(RegistryError::Source { digest: blob.digest.clone(), source: e }),
             // The request's own failure explains a write that found the channel closed.
             (_, Err(e)) => return Err(self.transport(e)),
-            (Err(e), Ok(_)) => return Err(RegistryError::Source { digest: blob.digest.clone(), source: e }),
+            (Err((e, _)), Ok(_)) => return Err(RegistryError::Source { digest: blob.digest.clone(), source: e }),
             (Ok((n, digest)), Ok(resp)) => {
                 if n != blob.size || digest != blob.digest {
                     return Err(RegistryError::SourceMismatch { digest: blob.digest.clone(), detail: format!("{n} bytes with digest {digest}, not {} bytes", blob.size) });
@@ -621,6 +652,8 @@ struct ChannelWriter<'a, 'p> {
     next_report: u64,
     blob: &'a Descriptor,
     progress: &'p mut dyn FnMut(&PushEvent),
+    /// Set when a write found the request's end of the channel gone.
+    upload_stopped: bool,
 }
 
 impl Write for ChannelWriter<'_, '_> {
@@ -648,7 +681,8 @@ impl ChannelWriter<'_, '_> {
     fn finish(&mut self) -> std::io::Result<()> {
         self.send()?;
         let tx = self.tx.take().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        tx.send(Vec::new()).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+        let sent = tx.send(Vec::new());
+        self.stopped(sent)
     }
 
     fn send(&mut self) -> std::io::Result<()> {
@@ -657,7 +691,15 @@ impl ChannelWriter<'_, '_> {
         }
         let chunk = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
         let tx = self.tx.as_ref().ok_or_else(|| std::io::Error::from(std::io::ErrorKind::BrokenPipe))?;
-        tx.send(chunk).map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped"))
+        let sent = tx.send(chunk);
+        self.stopped(sent)
+    }
+
+    fn stopped<T>(&mut self, sent: Result<(), mpsc::SendError<T>>) -> std::io::Result<()> {
+        sent.map_err(|_| {
+            self.upload_stopped = true;
+            std::io::Error::new(std::io::ErrorKind::BrokenPipe, "the upload stopped")
+        })
     }
 }
 
@@ -713,8 +755,6 @@ struct JsonDescriptor {
     size: u64,
 }
 
-const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-
 impl OciLayoutDir {
     /// Reads the layout's index and its one image's manifest.
     pub fn open(path: &Path) -> Result<OciLayoutDir, RegistryError> {
@@ -751,7 +791,7 @@ impl OciLayoutDir {
         }
         let parsed: Manifest = serde_json::from_slice(&manifest)
             .map_err(|e| bad(format!("its manifest is not an image manifest (a multi-platform index cannot be pushed from a layout; {e})")))?;
-        let media_type = m.media_type.clone().or(parsed.media_type).unwrap_or_else(|| OCI_MANIFEST.to_owned());
+        let media_type = m.media_type.clone().or(parsed.media_type).unwrap_or_else(|| MANIFEST_TYPE.to_owned());
         let blobs = std::iter::once(parsed.config)
             .chain(parsed.layers)
             .map(|d| {
@@ -769,16 +809,6 @@ fn blob_rel(digest: &str) -> String {
     format!("blobs/{}", digest.replacen(':', "/", 1))
 }
 
-/// Opens a regular file without following a symbolic link in its last component.
-fn open_regular(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
-    let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path)?;
-    let meta = f.metadata()?;
-    if !meta.is_file() {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not a regular file"));
-    }
-    Ok((f, meta.len()))
-}
-
 impl PushSource for OciLayoutDir {
     fn manifest(&self) -> (&[u8], &str) {
         (&self.manifest, &self.media_type)
@@ -790,11 +820,11 @@ impl PushSource for OciLayoutDir {
 
     fn write_blob(&self, d: &Descriptor, out: &mut dyn Write) -> std::io::Result<()> {
         let path = self.root.join(blob_rel(&d.digest));
-        let (f, len) = open_regular(&path).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
-        if len != d.size {
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{} has {len} bytes, its descriptor {}", path.display(), d.size)));
+        let f = open_blob(&self.root, &path, d.size).map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+        let n = std::io::copy(&mut f.take(d.size), out)?;
+        if n != d.size {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, format!("{} has {n} bytes, its descriptor says {}", path.display(), d.size)));
         }
-        std::io::copy(&mut f.take(len), out)?;
         Ok(())
     }
 }
@@ -807,7 +837,7 @@ mod tests {
     struct NoBlobs;
     impl PushSource for NoBlobs {
         fn manifest(&self) -> (&[u8], &str) {
-            (b"{}", OCI_MANIFEST)
+            (b"{}", MANIFEST_TYPE)
         }
         fn blobs(&self) -> Vec<Descriptor> {
             Vec::new()
@@ -864,6 +894,169 @@ mod tests {
         assert_eq!(seen[0], "GET /v2/ 401");
         assert!(seen[1].starts_with("GET /token?") && seen[1].contains("scope=repository%3Ateam%2Fweb%3Apull%2Cpush") && seen[1].ends_with(" 200"), "{seen:?}");
         assert_eq!(seen[2], "PUT /v2/team/web/manifests/v1 201");
+    }
+
+    /// A stand-in registry on 127.0.0.1: one request per connection, each answered by
+    /// `answer(method, path, authorization, body)` with a status, extra header lines and a
+    /// body; a chunked body is read whole. Returns its port and the log of `METHOD PATH
+    /// STATUS` lines.
+    fn stand_in(answer: impl Fn(&str, &str, &str, &[u8]) -> (u16, String, String) + Send + 'static) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(conn) = conn else { continue };
+                let mut conn = std::io::BufReader::new(conn);
+                let mut head = Vec::new();
+                loop {
+                    let mut line = String::new();
+                    if conn.read_line(&mut line).unwrap_or(0) == 0 || line.trim().is_empty() {
+                        break;
+                    }
+                    head.push(line.trim().to_owned());
+                }
+                if head.is_empty() {
+                    continue;
+                }
+                let header = |n: &str| head.iter().find_map(|h| h.split_once(": ").filter(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.to_owned()));
+                let mut body = Vec::new();
+                if header("transfer-encoding").is_some_and(|t| t.contains("chunked")) {
+                    loop {
+                        let mut size = String::new();
+                        if conn.read_line(&mut size).unwrap_or(0) == 0 {
+                            break;
+                        }
+                        let Ok(n) = usize::from_str_radix(size.trim(), 16) else { break };
+                        let mut chunk = vec![0; n + 2];
+                        if conn.read_exact(&mut chunk).is_err() || n == 0 {
+                            break;
+                        }
+                        body.extend_from_slice(&chunk[..n]);
+                    }
+                } else {
+                    body.resize(header("content-length").map_or(0, |l| l.parse().unwrap()), 0);
+                    let _ = conn.read_exact(&mut body);
+                }
+                let mut parts = head[0].split(' ');
+                let (method, path) = (parts.next().unwrap().to_owned(), parts.next().unwrap().to_owned());
+                let (status, extra, text) = answer(&method, &path, &header("authorization").unwrap_or_default(), &body);
+                let reply = format!("HTTP/1.1 {status} X\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{text}", text.len());
+                let _ = conn.get_mut().write_all(reply.as_bytes());
+                log2.lock().unwrap().push(format!("{method} {} {status}", path.split('?').next().unwrap()));
+            }
+        });
+        (port, log)
+    }
+
+    /// One blob in memory.
+    struct OneBlob(Vec<u8>, Descriptor);
+    impl OneBlob {
+        fn new(bytes: &[u8]) -> OneBlob {
+            OneBlob(bytes.to_vec(), Descriptor { media_type: super::super::LAYER_TYPE.into(), digest: sha256_digest(bytes), size: bytes.len() as u64 })
+        }
+    }
+    impl PushSource for OneBlob {
+        fn manifest(&self) -> (&[u8], &str) {
+            (b"{}", MANIFEST_TYPE)
+        }
+        fn blobs(&self) -> Vec<Descriptor> {
+            vec![self.1.clone()]
+        }
+        fn write_blob(&self, _: &Descriptor, out: &mut dyn Write) -> std::io::Result<()> {
+            out.write_all(&self.0)
+        }
+    }
+
+    /// Tokens expire: the stand-in token service gives `tok1`, then `tok2`; the registry takes
+    /// `tok1` for the API check and the first blob check only, then answers 401 with a Bearer
+    /// challenge, as a registry does once a token's time is up. The push fetches a new token
+    /// and repeats the refused request once, and goes on with it.
+    #[test]
+    fn an_expired_bearer_token_is_renewed_once_and_the_request_repeated() {
+        let issued = std::sync::atomic::AtomicUsize::new(0);
+        let uses_of_tok1 = std::sync::atomic::AtomicUsize::new(0);
+        let port_cell = std::sync::Arc::new(std::sync::OnceLock::<u16>::new());
+        let port_for = port_cell.clone();
+        let (port, log) = stand_in(move |method, path, auth, _body| {
+            use std::sync::atomic::Ordering::SeqCst;
+            let port = *port_for.get().unwrap();
+            let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"fake\"\r\n");
+            let fresh = auth == "Bearer tok2" || (auth == "Bearer tok1" && uses_of_tok1.fetch_add(1, SeqCst) < 1);
+            match (method, path) {
+                ("GET", "/v2/") => (401, challenge, String::new()),
+                ("GET", p) if p.starts_with("/token?") => (200, String::new(), format!(r#"{{"token":"tok{}"}}"#, issued.fetch_add(1, SeqCst) + 1)),
+                _ if !fresh => (401, challenge, r#"{"errors":[{"code":"UNAUTHORIZED","message":"token expired"}]}"#.into()),
+                ("HEAD", _) => (404, String::new(), String::new()),
+                ("POST", _) => (202, "Location: /v2/team/web/blobs/uploads/s1\r\n".into(), String::new()),
+                ("PATCH", _) => (202, "Location: /v2/team/web/blobs/uploads/s1?state=2\r\n".into(), String::new()),
+                ("PUT", p) if p.contains("digest=") || p.ends_with("/manifests/v1") => (201, String::new(), String::new()),
+                _ => (400, String::new(), String::new()),
+            }
+        });
+        port_cell.set(port).unwrap();
+        let reference = Reference::parse(&format!("docker://127.0.0.1:{port}/team/web:v1")).unwrap();
+        let creds = Credentials::new("alice".into(), "pw".into(), "test".into());
+        let source = OneBlob::new(b"a layer");
+        let report = push(&source, &reference, &PushOptions { plain_http: false, credentials: Some(creds) }, &mut |_| {}).unwrap();
+        assert_eq!(report.uploaded.len(), 1);
+        let log = log.lock().unwrap().clone();
+        assert_eq!(
+            log,
+            [
+                "GET /v2/ 401".to_owned(),
+                "GET /token 200".into(),
+                "HEAD /v2/team/web/blobs/".to_owned() + &source.1.digest + " 404",
+                "POST /v2/team/web/blobs/uploads/ 401".into(),
+                "GET /token 200".into(),
+                "POST /v2/team/web/blobs/uploads/ 202".into(),
+                "PATCH /v2/team/web/blobs/uploads/s1 202".into(),
+                "PUT /v2/team/web/blobs/uploads/s1 201".into(),
+                "PUT /v2/team/web/manifests/v1 201".into(),
+            ]
+        );
+    }
+
+    /// A blob of a layout that is not what its descriptor says (shorter on disk) is reported as
+    /// the layout's fault, naming the file, not as the registry being unreachable.
+    #[test]
+    fn a_short_blob_in_a_layout_is_the_layouts_error_not_the_registrys() {
+        let d = tempfile::tempdir().unwrap();
+        let layer = b"the layer's bytes".to_vec();
+        let layer_digest = sha256_digest(&layer);
+        let config = br#"{"architecture":"amd64","os":"linux"}"#.to_vec();
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2, "mediaType": MANIFEST_TYPE,
+            "config": { "mediaType": super::super::CONFIG_TYPE, "digest": sha256_digest(&config), "size": config.len() },
+            "layers": [{ "mediaType": super::super::LAYER_TYPE, "digest": layer_digest, "size": layer.len() }],
+        }))
+        .unwrap();
+        let blobs = d.path().join("blobs/sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        for b in [&config, &manifest] {
+            std::fs::write(blobs.join(sha256_digest(b).trim_start_matches("sha256:")), b).unwrap();
+        }
+        // Truncated: the descriptor says 17 bytes, the file has 5.
+        let blob_file = blobs.join(layer_digest.trim_start_matches("sha256:"));
+        std::fs::write(&blob_file, &layer[..5]).unwrap();
+        std::fs::write(d.path().join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        let index = serde_json::json!({ "schemaVersion": 2, "manifests": [{ "mediaType": MANIFEST_TYPE, "digest": sha256_digest(&manifest), "size": manifest.len() }] });
+        std::fs::write(d.path().join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+
+        let (port, log) = stand_in(|method, _path, _auth, _body| match method {
+            "GET" => (200, String::new(), String::new()),
+            "HEAD" => (404, String::new(), String::new()),
+            "PUT" => (201, String::new(), String::new()),
+            _ => (202, "Location: /v2/web/blobs/uploads/s1\r\n".into(), String::new()),
+        });
+        let layout = OciLayoutDir::open(d.path()).unwrap();
+        let reference = Reference::parse(&format!("docker://127.0.0.1:{port}/web:v1")).unwrap();
+        let e = push(&layout, &reference, &PushOptions::default(), &mut |_| {}).unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, RegistryError::Source { .. }), "{text}");
+        assert!(!text.contains("unreachable") && text.contains(&blob_file.display().to_string()) && text.contains("has 5 bytes, its descriptor says 17"), "{text}");
+        assert!(!log.lock().unwrap().iter().any(|l| l.starts_with("PUT /v2/web/manifests")), "nothing was tagged");
     }
 
     #[test]

@@ -10,11 +10,14 @@
 use std::fs;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 /// The time every entry has.
 pub const MTIME: u64 = 1;
+
+/// The largest owner id a ustar header holds (7 octal digits); a larger one is a PAX record.
+const MAX_ID: u64 = 0o7777777;
 
 /// What an entry is.
 pub enum Kind<'a> {
@@ -54,8 +57,8 @@ impl<W: Write> TarWriter<W> {
         let mut h = [0u8; 512];
         h[..name.len().min(100)].copy_from_slice(&name[..name.len().min(100)]);
         octal(&mut h[100..108], u64::from(mode));
-        octal(&mut h[108..116], u64::from(uid));
-        octal(&mut h[116..124], u64::from(gid));
+        octal(&mut h[108..116], if u64::from(uid) <= MAX_ID { u64::from(uid) } else { 0 });
+        octal(&mut h[116..124], if u64::from(gid) <= MAX_ID { u64::from(gid) } else { 0 });
         octal(&mut h[124..136], if size < 0o77777777777 { size } else { 0 });
         octal(&mut h[136..148], MTIME);
         h[156] = flag;
@@ -88,6 +91,14 @@ impl<W: Write> TarWriter<W> {
         }
         if size >= 0o77777777777 {
             pax_record(&mut pax, "size", size.to_string().as_bytes());
+        }
+        // An owner past the header's 7 octal digits (ids of user namespaces, e.g. 100000000)
+        // is a PAX record, and 0 in the header.
+        if u64::from(uid) > MAX_ID {
+            pax_record(&mut pax, "uid", uid.to_string().as_bytes());
+        }
+        if u64::from(gid) > MAX_ID {
+            pax_record(&mut pax, "gid", gid.to_string().as_bytes());
         }
         if !pax.is_empty() {
             self.header(b"././@PaxHeader", (0o644, 0, 0), pax.len() as u64, b'x', b"")?;
@@ -132,8 +143,7 @@ impl<W: Write> TarWriter<W> {
             }
             Ok(())
         } else if meta.is_file() {
-            let mut f = open_nofollow(path)?;
-            let size = f.metadata()?.len();
+            let (mut f, size) = super::open_regular(path)?;
             self.entry(name, mode, 0, 0, Kind::File { size, reader: &mut f })
         } else {
             Err(io::Error::other(format!("{} is neither a file, a directory nor a link; a store path holds nothing else", path.display())))
@@ -145,11 +155,6 @@ impl<W: Write> TarWriter<W> {
         self.out.write_all(&[0u8; 1024])?;
         Ok(self.out)
     }
-}
-
-/// Opens a file for reading, refusing a link.
-pub fn open_nofollow(path: &Path) -> io::Result<fs::File> {
-    fs::OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(path)
 }
 
 fn pax_record(out: &mut Vec<u8>, key: &str, value: &[u8]) {
@@ -175,6 +180,27 @@ mod tests {
         let s = String::from_utf8(v).unwrap();
         let n: usize = s.split(' ').next().unwrap().parse().unwrap();
         assert_eq!(n, s.len());
+    }
+
+    #[test]
+    fn owners_past_seven_octal_digits_are_pax_records() {
+        let mut t = TarWriter::new(Vec::new());
+        t.entry(b"etc/big", 0o640, 0o10000000, 4_000_000_000, Kind::File { size: 1, reader: &mut &b"x"[..] }).unwrap();
+        t.entry(b"etc/small", 0o640, 1000, 100, Kind::Dir).unwrap();
+        let bytes = t.finish().unwrap();
+        let pax = String::from_utf8_lossy(&bytes[512..1024]);
+        assert!(pax.contains(" uid=2097152\n") && pax.contains(" gid=4000000000\n"), "{pax}");
+        let h = &bytes[1024..1536];
+        assert_eq!(&h[..7], b"etc/big");
+        assert_eq!((&h[108..116], &h[116..124]), (&b"0000000\0"[..], &b"0000000\0"[..]));
+        let small = &bytes[2048..2560];
+        assert_eq!((&small[108..116], &small[116..124]), (&b"0001750\0"[..], &b"0000144\0"[..]));
+        // GNU tar reads the owners back from the PAX records.
+        let d = tempfile::tempdir().unwrap();
+        fs::write(d.path().join("a.tar"), &bytes).unwrap();
+        let out = std::process::Command::new("tar").args(["--numeric-owner", "-tvf"]).arg(d.path().join("a.tar")).output().expect("tar runs");
+        let listing = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && listing.contains("2097152/4000000000"), "{listing}{}", String::from_utf8_lossy(&out.stderr));
     }
 
     #[test]
