@@ -20,8 +20,8 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// The state database [default: $XDG_STATE_HOME/flotilla/state.db]
-    #[arg(long, global = true, env = "FLOTILLA_STATE", value_name = "FILE")]
+    /// The state database: an SQLite file, or postgres://USER@HOST[:PORT]/DB (password in ~/.pgpass) [default: $XDG_STATE_HOME/flotilla/state.db]
+    #[arg(long, global = true, env = "FLOTILLA_STATE", value_name = "FILE|URL")]
     pub state: Option<PathBuf>,
     /// Add a Nix search path entry, as `nix-build -I` (e.g. nixpkgs=./nix/demo-pkgs.nix)
     #[arg(short = 'I', long = "include", global = true, value_name = "PATH")]
