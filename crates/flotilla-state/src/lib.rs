@@ -359,7 +359,17 @@ impl State {
         let open_err = |source| StateError::Open { path: path.to_owned(), source };
         conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(open_err)?;
         conn.pragma_update(None, "foreign_keys", true).map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(open_err)?;
+        // Switching a new file to WAL does not wait on the busy handler: another process
+        // opening the same new file at once makes it fail busy, so it is tried again.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match conn.pragma_update(None, "journal_mode", "WAL") {
+                Err(rusqlite::Error::SqliteFailure(f, _)) if f.code == rusqlite::ErrorCode::DatabaseBusy && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                other => break other.map_err(open_err)?,
+            }
+        }
         // With WAL, NORMAL syncs at checkpoints: a committed write survives a crash of
         // flotilla, and only a power loss can take the newest transactions.
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
@@ -394,18 +404,34 @@ impl State {
         if found > known {
             return Err(StateError::TooNew { path: self.path.clone(), found, known });
         }
+        if found == known {
+            return Ok(());
+        }
         let path = self.path.clone();
         let conn = self.conn.get_mut();
         let postgres = matches!(conn, Conn::Postgres(_));
+        // On PostgreSQL, processes migrating at once queue on an advisory lock taken before
+        // any transaction starts: taken inside one, the transaction's snapshot would predate
+        // the other's commit and see the old version.
+        if let Conn::Postgres(c) = conn {
+            c.batch_execute("SELECT pg_advisory_lock(7405182)")?;
+        }
+        let result = Self::migrate_steps(conn, &path, found, postgres);
+        if let Conn::Postgres(c) = conn {
+            c.batch_execute("SELECT pg_advisory_unlock(7405182)")?;
+        }
+        result
+    }
+
+    fn migrate_steps(conn: &mut Conn, path: &Path, found: i64, postgres: bool) -> Result<()> {
         for (i, (sqlite, pgsql)) in MIGRATIONS.iter().enumerate().skip(found as usize) {
             let version = i + 1;
-            let err = |source| StateError::Migrate { path: path.clone(), version, source: Box::new(source) };
+            let err = |source| StateError::Migrate { path: path.to_owned(), version, source: Box::new(source) };
             // Another process may be migrating the same database: the write transaction (and,
-            // on PostgreSQL, an advisory lock, as its DDL does not conflict as rows do) waits
+            // on PostgreSQL, the advisory lock, as its DDL does not conflict as rows do) waits
             // for it, and a step it has already applied is skipped.
             conn.write(|tx| {
                 let now_at = if postgres {
-                    tx.execute("SELECT pg_advisory_xact_lock(7405182)", &[])?;
                     tx.batch("CREATE TABLE IF NOT EXISTS flotilla_schema (version BIGINT NOT NULL)")?;
                     pg_version(tx)?
                 } else {

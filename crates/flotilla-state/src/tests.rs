@@ -343,3 +343,15 @@ fn a_lease_not_renewed_is_taken_over_and_the_ledger_says_expired(kind: Kind) {
     assert!(!state.renew_lock("web", &holder(1)).unwrap());
     assert_eq!(held(&state, "web").map(|l| l.pid), Some(2));
 }
+
+#[apply(backends)]
+fn deployers_opening_a_new_database_at_once_all_migrate_it(kind: Kind) {
+    let f = fresh(kind);
+    let opened: Vec<Result<i64>> = std::thread::scope(|s| {
+        let all: Vec<_> = (0..4).map(|_| s.spawn(|| State::open(&f.location).and_then(|st| st.schema_version()))).collect();
+        all.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    for o in opened {
+        assert_eq!(o.unwrap(), MIGRATIONS.len() as i64);
+    }
+}
