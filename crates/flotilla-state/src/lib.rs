@@ -16,6 +16,7 @@ use flotilla_model::format_time;
 use std::cell::RefCell;
 
 mod db;
+pub mod export;
 mod files;
 mod pg;
 #[doc(hidden)]
@@ -23,7 +24,7 @@ pub mod testing;
 use db::{params, Conn, Row, Tx};
 pub use files::storage_problem;
 pub use pg::is_url;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 /// The migrations, in order, `(SQLite, PostgreSQL)`; entry `i` brings the schema to version
@@ -133,6 +134,9 @@ pub enum StateError {
         /// What was read.
         want: &'static str,
     },
+    /// An import was refused; nothing was imported.
+    #[error("{0}")]
+    Import(String),
     /// A query that must return a row returned none.
     #[error("state database query returned no row")]
     NoRow,
@@ -250,7 +254,8 @@ pub struct MachineRecord {
 }
 
 /// A build of a machine's toplevel, and what became of it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct GenerationRecord {
     /// The agent's generation number once activated.
     pub number: Option<i64>,
@@ -267,7 +272,8 @@ pub struct GenerationRecord {
 }
 
 /// One ledger entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Event {
     /// The deployment's name.
     pub deployment: String,

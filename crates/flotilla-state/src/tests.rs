@@ -355,3 +355,33 @@ fn deployers_opening_a_new_database_at_once_all_migrate_it(kind: Kind) {
         assert_eq!(o.unwrap(), MIGRATIONS.len() as i64);
     }
 }
+
+#[apply(backends)]
+fn an_export_imports_whole_into_either_backend_and_an_existing_or_locked_one_is_refused(kind: Kind) {
+    // Made on SQLite, imported into `kind`.
+    let (_a, mut from) = open(Kind::Sqlite);
+    evaluate(&mut from, "10.1.0.2");
+    from.record_builds("webfleet", "alice", &[("web1", "/nix/store/a", "/nix/store/a.drv")]).unwrap();
+    from.record_activation("webfleet", "web1", "alice", "/nix/store/a", 1, "switched").unwrap();
+    let export = from.export("webfleet").unwrap();
+    let text = serde_json::to_string(&export).unwrap();
+    assert_eq!(export::parse(&text).unwrap(), export, "an export reads back as written");
+
+    let (_b, mut to) = open(kind);
+    to.import(&export, false, "bob").unwrap();
+    let mut back = to.export("webfleet").unwrap();
+    let import = back.events.pop().unwrap();
+    assert_eq!((import.kind.as_str(), import.actor.as_str()), ("import", "bob"));
+    assert_eq!(back, export);
+    assert_eq!(to.machines("webfleet").unwrap(), from.machines("webfleet").unwrap());
+
+    let err = to.import(&export, false, "bob").unwrap_err().to_string();
+    assert!(err.contains("exists in this state already") && err.contains("--replace"), "{err}");
+    to.import(&export, true, "bob").unwrap();
+    assert_eq!(to.events(Some("webfleet"), 100).unwrap().len(), export.events.len() + 1, "replaced, not added to");
+
+    to.acquire_lock("webfleet", &holder(9), 60, |_| false).unwrap();
+    assert!(matches!(to.import(&export, true, "bob"), Err(StateError::Locked { .. })), "a locked deployment is never replaced");
+    let newer = export::Export { version: export::VERSION + 1, ..export.clone() };
+    assert!(to.import(&newer, true, "bob").unwrap_err().to_string().contains("upgrade"));
+}

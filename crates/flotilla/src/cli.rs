@@ -255,6 +255,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write everything the state holds of a deployment (machines, facts, generations, the ledger) as JSON to standard output; it holds no secrets
+    Export {
+        /// The deployment
+        #[arg(short, long, value_name = "NAME")]
+        deployment: String,
+    },
+    /// Read a deployment written by `flotilla export` from standard input into this state
+    Import {
+        /// Replace the deployment (and its ledger) if this state has it already
+        #[arg(long)]
+        replace: bool,
+    },
     /// Show a deployment's machines, live: platform, address, state, generation, services, health
     Info {
         #[command(flatten)]

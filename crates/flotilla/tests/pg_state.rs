@@ -193,3 +193,62 @@ fn a_holder_killed_elsewhere_loses_its_lease_and_the_next_deploy_takes_over() {
         "no expired-lease takeover in the ledger:\n{log:#}"
     );
 }
+
+#[test]
+fn a_deployment_exported_from_sqlite_and_imported_into_postgres_shows_the_same_and_no_secret() {
+    let fleet = Fleet::new();
+    let text_secret = format!("TEXTKEY-{}", common::random_hex(16));
+    let file_secret = format!("FILEKEY-{}", common::random_hex(16));
+    let cmd_secret = format!("CMDKEY-{}", common::random_hex(16));
+    let key_file = fleet.fl.file("key.txt", &file_secret);
+    let extra = format!(
+        r#"keys.text = {{ text = "{text_secret}"; }}; keys.file = {{ file = "{key_file}"; }}; keys.cmd = {{ command = [ "/bin/sh" "-c" "echo {cmd_secret}" ]; }};"#
+    );
+    let file = fleet.fl.file("moved.nix", &common::web_deployment("moved", "moved page", &extra));
+    // Deployed with the default SQLite state (the fleet's own).
+    let (code, report, said) = fleet.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{report:#}\n{said}");
+
+    let export = fleet.run(&["export", "-d", "moved"]).ok().stdout();
+    let doc: serde_json::Value = serde_json::from_str(&export).unwrap();
+    assert_eq!((doc["format"].as_str(), doc["version"].as_u64()), (Some("flotilla-state-export"), Some(1)));
+    assert!(!doc["machines"].as_array().unwrap().is_empty() && !doc["events"].as_array().unwrap().is_empty(), "{doc:#}");
+    for secret in [&text_secret, &file_secret, &cmd_secret] {
+        assert!(!export.contains(secret.as_str()), "the export holds key material {secret}:\n{export}");
+    }
+
+    // Into PostgreSQL, from another working directory on this host (same data directory).
+    let url = flotilla_state::testing::pg_database();
+    let team = Deployer { fleet: &fleet, url: &url, cwd: workdir(&fleet, "team") };
+    let import = |args: &[&str]| {
+        let mut c = team.cmd();
+        c.arg("import").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        std::io::Write::write_all(child.stdin.as_mut().unwrap(), export.as_bytes()).unwrap();
+        drop(child.stdin.take());
+        Run(child.wait_with_output().unwrap())
+    };
+    import(&[]).ok();
+    // Twice is refused, naming the way out; --replace replaces.
+    let again = import(&[]);
+    assert_ne!(again.code(), 0);
+    assert!(again.stderr().contains("exists in this state already") && again.stderr().contains("--replace"), "{}", again.stderr());
+    import(&["--replace"]).ok();
+
+    // `log` shows the same ledger (and the import); `info` the same machines and generations.
+    let events = |r: Run| -> Vec<serde_json::Value> {
+        r.ok().json().as_array().unwrap().iter().map(|e| serde_json::json!([e["machine"], e["at"], e["actor"], e["kind"], e["status"], e["message"], e["details"]])).collect()
+    };
+    let before = events(fleet.run(&["log", "-d", "moved", "--json", "-n", "1000"]));
+    let mut after = events(team.run(&["log", "-d", "moved", "--json", "-n", "1000"]));
+    assert_eq!(after.pop().unwrap()[3], "import");
+    assert_eq!(before, after);
+    let machines = |r: Run| -> Vec<serde_json::Value> {
+        let j = r.ok().json();
+        j["machines"].as_array().unwrap().iter().map(|m| serde_json::json!([m["machine"], m["platform"], m["ip"], m["generation"]])).collect()
+    };
+    let before = machines(fleet.run(&["info", "-d", "moved", "--json"]));
+    let after = machines(team.run(&["info", "-d", "moved", "--json"]));
+    assert_eq!(before, after);
+    assert!(before.iter().any(|m| m[3] == 1), "{before:?}");
+}
