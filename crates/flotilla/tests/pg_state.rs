@@ -102,6 +102,22 @@ fn wait_for_lock(url: &str, deploy: &mut Child, within: Duration) -> flotilla_st
     }
 }
 
+/// `flotilla ARGS` as `deployer` runs it, on "another host": in a UTS namespace whose
+/// hostname is `alices-laptop`.
+fn elsewhere(deployer: &Deployer<'_>, args: &[&str]) -> Child {
+    let inner = deployer.cmd();
+    let mut c = Command::new("unshare");
+    c.args(["--uts", "sh", "-c", "hostname alices-laptop && exec \"$@\"", "sh"]).arg(inner.get_program()).args(inner.get_args()).args(args);
+    for (k, v) in inner.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    c.current_dir(&deployer.cwd).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
 }
@@ -159,17 +175,7 @@ fn a_holder_killed_elsewhere_loses_its_lease_and_the_next_deploy_takes_over() {
 
     // Alice deploys from "another host": a UTS namespace with a hostname of its own, so her
     // pid means nothing to Bob and only the lease can free the lock.
-    let inner = alice.cmd();
-    let mut c = Command::new("unshare");
-    c.args(["--uts", "sh", "-c", "hostname alices-laptop && exec \"$@\"", "sh"]).arg(inner.get_program()).args(inner.get_args()).args(["deploy", "-f", &file]);
-    for (k, v) in inner.get_envs() {
-        match v {
-            Some(v) => c.env(k, v),
-            None => c.env_remove(k),
-        };
-    }
-    c.current_dir(&alice.cwd).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
-    let mut first = KillOnDrop(c.spawn().unwrap());
+    let mut first = KillOnDrop(elsewhere(&alice, &["deploy", "-f", &file]));
     let holder = wait_for_lock(&url, &mut first.0, Duration::from_secs(300));
     assert_eq!(holder.host, "alices-laptop");
     first.0.kill().unwrap();
@@ -251,4 +257,51 @@ fn a_deployment_exported_from_sqlite_and_imported_into_postgres_shows_the_same_a
     let after = machines(team.run(&["info", "-d", "moved", "--json"]));
     assert_eq!(before, after);
     assert!(before.iter().any(|m| m[3] == 1), "{before:?}");
+}
+
+#[test]
+fn a_deploy_whose_lock_is_broken_changes_no_further_machine() {
+    let fleet = Fleet::new();
+    let url = flotilla_state::testing::pg_database();
+    let alice = Deployer { fleet: &fleet, url: &url, cwd: workdir(&fleet, "alice") };
+    let bob = Deployer { fleet: &fleet, url: &url, cwd: workdir(&fleet, "bob") };
+    let _cleanup = Cleanup(Deployer { fleet: &fleet, url: &url, cwd: workdir(&fleet, "cleanup") });
+    // web1 answers its health check 20 s after activation, web2 at once; one machine at a
+    // time (--parallel 1), web1 first.
+    let file = fleet.fl.file(
+        "two.nix",
+        r#"{ meta.name = "slow"; machines = let web = delay: { pkgs, ... }: {
+    packages = [ pkgs.busybox ];
+    binsh = "${pkgs.busybox}/bin/sh";
+    services.httpd = {
+      command = [ "${pkgs.busybox}/bin/sh" "-c" "sleep ${toString delay}; exec ${pkgs.busybox}/bin/httpd -f -p 80 -h ${pkgs.writeTextDir "index.html" "ok"}" ];
+      healthCheck = { http = "http://127.0.0.1/"; interval = 1; retries = 120; timeout = 2; };
+    };
+  }; in { web1 = web 20; web2 = web 0; }; }
+"#,
+    );
+    let mut first = KillOnDrop(elsewhere(&alice, &["deploy", "-f", &file, "--parallel", "1"]));
+    wait_for_lock(&url, &mut first.0, Duration::from_secs(300));
+    let state = flotilla_state::State::open(std::path::Path::new(&url)).unwrap();
+    while state.deployment("slow").unwrap().is_none() {
+        assert!(first.0.try_wait().unwrap().is_none(), "the deploy ended before recording the deployment");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+
+    // Bob breaks Alice's live lock by hand while web1 waits for its server.
+    let broke = bob.run(&["unlock", "-d", "slow", "--force"]);
+    assert_eq!(broke.code(), 0, "{}", broke.stderr());
+    let out = std::mem::replace(&mut first.0, Command::new("true").spawn().unwrap()).wait_with_output().unwrap();
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "a deploy that lost its lock ended well:\n{said}");
+    assert!(said.contains("was taken over or broken by another command"), "{said}");
+
+    // web2 was never activated: no generation recorded for it, none running.
+    let machines = state.machines("slow").unwrap();
+    let web2 = machines.iter().find(|m| m.name == "web2").expect("web2 recorded by the build");
+    assert!(web2.last_build.as_ref().is_none_or(|g| g.status != "active"), "{web2:?}");
+    assert!(state.active_generation("slow", "web2").unwrap().is_none());
+    let log = state.events(Some("slow"), 100).unwrap();
+    assert!(log.iter().any(|e| e.kind == "lock" && e.status == "forced" && e.message.contains("alices-laptop")), "{log:?}");
+    assert!(!log.iter().any(|e| e.kind == "activate" && e.machine.as_deref() == Some("web2")), "{log:?}");
 }
