@@ -125,7 +125,7 @@ impl State {
         let t = now();
         self.write(|tx| {
             if let Some(holder) = crate::lock_row(tx, name)? {
-                return Err(StateError::Locked { deployment: name.clone(), holder });
+                return Err(StateError::Locked { deployment: name.clone(), holder: Box::new(holder) });
             }
             if deployment_id(tx, name)?.is_some() {
                 if !replace {

@@ -94,7 +94,7 @@ pub enum StateError {
         /// The deployment.
         deployment: String,
         /// Who holds it.
-        holder: Lock,
+        holder: Box<Lock>,
     },
     /// Any other SQLite error.
     #[error("state database error: {0}")]
@@ -648,7 +648,7 @@ impl State {
                 Some(h) if h.host == me.host && h.pid == me.pid && h.pid_start == me.pid_start => Acquired::Free,
                 Some(h) if t - h.renewed_at > lease => Acquired::Expired(h),
                 Some(h) if is_dead(&h) => Acquired::TookOver(h),
-                Some(h) => return Err(StateError::Locked { deployment: deployment.to_owned(), holder: h }),
+                Some(h) => return Err(StateError::Locked { deployment: deployment.to_owned(), holder: Box::new(h) }),
             };
             tx.execute(
                 "INSERT INTO locks (deployment, holder, host, pid, pid_start, command, since, renewed_at)

@@ -16,6 +16,8 @@ const BIN: &str = "/usr/lib/postgresql/15/bin";
 /// The running cluster: its directory (the socket is in it).
 struct Cluster {
     dir: PathBuf,
+    /// The watcher outlives this process on purpose: it is never waited for.
+    _watcher: std::process::Child,
 }
 
 static CLUSTER: OnceLock<Cluster> = OnceLock::new();
@@ -66,7 +68,7 @@ fn start() -> Cluster {
         data = data.display(),
         dir = dir.display(),
     );
-    Command::new("setsid").args(["sh", "-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the cluster's watcher");
+    let watcher = Command::new("setsid").args(["sh", "-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start the cluster's watcher");
     let mut ctl = as_owner("pg_ctl");
     ctl.arg("-D").arg(&data).arg("-l").arg(dir.join("log")).arg("-o").arg(format!(
         "-k {} -c listen_addresses= -F -c max_connections=200 -c shared_buffers=16MB",
@@ -74,7 +76,7 @@ fn start() -> Cluster {
     ));
     ctl.args(["-w", "start"]);
     run(ctl, "pg_ctl start");
-    Cluster { dir }
+    Cluster { dir, _watcher: watcher }
 }
 
 /// The URL of a new, empty database in this process's cluster (started on first use).
