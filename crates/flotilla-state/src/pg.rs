@@ -108,6 +108,10 @@ fn pgpass_password(config: &postgres::Config) -> Result<Option<String>> {
             None => return Ok(None),
         },
     };
+    pgpass_file_password(config, path)
+}
+
+fn pgpass_file_password(config: &postgres::Config, path: PathBuf) -> Result<Option<String>> {
     let mut file = match std::fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC).open(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -184,6 +188,21 @@ mod tests {
         assert_eq!(pgpass_lookup(text, "db.example", "5433", "other", "alice").as_deref(), Some("fallback"));
         assert_eq!(pgpass_lookup("localhost:5432:d:u:sock\n", "/run/postgresql", "5432", "d", "u").as_deref(), Some("sock"));
         assert_eq!(pgpass_lookup("h:5432:d:u:x\n", "h", "5432", "d", "v"), None);
+    }
+
+    #[test]
+    fn a_password_file_others_may_read_is_ignored_as_libpq_ignores_it() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pgpass");
+        std::fs::write(&path, "db.example:5432:fleet:alice:s3cret\n").unwrap();
+        let config = postgres::Config::from_str("postgres://alice@db.example/fleet").unwrap();
+        let mut config = config;
+        config.port(5432);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(pgpass_file_password(&config, path.clone()).unwrap().as_deref(), Some("s3cret"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert_eq!(pgpass_file_password(&config, path).unwrap(), None);
     }
 
     #[test]
