@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): the state backends. The same fleet of N web servers (bench/fleet.sh's
 # kind) is deployed with an SQLite state file and then with a PostgreSQL database (a throwaway
-# cluster this script starts under $work on a unix socket, as the tests do, and stops), and a
+# cluster this script starts under /tmp on a unix socket, as the tests do, and removes), and a
 # no-op redeploy is timed on each (best of $RUNS): what the state costs a deploy that changes
 # nothing. Goal: PostgreSQL within 1.5x of SQLite.
 #
@@ -20,6 +20,7 @@ cleanup() {
     fl destroy --yes >/dev/null 2>&1 || true
     if [ -n "$pgdir" ]; then
         runuser -u postgres -- "$PGBIN/pg_ctl" -D "$pgdir/data" -m immediate stop >/dev/null 2>&1 || true
+        rm -rf "$pgdir"
     fi
     bench_cleanup
 }
@@ -48,9 +49,10 @@ file=$work/fleet.nix
     echo "}"
 } >"$file"
 
-# The PostgreSQL cluster: run as the package's user, listening only on a socket under $work.
-pgdir=$work/pg
-mkdir -p "$pgdir" && chown postgres: "$pgdir"
+# The PostgreSQL cluster: run as the package's user, listening only on a socket in its own
+# directory (under /tmp: the postgres user cannot reach into $work).
+pgdir=$(mktemp -d /tmp/flotilla-bench-pg.XXXXXX)
+chown postgres: "$pgdir"
 runuser -u postgres -- "$PGBIN/initdb" -D "$pgdir/data" -U flotilla --auth=trust -E UTF8 --no-sync >/dev/null
 runuser -u postgres -- "$PGBIN/pg_ctl" -D "$pgdir/data" -l "$pgdir/log" -o "-k $pgdir -c listen_addresses=" -w start >/dev/null
 runuser -u postgres -- "$PGBIN/psql" -h "$pgdir" -U flotilla -d postgres -qc "CREATE DATABASE bench" >/dev/null
@@ -66,7 +68,7 @@ for backend in sqlite postgres; do
     t0=$(now); fl deploy -f "$file" --parallel 8 >"$work/deploy-$backend.log" 2>&1 || { cat "$work/deploy-$backend.log"; exit 1; }; t1=$(now)
     grep -q "$N of $N machines ok" "$work/deploy-$backend.log" || { cat "$work/deploy-$backend.log"; exit 1; }
     noop[$backend]=$(best_of "$RUNS" fl deploy -f "$file")
-    fl deploy -f "$file" | grep -c unchanged | grep -qx "$N" || { echo "the no-op redeploy changed something" >&2; exit 1; }
+    fl deploy -f "$file" 2>/dev/null | grep -c unchanged | grep -qx "$N" || { echo "the no-op redeploy changed something" >&2; exit 1; }
     printf '%-11s %9ss %9ss\n' "$backend" "$(secs "$t0" "$t1")" "${noop[$backend]}"
     fl destroy --yes >/dev/null
 done
