@@ -45,6 +45,10 @@ command -v runc >/dev/null 2>&1 || need+=(runc)
 command -v podman >/dev/null 2>&1 || need+=(podman)
 command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
 command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+# PostgreSQL, for the state's second backend: the tests start a throwaway cluster of their own
+# (initdb and pg_ctl under a temporary directory, a unix socket inside it, run as the package's
+# `postgres` user) and remove it; installing starts no server (the policy-rc.d below).
+[ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
 # pip, for moto's S3 server (below).
 python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
 

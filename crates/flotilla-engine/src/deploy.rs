@@ -282,7 +282,7 @@ impl Engine {
         opts: DeployOptions,
         listen: Listener<'_>,
     ) -> Result<DeployReport> {
-        let _lock = self.lock(ev.name.as_str(), "deploy", listen)?;
+        let lock = self.lock(ev.name.as_str(), "deploy", listen)?;
         let start = Instant::now();
         // The one check of the agent binary for this deploy (the build below trusts it).
         crate::check_agent(agent)?;
@@ -392,6 +392,7 @@ impl Engine {
         // Provision the machines that built.
         let mut machines: BTreeMap<MachineName, Box<dyn Machine>> = BTreeMap::new();
         if opts.goal.provisions() && !selected.is_empty() {
+            lock.check()?;
             listen(&EngineEvent::PhaseStarted { phase: Phase::Provision, machines: selected.clone() });
             let handles: Vec<(MachineName, Box<dyn Machine>)> = selected.iter().filter_map(|n| Some((n.clone(), made.remove(n)?))).collect();
             for (name, m) in &handles {
@@ -453,7 +454,7 @@ impl Engine {
             }
         };
         let nix = &self.nix;
-        let slots = PhaseSlots { copy: Slots::new(limits.copy), activate: Slots::new(limits.activate) };
+        let slots = PhaseSlots { copy: Slots::new(limits.copy), activate: Slots::new(limits.activate), lease: lock.lease() };
         let mut results = fan_out(&work, limits.copy.max(limits.activate), listen, |t, send| {
             let infos = match &t.build_on_host {
                 None => flotilla_nix::closure_within(&closure, std::slice::from_ref(&t.toplevel)),
@@ -574,6 +575,8 @@ struct Target<'a> {
 struct PhaseSlots {
     copy: Slots,
     activate: Slots,
+    /// The deployment's lease: lost, no machine is changed any more.
+    lease: crate::lock::Lease,
 }
 
 /// Pre-flight, copy, keys, activate, check and confirm one machine.
@@ -600,6 +603,9 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     // Pre-flight: reachable, a protocol this deployer speaks, not busy, room for the closure.
     // It and the copy take a place in the copy phase.
     let copying = slots.copy.take();
+    if let Some(why) = slots.lease.lost() {
+        return fail(row, Phase::Preflight, why);
+    }
     send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Preflight });
     let mut client = match m.connect() {
         Ok(c) => c,
@@ -681,6 +687,9 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
 
     // Keys, activation, checks and confirmation take a place in the activation phase.
     let _activating = slots.activate.take();
+    if let Some(why) = slots.lease.lost() {
+        return fail(row, Phase::Activate, why);
+    }
     let mut key_notes = Vec::new();
     if goal.sends_keys() && keys.iter().any(|k| k.upload_at == UploadAt::PreActivation) {
         send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Keys });

@@ -29,6 +29,10 @@ pub enum EngineError {
     /// all of it).
     #[error("{0}")]
     Host(String),
+    /// The deployment's lock was lost mid-command (its lease expired and was taken over, or
+    /// was broken); the command stopped before changing anything more.
+    #[error("{0}")]
+    LeaseLost(String),
     /// A filesystem operation failed.
     #[error("{what} {path}: {source}")]
     Io {

@@ -189,8 +189,9 @@ impl Engine {
 
     /// Starts, stops, reboots or destroys the picked machines, in parallel, under the lock.
     pub fn operate(&mut self, deployment: &str, sel: &Selection, op: Operation, agent: &Path, listen: Listener<'_>) -> Result<Vec<OperationResult>> {
-        let _lock = self.lock(deployment, op.as_str(), listen)?;
+        let lock = self.lock(deployment, op.as_str(), listen)?;
         let fleet = self.fleet(deployment, sel, agent)?;
+        lock.check()?;
         let results = fan_out(&fleet, self.limits.provision, listen, |FleetMachine { name, machine: m, .. }, send| {
             send(EngineEvent::MachinePhase { machine: name.clone(), phase: op.phase() });
             let r = match op {
@@ -295,8 +296,9 @@ impl Engine {
     /// Rolls the picked machines back, in parallel, under the lock: to generation `to`, or
     /// each to the generation before its current one. Records what each runs now.
     pub fn rollback(&mut self, deployment: &str, sel: &Selection, to: Option<u64>, agent: &Path, listen: Listener<'_>) -> Result<Vec<RollbackResult>> {
-        let _lock = self.lock(deployment, "rollback", listen)?;
+        let lock = self.lock(deployment, "rollback", listen)?;
         let fleet = self.fleet(deployment, sel, agent)?;
+        lock.check()?;
         listen(&EngineEvent::PhaseStarted { phase: Phase::Rollback, machines: fleet.iter().map(|f| f.name.clone()).collect() });
         let results = fan_out(&fleet, self.limits.activate, listen, |FleetMachine { name, machine: m, .. }, send| {
             send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Rollback });

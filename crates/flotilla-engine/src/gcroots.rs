@@ -1,6 +1,7 @@
 //! GC roots for built toplevels, so `nix-store --gc` keeps what flotilla built.
 //!
-//! Roots live beside the state DB (`<state dir>/gcroots/<deployment>/<machine>`) and are
+//! Roots live in the state's data directory on this host (`flotilla_state::data_dir`:
+//! `<data dir>/gcroots/<deployment>/<machine>`) and are
 //! registered with Nix as indirect roots (`/nix/var/nix/gcroots/auto/`), as `nix-store
 //! --add-root --indirect` does. Removing a deployment's directory releases its roots; Nix
 //! drops the dangling registrations itself.
@@ -25,7 +26,7 @@ pub struct Roots {
 impl Roots {
     /// The roots of `deployment` for the state DB at `state_db`.
     pub fn new(state_db: &Path, deployment: &str) -> Roots {
-        Roots { dir: state_db.parent().unwrap_or(Path::new(".")).join("gcroots").join(deployment) }
+        Roots { dir: flotilla_state::data_dir(state_db).join("gcroots").join(deployment) }
     }
 
     /// Points `machine`'s root at `out` (which may not exist yet) and registers it.

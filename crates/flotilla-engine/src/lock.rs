@@ -1,10 +1,23 @@
 //! The deployment lock: one command that changes a deployment at a time, across processes
-//! and hosts. A holder that died on this host is taken over; one on another host is broken
-//! only by hand (`unlock --force`), which the ledger records.
+//! and hosts. It is a lease: a thread of the holder renews it every quarter of the lease's
+//! length (`FLOTILLA_LEASE_SECONDS`, default 60), and a lease not renewed for that long is
+//! taken over by the next command, which the ledger records. So a holder that died anywhere,
+//! or lost the database, stops blocking the deployment after one lease; a holder that lost its
+//! lease stops before its next step that changes a machine ([`LockGuard::check`]). A holder
+//! that died on this host is taken over at once (its pid is gone); `unlock --force` breaks a
+//! live lease by hand. Read-only commands take no lock: they read the last committed state.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use flotilla_state::State;
+
+/// The lease's length in seconds: `FLOTILLA_LEASE_SECONDS`, else 60.
+pub fn lease_seconds() -> i64 {
+    std::env::var("FLOTILLA_LEASE_SECONDS").ok().and_then(|v| v.parse().ok()).filter(|s: &i64| *s > 0).unwrap_or(60)
+}
 
 use crate::{procfs, Engine, EngineEvent, Listener, Result};
 
@@ -20,32 +33,45 @@ impl Engine {
             pid_start: procfs::start_time(pid).unwrap_or(0) as i64,
             command: command.to_owned(),
             since: flotilla_state::now(),
+            renewed_at: 0,
         };
+        let lease = lease_seconds();
         let here = me.host.clone();
         // A holder on this host that no longer runs (or whose pid now names another process)
         // is dead; one on another host cannot be checked from here.
         let dead = |l: &flotilla_state::Lock| {
             l.host == here && procfs::start_time(l.pid as i32).is_none_or(|t| l.pid_start != 0 && t as i64 != l.pid_start)
         };
-        if let flotilla_state::Acquired::TookOver(old) = self.state.acquire_lock(deployment, &me, dead)? {
-            listen(&EngineEvent::Note {
+        match self.state.acquire_lock(deployment, &me, lease, dead)? {
+            flotilla_state::Acquired::Free => {}
+            flotilla_state::Acquired::TookOver(old) => listen(&EngineEvent::Note {
                 message: format!(
                     "took over the lock of deployment `{deployment}` left by pid {} ({}, `{}`), which is no longer running",
                     old.pid, old.holder, old.command
                 ),
-            });
+            }),
+            flotilla_state::Acquired::Expired(old) => listen(&EngineEvent::Note {
+                message: format!(
+                    "took over the lock of deployment `{deployment}` held by pid {} on {} ({}, `{}`), whose lease was not renewed for {lease}s",
+                    old.pid, old.host, old.holder, old.command
+                ),
+            }),
         }
-        Ok(LockGuard { state: self.state.path().to_owned(), deployment: deployment.to_owned(), me })
+        Ok(LockGuard::hold(self.state.path().to_owned(), deployment.to_owned(), me, lease))
     }
 
-    /// Breaks the deployment's lock when its holder is dead: a process on this host that no
-    /// longer runs, or, with `force`, one on another host (which cannot be checked from
+    /// Breaks the deployment's lock when its holder is dead: its lease expired, a process on
+    /// this host that no longer runs, or, with `force`, one on another host (which cannot be checked from
     /// here; the ledger says it was forced). A holder alive on this host is never broken:
     /// [`flotilla_state::Broken::Refused`] says who it is.
     pub fn unlock(&mut self, deployment: &str, force: bool) -> Result<flotilla_state::Broken> {
         let here = procfs::hostname();
+        let lease = lease_seconds();
         Ok(self.state.break_lock(deployment, &self.actor, |h| {
-            if h.host == here {
+            let idle = flotilla_state::now() - h.renewed_at;
+            if idle > lease {
+                Ok(("expired", format!("its lease was not renewed for {idle}s, longer than the lease of {lease}s")))
+            } else if h.host == here {
                 // A pid whose start time differs is another process now: the holder is gone.
                 match procfs::start_time(h.pid as i32) {
                     Some(t) if h.pid_start == 0 || t as i64 == h.pid_start => Err(format!(
@@ -74,18 +100,119 @@ impl Engine {
     }
 }
 
-/// A held deployment lock; dropping it releases it.
+/// A held deployment lock; dropping it releases it. A thread renews its lease meanwhile.
 #[derive(Debug)]
 pub struct LockGuard {
     state: PathBuf,
     deployment: String,
     me: flotilla_state::Lock,
+    lease: Lease,
+    stop: Arc<(Mutex<bool>, Condvar)>,
+    renewer: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Whether a lock's lease is still held; cheap to clone into the jobs of a command.
+#[derive(Debug, Clone, Default)]
+pub struct Lease {
+    lost: Arc<Mutex<Option<String>>>,
+    flag: Arc<AtomicBool>,
+}
+
+impl Lease {
+    /// A lease that is never lost (for work done under no lock).
+    pub fn none() -> Lease {
+        Lease::default()
+    }
+
+    /// Why the lease was lost, once it was: a step that changes a machine must not start.
+    pub fn lost(&self) -> Option<String> {
+        if !self.flag.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn lose(&self, why: String) {
+        *self.lost.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+        self.flag.store(true, Ordering::SeqCst);
+    }
+}
+
+impl LockGuard {
+    fn hold(state: PathBuf, deployment: String, me: flotilla_state::Lock, lease_secs: i64) -> LockGuard {
+        let lease = Lease::default();
+        let stop = Arc::new((Mutex::new(false), Condvar::new()));
+        let renewer = {
+            let (state, deployment, me, lease, stop) = (state.clone(), deployment.clone(), me.clone(), lease.clone(), stop.clone());
+            std::thread::Builder::new().name("lease".into()).spawn(move || renew(&state, &deployment, &me, lease_secs, &lease, &stop)).ok()
+        };
+        LockGuard { state, deployment, me, lease, stop, renewer }
+    }
+
+    /// The lease, for jobs to check before each step that changes a machine.
+    pub fn lease(&self) -> Lease {
+        self.lease.clone()
+    }
+
+    /// `Err` once the lease was lost: the command must change nothing more.
+    pub fn check(&self) -> crate::Result<()> {
+        match self.lease.lost() {
+            Some(why) => Err(crate::EngineError::LeaseLost(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The renewing thread: renews every quarter lease until told to stop; the lease is lost when
+/// another process took it over, or when no renewal succeeded for a whole lease (the
+/// database unreachable: others may take it over by now).
+fn renew(path: &std::path::Path, deployment: &str, me: &flotilla_state::Lock, lease_secs: i64, lease: &Lease, stop: &(Mutex<bool>, Condvar)) {
+    let every = Duration::from_millis((lease_secs as u64 * 1000 / 4).max(250));
+    let mut state: Option<State> = None;
+    let mut last_ok = Instant::now();
+    loop {
+        {
+            let (stopped, wake) = stop;
+            let guard = stopped.lock().unwrap_or_else(|p| p.into_inner());
+            let (guard, _) = wake.wait_timeout_while(guard, every, |s| !*s).unwrap_or_else(|p| p.into_inner());
+            if *guard {
+                return;
+            }
+        }
+        if state.is_none() {
+            state = State::open(path).ok();
+        }
+        let renewed = state.as_mut().map(|s| s.renew_lock(deployment, me));
+        match renewed {
+            Some(Ok(true)) => last_ok = Instant::now(),
+            Some(Ok(false)) => {
+                lease.lose(format!("the lock of deployment `{deployment}` was taken over or broken by another command (see `flotilla log -d {deployment}`); stopped before changing anything more"));
+                return;
+            }
+            Some(Err(_)) | None => {
+                // A broken connection is made anew on the next round.
+                state = None;
+                if last_ok.elapsed() > Duration::from_secs(lease_secs as u64) {
+                    lease.lose(format!("the lease on deployment `{deployment}` could not be renewed for {lease_secs}s (the state database is unreachable), so another command may hold it now; stopped before changing anything more"));
+                    return;
+                }
+            }
+        }
+    }
 }
 
 impl Drop for LockGuard {
     fn drop(&mut self) {
+        {
+            let (stopped, wake) = &*self.stop;
+            *stopped.lock().unwrap_or_else(|p| p.into_inner()) = true;
+            wake.notify_all();
+        }
+        if let Some(t) = self.renewer.take() {
+            let _ = t.join();
+        }
         // A second connection: the engine's may be mid-transaction or gone. If this fails the
-        // lock stays, and the next run takes it over as stale (this process will be gone).
+        // lock stays, and the next run takes it over once its lease has expired.
         if let Ok(mut state) = State::open(&self.state) {
             let _ = state.release_lock(&self.deployment, &self.me);
         }

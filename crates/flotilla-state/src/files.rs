@@ -31,6 +31,9 @@ pub(crate) fn make_db_file(path: &Path) -> io::Result<()> {
 /// do, when `error` (an SQLite or I/O error, or one that has one as its source) is one that
 /// comes from the filesystem; `None` otherwise, or when the directory takes writes fine.
 pub fn storage_problem(path: &Path, error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    if path.to_str().is_some_and(crate::is_url) {
+        return None;
+    }
     let mut cause = Some(error);
     let mut from_storage = false;
     while let Some(e) = cause {

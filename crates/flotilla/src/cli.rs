@@ -20,8 +20,8 @@ pub struct Cli {
 /// Options every command takes.
 #[derive(Debug, Args)]
 pub struct Global {
-    /// The state database [default: $XDG_STATE_HOME/flotilla/state.db]
-    #[arg(long, global = true, env = "FLOTILLA_STATE", value_name = "FILE")]
+    /// The state database: an SQLite file, or postgres://USER@HOST[:PORT]/DB (password in ~/.pgpass) [default: $XDG_STATE_HOME/flotilla/state.db]
+    #[arg(long, global = true, env = "FLOTILLA_STATE", value_name = "FILE|URL")]
     pub state: Option<PathBuf>,
     /// Add a Nix search path entry, as `nix-build -I` (e.g. nixpkgs=./nix/demo-pkgs.nix)
     #[arg(short = 'I', long = "include", global = true, value_name = "PATH")]
@@ -280,6 +280,18 @@ pub enum Command {
         /// Print JSON
         #[arg(long)]
         json: bool,
+    },
+    /// Write everything the state holds of a deployment (machines, facts, generations, the ledger) as JSON to standard output; it holds no secrets
+    Export {
+        /// The deployment
+        #[arg(short, long, value_name = "NAME")]
+        deployment: String,
+    },
+    /// Read a deployment written by `flotilla export` from standard input into this state
+    Import {
+        /// Replace the deployment (and its ledger) if this state has it already
+        #[arg(long)]
+        replace: bool,
     },
     /// Show a deployment's machines, live: platform, address, state, generation, services, health
     Info {

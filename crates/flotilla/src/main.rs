@@ -90,6 +90,29 @@ fn run(cli: Cli) -> Result<Outcome> {
             output::events(&state.events(deployment.as_deref(), *limit)?, *json);
             Ok(Outcome::Ok)
         }
+        Command::Export { deployment } => {
+            let state = open_state(g)?;
+            let export = state.export(deployment)?;
+            let mut out = std::io::stdout().lock();
+            serde_json::to_writer_pretty(&mut out, &export)?;
+            std::io::Write::write_all(&mut out, b"\n")?;
+            Ok(Outcome::Ok)
+        }
+        Command::Import { replace } => {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("cannot read the export from standard input")?;
+            let export = flotilla_state::export::parse(&text)?;
+            let mut state = open_state(g)?;
+            state.import(&export, *replace, &actor())?;
+            eprintln!(
+                "imported deployment {} ({} machines, {} events) into {}",
+                export.deployment.name,
+                export.machines.len(),
+                export.events.len(),
+                state.path().display()
+            );
+            Ok(Outcome::Ok)
+        }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
         Command::Plan { target, on, no_build, builders, json } => plan::plan(g, target, on, builders.as_deref(), *no_build, *json),
         Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, json } => {

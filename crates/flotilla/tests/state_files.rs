@@ -24,8 +24,9 @@ fn hold(fl: &Fl, host: &str, pid: u32) {
         pid_start: common::start_time(pid).map_or(0, |t| t as i64),
         command: "deploy".into(),
         since: flotilla_state::now(),
+        renewed_at: 0,
     };
-    state.acquire_lock("web", &me, |_| false).unwrap();
+    state.acquire_lock("web", &me, 60, |_| false).unwrap();
 }
 
 fn lock_of(fl: &Fl) -> Option<Lock> {

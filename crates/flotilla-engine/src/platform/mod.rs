@@ -10,7 +10,7 @@ mod sys;
 
 use std::io::{Read, Write};
 use std::os::fd::AsFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use flotilla_model::{MachineName, Platform};
@@ -374,7 +374,8 @@ impl Transport {
 /// What a platform needs to know of the deployer.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The state DB's file; machines' local data lives beside it.
+    /// The state DB's file or URL; machines' local data lives in its data directory
+    /// ([`flotilla_state::data_dir`]).
     pub state_path: PathBuf,
     /// The deployment.
     pub deployment: String,
@@ -385,7 +386,7 @@ pub struct Context {
 impl Context {
     /// Where a deployment's local machine data lives.
     pub fn machines_dir(&self) -> PathBuf {
-        self.state_path.parent().unwrap_or(Path::new(".")).join("machines").join(&self.deployment)
+        flotilla_state::data_dir(&self.state_path).join("machines").join(&self.deployment)
     }
 }
 
