@@ -31,7 +31,8 @@ use store::StoreSource;
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
-/// How long an idle keep-alive connection is kept.
+/// How long an idle keep-alive connection is kept (a request head, once begun, has
+/// [`http::HEAD_DEADLINE`]).
 const IDLE: Duration = Duration::from_secs(30);
 /// How long a client may take to accept bytes before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -258,12 +259,11 @@ const NOT_FOUND_HEAD_LEN: usize = NOT_FOUND.len() - 10;
 impl Shared {
     fn connection(&self, mut conn: TcpStream) {
         let _ = conn.set_nodelay(true);
-        let _ = conn.set_read_timeout(Some(IDLE));
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let peer = conn.peer_addr().ok();
         let mut buf = Vec::with_capacity(1024);
         loop {
-            let req = match http::read_request(&mut conn, &mut buf) {
+            let req = match http::read_request(&mut conn, &mut buf, IDLE) {
                 Ok(Next::Request(r)) => r,
                 Ok(Next::Closed) | Err(_) => return,
                 Ok(Next::Refused(refusal)) => {
