@@ -48,6 +48,11 @@ impl Staged {
         Staged { file, path: Some(path) }
     }
 
+    /// A staging file with no name in any directory: nothing to remove, ever.
+    pub fn unnamed(file: File) -> Staged {
+        Staged { file, path: None }
+    }
+
     /// Its path; after this the file is the caller's to remove or rename.
     pub fn take_path(&mut self) -> PathBuf {
         self.path.take().expect("a staged file is committed once")
