@@ -37,7 +37,7 @@ pub enum HttpError {
         /// The URL.
         url: String,
         /// What is wrong.
-        why: &'static str,
+        why: flotilla_store::cache::UrlProblem,
     },
     /// The server could not be reached at all (refused, unreachable, no answer to connect):
     /// the one failure that says the cache is down, rather than that one request failed.
@@ -92,29 +92,13 @@ pub struct Url {
 }
 
 impl Url {
-    /// Parses `http://host[:port][/path]`; anything else (https, user info, a fragment) is refused.
+    /// Parses `http://host[:port][/path]` with the parser the deployer checks
+    /// `deploy.substituters` with ([`flotilla_store::cache::CacheUrl`]), so the two agree;
+    /// anything else (https, user info, a fragment, a control character, port 0) is refused.
     pub fn parse(url: &str) -> Result<Url, HttpError> {
-        let bad = |why| HttpError::BadUrl { url: url.to_owned(), why };
-        let rest = url.strip_prefix("http://").ok_or_else(|| bad("only plain http:// is fetched"))?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        if authority.is_empty() || authority.contains('@') {
-            return Err(bad("no host, or user information in it"));
-        }
-        if path.contains('#') || path.bytes().any(|b| b.is_ascii_control() || b == b' ') {
-            return Err(bad("a fragment, space or control character in the path"));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => match p.parse::<u16>() {
-                Ok(p) if !h.is_empty() => (h, p),
-                _ => return Err(bad("the port is not a number from 1 to 65535")),
-            },
-            _ => (authority, 80),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        Ok(Url { authority: authority.to_owned(), host: host.to_owned(), port, path: path.to_owned(), ip: host.parse().ok() })
+        let u = flotilla_store::cache::CacheUrl::parse(url).map_err(|why| HttpError::BadUrl { url: url.to_owned(), why })?;
+        let ip = u.host.parse().ok();
+        Ok(Url { authority: u.authority, host: u.host, port: u.port, path: u.path, ip })
     }
 
     /// Resolves the host through the machine's `/etc/hosts` (and `localhost`), never NSS.

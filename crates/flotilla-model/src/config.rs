@@ -229,25 +229,16 @@ impl DeploySettings {
 
 /// Why the agent cannot fetch from `url`, if it cannot: it speaks plain `http://` only.
 fn substituter_problem(url: &str) -> Option<String> {
-    if let Some(rest) = url.strip_prefix("https://") {
-        return Some(format!(
-            "has \"{url}\", but the agent fetches plain http:// only (it carries no TLS, to stay small); a path is trusted for its signature by `deploy.trustedPublicKeys`, not for its transport: serve the cache over http:// on a network the machine reaches, e.g. \"http://{}\"",
-            rest
-        ));
+    use flotilla_store::cache::{CacheUrl, UrlProblem};
+    let shown = crate::escape_controls(url);
+    match CacheUrl::parse(url).err()? {
+        UrlProblem::Https => Some(format!(
+            "has \"{shown}\", but the agent fetches plain http:// only (it carries no TLS, to stay small); a path is trusted for its signature by `deploy.trustedPublicKeys`, not for its transport: serve the cache over http:// on a network the machine reaches, e.g. \"http://{}\"",
+            crate::escape_controls(url.trim_start_matches("https://"))
+        )),
+        UrlProblem::NotHttp => Some(format!("has \"{shown}\", which is not an http:// URL; write the cache's URL, e.g. \"http://10.231.0.1:5000\"")),
+        why => Some(format!("has \"{shown}\", which is not a cache URL the agent can fetch ({why}): write http://HOST[:PORT][/PATH] with no user, fragment or space")),
     }
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Some(format!("has \"{url}\", which is not an http:// URL; write the cache's URL, e.g. \"http://10.231.0.1:5000\""));
-    };
-    let authority = rest.split('/').next().unwrap_or("");
-    let port_ok = match authority.rsplit_once(':') {
-        Some((h, p)) if !h.is_empty() && !h.ends_with(']') || h.starts_with('[') => p.parse::<u16>().is_ok_and(|p| p > 0),
-        Some(_) => false,
-        None => true,
-    };
-    if authority.is_empty() || authority.contains('@') || !port_ok || url.contains('#') || url.contains(char::is_whitespace) {
-        return Some(format!("has \"{url}\", which is not a cache URL the agent can fetch: write http://HOST[:PORT][/PATH] with no user, fragment or space"));
-    }
-    None
 }
 
 /// The options that make up the system (everything but platform, tags and key material).
@@ -800,6 +791,25 @@ pub fn start_order(services: &BTreeMap<String, ServiceSpec>) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn substituters_are_checked_by_the_agents_own_url_parser() {
+        for ok in ["http://10.231.0.1:5000", "http://cache/x/", "http://[::1]:81/"] {
+            assert_eq!(substituter_problem(ok), None, "{ok}");
+        }
+        // The agent refuses these when it fetches; the deployer refuses them first.
+        for (bad, says) in [
+            ("http://cache:0/", "port"),
+            ("http://cache/a\u{1b}[2J", "control character"),
+            ("http://ca\tche/", "control character"),
+            ("http://u@cache/", "user information"),
+            ("https://cache/", "no TLS"),
+            ("cache:5000", "not an http:// URL"),
+        ] {
+            let problem = substituter_problem(bad).unwrap_or_else(|| panic!("{bad:?} was accepted"));
+            assert!(problem.contains(says) && !problem.contains('\u{1b}'), "{bad:?}: {problem}");
+        }
+    }
 
     fn svc(after: &[&str]) -> ServiceSpec {
         ServiceSpec {

@@ -15,12 +15,18 @@ use std::time::{Duration, Instant};
 
 use common::{random_hex, Fl};
 
-/// Two paths made by Nix, `b` referring to `a`, unique to this run.
+/// Two paths built by Nix, `b` referring to `a`, unique to this run. Input-addressed: a
+/// content-addressed path's narinfo carries its `CA`, and Nix takes such a path unsigned, so
+/// only these show whether a signature is checked.
 fn closure(tag: &str) -> (String, String) {
     let salt = random_hex(8);
-    let expr = format!(r#"let a = builtins.toFile "a-{tag}-{salt}" "hello {salt}"; in [ a (builtins.toFile "b-{tag}" "see ${{a}}") ]"#);
-    let out = nix(&["nix-instantiate", "--read-write-mode", "--eval", "--strict", "--json", "-E", &expr]);
-    let v: Vec<String> = serde_json::from_str(&out).unwrap();
+    let expr = format!(
+        r#"let p = import {}/nix/demo-pkgs.nix {{}}; a = p.writeText "a-{tag}-{salt}" "hello {salt}"; in [ a (p.writeText "b-{tag}" "see ${{a}}") ]"#,
+        common::repo().display()
+    );
+    let out = nix(&["nix-build", "--no-out-link", "--option", "substituters", "", "-E", &expr]);
+    let v: Vec<String> = out.lines().map(str::to_owned).collect();
+    assert_eq!(v.len(), 2, "{v:?}");
     (v[0].clone(), v[1].clone())
 }
 

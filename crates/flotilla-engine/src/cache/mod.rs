@@ -6,6 +6,7 @@
 //! NAR it names is complete.
 
 pub mod keys;
+pub mod nar;
 pub mod push;
 pub mod s3;
 pub mod serve;

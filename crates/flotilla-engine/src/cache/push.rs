@@ -7,15 +7,16 @@
 //! signed with the push key, written, and only after its references' narinfos are, so a
 //! reader never sees a narinfo whose NAR or references are missing, and a push killed at any
 //! moment leaves none either. Paths are encoded in parallel (threads); one big NAR is
-//! compressed by zstd on several threads. A narinfo that is there already is left as it is,
-//! whoever signed it.
+//! compressed by zstd on the cores the other workers leave idle ([`super::nar`], shared with
+//! `cache serve --store`, which writes the same narinfo for the same path). A narinfo
+//! that is there already is left as it is, whoever signed it.
 //!
 //! Where the files go is a [`Destination`]: a directory ([`DirCache`]) or an S3 bucket
 //! ([`super::s3::S3Cache`]).
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{BufWriter, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -24,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use flotilla_nix::PathInfo;
 use flotilla_store::cache::{narinfo_url, CacheInfo, NarInfo, SecretKey};
-use flotilla_store::{base32, HashingWriter, StorePath};
+use flotilla_store::StorePath;
 use serde::Serialize;
 
+use super::nar::{self, Provenance, ThreadBudget};
 use super::{io_err, CacheError, Result};
 
 /// The file Nix reads first from a cache.
@@ -44,6 +46,11 @@ impl Staged {
     /// A staging file at `path`, created by the caller (O_EXCL).
     pub fn new(file: File, path: PathBuf) -> Staged {
         Staged { file, path: Some(path) }
+    }
+
+    /// A staging file with no name in any directory: nothing to remove, ever.
+    pub fn unnamed(file: File) -> Staged {
+        Staged { file, path: None }
     }
 
     /// Its path; after this the file is the caller's to remove or rename.
@@ -239,23 +246,28 @@ pub fn push(dest: &dyn Destination, key: &SecretKey, closure: &[PathInfo], opts:
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let (tx, rx) = mpsc::channel::<Result<Pushed>>();
-    let threads_per_nar = parallel;
+    // Each worker holds one core while it works; a big NAR borrows the idle ones.
+    let budget = ThreadBudget::new(parallel.max(ThreadBudget::cores_count()));
+    let provenance = provenances(&todo);
     let mut pending: HashMap<StorePath, NarInfo> = HashMap::new();
     let (mut pushed, mut nar_bytes, mut file_bytes) = (0usize, 0u64, 0u64);
     let mut first_error: Option<CacheError> = None;
     std::thread::scope(|s| {
         for _ in 0..parallel.min(todo.len()) {
             let tx = tx.clone();
-            let (todo, next, stop) = (&todo, &next, &stop);
-            s.spawn(move || loop {
-                if stop.load(Ordering::Relaxed) {
-                    return;
-                }
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                let Some(p) = todo.get(i) else { return };
-                let r = push_nar(dest, key, p, opts.level, threads_per_nar);
-                if tx.send(r).is_err() {
-                    return;
+            let (todo, next, stop, budget, provenance) = (&todo, &next, &stop, &budget, &provenance);
+            s.spawn(move || {
+                let _core = budget.take(1);
+                loop {
+                    if stop.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(p) = todo.get(i) else { return };
+                    let r = push_nar(dest, key, p, &provenance[i], opts.level, budget);
+                    if tx.send(r).is_err() {
+                        return;
+                    }
                 }
             });
         }
@@ -357,51 +369,26 @@ fn ensure_cache_info(dest: &dyn Destination) -> Result<()> {
     }
 }
 
-/// Encodes, hashes and compresses one path into a staged file, checks the NAR against the
-/// Nix database's record, commits it, and returns its signed narinfo (not yet written).
-fn push_nar(dest: &dyn Destination, key: &SecretKey, p: &PathInfo, level: i32, threads: usize) -> Result<Pushed> {
-    let abs = p.path.to_absolute();
+/// Packs one path into a staged file ([`nar::pack`]: encoded, checked against the Nix
+/// database's record, compressed), commits it, and returns its signed narinfo (not yet written).
+fn push_nar(dest: &dyn Destination, key: &SecretKey, p: &PathInfo, provenance: &Provenance, level: i32, budget: &ThreadBudget) -> Result<Pushed> {
     let mut staged = dest.stage()?;
-    let file_out = HashingWriter::new(BufWriter::with_capacity(1 << 20, &mut staged.file));
-    let zerr = |e: std::io::Error| CacheError::Store(format!("cannot compress the NAR of {abs}: {e}"));
-    let mut z = zstd::Encoder::new(file_out, level).map_err(zerr)?;
-    // Small NARs are many and compressed side by side already; a big one uses the cores.
-    if threads > 1 && p.nar_size > (32 << 20) {
-        z.multithread(u32::try_from(threads).unwrap_or(1)).map_err(zerr)?;
-    }
-    let mut nar_out = HashingWriter::new(z);
-    flotilla_store::encode_path(Path::new(&abs), &mut nar_out).map_err(|e| CacheError::Store(format!("cannot read {abs} from the store: {e}")))?;
-    let (z, nar) = nar_out.finish();
-    let (mut buffered, file) = z.finish().map_err(zerr)?.finish();
-    buffered.flush().map_err(zerr)?;
-    drop(buffered);
-    if nar.hash != p.nar_hash || nar.size != p.nar_size {
-        return Err(CacheError::Store(format!(
-            "{abs} does not match what the Nix database records for it (NAR hash {} and {} bytes there, {} and {} bytes on disk): the store is corrupt; repair it with `nix-store --verify --check-contents --repair`",
-            p.nar_hash, p.nar_size, nar.hash, nar.size
-        )));
-    }
-    let file_b32 = base32::encode(file.hash.as_bytes());
-    let url = format!("nar/{file_b32}.nar.zst");
-    dest.commit_nar(staged, &url, file.hash.as_bytes())?;
-    let mut references = p.references.clone();
-    references.sort_by(|a, b| a.base_name().cmp(b.base_name()));
-    let mut info = NarInfo {
-        store_path: p.path.clone(),
-        url,
-        compression: "zstd".to_owned(),
-        file_hash: Some(format!("sha256:{file_b32}")),
-        file_size: Some(file.size),
-        nar_hash: p.nar_hash,
-        nar_size: p.nar_size,
-        references,
-        deriver: None,
-        sigs: Vec::new(),
-        ca: None,
-        other: Vec::new(),
-    };
+    let packed = nar::pack(p, provenance, &mut staged.file, level, budget)?;
+    let (mut info, sha256) = (packed.info, packed.file_sha256);
+    dest.commit_nar(staged, &info.url, &sha256)?;
     key.sign_narinfo(&mut info);
-    Ok(Pushed { info, file_size: file.size })
+    let file_size = info.file_size.unwrap_or(0);
+    Ok(Pushed { info, file_size })
+}
+
+/// What Nix's database holds of each path beyond [`PathInfo`] (deriver, CA, signatures), as
+/// `cache serve --store` puts it in its narinfos; nothing when the database cannot be read
+/// here (then the closure came from `nix path-info`, which flotilla does not ask for them).
+fn provenances(todo: &[&PathInfo]) -> Vec<Provenance> {
+    let db = flotilla_nix::StoreDb::open().ok();
+    todo.iter()
+        .map(|p| db.as_ref().and_then(|db| db.by_hash_part(p.path.hash_part()).ok().flatten()).map(Provenance::from).unwrap_or_default())
+        .collect()
 }
 
 /// `f` over `items` on up to `n` threads, results in order; the first error wins.

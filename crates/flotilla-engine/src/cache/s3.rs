@@ -10,7 +10,7 @@
 use std::fs::{self, File};
 use std::io::{Seek as _, SeekFrom};
 use std::os::unix::fs::OpenOptionsExt as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -277,18 +277,22 @@ impl Destination for S3Cache {
         }
     }
 
+    /// A NAR is staged in a file with no name (O_TMPFILE in the temporary directory; where
+    /// that is unsupported, one unlinked as soon as it is made): a push killed at any moment,
+    /// even by SIGKILL, leaves nothing in $TMPDIR.
     fn stage(&self) -> Result<Staged> {
+        let dir = std::env::temp_dir();
+        let open = |path: &Path, flags: i32| fs::OpenOptions::new().read(true).write(true).create_new(flags == 0).mode(0o600).custom_flags(flags | libc::O_NOFOLLOW | libc::O_CLOEXEC).open(path);
+        match open(&dir, libc::O_TMPFILE) {
+            Ok(f) => return Ok(Staged::unnamed(f)),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP | libc::EISDIR | libc::EINVAL)) => {}
+            Err(e) => return Err(io_err("create a staging file in", &dir)(e)),
+        }
         let n = self.staged.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!("flotilla-cache-push-{}-{n}.nar.zst", std::process::id()));
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&p)
-            .map_err(io_err("create", &p))?;
-        Ok(Staged::new(f, p))
+        let p = dir.join(format!("flotilla-cache-push-{}-{n}.nar.zst", std::process::id()));
+        let f = open(&p, 0).map_err(io_err("create", &p))?;
+        fs::remove_file(&p).map_err(io_err("remove", &p))?;
+        Ok(Staged::unnamed(f))
     }
 
     fn commit_nar(&self, staged: Staged, name: &str, sha256: &[u8; 32]) -> Result<()> {

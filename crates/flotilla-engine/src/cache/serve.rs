@@ -31,7 +31,8 @@ use store::StoreSource;
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 1024;
-/// How long an idle keep-alive connection is kept.
+/// How long an idle keep-alive connection is kept (a request head, once begun, has
+/// [`http::HEAD_DEADLINE`]).
 const IDLE: Duration = Duration::from_secs(30);
 /// How long a client may take to accept bytes before it is dropped.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -77,7 +78,7 @@ pub enum ServeError {
         reason: String,
     },
     /// The key is unusable.
-    #[error("--key {path}: {reason}")]
+    #[error("--key: {reason}")]
     Key {
         /// The key file.
         path: PathBuf,
@@ -204,12 +205,9 @@ fn wake_address(mut addr: SocketAddr) -> SocketAddr {
     addr
 }
 
+/// The secret key, read the one way every `--key` is (zeroized after use, the same hints).
 fn read_key(path: &Path) -> Result<SecretKey, ServeError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ServeError::Key { path: path.to_owned(), reason: e.to_string() })?;
-    SecretKey::parse(text.trim()).map_err(|e| ServeError::Key {
-        path: path.to_owned(),
-        reason: format!("{e}; give a secret key file as `flotilla cache keygen` or `nix-store --generate-binary-cache-key` writes"),
-    })
+    super::keys::read_secret_key(path).map_err(|e| ServeError::Key { path: path.to_owned(), reason: e.to_string() })
 }
 
 /// Makes `--store`'s cache directory (and its `nar/`) if missing, and refuses one that is a
@@ -258,12 +256,11 @@ const NOT_FOUND_HEAD_LEN: usize = NOT_FOUND.len() - 10;
 impl Shared {
     fn connection(&self, mut conn: TcpStream) {
         let _ = conn.set_nodelay(true);
-        let _ = conn.set_read_timeout(Some(IDLE));
         let _ = conn.set_write_timeout(Some(WRITE_TIMEOUT));
         let peer = conn.peer_addr().ok();
         let mut buf = Vec::with_capacity(1024);
         loop {
-            let req = match http::read_request(&mut conn, &mut buf) {
+            let req = match http::read_request(&mut conn, &mut buf, IDLE) {
                 Ok(Next::Request(r)) => r,
                 Ok(Next::Closed) | Err(_) => return,
                 Ok(Next::Refused(refusal)) => {
@@ -364,6 +361,17 @@ fn send_file(conn: &mut TcpStream, file: std::fs::File, req: &http::Request, hea
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_public_key_given_to_serve_key_says_so_as_push_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = super::super::keys::keygen("serve-k", dir.path()).unwrap();
+        assert!(read_key(&files.secret).is_ok());
+        let err = read_key(&files.public).unwrap_err().to_string();
+        assert!(err.starts_with("--key: the signing key") && err.contains("is a public key") && !err.contains(&files.public_key), "{err}");
+        let err = read_key(&dir.path().join("missing")).unwrap_err().to_string();
+        assert!(err.contains("cannot read the signing key") && err.contains("flotilla cache keygen"), "{err}");
+    }
 
     #[test]
     fn only_the_names_nix_asks_for_are_routed() {

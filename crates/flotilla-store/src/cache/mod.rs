@@ -5,9 +5,11 @@
 
 mod narinfo;
 mod signing;
+mod url;
 
 pub use narinfo::{fingerprint, CacheInfo, NarInfo, NarInfoError};
 pub use signing::{trusted_signer, KeyError, PublicKey, SecretKey};
+pub use url::{CacheUrl, UrlProblem};
 
 /// The URL of a path's narinfo under a cache's root: `<hash part>.narinfo`.
 pub fn narinfo_url(path: &crate::StorePath) -> String {

@@ -2,12 +2,36 @@
 //! pipelining, since a connection's unread bytes stay in its buffer), a single byte range.
 //! What a peer sends is bounded (a request head is at most [`MAX_HEAD`] bytes) and never
 //! trusted: a request with a body, an unknown method or a malformed line gets its error and
-//! the connection is closed.
+//! the connection is closed. Nor is it waited for forever: a request head must be complete
+//! within [`HEAD_DEADLINE`] of its first byte, however slowly each byte comes (a per-read
+//! timeout alone lets a client sending a byte a second hold a thread indefinitely).
 
 use std::io::{self, Read};
+use std::time::{Duration, Instant};
 
 /// The largest request head (request line and headers) read; past it, 431.
 pub(super) const MAX_HEAD: usize = 16 * 1024;
+
+/// How long a client has, from a request's first byte, to send the whole request head.
+pub(super) const HEAD_DEADLINE: Duration = Duration::from_secs(10);
+
+/// A connection a request is read from: its read timeout can be set before each read.
+pub(super) trait Conn: Read {
+    /// Bounds the next reads to `timeout`.
+    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()>;
+}
+
+impl Conn for std::net::TcpStream {
+    fn set_timeout(&mut self, timeout: Duration) -> io::Result<()> {
+        self.set_read_timeout(Some(timeout))
+    }
+}
+
+impl Conn for &[u8] {
+    fn set_timeout(&mut self, _: Duration) -> io::Result<()> {
+        Ok(())
+    }
+}
 
 /// GET or HEAD.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,6 +59,8 @@ pub(super) enum Refusal {
     MethodNotAllowed,
     HeadTooLarge,
     NotImplemented,
+    /// The request head did not arrive within [`HEAD_DEADLINE`].
+    TooSlow,
 }
 
 impl Refusal {
@@ -45,6 +71,7 @@ impl Refusal {
             Refusal::MethodNotAllowed => b"HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain\r\nContent-Length: 19\r\nConnection: close\r\n\r\nonly GET and HEAD.\n",
             Refusal::HeadTooLarge => b"HTTP/1.1 431 Request Header Fields Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
             Refusal::NotImplemented => b"HTTP/1.1 501 Not Implemented\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            Refusal::TooSlow => b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
         }
     }
 
@@ -55,6 +82,7 @@ impl Refusal {
             Refusal::MethodNotAllowed => 405,
             Refusal::HeadTooLarge => 431,
             Refusal::NotImplemented => 501,
+            Refusal::TooSlow => 408,
         }
     }
 }
@@ -68,9 +96,12 @@ pub(super) enum Next {
 }
 
 /// Reads the next request head from `conn` into `buf` (which keeps bytes past it for the next
-/// call) and parses it.
-pub(super) fn read_request(conn: &mut impl Read, buf: &mut Vec<u8>) -> io::Result<Next> {
+/// call) and parses it. Between requests the connection may stay quiet for `idle`; once a
+/// request's first byte is here, its whole head must follow within [`HEAD_DEADLINE`].
+pub(super) fn read_request(conn: &mut impl Conn, buf: &mut Vec<u8>, idle: Duration) -> io::Result<Next> {
     let mut scanned = 0;
+    // Pipelined bytes already here start the clock at once.
+    let mut started = (!buf.is_empty()).then(Instant::now);
     loop {
         if let Some(end) = find_head_end(buf, scanned) {
             let parsed = parse_head(&buf[..end]);
@@ -84,10 +115,19 @@ pub(super) fn read_request(conn: &mut impl Read, buf: &mut Vec<u8>) -> io::Resul
             return Ok(Next::Refused(Refusal::HeadTooLarge));
         }
         scanned = buf.len().saturating_sub(3);
+        let timeout = match started {
+            None => idle,
+            Some(t0) => match HEAD_DEADLINE.checked_sub(t0.elapsed()) {
+                Some(left) if !left.is_zero() => left,
+                _ => return Ok(Next::Refused(Refusal::TooSlow)),
+            },
+        };
+        conn.set_timeout(timeout)?;
         let mut chunk = [0u8; 4096];
         let n = match conn.read(&mut chunk) {
             Ok(n) => n,
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) && buf.is_empty() => return Ok(Next::Closed),
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => return Ok(Next::Refused(Refusal::TooSlow)),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
@@ -95,6 +135,7 @@ pub(super) fn read_request(conn: &mut impl Read, buf: &mut Vec<u8>) -> io::Resul
             return Ok(if buf.is_empty() { Next::Closed } else { Next::Refused(Refusal::BadRequest) });
         }
         buf.extend_from_slice(&chunk[..n]);
+        started.get_or_insert_with(Instant::now);
     }
 }
 
@@ -198,18 +239,18 @@ mod tests {
 
     fn parse(text: &str) -> Next {
         let mut buf = Vec::new();
-        read_request(&mut text.as_bytes(), &mut buf).unwrap()
+        read_request(&mut text.as_bytes(), &mut buf, Duration::from_secs(1)).unwrap()
     }
 
     #[test]
     fn pipelined_requests_are_read_one_at_a_time() {
         let mut input: &[u8] = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nHEAD /b HTTP/1.1\r\nConnection: close\r\n\r\n";
         let mut buf = Vec::new();
-        let Next::Request(a) = read_request(&mut input, &mut buf).unwrap() else { panic!() };
+        let Next::Request(a) = read_request(&mut input, &mut buf, Duration::from_secs(1)).unwrap() else { panic!() };
         assert_eq!((a.method, a.target.as_str(), a.keep_alive), (Method::Get, "/a", true));
-        let Next::Request(b) = read_request(&mut input, &mut buf).unwrap() else { panic!() };
+        let Next::Request(b) = read_request(&mut input, &mut buf, Duration::from_secs(1)).unwrap() else { panic!() };
         assert_eq!((b.method, b.target.as_str(), b.keep_alive), (Method::Head, "/b", false));
-        assert!(matches!(read_request(&mut input, &mut buf).unwrap(), Next::Closed));
+        assert!(matches!(read_request(&mut input, &mut buf, Duration::from_secs(1)).unwrap(), Next::Closed));
     }
 
     #[test]
@@ -257,7 +298,7 @@ mod properties {
             let mut input: &[u8] = &bytes;
             let mut buf = Vec::new();
             for _ in 0..64 {
-                match read_request(&mut input, &mut buf).unwrap() {
+                match read_request(&mut input, &mut buf, Duration::from_secs(1)).unwrap() {
                     Next::Request(r) => prop_assert!(r.target.starts_with('/')),
                     Next::Closed | Next::Refused(_) => break,
                 }

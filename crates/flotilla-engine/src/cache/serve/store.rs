@@ -1,6 +1,7 @@
 //! Serving this host's store: a narinfo the cache directory lacks is made on its first
 //! request from Nix's database (read in process), its NAR encoded from the store, checked
-//! against the NAR hash Nix recorded, compressed with zstd once, and written into the cache
+//! against the NAR hash Nix recorded, compressed with zstd once ([`super::super::nar::pack`],
+//! as `cache push` does), and written into the cache
 //! directory (NAR first, then the narinfo, each under a temporary name renamed into place, so
 //! a server killed midway leaves no narinfo without its NAR). From then on it is served from
 //! disk like any pushed cache. Nothing is spawned: no `nix` process per request. Requests for
@@ -8,20 +9,17 @@
 //! many clients ask for it at once (with `--verbose`, one line says so per path made).
 
 use std::collections::HashSet;
-use std::fs::File;
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 
 use flotilla_nix::{StoreDb, StoreRow};
 use flotilla_store::cache::NarInfo;
-use flotilla_store::{HashingWriter, StorePath};
+
+use super::super::nar::{self, Provenance, ThreadBudget};
 
 use super::index::CacheDir;
 use super::sys;
-
-/// zstd's level for NARs made here (Nix's default for `compression=zstd`).
-const ZSTD_LEVEL: i32 = 3;
 
 /// Temporary files in the cache directory start with this; any left by a killed server are
 /// removed at start.
@@ -34,13 +32,15 @@ pub(super) struct StoreSource {
     done: Condvar,
     counter: AtomicU64,
     verbose: bool,
+    /// Threads for compressing big NARs, shared by the requests making paths at once.
+    budget: ThreadBudget,
 }
 
 impl StoreSource {
     /// Checks that Nix's database can be read.
     pub(super) fn open(verbose: bool) -> Result<StoreSource, String> {
         let db = StoreDb::open()?;
-        Ok(StoreSource { dbs: Mutex::new(vec![db]), busy: Mutex::new(HashSet::new()), done: Condvar::new(), counter: AtomicU64::new(0), verbose })
+        Ok(StoreSource { dbs: Mutex::new(vec![db]), busy: Mutex::new(HashSet::new()), done: Condvar::new(), counter: AtomicU64::new(0), verbose, budget: ThreadBudget::new(ThreadBudget::cores_count()) })
     }
 
     fn lookup(&self, hash: &str) -> Result<Option<StoreRow>, String> {
@@ -92,48 +92,23 @@ impl StoreSource {
         let hash = path.hash_part();
         let nar_dir = sys::open_dir_beneath(cache.dir(), "nar").map_err(|e| format!("{}/nar: {e}", cache.path().display()))?;
         let tmp = self.tmp_name(hash);
-        let written = (|| -> Result<(String, u64), String> {
+        let written = (|| -> Result<NarInfo, String> {
             let file = sys::create_beneath(&nar_dir, &tmp).map_err(|e| format!("{}/nar/{tmp}: {e}", cache.path().display()))?;
-            let compressed = HashingWriter::new(file);
-            let zstd = zstd::Encoder::new(compressed, ZSTD_LEVEL).map_err(|e| e.to_string())?;
-            let mut nar = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, zstd));
-            flotilla_store::encode_path(&path.under_root(std::path::Path::new("/")), &mut nar).map_err(|e| format!("{path}: {e}"))?;
-            nar.flush().map_err(|e| e.to_string())?;
-            let (buffered, digest) = nar.finish();
-            if digest.hash != row.info.nar_hash || digest.size != row.info.nar_size {
-                return Err(format!("{path} differs from what Nix recorded of it (NAR hash {} size {}, recorded {} size {}): run `nix-store --verify-path {path}`", digest.hash, digest.size, row.info.nar_hash, row.info.nar_size));
-            }
-            let zstd = buffered.into_inner().map_err(|e| e.to_string())?;
-            let compressed = zstd.finish().map_err(|e| e.to_string())?;
-            let (file, file_digest): (File, _) = compressed.finish();
-            file.sync_all().map_err(|e| e.to_string())?;
-            Ok((flotilla_store::base32::encode(file_digest.hash.as_bytes()), file_digest.size))
+            let provenance = Provenance::from(row.clone());
+            let packed = nar::pack(&row.info, &provenance, file, nar::ZSTD_LEVEL, &self.budget).map_err(|e| e.to_string())?;
+            packed.out.sync_all().map_err(|e| e.to_string())?;
+            Ok(packed.info)
         })();
-        let (file_hash, file_size) = match written {
-            Ok(w) => w,
+        let info = match written {
+            Ok(info) => info,
             Err(e) => {
                 let _ = sys::unlink_beneath(&nar_dir, &tmp);
                 return Err(e);
             }
         };
-        let nar_name = format!("{file_hash}.nar.zst");
+        let nar_name = info.url.strip_prefix("nar/").unwrap_or(&info.url).to_owned();
         sys::rename_beneath(&nar_dir, &tmp, &nar_name).map_err(|e| format!("{}/nar/{nar_name}: {e}", cache.path().display()))?;
-        let mut references = row.info.references.clone();
-        references.sort_by(|a, b| a.base_name().cmp(b.base_name()));
-        let info = NarInfo {
-            store_path: path.clone(),
-            url: format!("nar/{nar_name}"),
-            compression: "zstd".into(),
-            file_hash: Some(format!("sha256:{file_hash}")),
-            file_size: Some(file_size),
-            nar_hash: row.info.nar_hash,
-            nar_size: row.info.nar_size,
-            references,
-            deriver: row.deriver.as_deref().and_then(|d| StorePath::parse(d).ok()).map(|d| d.base_name().to_owned()),
-            sigs: row.sigs.clone(),
-            ca: row.ca.clone(),
-            other: Vec::new(),
-        };
+        let file_size = info.file_size.unwrap_or(0);
         let tmp = self.tmp_name(hash);
         let name = format!("{hash}.narinfo");
         let write = || -> std::io::Result<()> {
