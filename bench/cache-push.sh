@@ -12,6 +12,7 @@
 #   BIG_MB=200 bash bench/cache-push.sh  # a smaller closure
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 BIG_MB=${BIG_MB:-1024}
 RUNS=${RUNS:-3}
@@ -25,17 +26,10 @@ work=$(mktemp -d "${BENCH_DIR:-$PWD/target/bench}/cache-push.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 export FLOTILLA_STATE=$work/state.db
 
-now() { date +%s.%N; }
 best() { sort -g | head -1; }
 
 echo "== preparing the closure" >&2
-stage=$work/stage/usr-lib-sample
-mkdir -p "$stage"
-find /usr/lib -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null | sort -k2 |
-    awk -v limit=$((BIG_MB * 1048576)) '{ if (total >= limit) exit; total += $1; print $2 }' |
-    xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
-big=$(nix-store --add "$stage")
-rm -rf "$work/stage"
+big=$(big_path "$BIG_MB" "$work/stage")
 nar_bytes=$(nix-store -qR "$big" | xargs nix-store -q --size | awk '{ s += $1 } END { print s }')
 "$flotilla" cache keygen bench-1 --out "$work/keys" >/dev/null
 key=$work/keys/bench-1.secret

@@ -11,6 +11,7 @@
 #   BIG_MB=200 bash bench/copy.sh # a smaller big closure
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 
 BIG_MB=${BIG_MB:-1024}
 SMALL_PATHS=${SMALL_PATHS:-2000}
@@ -32,16 +33,10 @@ cleanup() {
 }
 trap cleanup EXIT
 
-now() { date +%s.%N; }
 
 echo "== preparing closures" >&2
 # Big: real files from /usr/lib, about BIG_MB MiB, imported as one store path.
-stage=$work/stage/usr-lib-sample
-mkdir -p "$stage"
-find /usr/lib -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null | sort -k2 |
-    awk -v limit=$((BIG_MB * 1048576)) '{ if (total >= limit) exit; total += $1; print $2 }' |
-    xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
-big=$(nix-store --add "$stage")
+big=$(big_path "$BIG_MB" "$work/stage")
 # Many: SMALL_PATHS small store paths (2-6 KiB each), all referenced by one root.
 many=$(nix-build --no-out-link --option substituters '' -E "
   let p = import $PWD/nix/demo-pkgs.nix { };

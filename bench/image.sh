@@ -38,27 +38,10 @@ trap bench_cleanup EXIT
 bench_setup image
 FLOTILLA_STATE=$work/state.db
 
-best_of() { # best_of N cmd... → fastest wall time of N runs
-    local n=$1 best="" t0 t1 d
-    shift
-    for _ in $(seq "$n"); do
-        sync
-        t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-        d=$(secs "$t0" "$t1")
-        if [ -z "$best" ] || awk -v d="$d" -v b="$best" 'BEGIN { exit !(d < b) }'; then best=$d; fi
-    done
-    echo "$best"
-}
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 
 echo "== preparing the big closure (${BIG_MB} MiB of /usr/lib)" >&2
-stage=$work/stage/usr-lib-sample
-mkdir -p "$stage"
-find /usr/lib -xdev -type f -size +0 -printf '%s %p\n' 2>/dev/null | sort -k2 |
-    awk -v limit=$((BIG_MB * 1048576)) '{ if (total >= limit) exit; total += $1; print $2 }' |
-    xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
-big=$(nix-store --add "$stage")
-rm -rf "$work/stage"
+big=$(big_path "$BIG_MB" "$work/stage")
 
 # The deployment: `web` as the example's web servers, `big` the same with the big path.
 deployment() { # motd

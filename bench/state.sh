@@ -26,16 +26,6 @@ cleanup() {
 }
 trap cleanup EXIT
 bench_setup state
-best_of() { # best_of N cmd... → fastest wall time of N runs
-    local n=$1 best="" t0 t1 d
-    shift
-    for _ in $(seq "$n"); do
-        t0=$(now); "$@" >/dev/null 2>&1; t1=$(now)
-        d=$(secs "$t0" "$t1")
-        if [ -z "$best" ] || awk -v d="$d" -v b="$best" 'BEGIN { exit !(d < b) }'; then best=$d; fi
-    done
-    echo "$best"
-}
 
 file=$work/fleet.nix
 {

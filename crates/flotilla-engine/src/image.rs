@@ -85,6 +85,36 @@ fn shell_word(s: &str) -> String {
 }
 
 impl Engine {
+    /// Builds one artifact of `machine` with Nix, `attr` of eval.nix (a disk image, an OCI
+    /// image's machine layer), unless its output is there already, and returns the output.
+    /// `what` names it in the error when it does not build.
+    pub(crate) fn build_artifact(&self, ev: &Evaluated, machine: &MachineName, attr: &str, what: &str, agent: &Path, listen: Listener<'_>) -> Result<PathBuf> {
+        let args = EvalArgs {
+            deployment: &ev.file,
+            facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
+            agent: Some(agent),
+            only: vec![machine.to_string()],
+        };
+        let drv: Toplevel = serde_json::from_value(self.nix.eval_json(attr, &args, true)?)
+            .map_err(|e| NixError::Output { command: format!("eval.nix {attr}"), detail: e.to_string() })?;
+        let out = PathBuf::from(drv.out.to_absolute());
+        if !out.exists() {
+            self.nix.check_build_setup()?;
+            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+            for note in &outcome.notes {
+                listen(&EngineEvent::Note { message: note.clone() });
+            }
+            if !out.exists() {
+                let why = outcome.errors.join("\n");
+                return Err(EngineError::Config(vec![format!(
+                    "machine {machine}: {what} did not build: {}",
+                    why.trim().strip_prefix("error: ").unwrap_or(why.trim())
+                )]));
+            }
+        }
+        Ok(out)
+    }
+
     /// Builds `machine`'s disk image in `format` with Nix and copies it to `output` (a file,
     /// or a directory to put it in; `None`: the current directory). The copy is written under
     /// a temporary name beside its destination and renamed, so no half-written image is left.
@@ -102,31 +132,7 @@ impl Engine {
             )]));
         }
         crate::check_agent(agent)?;
-        let args = EvalArgs {
-            deployment: &ev.file,
-            facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"),
-            agent: Some(agent),
-            only: vec![machine.to_string()],
-        };
-        let attr = format!("images.{machine}.{}", format.as_str());
-        let drv: Toplevel = serde_json::from_value(self.nix.eval_json(&attr, &args, true)?)
-            .map_err(|e| NixError::Output { command: format!("eval.nix {attr}"), detail: e.to_string() })?;
-        let out = PathBuf::from(drv.out.to_absolute());
-        if !out.exists() {
-            self.nix.check_build_setup()?;
-            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
-            for note in &outcome.notes {
-                listen(&EngineEvent::Note { message: note.clone() });
-            }
-            if !out.exists() {
-                let why = outcome.errors.join("\n");
-                return Err(EngineError::Config(vec![format!(
-                    "machine {machine}: the {} image did not build: {}",
-                    format.as_str(),
-                    why.trim().strip_prefix("error: ").unwrap_or(why.trim())
-                )]));
-            }
-        }
+        let out = self.build_artifact(ev, machine, &format!("images.{machine}.{}", format.as_str()), &format!("the {} image", format.as_str()), agent, listen)?;
         let info_path = out.join("nix-support/image.json");
         let info: ImageInfo = std::fs::read(&info_path)
             .map_err(|source| EngineError::Io { what: "cannot read", path: info_path.clone(), source })

@@ -26,10 +26,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use flotilla_model::MachineName;
-use flotilla_nix::{EvalArgs, NixError, Toplevel};
 use serde::{Deserialize, Serialize};
 
-use crate::{Engine, EngineError, EngineEvent, Evaluated, Listener, Result};
+use crate::{Engine, EngineError, Evaluated, Listener, Result};
 use layout::Layout;
 
 /// A blob of an image: what a registry stores under its digest.
@@ -393,21 +392,7 @@ impl Engine {
         }
         crate::check_agent(agent)?;
 
-        let args = EvalArgs { deployment: &ev.file, facts_json: serde_json::to_string(&ev.facts).expect("facts serialise"), agent: Some(agent), only: vec![machine.to_string()] };
-        let attr = format!("ociRoots.{machine}");
-        let drv: Toplevel = serde_json::from_value(self.nix.eval_json(&attr, &args, true)?).map_err(|e| NixError::Output { command: format!("eval.nix {attr}"), detail: e.to_string() })?;
-        let out = PathBuf::from(drv.out.to_absolute());
-        if !out.exists() {
-            self.nix.check_build_setup()?;
-            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
-            for note in &outcome.notes {
-                listen(&EngineEvent::Note { message: note.clone() });
-            }
-            if !out.exists() {
-                let why = outcome.errors.join("\n");
-                return Err(config_err(format!("machine {machine}: the OCI image's machine layer did not build: {}", why.trim().strip_prefix("error: ").unwrap_or(why.trim()))));
-            }
-        }
+        let out = self.build_artifact(ev, machine, &format!("ociRoots.{machine}"), "the OCI image's machine layer", agent, listen)?;
         let info_path = out.join("nix-support/oci-root.json");
         let info: RootInfo = std::fs::read(&info_path)
             .map_err(|source| EngineError::Io { what: "cannot read", path: info_path.clone(), source })
