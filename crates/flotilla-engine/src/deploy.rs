@@ -296,6 +296,19 @@ impl Engine {
         let mut made: BTreeMap<MachineName, Box<dyn Machine>> = BTreeMap::new();
         if opts.goal.provisions() {
             let mut unusable = Vec::new();
+            // A local or qemu machine another deployer host provisioned is deployed there.
+            let recorded = match self.state.machines(ev.name.as_str()) {
+                Err(flotilla_state::StateError::NoDeployment(_)) => Vec::new(),
+                r => r?,
+            };
+            for r in &recorded {
+                if let Some(why) = selected.iter().find(|n| n.as_str() == r.name).and(platform::held_elsewhere(&r.platform, r.host.as_deref())) {
+                    unusable.push(format!("machine {}: {why}", r.name));
+                }
+            }
+            if !unusable.is_empty() {
+                return Err(crate::EngineError::Config(unusable));
+            }
             for n in selected {
                 match platform::machine(&ctx, n.as_str(), &ev.machines[n].platform, &ev.facts.get(n).cloned().unwrap_or_default()) {
                     Ok(m) => {
@@ -414,6 +427,11 @@ impl Engine {
                     Ok(did) => {
                         if let Some(did) = did {
                             self.event(ev.name.as_str(), Some(name.as_str()), "provision", "ok", &did)?;
+                        }
+                        // Its root is on this host: said in its record, for `info` and for
+                        // every other deployer host sharing the state.
+                        if platform::held_by_host(ev.machines[&name].platform.kind()) {
+                            self.state.set_machine_host(ev.name.as_str(), name.as_str(), Some(&crate::procfs::hostname()))?;
                         }
                         machines.insert(name, m);
                     }

@@ -150,6 +150,8 @@ pub struct MachineInfo {
     pub service_health: Vec<flotilla_protocol::HealthResult>,
     /// The newest build recorded for it.
     pub last_build: Option<flotilla_state::GenerationRecord>,
+    /// The deployer host holding it (local and qemu machines), as recorded.
+    pub host: Option<String>,
 }
 
 /// Whether `m` may be forgotten: only a machine its platform cannot reach or handle (or that
@@ -178,6 +180,10 @@ impl Engine {
         for (name, r) in names.into_iter().zip(records).filter(|(n, _)| picked.contains(n)) {
             // A machine this build cannot handle is one failed row of whatever command runs,
             // never the end of the command for every other machine.
+            if let Some(why) = platform::held_elsewhere(&r.platform, r.host.as_deref()) {
+                out.push(FleetMachine { machine: Box::new(platform::Unusable::new(&r.name, why)), name, record: r });
+                continue;
+            }
             let machine = serde_json::from_value(r.platform_spec.clone())
                 .map_err(|e| format!("its recorded platform options make no sense to this flotilla ({e}); `flotilla destroy --forget --on {}` removes it from the state", r.name))
                 .and_then(|p| platform::machine(&ctx, &r.name, &p, &r.facts).map_err(PlatformError::into_message))
@@ -245,6 +251,7 @@ impl Engine {
                 facts: record.facts.clone(),
                 service_health: Vec::new(),
                 last_build: record.last_build.clone(),
+                host: record.host.clone(),
             };
             if info.state != MachineState::Running {
                 info.problems.push(format!("machine is {}", info.state.as_str()));

@@ -68,6 +68,9 @@ pub struct ExportedMachine {
     pub facts: BTreeMap<String, (Value, i64)>,
     /// Builds and generations, oldest first.
     pub generations: Vec<GenerationRecord>,
+    /// The deployer host holding it (local and qemu machines); absent in older exports.
+    #[serde(default)]
+    pub host: Option<String>,
 }
 
 impl State {
@@ -80,7 +83,7 @@ impl State {
             let dep_id = d.int(0)?;
             let deployment = ExportedDeployment { name: d.text(1)?, file: d.opt_text(2)?, description: d.text(3)?, created_at: d.int(4)?, updated_at: d.int(5)? };
             let mut machines = Vec::new();
-            for m in tx.query("SELECT id, name, platform, platform_spec, tags, created_at, updated_at FROM machines WHERE deployment_id = $1 ORDER BY name", params![dep_id])? {
+            for m in tx.query("SELECT id, name, platform, platform_spec, tags, created_at, updated_at, host FROM machines WHERE deployment_id = $1 ORDER BY name", params![dep_id])? {
                 let id = m.int(0)?;
                 let mut facts = BTreeMap::new();
                 for f in tx.query("SELECT key, value, updated_at FROM facts WHERE machine_id = $1", params![id])? {
@@ -100,6 +103,7 @@ impl State {
                     updated_at: m.int(6)?,
                     facts,
                     generations,
+                    host: m.opt_text(7)?,
                 });
             }
             let events = tx
@@ -162,8 +166,8 @@ fn write_export(tx: &mut dyn Tx, e: &Export) -> Result<()> {
     for m in &e.machines {
         let id = tx
             .query_one(
-                "INSERT INTO machines (deployment_id, name, platform, platform_spec, tags, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
-                params![dep_id, m.name.as_str(), m.platform.as_str(), m.platform_spec.to_string(), crate::json(&m.tags), m.created_at, m.updated_at],
+                "INSERT INTO machines (deployment_id, name, platform, platform_spec, tags, created_at, updated_at, host) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+                params![dep_id, m.name.as_str(), m.platform.as_str(), m.platform_spec.to_string(), crate::json(&m.tags), m.created_at, m.updated_at, m.host.as_deref()],
             )?
             .int(0)?;
         for (key, (value, at)) in &m.facts {

@@ -33,6 +33,7 @@ const MIGRATIONS: &[(&str, &str)] = &[
     (include_str!("../migrations/sqlite/0001_initial.sql"), include_str!("../migrations/postgres/0001_initial.sql")),
     (include_str!("../migrations/sqlite/0002_deploy_locks.sql"), include_str!("../migrations/postgres/0002_deploy_locks.sql")),
     (include_str!("../migrations/sqlite/0003_lock_leases.sql"), include_str!("../migrations/postgres/0003_lock_leases.sql")),
+    (include_str!("../migrations/sqlite/0004_machine_host.sql"), include_str!("../migrations/postgres/0004_machine_host.sql")),
 ];
 
 /// Everything that can go wrong with the state DB.
@@ -251,6 +252,9 @@ pub struct MachineRecord {
     pub facts: BTreeMap<String, Value>,
     /// The newest build or generation.
     pub last_build: Option<GenerationRecord>,
+    /// The deployer host holding it (a local or qemu machine's root lives there), as
+    /// recorded when it was provisioned; `None` for machines any host can reach.
+    pub host: Option<String>,
 }
 
 /// A build of a machine's toplevel, and what became of it.
@@ -503,7 +507,7 @@ impl State {
     pub fn machines(&self, deployment: &str) -> Result<Vec<MachineRecord>> {
         self.read(|tx| {
             let dep_id = deployment_id(tx, deployment)?.ok_or_else(|| StateError::NoDeployment(deployment.to_owned()))?;
-            let rows = tx.query("SELECT id, name, platform, platform_spec, tags FROM machines WHERE deployment_id = $1 ORDER BY name", params![dep_id])?;
+            let rows = tx.query("SELECT id, name, platform, platform_spec, tags, host FROM machines WHERE deployment_id = $1 ORDER BY name", params![dep_id])?;
             let mut out = Vec::with_capacity(rows.len());
             for r in rows {
                 let id = r.int(0)?;
@@ -514,6 +518,7 @@ impl State {
                     tags: serde_json::from_str(&r.text(4)?).map_err(|source| StateError::Json { what: "machines.tags", source })?,
                     facts: machine_facts(tx, id)?,
                     last_build: last_generation(tx, id)?,
+                    host: r.opt_text(5)?,
                 });
             }
             Ok(out)
@@ -767,6 +772,15 @@ impl State {
             .as_ref()
             .map(generation_row)
             .transpose()
+        })
+    }
+
+    /// Records the deployer host holding a machine (the one that provisioned its root).
+    pub fn set_machine_host(&mut self, deployment: &str, machine: &str, host: Option<&str>) -> Result<()> {
+        self.write(|tx| {
+            let id = machine_id(tx, deployment, machine)?;
+            tx.execute("UPDATE machines SET host = $1 WHERE id = $2", params![host, id])?;
+            Ok(())
         })
     }
 

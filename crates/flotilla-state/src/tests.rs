@@ -96,6 +96,10 @@ fn round_trips_deployments_machines_facts_and_builds(kind: Kind) {
     assert_eq!(machines[0].facts["ip"], json!("10.1.0.3"));
     assert_eq!(machines[0].platform_spec["subnet"], json!("10.1.0.0/24"));
     assert!(machines[0].last_build.is_none());
+    assert_eq!(machines[0].host, None, "no deployer host holds a machine before it is provisioned");
+    state.set_machine_host("webfleet", "web1", Some("alices-laptop")).unwrap();
+    evaluate(&mut state, "10.1.0.3");
+    assert_eq!(state.machines("webfleet").unwrap()[0].host.as_deref(), Some("alices-laptop"), "an evaluation keeps the holding host");
     assert_eq!(state.facts("webfleet").unwrap()["web1"]["ip"], json!("10.1.0.3"));
 
     state.record_builds("webfleet", "root@host", &[("web1", "/nix/store/a-x", "/nix/store/a-x.drv")]).unwrap();
@@ -363,7 +367,9 @@ fn an_export_imports_whole_into_either_backend_and_an_existing_or_locked_one_is_
     evaluate(&mut from, "10.1.0.2");
     from.record_builds("webfleet", "alice", &[("web1", "/nix/store/a", "/nix/store/a.drv")]).unwrap();
     from.record_activation("webfleet", "web1", "alice", "/nix/store/a", 1, "switched").unwrap();
+    from.set_machine_host("webfleet", "web1", Some("alices-laptop")).unwrap();
     let export = from.export("webfleet").unwrap();
+    assert_eq!(export.machines[0].host.as_deref(), Some("alices-laptop"));
     let text = serde_json::to_string(&export).unwrap();
     assert_eq!(export::parse(&text).unwrap(), export, "an export reads back as written");
 
@@ -384,4 +390,17 @@ fn an_export_imports_whole_into_either_backend_and_an_existing_or_locked_one_is_
     assert!(matches!(to.import(&export, true, "bob"), Err(StateError::Locked { .. })), "a locked deployment is never replaced");
     let newer = export::Export { version: export::VERSION + 1, ..export.clone() };
     assert!(to.import(&newer, true, "bob").unwrap_err().to_string().contains("upgrade"));
+}
+
+#[apply(backends)]
+fn an_export_from_before_machine_hosts_imports_with_no_host(kind: Kind) {
+    let (_a, mut from) = open(Kind::Sqlite);
+    evaluate(&mut from, "10.1.0.2");
+    from.set_machine_host("webfleet", "web1", Some("alices-laptop")).unwrap();
+    let mut old: Value = serde_json::to_value(from.export("webfleet").unwrap()).unwrap();
+    old["machines"][0].as_object_mut().unwrap().remove("host").unwrap();
+    let export = export::parse(&old.to_string()).unwrap();
+    let (_b, mut to) = open(kind);
+    to.import(&export, false, "bob").unwrap();
+    assert_eq!(to.machines("webfleet").unwrap()[0].host, None);
 }

@@ -119,7 +119,11 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
                 m.machine.to_string(),
                 m.platform.clone(),
                 m.ip.clone().unwrap_or_else(|| "-".into()),
-                m.state.as_str().to_owned(),
+                // A machine held on another deployer host was not probed: the row says where it is.
+                match (&m.host, flotilla_engine::platform::held_elsewhere(&m.platform, m.host.as_deref())) {
+                    (Some(host), Some(_)) => format!("held on {host}"),
+                    _ => m.state.as_str().to_owned(),
+                },
                 m.generation.map_or_else(|| "-".into(), |g| g.to_string()),
                 services,
                 m.health.clone(),
@@ -142,7 +146,8 @@ pub fn machine_infos(dep: &DeploymentRecord, machines: &[MachineInfo], as_json: 
         outln!();
         out!("{}", table(&["MACHINE", "SERVICE", "HEALTH", "CHECK", "LAST OUTPUT"], &checks));
     }
-    for m in machines.iter().filter(|m| !m.problems.is_empty() && m.state == MachineState::Running) {
+    let held = |m: &&MachineInfo| flotilla_engine::platform::held_elsewhere(&m.platform, m.host.as_deref()).is_some();
+    for m in machines.iter().filter(|m| !m.problems.is_empty() && (m.state == MachineState::Running || held(m))) {
         eprintln!("{}: {}", m.machine, escape_controls(&m.problems.join("; ")));
     }
 }

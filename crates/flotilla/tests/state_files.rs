@@ -173,3 +173,41 @@ FLOTILLA_STATE="$FULL/state/state.db" "$FL" list 2>&1 || echo "exit=$?"
         assert!(!text.contains(bad), "SQLite's words reached the user ({bad}):\n{text}");
     }
 }
+
+/// Issue 19: a local machine's root lives on the deployer host that provisioned it. Its
+/// record says which host (`info --json`'s `host`); once the record says another host, `info`
+/// here says "held on" that host instead of probing a root that is not here, and `stop` and
+/// `deploy` of it from here are refused naming the host and the fix, with nothing changed.
+#[test]
+fn info_says_which_host_holds_a_local_machine_and_other_hosts_leave_it_alone() {
+    let f = common::Fleet::new();
+    let file = f.fl.file("held.nix", r#"{ meta.name = "held"; machines.box = { pkgs, ... }: { packages = [ pkgs.busybox ]; }; }"#);
+    let (code, _, out) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{out}");
+
+    let info: serde_json::Value = serde_json::from_str(&f.run(&["info", "-d", "held", "--json"]).ok().stdout()).unwrap();
+    let m = &info["machines"][0];
+    assert_eq!(m["host"], serde_json::json!(hostname()), "{info}");
+    assert_eq!(m["state"], "running", "{info}");
+
+    // The record now says another deployer host provisioned it.
+    State::open(&f.fl.state()).unwrap().set_machine_host("held", "box", Some("alices-laptop")).unwrap();
+    let r = f.run(&["info", "-d", "held"]).ok();
+    let row = r.stdout().lines().find(|l| l.starts_with("box")).unwrap_or_default().to_owned();
+    assert!(row.contains("held on alices-laptop"), "the row must say where it is:\n{}", r.stdout());
+    assert!(r.stderr().contains("run this flotilla command on alices-laptop"), "{}", r.stderr());
+    let info: serde_json::Value = serde_json::from_str(&f.run(&["info", "-d", "held", "--json"]).ok().stdout()).unwrap();
+    assert_eq!(info["machines"][0]["host"], "alices-laptop", "{info}");
+
+    let r = f.run(&["stop", "-d", "held", "--on", "box"]);
+    assert_ne!(r.code(), 0, "stop of a machine held elsewhere must fail\n{}", r.stderr());
+    assert!(r.stderr().contains("held on alices-laptop") && r.stderr().contains("run this flotilla command on alices-laptop"), "{}", r.stderr());
+    let r = f.run(&["deploy", "-f", &file]);
+    assert_ne!(r.code(), 0, "deploy of a machine held elsewhere must be refused");
+    assert!(r.stderr().contains("machine box: held on alices-laptop"), "{}", r.stderr());
+
+    // Nothing was changed here: back on its own host, it still runs.
+    State::open(&f.fl.state()).unwrap().set_machine_host("held", "box", Some(&hostname())).unwrap();
+    let info: serde_json::Value = serde_json::from_str(&f.run(&["info", "-d", "held", "--json"]).ok().stdout()).unwrap();
+    assert_eq!(info["machines"][0]["state"], "running", "{info}");
+}

@@ -390,6 +390,22 @@ impl Context {
     }
 }
 
+/// Whether `platform` keeps its machines on the deployer host that provisioned them: a local
+/// or qemu machine's root (and its GC roots) live there, not in the state.
+pub fn held_by_host(platform: &str) -> bool {
+    matches!(platform, "local" | "qemu")
+}
+
+/// Why a machine recorded as held on `host` cannot be handled from this host, if it cannot:
+/// its root is on that host, so nothing here may probe, start, stop or deploy it.
+pub fn held_elsewhere(platform: &str, host: Option<&str>) -> Option<String> {
+    let host = host.filter(|h| held_by_host(platform) && *h != crate::procfs::hostname())?;
+    Some(format!(
+        "held on {host}: its {platform} root lives on the deployer host {host}, not on this one ({}); run this flotilla command on {host}",
+        crate::procfs::hostname()
+    ))
+}
+
 /// A machine this flotilla cannot handle (see [`MachineState::Unusable`]): every operation
 /// fails with why, so that a fleet command makes it one failed row and goes on with the rest.
 pub struct Unusable {
