@@ -64,13 +64,22 @@ pub(crate) fn config(url: &str) -> Result<postgres::Config> {
 pub(crate) fn redact(url: &str) -> String {
     let Some(start) = url.find("://").map(|i| i + 3) else { return url.to_owned() };
     let end = url[start..].find(['/', '?']).map_or(url.len(), |i| start + i);
-    match url[start..end].rfind('@') {
+    let authority = match url[start..end].rfind('@') {
         Some(at) => match url[start..start + at].find(':') {
-            Some(colon) => format!("{}***{}", &url[..start + colon + 1], &url[start + at..]),
-            None => url.to_owned(),
+            Some(colon) => format!("{}***{}", &url[..start + colon + 1], &url[start + at..end]),
+            None => url[..end].to_owned(),
         },
-        None => url.to_owned(),
-    }
+        None => url[..end].to_owned(),
+    };
+    // A `password=` query parameter is a password too (libpq reads it); every other one is shown.
+    let rest = &url[end..];
+    let Some(q) = rest.find('?') else { return authority + rest };
+    let query = rest[q + 1..]
+        .split('&')
+        .map(|kv| if kv.split('=').next().is_some_and(|k| k.eq_ignore_ascii_case("password")) { "password=***" } else { kv })
+        .collect::<Vec<_>>()
+        .join("&");
+    format!("{authority}{}?{query}", &rest[..q])
 }
 
 /// The URL as shown: user, host, port and database, never a password.
@@ -212,5 +221,10 @@ mod tests {
         assert!(!err.contains("hunter2"), "{err}");
         assert_eq!(redact("postgres://a:b@h/d?x=1"), "postgres://a:***@h/d?x=1");
         assert_eq!(redact("postgres://a@h/d"), "postgres://a@h/d");
+        let err = config("postgres://alice@db.example/fleet?password=hunter2").unwrap_err().to_string();
+        assert!(err.contains("~/.pgpass"), "{err}");
+        assert!(!err.contains("hunter2"), "{err}");
+        assert_eq!(redact("postgres://a@h/d?sslmode=disable&password=hunter2&x=1"), "postgres://a@h/d?sslmode=disable&password=***&x=1");
+        assert_eq!(redact("postgres://a:b@h/d?PASSWORD=c"), "postgres://a:***@h/d?password=***");
     }
 }
