@@ -167,9 +167,11 @@ impl Conn {
     }
 }
 
-/// Whether PostgreSQL gave up on a transaction because of a concurrent one: it is run again.
+/// Whether PostgreSQL gave up on a transaction because of a concurrent one (a serialization
+/// failure or a deadlock): it is run again. A unique violation is not one of them: it is a
+/// real error (the lock's insert races with `ON CONFLICT`, so a race is not a violation there).
 fn is_conflict(e: &postgres::Error) -> bool {
-    matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::UNIQUE_VIOLATION)
+    matches!(e.code(), Some(c) if *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
 }
 
 struct SqliteTx<'a>(rusqlite::Transaction<'a>);
