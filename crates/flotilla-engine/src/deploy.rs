@@ -431,7 +431,7 @@ impl Engine {
                         // Its root is on this host: said in its record, for `info` and for
                         // every other deployer host sharing the state.
                         if platform::held_by_host(ev.machines[&name].platform.kind()) {
-                            self.state.set_machine_host(ev.name.as_str(), name.as_str(), Some(&crate::procfs::hostname()))?;
+                            self.state.set_machine_host(ev.name.as_str(), name.as_str(), Some(&crate::procfs::host()))?;
                         }
                         machines.insert(name, m);
                     }

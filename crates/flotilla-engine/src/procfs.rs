@@ -47,9 +47,33 @@ pub fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "localhost".into())
 }
 
+/// This host as the state records it (a lock's holder, the deployer host of a local machine):
+/// its name and the first 12 digits of `/etc/machine-id`, as `nixos (3d1219c7c4c5)`. Two
+/// laptops both named `nixos` are two hosts: neither judges the other's pids, nor touches its
+/// local machines. Without a machine id (some containers), the hostname alone.
+pub fn host() -> String {
+    host_of(&hostname(), fs::read_to_string("/etc/machine-id").ok().as_deref())
+}
+
+fn host_of(name: &str, machine_id: Option<&str>) -> String {
+    match machine_id.map(str::trim).filter(|id| !id.is_empty()) {
+        Some(id) => format!("{name} ({})", id.get(..12).unwrap_or(id)),
+        None => name.to_owned(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_host_is_its_name_and_machine_id_prefix() {
+        assert_eq!(host_of("nixos", Some("3d1219c7c4c5404aaa1f6d2a48adfda4\n")), "nixos (3d1219c7c4c5)");
+        assert_ne!(host_of("nixos", Some("3d1219c7c4c5404a")), host_of("nixos", Some("9e0c7a11b2d3404a")));
+        assert_eq!(host_of("nixos", Some("")), "nixos");
+        assert_eq!(host_of("nixos", None), "nixos");
+        assert!(host().starts_with(&hostname()));
+    }
 
     #[test]
     fn reads_this_process_and_not_a_missing_one() {

@@ -93,6 +93,10 @@ pub(crate) trait Tx {
     fn query(&mut self, sql: &str, params: &[Val]) -> Result<Vec<Row>>;
     /// Runs several statements without parameters (migrations).
     fn batch(&mut self, sql: &str) -> Result<()>;
+    /// The time a lease is written and judged by, in seconds since the epoch: PostgreSQL's
+    /// own clock (shared by every deployer, so their clocks do not matter), and `local` (this
+    /// host's clock) on SQLite, which only this host's processes open.
+    fn lease_clock(&mut self, local: i64) -> Result<i64>;
 
     /// The first row, if any.
     fn query_opt(&mut self, sql: &str, params: &[Val]) -> Result<Option<Row>> {
@@ -201,6 +205,10 @@ impl rusqlite::ToSql for Val {
 }
 
 impl Tx for SqliteTx<'_> {
+    fn lease_clock(&mut self, local: i64) -> Result<i64> {
+        Ok(local)
+    }
+
     fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
         let mut stmt = self.0.prepare_cached(&sqlite_sql(sql))?;
         Ok(stmt.execute(rusqlite::params_from_iter(params))? as u64)
@@ -250,6 +258,10 @@ impl ToSql for Val {
 }
 
 impl Tx for PgTx<'_> {
+    fn lease_clock(&mut self, _local: i64) -> Result<i64> {
+        Ok(self.0.query_one("SELECT CAST(floor(extract(epoch FROM now())) AS BIGINT)", &[])?.get(0))
+    }
+
     fn execute(&mut self, sql: &str, params: &[Val]) -> Result<u64> {
         let refs: Vec<&(dyn ToSql + Sync)> = params.iter().map(|p| p as &(dyn ToSql + Sync)).collect();
         Ok(self.0.execute(sql, &refs)?)

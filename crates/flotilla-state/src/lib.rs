@@ -342,6 +342,8 @@ pub enum Broken {
 pub struct State {
     conn: RefCell<Conn>,
     path: PathBuf,
+    /// Seconds added to this host's clock, for tests of a deployer whose clock is wrong.
+    pub(crate) skew: i64,
 }
 
 impl State {
@@ -350,7 +352,7 @@ impl State {
     pub fn open(path: &Path) -> Result<State> {
         if let Some(url) = path.to_str().filter(|p| is_url(p)) {
             let (client, _) = pg::connect(url)?;
-            let mut state = State { conn: RefCell::new(Conn::Postgres(Box::new(client))), path: path.to_owned() };
+            let mut state = State { conn: RefCell::new(Conn::Postgres(Box::new(client))), path: path.to_owned(), skew: 0 };
             state.migrate()?;
             return Ok(state);
         }
@@ -383,7 +385,7 @@ impl State {
         // With WAL, NORMAL syncs at checkpoints: a committed write survives a crash of
         // flotilla, and only a power loss can take the newest transactions.
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(open_err)?;
-        let mut state = State { conn: RefCell::new(Conn::Sqlite(conn)), path: path.to_owned() };
+        let mut state = State { conn: RefCell::new(Conn::Sqlite(conn)), path: path.to_owned(), skew: 0 };
         state.migrate()?;
         Ok(state)
     }
@@ -643,16 +645,20 @@ impl State {
     /// holder died, or lost the database) or `is_dead` says its holder is gone; then it is
     /// taken over, and the ledger says so. Check and take are one write transaction
     /// (immediate on SQLite, serializable on PostgreSQL), so two processes racing for a free
-    /// lock cannot both win.
+    /// lock cannot both win. `is_dead` is asked only of a holder on `me`'s host (the same
+    /// name and machine id): a pid means nothing on another host. Leases are written and
+    /// judged by PostgreSQL's clock there, so deployers' clocks do not matter.
     pub fn acquire_lock(&mut self, deployment: &str, me: &Lock, lease: i64, is_dead: impl Fn(&Lock) -> bool) -> Result<Acquired> {
+        let local = now() + self.skew;
         self.write(|tx| {
-            let t = now();
+            let t = tx.lease_clock(local)?;
             let held = lock_row(tx, deployment)?;
             let outcome = match held {
                 None => Acquired::Free,
                 Some(h) if h.host == me.host && h.pid == me.pid && h.pid_start == me.pid_start => Acquired::Free,
                 Some(h) if t - h.renewed_at > lease => Acquired::Expired(h),
-                Some(h) if is_dead(&h) => Acquired::TookOver(h),
+                // Only a holder on this very host (name and machine id) can be judged by pid.
+                Some(h) if h.host == me.host && is_dead(&h) => Acquired::TookOver(h),
                 Some(h) => return Err(StateError::Locked { deployment: deployment.to_owned(), holder: Box::new(h) }),
             };
             tx.execute(
@@ -686,8 +692,9 @@ impl State {
     /// Renews `me`'s lease on the lock of `deployment`; whether `me` still holds it (it does
     /// not once another process took it over as expired, or `unlock` broke it).
     pub fn renew_lock(&mut self, deployment: &str, me: &Lock) -> Result<bool> {
-        let t = now();
+        let local = now() + self.skew;
         self.write(|tx| {
+            let t = tx.lease_clock(local)?;
             Ok(tx.execute(
                 "UPDATE locks SET renewed_at = $5 WHERE deployment = $1 AND host = $2 AND pid = $3 AND pid_start = $4",
                 params![deployment, &me.host, me.pid, me.pid_start, t],
@@ -709,12 +716,15 @@ impl State {
     /// Breaks the lock of `deployment` if `judge` allows it, with a ledger event naming the
     /// holder. `judge` sees the holder inside the same write transaction as the delete (so
     /// the lock it judged is the one broken) and answers the ledger event's status and why it
-    /// may be broken, or why not.
-    pub fn break_lock(&mut self, deployment: &str, actor: &str, judge: impl Fn(&Lock) -> std::result::Result<(&'static str, String), String>) -> Result<Broken> {
+    /// may be broken, or why not; it is also told for how many seconds the lease has not been
+    /// renewed, by the clock leases are judged by (PostgreSQL's, on PostgreSQL).
+    pub fn break_lock(&mut self, deployment: &str, actor: &str, judge: impl Fn(&Lock, i64) -> std::result::Result<(&'static str, String), String>) -> Result<Broken> {
         let t = now();
+        let local = t + self.skew;
         self.write(|tx| {
             let Some(h) = lock_row(tx, deployment)? else { return Ok(Broken::NotLocked) };
-            let (status, why) = match judge(&h) {
+            let idle = tx.lease_clock(local)? - h.renewed_at;
+            let (status, why) = match judge(&h, idle) {
                 Ok(v) => v,
                 Err(refusal) => return Ok(Broken::Refused(h, refusal)),
             };

@@ -122,6 +122,16 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
 }
 
+/// This host as flotilla records it: its name and the first 12 digits of its machine id.
+fn this_host() -> String {
+    format!("{} ({})", hostname(), machine_id())
+}
+
+fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").expect("these tests need /etc/machine-id, as flotilla identifies a host by it");
+    id.trim()[..12].to_owned()
+}
+
 #[test]
 fn a_second_deployer_is_refused_with_the_holder_named_and_info_does_not_wait() {
     let fleet = Fleet::new();
@@ -141,7 +151,7 @@ fn a_second_deployer_is_refused_with_the_holder_named_and_info_does_not_wait() {
     let said = refused.stderr();
     let host = hostname();
     assert!(said.contains(&format!("is locked by {}", holder.holder)) && holder.holder.ends_with(&format!("@{host}")), "{said}");
-    assert!(said.contains(&format!("on {host}, `deploy`")), "{said}");
+    assert!(said.contains(&format!("on {}, `deploy`", this_host())), "{said}");
 
     // A read-only command reads the last committed state while the deploy runs (once the
     // build recorded the deployment, its machine waiting for its slow server).
@@ -177,7 +187,7 @@ fn a_holder_killed_elsewhere_loses_its_lease_and_the_next_deploy_takes_over() {
     // pid means nothing to Bob and only the lease can free the lock.
     let mut first = KillOnDrop(elsewhere(&alice, &["deploy", "-f", &file]));
     let holder = wait_for_lock(&url, &mut first.0, Duration::from_secs(300));
-    assert_eq!(holder.host, "alices-laptop");
+    assert_eq!(holder.host, format!("alices-laptop ({})", machine_id()));
     first.0.kill().unwrap();
     first.0.wait().unwrap();
 
@@ -185,7 +195,7 @@ fn a_holder_killed_elsewhere_loses_its_lease_and_the_next_deploy_takes_over() {
     let refused = bob.run(&["deploy", "-f", &file]);
     let said = refused.stderr();
     assert_ne!(refused.code(), 0, "{said}");
-    assert!(said.contains("on alices-laptop, `deploy`"), "{said}");
+    assert!(said.contains(&format!("on alices-laptop ({}), `deploy`", machine_id())), "{said}");
 
     // Once the lease expired, Bob's deploy takes over and deploys; the ledger says so.
     std::thread::sleep(Duration::from_secs(LEASE.parse::<u64>().unwrap() + 1));

@@ -14,6 +14,16 @@ fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
 }
 
+/// This host as flotilla records it: its name and the first 12 digits of its machine id.
+fn this_host() -> String {
+    format!("{} ({})", hostname(), machine_id())
+}
+
+fn machine_id() -> String {
+    let id = std::fs::read_to_string("/etc/machine-id").expect("these tests need /etc/machine-id, as flotilla identifies a host by it");
+    id.trim()[..12].to_owned()
+}
+
 /// A lock row of deployment `web` held by `pid` on `host`, written as `flotilla` writes it.
 fn hold(fl: &Fl, host: &str, pid: u32) {
     let mut state = State::open(&fl.state()).unwrap();
@@ -38,7 +48,7 @@ fn unlock_refuses_a_lock_whose_process_runs_here_and_breaks_it_once_that_process
     let fl = Fl::new();
     let mut holder = KillOnDrop(Command::new("sleep").arg("300").stdin(Stdio::null()).spawn().unwrap());
     let pid = holder.0.id();
-    hold(&fl, &hostname(), pid);
+    hold(&fl, &this_host(), pid);
 
     let r = fl.run(&["unlock", "-d", "web"]);
     assert_eq!(r.code(), 2, "unlock must refuse a live holder\n{}", r.stderr());
@@ -187,7 +197,7 @@ fn info_says_which_host_holds_a_local_machine_and_other_hosts_leave_it_alone() {
 
     let info: serde_json::Value = serde_json::from_str(&f.run(&["info", "-d", "held", "--json"]).ok().stdout()).unwrap();
     let m = &info["machines"][0];
-    assert_eq!(m["host"], serde_json::json!(hostname()), "{info}");
+    assert_eq!(m["host"], serde_json::json!(this_host()), "{info}");
     assert_eq!(m["state"], "running", "{info}");
 
     // The record now says another deployer host provisioned it.
@@ -207,7 +217,7 @@ fn info_says_which_host_holds_a_local_machine_and_other_hosts_leave_it_alone() {
     assert!(r.stderr().contains("machine box: held on alices-laptop"), "{}", r.stderr());
 
     // Nothing was changed here: back on its own host, it still runs.
-    State::open(&f.fl.state()).unwrap().set_machine_host("held", "box", Some(&hostname())).unwrap();
+    State::open(&f.fl.state()).unwrap().set_machine_host("held", "box", Some(&this_host())).unwrap();
     let info: serde_json::Value = serde_json::from_str(&f.run(&["info", "-d", "held", "--json"]).ok().stdout()).unwrap();
     assert_eq!(info["machines"][0]["state"], "running", "{info}");
 }

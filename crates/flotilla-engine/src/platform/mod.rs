@@ -399,11 +399,10 @@ pub fn held_by_host(platform: &str) -> bool {
 /// Why a machine recorded as held on `host` cannot be handled from this host, if it cannot:
 /// its root is on that host, so nothing here may probe, start, stop or deploy it.
 pub fn held_elsewhere(platform: &str, host: Option<&str>) -> Option<String> {
-    let host = host.filter(|h| held_by_host(platform) && *h != crate::procfs::hostname())?;
-    Some(format!(
-        "held on {host}: its {platform} root lives on the deployer host {host}, not on this one ({}); run this flotilla command on {host}",
-        crate::procfs::hostname()
-    ))
+    let here = crate::procfs::host();
+    // A bare hostname was recorded before hosts had a machine id: taken as this host's.
+    let host = host.filter(|h| held_by_host(platform) && *h != here && *h != crate::procfs::hostname())?;
+    Some(format!("held on {host}: its {platform} root lives on the deployer host {host}, not on this one ({here}); run this flotilla command on {host}"))
 }
 
 /// A machine this flotilla cannot handle (see [`MachineState::Unusable`]): every operation
