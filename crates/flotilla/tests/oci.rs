@@ -273,10 +273,13 @@ impl Podman {
         let pid_max: u64 = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap().trim().parse().unwrap();
         let nproc = hard("Max processes", 2).parse::<u64>().map_or(pid_max, |n| n.min(pid_max));
         let nofile = hard("Max open files", 3);
+        // No process limit through the pids controller (podman's default is 2048): where
+        // /sys/fs/cgroup is a cgroup2 hierarchy with no controllers in it (a Debian 12 root
+        // whose kernel holds the controllers in v1 hierarchies), runc cannot write `pids.max`.
         std::fs::write(
             &conf,
             format!(
-                "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{d}/events.log\"\ntmp_dir = \"{d}/tmp\"\nvolume_path = \"{d}/volumes\"\nstatic_dir = \"{d}/libpod\"\n[network]\nnetwork_config_dir = \"{d}/cni\"\n"
+                "[containers]\ndefault_ulimits = [\"nofile={nofile}:{nofile}\", \"nproc={nproc}:{nproc}\"]\npids_limit = 0\n[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\nevents_logfile_path = \"{d}/events.log\"\ntmp_dir = \"{d}/tmp\"\nvolume_path = \"{d}/volumes\"\nstatic_dir = \"{d}/libpod\"\n[network]\nnetwork_config_dir = \"{d}/cni\"\n"
             ),
         )
         .unwrap();
