@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fleet, KillOnDrop, Run};
+use common::{host_named, hostname, this_host, Fleet, KillOnDrop, Run};
 
 /// The lease these tests use, in seconds: short, so a takeover is quick to see.
 const LEASE: &str = "3";
@@ -116,26 +116,6 @@ fn elsewhere(deployer: &Deployer<'_>, args: &[&str]) -> Child {
     }
     c.current_dir(&deployer.cwd).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     c.spawn().unwrap()
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
-}
-
-/// This host as flotilla records it: its name and the first 12 digits of its machine id.
-/// This host as flotilla names it: its hostname and the first 12 digits of `/etc/machine-id`,
-/// or the hostname alone on a host without one (flotilla's own fallback).
-fn this_host() -> String {
-    host_named(&hostname())
-}
-
-/// A host named `name` on this machine (the same machine id), as flotilla names it.
-#[allow(dead_code)] // one of the two test files names only this host
-fn host_named(name: &str) -> String {
-    match std::fs::read_to_string("/etc/machine-id").ok().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty()) {
-        Some(id) => format!("{name} ({})", id.get(..12).unwrap_or(&id)),
-        None => name.to_owned(),
-    }
 }
 
 #[test]

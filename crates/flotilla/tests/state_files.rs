@@ -7,28 +7,8 @@ mod common;
 
 use std::process::{Command, Stdio};
 
-use common::{Fl, KillOnDrop};
+use common::{this_host, Fl, KillOnDrop};
 use flotilla_state::{Lock, State};
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
-}
-
-/// This host as flotilla records it: its name and the first 12 digits of its machine id.
-/// This host as flotilla names it: its hostname and the first 12 digits of `/etc/machine-id`,
-/// or the hostname alone on a host without one (flotilla's own fallback).
-fn this_host() -> String {
-    host_named(&hostname())
-}
-
-/// A host named `name` on this machine (the same machine id), as flotilla names it.
-#[allow(dead_code)] // one of the two test files names only this host
-fn host_named(name: &str) -> String {
-    match std::fs::read_to_string("/etc/machine-id").ok().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty()) {
-        Some(id) => format!("{name} ({})", id.get(..12).unwrap_or(&id)),
-        None => name.to_owned(),
-    }
-}
 
 /// A lock row of deployment `web` held by `pid` on `host`, written as `flotilla` writes it.
 fn hold(fl: &Fl, host: &str, pid: u32) {

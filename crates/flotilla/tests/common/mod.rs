@@ -516,3 +516,26 @@ pub fn listeners(port: u16) -> Vec<u32> {
     pids.sort_unstable();
     pids
 }
+
+/// This host's name (`/proc/sys/kernel/hostname`).
+#[allow(dead_code)]
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim().to_owned()
+}
+
+/// This host as flotilla records it (a lock's holder, the deployer host of a local machine): its
+/// hostname and the first 12 digits of `/etc/machine-id`, or the hostname alone on a host
+/// without one (flotilla's own fallback).
+#[allow(dead_code)]
+pub fn this_host() -> String {
+    host_named(&hostname())
+}
+
+/// A host named `name` with this machine's machine id, as flotilla records it.
+#[allow(dead_code)]
+pub fn host_named(name: &str) -> String {
+    match std::fs::read_to_string("/etc/machine-id").ok().map(|id| id.trim().to_owned()).filter(|id| !id.is_empty()) {
+        Some(id) => format!("{name} ({})", id.get(..12).unwrap_or(&id)),
+        None => name.to_owned(),
+    }
+}
