@@ -26,4 +26,4 @@ pub use schema::{
 };
 pub use select::{Selection, SelectionError};
 pub use text::{escape_controls, escape_controls_block};
-pub use units::{format_time, human_bytes};
+pub use units::{civil, format_time, human_bytes};
