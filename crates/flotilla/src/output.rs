@@ -357,9 +357,9 @@ pub fn image_report(r: &flotilla_engine::image::ImageReport, as_json: bool) {
 pub fn push_progress(e: &flotilla_engine::oci::registry::PushEvent) {
     use flotilla_engine::oci::registry::PushEvent;
     match e {
-        PushEvent::Present(b) => eprintln!("  {} ({}): in the registry already", short_digest(&b.digest), bytes(b.size)),
-        PushEvent::Uploading(b) => eprintln!("  {} ({}): uploading", short_digest(&b.digest), bytes(b.size)),
-        PushEvent::Progress { blob, sent } => eprintln!("  {}: {} of {}", short_digest(&blob.digest), bytes(*sent), bytes(blob.size)),
+        PushEvent::Present(b) => eprintln!("  {} ({}): in the registry already", short_digest(&b.digest), flotilla_model::human_bytes(b.size)),
+        PushEvent::Uploading(b) => eprintln!("  {} ({}): uploading", short_digest(&b.digest), flotilla_model::human_bytes(b.size)),
+        PushEvent::Progress { blob, sent } => eprintln!("  {}: {} of {}", short_digest(&blob.digest), flotilla_model::human_bytes(*sent), flotilla_model::human_bytes(blob.size)),
         PushEvent::Uploaded { blob, secs } => eprintln!("  {}: uploaded in {secs:.1} s", short_digest(&blob.digest)),
         PushEvent::Manifest { digest } => eprintln!("  manifest {digest}: put"),
     }
@@ -379,22 +379,13 @@ present:  {} blobs
         r.reference,
         r.digest,
         r.uploaded.len(),
-        bytes(r.bytes_uploaded),
+        flotilla_model::human_bytes(r.bytes_uploaded),
         r.present.len()
     );
 }
 
 fn short_digest(d: &str) -> &str {
     &d[..d.len().min("sha256:".len() + 12)]
-}
-
-fn bytes(n: u64) -> String {
-    match n {
-        n if n >= 1 << 30 => format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64),
-        n if n >= 1 << 20 => format!("{:.1} MiB", n as f64 / (1u64 << 20) as f64),
-        n if n >= 1 << 10 => format!("{:.1} KiB", n as f64 / 1024.0),
-        n => format!("{n} B"),
-    }
 }
 
 /// A built OCI image.
