@@ -90,7 +90,8 @@ impl Engine {
         // A host that cannot build at all says so once, with the fix, rather than as every
         // machine's build failure, and before anything is written (a toplevel not on disk
         // needs building; which ones do, the closure query below says exactly).
-        if toplevels.values().any(|t| !Path::new(&t.out.to_absolute()).exists()) {
+        let outs: Vec<StorePath> = toplevels.values().map(|t| t.out.clone()).collect();
+        if !self.nix.invalid(&outs)?.is_empty() {
             self.nix.check_build_setup()?;
         }
 
@@ -106,7 +107,6 @@ impl Engine {
 
         // When every toplevel is valid already, their closure's metadata is the proof, and
         // nothing needs realising; the copy needs that metadata anyway.
-        let outs: Vec<StorePath> = toplevels.values().map(|t| t.out.clone()).collect();
         let closure = self.nix.closure_info(&outs)?;
         let outcome = match closure {
             Some(_) => flotilla_nix::RealiseOutcome::default(),
@@ -130,6 +130,8 @@ impl Engine {
             }
         }
 
+        // Built means valid: a failed build may leave its output's directory on disk.
+        let unbuilt: BTreeSet<StorePath> = if closure.is_some() { BTreeSet::new() } else { self.nix.invalid(&outs)?.into_iter().collect() };
         let mut results = Vec::new();
         for machine in selected {
             if let Some(t) = remote.get(machine) {
@@ -138,7 +140,7 @@ impl Engine {
                 continue;
             }
             let Some(t) = toplevels.get(machine) else { continue };
-            let built = Path::new(&t.out.to_absolute()).exists();
+            let built = !unbuilt.contains(&t.out);
             let error = if built {
                 None
             } else {

@@ -84,6 +84,9 @@ fn shell_word(s: &str) -> String {
     }
 }
 
+/// How many of a failed build's last log lines its error carries.
+const LOG_TAIL: usize = 15;
+
 impl Engine {
     /// Builds one artifact of `machine` with Nix, `attr` of eval.nix (a disk image, an OCI
     /// image's machine layer), unless its output is there already, and returns the output.
@@ -98,18 +101,34 @@ impl Engine {
         let drv: Toplevel = serde_json::from_value(self.nix.eval_json(attr, &args, true)?)
             .map_err(|e| NixError::Output { command: format!("eval.nix {attr}"), detail: e.to_string() })?;
         let out = PathBuf::from(drv.out.to_absolute());
-        if !out.exists() {
+        if !self.nix.is_valid(&drv.out)? {
             self.nix.check_build_setup()?;
-            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| listen(&EngineEvent::NixLog { line: line.to_owned() }))?;
+            // The builder's last words, for the error when it fails: Nix's own error names
+            // only the derivation and the exit status, and the log shows only with --verbose.
+            let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+            let outcome = self.nix.realise(std::slice::from_ref(&drv.drv), &ev.builders, &mut |line| {
+                if !line.starts_with("error:") && !line.trim().is_empty() {
+                    if tail.len() == LOG_TAIL {
+                        tail.pop_front();
+                    }
+                    tail.push_back(line.to_owned());
+                }
+                listen(&EngineEvent::NixLog { line: line.to_owned() })
+            })?;
             for note in &outcome.notes {
                 listen(&EngineEvent::Note { message: note.clone() });
             }
-            if !out.exists() {
+            if !self.nix.is_valid(&drv.out)? {
                 let why = outcome.errors.join("\n");
-                return Err(EngineError::Config(vec![format!(
-                    "machine {machine}: {what} did not build: {}",
-                    why.trim().strip_prefix("error: ").unwrap_or(why.trim())
-                )]));
+                let mut message = format!("machine {machine}: {what} did not build: {}", why.trim().strip_prefix("error: ").unwrap_or(why.trim()));
+                if !tail.is_empty() {
+                    message.push_str("\nthe build's last lines:");
+                    for line in &tail {
+                        message.push_str("\n  ");
+                        message.push_str(line);
+                    }
+                }
+                return Err(EngineError::Config(vec![message]));
             }
         }
         Ok(out)

@@ -215,10 +215,13 @@ impl Engine {
         };
         let mut remote: BTreeMap<MachineName, StorePath> = BTreeMap::new();
         if opts.no_build {
-            for (name, t) in self.instantiate(ev, selected, agent, instantiated)? {
+            let all = self.instantiate(ev, selected, agent, instantiated)?;
+            let outs: Vec<StorePath> = all.iter().filter(|(name, _)| !on_target.contains(*name)).map(|(_, t)| t.out.clone()).collect();
+            let unbuilt: BTreeSet<StorePath> = self.nix.invalid(&outs)?.into_iter().collect();
+            for (name, t) in all {
                 if on_target.contains(&name) {
                     remote.insert(name, t.out);
-                } else if Path::new(&t.out.to_absolute()).exists() {
+                } else if !unbuilt.contains(&t.out) {
                     toplevels.insert(name, t.out);
                 } else {
                     let mut row = MachinePlan::new(&name, Some(t.out));

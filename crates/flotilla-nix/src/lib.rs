@@ -346,6 +346,27 @@ impl Nix {
         Ok(out.stdout)
     }
 
+    /// Which of `paths` are not valid in this store. A path on disk is not proof: a build that
+    /// failed outside Nix's sandbox leaves its output's directory behind, half written, until
+    /// the collector or the next build of it removes it.
+    pub fn invalid(&self, paths: &[StorePath]) -> Result<Vec<StorePath>> {
+        if paths.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = Command::new("nix-store");
+        cmd.args(["--check-validity", "--print-invalid"]).args(paths.iter().map(StorePath::to_absolute));
+        let out = run(&mut cmd, "nix-store")?;
+        if !out.status.success() {
+            return Err(NixError::Eval(clean_error(&out.stderr)));
+        }
+        parse_paths(&out.stdout, "nix-store --check-validity --print-invalid")
+    }
+
+    /// Whether `path` is valid in this store (see [`Nix::invalid`]).
+    pub fn is_valid(&self, path: &StorePath) -> Result<bool> {
+        Ok(self.invalid(std::slice::from_ref(path))?.is_empty())
+    }
+
     /// The derivations in the closure of `drv` (to tell which failed build belongs to which
     /// machine).
     pub fn drv_closure(&self, drv: &StorePath) -> Result<Vec<StorePath>> {

@@ -48,3 +48,17 @@ fn an_invalid_root_is_none_both_ways() {
     assert_eq!(nix.closure_info_from_store_db(&roots).expect("the store database is readable"), None);
     assert_eq!(nix.closure_info_from_nix(&roots).unwrap(), None);
 }
+
+/// What a build that failed outside the sandbox leaves: a directory at the output's path that
+/// Nix never registered. It is not built.
+#[test]
+fn a_directory_at_a_store_path_that_nix_never_registered_is_invalid() {
+    let nix = nix();
+    let name = format!("{:032}-left-by-a-failed-build", std::process::id()).replace(['0'], "a");
+    let partial = StorePath::parse(&format!("/nix/store/{}", &name)).unwrap();
+    std::fs::create_dir(partial.to_absolute()).unwrap();
+    let result = nix.invalid(&[built(), partial.clone()]);
+    std::fs::remove_dir(partial.to_absolute()).unwrap();
+    assert_eq!(result.unwrap(), vec![partial.clone()], "only the unregistered directory is invalid");
+    assert!(!nix.is_valid(&partial).unwrap());
+}

@@ -47,11 +47,29 @@ fn main() -> ExitCode {
             let sql = e.chain().find(|c| c.downcast_ref::<flotilla_state::StateError>().is_some() || c.is::<flotilla_engine::EngineError>());
             match sql.and_then(|c| flotilla_state::storage_problem(&state_path, c)) {
                 Some(problem) => eprintln!("error: {problem}"),
-                None => eprintln!("error: {}", flotilla_model::escape_controls_block(&format!("{e:#}"))),
+                None => eprintln!("error: {}", flotilla_model::escape_controls_block(&chain_text(&e))),
             }
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, each said once: most of the project's errors put their cause in
+/// their own words already (`cannot read PATH: No such file`), and anyhow's `{:#}` would
+/// append it again.
+fn chain_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<Outcome> {
@@ -362,3 +380,17 @@ fn actor() -> String {
     format!("{user}@{}", host.trim())
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::chain_text;
+
+    #[test]
+    fn a_cause_the_message_already_says_is_not_said_twice() {
+        let source = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::new(flotilla_engine::EngineError::Io { what: "cannot read", path: "/x".into(), source }).context("image vm1");
+        assert_eq!(chain_text(&e), "image vm1: cannot read /x: No such file or directory");
+        let e = anyhow::anyhow!("inner").context("outer");
+        assert_eq!(chain_text(&e), "outer: inner");
+    }
+}

@@ -153,3 +153,19 @@ fn a_machine_without_a_kernel_gets_no_image() {
     );
     assert!(std::fs::read_dir(fl.dir.path()).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".qcow2")));
 }
+
+#[test]
+fn an_image_size_smaller_than_the_closure_fails_with_the_builders_reason() {
+    require_tools();
+    let fl = Fl::new();
+    let file = fl.file(
+        "small.nix",
+        &deployment(&format!("small {}", common::random_hex(4))).replace("boot.kernelParams = [ \"quiet\" ];", "image.size = 8;"),
+    );
+    let run = fl.run(&["image", "-f", &file, "vm1", "--format", "vmdk", "-o", &fl.dir.path().to_string_lossy()]);
+    assert_eq!(run.code(), 2, "{}\n{}", run.stdout(), run.stderr());
+    let err = run.stderr();
+    assert!(err.contains("machine vm1: the vmdk image did not build"), "{err}");
+    assert!(err.contains("`image.size` is 8 MiB, less than the") && err.contains("unset it to have it computed"), "the builder's reason is in the error:\n{err}");
+    assert!(std::fs::read_dir(fl.dir.path()).unwrap().flatten().all(|e| !e.file_name().to_string_lossy().ends_with(".vmdk")));
+}

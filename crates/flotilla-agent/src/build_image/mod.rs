@@ -358,6 +358,13 @@ pub fn build(req: &Request) -> Result<PathBuf, ImageError> {
     stage(&root, &req.toplevel, &req.closure)?;
     let (used, entries) = usage(&root)?;
     let size_mib = req.size_mib.unwrap_or_else(|| computed_size_mib(used));
+    let needed_mib = used.div_ceil(1 << 20);
+    if size_mib < needed_mib {
+        return Err(ImageError::Setup(format!(
+            "`image.size` is {size_mib} MiB, less than the {needed_mib} MiB the system's closure takes; raise it, or unset it to have it computed ({} MiB here)",
+            computed_size_mib(used)
+        )));
+    }
 
     let raw = req.scratch.join("disk.raw");
     let file = File::create(&raw).map_err(io_err("cannot create", &raw))?;
