@@ -31,6 +31,7 @@
 //! record) and `gc` (garbage and Nix GC roots). Its errors are [`crate::error`]'s.
 
 mod confirm;
+mod current;
 mod gc;
 mod generations;
 mod plan;

@@ -174,12 +174,14 @@ pub fn serve_connection<R: io::Read + Send + 'static, W: io::Write>(agent: &Arc<
         Err(ProtocolError::Closed) => return Ok(()),
         result => result?,
     };
+    let mut served = Served { connection: id, requests: Vec::new() };
     loop {
         let request: Request = match conn.recv() {
             Ok(r) => r,
             Err(ProtocolError::Closed) => return Ok(()),
             Err(e) => return Err(e),
         };
+        served.requests.push(request.name());
         if matches!(request, Request::Goodbye) {
             return Ok(());
         }
@@ -210,6 +212,22 @@ pub fn serve_connection<R: io::Read + Send + 'static, W: io::Write>(agent: &Arc<
             watch_confirmation(Arc::clone(agent), *generation);
         }
         conn.send(&response)?;
+    }
+}
+
+/// What a connection asked, said in the agent's log when it ends (one line a connection):
+/// what each deployer did on the machine, and how many round trips a deploy cost it.
+struct Served {
+    connection: u64,
+    requests: Vec<&'static str>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let asked = self.requests.iter().filter(|r| **r != "goodbye").count();
+        if asked > 0 {
+            eprintln!("flotilla-agent: connection {} served {asked} request{}: {}", self.connection, if asked == 1 { "" } else { "s" }, self.requests.join(" "));
+        }
     }
 }
 
@@ -306,6 +324,14 @@ fn dispatch<R: io::Read, W: io::Write>(agent: &Agent, request: Request, conn: &m
             Err(e) => error(e),
         },
         Request::Status => Response::Status {
+            generation: agent.current_generation(),
+            toplevel: agent.running_system(),
+            services: agent.service_status(),
+            store_free_bytes: agent.store_free_bytes(),
+            pending_confirmation: agent.pending_confirmation(),
+        },
+        Request::Current { toplevel, goal, keys } => Response::Current {
+            differs: agent.differs(&toplevel, goal, &keys),
             generation: agent.current_generation(),
             toplevel: agent.running_system(),
             services: agent.service_status(),

@@ -103,6 +103,10 @@ pub struct DeployOptions {
     /// Every selected machine is built on its host (as each machine's
     /// `deploy.buildOnTarget` asks on its own): `deploy --build-on target`.
     pub build_on_target: bool,
+    /// Activate every machine, also one that runs its toplevel already as the deploy would
+    /// leave it (its `/etc`, accounts and services reconciled again, its health checks run):
+    /// `deploy --reactivate`. Without it such a machine costs the deploy one question.
+    pub reactivate: bool,
 }
 
 /// Free space a machine's store keeps beyond the closure it receives.
@@ -422,26 +426,32 @@ impl Engine {
                 send(done(name, Phase::Provision, detail));
                 r
             });
+            // What provisioning did is written once for the whole fleet: one transaction.
+            let mut held_here: Vec<String> = Vec::new();
+            let mut events = Vec::new();
             for ((name, m), r) in handles.into_iter().zip(provisioned) {
                 match r {
                     Ok(did) => {
                         if let Some(did) = did {
-                            self.event(ev.name.as_str(), Some(name.as_str()), "provision", "ok", &did)?;
+                            events.push(self.ledger_entry(ev.name.as_str(), Some(name.as_str()), "provision", "ok", &did));
                         }
                         // Its root is on this host: said in its record, for `info` and for
                         // every other deployer host sharing the state.
                         if platform::held_by_host(ev.machines[&name].platform.kind()) {
-                            self.state.set_machine_host(ev.name.as_str(), name.as_str(), Some(&crate::procfs::host()))?;
+                            held_here.push(name.to_string());
                         }
                         machines.insert(name, m);
                     }
                     Err(e) => {
                         let message = e.into_message();
-                        self.event(ev.name.as_str(), Some(name.as_str()), "provision", "failed", &message)?;
+                        events.push(self.ledger_entry(ev.name.as_str(), Some(name.as_str()), "provision", "failed", &message));
                         failures.insert(name.clone(), failed(&name, Phase::Provision, message));
                     }
                 }
             }
+            self.state.record_deploy(ev.name.as_str(), &self.actor, &[], &events)?;
+            let held_here: Vec<&str> = held_here.iter().map(String::as_str).collect();
+            self.state.set_machines_host(ev.name.as_str(), &held_here, Some(&crate::procfs::host()))?;
         }
 
         // Copy, activate, check: per machine, in parallel, each machine's closure cut from the
@@ -632,10 +642,34 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
     if closure.is_empty() {
         return fail(row, Phase::Preflight, format!("the closure of {toplevel} is not in the local store"));
     }
-    let status = match client.status() {
-        Ok(s) => s,
-        Err(e) => return fail(row, Phase::Preflight, e.to_string()),
+    // The first question says whether there is anything to do at all: a machine that runs
+    // this toplevel as the deploy would leave it (its keys included) is done here.
+    let asks = opts.goal.activation().filter(|g| *g == ActivationGoal::Switch && !opts.reactivate && t.build_on_host.is_none());
+    let (status, differs) = match asks {
+        Some(goal) => match client.current(toplevel, goal, crate::keys::expected(keys)) {
+            Ok(answer) => answer,
+            Err(e) => return fail(row, Phase::Preflight, e.to_string()),
+        },
+        None => match client.status() {
+            Ok(s) => (s, Some(String::new())),
+            Err(e) => return fail(row, Phase::Preflight, e.to_string()),
+        },
     };
+    if differs.is_none() {
+        drop(copying);
+        row.previous_generation = status.generation;
+        row.previous_toplevel = status.toplevel.clone();
+        row.generation = status.generation;
+        row.activated = true;
+        if let Err(e) = m.now_runs(toplevel) {
+            return fail(row, Phase::Preflight, format!("it runs {toplevel}, but {}", e.message()));
+        }
+        send(done(name, Phase::Preflight, Ok("unchanged: it runs this system")));
+        row.outcome = Outcome::Unchanged;
+        row.summary = "unchanged: nothing copied, nothing restarted".to_owned();
+        row.seconds = start.elapsed().as_secs_f64();
+        return row;
+    }
     if let Some(g) = status.pending_confirmation {
         return fail(row, Phase::Preflight, format!("generation {g} still awaits confirmation from an earlier deploy; wait until it is confirmed or rolled back (at most its --confirm-timeout), then deploy again"));
     }

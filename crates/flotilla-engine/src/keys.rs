@@ -108,6 +108,17 @@ pub fn changes(have: &[KeyState], keys: &[ResolvedKey], stage: Option<UploadAt>,
     (put, remove)
 }
 
+/// The keys as the machine reports them once a deploy left exactly `keys` there: what
+/// `Current` compares the machine's with.
+pub fn expected(keys: &[ResolvedKey]) -> Vec<KeyState> {
+    keys.iter()
+        .map(|k| {
+            let u = &k.upload;
+            KeyState { name: u.name.clone(), dest_dir: u.dest_dir.clone(), user: u.user.clone(), group: u.group.clone(), mode: u.mode, digest: digest(&u.data) }
+        })
+        .collect()
+}
+
 /// The digest the agent reports for a key's contents.
 fn digest(data: &[u8]) -> String {
     format!("sha256:{}", NarHash::digest(data).to_hex())

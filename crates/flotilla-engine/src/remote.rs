@@ -18,7 +18,7 @@ use flotilla_nix::Nix;
 use flotilla_protocol::{
     client_handshake, ActivationGoal, ActivationReport, BoxedConnection, Compression, Connection, ErrorKind, GenerationInfo,
     HealthResult, KeyState, KeyUpload, MissReason, PathInfo, Request, Response, ServiceStatus, SubstituteMiss, Welcome,
-    SystemPlan, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
+    SystemPlan, CURRENT_PROTOCOL_VERSION, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
 };
 use flotilla_store::StorePath;
 use serde::Serialize;
@@ -648,6 +648,21 @@ impl AgentClient {
         match self.call(&Request::PowerOff, Duration::ZERO)? {
             Response::PoweringOff => Ok(()),
             other => Err(RemoteError::Unexpected { request: "power_off", got: other.name() }),
+        }
+    }
+
+    /// The machine's state, and why a deploy of `toplevel` with `goal` leaving `keys` would
+    /// still have work to do on it (`None`: none), in one round trip. An agent from before
+    /// the question (protocol 5 and older) is asked for its status, and always has work.
+    pub fn current(&mut self, toplevel: &StorePath, goal: ActivationGoal, keys: Vec<KeyState>) -> Result<(MachineStatus, Option<String>), RemoteError> {
+        if self.welcome().version < CURRENT_PROTOCOL_VERSION {
+            return Ok((self.status()?, Some(format!("its agent speaks protocol {}, before the question", self.welcome().version))));
+        }
+        match self.call(&Request::Current { toplevel: toplevel.clone(), goal, keys }, Duration::ZERO)? {
+            Response::Current { differs, generation, toplevel, services, store_free_bytes, pending_confirmation } => {
+                Ok((MachineStatus { generation, toplevel, services, store_free_bytes, pending_confirmation }, differs))
+            }
+            other => Err(RemoteError::Unexpected { request: "current", got: other.name() }),
         }
     }
 

@@ -33,11 +33,11 @@ pub use handshake::{client_handshake, server_handshake, server_handshake_range};
 pub use message::{
     ActivationGoal, ActivationReport, CommandExit, Compression, ErrorKind, GenerationInfo, HandshakeReply,
     HealthResult, Hello, KeyState, KeyUpload, Message, MissReason, PathInfo, Refused, Request, Response, ServiceAction, ServicePlan, ServiceState, ServiceStatus, SubstituteMiss, SystemPlan, Terminal, Welcome,
-    MAGIC, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
+    CURRENT_PROTOCOL_VERSION, MAGIC, PLAN_PROTOCOL_VERSION, SUBSTITUTE_PROTOCOL_VERSION,
 };
 
 /// The protocol version this build speaks best; bump it on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// The oldest protocol version this build still speaks.
 pub const MIN_PROTOCOL_VERSION: u32 = 2;

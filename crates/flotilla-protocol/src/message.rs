@@ -23,6 +23,7 @@
 //! | `DeleteGenerations` | `GenerationsDeleted` |
 //! | `CollectGarbage` | `GarbageCollected` |
 //! | `Status` | `Status` |
+//! | `Current` (protocol 6) | `Current` |
 //! | `Exec` (protocol 3) | `ExecStarted`, then the command's stdio, then `Exited` (see [`crate::exec`]) |
 //! | `PowerOff` | `PoweringOff` (then the machine stops; the connection ends) |
 //! | `Goodbye` | none: the agent closes the connection |
@@ -150,6 +151,10 @@ pub const SUBSTITUTE_PROTOCOL_VERSION: u32 = 4;
 /// The first protocol version with [`Request::Plan`]; an agent that welcomed the deployer
 /// with an older one cannot say what a deploy would change, and the plan says so.
 pub const PLAN_PROTOCOL_VERSION: u32 = 5;
+
+/// The first protocol version with [`Request::Current`]; an agent that welcomed the deployer
+/// with an older one is asked for its `Status` and deployed step by step, as before.
+pub const CURRENT_PROTOCOL_VERSION: u32 = 6;
 
 /// A path a `Substitute` did not get, and why: the deployer pushes it instead.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -351,6 +356,20 @@ pub enum Request {
     CollectGarbage,
     /// Report the current generation and the services. Answered by [`Response::Status`].
     Status,
+    /// Whether a deploy of `toplevel` with `goal` would leave the machine exactly as it is:
+    /// the deploy's first question, so that a machine with nothing to do costs it one round
+    /// trip. The machine's state comes with the answer either way, as `Status` has it.
+    /// Answered by [`Response::Current`]. Protocol 6 and later (see
+    /// [`CURRENT_PROTOCOL_VERSION`]).
+    Current {
+        /// The toplevel the deploy activates.
+        toplevel: StorePath,
+        /// How it would activate it.
+        goal: ActivationGoal,
+        /// Every key the deploy leaves on the machine, as `ListKeys` would then report it
+        /// (a digest of its contents, never the contents).
+        keys: Vec<KeyState>,
+    },
     /// Probe every health check of the running system once, now. Answered by
     /// [`Response::Health`].
     CheckHealth,
@@ -412,6 +431,7 @@ impl Request {
                 )
                 | (Request::CollectGarbage, Response::GarbageCollected { .. })
                 | (Request::Status, Response::Status { .. })
+                | (Request::Current { .. }, Response::Current { .. })
                 | (Request::CheckHealth, Response::Health { .. })
                 | (Request::ListKeys, Response::Keys { .. })
                 | (Request::PutKeys { .. }, Response::KeysPut { .. })
@@ -434,6 +454,7 @@ impl Request {
             Request::DeleteGenerations { .. } => "delete_generations",
             Request::CollectGarbage => "collect_garbage",
             Request::Status => "status",
+            Request::Current { .. } => "current",
             Request::CheckHealth => "check_health",
             Request::ListKeys => "list_keys",
             Request::PutKeys { .. } => "put_keys",
@@ -521,6 +542,22 @@ pub enum Response {
         /// A generation activated and not yet confirmed.
         pending_confirmation: Option<u64>,
     },
+    /// The answer to a `Current`.
+    Current {
+        /// Why a deploy of the toplevel asked about still has work to do on the machine;
+        /// `None`: the machine runs it exactly as that deploy would leave it.
+        differs: Option<String>,
+        /// The current generation, if any.
+        generation: Option<u64>,
+        /// The current toplevel, if any.
+        toplevel: Option<StorePath>,
+        /// The supervised services.
+        services: Vec<ServiceStatus>,
+        /// Bytes free for the store's filesystem.
+        store_free_bytes: Option<u64>,
+        /// A generation activated and not yet confirmed.
+        pending_confirmation: Option<u64>,
+    },
     /// The result of a `CheckHealth`, one per service with a health check.
     Health {
         /// The results.
@@ -582,6 +619,7 @@ impl Response {
             Response::GenerationsDeleted { .. } => "generations_deleted",
             Response::GarbageCollected { .. } => "garbage_collected",
             Response::Status { .. } => "status",
+            Response::Current { .. } => "current",
             Response::Health { .. } => "health",
             Response::Keys { .. } => "keys",
             Response::KeysPut { .. } => "keys_put",

@@ -119,6 +119,11 @@ fn all_requests() -> Vec<Request> {
         },
         Request::CollectGarbage,
         Request::Status,
+        Request::Current {
+            toplevel: sp(P2),
+            goal: ActivationGoal::Switch,
+            keys: vec![KeyState { name: "db-password".into(), dest_dir: "/run/keys".into(), user: "postgres".into(), group: "root".into(), mode: 0o640, digest: "sha256:00".into() }],
+        },
         Request::CheckHealth,
         Request::ListKeys,
         Request::PutKeys {
@@ -151,6 +156,7 @@ fn all_requests() -> Vec<Request> {
             | Request::DeleteGenerations { .. }
             | Request::CollectGarbage
             | Request::Status
+            | Request::Current { .. }
             | Request::CheckHealth
             | Request::ListKeys
             | Request::PutKeys { .. }
@@ -240,6 +246,15 @@ fn all_responses() -> Vec<Response> {
             store_free_bytes: Some(1 << 30),
             pending_confirmation: Some(8),
         },
+        Response::Current {
+            differs: Some("it runs generation 7 of another system".into()),
+            generation: Some(7),
+            toplevel: Some(sp(P2)),
+            services: vec![],
+            store_free_bytes: Some(1 << 30),
+            pending_confirmation: None,
+        },
+        Response::Current { differs: None, generation: Some(8), toplevel: Some(sp(P2)), services: vec![], store_free_bytes: None, pending_confirmation: None },
         Response::Health {
             services: vec![health_result()],
         },
@@ -297,6 +312,7 @@ fn all_responses() -> Vec<Response> {
             | Response::GenerationsDeleted { .. }
             | Response::GarbageCollected { .. }
             | Response::Status { .. }
+            | Response::Current { .. }
             | Response::Health { .. }
             | Response::Keys { .. }
             | Response::KeysPut { .. }

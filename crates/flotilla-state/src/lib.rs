@@ -787,9 +787,21 @@ impl State {
 
     /// Records the deployer host holding a machine (the one that provisioned its root).
     pub fn set_machine_host(&mut self, deployment: &str, machine: &str, host: Option<&str>) -> Result<()> {
+        self.set_machines_host(deployment, &[machine], host)
+    }
+
+    /// [`State::set_machine_host`] for many machines in one transaction: a deploy of a
+    /// thousand machines writes it once, not a thousand times. A record that says so already
+    /// is not written again.
+    pub fn set_machines_host(&mut self, deployment: &str, machines: &[&str], host: Option<&str>) -> Result<()> {
+        if machines.is_empty() {
+            return Ok(());
+        }
         self.write(|tx| {
-            let id = machine_id(tx, deployment, machine)?;
-            tx.execute("UPDATE machines SET host = $1 WHERE id = $2", params![host, id])?;
+            for machine in machines {
+                let id = machine_id(tx, deployment, machine)?;
+                tx.execute("UPDATE machines SET host = $1 WHERE id = $2 AND host IS DISTINCT FROM $1", params![host, id])?;
+            }
             Ok(())
         })
     }

@@ -134,6 +134,11 @@ pub enum Command {
         /// With --plan: deploy the plan without asking
         #[arg(long, requires = "plan")]
         yes: bool,
+        /// Activate every machine, also one that already runs its system as this deploy would
+        /// leave it (/etc, accounts and services reconciled again, health checks run); without
+        /// it such a machine is only asked whether anything differs
+        #[arg(long)]
+        reactivate: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,

@@ -30,6 +30,8 @@ pub struct DeployFlags {
     pub plan: bool,
     /// Deploy the plan without asking (`--yes`).
     pub yes: bool,
+    /// Activate machines that run their system already (`--reactivate`).
+    pub reactivate: bool,
 }
 
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
@@ -46,6 +48,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
         rollback_all_on_failure: flags.rollback_all_on_failure,
         substitute_on_destination: flags.substitute_on_destination,
         build_on_target: flags.build_on_target,
+        reactivate: flags.reactivate,
     };
     if flags.substitute_on_destination {
         let without: Vec<&str> = selected.iter().filter(|n| ev.machines.get(*n).is_some_and(|m| m.deploy.substituters.is_empty())).map(|n| n.as_str()).collect();

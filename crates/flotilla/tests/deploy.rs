@@ -109,8 +109,18 @@ fn the_example_fleet_deploys_serves_and_redeploys_as_a_no_op() {
     assert_eq!(r.code(), 2);
     assert!(r.stderr().contains("machine web1: no log for service `nope`") && r.stderr().contains("services with logs: httpd"), "{}", r.stderr());
 
-    // A no-op redeploy copies nothing, restarts nothing, and says so.
+    // A no-op redeploy asks each machine one question, copies nothing, restarts nothing,
+    // and says so.
     let (code, again, stderr) = f.deploy_json(&["-f", &file]);
+    assert_eq!(code, 0, "{again:#}\n{stderr}");
+    for m in ["web1", "web2", "vm1", "monitor"] {
+        let r = row(&again, m);
+        assert_eq!(r["outcome"], "unchanged", "{r:#}");
+        assert_eq!(r["generation"], 1);
+        assert!(r["copy"].is_null() && r["activation"].is_null(), "nothing was copied or activated: {r:#}");
+    }
+    // --reactivate activates them all the same: nothing copied, nothing restarted.
+    let (code, again, stderr) = f.deploy_json(&["-f", &file, "--reactivate"]);
     assert_eq!(code, 0, "{again:#}\n{stderr}");
     for m in ["web1", "web2", "vm1", "monitor"] {
         let r = row(&again, m);
@@ -288,11 +298,12 @@ fn finishes_within(f: &Fleet, args: &[&str], secs: u64) -> common::Run {
 
 /// A deploy of `file` that holds the lock until the test lets it go: its deployer's own check
 /// (`checks.gate`) asks 127.0.0.1:`port` in the test's namespace, where nothing answers until
-/// the test serves a page there. Returns once the deploy is in that check.
+/// the test serves a page there. Returns once the deploy is in that check. With
+/// `--reactivate`, a machine that runs its system already is activated and checked too.
 fn held_deploy(f: &Fleet, file: &str) -> (common::KillOnDrop, std::thread::JoinHandle<Vec<String>>) {
     use std::io::BufRead as _;
     let mut child = common::KillOnDrop(
-        f.cmd().args(["deploy", "--json", "-f", file, "--confirm-timeout", "0"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap(),
+        f.cmd().args(["deploy", "--json", "-f", file, "--confirm-timeout", "0", "--reactivate"]).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap(),
     );
     let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
     let mut seen = Vec::new();
