@@ -134,6 +134,10 @@ pub enum Command {
         /// With --plan: deploy the plan without asking
         #[arg(long, requires = "plan")]
         yes: bool,
+        /// The final table lists only the machines that failed or changed, then counts the
+        /// unchanged ones; the JSON report of --json is the same with or without it
+        #[arg(long)]
+        summary: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,

@@ -133,7 +133,7 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
         Command::Plan { target, on, no_build, builders, json } => plan::plan(g, target, on, builders.as_deref(), *no_build, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, json } => {
+        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, summary, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
@@ -145,6 +145,7 @@ fn run(cli: Cli) -> Result<Outcome> {
                 build_on_target: *build_on == Some(cli::BuildOn::Target),
                 plan: *plan,
                 yes: *yes,
+                summary: *summary,
             };
             fleet::deploy(g, target, on, &opts, *json)
         }
