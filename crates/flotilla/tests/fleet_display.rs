@@ -149,6 +149,16 @@ fn a_fleet_of_30_on_a_terminal_is_a_summary_block_with_its_failure_above_it() {
     let term = Terminal::feed(&transcript);
     assert!(term.unknown.is_empty(), "escape sequences beyond the summary's: {:?}\n{said}", term.unknown);
 
+    // What stays: the failure with its machine and reason, the count, and no block, no wall.
+    let screen = term.screen();
+    let failure = screen.iter().find(|l| l.starts_with(&format!("{FAILING}: activate: FAILED: "))).unwrap_or_else(|| panic!("the failure is not on the screen\n{said}"));
+    assert!(failure.contains("health") || failure.contains("httpd"), "the failure says why: {failure}\n{said}");
+    assert!(screen.iter().any(|l| l.contains(&format!("{} of {MACHINES} machines ok", MACHINES - 1))), "{said}");
+    assert!(!screen.iter().any(|l| l.contains("slowest:") || l.contains("PHASE") || l.contains(" machines, ")), "the block was left on the screen: {screen:#?}\n{said}");
+    let per_machine = transcript.lines().filter(|l| l.contains(": preflight: ") || l.contains(": copy: ")).count();
+    assert_eq!(per_machine, 0, "a line per machine on the terminal\n{said}");
+    assert!(screen.len() < 20, "{} lines left on the screen: {screen:#?}", screen.len());
+
     // The block: machines per phase, counting up to all 30 done; the slowest named.
     assert!(!term.frames.is_empty(), "no block was drawn\n{said}");
     assert!(term.frames.iter().all(|fr| fr.len() < 40), "a block taller than the terminal\n{said}");
@@ -163,16 +173,6 @@ fn a_fleet_of_30_on_a_terminal_is_a_summary_block_with_its_failure_above_it() {
         MACHINES - 1
     );
     assert!(term.frames.iter().any(|fr| fr.iter().any(|l| l.trim_start().starts_with("slowest: web"))), "no slowest machine named\n{said}");
-
-    // What stays: the failure with its machine and reason, the count, and no block, no wall.
-    let screen = term.screen();
-    let failure = screen.iter().find(|l| l.starts_with(&format!("{FAILING}: activate: FAILED: "))).unwrap_or_else(|| panic!("the failure is not on the screen\n{said}"));
-    assert!(failure.contains("health") || failure.contains("httpd"), "the failure says why: {failure}\n{said}");
-    assert!(screen.iter().any(|l| l.contains(&format!("{} of {MACHINES} machines ok", MACHINES - 1))), "{said}");
-    assert!(!screen.iter().any(|l| l.contains("slowest:") || l.contains("PHASE") || l.contains(" machines, ")), "the block was left on the screen: {screen:#?}\n{said}");
-    let per_machine = transcript.lines().filter(|l| l.contains(": preflight: ") || l.contains(": copy: ")).count();
-    assert_eq!(per_machine, 0, "a line per machine on the terminal\n{said}");
-    assert!(screen.len() < 20, "{} lines left on the screen: {screen:#?}", screen.len());
 
     // Without --summary the table has a row per machine.
     let rows = table.lines().filter(|l| l.starts_with("web")).count();
