@@ -139,6 +139,10 @@ pub enum Command {
         /// it such a machine is only asked whether anything differs
         #[arg(long)]
         reactivate: bool,
+        /// The final table lists only the machines that failed or changed, then counts the
+        /// unchanged ones; the JSON report of --json is the same with or without it
+        #[arg(long)]
+        summary: bool,
         /// Print events as JSON lines, then the report as one JSON object
         #[arg(long)]
         json: bool,

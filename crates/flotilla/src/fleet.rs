@@ -32,6 +32,8 @@ pub struct DeployFlags {
     pub yes: bool,
     /// Activate machines that run their system already (`--reactivate`).
     pub reactivate: bool,
+    /// The table lists the failed and changed machines only (`--summary`).
+    pub summary: bool,
 }
 
 pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: bool) -> Result<Outcome> {
@@ -66,7 +68,7 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
     if json {
         outln!("{}", serde_json::to_string(&report)?);
     } else {
-        output::deploy_report(&report);
+        output::deploy_report(&report, flags.summary);
     }
     Ok(if report.all_ok() { Outcome::Ok } else { Outcome::SomeFailed })
 }

@@ -172,20 +172,8 @@ pub fn drift(machines: &[MachineInfo], as_json: bool) {
     out!("{}", table(&["MACHINE", "CHECK", "DETAIL"], &rows));
 }
 
-pub fn deploy_report(r: &DeployReport) {
-    let rows: Vec<Vec<String>> = r
-        .machines
-        .iter()
-        .map(|m| {
-            let result = if m.outcome == Outcome::Failed { "FAILED".to_owned() } else { m.outcome.as_str().to_owned() };
-            let detail = match &m.error {
-                Some(e) => format!("{}: {}", m.failed_phase.map_or("deploy", |p| p.as_str()), first_line(e)),
-                None => m.summary.clone(),
-            };
-            vec![m.machine.to_string(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
-        })
-        .collect();
-    out!("{}", table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows));
+pub fn deploy_report(r: &DeployReport, summary: bool) {
+    out!("{}", deploy_table(r, summary));
     let reverted: Vec<Vec<String>> = r
         .reverted()
         .map(|m| vec![m.machine.to_string(), m.generation.map_or_else(|| "-".into(), |g| g.to_string()), m.summary.clone()])
@@ -198,6 +186,33 @@ pub fn deploy_report(r: &DeployReport) {
     eprintln!("{} of {} machines ok ({}) in {:.1}s", r.machines.len() - failed, r.machines.len(), r.goal.as_str(), r.elapsed.as_secs_f64());
     for m in r.machines.iter().filter(|m| m.error.as_deref().is_some_and(|e| e.contains('\n'))) {
         eprintln!("\n{}: {}", m.machine, escape_controls_block(m.error.as_deref().unwrap_or("")));
+    }
+}
+
+/// A deploy's table, a row per machine; with `summary` only the machines that failed or
+/// changed, then a line counting the unchanged ones (the table of a thousand machines that
+/// mostly did nothing is those few rows).
+fn deploy_table(r: &DeployReport, summary: bool) -> String {
+    let unchanged = |m: &&flotilla_engine::deploy::MachineDeploy| m.outcome == Outcome::Unchanged;
+    let rows: Vec<Vec<String>> = r
+        .machines
+        .iter()
+        .filter(|m| !(summary && unchanged(m)))
+        .map(|m| {
+            let result = if m.outcome == Outcome::Failed { "FAILED".to_owned() } else { m.outcome.as_str().to_owned() };
+            let detail = match &m.error {
+                Some(e) => format!("{}: {}", m.failed_phase.map_or("deploy", |p| p.as_str()), first_line(e)),
+                None => m.summary.clone(),
+            };
+            vec![m.machine.to_string(), result, m.generation.map_or_else(|| "-".into(), |g| g.to_string()), format!("{:.1}s", m.seconds), detail]
+        })
+        .collect();
+    let left_out = if summary { r.machines.iter().filter(unchanged).count() } else { 0 };
+    let plural = if left_out == 1 { "" } else { "s" };
+    match (rows.is_empty(), left_out) {
+        (true, n) if n > 0 => format!("no machine failed or changed; {n} unchanged machine{plural}\n"),
+        (_, 0) => table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows),
+        (_, n) => table(&["MACHINE", "RESULT", "GEN", "TIME", "DETAIL"], &rows) + &format!("... and {n} unchanged machine{plural}\n"),
     }
 }
 
@@ -491,4 +506,52 @@ pub fn options_markdown(schema: &flotilla_model::Schema) -> String {
 /// Machine names as a list users read: `web1, web2`.
 pub fn names(machines: &[flotilla_model::MachineName]) -> String {
     machines.iter().map(flotilla_model::MachineName::as_str).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_engine::deploy::{Goal, MachineDeploy};
+
+    fn report(outcomes: &[Outcome]) -> DeployReport {
+        let machines = outcomes
+            .iter()
+            .enumerate()
+            .map(|(i, outcome)| MachineDeploy {
+                machine: flotilla_model::MachineName::new(&format!("web{i:02}")).unwrap(),
+                outcome: *outcome,
+                failed_phase: None,
+                generation: Some(1),
+                toplevel: None,
+                copy: None,
+                activation: None,
+                health: Vec::new(),
+                checks: Vec::new(),
+                keys: None,
+                activated: false,
+                previous_generation: None,
+                previous_toplevel: None,
+                seconds: 0.5,
+                error: None,
+                summary: outcome.as_str().to_owned(),
+            })
+            .collect();
+        DeployReport { deployment: "d".into(), goal: Goal::Switch, machines, elapsed: std::time::Duration::from_secs(1) }
+    }
+
+    #[test]
+    fn deploy_summary_lists_the_failed_and_changed_machines_and_counts_the_rest() {
+        let r = report(&[Outcome::Unchanged, Outcome::Deployed, Outcome::Unchanged, Outcome::Failed, Outcome::Unchanged]);
+        let full = deploy_table(&r, false);
+        assert_eq!(full.lines().count(), 6, "{full}");
+        let short = deploy_table(&r, true);
+        let lines: Vec<&str> = short.lines().collect();
+        assert_eq!(lines.len(), 4, "{short}");
+        assert!(lines[1].starts_with("web01") && lines[2].starts_with("web03"), "{short}");
+        assert_eq!(lines[3], "... and 3 unchanged machines");
+        assert_eq!(deploy_table(&report(&[Outcome::Unchanged; 3]), true), "no machine failed or changed; 3 unchanged machines\n");
+        assert_eq!(deploy_table(&report(&[Outcome::Unchanged]), true), "no machine failed or changed; 1 unchanged machine\n");
+        assert_eq!(deploy_table(&report(&[Outcome::Deployed, Outcome::Unchanged]), true).lines().last(), Some("... and 1 unchanged machine"));
+        assert_eq!(deploy_table(&report(&[Outcome::Deployed]), true), deploy_table(&report(&[Outcome::Deployed]), false));
+    }
 }
