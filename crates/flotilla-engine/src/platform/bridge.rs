@@ -51,6 +51,35 @@ pub(super) fn ip(machine: &str, args: &[&str]) -> Result<String, PlatformError> 
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `commands` in one `ip -json -batch` (in network namespace `netns`, if given) and
+/// returns every JSON document they printed, in order: a machine's plumbing read in one
+/// process rather than one process a link. A command about a link that does not exist prints
+/// nothing and the others still run (`-force`); any other failure is an error.
+pub(super) fn ip_batch(machine: &str, netns: Option<&str>, commands: &[String]) -> Result<Vec<serde_json::Value>, PlatformError> {
+    use std::io::Write as _;
+    let mut cmd = Command::new("ip");
+    if let Some(ns) = netns {
+        cmd.args(["-n", ns]);
+    }
+    cmd.args(["-force", "-json", "-batch", "-"]).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().map_err(|e| PlatformError::failed(machine, format!("cannot run `ip` ({e}); install iproute2")))?;
+    let script: String = commands.iter().map(|c| format!("{c}\n")).collect();
+    // The script is a few hundred bytes: it fits the pipe, so writing it all before reading
+    // cannot block on `ip` writing its answer.
+    let written = child.stdin.take().expect("piped").write_all(script.as_bytes());
+    let out = child.wait_with_output().map_err(|e| PlatformError::failed(machine, format!("`ip -batch` failed: {e}")))?;
+    written.map_err(|e| PlatformError::failed(machine, format!("cannot give `ip -batch` its commands: {e}")))?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let unexpected: Vec<&str> = stderr.lines().filter(|l| !(l.starts_with("Device \"") && l.ends_with("does not exist.")) && !l.starts_with("Command failed")).collect();
+    if !out.status.success() && !unexpected.is_empty() {
+        return Err(PlatformError::failed(machine, format!("`ip -batch` of `{}` failed: {}", commands.join("; "), unexpected.join("; "))));
+    }
+    serde_json::Deserializer::from_slice(&out.stdout)
+        .into_iter::<serde_json::Value>()
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PlatformError::failed(machine, format!("`ip -json -batch` printed what is not JSON: {e}")))
+}
+
 /// Whether this network namespace has a link `name`.
 pub(super) fn link_exists(name: &str) -> bool {
     Command::new("ip")

@@ -198,21 +198,30 @@ impl LocalMachine {
     /// that puts it back (each is idempotent). Read with `ip -j`, so a name or an address
     /// is compared as a field, not found in text.
     fn plumbing_faults(&self) -> Result<Vec<(String, Vec<String>)>, PlatformError> {
+        self.faults_in(&self.look()?)
+    }
+
+    /// The machine's plumbing as it is now, in two `ip` processes whatever the fleet's size:
+    /// the bridge and the veth on the host's side, the links and default routes inside.
+    fn look(&self) -> Result<Seen, PlatformError> {
+        let n = &self.net;
+        let by_name = |docs: &[Value]| -> BTreeMap<String, Value> {
+            docs.iter().flat_map(|d| d.as_array().cloned().unwrap_or_default()).filter_map(|l| Some((l["ifname"].as_str()?.to_owned(), l))).collect()
+        };
+        let host = bridge::ip_batch(&self.name, None, &[format!("addr show dev {}", n.bridge), format!("addr show dev {}", n.veth)])?;
+        let inside = bridge::ip_batch(&self.name, Some(&n.netns), &["addr show".to_owned(), "route show default".to_owned()])?;
+        let routes = inside.iter().flat_map(|d| d.as_array().cloned().unwrap_or_default()).filter(|r| r.get("dst").is_some()).collect();
+        Ok(Seen { host: by_name(&host), inside: by_name(&inside), routes })
+    }
+
+    /// [`LocalMachine::plumbing_faults`] in what [`LocalMachine::look`] saw.
+    fn faults_in(&self, seen: &Seen) -> Result<Vec<(String, Vec<String>)>, PlatformError> {
         let n = &self.net;
         let ns = n.netns.clone();
         let cidr = format!("{}/{}", n.ip, n.subnet.prefix);
         let gateway = n.subnet.gateway().to_string();
         let link = |netns: Option<&str>, dev: &str| -> Result<Option<Value>, PlatformError> {
-            let mut args = Vec::new();
-            if let Some(ns) = netns {
-                args.extend(["-n", ns]);
-            }
-            args.extend(["-j", "addr", "show", "dev", dev]);
-            match self.ip(&args) {
-                Ok(out) => Ok(serde_json::from_str::<Vec<Value>>(&out).ok().and_then(|v| v.into_iter().next())),
-                Err(_) if !self.link_exists_in(netns, dev) => Ok(None),
-                Err(e) => Err(e),
-            }
+            Ok(if netns.is_some() { seen.inside.get(dev) } else { seen.host.get(dev) }.cloned())
         };
         let up = |l: &Value| l["flags"].as_array().is_some_and(|f| f.iter().any(|f| f == "UP"));
         let has_addr = |l: &Value, ip: &str, prefix: u8| {
@@ -245,21 +254,11 @@ impl LocalMachine {
             faults.push(("its eth0 is down".into(), cmd(&["-n", &ns, "link", "set", "eth0", "up"])));
         }
         // A link going down takes its routes with it: the route is put back after the link.
-        let routes = self.ip(&["-n", &ns, "-j", "-4", "route", "show", "default"])?;
-        let routes: Vec<Value> = serde_json::from_str(&routes).unwrap_or_default();
+        let routes = &seen.routes;
         if eth0_down || !routes.iter().any(|r| r["gateway"] == gateway.as_str() && r["dev"] == "eth0") {
             faults.push((format!("its default route via {gateway} is gone"), cmd(&["-n", &ns, "route", "replace", "default", "via", &gateway, "dev", "eth0"])));
         }
         Ok(faults)
-    }
-
-    fn link_exists_in(&self, netns: Option<&str>, name: &str) -> bool {
-        let mut args = Vec::new();
-        if let Some(ns) = netns {
-            args.extend(["-n", ns]);
-        }
-        args.extend(["link", "show", "dev", name]);
-        Command::new("ip").args(&args).stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
     }
 
     /// Deletes the machine's network namespace (and with it the veth pair), and the bridge
@@ -384,6 +383,11 @@ impl LocalMachine {
     /// [`LocalMachine::ensure_network`] makes it, and a monitor relaying its port forwards.
     /// Returns what was restored, as the user should read it.
     fn restore_running(&self) -> Result<Option<String>, PlatformError> {
+        self.restore_running_seen(None)
+    }
+
+    /// [`LocalMachine::restore_running`], with what a look just now saw, if one did.
+    fn restore_running_seen(&self, seen: Option<&Seen>) -> Result<Option<String>, PlatformError> {
         if self.running().is_none() {
             return Ok(None);
         }
@@ -397,7 +401,15 @@ impl LocalMachine {
         // A look that changes nothing first, outside the lock the machines' network changes
         // take one at a time: a fleet whose plumbing is as made (the usual redeploy) is looked
         // at in parallel, and only a machine with something to repair waits for the lock.
-        let as_made = self.link_exists(&self.net.veth) && self.plumbing_faults().is_ok_and(|faults| faults.is_empty());
+        let looked;
+        let seen = match seen {
+            Some(s) => Some(s),
+            None => {
+                looked = self.look().ok();
+                looked.as_ref()
+            }
+        };
+        let as_made = seen.is_some_and(|s| s.host.contains_key(&self.net.veth) && self.faults_in(s).is_ok_and(|faults| faults.is_empty()));
         let mut found = if as_made { Vec::new() } else { self.ensure_network()? };
         if !self.monitor_alive() {
             self.run_launcher(true)?;
@@ -408,10 +420,10 @@ impl LocalMachine {
 
     /// Refuses a machine whose network namespace holds another address than its facts say
     /// (its `platform.address` or `platform.subnet` changed): moving a machine is a rebuild.
-    fn check_address(&self) -> Result<(), PlatformError> {
+    fn check_address(&self, seen: &Seen) -> Result<(), PlatformError> {
         let want = format!("{}/{}", self.net.ip, self.net.subnet.prefix);
-        let Ok(out) = self.ip(&["-n", &self.net.netns, "-4", "-o", "addr", "show", "dev", "eth0"]) else { return Ok(()) };
-        match out.split_whitespace().skip_while(|w| *w != "inet").nth(1) {
+        let have = seen.inside.get("eth0").and_then(|l| l["addr_info"].as_array()?.iter().find(|a| a["family"] == "inet").map(|a| format!("{}/{}", a["local"].as_str().unwrap_or(""), a["prefixlen"])));
+        match have {
             Some(have) if have != want => Err(self.refused(format!(
                 "it has address {have} but its options now give it {want} (`platform.address` or `platform.subnet` changed); a machine cannot move: run `flotilla destroy --on {}` and deploy again",
                 self.name
@@ -446,6 +458,14 @@ impl LocalMachine {
         }
         Ok(())
     }
+}
+
+/// A machine's plumbing as `ip` showed it (see [`LocalMachine::look`]): links by name on the
+/// host's side and in its namespace, and the namespace's default routes.
+struct Seen {
+    host: BTreeMap<String, Value>,
+    inside: BTreeMap<String, Value>,
+    routes: Vec<Value>,
 }
 
 /// The agent's socket of a running container, through its init's view of the filesystem
@@ -483,11 +503,13 @@ impl Machine for LocalMachine {
     }
 
     fn provision(&self) -> Result<Option<String>, PlatformError> {
-        if self.netns_path().exists() {
-            self.check_address()?;
+        // One look serves both the address check and the plumbing's.
+        let seen = if self.netns_path().exists() { self.look().ok() } else { None };
+        if let Some(seen) = &seen {
+            self.check_address(seen)?;
         }
         match self.state() {
-            MachineState::Running => self.restore_running(),
+            MachineState::Running => self.restore_running_seen(seen.as_ref()),
             MachineState::Unreachable | MachineState::Unusable => Ok(None),
             MachineState::Stopped => self.start().map(|()| Some("started".into())),
             MachineState::Missing => {
