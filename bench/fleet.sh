@@ -217,7 +217,7 @@ for n in $SIZES; do
     esac
     case $n in 100 | 1000) goal "$n machines: no-op within 2x of evaluation ($(ratio "$noop" "$evalfloor"))" "$(lt "$noop" "$(add "$evalfloor" "$evalfloor")" && echo yes)" ;; esac
 
-    fl destroy --yes >"$work/destroy-$n.log" 2>&1 || { cat "$work/destroy-$n.log" >&2; exit 1; }
+    fl destroy --yes >"$work/destroy-$n.log" 2>&1 || echo "(destroy of the $n machines exited $?; its output: $work/destroy-$n.log)" >&2
 done
 
 if [ ${#goals[@]} -gt 0 ]; then

@@ -157,7 +157,8 @@ machine_file() {
   machines.target = { pkgs, ... }: {
     platform = { type = "ssh"; host = "$ADDR"; user = "root"; identityFile = "$work/id_ed25519";
       sshOptions = [ "-o" "UserKnownHostsFile=$work/known_hosts" "-o" "StrictHostKeyChecking=yes" "-o" "GlobalKnownHostsFile=/dev/null" ]; };
-    packages = [ (pkgs.runCommand "payload-$name" { } "ln -s \${builtins.storePath "$path"} \$out") ];
+    # A package is a directory (build-system looks into its bin/): the path is linked inside one.
+    packages = [ (pkgs.runCommand "payload-$name" { } "mkdir \$out; ln -s \${builtins.storePath "$path"} \$out/payload") ];
   };
 }
 EOF
@@ -191,7 +192,8 @@ for name in big many; do
     file=$(machine_file "$name" "${!name}")
     FLOTILLA_STATE=$work/build.db fl build -f "$file" >"$work/build.log" 2>&1 || { cat "$work/build.log" >&2; exit 1; }
     top=$(FLOTILLA_STATE=$work/build.db fl build -f "$file" --json | jq -r '.. | .toplevel? // empty' | head -1)
-    [ -e "$top" ] || { echo "no toplevel for $name" >&2; exit 1; }
+    case $top in /*) ;; ?*) top=/nix/store/$top ;; esac
+    [ -e "$top" ] || { echo "no toplevel for $name in flotilla build --json" >&2; exit 1; }
     for tool in flotilla nix_copy nix_copy_closure tar; do
         times=()
         for i in $(seq "$RUNS"); do
@@ -208,7 +210,7 @@ for name in big many; do
             case $tool in
                 flotilla)
                     host_registered "$top" "$tool"
-                    jq -r 'select(.machines) | .machines[0].copy.seconds' "$work/fl.events" >>"$work/fl-copy-$name" ;;
+                    jq -r 'select(.deployment) | .machines[0].copy.seconds' "$work/fl.events" >>"$work/fl-copy-$name" ;;
                 nix_copy | nix_copy_closure) host_registered "$top" "$tool" ;;
             esac
             host_stop
