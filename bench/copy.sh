@@ -38,11 +38,7 @@ echo "== preparing closures" >&2
 # Big: real files from /usr/lib, about BIG_MB MiB, imported as one store path.
 big=$(big_path "$BIG_MB" "$work/stage")
 # Many: SMALL_PATHS small store paths (2-6 KiB each), all referenced by one root.
-many=$(nix-build --no-out-link --option substituters '' -E "
-  let p = import $PWD/nix/demo-pkgs.nix { };
-      body = i: builtins.concatStringsSep \"\" (builtins.genList (j: \"line \${toString j} of file \${toString i}\\n\") (100 + (i - (i / 200) * 200)));
-      files = builtins.genList (i: builtins.toFile \"small-\${toString i}\" (body i)) $SMALL_PATHS;
-  in p.writeText \"many-small-paths\" (builtins.concatStringsSep \"\\n\" files)")
+many=$(small_paths "$SMALL_PATHS")
 
 size_of() { nix-store -qR "$1" | xargs nix-store -q --size | awk '{ s += $1 } END { printf "%.1f MiB", s / 1048576 }'; }
 

@@ -1,5 +1,5 @@
-# Sourced by the benchmarks (fleet.sh, vm.sh, image.sh, state.sh, cache*.sh; copy.sh and
-# cache-push.sh use only `big_path`): what every one of them sets up the same way. `bench_setup NAME` installs what flotilla needs, builds the release binaries, and
+# Sourced by the benchmarks (fleet.sh, vm.sh, image.sh, state.sh, cache*.sh, ssh-copy.sh; copy.sh
+# and cache-push.sh use only `big_path` and `small_paths`): what every one of them sets up the same way. `bench_setup NAME` installs what flotilla needs, builds the release binaries, and
 # makes `$work` (a scratch directory under target/bench) and a network namespace `$ns` of the
 # benchmark's own, where `fl` runs flotilla (nsenter, not `ip netns exec`: that makes a mount
 # namespace per command, hiding the named network namespaces one command makes from the
@@ -33,6 +33,16 @@ big_path() {
         xargs -d '\n' cp --parents -t "$stage" 2>/dev/null || true
     nix-store --add "$stage"
     rm -rf "$stage"
+}
+
+# small_paths N → one store path referencing N small store paths (2-6 KiB each): the closure
+# of N+1 paths the copy benchmarks share.
+small_paths() {
+    nix-build --no-out-link --option substituters '' -E "
+      let p = import $PWD/nix/demo-pkgs.nix { };
+          body = i: builtins.concatStringsSep \"\" (builtins.genList (j: \"line \${toString j} of file \${toString i}\\n\") (100 + (i - (i / 200) * 200)));
+          files = builtins.genList (i: builtins.toFile \"small-\${toString i}\" (body i)) $1;
+      in p.writeText \"many-small-paths\" (builtins.concatStringsSep \"\\n\" files)"
 }
 
 bench_setup() {
