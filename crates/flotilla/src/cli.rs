@@ -102,9 +102,13 @@ pub enum Command {
         /// How far to go
         #[arg(long, value_enum, default_value = "switch")]
         goal: DeployGoal,
-        /// Machines worked on at once (in the copy and in the activation each)
-        #[arg(long, default_value_t = DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..))]
-        parallel: u16,
+        /// Machines worked on at once in every phase (by default 8 provisioned and 8 copied to
+        /// at once, and --activate-parallel activating)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        parallel: Option<u16>,
+        /// Machines activating at once (activations mostly wait on their services' checks)
+        #[arg(long, value_name = "N", default_value_t = DEFAULT_ACTIVATE_PARALLEL, value_parser = clap::value_parser!(u16).range(1..))]
+        activate_parallel: u16,
         /// Seconds a machine's health checks may take in all before it rolls back
         #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         check_timeout: u64,
@@ -460,8 +464,8 @@ pub struct On {
     pub on: String,
 }
 
-/// `--parallel`'s default: the engine's, as a flag value.
-const DEFAULT_PARALLEL: u16 = flotilla_engine::jobs::DEFAULT_PARALLEL as u16;
+/// `--activate-parallel`'s default: the engine's, as a flag value.
+const DEFAULT_ACTIVATE_PARALLEL: u16 = flotilla_engine::jobs::DEFAULT_ACTIVATE_PARALLEL as u16;
 
 /// How far `deploy` goes: the engine's [`Goal`], one for one, spelled for the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -17,7 +17,10 @@ use crate::{agent_path, deployment_name, engine, open_state, output, prepare_bui
 /// `deploy`'s flags.
 pub struct DeployFlags {
     pub goal: DeployGoal,
-    pub parallel: u16,
+    /// `--parallel`: every phase's limit.
+    pub parallel: Option<u16>,
+    /// `--activate-parallel`: the activation's, unless `--parallel` is given.
+    pub activate_parallel: u16,
     pub check_timeout: u64,
     pub confirm_timeout: u64,
     pub rollback_all_on_failure: bool,
@@ -42,7 +45,10 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
     let plan_opts = flotilla_engine::plan::PlanOptions { no_build: false, goal: flags.goal.into(), build_on_target: flags.build_on_target };
     let planned = if flags.plan { Some(crate::plan::confirmed(g, target, on, flags.builders.as_deref(), plan_opts, flags.yes, json)?.toplevels()) } else { None };
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, flags.builders.as_deref())?;
-    engine.set_limits(Limits::all(usize::from(flags.parallel)));
+    engine.set_limits(match flags.parallel {
+        Some(n) => Limits::all(usize::from(n)),
+        None => Limits { activate: usize::from(flags.activate_parallel), ..Limits::default() },
+    });
     let opts = DeployOptions {
         goal: flags.goal.into(),
         check_timeout: Duration::from_secs(flags.check_timeout),

@@ -133,10 +133,11 @@ fn run(cli: Cli) -> Result<Outcome> {
         }
         Command::Info { target, on, json } => fleet::info(g, target, &on.on, *json),
         Command::Plan { target, on, no_build, builders, json } => plan::plan(g, target, on, builders.as_deref(), *no_build, *json),
-        Command::Deploy { target, on, goal, parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, reactivate, summary, json } => {
+        Command::Deploy { target, on, goal, parallel, activate_parallel, check_timeout, confirm_timeout, rollback_all_on_failure, substitute_on_destination, builders, build_on, plan, yes, reactivate, summary, json } => {
             let opts = fleet::DeployFlags {
                 goal: *goal,
                 parallel: *parallel,
+                activate_parallel: *activate_parallel,
                 check_timeout: *check_timeout,
                 confirm_timeout: *confirm_timeout,
                 rollback_all_on_failure: *rollback_all_on_failure,

@@ -435,10 +435,22 @@ impl LocalMachine {
     /// Refuses to go on while a container monitor still holds the machine's lock although no
     /// pidfile names it (someone removed the file): deleting its root under it would leave
     /// its processes running with nothing to reach them.
+    /// A monitor that just removed its pidfile still holds the lock until it has exited: it
+    /// is given [`MONITOR_EXIT`] to do so (a fleet stopped at once keeps many exiting together).
     fn check_no_monitor(&self) -> Result<(), PlatformError> {
         let lock = self.dir.join("pid.lock");
+        let deadline = Instant::now() + MONITOR_EXIT;
+        let held = |f: &fs::File| {
+            while sys::locked_by_another(f) {
+                if Instant::now() > deadline {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        };
         match fs::File::open(&lock) {
-            Ok(f) if sys::locked_by_another(&f) => Err(self.refused(format!(
+            Ok(f) if held(&f) => Err(self.refused(format!(
                 "its container still runs but {} is gone; find its monitor with `fuser {}`, stop it (kill -TERM PID), and destroy again",
                 self.pidfile().display(),
                 lock.display()
@@ -459,6 +471,9 @@ impl LocalMachine {
         Ok(())
     }
 }
+
+/// How long a container monitor that removed its pidfile may take to exit and release its lock.
+const MONITOR_EXIT: Duration = Duration::from_secs(10);
 
 /// A machine's plumbing as `ip` showed it (see [`LocalMachine::look`]): links by name on the
 /// host's side and in its namespace, and the namespace's default routes.
