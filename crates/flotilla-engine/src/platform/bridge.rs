@@ -70,7 +70,8 @@ pub(super) fn ip_batch(machine: &str, netns: Option<&str>, commands: &[String]) 
     let out = child.wait_with_output().map_err(|e| PlatformError::failed(machine, format!("`ip -batch` failed: {e}")))?;
     written.map_err(|e| PlatformError::failed(machine, format!("cannot give `ip -batch` its commands: {e}")))?;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let unexpected: Vec<&str> = stderr.lines().filter(|l| !(l.starts_with("Device \"") && l.ends_with("does not exist.")) && !l.starts_with("Command failed")).collect();
+    let tolerated = |l: &str| l.starts_with("Command failed") || (l.starts_with("Device \"") && l.ends_with("does not exist."));
+    let unexpected: Vec<&str> = stderr.lines().filter(|l| !tolerated(l)).collect();
     if !out.status.success() && !unexpected.is_empty() {
         return Err(PlatformError::failed(machine, format!("`ip -batch` of `{}` failed: {}", commands.join("; "), unexpected.join("; "))));
     }
