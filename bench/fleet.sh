@@ -14,8 +14,8 @@
 #              read-write mode, as flotilla runs it): the no-op's floor (goal: within 2x)
 #   build      one `nix-store --realise` of as many trivial derivations (each writes a small
 #              file with busybox sh) as the deploy built: the build phase's floor
-#   copy       `cp -a` of one machine's closure into N fresh directories, $PARALLEL at a time
-#              (flotilla's copy concurrency): the copy phase's floor
+#   copy       `cp -a` of one machine's closure into N fresh directories, 8 at a time
+#              (flotilla's default copy limit): the copy phase's floor
 #   start      N bare `unshare --mount --pid --fork` + busybox httpd processes, each on its
 #              own port, started until every one answers: the floor of provision + activate
 # Every toplevel carries this run's nonce, so each run's deploy really builds. Everything runs
@@ -25,12 +25,16 @@
 #   bash bench/fleet.sh                       # 10 and 100 machines
 #   SIZES="10 100 1000" bash bench/fleet.sh   # and 1,000 (minutes; ~5 MiB of disk a machine, twice)
 #   PLAN=1 SIZES=50 bash bench/fleet.sh       # also plan against the no-op deploy
+#   PARALLEL=8 bash bench/fleet.sh            # deploy with --parallel 8 (every phase); unset,
+#                                             # flotilla's own per-phase limits
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SIZES=${SIZES:-"10 100"}
 RUNS=${RUNS:-3}
-PARALLEL=${PARALLEL:-8}
+PARALLEL=${PARALLEL:-}
+limits=()
+[ -z "$PARALLEL" ] || limits=(--parallel "$PARALLEL")
 PLAN=${PLAN:-}
 
 . bench/lib.sh
@@ -112,7 +116,7 @@ copy_floor() {
     for i in $(seq "$n"); do mkdir -p "$dir/$i/nix/store"; done
     sync
     t0=$(now)
-    seq "$n" | xargs -P "$PARALLEL" -I{} sh -c "xargs cp -a -t '$dir/{}/nix/store' <'$dir.paths'"
+    seq "$n" | xargs -P 8 -I{} sh -c "xargs cp -a -t '$dir/{}/nix/store' <'$dir.paths'"
     t1=$(now)
     chmod -R u+w "$dir" && rm -rf "$dir" "$dir.paths"
     secs "$t0" "$t1"
@@ -151,7 +155,7 @@ for n in $SIZES; do
     FLOTILLA_STATE=$work/state-$n.db # one deployment per state DB: commands need no -d
     file=$(fleet_file "$n" Hello)
 
-    measure "deploy-$n" deploy -f "$file" --parallel "$PARALLEL"
+    measure "deploy-$n" deploy -f "$file" "${limits[@]}"
     deploy=$m_wall deploy_hwm=$hwm deploy_rss=$maxrss built=$m_built
     d_provision=$(ph provision) d_build=$(ph build) d_copy=$(ph copy) d_activate=$(ph activate)
     outcomes "deploy-$n" deployed | grep -qx "$n" || { echo "not all $n machines were deployed" >&2; tail "$work/deploy-$n.events" >&2; exit 1; }
@@ -162,7 +166,7 @@ for n in $SIZES; do
     noop="" noop_hwm="" noop_rss=""
     for _ in $(seq "$RUNS"); do
         sync
-        measure "noop-$n" deploy -f "$file" --parallel "$PARALLEL"
+        measure "noop-$n" deploy -f "$file" "${limits[@]}"
         if [ -z "$noop" ] || lt "$m_wall" "$noop"; then noop=$m_wall; fi
         noop_hwm=$hwm noop_rss=$maxrss
     done
@@ -182,7 +186,7 @@ for n in $SIZES; do
         --argstr deployment "$file" --argstr factsJson "$facts" --argstr agent "$bin/flotilla-agent" --argstr only "")
 
     changed=$(fleet_file "$n" Changed)
-    measure "change-$n" deploy -f "$changed" --parallel "$PARALLEL"
+    measure "change-$n" deploy -f "$changed" "${limits[@]}"
     change=$m_wall
     outcomes "change-$n" deployed | grep -qx 1 || { echo "the one-change deploy did not deploy exactly one machine" >&2; exit 1; }
     # That machine's own copy and activation (with its checks and confirmation): the events'
