@@ -449,9 +449,8 @@ impl Engine {
                     }
                 }
             }
-            self.state.record_deploy(ev.name.as_str(), &self.actor, &[], &events)?;
             let held_here: Vec<&str> = held_here.iter().map(String::as_str).collect();
-            self.state.set_machines_host(ev.name.as_str(), &held_here, Some(&crate::procfs::host()))?;
+            self.state.record_provisioned(ev.name.as_str(), &events, &held_here, Some(&crate::procfs::host()))?;
         }
 
         // Copy, activate, check: per machine, in parallel, each machine's closure cut from the
@@ -665,6 +664,16 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
             return fail(row, Phase::Preflight, format!("it runs {toplevel}, but {}", e.message()));
         }
         send(done(name, Phase::Preflight, Ok("unchanged: it runs this system")));
+        // The deployer's own checks: what users outside the machine see, unchanged or not.
+        if !checks.is_empty() {
+            send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Check });
+            row.checks = checks.iter().map(|(n, c)| crate::checks::run(n, c)).collect();
+            if let Some(bad) = row.checks.iter().find(|c| !c.ok) {
+                let problem = format!("deployer check {} ({}) failed after {} probes: {}", bad.name, bad.url, bad.probes, bad.output);
+                return fail(row, Phase::Check, problem);
+            }
+            send(done(name, Phase::Check, Ok(&format!("{} checks passed", row.checks.len()))));
+        }
         row.outcome = Outcome::Unchanged;
         row.summary = "unchanged: nothing copied, nothing restarted".to_owned();
         row.seconds = start.elapsed().as_secs_f64();
@@ -688,7 +697,8 @@ fn roll_out(t: &Target<'_>, closure: &[flotilla_nix::PathInfo], slots: &PhaseSlo
             ));
         }
     }
-    send(done(name, Phase::Preflight, Ok(&format!("protocol {}, {} paths to send", client.welcome().version, plan.send.len()))));
+    let why = differs.filter(|d| !d.is_empty()).map(|d| format!(" ({d})")).unwrap_or_default();
+    send(done(name, Phase::Preflight, Ok(&format!("protocol {}, {} paths to send{why}", client.welcome().version, plan.send.len()))));
 
     send(EngineEvent::MachinePhase { machine: name.clone(), phase: Phase::Copy });
     // The machine fetches what its caches have; the deployer pushes only the rest.

@@ -794,10 +794,19 @@ impl State {
     /// thousand machines writes it once, not a thousand times. A record that says so already
     /// is not written again.
     pub fn set_machines_host(&mut self, deployment: &str, machines: &[&str], host: Option<&str>) -> Result<()> {
-        if machines.is_empty() {
+        self.record_provisioned(deployment, &[], machines, host)
+    }
+
+    /// What provisioning a fleet did, in one transaction: its ledger `events`, and `host` as
+    /// the holder of `machines` (see [`State::set_machine_host`]).
+    pub fn record_provisioned(&mut self, deployment: &str, events: &[Event], machines: &[&str], host: Option<&str>) -> Result<()> {
+        if machines.is_empty() && events.is_empty() {
             return Ok(());
         }
         self.write(|tx| {
+            for e in events {
+                insert_event(tx, e)?;
+            }
             for machine in machines {
                 let id = machine_id(tx, deployment, machine)?;
                 tx.execute("UPDATE machines SET host = $1 WHERE id = $2 AND host IS DISTINCT FROM $1", params![host, id])?;

@@ -106,9 +106,10 @@ pub enum Command {
         /// at once, and --activate-parallel activating)
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
         parallel: Option<u16>,
-        /// Machines activating at once (activations mostly wait on their services' checks)
-        #[arg(long, value_name = "N", default_value_t = DEFAULT_ACTIVATE_PARALLEL, value_parser = clap::value_parser!(u16).range(1..))]
-        activate_parallel: u16,
+        /// Machines activating at once, also with --parallel (default 64: activations mostly
+        /// wait on their services' checks)
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+        activate_parallel: Option<u16>,
         /// Seconds a machine's health checks may take in all before it rolls back
         #[arg(long, value_name = "SECS", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..))]
         check_timeout: u64,
@@ -464,8 +465,6 @@ pub struct On {
     pub on: String,
 }
 
-/// `--activate-parallel`'s default: the engine's, as a flag value.
-const DEFAULT_ACTIVATE_PARALLEL: u16 = flotilla_engine::jobs::DEFAULT_ACTIVATE_PARALLEL as u16;
 
 /// How far `deploy` goes: the engine's [`Goal`], one for one, spelled for the command line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

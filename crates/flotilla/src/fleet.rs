@@ -19,8 +19,8 @@ pub struct DeployFlags {
     pub goal: DeployGoal,
     /// `--parallel`: every phase's limit.
     pub parallel: Option<u16>,
-    /// `--activate-parallel`: the activation's, unless `--parallel` is given.
-    pub activate_parallel: u16,
+    /// `--activate-parallel`: the activation's, over `--parallel`.
+    pub activate_parallel: Option<u16>,
     pub check_timeout: u64,
     pub confirm_timeout: u64,
     pub rollback_all_on_failure: bool,
@@ -45,10 +45,11 @@ pub fn deploy(g: &Global, target: &Target, on: &str, flags: &DeployFlags, json: 
     let plan_opts = flotilla_engine::plan::PlanOptions { no_build: false, goal: flags.goal.into(), build_on_target: flags.build_on_target };
     let planned = if flags.plan { Some(crate::plan::confirmed(g, target, on, flags.builders.as_deref(), plan_opts, flags.yes, json)?.toplevels()) } else { None };
     let Prepared { mut engine, ev, instantiated, selected, agent } = prepare_build(g, target, on, flags.builders.as_deref())?;
-    engine.set_limits(match flags.parallel {
-        Some(n) => Limits::all(usize::from(n)),
-        None => Limits { activate: usize::from(flags.activate_parallel), ..Limits::default() },
-    });
+    let mut limits = flags.parallel.map_or_else(Limits::default, |n| Limits::all(usize::from(n)));
+    if let Some(n) = flags.activate_parallel {
+        limits.activate = usize::from(n);
+    }
+    engine.set_limits(limits);
     let opts = DeployOptions {
         goal: flags.goal.into(),
         check_timeout: Duration::from_secs(flags.check_timeout),

@@ -68,13 +68,17 @@ pub(super) fn ip_batch(machine: &str, netns: Option<&str>, commands: &[String]) 
     // cannot block on `ip` writing its answer.
     let written = child.stdin.take().expect("piped").write_all(script.as_bytes());
     let out = child.wait_with_output().map_err(|e| PlatformError::failed(machine, format!("`ip -batch` failed: {e}")))?;
-    written.map_err(|e| PlatformError::failed(machine, format!("cannot give `ip -batch` its commands: {e}")))?;
+    // `ip`'s own words first: one that could not enter the namespace exits before it reads.
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tolerated = |l: &str| l.starts_with("Command failed") || (l.starts_with("Device \"") && l.ends_with("does not exist."));
     let unexpected: Vec<&str> = stderr.lines().filter(|l| !tolerated(l)).collect();
-    if !out.status.success() && !unexpected.is_empty() {
-        return Err(PlatformError::failed(machine, format!("`ip -batch` of `{}` failed: {}", commands.join("; "), unexpected.join("; "))));
+    // Failing with only missing links said is the one failure expected; anything else
+    // (other words, or none at all: a signal) is `ip`'s error.
+    if !out.status.success() && (!unexpected.is_empty() || stderr.trim().is_empty()) {
+        let why = if unexpected.is_empty() { out.status.to_string() } else { unexpected.join("; ") };
+        return Err(PlatformError::failed(machine, format!("`ip -batch` of `{}` failed: {why}", commands.join("; "))));
     }
+    written.map_err(|e| PlatformError::failed(machine, format!("cannot give `ip -batch` its commands: {e}")))?;
     serde_json::Deserializer::from_slice(&out.stdout)
         .into_iter::<serde_json::Value>()
         .collect::<Result<Vec<_>, _>>()
