@@ -705,6 +705,26 @@ mod substitute_tests {
         let seen = rx.recv_timeout(Duration::from_secs(10)).unwrap();
         assert!(seen.is_err(), "the old agent was sent {seen:?}");
     }
+
+    #[test]
+    fn an_agent_from_before_the_question_is_asked_its_status_and_always_has_work() {
+        let (near, far) = UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let top = StorePath::parse("/nix/store/lyklk3c3m7576knld0dg2rpspz1x9apk-flotilla-system-web1").unwrap();
+        let running = top.clone();
+        std::thread::spawn(move || {
+            let mut conn = Connection::unix(far).unwrap();
+            server_handshake_range(&mut conn, "0.0.1", "/", MIN_PROTOCOL_VERSION, CURRENT_PROTOCOL_VERSION - 1).unwrap();
+            let asked = conn.recv::<Request>().unwrap();
+            conn.send(&Response::Status { generation: Some(3), toplevel: Some(running), services: vec![], store_free_bytes: None, pending_confirmation: None }).unwrap();
+            let _ = tx.send(asked.name());
+        });
+        let mut client = AgentClient::over("web1", near.try_clone().unwrap(), near).unwrap();
+        let (status, differs) = client.current(&top, ActivationGoal::Switch, vec![]).unwrap();
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).unwrap(), "status", "a protocol 5 agent is sent no `current`");
+        assert_eq!((status.generation, status.toplevel.as_ref()), (Some(3), Some(&top)));
+        assert!(differs.is_some_and(|d| d.contains("protocol 5")), "it runs the toplevel, and is still deployed step by step");
+    }
 }
 
 #[cfg(test)]

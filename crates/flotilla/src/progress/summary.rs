@@ -196,23 +196,28 @@ impl Board {
         &mut self.phases[i].1
     }
 
-    fn enter(&mut self, machine: &MachineName, phase: Phase, now: Instant) {
+    /// `machine` is in `phase` from `now`: at work in it (`busy`), or only listed for it,
+    /// waiting for a place under the phase's limit.
+    fn enter(&mut self, machine: &MachineName, phase: Phase, now: Instant, busy: bool) {
         self.tally(phase);
         let seat = self.machines.entry(machine.clone()).or_insert(Seat { phase: None, since: now, busy: false, failed: false });
         seat.phase = Some(phase);
         seat.since = now;
-        seat.busy = true;
+        seat.busy = busy;
     }
 
     /// Takes an event; returns the lines to print above the block (a failure, a note).
     pub fn event(&mut self, e: &EngineEvent, now: Instant, verbose: bool) -> Vec<String> {
         match e {
             EngineEvent::PhaseStarted { phase, machines } => {
+                // Listed for the phase, not yet in it: a fleet of 1,000 waits for 8 places in
+                // the copy. The build is one Nix call for them all: all are in it at once.
+                let building = *phase == Phase::Build;
                 for m in machines {
-                    self.enter(m, *phase, now);
+                    self.enter(m, *phase, now, building);
                 }
             }
-            EngineEvent::MachinePhase { machine, phase } => self.enter(machine, *phase, now),
+            EngineEvent::MachinePhase { machine, phase } => self.enter(machine, *phase, now, true),
             EngineEvent::MachineDone { machine, phase, ok, detail } => {
                 let tally = self.tally(*phase);
                 if *ok {
