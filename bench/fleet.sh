@@ -56,7 +56,7 @@ fleet_file() {
     first=$(seq -w 1 "$n" | sed -n 1p)
     {
         echo "{ meta.name = \"bench$n\";"
-        echo "  defaults = { pkgs, ... }: { packages = [ pkgs.busybox ]; binsh = \"\${pkgs.busybox}/bin/sh\"; files.\"/etc/bench-run\".text = \"$nonce\"; };"
+        echo "  defaults = { pkgs, ... }: { packages = [ pkgs.busybox ]; binsh = \"\${pkgs.busybox}/bin/sh\"; files.\"/etc/bench-run\".text = \"$nonce\"; platform.subnet = \"10.231.0.0/20\"; };"
         echo "  machines = let web = text: { name, pkgs, ... }: {"
         echo "    tags = [ \"web\" ];"
         echo "    users.www = { home = \"/var/empty\"; };"

@@ -165,8 +165,9 @@ mod tests {
     }
 
     #[test]
-    fn parallel_sets_every_phase_and_defaults_to_eight() {
-        assert_eq!(Limits::default(), Limits::all(8));
+    fn parallel_sets_every_phase_and_the_default_activates_more_at_once() {
+        assert_eq!(Limits::all(3), Limits { provision: 3, copy: 3, activate: 3 });
+        assert_eq!(Limits::default(), Limits { provision: 8, copy: 8, activate: 64 });
         assert_eq!(Limits { provision: 1, copy: 3, activate: 2 }.widest(), 3);
     }
 }
