@@ -451,15 +451,34 @@ fn fix_vdi(image: &Path, toplevel: &StorePath) -> Result<(), ImageError> {
 /// qemu writes it, replaced in place by as many hex digits from the toplevel's hash.
 fn fix_vmdk(image: &Path, toplevel: &StorePath) -> Result<(), ImageError> {
     let f = fs::OpenOptions::new().read(true).write(true).open(image).map_err(io_err("cannot open", image))?;
-    let mut desc = vec![0u8; 1024];
-    f.read_exact_at(&mut desc, 512).map_err(io_err("cannot read", image))?;
-    let at = desc.windows(5).position(|w| w == b"\nCID=").map(|i| i + 5);
-    let Some(at) = at.filter(|a| desc.get(a + 8) == Some(&b'\n')) else {
-        return Err(ImageError::Setup(format!("{} has no `CID=` line where qemu-img writes the descriptor", image.display())));
-    };
+    let no_cid = || ImageError::Setup(format!("{} has no `CID=` line in the descriptor qemu-img writes", image.display()));
+    // The sparse extent header names the descriptor's place and size, in sectors.
+    let mut header = [0u8; 44];
+    f.read_exact_at(&mut header, 0).map_err(io_err("cannot read", image))?;
+    let sectors = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    let (offset, size) = (sectors(28) * 512, sectors(36) * 512);
+    if &header[..4] != b"KDMV" || offset == 0 || size == 0 || size > 1 << 20 {
+        return Err(no_cid());
+    }
+    let mut desc = vec![0u8; size as usize];
+    f.read_exact_at(&mut desc, offset).map_err(io_err("cannot read", image))?;
+    let text_len = desc.iter().position(|b| *b == 0).unwrap_or(desc.len());
+    let text = &desc[..text_len];
+    // qemu prints the CID with `%x`: 1 to 8 digits, as its random value has leading zeros.
+    let start = text.windows(5).position(|w| w == b"\nCID=").map(|i| i + 5).ok_or_else(no_cid)?;
+    let end = text[start..].iter().position(|b| *b == b'\n').map(|e| start + e).ok_or_else(no_cid)?;
     let u = derived_uuid(toplevel, "vmdk-cid");
     let cid = format!("{:02x}{:02x}{:02x}{:02x}", u[0], u[1], u[2], u[3]);
-    f.write_all_at(cid.as_bytes(), 512 + at as u64).map_err(io_err("cannot write", image))?;
+    let mut fixed = Vec::with_capacity(desc.len());
+    fixed.extend_from_slice(&text[..start]);
+    fixed.extend_from_slice(cid.as_bytes());
+    fixed.extend_from_slice(&text[end..]);
+    if fixed.len() > desc.len() {
+        return Err(ImageError::Setup(format!("{}: the descriptor has no room for an 8-digit CID", image.display())));
+    }
+    // The rest of the descriptor's sectors are zeros, as qemu leaves them.
+    fixed.resize(desc.len(), 0);
+    f.write_all_at(&fixed, offset).map_err(io_err("cannot write", image))?;
     Ok(())
 }
 
@@ -574,6 +593,49 @@ mod tests {
 
     fn sp(s: &str) -> StorePath {
         StorePath::parse(&format!("/nix/store/{s}")).unwrap()
+    }
+
+    /// A vmdk as qemu-img writes it, its CID line then set to `cid` (qemu prints its random
+    /// CID with `%x`, so one in sixteen has fewer than 8 digits).
+    fn vmdk_with_cid(dir: &Path, name: &str, cid: &str) -> PathBuf {
+        // The descriptor names its own file: the same name, in a directory of its own.
+        let dir = dir.join(name);
+        fs::create_dir(&dir).unwrap();
+        let raw = dir.join("disk.raw");
+        File::create(&raw).unwrap().set_len(1 << 20).unwrap();
+        let image = dir.join("disk.vmdk");
+        let out = Command::new("qemu-img").args(["convert", "-f", "raw", "-O", "vmdk"]).arg(&raw).arg(&image).output();
+        let out = out.expect("prerequisite missing: qemu-img (Debian: qemu-utils); run scripts/install-deps.sh");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        // In place: the descriptor's text is followed by zeros up to its sectors' end.
+        let mut bytes = fs::read(&image).unwrap();
+        let at = bytes.windows(5).position(|w| w == b"\nCID=").unwrap() + 5;
+        let end = at + bytes[at..].iter().position(|b| *b == b'\n').unwrap();
+        let text_end = at + bytes[at..].iter().position(|b| *b == 0).unwrap();
+        let mut text = cid.as_bytes().to_vec();
+        text.extend_from_slice(&bytes[end..text_end]);
+        assert!(at + text.len() <= text_end + 8, "no room in the descriptor");
+        bytes[at..text_end.max(at + text.len())].fill(0);
+        bytes[at..at + text.len()].copy_from_slice(&text);
+        fs::write(&image, &bytes).unwrap();
+        image
+    }
+
+    #[test]
+    fn a_vmdk_cid_qemu_printed_short_is_fixed_to_the_same_bytes_as_a_long_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let top = sp("00000000000000000000000000000000-flotilla-system-vm1");
+        let short = vmdk_with_cid(dir.path(), "short", "9abcdef");
+        let long = vmdk_with_cid(dir.path(), "long", "19abcdef");
+        fix_vmdk(&short, &top).unwrap();
+        fix_vmdk(&long, &top).unwrap();
+        let (a, b) = (fs::read(&short).unwrap(), fs::read(&long).unwrap());
+        assert!(a == b, "the two fixed images differ");
+        let check = Command::new("qemu-img").args(["check", "-f", "vmdk"]).arg(&short).output().unwrap();
+        assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+        let text = String::from_utf8_lossy(&a);
+        let cid = text.split("\nCID=").nth(1).and_then(|r| r.split('\n').next()).unwrap();
+        assert_eq!(cid.len(), 8, "{cid}");
     }
 
     #[test]
